@@ -1,0 +1,363 @@
+"""The event vocabulary: token ids <-> readable events <-> NoteSequences.
+
+One vocabulary describes a dataset and every model trained on it. It is saved as
+`vocab.json` (a list where index = token id) beside the dataset and each checkpoint,
+and every stage reads it from there.
+
+Layout (ids are positions in `tokens`):
+
+    PAD, EOS,
+    NOTE_ON:{min_pitch..max_pitch}, NOTE_OFF:{min_pitch..max_pitch},
+    TIME_SHIFT:{1..max_shift_steps}      (value in 10 ms steps by default),
+    VELOCITY:{1..num_velocity_bins}      (value is the bin),
+    STYLE:unknown, STYLE:{label}...      (conditioning tokens, sorted)
+
+The performance events follow note-seq's `performance_lib.Performance` exactly
+(same quantisation, event order and velocity binning); tests check the two agree.
+Conditioning tokens come last so that event ids do not move when labels change.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+PAD = "PAD"
+EOS = "EOS"
+UNKNOWN_STYLE = "unknown"
+_MIN_MIDI_VELOCITY = 1
+_MAX_MIDI_VELOCITY = 127
+
+
+def normalize_label(label: str) -> str:
+    """'J. S. Bach' -> 'j_s_bach': labels become safe, stable token suffixes."""
+    label = re.sub(r"[^0-9a-z]+", "_", label.strip().lower()).strip("_")
+    return label or UNKNOWN_STYLE
+
+
+class Vocabulary:
+    """Maps performance events and conditioning labels to token ids."""
+
+    def __init__(
+        self,
+        styles: Iterable[str] = (),
+        *,
+        min_pitch: int = 21,
+        max_pitch: int = 108,
+        max_shift_steps: int = 100,
+        num_velocity_bins: int = 32,
+        steps_per_second: int = 100,
+    ):
+        if not 0 <= min_pitch <= max_pitch <= 127:
+            raise ValueError(f"pitch range {min_pitch}..{max_pitch} must lie within 0..127")
+        if max_shift_steps < 1:
+            raise ValueError(f"max_shift_steps must be >= 1, got {max_shift_steps}")
+        if not 1 <= num_velocity_bins <= 127:
+            raise ValueError(f"num_velocity_bins must be in 1..127, got {num_velocity_bins}")
+        if steps_per_second < 1:
+            raise ValueError(f"steps_per_second must be >= 1, got {steps_per_second}")
+        self.min_pitch = min_pitch
+        self.max_pitch = max_pitch
+        self.max_shift_steps = max_shift_steps
+        self.num_velocity_bins = num_velocity_bins
+        self.steps_per_second = steps_per_second
+        self.styles = [UNKNOWN_STYLE] + sorted({normalize_label(s) for s in styles} - {UNKNOWN_STYLE})
+
+        num_pitches = max_pitch - min_pitch + 1
+        self.pad_id = 0
+        self.eos_id = 1
+        self.note_on_offset = 2
+        self.note_off_offset = self.note_on_offset + num_pitches
+        self.time_shift_offset = self.note_off_offset + num_pitches
+        self.velocity_offset = self.time_shift_offset + max_shift_steps
+        self.style_offset = self.velocity_offset + num_velocity_bins
+        self.size = self.style_offset + len(self.styles)
+
+        pitches = range(min_pitch, max_pitch + 1)
+        self.tokens: list[str] = (
+            [PAD, EOS]
+            + [f"NOTE_ON:{p}" for p in pitches]
+            + [f"NOTE_OFF:{p}" for p in pitches]
+            + [f"TIME_SHIFT:{s}" for s in range(1, max_shift_steps + 1)]
+            + [f"VELOCITY:{b}" for b in range(1, num_velocity_bins + 1)]
+            + [f"STYLE:{s}" for s in self.styles]
+        )
+        self._index = {t: i for i, t in enumerate(self.tokens)}
+        self._velocity_bin_size = math.ceil(
+            (_MAX_MIDI_VELOCITY - _MIN_MIDI_VELOCITY + 1) / num_velocity_bins
+        )
+
+    # ----------------------------------------------------------------- persistence
+    def to_json(self) -> dict:
+        return {
+            "tokens": self.tokens,
+            "min_pitch": self.min_pitch,
+            "max_pitch": self.max_pitch,
+            "max_shift_steps": self.max_shift_steps,
+            "num_velocity_bins": self.num_velocity_bins,
+            "steps_per_second": self.steps_per_second,
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_json(), f, indent=1)
+
+    @classmethod
+    def from_json(cls, data: dict, *, origin: str = "vocab.json") -> "Vocabulary":
+        try:
+            styles = [t.split(":", 1)[1] for t in data["tokens"] if t.startswith("STYLE:")]
+            vocab = cls(
+                styles,
+                min_pitch=int(data["min_pitch"]),
+                max_pitch=int(data["max_pitch"]),
+                max_shift_steps=int(data["max_shift_steps"]),
+                num_velocity_bins=int(data["num_velocity_bins"]),
+                steps_per_second=int(data["steps_per_second"]),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{origin}: not a valid mgpt vocabulary ({e})") from None
+        if vocab.tokens != list(data["tokens"]):
+            raise ValueError(f"{origin}: token list does not match its own settings")
+        return vocab
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Vocabulary":
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "vocab.json")
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no vocab.json here (build the dataset first)") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_json(data, origin=path)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Vocabulary) and self.to_json() == other.to_json()
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __repr__(self) -> str:
+        return f"Vocabulary(size={self.size}, styles={self.styles})"
+
+    # ----------------------------------------------------------------- lookups
+    def id_of(self, token: str) -> int:
+        try:
+            return self._index[token]
+        except KeyError:
+            raise KeyError(f"unknown token {token!r}") from None
+
+    def token_of(self, token_id: int) -> str:
+        return self.tokens[int(token_id)]
+
+    def style_id(self, label: str | None) -> int:
+        """The conditioning token for a label; unseen or empty labels map to STYLE:unknown."""
+        name = normalize_label(label) if label else UNKNOWN_STYLE
+        return self._index.get(f"STYLE:{name}", self.style_offset)
+
+    @property
+    def unknown_style_id(self) -> int:
+        return self.style_offset
+
+    def is_style(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids)
+        return (ids >= self.style_offset) & (ids < self.size)
+
+    def is_event(self, ids: np.ndarray) -> np.ndarray:
+        """True for NOTE_ON/NOTE_OFF/TIME_SHIFT/VELOCITY ids."""
+        ids = np.asarray(ids)
+        return (ids >= self.note_on_offset) & (ids < self.style_offset)
+
+    def velocity_to_bin(self, velocity: np.ndarray) -> np.ndarray:
+        velocity = np.clip(np.asarray(velocity), _MIN_MIDI_VELOCITY, _MAX_MIDI_VELOCITY)
+        return (velocity - _MIN_MIDI_VELOCITY) // self._velocity_bin_size + 1
+
+    def bin_to_velocity(self, velocity_bin: np.ndarray) -> np.ndarray:
+        return _MIN_MIDI_VELOCITY + (np.asarray(velocity_bin) - 1) * self._velocity_bin_size
+
+    # ----------------------------------------------------------------- encoding
+    def encode_notes(
+        self,
+        pitch: np.ndarray,
+        velocity: np.ndarray,
+        start_s: np.ndarray,
+        end_s: np.ndarray,
+    ) -> np.ndarray:
+        """Notes (parallel arrays, seconds) -> int32 event ids, as note-seq's Performance.
+
+        Notes whose pitch lies outside the vocabulary's range are dropped. Vectorised:
+        this is the hot path of dataset preparation.
+        """
+        pitch = np.asarray(pitch, np.int64)
+        velocity = np.asarray(velocity, np.int64)
+        start_s = np.asarray(start_s, np.float64)
+        end_s = np.asarray(end_s, np.float64)
+        keep = (pitch >= self.min_pitch) & (pitch <= self.max_pitch)
+        pitch, velocity, start_s, end_s = pitch[keep], velocity[keep], start_s[keep], end_s[keep]
+        n = len(pitch)
+        if n == 0:
+            return np.zeros((0,), np.int32)
+
+        sps = self.steps_per_second
+        # note-seq quantises with a 0.5 cutoff (round half up) and never makes a note zero-length.
+        start_step = np.floor(start_s * sps + 0.5).astype(np.int64)
+        end_step = np.floor(end_s * sps + 0.5).astype(np.int64)
+        end_step = np.maximum(end_step, start_step + 1)
+
+        order = np.lexsort((pitch, start_s))  # note-seq sorts notes by (start_time, pitch)
+        pitch, velocity = pitch[order], velocity[order]
+        start_step, end_step = start_step[order], end_step[order]
+
+        # Events sorted by (step, note index, is_offset), exactly note-seq's tuple sort.
+        idx = np.arange(n)
+        ev_step = np.concatenate([start_step, end_step])
+        ev_idx = np.concatenate([idx, idx])
+        ev_off = np.concatenate([np.zeros(n, np.int64), np.ones(n, np.int64)])
+        ev_order = np.lexsort((ev_off, ev_idx, ev_step))
+        ev_step, ev_idx, ev_off = ev_step[ev_order], ev_idx[ev_order], ev_off[ev_order]
+        ev_pitch = pitch[ev_idx]
+
+        # Velocity events: before an onset whose bin differs from the previous onset's bin.
+        onset = ev_off == 0
+        bins = self.velocity_to_bin(velocity[ev_idx])
+        onset_bins = bins[onset]
+        changed = np.ones(len(onset_bins), bool)
+        changed[1:] = onset_bins[1:] != onset_bins[:-1]
+        has_vel = np.zeros(len(ev_step), bool)
+        has_vel[np.flatnonzero(onset)[changed]] = True
+
+        # Time shifts: a gap d > 0 becomes (d-1)//max shifts of `max` plus one remainder.
+        gap = np.diff(ev_step, prepend=0)
+        m = self.max_shift_steps
+        n_shift = np.where(gap > 0, (gap - 1) // m + 1, 0)
+
+        per_event = n_shift + has_vel + 1
+        end = np.cumsum(per_event)
+        begin = end - per_event
+        out = np.empty(end[-1], np.int64)
+
+        # Fill the shifts: every shift token is `max` except the last of its run.
+        shift_event = np.repeat(np.arange(len(ev_step)), n_shift)
+        if len(shift_event):
+            run_start = np.repeat(begin, n_shift)
+            pos = np.arange(len(shift_event)) - np.repeat(np.cumsum(n_shift) - n_shift, n_shift)
+            last = pos == n_shift[shift_event] - 1
+            value = np.where(last, gap[shift_event] - (n_shift[shift_event] - 1) * m, m)
+            out[run_start + pos] = self.time_shift_offset + value - 1
+
+        vel_pos = (begin + n_shift)[has_vel]
+        out[vel_pos] = self.velocity_offset + bins[has_vel] - 1
+
+        note_pos = end - 1
+        out[note_pos] = np.where(
+            ev_off == 1,
+            self.note_off_offset + ev_pitch - self.min_pitch,
+            self.note_on_offset + ev_pitch - self.min_pitch,
+        )
+        return out.astype(np.int32)
+
+    def encode(self, ns, *, apply_sustain: bool = True) -> np.ndarray:
+        """NoteSequence -> int32 event ids. Drum notes are left out; sustain is applied first."""
+        if apply_sustain and any(cc.control_number == 64 for cc in ns.control_changes):
+            from note_seq import sequences_lib
+
+            ns = sequences_lib.apply_sustain_control_changes(ns)
+        notes = [n for n in ns.notes if not n.is_drum]
+        return self.encode_notes(
+            np.fromiter((n.pitch for n in notes), np.int64, len(notes)),
+            np.fromiter((n.velocity for n in notes), np.int64, len(notes)),
+            np.fromiter((n.start_time for n in notes), np.float64, len(notes)),
+            np.fromiter((n.end_time for n in notes), np.float64, len(notes)),
+        )
+
+    # ----------------------------------------------------------------- decoding
+    def decode_notes(
+        self, ids: Sequence[int], *, min_dangling_steps: int = 10
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Any id sequence -> (pitch, velocity, start_s, end_s) of well-formed notes.
+
+        Garbage is tolerated: PAD/EOS/STYLE tokens and unknown ids are ignored, a NOTE_OFF
+        with no open note is dropped, a zero-length note is dropped, and a NOTE_ON still
+        open at the end is closed at the last time step (at least `min_dangling_steps`
+        after its onset). Repeated NOTE_ONs of one pitch are closed first-in, first-out.
+        """
+        step = 0
+        vel_bin = int(self.velocity_to_bin(64))
+        open_notes: dict[int, list[tuple[int, int]]] = {}
+        notes: list[tuple[int, int, int, int]] = []  # pitch, velocity bin, start, end
+        for t in np.asarray(ids, np.int64).tolist():
+            if self.note_on_offset <= t < self.note_off_offset:
+                p = t - self.note_on_offset + self.min_pitch
+                open_notes.setdefault(p, []).append((step, vel_bin))
+            elif self.note_off_offset <= t < self.time_shift_offset:
+                p = t - self.note_off_offset + self.min_pitch
+                stack = open_notes.get(p)
+                if stack:
+                    start, vb = stack.pop(0)
+                    if step > start:
+                        notes.append((p, vb, start, step))
+            elif self.time_shift_offset <= t < self.velocity_offset:
+                step += t - self.time_shift_offset + 1
+            elif self.velocity_offset <= t < self.style_offset:
+                vel_bin = t - self.velocity_offset + 1
+        for p, stack in open_notes.items():
+            for start, vb in stack:
+                notes.append((p, vb, start, max(step, start + min_dangling_steps)))
+        notes.sort(key=lambda n: (n[2], n[0]))
+        arr = np.asarray(notes, np.int64).reshape(-1, 4)
+        sps = float(self.steps_per_second)
+        return (
+            arr[:, 0],
+            self.bin_to_velocity(arr[:, 1]),
+            arr[:, 2] / sps,
+            arr[:, 3] / sps,
+        )
+
+    def decode(self, ids: Sequence[int], *, program: int = 0, qpm: float = 120.0):
+        """Any id sequence -> a NoteSequence that writes as valid MIDI (see decode_notes)."""
+        from note_seq.protobuf import music_pb2
+
+        pitch, velocity, start_s, end_s = self.decode_notes(ids)
+        ns = music_pb2.NoteSequence()
+        ns.ticks_per_quarter = 220
+        ns.tempos.add(time=0.0, qpm=qpm)
+        for p, v, s, e in zip(pitch.tolist(), velocity.tolist(), start_s.tolist(), end_s.tolist()):
+            ns.notes.add(pitch=p, velocity=v, start_time=s, end_time=e, program=program, instrument=0)
+        ns.total_time = float(end_s.max()) if len(end_s) else 0.0
+        return ns
+
+    def describe(self, ids: Iterable[int]) -> list[str]:
+        """Readable tokens, e.g. ['STYLE:bach', 'VELOCITY:16', 'NOTE_ON:60', ...]."""
+        return [self.tokens[i] if 0 <= i < self.size else f"<bad id {i}>" for i in map(int, ids)]
+
+    def transpose(self, ids: np.ndarray, semitones: int) -> np.ndarray:
+        """Shift every NOTE_ON/NOTE_OFF by `semitones`; notes pushed out of range are dropped.
+
+        Works on any id array (a whole piece or a crop). Both the onset and the offset of a
+        dropped note go, so the remaining notes keep their timing; nothing wraps around.
+        """
+        ids = np.asarray(ids)
+        if semitones == 0:
+            return ids.copy()
+        on = (ids >= self.note_on_offset) & (ids < self.note_off_offset)
+        off = (ids >= self.note_off_offset) & (ids < self.time_shift_offset)
+        note = on | off
+        base = np.where(on, self.note_on_offset, self.note_off_offset)
+        new_pitch = ids - base + self.min_pitch + semitones
+        in_range = (new_pitch >= self.min_pitch) & (new_pitch <= self.max_pitch)
+        out = np.where(note, ids + semitones, ids)
+        return out[~note | in_range].astype(ids.dtype)
+
+    def seconds(self, ids: Iterable[int]) -> float:
+        """Duration covered by the TIME_SHIFT events in `ids`, in seconds."""
+        ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, np.int64)
+        shifts = ids[(ids >= self.time_shift_offset) & (ids < self.velocity_offset)]
+        return float((shifts - self.time_shift_offset + 1).sum()) / self.steps_per_second
