@@ -1,0 +1,291 @@
+"""A decoder-only Transformer for event sequences, in Flax NNX.
+
+Pre-norm RMSNorm blocks, rotary position embeddings (relative positions, which
+matter for music), a gated MLP (SwiGLU or GeGLU), optional tied embeddings, and
+attention through `jax.nn.dot_product_attention` (cuDNN flash on GPUs in bf16).
+Parameters are stored in `param_dtype` (fp32); matmuls run in `dtype` (bf16 for
+the big configs); logits and softmax are fp32.
+
+Every parameter carries logical axis names from {'vocab', 'embed', 'mlp',
+'heads', 'kv', 'norm'} as `out_sharding` metadata. Sharding is never applied at
+construction (`eager_sharding=False`); the trainer derives shardings with
+
+    with nnx.logical_axis_rules(rules):            # e.g. (('embed', 'fsdp'), ...)
+      abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+      shardings = nnx.get_named_sharding(nnx.state(abstract), mesh)
+
+The KV cache (used by `mgpt.sample`) stores the key/value of absolute position
+`p` at slot `p`, so prefill of a whole prompt and a 1-token decode step are the
+same call: `logits, cache = model.decode(tokens_BxT, positions_BxT, cache)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Cache = list[dict[str, jax.Array]]  # per layer: {'k', 'v'}: BxSxNxK (S = cache slots)
+
+_REMAT_POLICIES = ("none", "full", "dots")
+_MLP_ACTIVATIONS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu}
+_ATTENTION = ("auto", "xla", "cudnn")
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a GPT. Lengths are in events (tokens)."""
+
+    vocab_size: int
+    num_layers: int = 4
+    num_heads: int = 4
+    d_model: int = 256
+    mlp_dim: int = 1024
+    max_len: int = 1024  # context length: the longest sequence the model attends over
+    tied_embeddings: bool = True
+    dtype: str = "float32"  # compute dtype of matmuls/activations
+    param_dtype: str = "float32"
+    remat: str = "none"  # per block: 'none' | 'full' (save nothing) | 'dots' (save matmuls)
+    rope_base: float = 10_000.0
+    mlp_activation: str = "silu"  # gate nonlinearity: 'silu' (SwiGLU) | 'gelu' (GeGLU)
+    attention: str = "auto"  # 'auto' = cuDNN on GPU for bf16/fp16, else XLA
+
+    def __post_init__(self):
+        def check(ok: bool, field: str, why: str):
+            if not ok:
+                raise ValueError(f"model.{field}: {why}")
+
+        for f in ("vocab_size", "num_layers", "num_heads", "d_model", "mlp_dim", "max_len"):
+            v = getattr(self, f)
+            check(isinstance(v, int) and v > 0, f, f"must be a positive integer, got {v!r}")
+        check(
+            self.d_model % self.num_heads == 0,
+            "num_heads",
+            f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}",
+        )
+        check(self.head_dim % 2 == 0, "num_heads", f"head dim {self.head_dim} must be even for rotary embeddings")
+        check(self.dtype in _DTYPES, "dtype", f"must be one of {_DTYPES}, got {self.dtype!r}")
+        check(self.param_dtype in _DTYPES, "param_dtype", f"must be one of {_DTYPES}, got {self.param_dtype!r}")
+        check(self.remat in _REMAT_POLICIES, "remat", f"must be one of {_REMAT_POLICIES}, got {self.remat!r}")
+        check(self.rope_base > 1, "rope_base", f"must be > 1, got {self.rope_base!r}")
+        check(
+            self.mlp_activation in _MLP_ACTIVATIONS,
+            "mlp_activation",
+            f"must be one of {tuple(_MLP_ACTIVATIONS)}, got {self.mlp_activation!r}",
+        )
+        check(self.attention in _ATTENTION, "attention", f"must be one of {_ATTENTION}, got {self.attention!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @classmethod
+    def from_config(cls, model_config: Mapping[str, Any] | Any, vocab_size: int) -> "ModelConfig":
+        """From `config.model` (ConfigDict or dict); fields not listed here (e.g. `kind`) are ignored."""
+        if hasattr(model_config, "to_dict"):
+            model_config = model_config.to_dict()
+        names = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
+        kwargs = {k: v for k, v in dict(model_config).items() if k in names}
+        return cls(vocab_size=int(vocab_size), **kwargs)
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Number of parameters of `GPT(cfg)`, from the config alone."""
+    d, f, layers = cfg.d_model, cfg.mlp_dim, cfg.num_layers
+    per_block = 2 * d + 4 * d * d + 3 * d * f  # two norms, qkv + out, gated MLP
+    embeddings = cfg.vocab_size * d * (1 if cfg.tied_embeddings else 2)
+    return layers * per_block + d + embeddings
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), PaLM convention.
+
+    6 * N_matmul + 12 * num_layers * d_model * seq_len, where N_matmul counts
+    every weight used in a matmul: the blocks' projections and the output
+    (unembedding) projection, tied or not; the input embedding lookup and norm
+    scales are excluded. The attention term counts the full LxL score and
+    value matmuls (no causal halving), as PaLM's MFU does.
+    """
+    d, f = cfg.d_model, cfg.mlp_dim
+    n_matmul = cfg.num_layers * (4 * d * d + 3 * d * f) + d * cfg.vocab_size
+    return 6.0 * n_matmul + 12.0 * cfg.num_layers * d * seq_len
+
+
+def _param(rngs: nnx.Rngs, shape, std: float, axes: tuple, dtype) -> nnx.Param:
+    value = std * jax.random.normal(rngs.params(), shape, dtype)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, cfg: ModelConfig):
+        self.scale = nnx.Param(
+            jnp.ones((cfg.d_model,), cfg.param_dtype), out_sharding=("norm",), eager_sharding=False
+        )
+        self.dtype = cfg.dtype
+
+    def __call__(self, x_BxLxD):
+        # Statistics in fp32: bf16 mean-of-squares loses too many bits.
+        x = x_BxLxD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+        return (x * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def _rope(x_BxLxNxK, positions_BxL, base: float):
+    """Rotates pairs (i, i + K/2) of each head by angle position * base^(-2i/K)."""
+    half = x_BxLxNxK.shape[-1] // 2
+    inv_freq_H = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle_BxLx1xH = (positions_BxL.astype(jnp.float32)[..., None] * inv_freq_H)[:, :, None, :]
+    sin, cos = jnp.sin(angle_BxLx1xH), jnp.cos(angle_BxLx1xH)
+    x = x_BxLxNxK.astype(jnp.float32)
+    x1, x2 = x[..., :half], x[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxLxNxK.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, n, k = cfg.d_model, cfg.num_heads, cfg.head_dim
+        self.cfg = cfg
+        # q, k, v fused in one kernel: one matmul instead of three.
+        self.qkv = _param(rngs, (d, 3, n, k), d**-0.5, ("embed", None, "heads", "kv"), cfg.param_dtype)
+        out_std = (n * k) ** -0.5 / math.sqrt(2 * cfg.num_layers)
+        self.out = _param(rngs, (n, k, d), out_std, ("heads", "kv", "embed"), cfg.param_dtype)
+
+    def _implementation(self) -> str:
+        if self.cfg.attention != "auto":
+            return self.cfg.attention
+        on_gpu = jax.default_backend() == "gpu"
+        return "cudnn" if on_gpu and self.cfg.dtype in ("bfloat16", "float16") else "xla"
+
+    def _project(self, x_BxLxD, positions_BxL):
+        qkv_BxLx3xNxK = jnp.einsum("bld,dcnk->blcnk", x_BxLxD, self.qkv[...].astype(self.cfg.dtype))
+        q, k, v = (qkv_BxLx3xNxK[:, :, i] for i in range(3))
+        return _rope(q, positions_BxL, self.cfg.rope_base), _rope(k, positions_BxL, self.cfg.rope_base), v
+
+    def __call__(self, x_BxLxD, positions_BxL):
+        q, k, v = self._project(x_BxLxD, positions_BxL)
+        o_BxLxNxK = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self._implementation())
+        return jnp.einsum("blnk,nkd->bld", o_BxLxNxK, self.out[...].astype(self.cfg.dtype))
+
+    def decode(self, x_BxTxD, positions_BxT, cache: dict[str, jax.Array]):
+        """Writes this chunk's keys/values at slots `positions`, then attends to slots <= position."""
+        q, k, v = self._project(x_BxTxD, positions_BxT)
+        rows_Bx1 = jnp.arange(x_BxTxD.shape[0])[:, None]
+        cache = {
+            "k": cache["k"].at[rows_Bx1, positions_BxT].set(k.astype(cache["k"].dtype), mode="drop"),
+            "v": cache["v"].at[rows_Bx1, positions_BxT].set(v.astype(cache["v"].dtype), mode="drop"),
+        }
+        slots_S = jnp.arange(cache["k"].shape[1])
+        # Slots after a row's position hold stale or padding entries; causality hides them.
+        mask_Bx1xTxS = (slots_S[None, None, :] <= positions_BxT[:, :, None])[:, None]
+        o_BxTxNxK = jax.nn.dot_product_attention(
+            q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), mask=mask_Bx1xTxS, implementation="xla"
+        )
+        return jnp.einsum("btnk,nkd->btd", o_BxTxNxK, self.out[...].astype(self.cfg.dtype)), cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.mlp_dim
+        self.cfg = cfg
+        # gate and up projections fused: [:, 0] is the gate, [:, 1] the value.
+        self.wi = _param(rngs, (d, 2, f), d**-0.5, ("embed", None, "mlp"), cfg.param_dtype)
+        self.wo = _param(rngs, (f, d), f**-0.5 / math.sqrt(2 * cfg.num_layers), ("mlp", "embed"), cfg.param_dtype)
+
+    def __call__(self, x_BxLxD):
+        h_BxLx2xF = jnp.einsum("bld,dcf->blcf", x_BxLxD, self.wi[...].astype(self.cfg.dtype))
+        h_BxLxF = _MLP_ACTIVATIONS[self.cfg.mlp_activation](h_BxLx2xF[:, :, 0]) * h_BxLx2xF[:, :, 1]
+        return jnp.einsum("blf,fd->bld", h_BxLxF, self.wo[...].astype(self.cfg.dtype))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = RMSNorm(cfg)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x_BxLxD, positions_BxL):
+        x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions_BxL)
+        return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+
+    def decode(self, x_BxTxD, positions_BxT, cache):
+        a_BxTxD, cache = self.attn.decode(self.attn_norm(x_BxTxD), positions_BxT, cache)
+        x_BxTxD = x_BxTxD + a_BxTxD
+        return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), cache
+
+
+def _block_call(block: Block, x_BxLxD, positions_BxL):
+    return block(x_BxLxD, positions_BxL)
+
+
+class GPT(nnx.Module):
+    """`GPT(cfg, rngs=nnx.Rngs(seed))`; `model(tokens_BxL) -> logits_BxLxV` (float32)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        # Unit-variance embeddings match the scale of the normalised residual stream.
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), 1.0, ("vocab", "embed"), cfg.param_dtype)
+        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg)
+        if not cfg.tied_embeddings:
+            self.unembed = _param(
+                rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model**-0.5, ("embed", "vocab"), cfg.param_dtype
+            )
+
+    def _embed(self, tokens_BxL):
+        return jnp.take(self.embed[...], tokens_BxL, axis=0).astype(self.cfg.dtype)
+
+    def _logits(self, x_BxLxD):
+        h_BxLxD = self.final_norm(x_BxLxD)
+        if self.cfg.tied_embeddings:
+            # d^-1/2 keeps initial logits at unit scale with unit-variance embeddings.
+            w_DxV = self.embed[...].T * self.cfg.d_model**-0.5
+        else:
+            w_DxV = self.unembed[...]
+        return jnp.einsum(
+            "bld,dv->blv", h_BxLxD, w_DxV.astype(self.cfg.dtype), preferred_element_type=jnp.float32
+        )
+
+    def __call__(self, tokens_BxL, positions_BxL=None):
+        """Full causal forward. positions default to 0..L-1. Returns float32 logits_BxLxV."""
+        b, length = tokens_BxL.shape
+        if positions_BxL is None:
+            positions_BxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+        block_fn = _block_call
+        if self.cfg.remat != "none":
+            policy = None if self.cfg.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+            block_fn = nnx.remat(_block_call, policy=policy)
+        x_BxLxD = self._embed(tokens_BxL)
+        for block in self.blocks:
+            x_BxLxD = block_fn(block, x_BxLxD, positions_BxL)
+        return self._logits(x_BxLxD)
+
+    def init_cache(self, batch: int, size: int | None = None, dtype=None) -> Cache:
+        """A zeroed KV cache of `size` slots (default max_len), one dict per layer."""
+        size = self.cfg.max_len if size is None else size
+        shape = (batch, size, self.cfg.num_heads, self.cfg.head_dim)
+        dtype = self.cfg.dtype if dtype is None else dtype
+        return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in self.blocks]
+
+    def decode(self, tokens_BxT, positions_BxT, cache: Cache):
+        """Cached forward of T new tokens per row at absolute `positions_BxT` (int32).
+
+        Writes their keys/values into cache slot = position and attends to every
+        slot <= the query's position, so a prompt prefill (T = prompt length,
+        rows right-padded) and a decode step (T = 1) are the same call. Rows may
+        sit at different positions. Positions >= cache size are dropped.
+        Returns (logits_BxTxV float32, new cache).
+        """
+        x_BxTxD = self._embed(tokens_BxT)
+        new_cache = []
+        for block, layer_cache in zip(self.blocks, cache):
+            x_BxTxD, layer_cache = block.decode(x_BxTxD, positions_BxT, layer_cache)
+            new_cache.append(layer_cache)
+        return self._logits(x_BxTxD), new_cache

@@ -1,0 +1,119 @@
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mgpt.model import GPT, ModelConfig, count_params, flops_per_token
+
+TINY = dict(vocab_size=40, num_layers=2, num_heads=2, d_model=32, mlp_dim=64, max_len=16)
+
+
+def _tokens(b=2, length=12, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, TINY["vocab_size"], (b, length)), jnp.int32)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_forward_shapes_and_logits_are_float32(dtype):
+    model = GPT(ModelConfig(**TINY, dtype=dtype), rngs=nnx.Rngs(0))
+    logits_BxLxV = model(_tokens())
+    assert logits_BxLxV.shape == (2, 12, TINY["vocab_size"])
+    assert logits_BxLxV.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(logits_BxLxV)))
+    params = nnx.state(model, nnx.Param)
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}
+
+
+def test_changing_a_future_token_leaves_earlier_logits_unchanged():
+    model = GPT(ModelConfig(**TINY), rngs=nnx.Rngs(0))
+    tokens_BxL = _tokens()
+    changed_BxL = tokens_BxL.at[:, 7].set((tokens_BxL[:, 7] + 1) % TINY["vocab_size"])
+    a, b = model(tokens_BxL), model(changed_BxL)
+    np.testing.assert_array_equal(np.asarray(a[:, :7]), np.asarray(b[:, :7]))
+    assert not np.allclose(np.asarray(a[:, 7:]), np.asarray(b[:, 7:]))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_count_params_matches_the_instantiated_model(tied):
+    cfg = ModelConfig(**TINY, tied_embeddings=tied)
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    actual = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert count_params(cfg) == actual
+    # Attention term grows with sequence length; the 6N part does not.
+    assert flops_per_token(cfg, 2048) - flops_per_token(cfg, 1024) == 12 * 2 * 32 * 1024
+
+
+def test_every_param_has_logical_axis_names_that_map_to_mesh_axes():
+    cfg = ModelConfig(**TINY, tied_embeddings=False)
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    allowed = {"vocab", "embed", "mlp", "heads", "kv", "norm", None}
+    specs = jax.tree.leaves(nnx.get_partition_spec(nnx.state(model, nnx.Param)))
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert len(specs) == len(params)
+    for spec, p in zip(specs, params):
+        assert len(spec) == p.ndim and set(spec) <= allowed and set(spec) - {None}
+    # Unlisted logical names pass through unmapped, so a rule table lists them all.
+    rules = (("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"), ("kv", None), ("norm", None))
+    with nnx.logical_axis_rules(rules):
+        mapped = jax.tree.leaves(nnx.get_partition_spec(nnx.state(model, nnx.Param)))
+    assert {a for s in mapped for a in s} <= {"fsdp", "tensor", None}
+    assert ("tensor", "fsdp") in {tuple(s) for s in mapped}  # the (vocab, embed) embedding
+
+
+def test_remat_policies_give_the_same_gradients():
+    tokens_BxL = _tokens()
+
+    def grads(remat):
+        model = GPT(ModelConfig(**TINY, remat=remat), rngs=nnx.Rngs(0))
+        g = nnx.grad(lambda m: jnp.mean(m(tokens_BxL) ** 2))(model)
+        return jax.tree.leaves(g)
+
+    for a, b in zip(grads("none"), grads("dots")):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_from_config_ignores_unknown_fields_and_names_bad_ones():
+    cfg = ModelConfig.from_config({**TINY, "kind": "gpt", "vocab_size": 1}, vocab_size=40)
+    assert cfg.vocab_size == 40 and cfg.d_model == 32
+    with pytest.raises(ValueError, match="model.num_heads"):
+        ModelConfig(**{**TINY, "num_heads": 3})
+    with pytest.raises(ValueError, match="model.remat"):
+        ModelConfig(**TINY, remat="some")
+
+
+def test_sharded_forward_on_an_8_device_mesh_matches_one_device():
+    script = textwrap.dedent(
+        """
+        import os
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+        import jax, jax.numpy as jnp, numpy as np
+        from flax import nnx
+        from mgpt.model import GPT, ModelConfig
+        cfg = ModelConfig(vocab_size=40, num_layers=2, num_heads=2, d_model=32, mlp_dim=64,
+                          max_len=16, tied_embeddings=False)
+        tokens = jnp.asarray(np.random.default_rng(0).integers(0, 40, (4, 12)), jnp.int32)
+        ref = GPT(cfg, rngs=nnx.Rngs(0))(tokens)
+        mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"),
+                             axis_types=(jax.sharding.AxisType.Auto,) * 3)
+        rules = (("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"),
+                 ("kv", None), ("norm", None))
+        with nnx.logical_axis_rules(rules):
+            abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+            graphdef, abs_state = nnx.split(abstract)
+            shardings = nnx.get_named_sharding(abs_state, mesh)
+        init = jax.jit(lambda: nnx.state(GPT(cfg, rngs=nnx.Rngs(0))), out_shardings=shardings)
+        state = init()
+        fwd = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))
+        tokens = jax.device_put(tokens, jax.NamedSharding(mesh, jax.P("data")))
+        out = fwd(state, tokens)
+        assert len(state["embed"][...].sharding.device_set) == 8
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-4)
+        print("ok")
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
