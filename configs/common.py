@@ -1,0 +1,82 @@
+"""Defaults shared by every config; each configs/<name>.py starts from `base()`.
+
+Every field is documented here once. Lengths are in events (tokens); steps are
+optimizer updates; a batch is the global batch over all hosts and devices.
+"""
+
+import ml_collections
+
+# Logical axis -> mesh axes. 'batch' shards the data; the others place parameters
+# (and the optimizer moments, which follow their parameter).
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("norm", None),
+)
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # one seed for init, data order, crops and transpositions
+    c.init_from = ""  # warm start: a workdir (or its checkpoints/ or one step dir) to take weights from
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset_dir = "data/music21_demo"  # TFDS dir; the default is built on first use
+    c.data.seq_len = 512  # events per training row (the model sees seq_len, predicts seq_len)
+    c.data.transpose = 5  # train-time random transposition in [-transpose, +transpose] semitones
+    c.data.num_packing_bins = 64  # rows packed at once: more bins, less padding
+    c.data.read_threads = 1  # grain reader threads per host
+    c.data.prefetch = 2  # batches prepared ahead of the device
+
+    c.model = ml_collections.ConfigDict()
+    c.model.kind = "gpt"  # 'gpt' (mgpt.model.GPT) or 'lstm' (mgpt.lstm baseline)
+    c.model.num_layers = 4
+    c.model.num_heads = 4
+    c.model.d_model = 256
+    c.model.mlp_dim = 1024  # hidden width of the gated MLP
+    c.model.max_len = 512  # context length; must be >= data.seq_len
+    c.model.tied_embeddings = True
+    c.model.dtype = "float32"  # compute dtype ('bfloat16' on GPU/TPU)
+    c.model.param_dtype = "float32"
+    c.model.remat = "none"  # 'none' | 'full' | 'dots' (per block)
+    c.model.rope_base = 10_000.0
+    c.model.mlp_activation = "silu"  # 'silu' (SwiGLU) | 'gelu' (GeGLU)
+    c.model.attention = "auto"  # 'auto' | 'xla' | 'cudnn'
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000  # total optimizer steps; the learning-rate schedule ends here
+    c.train.max_steps_per_run = 0  # stop (and checkpoint) after this many steps in one invocation; 0 = no limit
+    c.train.batch_size = 32  # global batch (rows of seq_len); split over hosts and the batch mesh axes
+    c.train.grad_accum = 1  # microbatches per step (batch_size must divide by it)
+    c.train.learning_rate = 1e-3  # peak, after warmup
+    c.train.warmup_steps = 100
+    c.train.min_lr_ratio = 0.1  # the cosine decays to learning_rate * min_lr_ratio at `steps`
+    c.train.weight_decay = 0.1  # AdamW, on matrices only (not norm scales)
+    c.train.b1 = 0.9
+    c.train.b2 = 0.95
+    c.train.eps = 1e-8
+    c.train.clip_norm = 1.0  # global gradient norm clip; 0 disables
+    c.train.z_loss = 0.0  # weight of log(Z)^2 added to the loss (stabilises bf16 logits)
+    c.train.log_every = 10  # steps between log lines / TensorBoard points
+    c.train.eval_every = 200  # steps between validation passes; 0 = only at the end
+    c.train.eval_batches = 8  # validation batches per pass (per host, batch_size / hosts rows each)
+    c.train.checkpoint_every = 200  # steps between checkpoints (and one at the end)
+    c.train.keep_checkpoints = 3  # the last K are kept
+    c.train.async_checkpoints = True  # write checkpoints in the background
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # data-parallel replicas; -1 = all devices not used by the other axes
+    c.mesh.fsdp = 1  # parameter/optimizer sharding (ZeRO-3 style)
+    c.mesh.tensor = 1  # tensor parallelism over heads / mlp
+    c.mesh.rules = DEFAULT_RULES
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.initialize = "auto"  # 'auto': jax.distributed when a cluster is detected | 'yes' | 'no'
+    c.distributed.coordinator_address = ""  # 'host:port' for GPU clusters without auto-detection
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+    return c

@@ -1,0 +1,139 @@
+"""The device mesh and the logical-axis rule table that places every array on it.
+
+Parameters carry logical axis names ('vocab', 'embed', 'mlp', 'heads', 'kv', 'norm');
+batches use 'batch'. `config.mesh.rules` maps each name to a mesh axis ('data',
+'fsdp', 'tensor'), a tuple of them, or None (replicated). A mesh axis that does not
+divide a dimension is left out for that array (e.g. a 246-token vocabulary on a
+4-way tensor axis stays replicated), so any rule table gives valid shardings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXIS = "batch"
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
+    """Sizes of (data, fsdp, tensor); one of them may be -1 = whatever is left."""
+    sizes = [int(mesh_config[a]) for a in AXES]
+    for axis, size in zip(AXES, sizes):
+        if size == 0 or size < -1:
+            raise ValueError(f"config.mesh.{axis}={size}: must be a positive size or -1 (fill)")
+    free = [a for a, s in zip(AXES, sizes) if s == -1]
+    if len(free) > 1:
+        raise ValueError(f"config.mesh: only one axis may be -1, got {', '.join(free)}")
+    fixed = math.prod(s for s in sizes if s != -1)
+    if free:
+        if num_devices % fixed:
+            raise ValueError(
+                f"config.mesh: the fixed axes ({fixed} devices) do not divide the {num_devices} devices"
+            )
+        sizes[AXES.index(free[0])] = num_devices // fixed
+    if math.prod(sizes) != num_devices:
+        shape = " x ".join(f"{a}={s}" for a, s in zip(AXES, sizes))
+        raise ValueError(f"config.mesh: {shape} needs {math.prod(sizes)} devices, but there are {num_devices}")
+    return tuple(sizes)
+
+
+def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    devices = jax.devices() if devices is None else list(devices)
+    shape = mesh_shape(mesh_config, len(devices))
+    # Auto axes: we give in/out shardings and XLA's SPMD partitioner propagates the rest.
+    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def rule_table(rules) -> dict[str, tuple[str, ...]]:
+    """config.mesh.rules (pairs of logical name, mesh axis | tuple | None) -> dict."""
+    table = {}
+    for pair in rules:
+        if len(pair) != 2:
+            raise ValueError(f"config.mesh.rules: each rule is (logical_name, mesh_axes), got {pair!r}")
+        name, target = pair
+        axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+        for axis in axes:
+            if axis not in AXES:
+                raise ValueError(f"config.mesh.rules: {name!r} maps to unknown mesh axis {axis!r} (use {AXES})")
+        table[str(name)] = axes
+    return table
+
+
+def logical_to_spec(
+    names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, table: Mapping[str, tuple[str, ...]]
+) -> PartitionSpec:
+    """PartitionSpec for one array whose dimensions have logical `names`."""
+    used: set[str] = set()
+    spec: list[Any] = []
+    for name, dim in zip(names, shape):
+        chosen = []
+        for axis in table.get(name, ()) if name is not None else ():
+            size = mesh.shape[axis]
+            # Skip trivial axes, axes already used by another dimension, and ones that don't divide.
+            if size == 1 or axis in used or dim % (math.prod(mesh.shape[a] for a in chosen) * size):
+                continue
+            chosen.append(axis)
+        used.update(chosen)
+        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+    return PartitionSpec(*spec)
+
+
+def _logical_names(variable: nnx.Variable) -> tuple | None:
+    names = variable.get_metadata().get("out_sharding")
+    return tuple(names) if names else None
+
+
+def tree_shardings(abstract_tree, mesh: Mesh, table: Mapping[str, tuple[str, ...]]):
+    """NamedShardings for every array of a pytree that may hold nnx Variables.
+
+    Arrays inside a Variable follow its logical names (this covers params and the
+    optimizer moments, which optax builds with the params' structure); every other
+    array (step counters, rng keys) is replicated.
+    """
+
+    def one(leaf):
+        if isinstance(leaf, nnx.Variable):
+            value = leaf.get_value()
+            names = _logical_names(leaf)
+            spec = PartitionSpec() if names is None else logical_to_spec(names, value.shape, mesh, table)
+            return leaf.replace(NamedSharding(mesh, spec))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, abstract_tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, table: Mapping[str, tuple[str, ...]], global_batch: int) -> NamedSharding:
+    """Sharding of a [batch, length] array: batch over the axes the 'batch' rule names."""
+    return NamedSharding(mesh, logical_to_spec((BATCH_AXIS, None), (global_batch, 1), mesh, table))
+
+
+def check_batch(mesh: Mesh, table, global_batch: int, process_count: int, field: str) -> None:
+    """Raise a one-line ValueError unless `global_batch` splits evenly over the mesh and hosts."""
+    axes = [a for a in table.get(BATCH_AXIS, ()) if mesh.shape[a] > 1]
+    ways = math.prod(mesh.shape[a] for a in axes)
+    if global_batch % ways:
+        over = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
+        raise ValueError(f"{field}={global_batch} is not divisible by the batch-sharded mesh axes ({over} = {ways})")
+    if global_batch % process_count:
+        raise ValueError(f"{field}={global_batch} is not divisible by the {process_count} processes")
+    if process_count > 1 and ways % process_count:
+        raise ValueError(
+            f"config.mesh: the batch axes ({ways}-way) must span all {process_count} processes, "
+            "so that each host feeds its own slice of the batch"
+        )
+
+
+def bytes_per_device(abstract_tree, shardings) -> int:
+    """Largest per-device footprint (bytes) of a pytree under `shardings`."""
+    total = 0
+    for leaf, sharding in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings)):
+        shard = sharding.shard_shape(leaf.shape)
+        total += int(np.prod(shard)) * np.dtype(leaf.dtype).itemsize
+    return total

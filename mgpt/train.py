@@ -1,0 +1,733 @@
+"""Train a music GPT: `python -m mgpt.train --config=configs/tiny.py --workdir=W [--config.train.steps=100]`.
+
+The same command runs on a laptop CPU, a GPU, or every host of a TPU pod slice, and
+re-running it resumes from the latest checkpoint in `W/checkpoints`. A resumed run's
+losses are bitwise identical to an uninterrupted one (same data order, same state).
+
+One jitted train step: AdamW (warmup + cosine, global-norm clip), optional in-step
+gradient accumulation, in/out shardings derived with `jax.eval_shape` over init and
+the logical-axis rule table `config.mesh.rules`, donated state.
+
+Inference code loads a trained model with `restore_model(workdir)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags, logging
+from etils import epath
+from flax import nnx
+from ml_collections import config_flags
+
+from data_prep.vocab import Vocabulary
+from mgpt import checkpoint as ckpt_lib
+from mgpt import data as data_lib
+from mgpt import mesh as mesh_lib
+from mgpt import monitor
+
+DEMO_DATASET_DIR = "data/music21_demo"
+
+
+class ConfigError(ValueError):
+    """A user mistake in the config or its inputs; printed as one line."""
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _model_module(kind: str):
+    if kind == "gpt":
+        from mgpt import model as module
+    elif kind == "lstm":
+        from mgpt import lstm as module
+    else:
+        raise ConfigError(f"config.model.kind: must be 'gpt' or 'lstm', got {kind!r}")
+    return module
+
+
+def model_config(model_config: ml_collections.ConfigDict, vocab_size: int):
+    """config.model -> the dataclass config of its kind (ModelConfig or LSTMConfig)."""
+    module = _model_module(model_config.kind)
+    cls = module.ModelConfig if model_config.kind == "gpt" else module.LSTMConfig
+    try:
+        return cls.from_config(model_config, vocab_size)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config.{e}" if str(e).startswith("model.") else f"config.model: {e}") from None
+
+
+def build_model(model_cfg: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rngs) -> nnx.Module:
+    """The model config.model describes; called as `model(tokens_BxL) -> logits_BxLxV`."""
+    cfg = model_config(model_cfg, vocab_size)
+    if model_cfg.kind == "lstm":
+        from mgpt.lstm import LSTMLM
+
+        return LSTMLM(cfg, rngs=rngs)
+    from mgpt.model import GPT
+
+    return GPT(cfg, rngs=rngs)
+
+
+def _abstract_model(model_cfg, vocab_size: int):
+    # Sharding is ours to place: build without eager sharding so no mesh is needed here.
+    with nnx.use_eager_sharding(False):
+        return nnx.eval_shape(lambda: build_model(model_cfg, vocab_size, nnx.Rngs(0)))
+
+
+def param_count(abstract_params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
+
+
+def flops_per_token(model_cfg, vocab_size: int, seq_len: int, num_params: int) -> float:
+    """Training FLOPs per token: the model module's own count, else 6N."""
+    module = _model_module(model_cfg.kind)
+    if hasattr(module, "flops_per_token"):
+        return float(module.flops_per_token(model_config(model_cfg, vocab_size), seq_len))
+    return 6.0 * num_params
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _check(ok: bool, field: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"config.{field}: {why}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Static checks, before any data or device work: one-line ConfigError naming the field."""
+    d, t = config.data, config.train
+
+    def positive_int(section, name, minimum=1):
+        v = section[name]
+        _check(isinstance(v, int) and not isinstance(v, bool) and v >= minimum,
+               f"{_section_name(config, section)}.{name}", f"must be an integer >= {minimum}, got {v!r}")
+
+    _check(isinstance(config.seed, int) and 0 <= config.seed < 2**31, "seed", f"must be in [0, 2^31), got {config.seed!r}")
+    _check(isinstance(d.dataset_dir, str) and d.dataset_dir != "", "data.dataset_dir", "must be a directory path")
+    positive_int(d, "seq_len", 2)
+    _check(isinstance(d.transpose, int) and 0 <= d.transpose <= 12, "data.transpose",
+           f"must be an integer number of semitones in 0..12, got {d.transpose!r}")
+    positive_int(d, "num_packing_bins")
+    positive_int(d, "read_threads")
+    positive_int(d, "prefetch", 0)
+
+    cfg = model_config(config.model, vocab_size=1)
+    if hasattr(cfg, "max_len"):
+        _check(cfg.max_len >= d.seq_len, "model.max_len",
+               f"{cfg.max_len} is shorter than data.seq_len={d.seq_len}")
+
+    for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches", "checkpoint_every",
+                 "keep_checkpoints"):
+        positive_int(t, name)
+    positive_int(t, "warmup_steps", 0)
+    positive_int(t, "eval_every", 0)
+    positive_int(t, "max_steps_per_run", 0)
+    _check(t.warmup_steps < t.steps, "train.warmup_steps", f"{t.warmup_steps} must be less than train.steps={t.steps}")
+    _check(t.batch_size % t.grad_accum == 0, "train.grad_accum",
+           f"batch_size={t.batch_size} is not divisible by grad_accum={t.grad_accum}")
+    _check(t.learning_rate > 0, "train.learning_rate", f"must be > 0, got {t.learning_rate!r}")
+    _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio!r}")
+    _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay!r}")
+    _check(0 <= t.b1 < 1, "train.b1", f"must be in [0, 1), got {t.b1!r}")
+    _check(0 <= t.b2 < 1, "train.b2", f"must be in [0, 1), got {t.b2!r}")
+    _check(t.eps > 0, "train.eps", f"must be > 0, got {t.eps!r}")
+    _check(t.clip_norm >= 0, "train.clip_norm", f"must be >= 0 (0 disables), got {t.clip_norm!r}")
+    _check(t.z_loss >= 0, "train.z_loss", f"must be >= 0, got {t.z_loss!r}")
+    _check(config.distributed.initialize in ("auto", "yes", "no"), "distributed.initialize",
+           f"must be 'auto', 'yes' or 'no', got {config.distributed.initialize!r}")
+    try:
+        mesh_lib.rule_table(config.mesh.rules)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e) if str(e).startswith("config.") else f"config.mesh.rules: {e}") from None
+
+
+def _section_name(config, section) -> str:
+    for name in ("data", "model", "train", "mesh", "distributed"):
+        if config[name] is section:
+            return name
+    return "?"
+
+
+def validate_devices(config, mesh_devices: int, process_count: int):
+    """Mesh and batch against the devices: returns (mesh, rule table)."""
+    table = mesh_lib.rule_table(config.mesh.rules)
+    try:
+        mesh_lib.mesh_shape(config.mesh, mesh_devices)
+        mesh = mesh_lib.make_mesh(config.mesh)
+        micro = config.train.batch_size // config.train.grad_accum
+        field = "config.train.batch_size" if config.train.grad_accum == 1 else "config.train.batch_size / grad_accum"
+        mesh_lib.check_batch(mesh, table, micro, process_count, field)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return mesh, table
+
+
+def maybe_initialize_distributed(dist: ml_collections.ConfigDict) -> None:
+    """jax.distributed for multi-process runs: auto-detected on TPU pods / SLURM, or explicit flags."""
+    if dist.initialize == "no" or jax.distributed.is_initialized():
+        return
+    if dist.coordinator_address:
+        jax.distributed.initialize(
+            coordinator_address=dist.coordinator_address,
+            num_processes=dist.num_processes or None,
+            process_id=dist.process_id if dist.process_id >= 0 else None,
+        )
+        return
+    try:
+        jax.distributed.initialize()
+    except (ValueError, RuntimeError) as e:
+        if dist.initialize == "yes":
+            raise ConfigError(f"config.distributed: jax.distributed.initialize() failed ({e})") from None
+        # 'auto' on a single machine with no cluster environment: a single-process run.
+
+
+# ----------------------------------------------------------------------------- data + vocab
+
+
+def resolve_dataset(dataset_dir: str) -> epath.Path:
+    """config.data.dataset_dir -> the TFDS dataset directory (building the demo on first use)."""
+    path = epath.Path(dataset_dir)
+    if (path / "vocab.json").exists():
+        return path
+    if dataset_dir.rstrip("/") == DEMO_DATASET_DIR or path.resolve() == epath.Path(DEMO_DATASET_DIR).resolve():
+        from data_prep.build import ensure_dataset
+
+        if jax.process_index() == 0:
+            print(f"building the demo dataset in {dataset_dir} (first use)", flush=True)
+        return epath.Path(ensure_dataset(dataset_dir))
+    if path.exists():
+        found = sorted(path.glob("**/vocab.json"))
+        if len(found) == 1:
+            return found[0].parent
+    raise ConfigError(
+        f"config.data.dataset_dir={dataset_dir}: no dataset there (build one with python -m data_prep.build)"
+    )
+
+
+def choose_vocab(dataset_path: epath.Path, workdir: epath.Path, init_from: str) -> Vocabulary:
+    """The run's vocabulary: the resumed run's, else the warm start's, else the dataset's.
+
+    A warm start keeps its own vocabulary (so its embedding rows keep their meaning);
+    the dataset's event layout must match it, while its style labels may differ
+    (labels the checkpoint doesn't know are conditioned on STYLE:unknown).
+    """
+    dataset_vocab = Vocabulary.load(dataset_path)
+    if (workdir / "vocab.json").exists():
+        vocab = Vocabulary.from_json(json.loads((workdir / "vocab.json").read_text()), origin=str(workdir / "vocab.json"))
+    elif init_from:
+        root, step = ckpt_lib.locate(init_from)
+        vocab = Vocabulary.from_json(ckpt_lib.read_json_item(root, step, "vocab"), origin=f"{init_from} vocab")
+    else:
+        return dataset_vocab
+    n = dataset_vocab.style_offset
+    if vocab.tokens[:n] != dataset_vocab.tokens[:n]:
+        raise ConfigError(
+            f"config.data.dataset_dir={dataset_path}: its event vocabulary differs from the run's "
+            "(pitch range / time shifts / velocity bins); use a dataset built with the same settings"
+        )
+    return vocab
+
+
+# ----------------------------------------------------------------------------- optimizer + step
+
+
+def learning_rate_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=t.learning_rate,
+        warmup_steps=t.warmup_steps,
+        decay_steps=t.steps,
+        end_value=t.learning_rate * t.min_lr_ratio,
+    )
+
+
+def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    # Decay matrices only: norm scales (and other vectors) are left alone.
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)
+    adamw = optax.adamw(
+        learning_rate_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask
+    )
+    if t.clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(t.clip_norm), adamw)
+    return adamw
+
+
+def _loss_sums(graphdef, params, rest, batch, z_loss: float):
+    """(sum of masked cross-entropy, sum of masked log(Z)^2) in nats, fp32."""
+    model = nnx.merge(graphdef, params, rest)
+    logits_BxLxV = model(batch["inputs"]).astype(jnp.float32)
+    log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+    target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
+    mask_BxL = batch["mask"]
+    ce = jnp.sum((log_z_BxL - target_logit_BxL) * mask_BxL)
+    z = jnp.sum(jnp.square(log_z_BxL) * mask_BxL) if z_loss else jnp.zeros((), jnp.float32)
+    return ce, z
+
+
+def make_train_step(graphdef, tx, t: ml_collections.ConfigDict, batch_sharding):
+    """state, batch -> state, metrics. Pure; jit it with shardings (see `compile_train_step`)."""
+    schedule = learning_rate_schedule(t)
+    accum, z_loss = t.grad_accum, t.z_loss
+
+    def train_step(state, rest, batch):
+        params = state["params"]
+        # Normalise by the whole batch's target count, so accumulation changes nothing but memory.
+        count = jnp.maximum(jnp.sum(batch["mask"]), 1.0)
+
+        def objective(p, microbatch):
+            ce, z = _loss_sums(graphdef, p, rest, microbatch, z_loss)
+            return (ce + z_loss * z) / count, ce
+
+        grad_fn = jax.value_and_grad(objective, has_aux=True)
+        if accum == 1:
+            (loss, ce), grads = grad_fn(params, batch)
+        else:
+            # Row r goes to microbatch r % accum: every microbatch stays spread over the batch shards.
+            def split(x_BxL):
+                b = x_BxL.shape[0]
+                x = x_BxL.reshape(b // accum, accum, *x_BxL.shape[1:]).swapaxes(0, 1)
+                spec = jax.sharding.PartitionSpec(None, *batch_sharding.spec)
+                return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(batch_sharding.mesh, spec))
+
+            micro = jax.tree.map(split, batch)
+
+            def body(carry, microbatch):
+                (loss_i, ce_i), g_i = grad_fn(params, microbatch)
+                g, loss, ce = carry
+                return (jax.tree.map(jnp.add, g, g_i), loss + loss_i, ce + ce_i), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (grads, loss, ce), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), micro)
+
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {
+            "params": optax.apply_updates(params, updates),
+            "opt_state": opt_state,
+            "step": state["step"] + 1,
+            "rng": state["rng"],
+        }
+        metrics = {
+            "loss": loss,
+            "nats_per_event": ce / count,
+            "events": jnp.sum(batch["mask"]),
+            "grad_norm": grad_norm,
+            "lr": schedule(state["step"]),
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef):
+    def eval_step(params, rest, batch):
+        ce, _ = _loss_sums(graphdef, params, rest, batch, 0.0)
+        return {"nats": ce, "events": jnp.sum(batch["mask"])}
+
+    return eval_step
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything derived from a config before any parameter exists (all abstract)."""
+
+    mesh: jax.sharding.Mesh
+    table: dict
+    graphdef: Any
+    rest: Any
+    abstract_state: dict
+    state_shardings: dict
+    batch_sharding: jax.sharding.NamedSharding
+    tx: optax.GradientTransformation
+    init_fn: Any
+    num_params: int
+
+
+def setup(config, vocab_size: int, mesh, table) -> Setup:
+    """Abstract train state and its shardings, via jax.eval_shape over init."""
+    tx = make_optimizer(config.train)
+    abstract_model = _abstract_model(config.model, vocab_size)
+    graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
+    if jax.tree.leaves(abstract_rest):
+        raise NotImplementedError("models with non-parameter state are not supported by the trainer")
+    rest = abstract_rest  # empty: passed to the step as an argument, never a baked-in constant
+
+    def init_fn(seed):
+        key = jax.random.PRNGKey(seed)
+        with nnx.use_eager_sharding(False):
+            model = build_model(config.model, vocab_size, nnx.Rngs(params=key))
+        params = nnx.state(model, nnx.Param)
+        return {
+            "params": params,
+            "opt_state": tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.fold_in(key, 1),
+        }
+
+    abstract_state = jax.eval_shape(init_fn, 0)
+    state_shardings = mesh_lib.tree_shardings(abstract_state, mesh, table)
+    micro = config.train.batch_size // config.train.grad_accum
+    return Setup(
+        mesh=mesh,
+        table=table,
+        graphdef=graphdef,
+        rest=rest,
+        abstract_state=abstract_state,
+        state_shardings=state_shardings,
+        batch_sharding=mesh_lib.batch_sharding(mesh, table, micro),
+        tx=tx,
+        init_fn=init_fn,
+        num_params=param_count(abstract_params),
+    )
+
+
+def compile_train_step(s: Setup, config):
+    batch_shardings = {k: s.batch_sharding for k in ("inputs", "targets", "mask")}
+    replicated = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
+    step = make_train_step(s.graphdef, s.tx, config.train, s.batch_sharding)
+    return jax.jit(
+        step,
+        in_shardings=(s.state_shardings, replicated, batch_shardings),
+        out_shardings=(s.state_shardings, replicated),
+        donate_argnums=0,
+    )
+
+
+def compile_eval_step(s: Setup):
+    batch_shardings = {k: s.batch_sharding for k in ("inputs", "targets", "mask")}
+    replicated = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(
+        make_eval_step(s.graphdef),
+        in_shardings=(s.state_shardings["params"], replicated, batch_shardings),
+        out_shardings=replicated,
+    )
+
+
+def global_batch(local: dict, sharding) -> dict:
+    """This host's rows -> global arrays laid out by `sharding`."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+# ----------------------------------------------------------------------------- stopping
+
+
+class _StopSignal:
+    """SIGTERM/SIGINT set a flag; the loop saves and exits at the next step. A second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.name: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _any_process(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def _print0(*args) -> None:
+    if jax.process_index() == 0:
+        print(*args, flush=True)
+
+
+def _write_json(path: epath.Path, obj) -> None:
+    if jax.process_index() == 0:
+        path.write_text(json.dumps(obj, indent=1))
+
+
+def _check_same_model(workdir: epath.Path, config) -> None:
+    path = workdir / "config.json"
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text()).get("model", {})
+    now = json.loads(json.dumps(config.model.to_dict()))
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if diff:
+        raise ConfigError(
+            f"config.model.{diff[0]}: {now.get(diff[0])!r} differs from the run in {workdir} "
+            f"({saved.get(diff[0])!r}); use a new --workdir"
+        )
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (or resumes) the run described by `config` in `workdir`.
+
+    Returns {'step', 'losses': {step: loss}, 'eval': {step: nats/event}, 'stopped_by'}.
+    """
+    validate(config)
+    maybe_initialize_distributed(config.distributed)
+    mesh, table = validate_devices(config, jax.device_count(), jax.process_count())
+    workdir = epath.Path(workdir)
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+    _check_same_model(workdir, config)
+
+    t, d = config.train, config.data
+    dataset_path = resolve_dataset(d.dataset_dir)
+    vocab = choose_vocab(dataset_path, workdir, config.init_from)
+    s = setup(config, vocab.size, mesh, table)
+    seq_len = d.seq_len
+    fpt = flops_per_token(config.model, vocab.size, seq_len, s.num_params)
+    state_bytes = mesh_lib.bytes_per_device(s.abstract_state, s.state_shardings)
+    _print0(
+        f"model: {config.model.kind}, {s.num_params:,} parameters, {fpt / 1e6:.1f} MFLOPs/token (train), "
+        f"vocab {vocab.size}, context {seq_len}"
+    )
+    _print0(
+        f"mesh: {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices, "
+        f"{jax.process_count()} process(es); params+optimizer {state_bytes / 2**20:,.1f} MiB/device"
+    )
+
+    pi, pc = jax.process_index(), jax.process_count()
+    host_batch = t.batch_size // pc
+    train_ds = data_lib.train_dataset(
+        data_lib.open_source(dataset_path, "train"),
+        vocab,
+        seq_len=seq_len,
+        batch_size=host_batch,
+        seed=config.seed,
+        transpose=d.transpose,
+        num_packing_bins=d.num_packing_bins,
+        read_threads=d.read_threads,
+        prefetch=d.prefetch,
+        process_index=pi,
+        process_count=pc,
+    )
+    train_iter = iter(train_ds)
+    val_source = data_lib.open_source(dataset_path, "validation")
+    eval_data = None  # built on first use
+
+    ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpoints)
+    config_json = json.loads(json.dumps(config.to_dict()))
+    latest = ckpts.latest_step()
+    abstract = ckpt_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)
+    if latest is not None:
+        state = ckpts.restore(latest, abstract, train_iter)
+        _print0(f"resumed from {ckpts.directory}/{latest}")
+    else:
+        state = jax.jit(s.init_fn, static_argnums=0, out_shardings=s.state_shardings)(config.seed)
+        if config.init_from:
+            try:
+                params, from_step = ckpt_lib.restore_params(config.init_from, None, abstract["params"])
+            except FileNotFoundError as e:
+                raise ConfigError(f"config.init_from: {e}") from None
+            except ValueError as e:
+                raise ConfigError(f"config.init_from={config.init_from}: weights do not fit config.model ({e})") from None
+            state["params"] = params
+            _print0(f"warm start: weights from {config.init_from} (step {from_step})")
+        _write_json(workdir / "config.json", config_json)
+        _write_json(workdir / "vocab.json", vocab.to_json())
+
+    train_step = compile_train_step(s, config)
+    eval_step = compile_eval_step(s)
+    peak, peak_source = monitor.peak_flops(config.model.get("dtype", "float32"))
+    _print0(f"MFU is against {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+    writer = monitor.MetricWriter(str(workdir / "tb"))
+
+    step = int(jax.device_get(state["step"]))
+    start_step = step
+    stop_at = t.steps if not t.max_steps_per_run else min(t.steps, step + t.max_steps_per_run)
+    tokens_per_step = t.batch_size * seq_len
+    result = {"step": step, "losses": {}, "eval": {}, "stopped_by": None}
+    saved_step = latest
+
+    def save(at_step):
+        nonlocal saved_step
+        if saved_step != at_step:
+            ckpts.save(at_step, state, train_iter, config_json, vocab.to_json())
+            saved_step = at_step
+
+    def evaluate(at_step):
+        nonlocal eval_data
+        if eval_data is None:
+            eval_data = [
+                global_batch(b, s.batch_sharding)
+                for b in data_lib.eval_batches(
+                    val_source, vocab, seq_len=seq_len, batch_size=t.batch_size // t.grad_accum // pc,
+                    num_batches=t.eval_batches, num_packing_bins=d.num_packing_bins, process_index=pi,
+                    process_count=pc,
+                )
+            ]
+        sums = [eval_step(state["params"], s.rest, b) for b in eval_data]
+        sums = jax.device_get(sums)
+        nats = float(sum(x["nats"] for x in sums))
+        events = float(sum(x["events"] for x in sums))
+        if events == 0:
+            _print0(f"eval  step {at_step:>6}: the validation split is empty")
+            return
+        npe = nats / events
+        result["eval"][at_step] = npe
+        writer.write(
+            at_step, "eval", {"nats_per_event": npe, "perplexity": math.exp(npe)},
+            f"eval  step {at_step:>6} | validation nats/event {npe:.4f} | perplexity {math.exp(npe):.2f} "
+            f"| {int(events):,} events",
+        )
+
+    window = {"n": 0, "loss": 0.0, "nats": 0.0, "events": 0.0, "t0": None, "steps": 0}
+
+    def consume(at_step, metrics):
+        """Host side of step `at_step`: finite check, then a log line every log_every steps."""
+        m = jax.device_get(metrics)
+        loss, gnorm = float(m["loss"]), float(m["grad_norm"])
+        if not (math.isfinite(loss) and math.isfinite(gnorm)):
+            ckpts.wait()
+            good = ckpts.latest_step()
+            where = f"step {good} in {ckpts.directory}" if good is not None else "none (no checkpoint yet)"
+            raise NonFiniteLoss(
+                f"step {at_step}: non-finite loss ({loss}) or gradient norm ({gnorm}); stopped without saving. "
+                f"Last good checkpoint: {where}. Lower config.train.learning_rate or raise warmup_steps, then resume."
+            )
+        result["losses"][at_step] = loss
+        window["n"] += 1
+        window["loss"] += loss
+        window["nats"] += float(m["nats_per_event"]) * float(m["events"])
+        window["events"] += float(m["events"])
+        if window["t0"] is None:  # the first step includes compilation: time from its end
+            window.update(n=0, loss=0.0, nats=0.0, events=0.0, t0=time.perf_counter(), steps=at_step)
+            return
+        if at_step % t.log_every and at_step != stop_at:
+            return
+        now = time.perf_counter()
+        steps_done = at_step - window["steps"]
+        rate = steps_done / max(now - window["t0"], 1e-9)
+        tok_s = rate * tokens_per_step
+        mfu = tok_s * fpt / peak
+        metrics_out = {
+            "loss": window["loss"] / window["n"],
+            "nats_per_event": window["nats"] / max(window["events"], 1.0),
+            "grad_norm": gnorm,
+            "lr": float(m["lr"]),
+            "tokens_per_s": tok_s,
+            "mfu": mfu,
+        }
+        eta = (t.steps - at_step) / rate
+        writer.write(
+            at_step, "train", metrics_out,
+            f"step {at_step:>6}/{t.steps} | loss {metrics_out['loss']:.4f} | nats/event "
+            f"{metrics_out['nats_per_event']:.4f} | grad norm {gnorm:.3f} | lr {metrics_out['lr']:.2e} | "
+            f"{tok_s:,.0f} tokens/s | MFU {100 * mfu:.1f}% | ETA {monitor.format_duration(eta)}",
+        )
+        window.update(n=0, loss=0.0, nats=0.0, events=0.0, t0=now, steps=at_step)
+
+    pending = None
+    try:
+        with _StopSignal() as stop:
+            while step < stop_at:
+                batch = global_batch(next(train_iter), s.batch_sharding)
+                state, metrics = train_step(state, s.rest, batch)  # dispatched; runs while we log
+                if pending is not None:
+                    consume(*pending)
+                step += 1
+                pending = (step, metrics)
+                stop_now = stop.name is not None
+                if pc > 1 and (step % t.log_every == 0 or stop_now):
+                    stop_now = _any_process(stop_now)
+                checkpoint_due = step % t.checkpoint_every == 0 or step == stop_at or stop_now
+                eval_due = (t.eval_every and step % t.eval_every == 0) or step == t.steps
+                if checkpoint_due or eval_due:
+                    consume(*pending)  # only a state whose step was finite is saved or evaluated
+                    pending = None
+                if eval_due:
+                    evaluate(step)
+                if checkpoint_due:
+                    save(step)
+                if eval_due or checkpoint_due:  # tokens/s measures training, not these pauses
+                    window.update(t0=time.perf_counter(), steps=step)
+                if stop_now:
+                    result["stopped_by"] = stop.name or "another process"
+                    break
+            if pending is not None:
+                consume(*pending)
+    finally:
+        ckpts.wait()
+        ckpts.close()
+        writer.close()
+        train_iter.close()
+
+    result["step"] = step
+    if result["stopped_by"]:
+        _print0(f"received {result['stopped_by']}: saved checkpoint {ckpts.directory}/{step}; exiting")
+    elif step < t.steps:
+        _print0(f"stopped after {step - start_step} steps this run (train.max_steps_per_run); "
+                f"saved {ckpts.directory}/{step}; re-run to continue")
+    else:
+        _print0(f"done: step {step}, checkpoint {ckpts.directory}/{step}")
+    return result
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def restore_model(workdir: str, step: int | None = None) -> tuple[nnx.Module, Vocabulary, ml_collections.ConfigDict, int]:
+    """(model, vocab, config, step) from a run's checkpoint (latest by default). Weights only.
+
+    `workdir` may also be its checkpoints/ directory or one step directory. The weights
+    land on the first local device.
+    """
+    root, step = ckpt_lib.locate(workdir, step)
+    config = ml_collections.ConfigDict(ckpt_lib.read_json_item(root, step, "config"))
+    vocab = Vocabulary.from_json(ckpt_lib.read_json_item(root, step, "vocab"), origin=f"{root}/{step}/vocab")
+    graphdef, abstract_params, rest = nnx.split(_abstract_model(config.model, vocab.size), nnx.Param, ...)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_params)
+    params, step = ckpt_lib.restore_params(root, step, target)
+    return nnx.merge(graphdef, params, rest), vocab, config, step
+
+
+# ----------------------------------------------------------------------------- command line
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/tiny.py.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, config.json, vocab.json and TensorBoard logs go.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None or not _WORKDIR.value:
+        raise SystemExit("usage: python -m mgpt.train --config=configs/tiny.py --workdir=DIR [--config.FIELD=VALUE]")
+    logging.set_verbosity(logging.WARNING)  # orbax and grain log every file they touch at INFO
+    try:
+        train(_CONFIG.value, _WORKDIR.value)
+    except (ConfigError, FileNotFoundError, NonFiniteLoss) as e:
+        raise SystemExit(str(e)) from None
+
+
+if __name__ == "__main__":
+    app.run(main)
