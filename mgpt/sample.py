@@ -1,0 +1,301 @@
+"""Fast batched sampling: one jitted prefill + `lax.while_loop` decode per window.
+
+`sample_window` is the compiled core. For a batch of right-padded prompts it
+prefills all of them in one cached forward pass, then decodes one event per row
+per loop iteration until every row has finished (EOS or budget) or filled the
+model's context. Parameters are arguments (never compiled-in constants), and
+batch size and prompt length are padded to power-of-two buckets, so repeated
+calls reuse the compiled function.
+
+Sliding window (pieces longer than the context `W = cfg.max_len` events):
+the KV cache holds one window of W positions. When a row fills it, that row
+pauses until the other rows finish or fill theirs; then, on the host, each
+unfinished row restarts from a fresh window made of its conditioning (STYLE)
+token plus its last W/2 - 1 events, re-prefilled at positions 0..W/2-1 (the
+model was trained on crops that start at position 0). So every window after
+the first adds at least W/2 events, and the model always sees at least W/2
+events of recent context. A Python loop runs once per window, never per token.
+
+Randomness: row b's event number n (counting from the start of generation,
+across windows) is drawn with `fold_in(key(seed_b), n)`, so a seed gives the
+same piece whatever batch or position the row is in.
+
+Budgets are per row: a count of new events, and/or seconds of music, measured as
+the sum of TIME_SHIFT steps (10 ms by default); a TIME_SHIFT that would pass the
+seconds budget ends the piece instead of being emitted, so pieces never run
+longer than asked.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from data_prep.vocab import Vocabulary
+from mgpt.model import GPT
+
+
+def token_tables(vocab: Vocabulary) -> dict[str, jax.Array]:
+    """Per-token facts the decode loop needs, as arrays (so the vocabulary is not static).
+
+    banned_V: tokens never sampled mid-piece (PAD and every STYLE token).
+    shift_steps_V: how many time steps a token advances (0 for non-TIME_SHIFT).
+    eos_id: the end-of-piece token.
+    """
+    ids_V = np.arange(vocab.size)
+    banned_V = (ids_V == vocab.pad_id) | (ids_V >= vocab.style_offset)
+    is_shift_V = (ids_V >= vocab.time_shift_offset) & (ids_V < vocab.time_shift_offset + vocab.max_shift_steps)
+    shift_steps_V = np.where(is_shift_V, ids_V - vocab.time_shift_offset + 1, 0)
+    return {
+        "banned_V": jnp.asarray(banned_V),
+        "shift_steps_V": jnp.asarray(shift_steps_V, jnp.int32),
+        "eos_id": jnp.asarray(vocab.eos_id, jnp.int32),
+    }
+
+
+def sampling_settings(
+    *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, greedy=False
+) -> dict[str, jax.Array]:
+    """Validated sampling controls as arrays: changing them does not recompile."""
+    if not greedy and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (or use greedy), got {temperature}")
+    if int(top_k) != top_k or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not 0 <= min_p < 1:
+        raise ValueError(f"min_p must be in [0, 1), got {min_p}")
+    return {
+        "temperature": jnp.asarray(temperature if temperature > 0 else 1.0, jnp.float32),
+        "top_k": jnp.asarray(top_k, jnp.int32),
+        "top_p": jnp.asarray(top_p, jnp.float32),
+        "min_p": jnp.asarray(min_p, jnp.float32),
+        "greedy": jnp.asarray(bool(greedy)),
+    }
+
+
+def filter_logits(logits_BxV, settings, banned_V):
+    """Temperature, banned tokens, then top-k, min-p and top-p, in one pass over one sort.
+
+    top_k=0, min_p=0 and top_p=1 are no-ops. Returns float32 logits with
+    filtered-out tokens at -inf; at least the most likely allowed token survives.
+    """
+    neg_inf = jnp.float32(-jnp.inf)
+    x_BxV = jnp.where(banned_V, neg_inf, logits_BxV.astype(jnp.float32) / settings["temperature"])
+    vocab_size = x_BxV.shape[-1]
+    sorted_BxV = -jnp.sort(-x_BxV, axis=-1)  # descending
+    rank_V = jnp.arange(vocab_size)
+    k = jnp.where(settings["top_k"] > 0, jnp.minimum(settings["top_k"], vocab_size), vocab_size)
+    # min-p in log space: keep p >= min_p * p_max  <=>  x >= x_max + log(min_p).
+    min_x_Bx1 = sorted_BxV[:, :1] + jnp.log(settings["min_p"])
+    sorted_BxV = jnp.where((rank_V < k) & (sorted_BxV >= min_x_Bx1), sorted_BxV, neg_inf)
+    # top-p: keep the shortest prefix of the sorted tokens whose mass reaches top_p.
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    kept_BxV = (mass_before_BxV < settings["top_p"]) & (sorted_BxV > neg_inf)
+    kept_BxV = kept_BxV.at[:, 0].set(True)
+    num_kept_B = jnp.sum(kept_BxV, axis=-1)
+    threshold_Bx1 = jnp.take_along_axis(sorted_BxV, num_kept_B[:, None] - 1, axis=-1)
+    return jnp.where(x_BxV >= threshold_Bx1, x_BxV, neg_inf)
+
+
+def _choose(logits_BxV, keys_B, settings, banned_V):
+    filtered_BxV = filter_logits(logits_BxV, settings, banned_V)
+    sampled_B = jax.vmap(jax.random.categorical)(keys_B, filtered_BxV)
+    return jnp.where(settings["greedy"], jnp.argmax(filtered_BxV, axis=-1), sampled_B).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def sample_window(
+    graphdef,
+    params,
+    prompt_BxP,
+    lengths_B,
+    seeds_B,
+    events_B,
+    steps_B,
+    done_B,
+    max_events_B,
+    max_steps_B,
+    settings,
+    tables,
+):
+    """Prefill right-padded prompts, then decode until every row is done or its window is full.
+
+    graphdef/params: `nnx.split(model)` (graphdef static, params traced).
+    prompt_BxP: int32 ids, row b valid up to lengths_B[b] (1 <= length <= P <= W).
+    seeds_B: uint32. events_B/steps_B: new events / TIME_SHIFT steps emitted by
+    earlier windows; max_events_B/max_steps_B: the budgets for those totals.
+    done_B: rows to leave untouched (finished, or batch padding).
+    Returns dict: tokens_BxW (window: prompt then new events), end_B (row b's
+    window is tokens_BxW[b, :end_B[b]]), events_B, steps_B, done_B (EOS or
+    budget reached; a row neither done nor at end_B == W cannot occur).
+    """
+    model = nnx.merge(graphdef, params)
+    batch, prompt_len = prompt_BxP.shape
+    window = model.cfg.max_len
+    keys_B = jax.vmap(jax.random.key)(seeds_B)
+
+    cache = model.init_cache(batch, window)
+    positions_BxP = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
+    logits_BxPxV, cache = model.decode(prompt_BxP, positions_BxP, cache)
+    logits_BxV = jnp.take_along_axis(logits_BxPxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    tokens_BxW = jnp.zeros((batch, window), jnp.int32).at[:, :prompt_len].set(prompt_BxP)
+    rows_B = jnp.arange(batch)
+
+    def active(s):
+        return ~s["done_B"] & (s["end_B"] < window)
+
+    def body(s):
+        live_B = active(s)
+        step_keys_B = jax.vmap(jax.random.fold_in)(keys_B, s["events_B"])
+        token_B = _choose(s["logits_BxV"], step_keys_B, settings, tables["banned_V"])
+        new_steps_B = s["steps_B"] + tables["shift_steps_V"][token_B]
+        stop_B = (
+            (token_B == tables["eos_id"]) | (new_steps_B > max_steps_B) | (s["events_B"] >= max_events_B)
+        )
+        emit_B = live_B & ~stop_B
+        # Rows that do not emit write out of bounds, which mode='drop' discards.
+        tokens_BxW = s["tokens_BxW"].at[rows_B, jnp.where(emit_B, s["end_B"], window)].set(token_B, mode="drop")
+        logits_Bx1xV, cache = model.decode(token_B[:, None], s["end_B"][:, None], s["cache"])
+        return {
+            "tokens_BxW": tokens_BxW,
+            "cache": cache,
+            "logits_BxV": logits_Bx1xV[:, 0],
+            "end_B": s["end_B"] + emit_B,
+            "events_B": s["events_B"] + emit_B,
+            "steps_B": jnp.where(emit_B, new_steps_B, s["steps_B"]),
+            "done_B": s["done_B"] | (live_B & stop_B),
+        }
+
+    state = {
+        "tokens_BxW": tokens_BxW,
+        "cache": cache,
+        "logits_BxV": logits_BxV,
+        "end_B": lengths_B.astype(jnp.int32),
+        "events_B": events_B.astype(jnp.int32),
+        "steps_B": steps_B.astype(jnp.int32),
+        "done_B": done_B,
+    }
+    state = jax.lax.while_loop(lambda s: jnp.any(active(s)), body, state)
+    return {k: state[k] for k in ("tokens_BxW", "end_B", "events_B", "steps_B", "done_B")}
+
+
+def _bucket(n: int, cap: int | None = None, floor: int = 1) -> int:
+    """Next power of two >= max(n, floor), at most cap: few shapes, few compiles."""
+    b = 1 << max(0, math.ceil(math.log2(max(n, floor, 1))))
+    return min(b, cap) if cap else b
+
+
+def generate_tokens(
+    model: GPT,
+    vocab: Vocabulary,
+    prompts: Sequence[np.ndarray],
+    *,
+    seeds: Sequence[int],
+    max_events: int | None = None,
+    max_seconds: float | None = None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    greedy: bool = False,
+    batch_size: int | None = None,
+) -> list[np.ndarray]:
+    """Continue each prompt (STYLE token + optional primer events) with sampled events.
+
+    Returns, per prompt, the full row: prompt + new events, up to and excluding
+    EOS (int32). Budgets: `max_events` new events and/or `max_seconds` of music
+    (TIME_SHIFT sum of the new events); with neither, max_events = cfg.max_len;
+    with only max_seconds, new events are also capped at
+    max(1024, 100 * max_seconds). Rows are processed `batch_size` at a time
+    (default: all at once).
+    """
+    cfg = model.cfg
+    if vocab.size != cfg.vocab_size:
+        raise ValueError(f"vocabulary has {vocab.size} tokens but the model expects {cfg.vocab_size}")
+    if len(seeds) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+    if cfg.max_len < 4:
+        raise ValueError(f"model.max_len={cfg.max_len} is too short to sample with a sliding window")
+    prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
+    for i, p in enumerate(prompts):
+        if p.size == 0 or not vocab.is_style(p[:1])[0]:
+            raise ValueError(f"prompt {i} must start with a STYLE token")
+        if np.any((p < 0) | (p >= vocab.size)):
+            raise ValueError(f"prompt {i} has ids outside 0..{vocab.size - 1}")
+    for i, s in enumerate(seeds):
+        if not 0 <= int(s) < 2**32:
+            raise ValueError(f"seed {s} (prompt {i}) must be in 0..2**32-1")
+    if max_events is not None and max_events < 0:
+        raise ValueError(f"max_events must be >= 0, got {max_events}")
+    if max_seconds is not None and max_seconds < 0:
+        raise ValueError(f"max_seconds must be >= 0, got {max_seconds}")
+    if max_events is None:
+        max_events = cfg.max_len if max_seconds is None else max(1024, math.ceil(100 * max_seconds))
+    max_steps = np.iinfo(np.int32).max if max_seconds is None else int(round(max_seconds * vocab.steps_per_second))
+    settings = sampling_settings(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, greedy=greedy)
+    tables = token_tables(vocab)
+    graphdef, params = nnx.split(model)
+    batch_size = len(prompts) if not batch_size else batch_size
+
+    out: list[np.ndarray] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        rows = _generate_batch(
+            graphdef, params, cfg.max_len, chunk, seeds[start : start + batch_size], max_events, max_steps, settings, tables
+        )
+        out.extend(rows)
+    return out
+
+
+def _generate_batch(graphdef, params, window, prompts, seeds, max_events, max_steps, settings, tables):
+    n = len(prompts)
+    batch = _bucket(n)
+    keep = window // 2 - 1  # events of context carried into the next window (+ STYLE)
+    rows = [list(p) for p in prompts]
+    events_B = np.zeros(batch, np.int32)
+    steps_B = np.zeros(batch, np.int32)
+    done_B = np.arange(batch) >= n  # batch padding rows never run
+    done_B[:n] |= max_events == 0
+    seeds_B = np.zeros(batch, np.uint32)
+    seeds_B[:n] = np.asarray(seeds, np.uint64).astype(np.uint32)
+    max_events_B = np.full(batch, max_events, np.int32)
+    max_steps_B = np.full(batch, max_steps, np.int32)
+    while not done_B.all():
+        # The window prompt: the whole row if it leaves room to grow, else STYLE + recent events.
+        windows = [r if len(r) < window else [r[0]] + r[len(r) - keep :] for r in rows]
+        # Prefilling a few padding tokens costs less than compiling another prompt shape.
+        prompt_len = _bucket(max(len(w) for w in windows), cap=window, floor=64)
+        prompt_BxP = np.zeros((batch, prompt_len), np.int32)
+        lengths_B = np.ones(batch, np.int32)
+        for b, w in enumerate(windows):
+            prompt_BxP[b, : len(w)] = w
+            lengths_B[b] = len(w)
+        result = sample_window(
+            graphdef,
+            params,
+            jnp.asarray(prompt_BxP),
+            jnp.asarray(lengths_B),
+            jnp.asarray(seeds_B),
+            jnp.asarray(events_B),
+            jnp.asarray(steps_B),
+            jnp.asarray(done_B),
+            jnp.asarray(max_events_B),
+            jnp.asarray(max_steps_B),
+            settings,
+            tables,
+        )
+        result = jax.device_get(result)
+        for b in range(n):
+            if not done_B[b]:
+                rows[b].extend(result["tokens_BxW"][b, lengths_B[b] : result["end_B"][b]].tolist())
+        events_B, steps_B = result["events_B"], result["steps_B"]
+        done_B = np.array(result["done_B"])
+    return [np.asarray(r, np.int32) for r in rows]
