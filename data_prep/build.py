@@ -1,0 +1,544 @@
+"""Build a training dataset: sources -> note-seq performance events -> TFDS ArrayRecord.
+
+    python -m data_prep.build --source=music21:bach,essenFolksong --output_dir=data/demo
+    python -m data_prep.build --source=maestro:/data/maestro-v3.0.0 --output_dir=data/maestro \
+        --time_stretch --num_workers=16
+
+The last line printed is the dataset directory PATH:
+
+    tfds.builder_from_directory(PATH).as_data_source("train")   # random access, no TensorFlow
+
+Each record: `tokens` int32[None] (event ids only: no STYLE/EOS/PAD), `piece_id`, `path`
+(relative to the source root), `source`, `style` (normalized label, '' if none),
+`composer` ('' if none). PATH also holds `vocab.json`, `skipped.jsonl` (every input that
+was left out, with the reason) and `build.json` (sources, options, counts).
+
+The dataset is written inside TFDS's `incomplete.*` folder and renamed into place only
+when complete, so an interrupted build never leaves a PATH that looks finished. A split
+with no pieces is left out (TFDS cannot store an empty split); `info.splits` lists those
+present. Time-stretched copies (`--time_stretch`) are made of training pieces only, so
+no copy ever crosses a split; their piece_id ends in `@x<factor>`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import fcntl
+import importlib.util
+import io
+import json
+import multiprocessing
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from data_prep import midi, sources
+from data_prep.vocab import Vocabulary
+
+DATASET_NAME = "mgpt_events"
+DATASET_VERSION = "1.0.0"
+STRETCH_FACTORS = (0.95, 0.975, 1.025, 1.05)
+
+# The README demo: several clearly different styles from the music21 wheel, balanced
+# roughly by events, small enough to build in about two minutes on two cores.
+DEMO_SOURCES = (
+    "music21:bach:150,palestrina:60,monteverdi:12,trecento:15,"
+    "ryansMammoth:130,oneills1850:120,essenFolksong:250",
+)
+DEMO_DIR = "data/music21_demo"
+
+
+def dataset_path(output_dir: str | os.PathLike) -> pathlib.Path:
+    """Where build_dataset(…, output_dir) puts the dataset (the PATH it prints)."""
+    return pathlib.Path(output_dir) / DATASET_NAME / DATASET_VERSION
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    path = pathlib.Path(path)
+    return all((path / f).is_file() for f in ("dataset_info.json", "vocab.json", "skipped.jsonl"))
+
+
+def ensure_dataset(output_dir: str | os.PathLike = DEMO_DIR, **opts) -> pathlib.Path:
+    """The embedded demo dataset (DEMO_SOURCES) in output_dir: built once, then reused."""
+    path = dataset_path(output_dir)
+    if is_complete(path):
+        return path
+    o = _options(opts)
+    with _build_lock(output_dir):
+        if is_complete(path):  # another process built it while we waited for the lock
+            return path
+        return _build(list(DEMO_SOURCES), output_dir, o)
+
+
+def build_dataset(sources_: Sequence[str], output_dir: str | os.PathLike, **opts) -> pathlib.Path:
+    """Convert every piece of `sources_` into a dataset in output_dir; returns its PATH.
+
+    Options (all keyword): num_workers (default: all cores), num_velocity_bins,
+    min_pitch, max_pitch, max_shift_steps, steps_per_second (vocabulary), time_stretch
+    (bool), stretch_factors, file_format ('array_record' or 'tfrecord'), max_pieces
+    (per source), split_percents ((90, 5, 5)), overwrite, parser ('fast' or 'note_seq'),
+    progress (tqdm bar), verbose (print the summary).
+    Raises ValueError with a one-line message for bad settings or sources.
+    """
+    o = _options(opts)  # bad settings fail at once, before any work
+    with _build_lock(output_dir):
+        return _build(list(sources_), output_dir, o)
+
+
+@dataclasses.dataclass
+class _Options:
+    num_workers: int = 0
+    num_velocity_bins: int = 32
+    min_pitch: int = 21
+    max_pitch: int = 108
+    max_shift_steps: int = 100
+    steps_per_second: int = 100
+    time_stretch: bool = False
+    stretch_factors: tuple[float, ...] = STRETCH_FACTORS
+    file_format: str = "array_record"
+    max_pieces: int | None = None
+    split_percents: tuple[float, float, float] = (90.0, 5.0, 5.0)
+    overwrite: bool = False
+    parser: str = "note_seq"
+    progress: bool = True
+    verbose: bool = True
+
+    def vocab(self, styles=()) -> Vocabulary:
+        return Vocabulary(
+            styles,
+            min_pitch=self.min_pitch,
+            max_pitch=self.max_pitch,
+            max_shift_steps=self.max_shift_steps,
+            num_velocity_bins=self.num_velocity_bins,
+            steps_per_second=self.steps_per_second,
+        )
+
+
+def _options(opts: dict) -> _Options:
+    names = {f.name for f in dataclasses.fields(_Options)}
+    unknown = sorted(set(opts) - names)
+    if unknown:
+        raise TypeError(f"build_dataset: unknown option(s) {', '.join(unknown)}")
+    o = _Options(**opts)
+    o.stretch_factors = tuple(float(f) for f in o.stretch_factors)
+    o.split_percents = tuple(float(p) for p in o.split_percents)
+    if o.file_format not in ("array_record", "tfrecord"):
+        raise ValueError(f"--file_format={o.file_format}: expected array_record or tfrecord")
+    if o.file_format == "tfrecord" and importlib.util.find_spec("tensorflow") is None:
+        raise ValueError(
+            "--file_format=tfrecord needs TensorFlow: pip install 'mgpt[tf]' (or keep the default array_record)"
+        )
+    if len(o.split_percents) != 3 or min(o.split_percents) < 0 or sum(o.split_percents) <= 0:
+        raise ValueError(f"--splits={o.split_percents}: expected three non-negative percents (train,validation,test)")
+    if o.time_stretch and (not o.stretch_factors or min(o.stretch_factors) <= 0):
+        raise ValueError(f"--stretch_factors={o.stretch_factors}: expected positive factors")
+    if o.max_pieces is not None and o.max_pieces < 1:
+        raise ValueError(f"--max_pieces={o.max_pieces}: expected at least 1")
+    if o.parser not in ("fast", "note_seq"):
+        raise ValueError(f"--parser={o.parser}: expected fast or note_seq")
+    o.vocab()  # raises ValueError on bad vocabulary settings, before any work
+    if o.num_workers <= 0:
+        o.num_workers = os.cpu_count() or 1
+    return o
+
+
+@contextlib.contextmanager
+def _build_lock(output_dir):
+    """One build per output_dir at a time (e.g. two trainers asking for the demo data)."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, ".build.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ----------------------------------------------------------------------------- conversion
+@dataclasses.dataclass
+class _Result:
+    index: int
+    records: list[dict]  # tokens, piece_id, path, source, style, composer
+    skip_reason: str = ""
+    seconds: float = 0.0  # music in the original piece
+
+
+_worker_opts: _Options | None = None
+_worker_vocab: Vocabulary | None = None
+
+
+def _init_worker(opts: _Options) -> None:
+    global _worker_opts, _worker_vocab
+    _worker_opts, _worker_vocab = opts, opts.vocab()
+
+
+def _convert(job: tuple[int, sources.Item, str]) -> _Result:
+    """One piece -> its records (the original, plus stretched copies in train)."""
+    index, item, split = job
+    opts, vocab = _worker_opts, _worker_vocab
+    try:
+        notes, composer = sources.load(item, parser=opts.parser)
+        tokens = vocab.encode_notes(notes.pitch, notes.velocity, notes.start_s, notes.end_s)
+        if len(tokens) == 0:
+            raise midi.SkipPiece(f"no notes in the pitch range {vocab.min_pitch}..{vocab.max_pitch}")
+    except midi.SkipPiece as e:
+        return _Result(index, [], str(e))
+    except Exception as e:  # noqa: BLE001 - junk input must never abort a run; the reason is kept
+        return _Result(index, [], f"unexpected error: {midi._one_line(e)}")
+    base = dict(path=item.path, source=item.source, style=item.style, composer=composer)
+    records = [dict(base, tokens=tokens, piece_id=item.piece_id)]
+    if opts.time_stretch and split == "train":
+        for factor in opts.stretch_factors:
+            s = notes.stretched(factor)
+            stretched = vocab.encode_notes(s.pitch, s.velocity, s.start_s, s.end_s)
+            records.append(dict(base, tokens=stretched, piece_id=f"{item.piece_id}@x{factor:g}"))
+    return _Result(index, records, seconds=notes.seconds)
+
+
+class _Spool:
+    """Converted records on disk, per split, until TFDS writes them (bounded memory)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self._files: dict[str, tuple] = {}
+        self.counts = collections.Counter()
+
+    def add(self, split: str, key: str, record: dict) -> None:
+        if split not in self._files:
+            tok = open(os.path.join(self.folder, f"{split}.i32"), "wb")
+            meta = open(os.path.join(self.folder, f"{split}.jsonl"), "w")
+            self._files[split] = (tok, meta, [0])
+        tok, meta, offset = self._files[split]
+        tokens = np.asarray(record["tokens"], "<i4")
+        tok.write(tokens.tobytes())
+        fields = {k: v for k, v in record.items() if k != "tokens"}
+        meta.write(json.dumps(dict(fields, key=key, offset=offset[0], length=len(tokens))) + "\n")
+        offset[0] += len(tokens)
+        self.counts[split] += 1
+
+    def close(self) -> None:
+        for tok, meta, _ in self._files.values():
+            tok.close()
+            meta.close()
+
+    def splits(self) -> list[str]:
+        return [s for s in sources.SPLITS if self.counts[s]]
+
+    def read(self, split: str):
+        tokens_path = os.path.join(self.folder, f"{split}.i32")
+        all_tokens = np.memmap(tokens_path, "<i4", mode="r") if os.path.getsize(tokens_path) else None
+        with open(os.path.join(self.folder, f"{split}.jsonl")) as f:
+            for line in f:
+                m = json.loads(line)
+                a, n = m.pop("offset"), m.pop("length")
+                key = m.pop("key")
+                tokens = np.array(all_tokens[a : a + n], np.int32) if n else np.zeros(0, np.int32)
+                yield key, dict(m, tokens=tokens)
+
+
+def _list_all(specs: list[str], opts: _Options) -> list[sources.Item]:
+    items, seen = [], set()
+    for spec in specs:
+        found = sources.list_items(spec)
+        if opts.max_pieces is not None:
+            found = sources.sample(found, opts.max_pieces)
+        for it in found:
+            if (it.source, it.root, it.piece_id) not in seen:  # the same source given twice
+                seen.add((it.source, it.root, it.piece_id))
+                items.append(it)
+    return items
+
+
+def _build(specs: list[str], output_dir, o: _Options) -> pathlib.Path:
+    if not specs:
+        raise ValueError("--source: give at least one source (midi_dir:PATH, maestro:PATH, asap:PATH, music21:NAMES)")
+    path = dataset_path(output_dir)
+    if path.exists() and not o.overwrite:
+        raise ValueError(f"--output_dir={output_dir}: {path} already holds a dataset (pass --overwrite or pick another dir)")
+    items = _list_all(specs, o)
+    if not items:
+        raise ValueError(f"--source={','.join(specs)}: no input files found")
+    jobs = [(i, it, sources.assign_split(it, o.split_percents)) for i, it in enumerate(items)]
+
+    t0 = time.time()
+    os.makedirs(output_dir, exist_ok=True)
+    spool_dir = tempfile.mkdtemp(prefix=".spool.", dir=output_dir)
+    try:
+        spool = _Spool(spool_dir)
+        skipped, stats = [], _Stats(o.vocab())
+        for r in _run_jobs(jobs, o):
+            item, split = items[r.index], jobs[r.index][2]
+            if r.skip_reason:
+                skipped.append(
+                    dict(path=item.path, piece_id=item.piece_id, source=item.source, root=item.root, reason=r.skip_reason)
+                )
+                continue
+            for rec in r.records:
+                spool.add(split, f"{item.source}:{item.root}:{rec['piece_id']}", rec)
+                stats.add(split, rec)
+        spool.close()
+        convert_s = time.time() - t0
+        if not spool.splits():
+            reasons = collections.Counter(s["reason"] for s in skipped).most_common(3)
+            raise ValueError(
+                f"--source={','.join(specs)}: none of the {len(items)} inputs could be used "
+                f"(most common reasons: {'; '.join(f'{r} ({n})' for r, n in reasons)})"
+            )
+        vocab = o.vocab(sorted({s for s in stats.styles if s}))
+        summary = dict(
+            sources=specs,
+            options={k: v for k, v in dataclasses.asdict(o).items() if k not in ("progress", "verbose")},
+            inputs=len(items),
+            skipped=len(skipped),
+            splits=stats.split_table(),
+            styles=stats.style_table(),
+            convert_seconds=round(convert_s, 2),
+        )
+        extra = {
+            "vocab.json": vocab.to_json(),
+            "skipped.jsonl": skipped,
+            "build.json": summary,
+        }
+        _write_tfds(path.parent.parent, spool, extra, o)
+    finally:
+        shutil.rmtree(spool_dir, ignore_errors=True)
+    if o.verbose:
+        _print_summary(path, summary, stats, skipped, convert_s, time.time() - t0, o)
+    return path
+
+
+def _run_jobs(jobs, o: _Options):
+    """Yield _Results as pieces finish, with a tqdm bar; in-process for one worker."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(jobs), unit="piece", desc="converting", disable=not o.progress, smoothing=0.05)
+    workers = min(o.num_workers, len(jobs))
+    events = 0
+    try:
+        if workers <= 1:
+            _init_worker(o)
+            results = map(_convert, jobs)
+            pool = None
+        else:
+            # spawn, not fork: the caller may have started JAX (threads) before asking for data.
+            pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (o,))
+            chunk = max(1, min(8, len(jobs) // (workers * 16)))
+            results = pool.imap_unordered(_convert, jobs, chunksize=chunk)
+        for r in results:
+            events += sum(len(rec["tokens"]) for rec in r.records)
+            bar.update(1)
+            bar.set_postfix_str(f"{events / max(bar.format_dict['elapsed'], 1e-9):,.0f} events/s", refresh=False)
+            yield r
+        if pool is not None:
+            pool.close()
+            pool.join()
+            pool = None
+    finally:
+        if pool is not None:
+            pool.terminate()
+        bar.close()
+
+
+class _Stats:
+    def __init__(self, vocab: Vocabulary):
+        self.vocab = vocab
+        self.split = collections.defaultdict(lambda: collections.Counter())
+        self.style = collections.defaultdict(lambda: collections.Counter())
+        self.styles = set()
+
+    def add(self, split, rec):
+        n = len(rec["tokens"])
+        secs = self.vocab.seconds(rec["tokens"])
+        stretched = "@x" in rec["piece_id"]
+        for table, key in ((self.split, split), (self.style, rec["style"] or "(none)")):
+            table[key]["copies" if stretched else "pieces"] += 1
+            table[key]["events"] += n
+            table[key]["seconds"] += secs
+        self.styles.add(rec["style"])
+
+    def split_table(self):
+        return {k: dict(v) for k, v in self.split.items()}
+
+    def style_table(self):
+        return {k: dict(v) for k, v in sorted(self.style.items())}
+
+    def total(self, key):
+        return sum(v[key] for v in self.split.values())
+
+
+def _print_summary(path, summary, stats, skipped, convert_s, total_s, o):
+    def rows(table, order):
+        for name in order:
+            v = table.get(name)
+            if v:
+                extra = f" (+{v['copies']} stretched)" if v.get("copies") else ""
+                print(f"  {name:<20} {v['pieces']:>7} pieces{extra:<16} {v['events']:>11,} events {v['seconds'] / 3600:>8.2f} h")
+
+    events = stats.total("events")
+    print(f"built {path}")
+    print("splits:")
+    rows(summary["splits"], sources.SPLITS)
+    print("styles:")
+    rows(summary["styles"], list(summary["styles"]))
+    reasons = collections.Counter(s["reason"].split(":")[0].split("(")[0].strip() for s in skipped)
+    detail = ", ".join(f"{r}: {n}" for r, n in reasons.most_common(5))
+    print(f"skipped {len(skipped)} of {summary['inputs']} inputs" + (f" ({detail}; see skipped.jsonl)" if skipped else ""))
+    print(
+        f"{events:,} events, {stats.total('seconds') / 3600:.2f} h of music; converted in {convert_s:.1f} s "
+        f"({events / max(convert_s, 1e-9):,.0f} events/s on {min(o.num_workers, summary['inputs'])} workers), "
+        f"{total_s:.1f} s in all"
+    )
+    missing = [s for s in sources.SPLITS if s not in summary["splits"]]
+    if missing:
+        print(f"note: no pieces fell in {', '.join(missing)}: that split is absent")
+
+
+# ----------------------------------------------------------------------------- TFDS
+def _write_tfds(data_dir: pathlib.Path, spool: _Spool, extra: dict, o: _Options) -> None:
+    import tensorflow_datasets as tfds
+    from absl import logging
+
+    tfds.disable_progress_bar()
+    builder = _EventsBuilder(
+        spool=spool, extra_files=extra, data_dir=os.fspath(data_dir), file_format=o.file_format
+    )
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.WARNING)  # TFDS narrates every shard at INFO
+    try:
+        with tempfile.TemporaryDirectory(dir=spool.folder) as downloads, contextlib.redirect_stdout(io.StringIO()):
+            builder.download_and_prepare(
+                download_dir=downloads,
+                download_config=tfds.download.DownloadConfig(
+                    try_download_gcs=False,
+                    download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
+                    if o.overwrite
+                    else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
+                ),
+            )
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def _features():
+    import tensorflow_datasets as tfds
+
+    return tfds.features.FeaturesDict(
+        {
+            "tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+            "piece_id": tfds.features.Text(),
+            "path": tfds.features.Text(),
+            "source": tfds.features.Text(),
+            "style": tfds.features.Text(),
+            "composer": tfds.features.Text(),
+        }
+    )
+
+
+def _builder_class():
+    """Defined lazily so that importing data_prep.build does not import TFDS."""
+    import tensorflow_datasets as tfds
+
+    class MgptEvents(tfds.core.GeneratorBasedBuilder):
+        """Symbolic music as note-seq performance event ids (see data_prep/build.py)."""
+
+        name = DATASET_NAME
+        VERSION = tfds.core.Version(DATASET_VERSION)
+
+        def __init__(self, *, spool: _Spool, extra_files: dict, **kwargs):
+            self._spool, self._extra_files = spool, extra_files
+            super().__init__(**kwargs)
+
+        def _info(self):
+            return tfds.core.DatasetInfo(
+                builder=self,
+                description="note-seq performance events (mgpt); see build.json for sources and counts",
+                features=_features(),
+            )
+
+        def _split_generators(self, dl_manager):
+            return {s: self._generate_examples(s) for s in self._spool.splits()}
+
+        def _generate_examples(self, split):
+            yield from self._spool.read(split)
+
+        def _download_and_prepare(self, dl_manager, download_config):
+            super()._download_and_prepare(dl_manager, download_config)
+            # self.data_dir is TFDS's incomplete.* folder here: these land atomically too.
+            for name, content in self._extra_files.items():
+                with open(os.path.join(self.data_dir, name), "w") as f:
+                    if name.endswith(".jsonl"):
+                        f.writelines(json.dumps(row) + "\n" for row in content)
+                    else:
+                        json.dump(content, f, indent=1)
+
+    return MgptEvents
+
+
+def _EventsBuilder(**kwargs):
+    return _builder_class()(**kwargs)
+
+
+# ----------------------------------------------------------------------------- CLI
+def main(argv: Sequence[str]) -> None:
+    from absl import flags, logging
+
+    del argv
+    f = flags.FLAGS
+    logging.set_verbosity(logging.WARNING)
+    try:
+        build_dataset(
+            f.source,
+            f.output_dir,
+            num_workers=f.num_workers,
+            num_velocity_bins=f.num_velocity_bins,
+            min_pitch=f.min_pitch,
+            max_pitch=f.max_pitch,
+            max_shift_steps=f.max_shift_steps,
+            steps_per_second=f.steps_per_second,
+            time_stretch=f.time_stretch,
+            stretch_factors=tuple(float(x) for x in f.stretch_factors),
+            file_format=f.file_format,
+            max_pieces=f.max_pieces,
+            split_percents=tuple(float(x) for x in f.splits),
+            overwrite=f.overwrite,
+            parser=f.parser,
+        )
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(dataset_path(f.output_dir))
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_multi_string("source", None, "midi_dir:PATH | maestro:PATH | asap:PATH | music21:NAMES (repeatable)")
+    flags.DEFINE_string("output_dir", None, "folder to hold the dataset")
+    flags.DEFINE_integer("num_workers", 0, "worker processes (0: one per core)")
+    flags.DEFINE_integer("num_velocity_bins", 32, "VELOCITY bins of the vocabulary")
+    flags.DEFINE_integer("min_pitch", 21, "lowest MIDI pitch kept")
+    flags.DEFINE_integer("max_pitch", 108, "highest MIDI pitch kept")
+    flags.DEFINE_integer("max_shift_steps", 100, "longest TIME_SHIFT, in steps")
+    flags.DEFINE_integer("steps_per_second", 100, "time steps per second (100: 10 ms)")
+    flags.DEFINE_bool("time_stretch", False, "add time-stretched copies of training pieces")
+    flags.DEFINE_list("stretch_factors", [str(x) for x in STRETCH_FACTORS], "tempo factors for --time_stretch")
+    flags.DEFINE_enum("file_format", "array_record", ["array_record", "tfrecord"], "record file format")
+    flags.DEFINE_integer("max_pieces", None, "at most this many pieces per source (a stable sample)")
+    flags.DEFINE_list("splits", ["90", "5", "5"], "train,validation,test percents for sources without splits")
+    flags.DEFINE_bool("overwrite", False, "replace a dataset already in --output_dir")
+    flags.DEFINE_enum("parser", "note_seq", ["fast", "note_seq"], "MIDI reader (both give note-seq's notes)")
+    flags.mark_flags_as_required(["source", "output_dir"])
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,128 @@
+"""MIDI bytes -> the notes a performance is made of, with note-seq's semantics.
+
+`read_midi` is the one entry point. It rejects unusable files with `SkipPiece` (one
+line saying why) and returns the pitched notes after the sustain pedal has been
+applied, exactly what `Vocabulary.encode(note_seq.midi_to_note_sequence(data))` sees.
+
+Two readers give the same notes:
+- `parser="fast"` (default) reads the bytes directly (see `data_prep.fastmidi`);
+- `parser="note_seq"` is the reference: pretty_midi via `note_seq.midi_to_note_sequence`
+  and `sequences_lib.apply_sustain_control_changes`.
+Tests check they agree note for note.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import numpy as np
+
+# note_seq imports pydub, which warns about ffmpeg (needed only for audio, not by us).
+warnings.filterwarnings("ignore", message="Couldn't find ffmpeg")
+
+MAX_FILE_BYTES = 16 * 2**20  # Real MIDI is small; bigger files are junk (or not MIDI).
+MAX_SECONDS = 4 * 3600.0  # Longer "performances" are broken tempo maps, not music.
+
+
+class SkipPiece(Exception):
+    """An input that cannot be used; str(e) is the one-line reason for skipped.jsonl."""
+
+
+@dataclasses.dataclass
+class Notes:
+    """Pitched notes of one piece (drums left out, sustain applied). Parallel [N] arrays."""
+
+    pitch: np.ndarray  # int64 MIDI pitch
+    velocity: np.ndarray  # int64 1..127
+    start_s: np.ndarray  # float64 seconds
+    end_s: np.ndarray  # float64 seconds
+
+    def __len__(self) -> int:
+        return len(self.pitch)
+
+    @property
+    def seconds(self) -> float:
+        return float(self.end_s.max()) if len(self) else 0.0
+
+    def stretched(self, factor: float) -> "Notes":
+        """The same notes played `factor` times as long (factor > 1 is slower)."""
+        return Notes(self.pitch, self.velocity, self.start_s * factor, self.end_s * factor)
+
+    def with_velocity(self, velocity: int) -> "Notes":
+        return Notes(self.pitch, np.full_like(self.velocity, velocity), self.start_s, self.end_s)
+
+
+def check_header(data: bytes, *, max_file_bytes: int = MAX_FILE_BYTES) -> None:
+    """Cheap checks that name the common kinds of junk before any parser sees them."""
+    if len(data) == 0:
+        raise SkipPiece("empty file")
+    if len(data) > max_file_bytes:
+        raise SkipPiece(f"file too large ({len(data) / 2**20:.1f} MiB > {max_file_bytes / 2**20:.0f} MiB)")
+    if data[:4] != b"MThd" or len(data) < 14:
+        raise SkipPiece("not a MIDI file (no MThd header)")
+    division = int.from_bytes(data[12:14], "big")
+    if division & 0x8000:
+        raise SkipPiece("SMPTE time division is not supported (only ticks per quarter)")
+    if division == 0:
+        raise SkipPiece("corrupt MIDI: zero ticks per quarter note")
+
+
+def read_midi(
+    data: bytes,
+    *,
+    parser: str = "note_seq",
+    max_file_bytes: int = MAX_FILE_BYTES,
+    max_seconds: float = MAX_SECONDS,
+) -> Notes:
+    """MIDI file contents -> pitched notes with sustain applied. Raises SkipPiece."""
+    check_header(data, max_file_bytes=max_file_bytes)
+    if parser == "fast":
+        from data_prep import fastmidi
+
+        try:
+            raw = fastmidi.parse(data)
+        except fastmidi.MidiError as e:
+            raise SkipPiece(f"corrupt MIDI: {e}") from None
+        num_notes, num_drum = len(raw.pitch), int(raw.is_drum.sum())
+        notes = raw.pitched_with_sustain()
+    elif parser == "note_seq":
+        import note_seq
+
+        try:
+            ns = note_seq.midi_to_note_sequence(data)
+        except Exception as e:  # pretty_midi/mido raise anything on junk: all of it is a skip.
+            raise SkipPiece(f"corrupt MIDI: {_one_line(e)}") from None
+        num_notes = len(ns.notes)
+        num_drum = sum(n.is_drum for n in ns.notes)
+        notes = notes_from_sequence(ns)
+    else:
+        raise ValueError(f"parser must be 'fast' or 'note_seq', got {parser!r}")
+
+    if num_notes == 0:
+        raise SkipPiece("no notes")
+    if num_drum == num_notes:
+        raise SkipPiece("drums only (no pitched notes)")
+    if notes.seconds > max_seconds:
+        raise SkipPiece(f"too long ({notes.seconds / 3600:.1f} h > {max_seconds / 3600:.1f} h)")
+    return notes
+
+
+def notes_from_sequence(ns, *, apply_sustain: bool = True) -> Notes:
+    """NoteSequence -> Notes, as Vocabulary.encode sees it: sustain applied, drums left out."""
+    if apply_sustain and any(cc.control_number == 64 for cc in ns.control_changes):
+        from note_seq import sequences_lib
+
+        ns = sequences_lib.apply_sustain_control_changes(ns)
+    notes = [n for n in ns.notes if not n.is_drum]
+    return Notes(
+        np.fromiter((n.pitch for n in notes), np.int64, len(notes)),
+        np.fromiter((n.velocity for n in notes), np.int64, len(notes)),
+        np.fromiter((n.start_time for n in notes), np.float64, len(notes)),
+        np.fromiter((n.end_time for n in notes), np.float64, len(notes)),
+    )
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}"[:300]
