@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-Cache = list[dict[str, jax.Array]]  # per layer: {'k', 'v'}: BxSxNxK (S = cache slots)
+Cache = list[dict[str, jax.Array]]  # per layer: {'k', 'v'}: BxNxSxK (S = cache slots)
 
 _REMAT_POLICIES = ("none", "full", "dots")
 _MLP_ACTIVATIONS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu}
@@ -175,18 +175,28 @@ class Attention(nnx.Module):
 
     def decode(self, x_BxTxD, positions_BxT, cache: dict[str, jax.Array]):
         """Writes this chunk's keys/values at slots `positions`, then attends to slots <= position."""
-        q, k, v = self._project(x_BxTxD, positions_BxT)
-        rows_Bx1 = jnp.arange(x_BxTxD.shape[0])[:, None]
-        cache = {
-            "k": cache["k"].at[rows_Bx1, positions_BxT].set(k.astype(cache["k"].dtype), mode="drop"),
-            "v": cache["v"].at[rows_Bx1, positions_BxT].set(v.astype(cache["v"].dtype), mode="drop"),
-        }
-        slots_S = jnp.arange(cache["k"].shape[1])
+        q_BxTxNxK, k_BxTxNxK, v_BxTxNxK = self._project(x_BxTxD, positions_BxT)
+        rows_Bx1x1 = jnp.arange(x_BxTxD.shape[0])[:, None, None]
+        heads_1xNx1 = jnp.arange(self.cfg.num_heads)[None, :, None]
+        slots_Bx1xT = positions_BxT[:, None, :]
+
+        def write(cache_BxNxSxK, new_BxTxNxK):
+            new_BxNxTxK = new_BxTxNxK.transpose(0, 2, 1, 3).astype(cache_BxNxSxK.dtype)
+            return cache_BxNxSxK.at[rows_Bx1x1, heads_1xNx1, slots_Bx1xT].set(new_BxNxTxK, mode="drop")
+
+        cache = {"k": write(cache["k"], k_BxTxNxK), "v": write(cache["v"], v_BxTxNxK)}
+        k_BxNxSxK, v_BxNxSxK = cache["k"].astype(q_BxTxNxK.dtype), cache["v"].astype(q_BxTxNxK.dtype)
+        # Written out rather than via dot_product_attention: its BxSxNxK layout would make
+        # XLA transpose the whole cache every decode step, which dominates on CPU.
+        scores_BxNxTxS = jnp.einsum(
+            "btnk,bnsk->bnts", q_BxTxNxK, k_BxNxSxK, preferred_element_type=jnp.float32
+        ) * (self.cfg.head_dim**-0.5)
+        slots_S = jnp.arange(k_BxNxSxK.shape[2])
         # Slots after a row's position hold stale or padding entries; causality hides them.
-        mask_Bx1xTxS = (slots_S[None, None, :] <= positions_BxT[:, :, None])[:, None]
-        o_BxTxNxK = jax.nn.dot_product_attention(
-            q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), mask=mask_Bx1xTxS, implementation="xla"
-        )
+        visible_Bx1xTxS = (slots_S[None, None, :] <= positions_BxT[:, :, None])[:, None]
+        scores_BxNxTxS = jnp.where(visible_Bx1xTxS, scores_BxNxTxS, -jnp.inf)
+        probs_BxNxTxS = jax.nn.softmax(scores_BxNxTxS, axis=-1).astype(q_BxTxNxK.dtype)
+        o_BxTxNxK = jnp.einsum("bnts,bnsk->btnk", probs_BxNxTxS, v_BxNxSxK)
         return jnp.einsum("btnk,nkd->btd", o_BxTxNxK, self.out[...].astype(self.cfg.dtype)), cache
 
 
@@ -270,7 +280,7 @@ class GPT(nnx.Module):
     def init_cache(self, batch: int, size: int | None = None, dtype=None) -> Cache:
         """A zeroed KV cache of `size` slots (default max_len), one dict per layer."""
         size = self.cfg.max_len if size is None else size
-        shape = (batch, size, self.cfg.num_heads, self.cfg.head_dim)
+        shape = (batch, self.cfg.num_heads, size, self.cfg.head_dim)
         dtype = self.cfg.dtype if dtype is None else dtype
         return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in self.blocks]
 

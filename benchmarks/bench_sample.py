@@ -1,0 +1,186 @@
+"""Generated events per second: our cached sampler vs no cache vs Hugging Face GPT-2 `generate`.
+
+    python benchmarks/bench_sample.py                 # small and base shapes, batch 1 and 16, 1024 events
+    python benchmarks/bench_sample.py --quick         # small shape only, 256 events: about a minute
+    python benchmarks/bench_sample.py --shapes=small --batches=1 --events=512
+
+Each row of every system starts from a one-token prompt and generates exactly
+--events new events (EOS is masked for us and disabled for HF) with top-k
+sampling. The model context is --events + 16 for every system, so no sliding
+window is involved and GPT-2's position table is large enough.
+
+Peers, all on the same host:
+- ours: `mgpt.sample.sample_window` (one jitted prefill + while_loop decode, KV cache);
+- no cache: the same model and filter in a jitted while_loop that recomputes the
+  full forward over the (fixed-size) context buffer for every event; its cost
+  per event is constant, so it is timed over --nocache_events events;
+- HF: transformers' GPT-2, PyTorch CPU, `generate(use_cache=True, do_sample=True,
+  top_k)`, same vocabulary, depth, width, heads, context; its plain MLP gets
+  n_inner = 1.5 * mlp_dim so its MLP has as many weights as our gated one.
+Random weights: speed does not depend on what the model learned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from data_prep.vocab import Vocabulary  # noqa: E402
+from mgpt.model import GPT, ModelConfig, count_params  # noqa: E402
+from mgpt.sample import _choose, sample_window, sampling_settings, token_tables  # noqa: E402
+
+# Fallbacks if configs/<name>.py is missing: (num_layers, num_heads, d_model, mlp_dim).
+_SHAPES = {"small": (4, 4, 192, 512), "base": (12, 12, 768, 2560)}
+
+
+def model_config(shape: str, vocab_size: int, context: int, dtype: str) -> ModelConfig:
+    try:
+        import importlib
+
+        fields = importlib.import_module(f"configs.{shape}").get_config().model.to_dict()
+    except ModuleNotFoundError:
+        layers, heads, d, f = _SHAPES[shape]
+        fields = dict(num_layers=layers, num_heads=heads, d_model=d, mlp_dim=f)
+    fields.update(max_len=context, dtype=dtype, remat="none")
+    return ModelConfig.from_config(fields, vocab_size)
+
+
+def _bench_vocab(vocab: Vocabulary):
+    tables = token_tables(vocab)
+    # Random weights emit EOS now and then; every row must run the full budget.
+    tables["banned_V"] = tables["banned_V"].at[vocab.eos_id].set(True)
+    return tables
+
+
+def time_ours(model, vocab, batch, events, top_k, repeats):
+    graphdef, params = nnx.split(model)
+    style = vocab.style_id("unknown")
+    args = (
+        jnp.full((batch, 1), style, jnp.int32),  # prompt_BxP
+        jnp.ones(batch, jnp.int32),  # lengths_B
+        jnp.arange(batch, dtype=jnp.uint32),  # seeds_B
+        jnp.zeros(batch, jnp.int32),
+        jnp.zeros(batch, jnp.int32),
+        jnp.zeros(batch, bool),
+        jnp.full(batch, events, jnp.int32),
+        jnp.full(batch, np.iinfo(np.int32).max, jnp.int32),
+        sampling_settings(top_k=top_k),
+        _bench_vocab(vocab),
+    )
+    out = jax.block_until_ready(sample_window(graphdef, params, *args))  # compile
+    assert int(out["end_B"].min()) == 1 + events, out["end_B"]
+    best = np.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(sample_window(graphdef, params, *args))
+        best = min(best, time.perf_counter() - t)
+    return batch * events / best
+
+
+def time_nocache(model, vocab, batch, events, top_k):
+    graphdef, params = nnx.split(model)
+    window = model.cfg.max_len
+    settings, tables = sampling_settings(top_k=top_k), _bench_vocab(vocab)
+
+    @jax.jit
+    def run(params, tokens_BxW, seeds_B):
+        m = nnx.merge(graphdef, params)
+        keys_B = jax.vmap(jax.random.key)(seeds_B)
+        rows_B = jnp.arange(batch)
+
+        def body(carry):
+            tokens_BxW, n = carry
+            logits_BxWxV = m(tokens_BxW)  # the whole context, every event
+            logits_BxV = logits_BxWxV[:, n]
+            keys = jax.vmap(jax.random.fold_in, (0, None))(keys_B, n)
+            token_B = _choose(logits_BxV, keys, settings, tables["banned_V"])
+            return tokens_BxW.at[rows_B, n + 1].set(token_B), n + 1
+
+        return jax.lax.while_loop(lambda c: c[1] < events, body, (tokens_BxW, jnp.int32(0)))[0]
+
+    tokens_BxW = jnp.full((batch, window), vocab.style_id("unknown"), jnp.int32)
+    seeds_B = jnp.arange(batch, dtype=jnp.uint32)
+    jax.block_until_ready(run(params, tokens_BxW, seeds_B))
+    t = time.perf_counter()
+    jax.block_until_ready(run(params, tokens_BxW, seeds_B))
+    return batch * events / (time.perf_counter() - t)
+
+
+def time_hf(cfg: ModelConfig, batch, events, top_k):
+    import torch
+    import transformers
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    hf_cfg = transformers.GPT2Config(
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.max_len,
+        n_embd=cfg.d_model,
+        n_layer=cfg.num_layers,
+        n_head=cfg.num_heads,
+        n_inner=3 * cfg.mlp_dim // 2,
+        bos_token_id=0,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(hf_cfg).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    ids = torch.full((batch, 1), 3, dtype=torch.long)
+    kwargs = dict(
+        attention_mask=torch.ones_like(ids), do_sample=True, top_k=top_k, use_cache=True, max_new_tokens=events
+    )
+    with torch.inference_mode():
+        hf.generate(ids, **{**kwargs, "max_new_tokens": 8})  # warm up
+        t = time.perf_counter()
+        out = hf.generate(ids, **kwargs)
+        elapsed = time.perf_counter() - t
+    assert out.shape == (batch, 1 + events), out.shape
+    n_params = sum(p.numel() for p in hf.parameters())
+    return batch * events / elapsed, n_params
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small shape only, 256 events")
+    p.add_argument("--shapes", default="small,base")
+    p.add_argument("--batches", default="1,16")
+    p.add_argument("--events", type=int, default=1024, help="new events per row")
+    p.add_argument("--nocache_events", type=int, default=32, help="events timed for the no-cache peer")
+    p.add_argument("--top_k", type=int, default=40)
+    p.add_argument("--dtype", default="float32", help="our compute dtype")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--no_hf", action="store_true", help="skip the PyTorch peer")
+    a = p.parse_args()
+    if a.quick:
+        a.shapes, a.events = "small", 256
+
+    vocab = Vocabulary([f"style{i}" for i in range(12)])
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cpus); vocab {vocab.size}")
+    header = f"{'shape':6} {'batch':>5} {'params':>11} {'ours ev/s':>10} {'no-cache':>9} {'HF ev/s':>9} {'vs nocache':>10} {'vs HF':>7}"
+    print(header)
+    for shape in a.shapes.split(","):
+        cfg = model_config(shape, vocab.size, a.events + 16, a.dtype)
+        model = GPT(cfg, rngs=nnx.Rngs(0))
+        for batch in (int(b) for b in a.batches.split(",")):
+            ours = time_ours(model, vocab, batch, a.events, a.top_k, a.repeats)
+            nocache = time_nocache(model, vocab, batch, min(a.nocache_events, a.events), a.top_k)
+            hf, hf_params = (float("nan"), 0) if a.no_hf else time_hf(cfg, batch, a.events, a.top_k)
+            print(
+                f"{shape:6} {batch:5d} {count_params(cfg):11,d} {ours:10.0f} {nocache:9.1f} {hf:9.0f}"
+                f" {ours / nocache:9.1f}x {ours / hf:6.1f}x   (HF params {hf_params:,})",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
