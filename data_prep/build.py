@@ -26,6 +26,7 @@ import collections
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import importlib.util
 import io
 import json
@@ -47,12 +48,10 @@ DATASET_NAME = "mgpt_events"
 DATASET_VERSION = "1.0.0"
 STRETCH_FACTORS = (0.95, 0.975, 1.025, 1.05)
 
-# The README demo: several clearly different styles from the music21 wheel, balanced
-# roughly by events, small enough to build in about two minutes on two cores.
-DEMO_SOURCES = (
-    "music21:bach:150,palestrina:60,monteverdi:12,trecento:15,"
-    "ryansMammoth:130,oneills1850:120,essenFolksong:250",
-)
+# The README demo: four clearly different styles from the music21 wheel (chorales,
+# Renaissance polyphony, British/Irish dance tunes, German songs), about 100k events
+# each, small enough to build in about two minutes on two cores.
+DEMO_SOURCES = ("music21:bach:135,palestrina:100,ryansMammoth:75,oneills1850:75,essenFolksong:580",)
 DEMO_DIR = "data/music21_demo"
 
 
@@ -107,7 +106,7 @@ class _Options:
     max_pieces: int | None = None
     split_percents: tuple[float, float, float] = (90.0, 5.0, 5.0)
     overwrite: bool = False
-    parser: str = "note_seq"
+    parser: str = "fast"
     progress: bool = True
     verbose: bool = True
 
@@ -132,7 +131,7 @@ def _options(opts: dict) -> _Options:
     o.split_percents = tuple(float(p) for p in o.split_percents)
     if o.file_format not in ("array_record", "tfrecord"):
         raise ValueError(f"--file_format={o.file_format}: expected array_record or tfrecord")
-    if o.file_format == "tfrecord" and importlib.util.find_spec("tensorflow") is None:
+    if o.file_format == "tfrecord" and not _have_tensorflow():
         raise ValueError(
             "--file_format=tfrecord needs TensorFlow: pip install 'mgpt[tf]' (or keep the default array_record)"
         )
@@ -148,6 +147,13 @@ def _options(opts: dict) -> _Options:
     if o.num_workers <= 0:
         o.num_workers = os.cpu_count() or 1
     return o
+
+
+def _have_tensorflow() -> bool:
+    try:
+        return importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 @contextlib.contextmanager
@@ -442,11 +448,13 @@ def _features():
     )
 
 
+@functools.cache
 def _builder_class():
     """Defined lazily so that importing data_prep.build does not import TFDS."""
     import tensorflow_datasets as tfds
 
-    class MgptEvents(tfds.core.GeneratorBasedBuilder):
+    # Not registered by name: readers use tfds.builder_from_directory(PATH).
+    class MgptEvents(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """Symbolic music as note-seq performance event ids (see data_prep/build.py)."""
 
         name = DATASET_NAME
@@ -533,7 +541,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer("max_pieces", None, "at most this many pieces per source (a stable sample)")
     flags.DEFINE_list("splits", ["90", "5", "5"], "train,validation,test percents for sources without splits")
     flags.DEFINE_bool("overwrite", False, "replace a dataset already in --output_dir")
-    flags.DEFINE_enum("parser", "note_seq", ["fast", "note_seq"], "MIDI reader (both give note-seq's notes)")
+    flags.DEFINE_enum("parser", "fast", ["fast", "note_seq"], "MIDI reader (both give note-seq's notes)")
     flags.mark_flags_as_required(["source", "output_dir"])
 
 

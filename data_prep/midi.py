@@ -71,7 +71,7 @@ def check_header(data: bytes, *, max_file_bytes: int = MAX_FILE_BYTES) -> None:
 def read_midi(
     data: bytes,
     *,
-    parser: str = "note_seq",
+    parser: str = "fast",
     max_file_bytes: int = MAX_FILE_BYTES,
     max_seconds: float = MAX_SECONDS,
 ) -> Notes:

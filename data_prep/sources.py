@@ -16,14 +16,15 @@ split key: pieces with the same key always land in the same split.
 
 Scores (music21) are converted music21 -> MIDI -> the same MIDI reader as every other
 source. music21's MIDI writer is its own statement of how a score sounds (ties,
-tempo marks, chords, voices, grace notes); after `expandRepeats` it is played as a
-performance would be. Scores carry no dynamics, so every note gets SCORE_VELOCITY.
+tempo marks, chords, voices, grace notes, and it expands repeats as a performance
+plays them). Scores carry no dynamics, so every note gets SCORE_VELOCITY.
 ABC tunebooks hold many tunes per file: each tune is its own piece, `FILE#N` (N counts
 tunes from 1 in file order).
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import functools
@@ -298,7 +299,6 @@ def _abc_tunes(path: str) -> tuple[str, tuple[str, ...]]:
 
 def _load_score(item: Item, **read_opts) -> tuple[midi.Notes, str]:
     from music21 import converter, stream
-    from music21.midi import translate
 
     full = os.path.join(item.root, item.path)
     with warnings.catch_warnings():
@@ -315,14 +315,45 @@ def _load_score(item: Item, **read_opts) -> tuple[midi.Notes, str]:
             if isinstance(score, stream.Opus):
                 score = score.scores[0] if score.scores else score
             composer = item.composer or (score.metadata.composer if score.metadata else "") or ""
-            try:
-                score = score.expandRepeats()  # a performance plays the repeats
-            except Exception:  # music21 refuses inconsistent repeat marks: play as written
-                pass
-            data = translate.streamToMidiFile(score).writestr()
+            data = _score_to_midi(score)
         except midi.SkipPiece:
             raise
         except Exception as e:  # music21 raises many kinds of errors on notation it cannot read
             raise midi.SkipPiece(f"music21 cannot convert: {midi._one_line(e)}") from None
     notes = midi.read_midi(data, **read_opts).with_velocity(SCORE_VELOCITY)
     return notes, composer
+
+
+def _score_to_midi(score) -> bytes:
+    """music21's own MIDI rendering (it expands repeats first), with two repairs.
+
+    When music21 gives up on a score (badly formed repeat marks; the same time or key
+    signature object met twice after expanding repeats), try again on a repaired copy:
+    repeats played as written if they cannot be expanded, shared marks copied.
+    """
+    from music21 import bar, key, meter, repeat, stream, tempo
+    from music21.midi import translate
+
+    try:
+        return translate.streamToMidiFile(score).writestr()
+    except Exception:  # noqa: BLE001 - retried below; a second failure is reported
+        pass
+    try:
+        score = score.expandRepeats()
+    except Exception:  # noqa: BLE001 - music21's ExpanderException and friends
+        score = copy.deepcopy(score)
+        for m in score.recurse().getElementsByClass(stream.Measure):
+            if isinstance(m.leftBarline, bar.Repeat):
+                m.leftBarline = None
+            if isinstance(m.rightBarline, bar.Repeat):
+                m.rightBarline = None
+        for mark in list(score.recurse().getElementsByClass(repeat.RepeatExpression)):
+            if mark.activeSite is not None:
+                mark.activeSite.remove(mark)
+    seen = set()
+    for site in list(score.recurse(streamsOnly=True, includeSelf=True)):
+        for mark in list(site.getElementsByClass((meter.TimeSignature, key.KeySignature, tempo.MetronomeMark))):
+            if id(mark) in seen:
+                site.replace(mark, copy.deepcopy(mark))
+            seen.add(id(mark))
+    return translate.streamToMidiFile(score).writestr()
