@@ -55,6 +55,8 @@ def open_source(dataset_dir: str | os.PathLike, split: str) -> Sequence[dict]:
         builder = tfds.builder_from_directory(os.fspath(dataset_dir))
     except Exception as e:  # tfds raises several types for a missing/garbled directory
         raise FileNotFoundError(f"{dataset_dir}: not a TFDS dataset directory ({e})") from None
+    if split not in builder.info.splits:  # data_prep leaves out splits with no pieces
+        raise FileNotFoundError(f"{dataset_dir}: the dataset has no {split!r} split")
     return builder.as_data_source(split)
 
 

@@ -31,15 +31,13 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
     free = [a for a, s in zip(AXES, sizes) if s == -1]
     if len(free) > 1:
         raise ValueError(f"config.mesh: only one axis may be -1, got {', '.join(free)}")
+    shape = " x ".join(f"{a}={s}" for a, s in zip(AXES, sizes))
     fixed = math.prod(s for s in sizes if s != -1)
     if free:
         if num_devices % fixed:
-            raise ValueError(
-                f"config.mesh: the fixed axes ({fixed} devices) do not divide the {num_devices} devices"
-            )
+            raise ValueError(f"config.mesh: {shape} does not divide the {num_devices} devices")
         sizes[AXES.index(free[0])] = num_devices // fixed
     if math.prod(sizes) != num_devices:
-        shape = " x ".join(f"{a}={s}" for a, s in zip(AXES, sizes))
         raise ValueError(f"config.mesh: {shape} needs {math.prod(sizes)} devices, but there are {num_devices}")
     return tuple(sizes)
 

@@ -207,10 +207,10 @@ def resolve_dataset(dataset_dir: str) -> epath.Path:
     if (path / "vocab.json").exists():
         return path
     if dataset_dir.rstrip("/") == DEMO_DATASET_DIR or path.resolve() == epath.Path(DEMO_DATASET_DIR).resolve():
-        from data_prep.build import ensure_dataset
+        from data_prep.build import ensure_dataset, is_complete, dataset_path
 
-        if jax.process_index() == 0:
-            print(f"building the demo dataset in {dataset_dir} (first use)", flush=True)
+        if jax.process_index() == 0 and not is_complete(dataset_path(dataset_dir)):
+            print(f"building the demo dataset in {dataset_dir} (first use, a few minutes)", flush=True)
         return epath.Path(ensure_dataset(dataset_dir))
     if path.exists():
         found = sorted(path.glob("**/vocab.json"))
@@ -318,17 +318,16 @@ def make_train_step(graphdef, tx, t: ml_collections.ConfigDict, batch_sharding):
 
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_state = {
-            "params": optax.apply_updates(params, updates),
-            "opt_state": opt_state,
-            "step": state["step"] + 1,
-            "rng": state["rng"],
-        }
+        new_params = optax.apply_updates(params, updates)
+        new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
         metrics = {
             "loss": loss,
             "nats_per_event": ce / count,
             "events": jnp.sum(batch["mask"]),
             "grad_norm": grad_norm,
+            # Finite loss and gradients can still give an overflowing update; this norm catches
+            # that, so a checkpoint is only written of a state that is finite.
+            "param_norm": optax.global_norm(new_params),
             "lr": schedule(state["step"]),
         }
         return new_state, metrics
@@ -531,7 +530,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         process_count=pc,
     )
     train_iter = iter(train_ds)
-    val_source = data_lib.open_source(dataset_path, "validation")
+    try:
+        val_source = data_lib.open_source(dataset_path, "validation")
+    except FileNotFoundError as e:
+        val_source = None
+        _print0(f"{e}: training without validation")
     eval_data = None  # built on first use
 
     ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpoints)
@@ -576,6 +579,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     def evaluate(at_step):
         nonlocal eval_data
+        if val_source is None:
+            return
         if eval_data is None:
             eval_data = [
                 global_batch(b, s.batch_sharding)
@@ -605,14 +610,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     def consume(at_step, metrics):
         """Host side of step `at_step`: finite check, then a log line every log_every steps."""
         m = jax.device_get(metrics)
-        loss, gnorm = float(m["loss"]), float(m["grad_norm"])
-        if not (math.isfinite(loss) and math.isfinite(gnorm)):
+        loss, gnorm, pnorm = float(m["loss"]), float(m["grad_norm"]), float(m["param_norm"])
+        if not all(map(math.isfinite, (loss, gnorm, pnorm))):
             ckpts.wait()
             good = ckpts.latest_step()
             where = f"step {good} in {ckpts.directory}" if good is not None else "none (no checkpoint yet)"
             raise NonFiniteLoss(
-                f"step {at_step}: non-finite loss ({loss}) or gradient norm ({gnorm}); stopped without saving. "
-                f"Last good checkpoint: {where}. Lower config.train.learning_rate or raise warmup_steps, then resume."
+                f"step {at_step}: non-finite training (loss {loss}, gradient norm {gnorm}, parameter norm {pnorm}); "
+                f"stopped without saving. Last good checkpoint: {where}. "
+                "Lower config.train.learning_rate or raise warmup_steps, then re-run to resume from it."
             )
         result["losses"][at_step] = loss
         window["n"] += 1
@@ -633,6 +639,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "loss": window["loss"] / window["n"],
             "nats_per_event": window["nats"] / max(window["events"], 1.0),
             "grad_norm": gnorm,
+            "param_norm": pnorm,
             "lr": float(m["lr"]),
             "tokens_per_s": tok_s,
             "mfu": mfu,

@@ -1,0 +1,188 @@
+"""Training throughput: mgpt (JAX) vs Hugging Face GPT-2 (PyTorch) at the same shapes.
+
+    python benchmarks/bench_train.py                       # small and base, CPU-sized batches
+    python benchmarks/bench_train.py --shapes=base --seq_len=2048 --batch=8 --no_torch   # on a GPU
+
+For each shape (width, depth, heads and MLP size from configs/<shape>.py) both
+frameworks run the same sequence length, batch, fp32 AdamW with weight decay and
+gradient clipping; GPT-2's non-gated MLP gets 1.5x our gated MLP width so the two
+models do the same matmul FLOPs per token. Each reports tokens/s and MFU: model
+FLOPs/s divided by the machine's matmul rate, measured here with the same dtype
+(on CPU) or the datasheet peak (GPU/TPU). The JAX side is the trainer's own step
+(`mgpt.train.setup` + `compile_train_step`), not a copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from mgpt import mesh as mesh_lib  # noqa: E402
+from mgpt import monitor  # noqa: E402
+from mgpt import train  # noqa: E402
+
+# Batches small enough that the default run takes a few minutes on a 2-core CPU.
+CPU_DEFAULTS = {"small": (256, 16), "base": (256, 2)}
+
+
+def matmul_flops(cfg, vocab_size: int, seq_len: int) -> float:
+    """Training FLOPs/token of either model (same counting as mgpt.model.flops_per_token)."""
+    d, f, n = cfg.d_model, cfg.mlp_dim, cfg.num_layers
+    return 6.0 * (n * (4 * d * d + 3 * d * f) + d * vocab_size) + 12.0 * n * d * seq_len
+
+
+def time_jax(config, vocab_size: int, steps: int, warmup: int) -> float:
+    """Seconds per step of mgpt's train step on this machine's devices."""
+    mesh, table = train.validate_devices(config, jax.device_count(), 1)
+    s = train.setup(config, vocab_size, mesh, table)
+    state = jax.jit(s.init_fn, static_argnums=0, out_shardings=s.state_shardings)(0)
+    step_fn = train.compile_train_step(s, config)
+    rng = np.random.default_rng(0)
+    b, length = config.train.batch_size, config.data.seq_len
+    tokens = rng.integers(2, vocab_size, (b, length + 1)).astype(np.int32)
+    batch = train.global_batch(
+        {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": np.ones((b, length), np.float32)},
+        s.batch_sharding,
+    )
+    for _ in range(warmup):
+        state, metrics = step_fn(state, s.rest, batch)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = step_fn(state, s.rest, batch)
+    jax.block_until_ready((state, metrics))
+    return (time.perf_counter() - start) / steps
+
+
+def time_torch(config, vocab_size: int, steps: int, warmup: int, threads: int) -> float:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    m, t = config.model, config.train
+    gpt2 = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=config.data.seq_len,
+        n_embd=m.d_model,
+        n_layer=m.num_layers,
+        n_head=m.num_heads,
+        n_inner=int(1.5 * m.mlp_dim),
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=m.tied_embeddings,
+    )
+    model = GPT2LMHeadModel(gpt2)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=(t.b1, t.b2), eps=t.eps,
+                            weight_decay=t.weight_decay)
+    b, length = t.batch_size, config.data.seq_len
+    tokens = torch.randint(2, vocab_size, (b, length))
+
+    def step():
+        out = model(input_ids=tokens, labels=tokens)  # HF shifts labels internally
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
+def torch_matmul_flops(threads: int, n: int = 1024, seconds: float = 1.0) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.ones(n, n)
+    a @ a
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ a
+        reps += 1
+    return 2.0 * n**3 * reps / (time.perf_counter() - start)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="small,base", help="comma-separated configs/<name>.py")
+    p.add_argument("--seq_len", type=int, default=0, help="override (default: CPU-sized per shape)")
+    p.add_argument("--batch", type=int, default=0, help="override (default: CPU-sized per shape)")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--vocab_size", type=int, default=313)
+    p.add_argument("--dtype", default="", help="compute dtype override (default float32 on CPU, config's elsewhere)")
+    p.add_argument("--no_torch", action="store_true")
+    args = p.parse_args()
+
+    on_cpu = jax.default_backend() == "cpu"
+    threads = os.cpu_count() or 1
+    peak_source = "datasheet"
+    if on_cpu:
+        jax_rate = monitor.measure_matmul_flops("float32", n=1024, seconds=1.0)
+        torch_rate = 0.0 if args.no_torch else torch_matmul_flops(threads)
+        peak = max(jax_rate, torch_rate)
+        peak_source = (
+            f"best measured fp32 1024^3 matmul: JAX {jax_rate / 1e9:.1f} GFLOP/s"
+            + ("" if args.no_torch else f", PyTorch {torch_rate / 1e9:.1f} GFLOP/s")
+        )
+    else:
+        peak = monitor.known_peak_flops(jax.devices()[0]) * jax.device_count()
+    print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; {threads} CPU threads")
+    print(f"MFU denominator: {peak / 1e12:.3f} TFLOP/s ({peak_source})")
+
+    rows = []
+    for shape in args.shapes.split(","):
+        config = importlib.import_module(f"configs.{shape}").get_config()
+        seq_len, batch = CPU_DEFAULTS.get(shape, (config.data.seq_len, config.train.batch_size)) if on_cpu else (
+            config.data.seq_len, config.train.batch_size)
+        config.data.seq_len = args.seq_len or seq_len
+        config.model.max_len = max(config.model.max_len, config.data.seq_len)
+        config.train.batch_size = args.batch or batch
+        config.train.grad_accum = 1
+        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = -1, 1, 1
+        if args.dtype or on_cpu:
+            config.model.dtype = args.dtype or "float32"
+        m = config.model
+        fpt = matmul_flops(m, args.vocab_size, config.data.seq_len)
+        tokens = config.train.batch_size * config.data.seq_len
+        desc = (f"{shape}: d={m.d_model} layers={m.num_layers} heads={m.num_heads} mlp={m.mlp_dim} "
+                f"seq={config.data.seq_len} batch={config.train.batch_size} {m.dtype}")
+        print(f"\n{desc}  ({fpt / 1e6:.1f} MFLOPs/token)", flush=True)
+        jax_s = time_jax(config, args.vocab_size, args.steps, args.warmup)
+        jax_tps = tokens / jax_s
+        print(f"  mgpt (JAX)         {jax_s * 1e3:9.1f} ms/step {jax_tps:10,.0f} tokens/s  MFU {100 * jax_tps * fpt / peak:5.1f}%",
+              flush=True)
+        row = {"shape": shape, "jax_tps": jax_tps, "jax_mfu": jax_tps * fpt / peak}
+        if not args.no_torch:
+            torch_s = time_torch(config, args.vocab_size, args.steps, args.warmup, threads)
+            torch_tps = tokens / torch_s
+            print(f"  HF GPT-2 (PyTorch) {torch_s * 1e3:9.1f} ms/step {torch_tps:10,.0f} tokens/s  MFU "
+                  f"{100 * torch_tps * fpt / peak:5.1f}%")
+            print(f"  ratio mgpt / PyTorch: {jax_tps / torch_tps:.2f}x")
+            row.update(torch_tps=torch_tps, ratio=jax_tps / torch_tps)
+        rows.append(row)
+
+    print("\n| shape | mgpt tokens/s | mgpt MFU | PyTorch tokens/s | ratio |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        torch_part = f"{r['torch_tps']:,.0f} | {r['ratio']:.2f}x" if "torch_tps" in r else "- | -"
+        print(f"| {r['shape']} | {r['jax_tps']:,.0f} | {100 * r['jax_mfu']:.1f}% | {torch_part} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""Training (mgpt/train.py): learning, sharding, resume, preemption, multi-host, configs."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from mgpt import checkpoint as ckpt_lib
+from mgpt import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A small TFDS dataset built by data_prep from synthetic piano MIDI files."""
+    from data_prep import build, synthetic
+
+    base = tmp_path_factory.mktemp("tiny_dataset")
+    midis = base / "midi"
+    midis.mkdir()
+    for i in range(40):
+        (midis / f"p{i:02d}.mid").write_bytes(synthetic.piano_midi(i, num_notes=60 + 5 * i))
+    return str(build.build_dataset([f"midi_dir:{midis}"], base / "out", num_workers=1, progress=False,
+                                   verbose=False, split_percents=(70, 15, 15), parser="fast"))
+
+
+def _config(dataset, **train_overrides):
+    c = tiny.get_config()
+    c.data.dataset_dir = dataset
+    c.train.update(train_overrides)
+    return c
+
+
+@pytest.fixture(scope="module")
+def tiny_run(dataset, tmp_path_factory):
+    """One uninterrupted tiny run, shared by the tests that compare against it."""
+    workdir = tmp_path_factory.mktemp("run") / "w"
+    return str(workdir), train.train(_config(dataset), str(workdir))
+
+
+def _cli(*args, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", "mgpt.train", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=180, **kw)
+
+
+def test_loss_falls_on_tiny(tiny_run):
+    _, result = tiny_run
+    losses = [result["losses"][s] for s in sorted(result["losses"])]
+    assert len(losses) == 40
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0, losses
+    assert result["eval"][40] < result["eval"][20], "validation nats/event improve too"
+
+
+def test_resume_is_bitwise_identical(dataset, tiny_run, tmp_path):
+    _, uninterrupted = tiny_run
+    c = _config(dataset, max_steps_per_run=13)
+    first = train.train(c, str(tmp_path))
+    assert first["step"] == 13 and ckpt_lib.locate(tmp_path)[1] == 13
+    c.train.max_steps_per_run = 0
+    second = train.train(c, str(tmp_path))  # the same command again: resumes at 13
+    assert min(second["losses"]) == 14
+    resumed = {**first["losses"], **second["losses"]}
+    assert resumed == uninterrupted["losses"]  # exact float equality, every step
+    assert second["eval"] == uninterrupted["eval"]
+
+
+def test_restore_model_for_inference(tiny_run):
+    workdir, _ = tiny_run
+    model, vocab, config, step = train.restore_model(workdir)
+    assert step == 40 and config.model.d_model == 64 and vocab.size > vocab.style_offset
+    logits = model(np.full((2, 5), vocab.unknown_style_id, np.int32))
+    assert logits.shape == (2, 5, vocab.size) and logits.dtype == np.float32
+    earlier, *_ = train.restore_model(workdir, step=20)
+    assert not np.allclose(earlier(np.ones((1, 3), np.int32)), model(np.ones((1, 3), np.int32)))
+
+
+def test_warm_start_takes_weights_not_optimizer_state(dataset, tiny_run, tmp_path):
+    workdir, pretrained = tiny_run
+    c = _config(dataset, steps=10, warmup_steps=2, eval_every=0)
+    c.init_from = workdir
+    tuned = train.train(c, str(tmp_path))
+    assert min(tuned["losses"]) == 1, "a fresh run: step counting starts again"
+    first_pretrained = pretrained["losses"][1]
+    assert tuned["losses"][1] < first_pretrained - 1.0, "starts from the trained weights"
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_path):
+    # lr 0 at step 0 (warmup), then an absurd rate: the update at step 2 overflows.
+    c = _config(dataset, learning_rate=1e30, warmup_steps=3, checkpoint_every=1, eval_every=0)
+    with pytest.raises(train.NonFiniteLoss, match=r"step 2: non-finite.*Last good checkpoint: step 1"):
+        train.train(c, str(tmp_path))
+    assert ckpt_lib.locate(tmp_path)[1] == 1
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("train.learning_rate", -1.0, "config.train.learning_rate"),
+        ("train.grad_accum", 3, "config.train.grad_accum"),
+        ("train.warmup_steps", 40, "config.train.warmup_steps"),
+        ("model.num_heads", 3, "config.model.num_heads"),
+        ("model.dtype", "float8", "config.model.dtype"),
+        ("model.kind", "rnn", "config.model.kind"),
+        ("data.seq_len", 128, "config.model.max_len"),
+        ("data.transpose", -1, "config.data.transpose"),
+        ("mesh.rules", (("embed", "pipeline"),), "config.mesh.rules"),
+    ],
+)
+def test_config_validation_names_the_field(field, value, message):
+    c = tiny.get_config()
+    section, name = field.split(".")
+    c[section][name] = value
+    with pytest.raises(train.ConfigError, match=message.replace(".", r"\.")):
+        train.validate(c)
+
+
+def test_mesh_that_does_not_divide_the_devices_is_named():
+    c = tiny.get_config()
+    c.mesh.fsdp = 3
+    with pytest.raises(train.ConfigError, match=r"config\.mesh: .*fsdp=3.*devices"):
+        train.validate_devices(c, jax.device_count(), 1)
+
+
+def test_cli_prints_one_line_for_a_bad_config(tmp_path):
+    out = _cli("--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.train.batch_size=0")
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == ["config.train.batch_size: must be an integer >= 1, got 0"]
+
+
+def test_sigterm_saves_and_exits_zero(dataset, tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mgpt.train", "--config=configs/tiny.py", f"--workdir={tmp_path}",
+         f"--config.data.dataset_dir={dataset}", "--config.train.steps=100000", "--config.train.log_every=1",
+         "--config.train.eval_every=0", "--config.train.checkpoint_every=100000"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step "):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    output = "".join(lines) + rest
+    assert proc.returncode == 0, output
+    assert "received SIGTERM: saved checkpoint" in output
+    saved = ckpt_lib.locate(tmp_path)[1]
+    assert 1 <= saved < 100000 and f"checkpoints/{saved}; exiting" in output
+
+
+# Runs in a subprocess with 8 fake CPU devices; prints one JSON line.
+_EIGHT_DEVICES = textwrap.dedent(
+    """
+    import json, jax, numpy as np
+    import ml_collections
+    from configs import tiny, large
+    from mgpt import checkpoint as ckpt_lib, mesh as mesh_lib, train
+
+    out = {}
+    c = tiny.get_config()
+    table = mesh_lib.rule_table(c.mesh.rules)
+    V = 313
+
+    def run(mesh, accum=1):
+        c.train.grad_accum = accum
+        s = train.setup(c, V, mesh, table)
+        state = jax.jit(s.init_fn, static_argnums=0, out_shardings=s.state_shardings)(0)
+        step = train.compile_train_step(s, c)
+        rng = np.random.default_rng(0)
+        losses = []
+        for _ in range(3):
+            tok = rng.integers(2, V, (8, 65)).astype(np.int32)
+            batch = {"inputs": tok[:, :-1], "targets": tok[:, 1:], "mask": (tok[:, 1:] % 7 != 0).astype(np.float32)}
+            state, m = step(state, s.rest, train.global_batch(batch, s.batch_sharding))
+            losses.append(float(m["loss"]))
+        leaves = [np.asarray(x) for x in jax.tree.leaves(state["params"])]
+        specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(state["params"])})
+        return losses, leaves, specs
+
+    one = run(mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]))
+    eight = run(mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
+    accum = run(mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), accum=2)
+    out["losses_1"], out["losses_8"], out["losses_accum"] = one[0], eight[0], accum[0]
+    out["max_param_diff"] = max(float(np.abs(a - b).max()) for a, b in zip(one[1], eight[1]))
+    out["specs_8"] = eight[2]
+
+    c.train.grad_accum = 1
+    c.train.batch_size = 6
+    try:
+        train.validate_devices(c, 8, 1)
+    except train.ConfigError as e:
+        out["batch_error"] = str(e)
+
+    big = large.get_config()
+    big.train.batch_size = 8
+    mesh, table = train.validate_devices(big, 8, 1)
+    s = train.setup(big, V, mesh, table)
+    abstract = ckpt_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)
+    batch = {k: jax.ShapeDtypeStruct((8, big.data.seq_len), np.float32 if k == "mask" else np.int32,
+                                     sharding=s.batch_sharding) for k in ("inputs", "targets", "mask")}
+    compiled = train.compile_train_step(s, big).lower(abstract, s.rest, batch).compile()
+    out["large_params"] = s.num_params
+    out["large_state_bytes_per_device"] = mesh_lib.bytes_per_device(s.abstract_state, s.state_shardings)
+    out["large_state_bytes_total"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(s.abstract_state))
+    mem = compiled.memory_analysis()
+    out["large_temp_bytes"] = int(mem.temp_size_in_bytes) if mem is not None else -1
+    out["live_arrays"] = len(jax.live_arrays())
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def eight_devices():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", _EIGHT_DEVICES], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def test_sharded_step_matches_single_device(eight_devices):
+    r = eight_devices
+    np.testing.assert_allclose(r["losses_8"], r["losses_1"], rtol=2e-5)
+    assert r["max_param_diff"] < 1e-5
+    # Parameters really are split over fsdp and tensor (not silently replicated).
+    assert any("fsdp" in s for s in r["specs_8"]) and any("tensor" in s for s in r["specs_8"])
+
+
+def test_gradient_accumulation_matches_one_big_batch(eight_devices):
+    np.testing.assert_allclose(eight_devices["losses_accum"], eight_devices["losses_8"], rtol=2e-5)
+
+
+def test_batch_that_does_not_divide_the_mesh_is_named(eight_devices):
+    assert eight_devices["batch_error"].startswith("config.train.batch_size=6 is not divisible by")
+
+
+def test_large_compiles_on_an_fsdp_mesh_without_allocating(eight_devices):
+    r = eight_devices
+    per_device, total = r["large_state_bytes_per_device"], r["large_state_bytes_total"]
+    print(f"\nlarge.py: {r['large_params']:,} parameters; params + AdamW state {per_device / 2**30:.2f} GiB/device "
+          f"of {total / 2**30:.2f} GiB on an 8-way fsdp mesh; step temporaries {r['large_temp_bytes'] / 2**30:.2f} GiB")
+    assert 700e6 < r["large_params"] < 900e6
+    assert per_device < total / 7.5, "parameters and optimizer state are sharded 8 ways"
+    assert r["live_arrays"] < 100, "nothing of the large model was allocated"
+
+
+def test_two_process_distributed_run(dataset, tmp_path):
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "mgpt.train", "--config=configs/tiny.py", f"--workdir={tmp_path}",
+             f"--config.data.dataset_dir={dataset}", "--config.train.steps=6", "--config.train.log_every=3",
+             "--config.train.eval_every=3", f"--config.distributed.coordinator_address=localhost:{port}",
+             "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    assert "2 process(es)" in outputs[0] and "step      6/6" in outputs[0]
+    assert "eval  step      6" in outputs[0]
+    assert ckpt_lib.locate(tmp_path)[1] == 6
+    data_states = sorted(p.name for p in (tmp_path / "checkpoints" / "6" / "data").glob("process_*.json"))
+    assert data_states == ["process_0-of-2.json", "process_1-of-2.json"], "each host saves its own data position"
