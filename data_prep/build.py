@@ -23,10 +23,12 @@ no copy ever crosses a split; their piece_id ends in `@x<factor>`.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
 import functools
+import glob
 import importlib.util
 import io
 import json
@@ -34,6 +36,7 @@ import multiprocessing
 import os
 import pathlib
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -51,7 +54,7 @@ STRETCH_FACTORS = (0.95, 0.975, 1.025, 1.05)
 # The README demo: four clearly different styles from the music21 wheel (chorales,
 # Renaissance polyphony, British/Irish dance tunes, German songs), about 100k events
 # each, small enough to build in about two minutes on two cores.
-DEMO_SOURCES = ("music21:bach:135,palestrina:100,ryansMammoth:75,oneills1850:75,essenFolksong:580",)
+DEMO_SOURCES = ("music21:bach:135,palestrina:85,ryansMammoth:80,oneills1850:80,essenFolksong:580",)
 DEMO_DIR = "data/music21_demo"
 
 
@@ -183,6 +186,8 @@ _worker_vocab: Vocabulary | None = None
 
 def _init_worker(opts: _Options) -> None:
     global _worker_opts, _worker_vocab
+    if multiprocessing.parent_process() is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     _worker_opts, _worker_vocab = opts, opts.vocab()
 
 
@@ -276,6 +281,7 @@ def _build(specs: list[str], output_dir, o: _Options) -> pathlib.Path:
 
     t0 = time.time()
     os.makedirs(output_dir, exist_ok=True)
+    _remove_leftovers(output_dir)
     spool_dir = tempfile.mkdtemp(prefix=".spool.", dir=output_dir)
     try:
         spool = _Spool(spool_dir)
@@ -310,7 +316,7 @@ def _build(specs: list[str], output_dir, o: _Options) -> pathlib.Path:
         )
         extra = {
             "vocab.json": vocab.to_json(),
-            "skipped.jsonl": skipped,
+            "skipped.jsonl": sorted(skipped, key=lambda r: (r["source"], r["root"], r["piece_id"])),
             "build.json": summary,
         }
         _write_tfds(path.parent.parent, spool, extra, o)
@@ -321,6 +327,14 @@ def _build(specs: list[str], output_dir, o: _Options) -> pathlib.Path:
     return path
 
 
+def _remove_leftovers(output_dir) -> None:
+    """Work folders of builds that were killed (we hold the lock: none is running)."""
+    leftovers = glob.glob(os.path.join(output_dir, ".spool.*"))
+    leftovers += glob.glob(os.path.join(output_dir, DATASET_NAME, "incomplete.*"))
+    for folder in leftovers:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _run_jobs(jobs, o: _Options):
     """Yield _Results as pieces finish, with a tqdm bar; in-process for one worker."""
     from tqdm import tqdm
@@ -328,29 +342,43 @@ def _run_jobs(jobs, o: _Options):
     bar = tqdm(total=len(jobs), unit="piece", desc="converting", disable=not o.progress, smoothing=0.05)
     workers = min(o.num_workers, len(jobs))
     events = 0
+    pool = None
     try:
         if workers <= 1:
             _init_worker(o)
             results = map(_convert, jobs)
-            pool = None
         else:
-            # spawn, not fork: the caller may have started JAX (threads) before asking for data.
-            pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (o,))
-            chunk = max(1, min(8, len(jobs) // (workers * 16)))
-            results = pool.imap_unordered(_convert, jobs, chunksize=chunk)
+            # spawn, not fork: the caller may have started JAX (threads) before asking for
+            # data. A worker that dies (out of memory) fails the run instead of hanging it.
+            pool = concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(o,)
+            )
+            size = max(1, min(8, len(jobs) // (workers * 16)))
+            chunks = [jobs[i : i + size] for i in range(0, len(jobs), size)]
+            futures = [pool.submit(_convert_many, chunk) for chunk in chunks]
+            results = (r for f in concurrent.futures.as_completed(futures) for r in f.result())
         for r in results:
             events += sum(len(rec["tokens"]) for rec in r.records)
             bar.update(1)
             bar.set_postfix_str(f"{events / max(bar.format_dict['elapsed'], 1e-9):,.0f} events/s", refresh=False)
             yield r
+    except concurrent.futures.process.BrokenProcessPool:
+        raise RuntimeError("a worker process died while converting (out of memory?); try fewer --num_workers") from None
+    except BaseException:  # Ctrl-C or a failing consumer: stop the workers now, not after their queue
         if pool is not None:
-            pool.close()
-            pool.join()
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
             pool = None
+        raise
     finally:
         if pool is not None:
-            pool.terminate()
+            pool.shutdown(wait=True)
         bar.close()
+
+
+def _convert_many(jobs) -> list[_Result]:
+    return [_convert(job) for job in jobs]
 
 
 class _Stats:
@@ -521,6 +549,8 @@ def main(argv: Sequence[str]) -> None:
         )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(f"interrupted: no dataset was written to {f.output_dir}") from None
     print(dataset_path(f.output_dir))
 
 

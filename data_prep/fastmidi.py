@@ -60,15 +60,19 @@ class RawNotes:
         return Notes(self.pitch[keep], self.velocity[keep], self.start_s[keep], end_s[keep])
 
 
-def parse(data: bytes) -> RawNotes:
-    """MIDI file contents -> RawNotes. Raises MidiError where mido/pretty_midi would fail."""
+def parse(data: bytes, *, max_tick: int | None = _MAX_TICK) -> RawNotes:
+    """MIDI file contents -> RawNotes. Raises MidiError where mido/pretty_midi would fail.
+
+    max_tick=None lifts pretty_midi's guard against corrupt tick counts, for MIDI we
+    wrote ourselves (music21 uses 10080 ticks per quarter, so long scores pass 1e7).
+    """
     try:
-        return _parse(data)
+        return _parse(data, max_tick)
     except IndexError:
         raise MidiError("unexpected end of file") from None
 
 
-def _parse(data: bytes) -> RawNotes:
+def _parse(data: bytes, max_tick_allowed: int | None) -> RawNotes:
     n = len(data)
     if data[:4] != b"MThd" or n < 8:
         raise MidiError("no MThd header")
@@ -245,7 +249,7 @@ def _parse(data: bytes) -> RawNotes:
             raise MidiError("message runs past the end of its track")
         max_tick = max(max_tick, tick)
 
-    if max_tick + 1 > _MAX_TICK:
+    if max_tick_allowed is not None and max_tick + 1 > max_tick_allowed:
         raise MidiError(f"largest tick {max_tick + 1} is too large, the file is likely corrupt")
 
     times = _TickTimes(tempos, resolution)

@@ -74,14 +74,19 @@ def read_midi(
     parser: str = "fast",
     max_file_bytes: int = MAX_FILE_BYTES,
     max_seconds: float = MAX_SECONDS,
+    trusted: bool = False,
 ) -> Notes:
-    """MIDI file contents -> pitched notes with sustain applied. Raises SkipPiece."""
+    """MIDI file contents -> pitched notes with sustain applied. Raises SkipPiece.
+
+    trusted=True is for MIDI we wrote ourselves (from scores): always the fast reader,
+    without pretty_midi's tick-count guard against corrupt files.
+    """
     check_header(data, max_file_bytes=max_file_bytes)
-    if parser == "fast":
+    if parser == "fast" or trusted:
         from data_prep import fastmidi
 
         try:
-            raw = fastmidi.parse(data)
+            raw = fastmidi.parse(data, max_tick=None if trusted else fastmidi._MAX_TICK)
         except fastmidi.MidiError as e:
             raise SkipPiece(f"corrupt MIDI: {e}") from None
         num_notes, num_drum = len(raw.pitch), int(raw.is_drum.sum())

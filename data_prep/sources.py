@@ -320,7 +320,7 @@ def _load_score(item: Item, **read_opts) -> tuple[midi.Notes, str]:
             raise
         except Exception as e:  # music21 raises many kinds of errors on notation it cannot read
             raise midi.SkipPiece(f"music21 cannot convert: {midi._one_line(e)}") from None
-    notes = midi.read_midi(data, **read_opts).with_velocity(SCORE_VELOCITY)
+    notes = midi.read_midi(data, **read_opts, trusted=True).with_velocity(SCORE_VELOCITY)
     return notes, composer
 
 
