@@ -1,0 +1,595 @@
+"""Generate music from a trained run: MIDI, piano rolls, audio and an HTML gallery.
+
+    python -m mgpt.generate --workdir=runs/demo --output_dir=out/demo --style=all --num_samples=8 --audio
+
+Piece i of a command gets style `styles[i % len(styles)]` and seed `--seed + i`, so a
+piece depends only on its index and the flags, never on batch size, device count or
+how often the command was interrupted. Each piece is written as `NNNNN_STYLE.mid`
+(+ `.png`, + `.wav` with --audio) and then one line is appended to `manifest.jsonl`;
+re-running the same command skips pieces already listed there, so a killed job
+resumes where it stopped. `index.html` is rewritten at the end.
+
+Batches of `--batch_size` rows run on every local device at once (one sampler call
+per device, from host threads: pieces are independent, so no device waits for
+another). On a multi-host pod each host takes the piece indices i with
+i % num_hosts == host and writes its own `manifest-HHHHH-of-NNNNN.jsonl`; host 0
+writes the gallery over all shards it can see.
+
+Notebook use:
+
+    from mgpt import generate
+    run = generate.load_run("runs/demo")
+    pieces = run.generate(style="bach", n=4, max_seconds=20, top_p=0.95)   # NoteSequences
+    run.write_midi(pieces, "out/notebook")                                  # -> .mid paths
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import os
+import pathlib
+import time
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+
+from data_prep.vocab import UNKNOWN_STYLE, Vocabulary, normalize_label
+from mgpt import render
+
+UNCONDITIONAL = "unconditional"
+ALL_STYLES = "all"
+DEFAULT_MAX_EVENTS = 1024  # when neither --max_events nor --max_seconds is given
+DEFAULT_BATCH_SIZE = 16  # rows per device per sampler call
+
+
+class UserError(ValueError):
+    """A mistake in the flags or input files; the command line prints it as one line."""
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def resolve_styles(vocab: Vocabulary, spec: str) -> list[str]:
+    """'--style' -> the style cycle: a name, a comma list, 'all' (every known style) or 'unconditional'.
+
+    Names are normalised like dataset labels ('J.S. Bach' -> 'j_s_bach'). Returns
+    style names, with 'unconditional' meaning the STYLE:unknown token.
+    """
+    known = [s for s in vocab.styles if s != UNKNOWN_STYLE]
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise UserError(f"--style is empty; known styles: {_style_help(known)}")
+    out: list[str] = []
+    for name in names:
+        if name.lower() == ALL_STYLES:
+            out.extend(known or [UNCONDITIONAL])
+        elif name.lower() in (UNCONDITIONAL, UNKNOWN_STYLE, "none"):
+            out.append(UNCONDITIONAL)
+        elif normalize_label(name) in known:
+            out.append(normalize_label(name))
+        else:
+            raise UserError(f"--style={name}: not a style of this model; known styles: {_style_help(known)}")
+    return out
+
+
+def _style_help(known: Sequence[str]) -> str:
+    listed = ", ".join(known) if known else "(none: the model was trained without labels)"
+    return f"{listed} (or {UNCONDITIONAL}, or {ALL_STYLES})"
+
+
+def style_token(vocab: Vocabulary, style: str) -> int:
+    return vocab.unknown_style_id if style == UNCONDITIONAL else vocab.style_id(style)
+
+
+def load_primer(path: str | os.PathLike, vocab: Vocabulary, seconds: float = 0.0) -> np.ndarray:
+    """The first `seconds` of a MIDI file (0 = all of it) as event ids, sustain pedal applied.
+
+    Notes still sounding at the cut are shortened to end there, so the primer is
+    complete music on its own and the model continues from its last event.
+    Raises UserError naming the file when it is missing, unreadable or has no notes.
+    """
+    import note_seq
+    from note_seq import sequences_lib
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"--primer={path}: no such file")
+    try:
+        ns = note_seq.midi_file_to_note_sequence(path)
+    except Exception as e:  # pretty_midi/mido raise many types on corrupt files; all mean the same to a user
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--primer={path}: not a readable MIDI file ({reason[:200]})") from None
+    ns = sequences_lib.apply_sustain_control_changes(ns)
+    pitch, velocity, start_s, end_s = render.note_arrays(ns)
+    drum = np.fromiter((n.is_drum for n in ns.notes), bool, len(ns.notes))
+    keep = ~drum & (end_s > start_s)
+    if seconds and seconds > 0:
+        keep &= start_s < seconds
+        end_s = np.minimum(end_s, seconds)
+    ids = vocab.encode_notes(pitch[keep], velocity[keep], start_s[keep], end_s[keep])
+    if not vocab.is_event(ids).any():
+        span = f"in its first {seconds:g} s" if seconds else "at all"
+        raise UserError(
+            f"--primer={path}: no notes {span} in the model's pitch range {vocab.min_pitch}..{vocab.max_pitch}"
+        )
+    return ids
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """Sampling controls and the length budget (new events and/or seconds of new music)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    greedy: bool = False
+    max_events: int | None = None
+    max_seconds: float | None = None
+
+    def __post_init__(self):
+        from mgpt.sample import sampling_settings
+
+        try:
+            sampling_settings(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                              greedy=self.greedy)
+        except ValueError as e:
+            raise UserError(f"--{e}") from None
+        if self.max_events is not None and self.max_events < 0:
+            raise UserError(f"--max_events must be >= 0, got {self.max_events}")
+        if self.max_seconds is not None and not self.max_seconds >= 0:
+            raise UserError(f"--max_seconds must be >= 0, got {self.max_seconds}")
+
+    def budget(self) -> dict:
+        if self.max_events is None and self.max_seconds is None:
+            return {"max_events": DEFAULT_MAX_EVENTS, "max_seconds": None}
+        return {"max_events": self.max_events, "max_seconds": self.max_seconds}
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), **self.budget()}
+
+
+# ----------------------------------------------------------------------------- a loaded run
+
+
+@dataclasses.dataclass
+class Run:
+    """A trained model ready to sample: `load_run(workdir)`; then `generate` / `write_midi`."""
+
+    model: object
+    vocab: Vocabulary
+    config: object = None
+    step: int = 0
+    workdir: str = ""
+    _replicas: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def styles(self) -> list[str]:
+        """Styles this model knows (pass one as `style=`; 'unconditional' is always allowed)."""
+        return [s for s in self.vocab.styles if s != UNKNOWN_STYLE]
+
+    def prompts(self, styles: Sequence[str], primer_ids: np.ndarray | None = None) -> list[np.ndarray]:
+        """One prompt per style: its STYLE token, then the primer events (if any)."""
+        primer = np.zeros((0,), np.int32) if primer_ids is None else np.asarray(primer_ids, np.int32)
+        return [np.concatenate([[style_token(self.vocab, s)], primer]).astype(np.int32) for s in styles]
+
+    def replica(self, device):
+        """The model with its weights on `device` (copied once, then cached)."""
+        import jax
+        from flax import nnx
+
+        key = device.id
+        if key not in self._replicas:
+            graphdef, state = nnx.split(self.model)
+            self._replicas[key] = nnx.merge(graphdef, jax.device_put(state, device))
+        return self._replicas[key]
+
+    def sample_ids(
+        self,
+        prompts: Sequence[np.ndarray],
+        seeds: Sequence[int],
+        sampling: Sampling = Sampling(),
+        *,
+        batch_size: int | None = None,
+        devices: Sequence | None = None,
+    ) -> list[np.ndarray]:
+        """prompts[i] continued with seed seeds[i] -> full rows (prompt + new events, no EOS).
+
+        The rows are split evenly over `devices` (default: all local devices); each
+        device runs the jitted sampler on its share, `batch_size` rows at a time.
+        """
+        import jax
+
+        from mgpt.sample import generate_tokens
+
+        devices = list(devices) if devices is not None else jax.local_devices()
+        devices = devices[: max(1, len(prompts))]
+        shares = np.array_split(np.arange(len(prompts)), len(devices))
+        kwargs = dict(
+            temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
+            greedy=sampling.greedy, batch_size=batch_size, **sampling.budget(),
+        )
+
+        def run_share(device, share):
+            if not len(share):
+                return []
+            model = self.model if len(devices) == 1 and device == _device_of(self.model) else self.replica(device)
+            return generate_tokens(model, self.vocab, [prompts[i] for i in share], seeds=[int(seeds[i]) for i in share],
+                                   **kwargs)
+
+        if len(devices) == 1:
+            return run_share(devices[0], shares[0])
+        # One host thread per device: dispatch releases the GIL, so all devices decode at once.
+        with concurrent.futures.ThreadPoolExecutor(len(devices)) as pool:
+            parts = list(pool.map(run_share, devices, shares))
+        return [row for part in parts for row in part]
+
+    def generate_ids(
+        self,
+        style: str = UNCONDITIONAL,
+        n: int = 1,
+        *,
+        seed: int = 0,
+        primer: str | os.PathLike | None = None,
+        primer_seconds: float = 0.0,
+        batch_size: int | None = None,
+        **sampling,
+    ) -> list[np.ndarray]:
+        """`n` id rows (STYLE token + primer + new events). `style` may be a name, a comma list or 'all'.
+
+        Piece i uses seed `seed + i`. Sampling keywords: temperature, top_k, top_p,
+        min_p, greedy, max_events, max_seconds (see `Sampling`).
+        """
+        cycle = resolve_styles(self.vocab, style)
+        styles = [cycle[i % len(cycle)] for i in range(n)]
+        primer_ids = load_primer(primer, self.vocab, primer_seconds) if primer else None
+        return self.sample_ids(self.prompts(styles, primer_ids), [seed + i for i in range(n)], Sampling(**sampling),
+                               batch_size=batch_size)
+
+    def generate(self, style: str = UNCONDITIONAL, n: int = 1, **kwargs) -> list:
+        """`n` pieces as NoteSequences (same arguments as `generate_ids`)."""
+        return [self.decode(ids) for ids in self.generate_ids(style, n, **kwargs)]
+
+    def decode(self, ids: np.ndarray):
+        """Id row -> NoteSequence (valid whatever the ids: see Vocabulary.decode_notes)."""
+        return self.vocab.decode(ids)
+
+    def write_midi(self, pieces, output_dir: str | os.PathLike, *, prefix: str = "piece", images: bool = False,
+                   audio: bool = False, soundfont: str | None = None) -> list[pathlib.Path]:
+        """NoteSequences (or id rows) -> `output_dir/{prefix}_{i:03d}.mid` (+ .png, + .wav). Returns the .mid paths."""
+        if not isinstance(pieces, (list, tuple)):
+            pieces = [pieces]
+        if audio:
+            render.find_audio_tools(soundfont)
+        paths = []
+        for i, piece in enumerate(pieces):
+            ns = piece if hasattr(piece, "notes") else self.decode(piece)
+            path = render.write_midi(ns, pathlib.Path(output_dir) / f"{prefix}_{i:03d}.mid")
+            if images:
+                render.piano_roll(ns, path.with_suffix(".png"), title=path.name)
+            if audio:
+                render.render_audio(path, path.with_suffix(".wav"), soundfont=soundfont)
+            paths.append(path)
+        return paths
+
+
+def _device_of(model):
+    import jax
+    from flax import nnx
+
+    leaves = jax.tree.leaves(nnx.state(model))
+    devices = leaves[0].devices() if leaves else set()
+    return next(iter(devices)) if len(devices) == 1 else None
+
+
+def read_run_info(workdir: str, step: int | None = None) -> tuple[Vocabulary, dict, int]:
+    """(vocab, config dict, step) of a checkpoint without loading weights (fast; for checking flags)."""
+    from mgpt import checkpoint as ckpt_lib
+
+    root, step = ckpt_lib.locate(workdir, step)
+    config = ckpt_lib.read_json_item(root, step, "config")
+    vocab = Vocabulary.from_json(ckpt_lib.read_json_item(root, step, "vocab"), origin=f"{root}/{step}/vocab")
+    return vocab, config, step
+
+
+def load_run(workdir: str, step: int | None = None) -> Run:
+    """A run's checkpoint (latest, or `step`) loaded for sampling."""
+    from mgpt.train import restore_model
+
+    _, config, _ = read_run_info(workdir, step)
+    kind = config.get("model", {}).get("kind", "gpt")
+    if kind != "gpt":
+        raise UserError(f"{workdir}: model.kind={kind!r}; the sampler supports 'gpt' only")
+    model, vocab, config, step = restore_model(workdir, step)
+    return Run(model=model, vocab=vocab, config=config, step=step, workdir=str(workdir))
+
+
+# ----------------------------------------------------------------------------- corpus generation
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    index: int
+    style: str
+    seed: int
+
+    @property
+    def stem(self) -> str:
+        return f"{self.index:05d}_{self.style}"
+
+
+def plan(num_samples: int, styles: Sequence[str], seed: int) -> list[Piece]:
+    """Piece i: style styles[i % len(styles)], seed seed + i."""
+    return [Piece(i, styles[i % len(styles)], seed + i) for i in range(num_samples)]
+
+
+def manifest_name(process_index: int, process_count: int) -> str:
+    if process_count == 1:
+        return "manifest.jsonl"
+    return f"manifest-{process_index:05d}-of-{process_count:05d}.jsonl"
+
+
+def read_all_manifests(output_dir: str | os.PathLike) -> list[dict]:
+    """Every host's manifest lines, one per piece index, in index order."""
+    by_index = {}
+    for path in sorted(pathlib.Path(output_dir).glob("manifest*.jsonl")):
+        for entry in render.read_manifest(path):
+            by_index.setdefault(entry["index"], entry)
+    return [by_index[i] for i in sorted(by_index)]
+
+
+def _open_manifest(path: pathlib.Path):
+    """Append handle; a last line cut short by a kill is removed first so new lines stay whole."""
+    if path.is_file():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+    return open(path, "a", encoding="utf-8")
+
+
+# Fields that make a piece what it is: a re-run must agree on them to reuse it.
+_IDENTITY = ("style", "seed", "settings", "primer", "primer_seconds", "checkpoint_step")
+
+
+def _check_same(entry: dict, expected: dict, manifest: pathlib.Path) -> None:
+    for key in _IDENTITY:
+        if entry.get(key) != expected.get(key):
+            raise UserError(
+                f"{manifest}: piece {entry['index']} was made with {key}={entry.get(key)!r}, this command asks for "
+                f"{expected.get(key)!r}; re-run with the same flags to resume, or use a new --output_dir"
+            )
+
+
+def generate_corpus(
+    run: Run,
+    output_dir: str | os.PathLike,
+    *,
+    num_samples: int,
+    styles: Sequence[str],
+    seed: int = 0,
+    sampling: Sampling = Sampling(),
+    primer: str | None = None,
+    primer_seconds: float = 0.0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    audio: bool = False,
+    soundfont: str | None = None,
+    progress: bool = True,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    devices: Sequence | None = None,
+) -> list[dict]:
+    """Generate this host's share of `num_samples` pieces into output_dir, resuming; returns its manifest lines.
+
+    Pieces already in this host's manifest are skipped (and must have been made
+    with the same settings). With `audio`, pieces from an earlier run that lack a
+    WAV get one.
+    """
+    import jax
+    from tqdm.auto import tqdm
+
+    if num_samples < 1:
+        raise UserError(f"--num_samples must be >= 1, got {num_samples}")
+    if batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {batch_size}")
+    if seed < 0 or seed + num_samples > 2**32:
+        raise UserError(f"--seed: seeds {seed}..{seed + num_samples - 1} must lie in 0..2**32-1")
+    if audio:
+        render.find_audio_tools(soundfont)  # fail before any work
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    devices = list(devices) if devices is not None else jax.local_devices()
+    out = pathlib.Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    primer_ids = load_primer(primer, run.vocab, primer_seconds) if primer else None
+    common = {
+        "settings": sampling.to_dict(),
+        "primer": os.fspath(primer) if primer else None,
+        "primer_seconds": primer_seconds if primer else None,
+        "checkpoint_step": run.step,
+    }
+    mine = [p for p in plan(num_samples, styles, seed) if p.index % process_count == process_index]
+    manifest = out / manifest_name(process_index, process_count)
+    done = {e["index"]: e for e in render.read_manifest(manifest)}
+    for p in mine:
+        if p.index in done:
+            _check_same(done[p.index], {"style": p.style, "seed": p.seed, **common}, manifest)
+    if audio:
+        for e in done.values():
+            wav = out / pathlib.Path(e["file"]).with_suffix(".wav")
+            if not wav.is_file():
+                render.render_audio(out / e["file"], wav, soundfont=soundfont)
+    todo = [p for p in mine if p.index not in done]
+
+    group = batch_size * len(devices)
+    groups = [todo[i : i + group] for i in range(0, len(todo), group)]
+    written = [e for e in done.values() if e["index"] % process_count == process_index]
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="piece", disable=not progress,
+               desc=f"generating into {out}", dynamic_ncols=True)
+    events = 0
+    start = time.perf_counter()
+
+    def sample(pieces):
+        return run.sample_ids(run.prompts([p.style for p in pieces], primer_ids), [p.seed for p in pieces], sampling,
+                              batch_size=batch_size, devices=devices)
+
+    # Sampling of group g+1 runs (on its own thread) while group g's files are written.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, _open_manifest(manifest) as log:
+        pending = pool.submit(sample, groups[0]) if groups else None
+        for g, pieces in enumerate(groups):
+            rows = pending.result()
+            pending = pool.submit(sample, groups[g + 1]) if g + 1 < len(groups) else None
+            for p, ids in zip(pieces, rows):
+                entry = _write_piece(run.vocab, out, p, ids, primer_ids, audio=audio, soundfont=soundfont,
+                                     extra={**common, "workdir": run.workdir, "host": process_index})
+                log.write(json.dumps(entry) + "\n")
+                log.flush()  # a piece counts as done only once its line is on disk
+                os.fsync(log.fileno())
+                written.append(entry)
+                events += entry["new_events"]
+                bar.update(1)
+            bar.set_postfix(events_per_s=f"{events / (time.perf_counter() - start):.0f}")
+    bar.close()
+    return sorted(written, key=lambda e: e["index"])
+
+
+def _write_piece(vocab, out: pathlib.Path, piece: Piece, ids: np.ndarray, primer_ids, *, audio, soundfont, extra):
+    ns = vocab.decode(ids)
+    primer_len = 0 if primer_ids is None else len(primer_ids)
+    primer_end_s = vocab.seconds(primer_ids) if primer_len else 0.0
+    mid = render.write_midi(ns, out / f"{piece.stem}.mid")
+    png = render.piano_roll(
+        ns, out / f"{piece.stem}.png", primer_seconds=primer_end_s,
+        title=f"{mid.name}  ·  {piece.style}  ·  seed {piece.seed}  ·  {ns.total_time:.1f} s  ·  {len(ns.notes)} notes",
+    )
+    wav = render.render_audio(mid, out / f"{piece.stem}.wav", soundfont=soundfont) if audio else None
+    return {
+        "index": piece.index,
+        "file": mid.name,
+        "image": png.name,
+        "audio": wav.name if wav else None,
+        "style": piece.style,
+        "seed": piece.seed,
+        "events": int(len(ids) - 1),  # without the STYLE token; primer included
+        "new_events": int(len(ids) - 1 - primer_len),
+        "primer_events": primer_len,
+        "seconds": round(float(ns.total_time), 3),
+        "notes": len(ns.notes),
+        **extra,
+    }
+
+
+def write_gallery(output_dir: str | os.PathLike, title: str | None = None) -> pathlib.Path:
+    """index.html over every manifest shard in output_dir."""
+    entries = read_all_manifests(output_dir)
+    return render.write_gallery(output_dir, entries, title=title or f"mgpt: {len(entries)} generated pieces")
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def define_flags(fv):
+    """The command's flags, on their own FlagValues `fv`: mgpt.train defines --workdir on absl's
+    global FLAGS when imported, and generate imports it."""
+    from absl import flags
+
+    kw = {"flag_values": fv}
+    flags.DEFINE_string("workdir", None, "Training run directory (or its checkpoints/ or one step dir).", **kw)
+    flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step to load (default: the latest).", **kw)
+    flags.DEFINE_string("output_dir", None, "Where the .mid/.png/.wav files, manifest.jsonl and index.html go.", **kw)
+    flags.DEFINE_integer("num_samples", 4, "Pieces to generate (in total, over all hosts).", **kw)
+    flags.DEFINE_string("style", UNCONDITIONAL,
+                        "A style name, a comma list (cycled over pieces), 'all' (every style) or 'unconditional'.", **kw)
+    flags.DEFINE_string("primer", None, "A MIDI file to continue; it is kept at the start of every piece.", **kw)
+    flags.DEFINE_float("primer_seconds", 10.0, "Seconds of the primer to keep (0 = all of it).", **kw)
+    flags.DEFINE_float("temperature", 1.0, "Softmax temperature (> 0).", **kw)
+    flags.DEFINE_integer("top_k", 0, "Sample among the k most likely events (0 = off).", **kw)
+    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: the smallest set with this much probability (1 = off).", **kw)
+    flags.DEFINE_float("min_p", 0.0, "Drop events less likely than min_p * the most likely one (0 = off).", **kw)
+    flags.DEFINE_bool("greedy", False, "Always take the most likely event (after the filters).", **kw)
+    flags.DEFINE_integer("seed", 0, "Piece i uses seed + i.", **kw)
+    flags.DEFINE_integer("max_events", None,
+                         f"New events per piece (default {DEFAULT_MAX_EVENTS} if no --max_seconds).", **kw)
+    flags.DEFINE_float("max_seconds", None,
+                       "Seconds of new music per piece (with --max_events: whichever ends first).", **kw)
+    flags.DEFINE_integer("batch_size", DEFAULT_BATCH_SIZE, "Pieces per device per sampler call.", **kw)
+    flags.DEFINE_bool("audio", False,
+                      f"Render a WAV per piece with FluidSynth ({render.INSTALL_AUDIO}).", **kw)
+    flags.DEFINE_string("soundfont", None, "A .sf2 soundfont for --audio (default: Debian's GM soundfonts).", **kw)
+    flags.DEFINE_bool("progress", True, "Show a progress bar.", **kw)
+    flags.DEFINE_enum("distributed", "auto", ["auto", "no"],
+                      "Multi-host pods: 'auto' initialises jax.distributed when a cluster is detected.", **kw)
+
+
+def run_command(f) -> pathlib.Path:
+    """The command line's work, given parsed flags `f` (anything with the flag attributes)."""
+    if not f.workdir or not f.output_dir:
+        raise UserError("usage: python -m mgpt.generate --workdir=RUN --output_dir=OUT [--style=NAME|all] "
+                        "[--num_samples=N] [--primer=FILE.mid] [--audio]")
+    sampling = Sampling(temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, min_p=f.min_p, greedy=f.greedy,
+                        max_events=f.max_events, max_seconds=f.max_seconds)
+    if f.audio:
+        render.find_audio_tools(f.soundfont)
+    # Everything a user can get wrong is checked before the weights are loaded.
+    vocab, _, _ = read_run_info(f.workdir, f.checkpoint_step)
+    styles = resolve_styles(vocab, f.style)
+    if f.primer:
+        load_primer(f.primer, vocab, f.primer_seconds)
+    if f.distributed != "no":
+        import ml_collections
+
+        from mgpt.train import maybe_initialize_distributed
+
+        maybe_initialize_distributed(ml_collections.ConfigDict(
+            {"initialize": "auto", "coordinator_address": "", "num_processes": 0, "process_id": -1}))
+    import jax
+
+    run = load_run(f.workdir, f.checkpoint_step)
+    generate_corpus(
+        run, f.output_dir, num_samples=f.num_samples, styles=styles, seed=f.seed, sampling=sampling,
+        primer=f.primer, primer_seconds=f.primer_seconds, batch_size=f.batch_size, audio=f.audio,
+        soundfont=f.soundfont, progress=f.progress,
+    )
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("mgpt.generate: all pieces written")
+    if jax.process_index() == 0:
+        return write_gallery(f.output_dir)
+    return pathlib.Path(f.output_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import sys
+
+    from absl import flags, logging
+
+    fv = flags.FlagValues()
+    define_flags(fv)
+    argv = list(sys.argv if argv is None else argv)
+    if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
+        print(__doc__.split("\n\n")[0] + "\n\n" + fv.module_help(__name__ if __name__ != "__main__" else
+                                                                     fv.find_module_defining_flag("workdir")))
+        return
+    try:
+        rest = fv(argv)
+    except flags.Error as e:
+        raise SystemExit(f"{e} (see python -m mgpt.generate --help)") from None
+    if len(rest) > 1:
+        raise SystemExit(f"unexpected arguments: {rest[1:]}")
+    logging.set_verbosity(logging.ERROR)  # orbax logs every file it reads, and warns that a restore is read-only
+    # pydub (imported by note-seq) warns about ffmpeg, which only its audio export needs.
+    warnings.filterwarnings("ignore", "Couldn't find ffmpeg", RuntimeWarning)
+    try:
+        path = run_command(fv)
+    except (UserError, FileNotFoundError, render.AudioToolsMissing) as e:
+        raise SystemExit(str(e)) from None
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

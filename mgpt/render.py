@@ -1,0 +1,252 @@
+"""Generated pieces as files people use: MIDI, a piano-roll PNG, a WAV, an HTML gallery.
+
+Everything here takes a NoteSequence (from `Vocabulary.decode`, which already makes any
+id sequence well formed) or paths, so notebooks and the command line share it.
+
+- MIDI through note-seq (`sequence_proto_to_midi_file`);
+- piano rolls through matplotlib's Agg canvas (no display, no pyplot global state);
+- audio through the `fluidsynth` command line and a General MIDI soundfont;
+- `index.html`: one self-contained page (inline CSS, relative links, no scripts or
+  external resources), so the output folder can be zipped, served or opened as a file.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+from collections.abc import Sequence
+
+import numpy as np
+
+# Debian's GM soundfonts, smallest (fastest to load per piece) first.
+SOUNDFONT_PATHS = (
+    "/usr/share/sounds/sf2/TimGM6mb.sf2",
+    "/usr/share/sounds/sf2/FluidR3_GM.sf2",
+    "/usr/share/sounds/sf2/default-GM.sf2",
+)
+INSTALL_AUDIO = "sudo apt-get install -y fluidsynth timgm6mb-soundfont"
+SAMPLE_RATE = 44_100
+
+
+class AudioToolsMissing(RuntimeError):
+    """fluidsynth or a soundfont is not installed; the message says how to install them."""
+
+
+# ----------------------------------------------------------------------------- MIDI
+
+
+def write_midi(ns, path: str | os.PathLike) -> pathlib.Path:
+    """NoteSequence -> a standard MIDI file (format 1) at `path`."""
+    import note_seq
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    note_seq.sequence_proto_to_midi_file(ns, str(path))
+    return path
+
+
+def note_arrays(ns) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(pitch, velocity, start_s, end_s) of a NoteSequence's notes."""
+    n = len(ns.notes)
+    return (
+        np.fromiter((x.pitch for x in ns.notes), np.int64, n),
+        np.fromiter((x.velocity for x in ns.notes), np.int64, n),
+        np.fromiter((x.start_time for x in ns.notes), np.float64, n),
+        np.fromiter((x.end_time for x in ns.notes), np.float64, n),
+    )
+
+
+# ----------------------------------------------------------------------------- piano roll
+
+
+def piano_roll(ns, path: str | os.PathLike, *, title: str = "", primer_seconds: float = 0.0) -> pathlib.Path:
+    """A piano-roll PNG: time (s) across, MIDI pitch up, darker = louder.
+
+    A primer (the user's music the piece continues) is shaded, so the generated
+    part is easy to tell apart.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.collections import PolyCollection
+    from matplotlib.figure import Figure
+
+    pitch, velocity, start_s, end_s = note_arrays(ns)
+    total_s = max(float(end_s.max()) if len(end_s) else 0.0, 1.0)
+    fig = Figure(figsize=(10, 3), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if primer_seconds > 0:
+        ax.axvspan(0, primer_seconds, color="#cfe3ff", zorder=0, label="primer")
+    if len(pitch):
+        # One polygon per note: far faster than one patch per note for long pieces.
+        verts_Nx4x2 = np.stack(
+            [
+                np.stack([start_s, pitch - 0.4], -1),
+                np.stack([end_s, pitch - 0.4], -1),
+                np.stack([end_s, pitch + 0.4], -1),
+                np.stack([start_s, pitch + 0.4], -1),
+            ],
+            axis=1,
+        )
+        shade_N = 0.35 + 0.65 * np.clip(velocity / 127.0, 0, 1)
+        colors = [(0.10 * (1 - s), 0.20 * (1 - s), 0.55 + 0.3 * (1 - s), 1.0) for s in shade_N.tolist()]
+        ax.add_collection(PolyCollection(verts_Nx4x2, facecolors=colors, edgecolors="none", zorder=2))
+        lo, hi = int(pitch.min()), int(pitch.max())
+    else:
+        lo, hi = 60, 72
+    ax.set_xlim(0, total_s)
+    ax.set_ylim(lo - 2, hi + 2)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("MIDI pitch")
+    for c in range(0, 128, 12):  # octave lines at every C
+        if lo - 2 <= c <= hi + 2:
+            ax.axhline(c, color="#dddddd", lw=0.6, zorder=1)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+# ----------------------------------------------------------------------------- audio
+
+
+def find_audio_tools(soundfont: str | os.PathLike | None = None) -> tuple[str, pathlib.Path]:
+    """(fluidsynth executable, soundfont path); raises AudioToolsMissing with the install line.
+
+    `soundfont` picks a file; otherwise the Debian GM soundfonts are tried in order.
+    """
+    exe = shutil.which("fluidsynth")
+    if exe is None:
+        raise AudioToolsMissing(f"--audio needs the fluidsynth program, which is not installed: {INSTALL_AUDIO}")
+    if soundfont:
+        sf = pathlib.Path(soundfont)
+        if not sf.is_file():
+            raise AudioToolsMissing(f"--soundfont={soundfont}: no such file")
+        return exe, sf
+    for candidate in SOUNDFONT_PATHS:
+        if os.path.isfile(candidate):
+            return exe, pathlib.Path(candidate)
+    raise AudioToolsMissing(
+        f"--audio needs a General MIDI soundfont (looked in {', '.join(SOUNDFONT_PATHS)}): "
+        f"{INSTALL_AUDIO}, or pass --soundfont=FILE.sf2"
+    )
+
+
+def render_audio(
+    midi_path: str | os.PathLike,
+    wav_path: str | os.PathLike,
+    *,
+    soundfont: str | os.PathLike | None = None,
+    sample_rate: int = SAMPLE_RATE,
+    gain: float = 0.8,
+    timeout_s: float = 600,
+) -> pathlib.Path:
+    """MIDI file -> 16-bit stereo WAV via `fluidsynth -F` (faster than real time, no sound card)."""
+    exe, sf = find_audio_tools(soundfont)
+    wav_path = pathlib.Path(wav_path)
+    wav_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = wav_path.with_name(wav_path.name + ".part")
+    cmd = [exe, "-n", "-i", "-q", "-g", str(gain), "-r", str(sample_rate), "-T", "wav", "-F", str(tmp), str(sf),
+           str(midi_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0 or not tmp.is_file() or tmp.stat().st_size <= 44:
+        tmp.unlink(missing_ok=True)
+        detail = (proc.stderr or proc.stdout).strip().splitlines()
+        raise RuntimeError(f"fluidsynth could not render {midi_path}: {detail[-1] if detail else 'no output'}")
+    os.replace(tmp, wav_path)  # a killed render never leaves a truncated WAV under the final name
+    return wav_path
+
+
+# ----------------------------------------------------------------------------- gallery
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2rem;background:#fafafa;color:#222}
+h1{font-size:1.4rem;margin:0 0 .3rem} p.sub{color:#666;margin:0 0 1.5rem}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:1.2rem}
+.card{background:#fff;border:1px solid #ddd;border-radius:8px;padding:1rem}
+.card h2{font-size:1rem;margin:0 0 .5rem} .card img{width:100%;height:auto;display:block}
+.card audio{width:100%;margin:.5rem 0}
+.card table{font-size:.8rem;color:#444;border-collapse:collapse;margin-top:.4rem}
+.card td{padding:.1rem .6rem .1rem 0;vertical-align:top} .card td:first-child{color:#888}
+a.dl{font-size:.9rem}
+"""
+
+_SETTING_ORDER = ("style", "seed", "events", "seconds", "notes", "primer", "checkpoint_step")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={_fmt(x)}" for k, x in v.items() if x is not None)
+    return str(v)
+
+
+def write_gallery(output_dir: str | os.PathLike, entries: Sequence[dict], *, title: str = "mgpt samples") -> pathlib.Path:
+    """`output_dir/index.html` listing `entries` (manifest lines) in order.
+
+    Each card shows the piano roll, an <audio> player when the piece's WAV exists,
+    a download link for the MIDI file and the piece's settings. Paths in entries
+    are relative to output_dir.
+    """
+    output_dir = pathlib.Path(output_dir)
+    cards = []
+    for e in entries:
+        name = html.escape(e["file"])
+        parts = [f'<div class="card" id="{html.escape(pathlib.Path(e["file"]).stem)}">', f"<h2>{name}</h2>"]
+        if e.get("image") and (output_dir / e["image"]).is_file():
+            alt = f"piano roll of {e['file']}"
+            parts.append(f'<img src="{html.escape(e["image"])}" alt="{html.escape(alt)}" loading="lazy">')
+        wav = e.get("audio") or str(pathlib.Path(e["file"]).with_suffix(".wav"))
+        if (output_dir / wav).is_file():
+            parts.append(f'<audio controls preload="none" src="{html.escape(wav)}"></audio>')
+        parts.append(f'<a class="dl" href="{name}" download>download MIDI</a>')
+        rows = [(k, e[k]) for k in _SETTING_ORDER if e.get(k) not in (None, "")]
+        rows.append(("sampling", e.get("settings", {})))
+        parts.append("<table>" + "".join(
+            f"<tr><td>{html.escape(k)}</td><td>{html.escape(_fmt(v))}</td></tr>" for k, v in rows
+        ) + "</table>")
+        parts.append("</div>")
+        cards.append("\n".join(parts))
+    page = "\n".join([
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        # Inline icon: otherwise browsers request /favicon.ico, which 404s (a console error).
+        '<link rel="icon" href="data:,">',
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f'<p class="sub">{len(entries)} pieces. Click a file name to download the MIDI.</p>',
+        '<div class="grid">',
+        *cards,
+        "</div></body></html>",
+        "",
+    ])
+    path = output_dir / "index.html"
+    tmp = path.with_name("index.html.part")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(path: str | os.PathLike) -> list[dict]:
+    """Lines of a manifest.jsonl; a final line cut short by a kill is ignored."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        return []
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return entries
