@@ -428,15 +428,20 @@ def global_batch(local: dict, sharding) -> dict:
 
 
 class _StopSignal:
-    """SIGTERM/SIGINT set a flag; the loop saves and exits at the next step. A second Ctrl-C aborts."""
+    """SIGTERM/SIGINT set a flag; the loop saves and exits at the next step. A second Ctrl-C aborts.
 
-    def __init__(self):
+    In a multi-process run SIGTERM is left to jax's preemption service, which agrees on
+    one step at which every process saves (`reached_preemption_sync_point`).
+    """
+
+    def __init__(self, multi_process: bool):
         self.name: str | None = None
+        self._signals = (signal.SIGINT,) if multi_process else (signal.SIGTERM, signal.SIGINT)
         self._previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in self._signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -450,12 +455,20 @@ class _StopSignal:
             signal.signal(sig, handler)
 
 
-def _any_process(flag: bool) -> bool:
+def _stop_requested(stop: _StopSignal, step: int, log_every: int) -> str | None:
+    """The signal every process stops for at this step, or None. Same answer on all processes."""
     if jax.process_count() == 1:
-        return flag
+        return stop.name
     from jax.experimental import multihost_utils
 
-    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
+    if multihost_utils.reached_preemption_sync_point(step):
+        return "SIGTERM"
+    # Ctrl-C reaches one process: share it at log steps, a schedule every process keeps.
+    if step % log_every == 0:
+        flags_ = multihost_utils.process_allgather(np.asarray([stop.name is not None], np.int32))
+        if np.any(flags_):
+            return stop.name or "SIGINT (on another process)"
+    return None
 
 
 # ----------------------------------------------------------------------------- loop
@@ -655,7 +668,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     pending = None
     try:
-        with _StopSignal() as stop:
+        with _StopSignal(multi_process=pc > 1) as stop:
             while step < stop_at:
                 batch = global_batch(next(train_iter), s.batch_sharding)
                 state, metrics = train_step(state, s.rest, batch)  # dispatched; runs while we log
@@ -663,9 +676,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     consume(*pending)
                 step += 1
                 pending = (step, metrics)
-                stop_now = stop.name is not None
-                if pc > 1 and (step % t.log_every == 0 or stop_now):
-                    stop_now = _any_process(stop_now)
+                stopped_by = _stop_requested(stop, step, t.log_every)
+                stop_now = stopped_by is not None
                 checkpoint_due = step % t.checkpoint_every == 0 or step == stop_at or stop_now
                 eval_due = (t.eval_every and step % t.eval_every == 0) or step == t.steps
                 if checkpoint_due or eval_due:
@@ -678,7 +690,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if eval_due or checkpoint_due:  # tokens/s measures training, not these pauses
                     window.update(t0=time.perf_counter(), steps=step)
                 if stop_now:
-                    result["stopped_by"] = stop.name or "another process"
+                    result["stopped_by"] = stopped_by
                     break
             if pending is not None:
                 consume(*pending)

@@ -255,7 +255,9 @@ def test_large_compiles_on_an_fsdp_mesh_without_allocating(eight_devices):
     assert r["live_arrays"] < 100, "nothing of the large model was allocated"
 
 
-def test_two_process_distributed_run(dataset, tmp_path):
+def test_two_process_distributed_run_and_preemption(dataset, tmp_path):
+    """Two jax.distributed CPU processes (gloo) train together; SIGTERM to one of them makes
+    both save at the same step and exit 0 (jax's preemption sync point)."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
@@ -263,18 +265,25 @@ def test_two_process_distributed_run(dataset, tmp_path):
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "mgpt.train", "--config=configs/tiny.py", f"--workdir={tmp_path}",
-             f"--config.data.dataset_dir={dataset}", "--config.train.steps=6", "--config.train.log_every=3",
-             "--config.train.eval_every=3", f"--config.distributed.coordinator_address=localhost:{port}",
+             f"--config.data.dataset_dir={dataset}", "--config.train.steps=100000", "--config.train.log_every=1",
+             "--config.train.eval_every=2", "--config.train.checkpoint_every=100000",
+             f"--config.distributed.coordinator_address=localhost:{port}",
              "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for i in range(2)
     ]
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    lines = []
+    for line in procs[0].stdout:
+        lines.append(line)
+        if line.startswith("step      3/"):
+            procs[1].send_signal(signal.SIGTERM)
+            break
+    outputs = ["".join(lines) + procs[0].communicate(timeout=240)[0], procs[1].communicate(timeout=240)[0]]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
-    assert "2 process(es)" in outputs[0] and "step      6/6" in outputs[0]
-    assert "eval  step      6" in outputs[0]
-    assert ckpt_lib.locate(tmp_path)[1] == 6
-    data_states = sorted(p.name for p in (tmp_path / "checkpoints" / "6" / "data").glob("process_*.json"))
+    assert "2 process(es)" in outputs[0] and "eval  step      2" in outputs[0]
+    saved = ckpt_lib.locate(tmp_path)[1]
+    assert saved >= 3 and f"received SIGTERM: saved checkpoint {tmp_path}/checkpoints/{saved}; exiting" in outputs[0]
+    data_states = sorted(p.name for p in (tmp_path / "checkpoints" / str(saved) / "data").glob("process_*.json"))
     assert data_states == ["process_0-of-2.json", "process_1-of-2.json"], "each host saves its own data position"
