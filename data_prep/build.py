@@ -69,15 +69,28 @@ def is_complete(path: str | os.PathLike) -> bool:
 
 
 def ensure_dataset(output_dir: str | os.PathLike = DEMO_DIR, **opts) -> pathlib.Path:
-    """The embedded demo dataset (DEMO_SOURCES) in output_dir: built once, then reused."""
+    """The embedded demo dataset (DEMO_SOURCES) in output_dir: built once, then reused.
+
+    A dataset built there from another DEMO_SOURCES (an older mgpt) is rebuilt.
+    """
     path = dataset_path(output_dir)
-    if is_complete(path):
+    if _is_demo(path):
         return path
-    o = _options(opts)
+    o = _options(dict(opts, overwrite=True))
     with _build_lock(output_dir):
-        if is_complete(path):  # another process built it while we waited for the lock
+        if _is_demo(path):  # another process built it while we waited for the lock
             return path
         return _build(list(DEMO_SOURCES), output_dir, o)
+
+
+def _is_demo(path: pathlib.Path) -> bool:
+    if not is_complete(path):
+        return False
+    try:
+        with open(path / "build.json") as f:
+            return json.load(f).get("sources") == list(DEMO_SOURCES)
+    except (OSError, ValueError):
+        return False
 
 
 def build_dataset(sources_: Sequence[str], output_dir: str | os.PathLike, **opts) -> pathlib.Path:

@@ -331,13 +331,26 @@ def test_interrupted_build_never_looks_complete(midi_folder, tmp_path, monkeypat
     assert build.is_complete(path)
 
 
-def test_ensure_dataset_reuses_a_built_dataset(midi_dataset, monkeypatch):
+def test_ensure_dataset_builds_the_demo_once_then_reuses_it(midi_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(build, "DEMO_SOURCES", (f"midi_dir:{midi_folder}",))
+    opts = dict(num_workers=1, progress=False, verbose=False)
+    path = build.ensure_dataset(tmp_path, **opts)
+    assert build.is_complete(path) and path == build.dataset_path(tmp_path)
+
+    real_build = build._build
+
     def no_rebuild(*args, **kwargs):
         raise AssertionError("ensure_dataset rebuilt a complete dataset")
 
     monkeypatch.setattr(build, "_build", no_rebuild)
-    output_dir = midi_dataset.parent.parent
-    assert build.ensure_dataset(output_dir) == midi_dataset
+    assert build.ensure_dataset(tmp_path, **opts) == path
+    # A demo built from another subset (an older mgpt) is replaced.
+    monkeypatch.setattr(build, "_build", real_build)
+    monkeypatch.setattr(build, "DEMO_SOURCES", (f"midi_dir:{midi_folder}/set1",))
+    assert build.ensure_dataset(tmp_path, **opts) == path
+    assert {_text(r["path"]) for s in sources.SPLITS for r in _records(path, s)} == {
+        f"piece{i}.{'MID' if i % 5 == 0 else 'mid'}" for i in range(1, 40, 3)
+    }
 
 
 def test_an_existing_dataset_is_only_replaced_on_request(midi_folder, midi_dataset):
