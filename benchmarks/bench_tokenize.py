@@ -131,7 +131,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.midi_dir:
             paths = sorted(
-                p for p in glob.glob(os.path.join(args.midi_dir, "**", "*"), recursive=True)
+                p
+                for p in glob.glob(os.path.join(args.midi_dir, "**", "*"), recursive=True)
                 if p.lower().endswith((".mid", ".midi"))
             )
             paths = [p for p in paths if _readable(p)]

@@ -37,7 +37,6 @@ import os
 import pathlib
 import shutil
 import signal
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -286,7 +285,9 @@ def _build(specs: list[str], output_dir, o: _Options) -> pathlib.Path:
         raise ValueError("--source: give at least one source (midi_dir:PATH, maestro:PATH, asap:PATH, music21:NAMES)")
     path = dataset_path(output_dir)
     if path.exists() and not o.overwrite:
-        raise ValueError(f"--output_dir={output_dir}: {path} already holds a dataset (pass --overwrite or pick another dir)")
+        raise ValueError(
+            f"--output_dir={output_dir}: {path} already holds a dataset (pass --overwrite or pick another dir)"
+        )
     items = _list_all(specs, o)
     if not items:
         raise ValueError(f"--source={','.join(specs)}: no input files found")
@@ -303,7 +304,9 @@ def _build(specs: list[str], output_dir, o: _Options) -> pathlib.Path:
             item, split = items[r.index], jobs[r.index][2]
             if r.skip_reason:
                 skipped.append(
-                    dict(path=item.path, piece_id=item.piece_id, source=item.source, root=item.root, reason=r.skip_reason)
+                    dict(
+                        path=item.path, piece_id=item.piece_id, source=item.source, root=item.root, reason=r.skip_reason
+                    )
                 )
                 continue
             for rec in r.records:
@@ -427,7 +430,9 @@ def _print_summary(path, summary, stats, skipped, convert_s, total_s, o):
             v = table.get(name)
             if v:
                 extra = f" (+{v['copies']} stretched)" if v.get("copies") else ""
-                print(f"  {name:<20} {v['pieces']:>7} pieces{extra:<16} {v['events']:>11,} events {v['seconds'] / 3600:>8.2f} h")
+                print(
+                    f"  {name:<20} {v['pieces']:>7} pieces{extra:<16} {v['events']:>11,} events {v['seconds'] / 3600:>8.2f} h"
+                )
 
     events = stats.total("events")
     print(f"built {path}")
@@ -437,7 +442,9 @@ def _print_summary(path, summary, stats, skipped, convert_s, total_s, o):
     rows(summary["styles"], list(summary["styles"]))
     reasons = collections.Counter(s["reason"].split(":")[0].split("(")[0].strip() for s in skipped)
     detail = ", ".join(f"{r}: {n}" for r, n in reasons.most_common(5))
-    print(f"skipped {len(skipped)} of {summary['inputs']} inputs" + (f" ({detail}; see skipped.jsonl)" if skipped else ""))
+    print(
+        f"skipped {len(skipped)} of {summary['inputs']} inputs" + (f" ({detail}; see skipped.jsonl)" if skipped else "")
+    )
     print(
         f"{events:,} events, {stats.total('seconds') / 3600:.2f} h of music; converted in {convert_s:.1f} s "
         f"({events / max(convert_s, 1e-9):,.0f} events/s on {min(o.num_workers, summary['inputs'])} workers), "
@@ -454,9 +461,7 @@ def _write_tfds(data_dir: pathlib.Path, spool: _Spool, extra: dict, o: _Options)
     from absl import logging
 
     tfds.disable_progress_bar()
-    builder = _EventsBuilder(
-        spool=spool, extra_files=extra, data_dir=os.fspath(data_dir), file_format=o.file_format
-    )
+    builder = _EventsBuilder(spool=spool, extra_files=extra, data_dir=os.fspath(data_dir), file_format=o.file_format)
     verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.WARNING)  # TFDS narrates every shard at INFO
     try:

@@ -260,7 +260,7 @@ def _parse(data: bytes, max_tick_allowed: int | None) -> RawNotes:
     # CC 64 of each instrument's (possibly shared) list, instrument by instrument.
     ccs = [(t, i, v) for i, lst in enumerate(inst_ccs) for t, v in lst]
     cc_s = times(np.asarray([c[0] for c in ccs], np.int64)).tolist()
-    sustain = [(s, i, v) for s, (_, i, v) in zip(cc_s, ccs)]
+    sustain = [(s, i, v) for s, (_, i, v) in zip(cc_s, ccs, strict=True)]
     return RawNotes(
         pitch=np.asarray(n_pitch, np.int64)[order],
         velocity=np.asarray(n_vel, np.int64)[order],

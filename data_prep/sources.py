@@ -74,9 +74,7 @@ class Collection:
 
 MUSIC21_COLLECTIONS: dict[str, Collection] = {
     # ~400 chorale harmonisations; variants of one chorale (bwv248.64-s, -6) share a split.
-    "bach": Collection(
-        ("bach/*.mxl", "bach/*.xml"), "bach", "Johann Sebastian Bach", split_key=r"^(bwv\d+(?:\.\d+)?)"
-    ),
+    "bach": Collection(("bach/*.mxl", "bach/*.xml"), "bach", "Johann Sebastian Bach", split_key=r"^(bwv\d+(?:\.\d+)?)"),
     "palestrina": Collection(("palestrina/*.krn",), "palestrina", "Giovanni Pierluigi da Palestrina"),
     "monteverdi": Collection(("monteverdi/*.mxl",), "monteverdi", "Claudio Monteverdi", exclude=r"_old\."),
     "trecento": Collection(("trecento/*.xml", "trecento/*.mxl"), "trecento"),
@@ -183,9 +181,7 @@ def _list_maestro(spec: str, root: str) -> list[Item]:
         if not rel or split not in SPLITS:
             raise ValueError(f"--source={spec}: {meta} needs midi_filename and split (train/validation/test)")
         composer = row.get("canonical_composer") or ""
-        items.append(
-            Item("maestro", root, rel, rel, rel, style_label(composer), composer, split=split)
-        )
+        items.append(Item("maestro", root, rel, rel, rel, style_label(composer), composer, split=split))
     return items
 
 

@@ -70,15 +70,27 @@ def mixed_midi(seed: int) -> bytes:
             length = int(rng.integers(0, tpq))  # zero-length notes too
             pitch = int(rng.integers(0, 128))  # outside the piano range too
             if rng.random() < 0.1:
-                events.append((start, 2, mido.Message("program_change", channel=channel, program=int(rng.integers(0, 128)))))
+                events.append(
+                    (start, 2, mido.Message("program_change", channel=channel, program=int(rng.integers(0, 128))))
+                )
             if rng.random() < 0.3 and events:  # stack a second note of the same pitch
                 events.append((start, 1, mido.Message("note_on", channel=channel, note=pitch, velocity=100)))
-            events.append((start, 1, mido.Message("note_on", channel=channel, note=pitch, velocity=int(rng.integers(1, 128)))))
+            events.append(
+                (start, 1, mido.Message("note_on", channel=channel, note=pitch, velocity=int(rng.integers(1, 128))))
+            )
             events.append((start + length, 0, mido.Message("note_off", channel=channel, note=pitch)))
             if rng.random() < 0.3:
-                events.append((start, 0, mido.Message("control_change", channel=channel, control=64, value=int(rng.integers(0, 128)))))
+                events.append(
+                    (
+                        start,
+                        0,
+                        mido.Message("control_change", channel=channel, control=64, value=int(rng.integers(0, 128))),
+                    )
+                )
             if rng.random() < 0.1:
-                events.append((start, 0, mido.Message("pitchwheel", channel=channel, pitch=int(rng.integers(-8192, 8192)))))
+                events.append(
+                    (start, 0, mido.Message("pitchwheel", channel=channel, pitch=int(rng.integers(-8192, 8192))))
+                )
         events.append((5 * tpq, 3, mido.Message("note_on", channel=2, note=60, velocity=90)))  # never closed: dropped
         tracks.append(events)
     return _write(tpq, tracks)

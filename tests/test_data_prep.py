@@ -146,7 +146,11 @@ def test_splits_are_disjoint_and_stable_across_runs(midi_folder, midi_dataset, t
     )
     outs = {
         subprocess.run(
-            [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
+            [sys.executable, "-c", code],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
             env=dict(os.environ, PYTHONHASHSEED=seed),
         ).stdout
         for seed in ("1", "2")
@@ -181,11 +185,26 @@ def test_maestro_and_asap_layouts_keep_their_splits_and_composers(tmp_path):
     maestro = tmp_path / "maestro"
     rows = []
     for i, (split, composer) in enumerate(
-        [("train", "Frédéric Chopin"), ("validation", "Johann Sebastian Bach"), ("test", "Franz Liszt"), ("train", "Franz Liszt")]
+        [
+            ("train", "Frédéric Chopin"),
+            ("validation", "Johann Sebastian Bach"),
+            ("test", "Franz Liszt"),
+            ("train", "Franz Liszt"),
+        ]
     ):
         rel = f"2018/perf{i}.midi"
         _write(maestro, rel, synthetic.piano_midi(i, num_notes=30))
-        rows.append(dict(canonical_composer=composer, canonical_title="t", split=split, year=2018, midi_filename=rel, audio_filename="", duration=1))
+        rows.append(
+            dict(
+                canonical_composer=composer,
+                canonical_title="t",
+                split=split,
+                year=2018,
+                midi_filename=rel,
+                audio_filename="",
+                duration=1,
+            )
+        )
     columns = {k: {str(i): r[k] for i, r in enumerate(rows)} for k in rows[0]}  # MAESTRO v3's json layout
     (maestro / "maestro-v3.0.0.json").write_text(json.dumps(columns))
 
@@ -197,11 +216,27 @@ def test_maestro_and_asap_layouts_keep_their_splits_and_composers(tmp_path):
             for perf in range(3):
                 rel = f"Bach/Fugue/bwv_{score}/P{perf}.mid"
                 _write(asap, rel, synthetic.piano_midi(100 + score * 3 + perf, num_notes=20))
-                w.writerow(dict(composer="Bach", title="f", folder=f"Bach/Fugue/bwv_{score}", xml_score="", midi_score="", midi_performance=rel))
+                w.writerow(
+                    dict(
+                        composer="Bach",
+                        title="f",
+                        folder=f"Bach/Fugue/bwv_{score}",
+                        xml_score="",
+                        midi_score="",
+                        midi_performance=rel,
+                    )
+                )
 
-    path = build.build_dataset([f"maestro:{maestro}", f"asap:{asap}"], tmp_path / "out", num_workers=1, progress=False, verbose=False)
+    path = build.build_dataset(
+        [f"maestro:{maestro}", f"asap:{asap}"], tmp_path / "out", num_workers=1, progress=False, verbose=False
+    )
     by_split = {s: _records(path, s) for s in sources.SPLITS}
-    got = {(_text(r["path"]), s, _text(r["style"]), _text(r["composer"])) for s, rs in by_split.items() for r in rs if _text(r["source"]) == "maestro"}
+    got = {
+        (_text(r["path"]), s, _text(r["style"]), _text(r["composer"]))
+        for s, rs in by_split.items()
+        for r in rs
+        if _text(r["source"]) == "maestro"
+    }
     assert got == {
         ("2018/perf0.midi", "train", "frederic_chopin", "Frédéric Chopin"),
         ("2018/perf1.midi", "validation", "johann_sebastian_bach", "Johann Sebastian Bach"),
@@ -327,7 +362,9 @@ def test_interrupted_build_never_looks_complete(midi_folder, tmp_path, monkeypat
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".spool")]
 
     monkeypatch.setattr(build._Spool, "read", real_read)
-    assert build.build_dataset([f"midi_dir:{midi_folder}"], tmp_path, num_workers=1, progress=False, verbose=False) == path
+    assert (
+        build.build_dataset([f"midi_dir:{midi_folder}"], tmp_path, num_workers=1, progress=False, verbose=False) == path
+    )
     assert build.is_complete(path)
 
 

@@ -54,23 +54,50 @@ def test_transpose_drops_notes_pushed_out_of_range_and_never_wraps():
     vocab = Vocabulary()
     ids = _ids(
         vocab,
-        ["VELOCITY:20", "NOTE_ON:21", "NOTE_ON:60", "NOTE_ON:108", "TIME_SHIFT:50",
-         "NOTE_OFF:108", "TIME_SHIFT:10", "NOTE_OFF:21", "NOTE_OFF:60"],
+        [
+            "VELOCITY:20",
+            "NOTE_ON:21",
+            "NOTE_ON:60",
+            "NOTE_ON:108",
+            "TIME_SHIFT:50",
+            "NOTE_OFF:108",
+            "TIME_SHIFT:10",
+            "NOTE_OFF:21",
+            "NOTE_OFF:60",
+        ],
     )
     up = vocab.transpose(ids, 1)
     assert vocab.describe(up) == [
-        "VELOCITY:20", "NOTE_ON:22", "NOTE_ON:61", "TIME_SHIFT:50", "TIME_SHIFT:10", "NOTE_OFF:22", "NOTE_OFF:61",
+        "VELOCITY:20",
+        "NOTE_ON:22",
+        "NOTE_ON:61",
+        "TIME_SHIFT:50",
+        "TIME_SHIFT:10",
+        "NOTE_OFF:22",
+        "NOTE_OFF:61",
     ]
     down = vocab.transpose(ids, -1)
     assert vocab.describe(down) == [
-        "VELOCITY:20", "NOTE_ON:59", "NOTE_ON:107", "TIME_SHIFT:50", "NOTE_OFF:107", "TIME_SHIFT:10", "NOTE_OFF:59",
+        "VELOCITY:20",
+        "NOTE_ON:59",
+        "NOTE_ON:107",
+        "TIME_SHIFT:50",
+        "NOTE_OFF:107",
+        "TIME_SHIFT:10",
+        "NOTE_OFF:59",
     ]
     # Far enough, every note goes; timing and velocity events stay, nothing wraps around.
     assert vocab.describe(vocab.transpose(ids, 88)) == ["VELOCITY:20", "TIME_SHIFT:50", "TIME_SHIFT:10"]
     assert vocab.describe(vocab.transpose(ids, -88)) == ["VELOCITY:20", "TIME_SHIFT:50", "TIME_SHIFT:10"]
     # The edges themselves stay in range.
-    assert vocab.describe(vocab.transpose(_ids(vocab, ["NOTE_ON:107", "NOTE_OFF:107"]), 1)) == ["NOTE_ON:108", "NOTE_OFF:108"]
-    assert vocab.describe(vocab.transpose(_ids(vocab, ["NOTE_ON:22", "NOTE_OFF:22"]), -1)) == ["NOTE_ON:21", "NOTE_OFF:21"]
+    assert vocab.describe(vocab.transpose(_ids(vocab, ["NOTE_ON:107", "NOTE_OFF:107"]), 1)) == [
+        "NOTE_ON:108",
+        "NOTE_OFF:108",
+    ]
+    assert vocab.describe(vocab.transpose(_ids(vocab, ["NOTE_ON:22", "NOTE_OFF:22"]), -1)) == [
+        "NOTE_ON:21",
+        "NOTE_OFF:21",
+    ]
 
 
 def test_transpose_keeps_the_timing_of_the_notes_that_remain():
