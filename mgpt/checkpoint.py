@@ -64,19 +64,25 @@ class Checkpoints:
         )
         self.manager.save(step, args=args, force=True)
 
-    def restore(self, step: int, abstract_state: dict, data_iter) -> dict:
-        """The full training state at `step` (arrays placed by abstract_state's shardings); the
-        iterator is moved to where that step left it."""
+    def restore(self, step: int, abstract_state: dict, data_iter) -> tuple[dict, bool]:
+        """(the full training state at `step`, whether the data position was restored).
+
+        Arrays are placed by abstract_state's shardings (orbax reshards if the mesh changed);
+        the iterator is moved to where that step left it. The data position is saved per
+        process, so a run resumed on a different number of hosts keeps its state but
+        starts a fresh pass over the data.
+        """
         abstract_rest = {k: v for k, v in abstract_state.items() if k != "params"}
-        out = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_state["params"]),
-                train_state=ocp.args.StandardRestore(abstract_rest),
-                data=grain.checkpoint.CheckpointRestore(data_iter),
-            ),
-        )
-        return {"params": out["params"], **out["train_state"]}
+        items = {
+            "params": ocp.args.StandardRestore(abstract_state["params"]),
+            "train_state": ocp.args.StandardRestore(abstract_rest),
+        }
+        pi, pc = jax.process_index(), jax.process_count()
+        has_data = (self.directory / str(step) / "data" / f"process_{pi}-of-{pc}.json").exists()
+        if has_data:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return {"params": out["params"], **out["train_state"]}, has_data
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -555,8 +555,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     latest = ckpts.latest_step()
     abstract = ckpt_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)
     if latest is not None:
-        state = ckpts.restore(latest, abstract, train_iter)
+        state, data_restored = ckpts.restore(latest, abstract, train_iter)
         _print0(f"resumed from {ckpts.directory}/{latest}")
+        if not data_restored:
+            _print0(f"note: no data position saved for {pc} process(es); the data order starts afresh")
     else:
         state = jax.jit(s.init_fn, static_argnums=0, out_shardings=s.state_shardings)(config.seed)
         if config.init_from:
