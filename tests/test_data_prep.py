@@ -103,6 +103,7 @@ def _agree(data):
     return fast is not None
 
 
+@pytest.mark.filterwarnings("ignore:Tempo, Key or Time signature")
 def test_fast_reader_gives_note_seqs_notes_exactly():
     files = [synthetic.piano_midi(s) for s in range(10)] + [synthetic.mixed_midi(s) for s in range(20)]
     import music21
@@ -428,8 +429,18 @@ def test_tfrecord_without_tensorflow_stops_at_once(tmp_path):
 
 
 def test_cli_prints_the_dataset_path_last(midi_folder, tmp_path):
-    out = _cli(f"--source=midi_dir:{midi_folder}", f"--output_dir={tmp_path}", "--num_workers=1", "--max_pieces=5")
+    out = _cli(
+        f"--source=midi_dir:{midi_folder}",
+        f"--output_dir={tmp_path}",
+        "--num_workers=1",
+        "--max_pieces=5",
+        "--num_velocity_bins=8",
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     last = out.stdout.strip().splitlines()[-1]
     assert last == str(build.dataset_path(tmp_path)) and build.is_complete(last)
     assert "train" in out.stdout and "events/s" in out.stdout
+    vocab = Vocabulary.load(last)
+    assert vocab.num_velocity_bins == 8
+    records = [r for s in sources.SPLITS for r in _records(last, s)]
+    assert len(records) == 5 and all(vocab.is_event(r["tokens"]).all() for r in records)
