@@ -1,6 +1,6 @@
 """Build a training dataset: sources -> note-seq performance events -> TFDS ArrayRecord.
 
-    python -m data_prep.build --source=music21:bach,essenFolksong --output_dir=data/demo
+    python -m data_prep.build --source=music21:bach,ryansMammoth:200 --output_dir=data/demo
     python -m data_prep.build --source=maestro:/data/maestro-v3.0.0 --output_dir=data/maestro \
         --time_stretch --num_workers=16
 
@@ -37,6 +37,7 @@ import os
 import pathlib
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -335,6 +336,8 @@ def _build(specs: list[str], output_dir, o: _Options) -> pathlib.Path:
             "skipped.jsonl": sorted(skipped, key=lambda r: (r["source"], r["root"], r["piece_id"])),
             "build.json": summary,
         }
+        if o.progress:
+            print(f"writing {sum(spool.counts.values()):,} records as {o.file_format} ...", file=sys.stderr, flush=True)
         _write_tfds(path.parent.parent, spool, extra, o)
     finally:
         shutil.rmtree(spool_dir, ignore_errors=True)
