@@ -213,10 +213,12 @@ class Run:
             greedy=sampling.greedy, batch_size=batch_size, **sampling.budget(),
         )
 
+        home = _device_of(self.model)
+
         def run_share(device, share):
             if not len(share):
                 return []
-            model = self.model if len(devices) == 1 and device == _device_of(self.model) else self.replica(device)
+            model = self.model if device == home else self.replica(device)
             return generate_tokens(model, self.vocab, [prompts[i] for i in share], seeds=[int(seeds[i]) for i in share],
                                    **kwargs)
 

@@ -159,8 +159,29 @@ def render_audio(
         tmp.unlink(missing_ok=True)
         detail = (proc.stderr or proc.stdout).strip().splitlines()
         raise RuntimeError(f"fluidsynth could not render {midi_path}: {detail[-1] if detail else 'no output'}")
+    _trim_silence(tmp)
     os.replace(tmp, wav_path)  # a killed render never leaves a truncated WAV under the final name
     return wav_path
+
+
+def _trim_silence(path: pathlib.Path, *, threshold: int = 3, keep_s: float = 0.5) -> None:
+    """Cut the WAV's silent end: `fluidsynth -F` renders several seconds of it after the last note."""
+    import wave
+
+    with wave.open(str(path), "rb") as w:
+        params = w.getparams()
+        frames = w.readframes(params.nframes)
+    if params.sampwidth != 2:
+        return
+    samples_TxC = np.frombuffer(frames, np.int16).reshape(-1, params.nchannels)
+    audible_T = np.flatnonzero(np.abs(samples_TxC).max(axis=1) > threshold)
+    last = int(audible_T[-1]) + 1 if len(audible_T) else 0
+    keep = min(params.nframes, last + int(keep_s * params.framerate))
+    if keep >= params.nframes:
+        return
+    with wave.open(str(path), "wb") as w:
+        w.setparams(params)
+        w.writeframes(samples_TxC[:keep].tobytes())
 
 
 # ----------------------------------------------------------------------------- gallery

@@ -1,0 +1,452 @@
+"""Generation (mgpt/generate.py, mgpt/render.py): pieces as files, the command line, resume, gallery."""
+
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import wave
+
+import mido
+import note_seq
+import numpy as np
+import pretty_midi
+import pytest
+
+from data_prep.vocab import Vocabulary
+from mgpt import generate, render
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STYLES = ["bach", "chopin", "folk"]
+SMALL = generate.Sampling(max_events=24)
+
+
+def _save_checkpoint(workdir, vocab, step=7):
+    """A run directory as mgpt.train leaves it, holding a randomly initialised tiny GPT."""
+    import grain
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from configs import tiny
+    from mgpt import checkpoint as ckpt_lib
+    from mgpt.model import GPT, ModelConfig
+
+    config = tiny.get_config()
+    # max_len 32 < the 60+ events the tests ask for, so the sampler's sliding window runs too.
+    config.model.update(num_layers=1, num_heads=2, d_model=32, mlp_dim=64, max_len=32)
+    model = GPT(ModelConfig.from_config(config.model, vocab.size), rngs=nnx.Rngs(0))
+    ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False)
+    state = {"params": nnx.state(model, nnx.Param), "step": jnp.asarray(step, jnp.int32)}
+    ckpts.save(step, state, iter(grain.MapDataset.range(1).to_iter_dataset()), config.to_dict(), vocab.to_json())
+    ckpts.wait()
+    ckpts.close()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("run"))
+    _save_checkpoint(path, Vocabulary(STYLES))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(workdir):
+    return generate.load_run(workdir)
+
+
+def _primer_file(path, notes):
+    from note_seq.protobuf import music_pb2
+
+    ns = music_pb2.NoteSequence()
+    ns.tempos.add(qpm=120)
+    for pitch, start, end in notes:
+        ns.notes.add(pitch=pitch, velocity=90, start_time=start, end_time=end)
+    ns.total_time = max(e for _, _, e in notes)
+    render.write_midi(ns, path)
+    return str(path)
+
+
+def _cli_args(workdir, out, *extra):
+    return ["mgpt.generate", f"--workdir={workdir}", f"--output_dir={out}", "--noprogress", *extra]
+
+
+# ----------------------------------------------------------------------------- decoding to music
+
+
+def _check_midi_file(path, expected_notes):
+    """The file opens in mido and pretty_midi, every note has positive length, none are lost."""
+    mid = mido.MidiFile(path)
+    sounding = {}
+    for msg in mido.merge_tracks(mid.tracks):
+        if msg.type == "note_on" and msg.velocity > 0:
+            sounding[msg.note] = sounding.get(msg.note, 0) + 1
+        elif msg.type in ("note_off", "note_on"):
+            assert sounding.get(msg.note, 0) > 0, f"{path}: note off for {msg.note} with no note on"
+            sounding[msg.note] -= 1
+    assert not any(sounding.values()), f"{path}: notes left sounding at the end"
+    pm = pretty_midi.PrettyMIDI(str(path))
+    notes = [n for inst in pm.instruments for n in inst.notes]
+    assert len(notes) == expected_notes
+    assert all(n.end > n.start for n in notes)
+
+
+def test_garbage_ids_decode_to_valid_midi(tmp_path):
+    vocab = Vocabulary(STYLES)
+    on, off = vocab.note_on_offset - vocab.min_pitch, vocab.note_off_offset - vocab.min_pitch
+    shift = vocab.time_shift_offset + 9  # 100 ms
+    crafted = [
+        off + 60,  # NOTE_OFF with nothing sounding: dropped
+        on + 62, off + 62,  # zero-length note: dropped
+        on + 64, shift, off + 64,  # a proper 100 ms note
+        on + 67, on + 67, shift, off + 67,  # a repeated NOTE_ON: the first closes, the second dangles
+        vocab.style_offset, vocab.pad_id, vocab.eos_id, vocab.size + 5, -3,  # junk in the middle
+        on + 71,  # dangling at the end: closed after the last event
+    ]
+    ns = vocab.decode(crafted)
+    got = sorted((n.pitch, round(n.start_time, 3), round(n.end_time, 3)) for n in ns.notes)
+    assert got == [(64, 0.0, 0.1), (67, 0.1, 0.2), (67, 0.1, 0.2), (71, 0.2, 0.3)]
+    _check_midi_file(render.write_midi(ns, tmp_path / "crafted.mid"), expected_notes=4)
+
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        ids = rng.integers(-5, vocab.size + 5, size=int(rng.integers(0, 400)))
+        ns = vocab.decode(ids)
+        assert all(n.end_time > n.start_time for n in ns.notes)
+        _check_midi_file(render.write_midi(ns, tmp_path / f"garbage{i}.mid"), expected_notes=len(ns.notes))
+
+
+# ----------------------------------------------------------------------------- inputs users get wrong
+
+
+def test_style_names_all_lists_and_unconditional():
+    vocab = Vocabulary(STYLES)
+    assert generate.resolve_styles(vocab, "all") == STYLES
+    assert generate.resolve_styles(vocab, " Folk ,bach") == ["folk", "bach"]
+    assert generate.resolve_styles(vocab, "unconditional") == ["unconditional"]
+    assert generate.style_token(vocab, "unconditional") == vocab.unknown_style_id
+    assert generate.resolve_styles(Vocabulary([]), "all") == ["unconditional"]
+
+
+def test_wrong_style_is_one_line_listing_the_known_styles(workdir, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mgpt.generate", f"--workdir={workdir}", f"--output_dir={tmp_path}", "--style=mozart"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == (
+        "--style=mozart: not a style of this model; known styles: bach, chopin, folk (or unconditional, or all)"
+    )
+    assert not os.listdir(tmp_path), "nothing is written when the flags are wrong"
+
+
+def test_corrupt_or_empty_primer_is_a_clear_error(workdir, tmp_path):
+    vocab = Vocabulary(STYLES)
+    corrupt = tmp_path / "corrupt.mid"
+    corrupt.write_bytes(b"MThd\x00\x00\x00\x06\x00\x01\x00\x02\x01\xe0MTrk\xff\xff\xff\xffgarbage")
+    with pytest.raises(SystemExit) as e:
+        generate.main(_cli_args(workdir, tmp_path / "out", f"--primer={corrupt}"))
+    assert str(e.value).startswith(f"--primer={corrupt}: not a readable MIDI file (")
+    assert "\n" not in str(e.value)
+    with pytest.raises(generate.UserError, match="no such file"):
+        generate.load_primer(tmp_path / "missing.mid", vocab)
+    late = _primer_file(tmp_path / "late.mid", [(60, 5.0, 6.0)])
+    with pytest.raises(generate.UserError, match=r"late.mid: no notes in its first 2 s"):
+        generate.load_primer(late, vocab, seconds=2)
+
+
+def test_bad_sampling_flags_name_the_flag(workdir, tmp_path):
+    for flag, message in [("--temperature=0", "--temperature must be > 0"), ("--top_p=1.5", "--top_p must be in"),
+                          ("--max_events=-1", "--max_events must be >= 0")]:
+        with pytest.raises(SystemExit, match=message):
+            generate.main(_cli_args(workdir, tmp_path, flag))
+
+
+def test_missing_fluidsynth_fails_at_once_with_the_install_line(workdir, tmp_path, monkeypatch):
+    monkeypatch.setattr(render.shutil, "which", lambda name: None)
+    monkeypatch.setattr(generate, "load_run", lambda *a: pytest.fail("weights were loaded before the audio check"))
+    with pytest.raises(SystemExit) as e:
+        generate.main(_cli_args(workdir, tmp_path, "--audio"))
+    assert "apt-get install -y fluidsynth timgm6mb-soundfont" in str(e.value)
+
+    monkeypatch.setattr(render.shutil, "which", lambda name: "/usr/bin/fluidsynth")
+    monkeypatch.setattr(render, "SOUNDFONT_PATHS", (str(tmp_path / "none.sf2"),))
+    with pytest.raises(render.AudioToolsMissing, match="timgm6mb-soundfont, or pass --soundfont"):
+        render.find_audio_tools()
+    with pytest.raises(render.AudioToolsMissing, match=r"--soundfont=.*nope.sf2: no such file"):
+        render.find_audio_tools(tmp_path / "nope.sf2")
+
+
+# ----------------------------------------------------------------------------- sampling through a run
+
+
+def test_primer_is_kept_at_the_start_of_every_piece(run, tmp_path):
+    # The last note crosses the 2 s cut (it is shortened to end there); the one at 3 s is left out.
+    primer = _primer_file(tmp_path / "primer.mid", [(60, 0.0, 0.5), (64, 0.5, 1.0), (67, 1.0, 2.5), (72, 3.0, 3.5)])
+    primer_ids = generate.load_primer(primer, run.vocab, seconds=2.0)
+    expected = [(60, 0.0, 0.5), (64, 0.5, 1.0), (67, 1.0, 2.0)]
+    p, _, s, e = run.vocab.decode_notes(primer_ids)
+    assert list(zip(p.tolist(), s.tolist(), e.tolist())) == expected
+
+    entries = generate.generate_corpus(run, tmp_path / "out", num_samples=2, styles=["bach", "folk"],
+                                       sampling=SMALL, primer=primer, primer_seconds=2.0, progress=False)
+    for entry in entries:
+        assert entry["primer_events"] == len(primer_ids) and entry["new_events"] == 24
+        ns = note_seq.midi_file_to_note_sequence(str(tmp_path / "out" / entry["file"]))
+        head = sorted((n.pitch, n.start_time, n.end_time) for n in ns.notes if n.start_time < 2.0 - 1e-6)
+        assert len(head) == 3
+        np.testing.assert_allclose(np.array(head), np.array(expected), atol=0.003)  # MIDI tick rounding
+    rows = run.generate_ids("bach", 2, primer=primer, primer_seconds=2.0, max_events=10)
+    for row in rows:
+        assert row[0] == run.vocab.style_id("bach")
+        np.testing.assert_array_equal(row[1 : 1 + len(primer_ids)], primer_ids)
+
+
+def test_same_seed_same_piece_whatever_the_batch_size(run):
+    one_by_one = run.generate_ids("chopin,folk", 2, seed=11, max_events=40, batch_size=1)
+    together = run.generate_ids("chopin,folk", 2, seed=11, max_events=40)
+    for a, b in zip(one_by_one, together):
+        np.testing.assert_array_equal(a, b)
+    assert [r[0] for r in together] == [run.vocab.style_id("chopin"), run.vocab.style_id("folk")]
+    assert all(len(r) == 41 for r in together), "40 new events each (the sliding window carried on past 32)"
+    assert not np.array_equal(together[0][1:], together[1][1:]), "different seeds, different pieces"
+
+
+def test_notebook_api_returns_note_sequences_and_writes_midi(run, tmp_path):
+    assert run.styles == STYLES and run.step == 7
+    pieces = run.generate(style="chopin", n=2, seed=3, max_events=30, temperature=0.9, top_k=20, top_p=0.95)
+    assert len(pieces) == 2 and all(hasattr(ns, "notes") for ns in pieces)
+    paths = run.write_midi(pieces, tmp_path, prefix="chopin", images=True)
+    assert [p.name for p in paths] == ["chopin_000.mid", "chopin_001.mid"]
+    for ns, path in zip(pieces, paths):
+        _check_midi_file(path, expected_notes=len(ns.notes))
+        assert path.with_suffix(".png").stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------- batch corpus generation
+
+
+def test_killed_batch_generation_resumes_without_duplicates(run, tmp_path, monkeypatch):
+    opts = dict(num_samples=6, styles=["bach", "folk"], seed=5, sampling=SMALL, batch_size=2, progress=False)
+    uninterrupted = generate.generate_corpus(run, tmp_path / "whole", **opts)
+
+    out = tmp_path / "killed"
+    real_write, written = generate._write_piece, []
+
+    def write_then_die(*args, **kwargs):
+        entry = real_write(*args, **kwargs)
+        written.append(entry["index"])
+        if len(written) == 4:  # killed after piece 3's files, before its manifest line
+            raise KeyboardInterrupt
+        return entry
+
+    monkeypatch.setattr(generate, "_write_piece", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        generate.generate_corpus(run, out, **opts)
+    monkeypatch.setattr(generate, "_write_piece", real_write)
+    with open(out / "manifest.jsonl", "a") as f:
+        f.write('{"index": 3, "file": "00003_fo')  # and a line cut short mid-write
+    assert [e["index"] for e in render.read_manifest(out / "manifest.jsonl")] == [0, 1, 2]
+
+    sampled = []
+    real_sample = run.sample_ids
+    monkeypatch.setattr(run, "sample_ids", lambda prompts, *a, **k: sampled.extend(prompts) or real_sample(prompts, *a, **k))
+    resumed = generate.generate_corpus(run, out, **opts)
+    assert len(sampled) == 3, "only the missing pieces are generated again"
+    lines = render.read_manifest(out / "manifest.jsonl")
+    assert sorted(e["index"] for e in lines) == list(range(6)), "every piece once"
+    assert [e["index"] for e in resumed] == list(range(6))
+    for a, b in zip(uninterrupted, sorted(lines, key=lambda e: e["index"])):
+        assert (tmp_path / "whole" / a["file"]).read_bytes() == (out / b["file"]).read_bytes()
+        assert a == b
+
+    with pytest.raises(generate.UserError, match=r"piece 0 was made with settings=.*new --output_dir"):
+        generate.generate_corpus(run, out, **{**opts, "sampling": generate.Sampling(max_events=25)})
+
+
+def test_each_host_writes_its_share_and_the_gallery_joins_them(run, tmp_path):
+    out = tmp_path / "pod"
+    for host in (1, 0):
+        entries = generate.generate_corpus(run, out, num_samples=5, styles=["folk"], sampling=SMALL, batch_size=2,
+                                           progress=False, process_index=host, process_count=2)
+        assert [e["index"] for e in entries] == list(range(host, 5, 2))
+    assert sorted(p.name for p in out.glob("manifest*")) == ["manifest-00000-of-00002.jsonl",
+                                                             "manifest-00001-of-00002.jsonl"]
+    page = generate.write_gallery(out).read_text()
+    assert all(f"0000{i}_folk.png" in page for i in range(5))
+
+
+MULTI_DEVICE = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import jax, numpy as np
+    from flax import nnx
+    from data_prep.vocab import Vocabulary
+    from mgpt import generate
+    from mgpt.model import GPT, ModelConfig
+    vocab = Vocabulary(["bach", "chopin"])
+    cfg = ModelConfig(vocab_size=vocab.size, num_layers=1, num_heads=2, d_model=32, mlp_dim=64, max_len=32)
+    run = generate.Run(model=GPT(cfg, rngs=nnx.Rngs(0)), vocab=vocab)
+    prompts = run.prompts(["bach", "chopin", "bach", "unconditional"])
+    sampling = generate.Sampling(max_events=40)
+    spread = run.sample_ids(prompts, [1, 2, 3, 4], sampling, devices=jax.local_devices())
+    alone = run.sample_ids(prompts, [1, 2, 3, 4], sampling, batch_size=2, devices=jax.local_devices()[:1])
+    assert len(jax.local_devices()) == 2 and list(run._replicas) == [1], "weights copied to the second device only"
+    assert all(np.array_equal(a, b) for a, b in zip(spread, alone)), "pieces differ across device counts"
+    print("ok")
+""")
+
+
+def test_pieces_do_not_depend_on_the_number_of_devices():
+    proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE], cwd=ROOT, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- the command's outputs
+
+
+@pytest.fixture(scope="module")
+def cli_output(workdir, tmp_path_factory):
+    """One run of the command over every style, with audio when FluidSynth is installed."""
+    out = tmp_path_factory.mktemp("cli") / "out"
+    audio = ["--audio"] if _have_audio() else []
+    generate.main(_cli_args(workdir, out, "--style=all", "--num_samples=4", "--max_events=60", "--top_p=0.95",
+                            "--seed=100", *audio))
+    return out
+
+
+def _have_audio():
+    try:
+        render.find_audio_tools()
+        return True
+    except render.AudioToolsMissing:
+        return False
+
+
+def test_command_writes_midi_manifest_images_and_gallery(cli_output):
+    entries = render.read_manifest(cli_output / "manifest.jsonl")
+    assert [(e["file"], e["style"], e["seed"]) for e in entries] == [
+        ("00000_bach.mid", "bach", 100), ("00001_chopin.mid", "chopin", 101),
+        ("00002_folk.mid", "folk", 102), ("00003_bach.mid", "bach", 103)]
+    for e in entries:
+        assert e["settings"]["top_p"] == 0.95 and e["settings"]["max_events"] == 60 and e["checkpoint_step"] == 7
+        assert e["events"] == 60 and e["seconds"] > 0
+        _check_midi_file(cli_output / e["file"], expected_notes=e["notes"])
+        assert (cli_output / e["image"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (cli_output / "index.html").read_text()
+    assert "http" not in page, "the gallery needs no network"
+    assert all(f'href="{e["file"]}" download' in page for e in entries)
+
+
+def test_audio_is_rendered_when_fluidsynth_exists(cli_output):
+    if not _have_audio():
+        pytest.skip(f"fluidsynth or a GM soundfont is not installed ({render.INSTALL_AUDIO})")
+    for e in render.read_manifest(cli_output / "manifest.jsonl"):
+        with wave.open(str(cli_output / e["audio"])) as w:
+            seconds = w.getnframes() / w.getframerate()
+            assert w.getnchannels() == 2 and w.getframerate() == render.SAMPLE_RATE
+            assert np.abs(np.frombuffer(w.readframes(w.getnframes()), np.int16)).max() > 0, "not silence"
+        assert e["seconds"] <= seconds <= e["seconds"] + 2  # the release of the last notes, no long silence
+
+
+class _Chromium:
+    """Headless Chromium driven over the DevTools protocol on a pipe (fds 3/4): no extra packages."""
+
+    def __init__(self, exe):
+        cmd_r, self._cmd_w = os.pipe()
+        self._evt_r, evt_w = os.pipe()
+        self._profile = tempfile.mkdtemp()
+
+        # bash puts the pipe ends on fds 3 and 4, where --remote-debugging-pipe expects them (no preexec_fn:
+        # forking a process that runs JAX threads is unsafe).
+        redirect = f'exec "$0" "$@" 3<&{cmd_r} 4>&{evt_w} {cmd_r}<&- {evt_w}>&-'
+        self._proc = subprocess.Popen(
+            [shutil.which("bash") or "/bin/bash", "-c", redirect, exe, "--headless=new", "--no-sandbox",
+             "--disable-gpu", "--no-first-run", "--remote-debugging-pipe", f"--user-data-dir={self._profile}",
+             "about:blank"],
+            pass_fds=(cmd_r, evt_w), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        os.close(cmd_r)
+        os.close(evt_w)
+        self._buf, self._id, self.events = b"", 0, []
+
+    def send(self, method, params=None, session=None, timeout=60):
+        self._id += 1
+        msg = {"id": self._id, "method": method, "params": params or {}, **({"sessionId": session} if session else {})}
+        os.write(self._cmd_w, json.dumps(msg).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self._read(deadline)
+            if m.get("id") == self._id:
+                assert "error" not in m, f"{method}: {m['error']}"
+                return m["result"]
+            self.events.append(m)
+
+    def wait_for(self, method, timeout=60):
+        deadline = time.monotonic() + timeout
+        while not any(e.get("method") == method for e in self.events):
+            self.events.append(self._read(deadline))
+
+    def _read(self, deadline):
+        while b"\0" not in self._buf:
+            ready, _, _ = select.select([self._evt_r], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, "chromium stopped answering"
+            chunk = os.read(self._evt_r, 1 << 16)
+            assert chunk, "chromium exited"
+            self._buf += chunk
+        raw, self._buf = self._buf.split(b"\0", 1)
+        return json.loads(raw)
+
+    def close(self):
+        try:
+            self.send("Browser.close", timeout=5)
+            self._proc.wait(10)
+        except Exception:
+            self._proc.kill()
+            self._proc.wait()
+        os.close(self._cmd_w)
+        os.close(self._evt_r)
+        shutil.rmtree(self._profile, ignore_errors=True)
+
+
+def test_gallery_loads_in_headless_chromium_and_shows_every_image(cli_output):
+    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if exe is None:
+        pytest.skip("Chromium is not installed (apt-get install -y chromium)")
+    entries = render.read_manifest(cli_output / "manifest.jsonl")
+    browser = _Chromium(exe)
+    try:
+        target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        for domain in ("Page", "Runtime", "Log"):
+            browser.send(f"{domain}.enable", session=session)
+        browser.send("Page.navigate", {"url": (cli_output / "index.html").as_uri()}, session=session)
+        browser.wait_for("Page.loadEventFired")
+        # Lazy images load when scrolled to: ask for each one now and wait until it is decoded.
+        check = """Promise.all([
+            ...[...document.images].map(i => { i.loading = 'eager';
+                return i.decode().then(() => [i.getAttribute('src'), i.naturalWidth], () => [i.getAttribute('src'), 0]); }),
+            ...[...document.querySelectorAll('audio')].map(a => new Promise(done => {
+                a.onloadedmetadata = () => done([a.getAttribute('src'), a.duration]);
+                a.onerror = () => done([a.getAttribute('src'), 0]);
+                a.preload = 'metadata'; a.load(); })),
+        ]).then(JSON.stringify)"""
+        loaded = json.loads(browser.send("Runtime.evaluate", {"expression": check, "awaitPromise": True,
+                                                               "returnByValue": True}, session=session)["result"]["value"])
+        browser.send("Runtime.evaluate", {"expression": "0"}, session=session)  # flush late console events
+    finally:
+        browser.close()
+    errors = [e["params"] for e in browser.events
+              if e.get("method") == "Runtime.exceptionThrown"
+              or (e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert"))
+              or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")]
+    assert not errors, errors
+    images = {src: size for src, size in loaded if src.endswith(".png")}
+    assert images.keys() == {e["image"] for e in entries} and all(w > 0 for w in images.values()), loaded
+    audio = {src: seconds for src, seconds in loaded if src.endswith(".wav")}
+    assert audio.keys() == {e["audio"] for e in entries if e["audio"]}
+    assert all(s > 0 for s in audio.values()), loaded
