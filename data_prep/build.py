@@ -550,7 +550,15 @@ def main(argv: Sequence[str]) -> None:
     del argv
     f = flags.FLAGS
     logging.set_verbosity(logging.WARNING)
+    if f.demo == bool(f.source):
+        raise SystemExit("error: give either --demo or at least one --source")
+    output_dir = f.output_dir or DEMO_DIR
     try:
+        if f.demo:  # the embedded-corpus subset the README demo trains on; reused when present
+            print(ensure_dataset(output_dir, num_workers=f.num_workers, progress=True, verbose=True))
+            return
+        if not f.output_dir:
+            raise ValueError("--output_dir is required with --source")
         build_dataset(
             f.source,
             f.output_dir,
@@ -579,7 +587,8 @@ def _define_flags() -> None:
     from absl import flags
 
     flags.DEFINE_multi_string("source", None, "midi_dir:PATH | maestro:PATH | asap:PATH | music21:NAMES (repeatable)")
-    flags.DEFINE_string("output_dir", None, "folder to hold the dataset")
+    flags.DEFINE_bool("demo", False, f"build the embedded demo subset {DEMO_SOURCES} (kept when already built)")
+    flags.DEFINE_string("output_dir", None, f"folder to hold the dataset (default with --demo: {DEMO_DIR})")
     flags.DEFINE_integer("num_workers", 0, "worker processes (0: one per core)")
     flags.DEFINE_integer("num_velocity_bins", 32, "VELOCITY bins of the vocabulary")
     flags.DEFINE_integer("min_pitch", 21, "lowest MIDI pitch kept")
@@ -593,7 +602,6 @@ def _define_flags() -> None:
     flags.DEFINE_list("splits", ["90", "5", "5"], "train,validation,test percents for sources without splits")
     flags.DEFINE_bool("overwrite", False, "replace a dataset already in --output_dir")
     flags.DEFINE_enum("parser", "fast", ["fast", "note_seq"], "MIDI reader (both give note-seq's notes)")
-    flags.mark_flags_as_required(["source", "output_dir"])
 
 
 if __name__ == "__main__":
