@@ -89,7 +89,7 @@ def test_top_p_samples_only_the_nucleus():
     # Sorted: .30 .25 .15 .12 ... ; .30+.25+.15 = .70 >= 0.6 so the nucleus is {1, 3, 4}.
     draws = _draw(np.log(PROBS_V), top_p=0.6)
     assert set(np.unique(draws)) == {1, 3, 4}
-    draws = _draw(np.log(PROBS_V), top_p=0.3)  # the top token alone reaches 0.3
+    draws = _draw(np.log(PROBS_V), top_p=0.29)  # the top token alone reaches 0.29
     assert set(np.unique(draws)) == {1}
 
 
@@ -101,6 +101,10 @@ def test_min_p_and_temperature_compose_with_top_k():
     assert set(np.flatnonzero(np.isfinite(np.asarray(kept[0])))) == {1, 3, 4}
     kept = filter_logits(jnp.log(jnp.asarray(PROBS_V))[None], sampling_settings(min_p=0.4), jnp.zeros(8, bool))
     assert set(np.flatnonzero(np.isfinite(np.asarray(kept[0])))) == {1, 3, 4, 6}
+    kept = filter_logits(
+        jnp.log(jnp.asarray(PROBS_V))[None], sampling_settings(top_k=2, top_p=0.99), jnp.zeros(8, bool)
+    )
+    assert set(np.flatnonzero(np.isfinite(np.asarray(kept[0])))) == {1, 3}
     # A low temperature sharpens towards the mode.
     cold = _draw(np.log(PROBS_V), n=4000, temperature=0.05)
     assert np.mean(cold == 1) > 0.9
