@@ -267,6 +267,6 @@ def plot_feature(
         ax.set_xlabel(name + (" (seconds)" if name != "pitch_class_histogram" else ""))
     ax.set_title(name)
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.12, right=0.98, top=0.9, bottom=0.22)
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -86,8 +86,9 @@ class LSTMLayer(nnx.Module):
         self.w_x = _param(
             jax.random.normal(rngs.params(), (d, 4, d), pdt) * d**-0.5, ("embed", None, "mlp")
         )
-        recurrent = jax.nn.initializers.orthogonal()(rngs.params(), (d, 4 * d), pdt)
-        self.w_h = _param(recurrent.reshape(d, 4, d), ("embed", None, "mlp"))
+        self.w_h = _param(
+            jax.random.normal(rngs.params(), (d, 4, d), pdt) * d**-0.5, ("embed", None, "mlp")
+        )
         # A forget-gate bias of 1 keeps early gradients flowing through the cell state.
         self.b = _param(jnp.zeros((4, d), pdt).at[1].set(1.0), (None, "mlp"))
 

@@ -140,6 +140,6 @@ def plot_confusion(scores: dict[str, dict], path: str) -> None:
         ax.set_xlabel("classified as")
         ax.set_ylabel("true / conditioned style")
         ax.set_title(f"{title}: {100 * s['accuracy']:.0f}% of {s['count']}")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.2, right=0.98, top=0.9, bottom=0.3, wspace=0.6)
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -172,3 +172,154 @@ def test_style_classifier_beats_chance_on_two_synthetic_styles():
     result = sc.score(test_labels, predicted, clf.labels)
     assert result["accuracy"] >= 0.9
     assert np.asarray(result["confusion"]).sum() == 20
+
+
+# ----------------------------------------------------------------------------- LSTM baseline
+
+
+def test_lstm_gives_logits_of_every_position_and_learns_a_pattern():
+    import jax
+    import optax
+    from flax import nnx
+
+    from mgpt import lstm
+
+    cfg = lstm.LSTMConfig(vocab_size=11, num_layers=2, d_model=16)
+    model = nnx.jit(lambda: lstm.LSTMLM(cfg, rngs=nnx.Rngs(0)))()
+    assert lstm.count_params(cfg) == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    graphdef, params = nnx.split(model, nnx.Param)
+    forward = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
+    tokens_BxL = np.tile(np.arange(1, 11, dtype=np.int32), (4, 3))[:, :21]
+    changed = tokens_BxL.copy()
+    changed[:, 10] = 3
+    logits_2BxLxV = np.asarray(forward(params, np.concatenate([tokens_BxL, changed])))
+    assert logits_2BxLxV.shape == (8, 21, 11) and logits_2BxLxV.dtype == np.float32
+    # Causal: changing a later token leaves earlier logits unchanged.
+    np.testing.assert_allclose(logits_2BxLxV[4:, :10], logits_2BxLxV[:4, :10], atol=1e-5)
+    assert not np.allclose(logits_2BxLxV[4:, 10:], logits_2BxLxV[:4, 10:])
+
+    tx = optax.adam(3e-2)
+    opt = tx.init(params)
+
+    def loss_fn(p):
+        logits = nnx.merge(graphdef, p)(tokens_BxL[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens_BxL[:, 1:]).mean()
+
+    @jax.jit
+    def step(p, o):
+        loss, g = jax.value_and_grad(loss_fn)(p)
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), o, loss
+
+    losses = []
+    for _ in range(15):
+        params, opt, loss = step(params, opt)
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_lstm_config_comes_from_the_shared_config_file():
+    from configs import lstm as lstm_config
+    from configs import small
+    from mgpt import lstm, train
+
+    c = lstm_config.get_config()
+    assert c.model.kind == "lstm"
+    # Same data and schedule as the GPT it is compared with: the same number of training tokens.
+    g = small.get_config()
+    assert (c.train.steps, c.train.batch_size, c.data.seq_len) == (g.train.steps, g.train.batch_size, g.data.seq_len)
+    cfg = train.model_config(c.model, vocab_size=300)
+    assert isinstance(cfg, lstm.LSTMConfig) and cfg.num_layers == 2
+    assert lstm.flops_per_token(cfg, 256) == pytest.approx(6 * (2 * 8 * cfg.d_model**2 + cfg.d_model * 300))
+
+
+# ----------------------------------------------------------------------------- the report, end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    """A report from synthetic two-style data, untrained tiny GPT + LSTM, and a generated folder."""
+    import json
+
+    import note_seq
+    from flax import nnx
+
+    from data_prep.vocab import Vocabulary
+    from mgpt import evaluate as E
+    from mgpt import lstm
+    from mgpt.model import GPT, ModelConfig
+
+    rng = np.random.default_rng(0)
+    vocab = Vocabulary(["hymn", "jig"])
+
+    def piece(style):
+        notes = synthetic_style_piece(rng, style)
+        return E.Piece(vocab.encode_notes(*notes), style, "", f"{style}{rng.integers(1e6)}")
+
+    train = [piece(s) for s in ["hymn", "jig"] * 12]
+    test = [piece(s) for s in ["hymn", "jig"] * 3]
+    gen_dir = tmp_path_factory.mktemp("generated")
+    entries = []
+    sources = [("hymn", synthetic_style_piece(rng, "hymn")), ("jig", synthetic_style_piece(rng, "jig")),
+               ("jig", vocab.decode_notes(train[1].tokens))]  # the last one copies a training piece
+    for i, (style, notes) in enumerate(sources):
+        name = f"{i:05d}_{style}.mid"
+        note_seq.sequence_proto_to_midi_file(vocab.decode(vocab.encode_notes(*notes)), str(gen_dir / name))
+        entries.append({"index": i, "file": name, "style": style})
+    (gen_dir / "00003_hymn.mid").write_bytes(b"not a midi file")
+    entries.append({"index": 3, "file": "00003_hymn.mid", "style": "hymn"})
+    (gen_dir / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    (gen_dir / "index.html").write_text("<html>gallery</html>")
+
+    # Built inside one jit each: eager init compiles every random op separately.
+    gpt = nnx.jit(lambda: GPT(ModelConfig(vocab.size, num_layers=1, num_heads=2, d_model=32, mlp_dim=64, max_len=64),
+                              rngs=nnx.Rngs(0)))()
+    lstm_model = nnx.jit(lambda: lstm.LSTMLM(lstm.LSTMConfig(vocab.size, num_layers=1, d_model=32), rngs=nnx.Rngs(1)))()
+    models = [E.Model("gpt", gpt, vocab, 64, 1, 640, 10), E.Model("lstm", lstm_model, vocab, 64, 1, 640, 10)]
+    out = tmp_path_factory.mktemp("report")
+    generated = E.read_generated(gen_dir, vocab)
+    report = E.evaluate(vocab=vocab, train=train, test=test, generated=generated, models=models,
+                        options=E.Options(ngram_order=3, crop_seconds=20.0, copy_threshold_s=5.0),
+                        output_dir=out, log=lambda *a: None)
+    E.write_report(report, out, gen_dir)
+    return out, json.loads((out / "report.json").read_text())
+
+
+def test_report_json_has_every_section(tiny_report):
+    out, report = tiny_report
+    for section in ("meta", "likelihood", "features", "style", "originality", "validity", "targets"):
+        assert section in report, section
+    models = report["likelihood"]["models"]
+    assert set(models) == {"gpt", "lstm", "ngram3"}
+    for m in models.values():
+        assert m["bits_per_event"] == pytest.approx(m["nats_per_event"] / math.log(2))
+        assert set(m["per_style"]) == {"hymn", "jig"}
+    # An untrained GPT is near uniform; the n-gram has learned something.
+    assert models["ngram3"]["nats_per_event"] < models["gpt"]["nats_per_event"]
+    assert set(report["features"]["generated_vs_test"]) == set(F.FEATURES)
+    assert 0 <= report["features"]["mean_overlap"]["train_vs_test"] <= 1
+    assert report["style"]["real_test"]["count"] == 6 and report["style"]["generated"]["count"] == 3
+    assert (report["validity"]["files"], report["validity"]["valid"], report["validity"]["share"]) == (4, 3, 0.75)
+    assert report["validity"]["invalid_files"] == ["00003_hymn.mid"]
+    assert report["originality"]["generated"]["flagged_files"] == ["00002_jig.mid"]
+    assert {t["target"].split(" ")[0] for t in report["targets"]} >= {"GPT", "style", "no", "mean", "100%"}
+    for name in ("report.md", "report.html", "style_confusion.png", "feature_polyphony.png"):
+        assert (out / name).is_file(), name
+    page = (out / "report.html").read_text()
+    assert "index.html" in page and "feature_polyphony.png" in page and "Originality" in page
+
+
+def test_compare_prints_two_reports_side_by_side(tiny_report, tmp_path, capsys):
+    import json
+
+    from mgpt import evaluate as E
+
+    out, report = tiny_report
+    report["likelihood"]["models"]["gpt"]["nats_per_event"] -= 1.0
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    E.main(["evaluate", "--compare", str(out), str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    row = next(line for line in lines if line.startswith("likelihood.gpt.nats_per_event"))
+    assert row.split()[-1] == "-1.0000"
+    with pytest.raises(SystemExit, match="no report.json"):
+        E.main(["evaluate", "--compare", str(out), str(tmp_path / "missing")])

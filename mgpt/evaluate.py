@@ -1,0 +1,945 @@
+"""Evaluate a trained run: likelihood vs baselines, musical statistics, style fidelity, originality.
+
+    python -m mgpt.evaluate --workdir=runs/demo --output_dir=out/eval [--num_samples=24 --style=all]
+    python -m mgpt.evaluate --workdir=runs/demo --output_dir=out/eval --generated_dir=out/demo
+    python -m mgpt.evaluate --workdir=runs/demo --output_dir=out/eval --lstm_workdir=runs/lstm
+    python -m mgpt.evaluate --compare out/eval_a out/eval_b
+    python -m mgpt.evaluate --workdir=runs/demo --finetuned_workdir=runs/bach --composer=bach --output_dir=out/bach
+
+The first form generates pieces with `mgpt.generate` into OUTPUT_DIR/generated (with
+its gallery), the second reads an existing generated folder (its manifest.jsonl).
+Both write OUTPUT_DIR/report.json (every figure), report.md (tables), report.html
+(tables and plots beside the gallery) and the PNGs. Sections:
+
+- likelihood: nats/bits per event and perplexity on the test split (whole pieces,
+  no transposition, cut into the run's seq_len windows that each start with the
+  piece's conditioning token, exactly like the trainer's eval), overall and per
+  style, for the GPT, an interpolated Kneser-Ney n-gram fitted on the train split
+  and, with --lstm_workdir, an LSTM trained by the same trainer.
+- features: per-piece musical statistics (mgpt.features) of generated pieces vs
+  real test pieces (overlap area and KL, Yang & Lerch 2018), with train-vs-test as
+  the ceiling, and a PNG per feature. Every piece is cut to its first
+  --crop_seconds so that lengths match.
+- style: a logistic-regression style classifier (mgpt.style_classifier) trained on
+  the real train split; its accuracy on real test pieces (the ceiling) and on
+  generated pieces against the style each was conditioned on; confusion matrices.
+- originality: per generated piece the longest span copied from a training piece
+  (notes and seconds; transposition-aware), the share of generated 8/16-note
+  n-grams found in training next to the same share for real test pieces, and the
+  pieces above --copy_threshold_s.
+- validity: generated MIDI files that parse and contain notes.
+- targets: the issue's targets, each with its value and whether it is met.
+
+`--compare A B` prints the headline figures of two reports (folders or report.json
+files) side by side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import html
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from data_prep.vocab import UNKNOWN_STYLE, Vocabulary, normalize_label
+from mgpt import features as F
+from mgpt import ngram as ngram_lib
+from mgpt import originality as orig
+from mgpt import style_classifier as sc
+from mgpt.features import Notes
+
+LN2 = math.log(2.0)
+
+
+class UserError(ValueError):
+    """A mistake in the flags or inputs; printed as one line."""
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass
+class Piece:
+    """One real piece: its event ids (no STYLE/EOS) and labels ('' = none)."""
+
+    tokens: np.ndarray
+    style: str = ""
+    composer: str = ""
+    piece_id: str = ""
+
+    @property
+    def style_name(self) -> str:
+        return normalize_label(self.style) if self.style else UNKNOWN_STYLE
+
+
+def _text(value) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.ndarray):
+        return _text(value.item())
+    return str(value)
+
+
+def load_split(dataset_dir: str | os.PathLike, split: str) -> list[Piece]:
+    """Every piece of one split of a data_prep dataset."""
+    from mgpt import data as data_lib
+
+    source = data_lib.open_source(dataset_dir, split)
+    pieces = []
+    for i in range(len(source)):
+        r = source[i]
+        pieces.append(Piece(np.asarray(r["tokens"], np.int32), _text(r["style"]), _text(r["composer"]),
+                            _text(r["piece_id"])))
+    return pieces
+
+
+def crop(notes: Notes, seconds: float | None) -> Notes:
+    """The notes starting in the first `seconds` (ends clipped there); None or 0 = all."""
+    if not seconds:
+        return notes
+    pitch, velocity, start_s, end_s = notes
+    keep = start_s < seconds
+    return pitch[keep], velocity[keep], start_s[keep], np.minimum(end_s[keep], seconds)
+
+
+def window_crop(notes: Notes, seconds: float, rng: np.random.Generator) -> Notes:
+    """`seconds` of notes from a random offset, shifted to start at 0."""
+    pitch, velocity, start_s, end_s = notes
+    span = float(end_s.max()) if len(end_s) else 0.0
+    if span <= seconds:
+        return notes
+    t0 = float(rng.uniform(0, span - seconds))
+    keep = (start_s >= t0) & (start_s < t0 + seconds)
+    return pitch[keep], velocity[keep], start_s[keep] - t0, np.minimum(end_s[keep], t0 + seconds) - t0
+
+
+@dataclasses.dataclass
+class Generated:
+    """One generated piece read back from its MIDI file."""
+
+    file: str
+    style: str  # the style it was conditioned on ('unconditional' if none)
+    notes: Notes
+    valid: bool
+    seconds: float
+
+
+def read_generated(generated_dir: str | os.PathLike, vocab: Vocabulary) -> list[Generated]:
+    """Pieces listed in generated_dir's manifest(s), read from their .mid files.
+
+    Notes go through the vocabulary (encode, then decode_notes), so generated and
+    real pieces are quantised identically. A file that does not parse or has no
+    notes counts as invalid.
+    """
+    import note_seq
+
+    from mgpt import generate
+
+    generated_dir = pathlib.Path(generated_dir)
+    entries = generate.read_all_manifests(generated_dir)
+    if not entries:
+        raise UserError(f"--generated_dir={generated_dir}: no manifest.jsonl with pieces there")
+    out = []
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
+    for e in entries:
+        path = generated_dir / e["file"]
+        try:
+            ns = note_seq.midi_file_to_note_sequence(str(path))
+            notes = vocab.decode_notes(vocab.encode(ns))
+            valid = len(notes[0]) > 0
+        except Exception:  # any parse failure means the same thing here: an invalid file
+            notes, valid = empty, False
+        seconds = float(notes[3].max()) if len(notes[3]) else 0.0
+        out.append(Generated(e["file"], str(e.get("style", "unconditional")), notes, valid, seconds))
+    return out
+
+
+# ----------------------------------------------------------------------------- likelihood
+
+
+def windows(pieces: Sequence[Piece], vocab: Vocabulary, seq_len: int) -> list[tuple[int, np.ndarray]]:
+    """(piece index, [STYLE] + up to seq_len targets) covering each piece's events + EOS once.
+
+    The same cut as the trainer's eval batches: every window starts with the piece's
+    conditioning token, which is given, never predicted.
+    """
+    out = []
+    for i, p in enumerate(pieces):
+        body = np.concatenate([np.asarray(p.tokens, np.int32), [vocab.eos_id]]).astype(np.int32)
+        style = vocab.style_id(p.style)
+        for s in range(0, len(body), seq_len):
+            out.append((i, np.concatenate([[style], body[s : s + seq_len]]).astype(np.int32)))
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _target_log_probs(graphdef, state, inputs_BxL, targets_BxL):
+    """log P(target) at every position, float32 BxL."""
+    logits_BxLxV = nnx.merge(graphdef, state)(inputs_BxL).astype(jnp.float32)
+    log_p_BxLxV = jax.nn.log_softmax(logits_BxLxV, axis=-1)
+    return jnp.take_along_axis(log_p_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+
+
+def model_nats(model, wins: Sequence[tuple[int, np.ndarray]], seq_len: int, num_pieces: int,
+               batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Per piece (nats, predicted tokens) under a model called as model(tokens_BxL) -> logits_BxLxV."""
+    graphdef, state = nnx.split(model)
+    nats = np.zeros(num_pieces)
+    count = np.zeros(num_pieces, np.int64)
+    for b in range(0, len(wins), batch_size):
+        chunk = wins[b : b + batch_size]
+        rows_BxL1 = np.zeros((batch_size, seq_len + 1), np.int32)  # fixed shape: one compile
+        mask_BxL = np.zeros((batch_size, seq_len), bool)
+        for r, (_, w) in enumerate(chunk):
+            rows_BxL1[r, : len(w)] = w
+            mask_BxL[r, : len(w) - 1] = True
+        lp_BxL = np.asarray(_target_log_probs(graphdef, state, rows_BxL1[:, :-1], rows_BxL1[:, 1:]))
+        for r, (i, w) in enumerate(chunk):
+            nats[i] -= float(lp_BxL[r][mask_BxL[r]].astype(np.float64).sum())
+            count[i] += len(w) - 1
+    return nats, count
+
+
+def ngram_nats(lm: ngram_lib.KneserNey, wins: Sequence[tuple[int, np.ndarray]], num_pieces: int):
+    nats = np.zeros(num_pieces)
+    count = np.zeros(num_pieces, np.int64)
+    for i, w in wins:
+        nats[i] -= float(lm.log_probs(w).sum())
+        count[i] += len(w) - 1
+    return nats, count
+
+
+def _rates(nats: float, count: int) -> dict:
+    npe = nats / count if count else float("nan")
+    return {"nats_per_event": npe, "bits_per_event": npe / LN2, "perplexity": math.exp(npe) if count else float("nan"),
+            "events": int(count)}
+
+
+def likelihood_summary(nats: np.ndarray, count: np.ndarray, pieces: Sequence[Piece]) -> dict:
+    """Overall and per-style rates (events include the EOS that ends each piece)."""
+    out = _rates(float(nats.sum()), int(count.sum()))
+    per_style = {}
+    for style in sorted({p.style_name for p in pieces}):
+        idx = [i for i, p in enumerate(pieces) if p.style_name == style]
+        per_style[style] = {**_rates(float(nats[idx].sum()), int(count[idx].sum())), "pieces": len(idx)}
+    out["per_style"] = per_style
+    return out
+
+
+def training_tokens(config, step: int) -> int:
+    """Tokens (rows x seq_len) a run's optimizer has seen by `step`."""
+    return int(step) * int(config.train.batch_size) * int(config.data.seq_len)
+
+
+# ----------------------------------------------------------------------------- the evaluation
+
+
+@dataclasses.dataclass
+class Options:
+    ngram_order: int = 5
+    crop_seconds: float = 30.0  # features/classifier compare every piece's first crop_seconds
+    copy_threshold_s: float = 8.0
+    ngram_sizes: tuple[int, ...] = (8, 16)
+    max_train_notes: int = 2_000_000  # originality index: training pieces are subsampled beyond this
+    max_feature_pieces: int = 1000  # train pieces in the feature ceiling (subsampled beyond this)
+    batch_size: int = 16
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Model:
+    """A model to score: `model(tokens_BxL) -> logits_BxLxV`, with its training facts."""
+
+    name: str
+    model: object
+    vocab: Vocabulary  # its own: style ids may differ between runs, event ids may not
+    seq_len: int
+    params: int
+    tokens_seen: int | None = None
+    step: int | None = None
+    workdir: str = ""
+
+
+def _count_params(model) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def model_from_run(name: str, workdir: str) -> tuple[Model, Vocabulary, object]:
+    """(Model, its vocabulary, its config) of a trained run's latest checkpoint."""
+    from mgpt.train import restore_model
+
+    model, vocab, config, step = restore_model(workdir)
+    return Model(name, model, vocab, int(config.data.seq_len), _count_params(model), training_tokens(config, step),
+                 step, str(workdir)), vocab, config
+
+
+def evaluate(
+    *,
+    vocab: Vocabulary,
+    train: Sequence[Piece],
+    test: Sequence[Piece],
+    generated: Sequence[Generated],
+    models: Sequence[Model],
+    options: Options = Options(),
+    output_dir: str | os.PathLike,
+    log=print,
+) -> dict:
+    """Every section of the report (see the module docstring) as a JSON-ready dict; writes the PNGs."""
+    o = options
+    out_dir = pathlib.Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(o.seed)
+    timings = {}
+    report: dict = {"meta": {}, "likelihood": {}, "features": {}, "style": {}, "originality": {}, "validity": {},
+                    "notes": []}
+    if not test:
+        raise UserError("the dataset has no test pieces: nothing to evaluate against")
+
+    # ---- likelihood
+    t0 = time.perf_counter()
+    for m in models:
+        if m.vocab.tokens[: vocab.style_offset] != vocab.tokens[: vocab.style_offset]:
+            raise UserError(f"{m.workdir or m.name}: its event vocabulary differs from the dataset's")
+    seq_len = models[0].seq_len if models else 512
+    wins = windows(test, vocab, seq_len)
+    lik = {}
+    for m in models:
+        mw = windows(test, m.vocab, m.seq_len)
+        log(f"likelihood: {m.name} on {len(test)} test pieces")
+        nats, count = model_nats(m.model, mw, m.seq_len, len(test), o.batch_size)
+        lik[m.name] = {**likelihood_summary(nats, count, test), "params": m.params, "tokens_seen": m.tokens_seen,
+                       "step": m.step, "seq_len": m.seq_len, "workdir": m.workdir}
+    log(f"likelihood: {o.ngram_order}-gram Kneser-Ney fitted on {len(train)} train pieces")
+    train_seqs = [np.concatenate([[vocab.style_id(p.style)], p.tokens, [vocab.eos_id]]) for p in train]
+    lm = ngram_lib.KneserNey(o.ngram_order, vocab.size, pad_id=vocab.pad_id).fit(train_seqs)
+    nats, count = ngram_nats(lm, wins, len(test))
+    lik[f"ngram{o.ngram_order}"] = {**likelihood_summary(nats, count, test), "order": o.ngram_order,
+                                    "discounts": lm.discounts, "seq_len": seq_len,
+                                    "tokens_seen": int(sum(len(s) for s in train_seqs))}
+    report["likelihood"] = {"split": "test", "pieces": len(test), "models": lik}
+    timings["likelihood_s"] = time.perf_counter() - t0
+
+    # ---- musical features
+    t0 = time.perf_counter()
+    log("features: per-piece statistics")
+    train_notes = [vocab.decode_notes(p.tokens) for p in train]
+    test_notes = [vocab.decode_notes(p.tokens) for p in test]
+    valid_gen = [g for g in generated if g.valid]
+    feat_train_idx = np.arange(len(train))
+    if len(train) > o.max_feature_pieces:
+        feat_train_idx = np.sort(rng.choice(len(train), o.max_feature_pieces, replace=False))
+        report["notes"].append(f"features: train ceiling uses {o.max_feature_pieces} of {len(train)} train pieces")
+    tables = {
+        "generated": F.feature_table([crop(g.notes, o.crop_seconds) for g in valid_gen]),
+        "test": F.feature_table([crop(n, o.crop_seconds) for n in test_notes]),
+        "train": F.feature_table([crop(train_notes[i], o.crop_seconds) for i in feat_train_idx]),
+    }
+    gen_vs_test = F.compare_sets(tables["generated"], tables["test"], seed=o.seed) if valid_gen else {}
+    train_vs_test = F.compare_sets(tables["train"], tables["test"], seed=o.seed)
+    plots = {}
+    for name in F.FEATURES:
+        path = out_dir / f"feature_{name}.png"
+        F.plot_feature(name, {k: v[name] for k, v in tables.items()}, str(path))
+        plots[name] = path.name
+
+    def mean_of(cmp, key):
+        vals = [v[key] for v in cmp.values() if v.get(key) is not None and np.isfinite(v[key])]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    report["features"] = {
+        "crop_seconds": o.crop_seconds,
+        "pieces": {k: int(len(next(iter(v.values())))) for k, v in tables.items()},
+        "generated_vs_test": gen_vs_test,
+        "train_vs_test": train_vs_test,
+        "mean_overlap": {"generated_vs_test": mean_of(gen_vs_test, "overlap"),
+                         "train_vs_test": mean_of(train_vs_test, "overlap")},
+        "mean_kl": {"generated_vs_test": mean_of(gen_vs_test, "kl"), "train_vs_test": mean_of(train_vs_test, "kl")},
+        "plots": plots,
+    }
+    timings["features_s"] = time.perf_counter() - t0
+
+    # ---- style fidelity
+    t0 = time.perf_counter()
+    labelled = [(n, p.style_name) for n, p in zip(train_notes, train) if p.style_name != UNKNOWN_STYLE]
+    styles_known = sorted({s for _, s in labelled})
+    if len(styles_known) >= 2:
+        log(f"style: classifier on {len(labelled)} labelled train pieces, {len(styles_known)} styles")
+        x = [crop(n, o.crop_seconds) for n, _ in labelled] + [window_crop(n, o.crop_seconds, rng) for n, _ in labelled]
+        y = [s for _, s in labelled] * 2
+        clf = sc.StyleClassifier(seed=o.seed).fit(x, y)
+        test_l = [(n, p.style_name) for n, p in zip(test_notes, test) if p.style_name in styles_known]
+        real = sc.score([s for _, s in test_l], clf.predict([crop(n, o.crop_seconds) for n, _ in test_l]), clf.labels)
+        gen_l = [g for g in valid_gen if normalize_label(g.style) in styles_known]
+        gen_pred = clf.predict([crop(g.notes, o.crop_seconds) for g in gen_l])
+        gen = sc.score([normalize_label(g.style) for g in gen_l], gen_pred, clf.labels)
+        gen["verdicts"] = [{"file": g.file, "conditioned_on": g.style, "classified_as": p} for g, p in zip(gen_l, gen_pred)]
+        sc.plot_confusion({"real test": real, "generated": gen}, str(out_dir / "style_confusion.png"))
+        report["style"] = {
+            "classifier": "logistic regression on musical features + pitch-class/interval n-gram histograms "
+                          f"(first {o.crop_seconds:g} s of each piece; train pieces also as a transposed random window)",
+            "styles": clf.labels,
+            "train_pieces": len(labelled),
+            "real_test": real,
+            "generated": gen,
+            "plot": "style_confusion.png",
+        }
+    else:
+        report["style"] = {"skipped": f"needs >= 2 labelled styles in the train split, found {styles_known}"}
+    timings["style_s"] = time.perf_counter() - t0
+
+    # ---- originality
+    t0 = time.perf_counter()
+    order = rng.permutation(len(train))
+    used, total_notes = [], 0
+    for i in order:
+        if total_notes >= o.max_train_notes:
+            break
+        used.append(int(i))
+        total_notes += len(train_notes[i][0])
+    used.sort()
+    if len(used) < len(train):
+        report["notes"].append(
+            f"originality: searched {len(used)} of {len(train)} train pieces ({total_notes:,} notes; "
+            f"--max_train_notes={o.max_train_notes:,}), so copies from the others are not found"
+        )
+    log(f"originality: suffix array over {total_notes:,} notes of {len(used)} train pieces")
+    index = orig.CopyIndex([train_notes[i] for i in used], vocab.steps_per_second)
+    gen_orig = orig.originality_report(index, [g.notes for g in valid_gen], ngram_sizes=o.ngram_sizes,
+                                       threshold_s=o.copy_threshold_s)
+    for entry, g in zip(gen_orig["pieces"], valid_gen):
+        entry["file"] = g.file
+        tp = entry.pop("train_piece")
+        entry["train_piece_id"] = train[used[tp]].piece_id if tp >= 0 else None
+    gen_orig["flagged_files"] = [valid_gen[i].file for i in gen_orig["flagged"]]
+    # Real test pieces, cut to the generated pieces' length, are the reference for reuse.
+    ref_seconds = max((g.seconds for g in valid_gen), default=o.crop_seconds) or o.crop_seconds
+    test_orig = orig.originality_report(index, [crop(n, ref_seconds) for n in test_notes], ngram_sizes=o.ngram_sizes,
+                                        threshold_s=o.copy_threshold_s)
+    for entry, p in zip(test_orig["pieces"], test):
+        entry["piece_id"] = p.piece_id
+        tp = entry.pop("train_piece")
+        entry["train_piece_id"] = train[used[tp]].piece_id if tp >= 0 else None
+    report["originality"] = {
+        "method": "suffix array over (pitch interval, onset interval) steps of every train piece: transposition-aware, "
+                  "same tempo; a span's seconds run from its first to its last onset",
+        "train_pieces_searched": len(used),
+        "train_pieces_total": len(train),
+        "train_notes_searched": total_notes,
+        "test_reference_seconds": ref_seconds,
+        "generated": gen_orig,
+        "test": test_orig,
+    }
+    timings["originality_s"] = time.perf_counter() - t0
+
+    # ---- validity
+    n_valid = sum(g.valid for g in generated)
+    report["validity"] = {
+        "files": len(generated),
+        "valid": n_valid,
+        "share": n_valid / len(generated) if generated else float("nan"),
+        "invalid_files": [g.file for g in generated if not g.valid],
+        "mean_seconds": float(np.mean([g.seconds for g in valid_gen])) if valid_gen else 0.0,
+        "mean_notes": float(np.mean([len(g.notes[0]) for g in valid_gen])) if valid_gen else 0.0,
+    }
+
+    report["targets"] = targets(report)
+    report["meta"].update(
+        vocab_size=vocab.size, styles=vocab.styles, train_pieces=len(train), test_pieces=len(test),
+        generated_pieces=len(generated), timings_s=timings, options=dataclasses.asdict(o),
+    )
+    return jsonable(report)
+
+
+def targets(report: dict) -> list[dict]:
+    """The issue's targets for the demo model, each with its value and whether it is met."""
+    out = []
+    lik = report["likelihood"]["models"]
+    gpt = lik.get("gpt", {}).get("nats_per_event")
+    ng = next((v["nats_per_event"] for k, v in lik.items() if k.startswith("ngram")), None)
+    if gpt is not None and ng:
+        out.append({"target": "GPT NLL <= 0.75 x n-gram NLL", "value": gpt / ng, "goal": 0.75, "met": gpt / ng <= 0.75})
+    if gpt is not None and "lstm" in lik:
+        ratio = gpt / lik["lstm"]["nats_per_event"]
+        a, b = lik["gpt"].get("tokens_seen"), lik["lstm"].get("tokens_seen")
+        name = "GPT NLL <= 0.95 x LSTM NLL at equal training tokens"
+        if a != b:  # still reported, but the comparison is not the one the target asks for
+            name += f" (UNEQUAL: GPT {a:,} vs LSTM {b:,} tokens)"
+        out.append({"target": name, "value": ratio, "goal": 0.95, "met": ratio <= 0.95 and a == b,
+                    "equal_tokens": a == b})
+    st = report.get("style", {})
+    if "generated" in st and st["generated"]["count"]:
+        acc, ceil = st["generated"]["accuracy"], st["real_test"]["accuracy"]
+        out.append({"target": "style accuracy of conditioned samples >= 0.90", "value": acc, "goal": 0.9,
+                    "met": acc >= 0.9})
+        if ceil and np.isfinite(ceil):
+            out.append({"target": "style accuracy >= 0.9 x classifier's real-test accuracy", "value": acc / ceil,
+                        "goal": 0.9, "met": acc / ceil >= 0.9})
+    og = report["originality"].get("generated")
+    if og and og["pieces"]:
+        out.append({"target": f"no generated piece copies more than {og['threshold_s']:g} s",
+                    "value": og["longest_copy_s_max"], "goal": og["threshold_s"],
+                    "met": og["longest_copy_s_max"] <= og["threshold_s"]})
+    mo = report["features"].get("mean_overlap", {})
+    g, c = mo.get("generated_vs_test"), mo.get("train_vs_test")
+    if g is not None and c and np.isfinite(g):
+        out.append({"target": "mean overlap area >= 0.85 x the train-vs-test ceiling", "value": g / c, "goal": 0.85,
+                    "met": g / c >= 0.85})
+    v = report["validity"]
+    if v["files"]:
+        out.append({"target": "100% of generated files valid", "value": v["share"], "goal": 1.0,
+                    "met": v["share"] == 1.0})
+    return out
+
+
+def jsonable(x):
+    """numpy scalars/arrays -> Python; NaN/inf -> None (JSON has no NaN)."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return jsonable(x.tolist())
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+# ----------------------------------------------------------------------------- report files
+
+
+def _fmt(v, digits=3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def report_tables(report: dict) -> list[tuple[str, str, list[str], list[list], list[str]]]:
+    """(section, caption, headers, rows, images) for report.md and report.html alike."""
+    out = []
+    lik = report["likelihood"]
+    models = lik["models"]
+    rows = [[name, m.get("params"), m.get("tokens_seen"), m["nats_per_event"], m["bits_per_event"], m["perplexity"]]
+            for name, m in models.items()]
+    out.append(("Likelihood", f"Test split: {lik['pieces']} pieces, {next(iter(models.values()))['events']:,} "
+                "events (incl. EOS), no transposition. n-gram 'training tokens' = train-split tokens it counted.",
+                ["model", "params", "training tokens", "nats/event", "bits/event", "perplexity"], rows, []))
+    styles = sorted({s for m in models.values() for s in m["per_style"]})
+    rows = []
+    for s in styles:
+        first = next(m["per_style"][s] for m in models.values() if s in m["per_style"])
+        rows.append([s, first["pieces"], first["events"]] +
+                    [m["per_style"].get(s, {}).get("nats_per_event") for m in models.values()])
+    out.append(("Likelihood per style", "nats/event on the test pieces of each style.",
+                ["style", "pieces", "events"] + list(models), rows, []))
+
+    f = report["features"]
+    gvt, tvt = f["generated_vs_test"], f["train_vs_test"]
+    rows = []
+    for name in F.FEATURES:
+        g, t = gvt.get(name, {}), tvt.get(name, {})
+        gen_mean, test_mean = g.get("candidate_mean"), t.get("reference_mean")
+        scalar = not isinstance(test_mean, list)
+        rows.append([name, g.get("overlap"), g.get("kl"), t.get("overlap"), t.get("kl"),
+                     gen_mean if scalar else "(histogram)", test_mean if scalar else "(histogram)"])
+    rows.append(["**mean**", f["mean_overlap"]["generated_vs_test"], f["mean_kl"]["generated_vs_test"],
+                 f["mean_overlap"]["train_vs_test"], f["mean_kl"]["train_vs_test"], "", ""])
+    out.append(("Musical statistics",
+                f"First {f['crop_seconds']:g} s of each piece; pieces: {f['pieces']}. Overlap area (1 = identical) and "
+                "KL (nats) of inter-set vs the test set's intra-set distance distributions (Yang & Lerch 2018); "
+                "train vs test is the ceiling.",
+                ["feature", "generated OA", "generated KL", "train OA (ceiling)", "train KL", "generated mean",
+                 "test mean"], rows, [f["plots"][k] for k in F.FEATURES if k in f["plots"]]))
+
+    st = report["style"]
+    if "real_test" in st:
+        rows = [["real test (ceiling)", st["real_test"]["count"], st["real_test"]["accuracy"]],
+                ["generated (vs conditioned style)", st["generated"]["count"], st["generated"]["accuracy"]]]
+        out.append(("Style fidelity", st["classifier"] + f"; trained on {st['train_pieces']} train pieces.",
+                    ["pieces", "count", "accuracy"], rows, [st["plot"]]))
+        rows = [[s, st["real_test"]["per_style"].get(s), st["generated"]["per_style"].get(s)] for s in st["styles"]]
+        out.append(("Style recall per style", "", ["style", "real test", "generated"], rows, []))
+    else:
+        out.append(("Style fidelity", st.get("skipped", ""), [], [], []))
+
+    og = report["originality"]
+    rows = []
+    for name in ("generated", "test"):
+        r = og[name]
+        rows.append([name, len(r["pieces"]), r["longest_copy_s_max"], r["longest_copy_s_median"],
+                     r["longest_copy_notes_max"]] + [r["ngram_share"].get(str(n)) for n in sorted(map(int, r["ngram_share"]))]
+                    + [len(r["flagged"])])
+    sizes = sorted(map(int, og["generated"]["ngram_share"]))
+    out.append(("Originality",
+                f"{og['method']}. Searched {og['train_pieces_searched']} of {og['train_pieces_total']} train pieces "
+                f"({og['train_notes_searched']:,} notes). Test pieces cut to {og['test_reference_seconds']:g} s as the "
+                f"reference for normal reuse. Flagged: longest copy >= {og['generated']['threshold_s']:g} s.",
+                ["set", "pieces", "longest copy max (s)", "median (s)", "longest copy (notes)"]
+                + [f"{n}-note n-grams in train" for n in sizes] + ["flagged"], rows, []))
+    if og["generated"]["flagged"]:
+        rows = [[p["file"], p["seconds"], p["seconds_notes"], p["train_piece_id"]]
+                for p in og["generated"]["pieces"] if p["seconds"] >= og["generated"]["threshold_s"]]
+        out.append(("Flagged pieces", "", ["file", "copied seconds", "notes", "from train piece"], rows, []))
+
+    v = report["validity"]
+    out.append(("Validity", "", ["files", "valid", "share", "mean seconds", "mean notes"],
+                [[v["files"], v["valid"], v["share"], v["mean_seconds"], v["mean_notes"]]], []))
+    out.append(("Targets", "The issue's targets for the demo model.", ["target", "value", "goal", "met"],
+                [[t["target"], t["value"], t["goal"], t["met"]] for t in report["targets"]], []))
+    return out
+
+
+def write_markdown(report: dict, path: pathlib.Path) -> None:
+    lines = ["# mgpt evaluation report", ""]
+    meta = report["meta"]
+    if meta.get("workdir"):
+        lines += [f"Run: `{meta['workdir']}` (step {meta.get('step')}); dataset: `{meta.get('dataset_dir')}`; "
+                  f"generated: `{meta.get('generated_dir')}`.", ""]
+    for section, caption, headers, rows, images in report_tables(report):
+        lines += [f"## {section}", ""]
+        if caption:
+            lines += [caption, ""]
+        if headers:
+            lines.append("| " + " | ".join(headers) + " |")
+            lines.append("|" + "---|" * len(headers))
+            lines += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
+            lines.append("")
+        lines += [f"![{im}]({im})" for im in images]
+        if images:
+            lines.append("")
+    if report.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
+    path.write_text("\n".join(lines))
+
+
+def write_html(report: dict, path: pathlib.Path, gallery: str | None) -> None:
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>mgpt evaluation</title><style>",
+             "body{font-family:sans-serif;margin:0;display:flex}main{flex:1;padding:1em 2em;max-width:60em}",
+             "aside{width:40%;height:100vh;position:sticky;top:0;border-left:1px solid #ccc}",
+             "aside iframe{width:100%;height:100%;border:0}table{border-collapse:collapse;margin:.5em 0}",
+             "td,th{border:1px solid #ccc;padding:.2em .5em;text-align:right}td:first-child{text-align:left}",
+             ".no{color:#b00;font-weight:bold}img{max-width:48%;margin:.2em}</style></head><body><main>",
+             "<h1>mgpt evaluation report</h1>"]
+    meta = report["meta"]
+    if meta.get("workdir"):
+        parts.append(f"<p>Run <code>{html.escape(str(meta['workdir']))}</code> (step {meta.get('step')}), dataset "
+                     f"<code>{html.escape(str(meta.get('dataset_dir')))}</code>.</p>")
+    if gallery:
+        parts.append(f"<p>Generated pieces: <a href='{html.escape(gallery)}'>gallery</a> (also on the right).</p>")
+    for section, caption, headers, rows, images in report_tables(report):
+        parts.append(f"<h2>{html.escape(section)}</h2>")
+        if caption:
+            parts.append(f"<p>{html.escape(caption)}</p>")
+        if headers:
+            parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr>")
+            for r in rows:
+                cells = []
+                for c in r:
+                    cls = " class='no'" if c is False else ""
+                    cells.append(f"<td{cls}>{html.escape(_fmt(c).replace('**', ''))}</td>")
+                parts.append("<tr>" + "".join(cells) + "</tr>")
+            parts.append("</table>")
+        parts += [f"<a href='{html.escape(im)}'><img src='{html.escape(im)}' alt='{html.escape(im)}'></a>"
+                  for im in images]
+    if report.get("notes"):
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in report["notes"]) + "</ul>")
+    parts.append("<p>All figures: <a href='report.json'>report.json</a>.</p></main>")
+    if gallery:
+        parts.append(f"<aside><iframe src='{html.escape(gallery)}' title='generated pieces'></iframe></aside>")
+    parts.append("</body></html>")
+    path.write_text("\n".join(parts))
+
+
+def write_report(report: dict, output_dir: str | os.PathLike, generated_dir: str | os.PathLike | None = None) -> None:
+    out = pathlib.Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    write_markdown(report, out / "report.md")
+    gallery = None
+    if generated_dir and (pathlib.Path(generated_dir) / "index.html").is_file():
+        gallery = os.path.relpath(pathlib.Path(generated_dir) / "index.html", out)
+    write_html(report, out / "report.html", gallery)
+
+
+# ----------------------------------------------------------------------------- compare
+
+
+def headline(report: dict) -> dict[str, float | None]:
+    """The figures worth comparing between runs, flat."""
+    out = {}
+    for name, m in report["likelihood"]["models"].items():
+        out[f"likelihood.{name}.nats_per_event"] = m["nats_per_event"]
+        for s, v in m["per_style"].items():
+            out[f"likelihood.{name}.{s}"] = v["nats_per_event"]
+    f = report["features"]
+    out["features.mean_overlap"] = f["mean_overlap"]["generated_vs_test"]
+    out["features.mean_overlap_ceiling"] = f["mean_overlap"]["train_vs_test"]
+    out["features.mean_kl"] = f["mean_kl"]["generated_vs_test"]
+    for k, v in f["generated_vs_test"].items():
+        out[f"features.{k}.overlap"] = v.get("overlap")
+    st = report["style"]
+    if "real_test" in st:
+        out["style.real_test_accuracy"] = st["real_test"]["accuracy"]
+        out["style.generated_accuracy"] = st["generated"]["accuracy"]
+    og = report["originality"]
+    for name in ("generated", "test"):
+        out[f"originality.{name}.longest_copy_s_max"] = og[name]["longest_copy_s_max"]
+        out[f"originality.{name}.longest_copy_s_median"] = og[name]["longest_copy_s_median"]
+        for n, v in og[name]["ngram_share"].items():
+            out[f"originality.{name}.ngram{n}_share"] = v
+        out[f"originality.{name}.flagged"] = len(og[name]["flagged"])
+    out["validity.share"] = report["validity"]["share"]
+    return out
+
+
+def _load_report(path: str) -> dict:
+    p = pathlib.Path(path)
+    if p.is_dir():
+        p = p / "report.json"
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{p}: no report.json (run python -m mgpt.evaluate --output_dir=... first)") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{p}: not valid JSON ({e})") from None
+
+
+def compare(path_a: str, path_b: str) -> str:
+    """A text table of two reports' headline figures, with the change."""
+    a, b = headline(_load_report(path_a)), headline(_load_report(path_b))
+    keys = list(a) + [k for k in b if k not in a]
+    width = max(len(k) for k in keys) + 2
+    lines = [f"{'figure':<{width}}{'A':>12}{'B':>12}{'B - A':>12}", f"{'':<{width}}{path_a[-12:]:>12}{path_b[-12:]:>12}"]
+    for k in keys:
+        va, vb = a.get(k), b.get(k)
+        d = vb - va if isinstance(va, (int, float)) and isinstance(vb, (int, float)) else None
+        lines.append(f"{k:<{width}}{_fmt(va, 4):>12}{_fmt(vb, 4):>12}{_fmt(d, 4) if d is not None else '':>12}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- one-composer study
+
+
+def composer_study(
+    *,
+    base_workdir: str,
+    finetuned_workdir: str,
+    composer: str,
+    dataset_dir: str | None = None,
+    num_samples: int = 8,
+    max_seconds: float = 30.0,
+    options: Options = Options(),
+    log=print,
+) -> dict:
+    """Before/after a one-composer fine-tune: NLL on that composer's test pieces and the classifier's verdict.
+
+    The composer's pieces are the test pieces whose composer or style label
+    normalises to `composer`. Both runs generate `num_samples` pieces conditioned on
+    that style; the classifier (trained on the base run's dataset, all styles)
+    says which style each piece sounds like.
+    """
+    from mgpt import generate
+
+    target = normalize_label(composer)
+    base_model, vocab, base_config = model_from_run("base", base_workdir)
+    ft_model, ft_vocab, ft_config = model_from_run("finetuned", finetuned_workdir)
+    if ft_vocab.tokens[: vocab.style_offset] != vocab.tokens[: vocab.style_offset]:
+        raise UserError(f"--finetuned_workdir={finetuned_workdir}: its event vocabulary differs from the base run's")
+    dataset_dir = _resolve_dataset(dataset_dir or base_config.data.dataset_dir)
+    train, test = load_split(dataset_dir, "train"), load_split(dataset_dir, "test")
+    is_mine = [target in (normalize_label(p.composer) if p.composer else "", p.style_name) for p in test]
+    mine = [p for p, m in zip(test, is_mine) if m]
+    others = [p for p, m in zip(test, is_mine) if not m]
+    if not mine:
+        raise UserError(f"--composer={composer}: no test pieces with that composer or style in {dataset_dir}")
+    style = next(p.style_name for p in mine)
+    labelled = [(vocab.decode_notes(p.tokens), p.style_name) for p in train if p.style_name != UNKNOWN_STYLE]
+    rng = np.random.default_rng(options.seed)
+    x = [crop(n, options.crop_seconds) for n, _ in labelled] + [window_crop(n, options.crop_seconds, rng) for n, _ in labelled]
+    clf = sc.StyleClassifier(seed=options.seed).fit(x, [s for _, s in labelled] * 2)
+
+    result = {"composer": target, "style": style, "test_pieces": len(mine), "dataset_dir": str(dataset_dir)}
+    for name, (m, v, wd) in {"before": (base_model, vocab, base_workdir), "after": (ft_model, ft_vocab, finetuned_workdir)}.items():
+        log(f"composer study: {name} ({wd})")
+        w = windows(mine, v, m.seq_len)
+        nats, count = model_nats(m.model, w, m.seq_len, len(mine), options.batch_size)
+        w_o = windows(others, v, m.seq_len)
+        nats_o, count_o = model_nats(m.model, w_o, m.seq_len, len(others), options.batch_size) if others else (np.zeros(0), np.zeros(0, int))
+        run = generate.Run(model=m.model, vocab=v, step=m.step or 0, workdir=wd)
+        rows = run.generate_ids(style if style in run.styles else "unconditional", num_samples, seed=options.seed,
+                                max_seconds=max_seconds)
+        pred = clf.predict([crop(v.decode_notes(r), options.crop_seconds) for r in rows])
+        result[name] = {
+            "workdir": wd, "step": m.step, "tokens_seen": m.tokens_seen,
+            "composer_test": _rates(float(nats.sum()), int(count.sum())),
+            "other_test": _rates(float(nats_o.sum()), int(np.sum(count_o))),
+            "samples": num_samples,
+            "classified_as_composer": float(np.mean([p == style for p in pred])),
+            "verdicts": {s: int(sum(p == s for p in pred)) for s in sorted(set(pred))},
+        }
+    return jsonable(result)
+
+
+def write_composer_study(result: dict, output_dir: str | os.PathLike) -> str:
+    out = pathlib.Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "composer_study.json").write_text(json.dumps(result, indent=1))
+    b, a = result["before"], result["after"]
+    lines = [f"# One-composer fine-tune: {result['composer']}", "",
+             f"{result['test_pieces']} test pieces of {result['composer']} (style {result['style']}) in "
+             f"`{result['dataset_dir']}`; {b['samples']} samples per run conditioned on that style.", "",
+             "| run | step | nats/event on composer's test pieces | nats/event on other test pieces | "
+             "samples classified as the composer | classifier verdicts |", "|---|---|---|---|---|---|"]
+    for name, r in (("before (base)", b), ("after (fine-tuned)", a)):
+        lines.append(f"| {name} | {r['step']} | {_fmt(r['composer_test']['nats_per_event'])} | "
+                     f"{_fmt(r['other_test']['nats_per_event'])} | {100 * r['classified_as_composer']:.0f}% | "
+                     f"{r['verdicts']} |")
+    text = "\n".join(lines) + "\n"
+    (out / "composer_study.md").write_text(text)
+    return text
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _resolve_dataset(dataset_dir: str) -> pathlib.Path:
+    from mgpt.train import ConfigError, resolve_dataset
+
+    try:
+        return pathlib.Path(str(resolve_dataset(dataset_dir)))
+    except ConfigError as e:
+        raise UserError(f"--dataset_dir: {e}") from None
+
+
+def define_flags(fv):
+    """Flags on their own FlagValues: mgpt.train defines --workdir on absl's global FLAGS."""
+    from absl import flags
+
+    kw = {"flag_values": fv}
+    flags.DEFINE_string("workdir", None, "The GPT run to evaluate.", **kw)
+    flags.DEFINE_string("output_dir", None, "Where report.json/.md/.html and the PNGs go.", **kw)
+    flags.DEFINE_string("generated_dir", None, "Evaluate these generated pieces (a mgpt.generate folder) "
+                        "instead of generating into OUTPUT_DIR/generated.", **kw)
+    flags.DEFINE_string("dataset_dir", None, "Dataset to evaluate on (default: the run's config.data.dataset_dir).", **kw)
+    flags.DEFINE_string("lstm_workdir", None, "An LSTM baseline run (configs/lstm.py) to score beside the GPT.", **kw)
+    flags.DEFINE_integer("num_samples", 24, "Pieces to generate (styles cycle over them).", **kw)
+    flags.DEFINE_string("style", "all", "Styles to generate: a name, a comma list, 'all' or 'unconditional'.", **kw)
+    flags.DEFINE_float("max_seconds", 30.0, "Seconds of music per generated piece.", **kw)
+    flags.DEFINE_float("temperature", 1.0, "Sampling temperature for generation.", **kw)
+    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling for generation (1 = off).", **kw)
+    flags.DEFINE_integer("seed", 0, "Seed for generation and every subsample.", **kw)
+    flags.DEFINE_integer("ngram_order", 5, "Order of the Kneser-Ney baseline.", **kw)
+    flags.DEFINE_float("crop_seconds", 30.0, "Features and style use each piece's first this many seconds.", **kw)
+    flags.DEFINE_float("copy_threshold_s", 8.0, "Flag generated pieces that copy at least this many seconds.", **kw)
+    flags.DEFINE_integer("max_train_notes", 2_000_000, "Originality searches at most this many training notes.", **kw)
+    flags.DEFINE_bool("compare", False, "Print two reports side by side: --compare RUN_A RUN_B.", **kw)
+    flags.DEFINE_string("finetuned_workdir", None, "One-composer study: the fine-tuned run (with --composer).", **kw)
+    flags.DEFINE_string("composer", None, "One-composer study: composer/style label of the fine-tune.", **kw)
+    flags.DEFINE_bool("progress", True, "Progress bar while generating.", **kw)
+
+
+def run_command(f, rest: Sequence[str]) -> str:
+    from mgpt import generate
+
+    if f.compare:
+        if len(rest) != 2:
+            raise UserError("usage: python -m mgpt.evaluate --compare RUN_A RUN_B (report folders or report.json)")
+        return compare(*rest)
+    if rest:
+        raise UserError(f"unexpected arguments: {list(rest)}")
+    if not f.workdir or not f.output_dir:
+        raise UserError("usage: python -m mgpt.evaluate --workdir=RUN --output_dir=OUT [--generated_dir=DIR | "
+                        "--num_samples=N --style=all] [--lstm_workdir=RUN]")
+    options = Options(ngram_order=f.ngram_order, crop_seconds=f.crop_seconds, copy_threshold_s=f.copy_threshold_s,
+                      max_train_notes=f.max_train_notes, seed=f.seed)
+    if f.finetuned_workdir or f.composer:
+        if not (f.finetuned_workdir and f.composer):
+            raise UserError("the one-composer study needs both --finetuned_workdir and --composer")
+        result = composer_study(base_workdir=f.workdir, finetuned_workdir=f.finetuned_workdir, composer=f.composer,
+                                dataset_dir=f.dataset_dir, num_samples=f.num_samples, max_seconds=f.max_seconds,
+                                options=options)
+        return write_composer_study(result, f.output_dir)
+
+    start = time.perf_counter()
+    gpt, vocab, config = model_from_run("gpt", f.workdir)
+    models = [gpt]
+    if f.lstm_workdir:
+        lstm, lstm_vocab, _ = model_from_run("lstm", f.lstm_workdir)
+        if lstm_vocab.tokens[: vocab.style_offset] != vocab.tokens[: vocab.style_offset]:
+            raise UserError(f"--lstm_workdir={f.lstm_workdir}: its event vocabulary differs from the GPT run's")
+        models.append(lstm)
+    dataset_dir = _resolve_dataset(f.dataset_dir or config.data.dataset_dir)
+    train, test = load_split(dataset_dir, "train"), load_split(dataset_dir, "test")
+
+    if f.generated_dir:
+        generated_dir = pathlib.Path(f.generated_dir)
+    else:
+        generated_dir = pathlib.Path(f.output_dir) / "generated"
+        run = generate.Run(model=gpt.model, vocab=vocab, config=config, step=gpt.step, workdir=str(f.workdir))
+        try:
+            styles = generate.resolve_styles(vocab, f.style)
+            sampling = generate.Sampling(temperature=f.temperature, top_p=f.top_p, max_seconds=f.max_seconds)
+        except generate.UserError as e:
+            raise UserError(str(e)) from None
+        print(f"generating {f.num_samples} pieces into {generated_dir}", flush=True)
+        generate.generate_corpus(run, generated_dir, num_samples=f.num_samples, styles=styles, seed=f.seed,
+                                 sampling=sampling, progress=f.progress)
+        generate.write_gallery(generated_dir)
+    generated = read_generated(generated_dir, vocab)
+
+    report = evaluate(vocab=vocab, train=train, test=test, generated=generated, models=models, options=options,
+                      output_dir=f.output_dir)
+    report["meta"].update(workdir=str(f.workdir), step=gpt.step, dataset_dir=str(dataset_dir),
+                          generated_dir=str(generated_dir), lstm_workdir=f.lstm_workdir,
+                          total_seconds=time.perf_counter() - start)
+    write_report(report, f.output_dir, generated_dir)
+    lines = [f"{t['target']}: {_fmt(t['value'])} ({'met' if t['met'] else 'NOT met'})" for t in report["targets"]]
+    return "\n".join(lines + [str(pathlib.Path(f.output_dir) / "report.html")])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from absl import flags, logging
+
+    fv = flags.FlagValues()
+    define_flags(fv)
+    argv = list(sys.argv if argv is None else argv)
+    if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
+        print(__doc__.split("\n\n")[0] + "\n\n" + fv.module_help(fv.find_module_defining_flag("workdir")))
+        return
+    try:
+        rest = fv(argv)[1:]
+    except flags.Error as e:
+        raise SystemExit(f"{e} (see python -m mgpt.evaluate --help)") from None
+    logging.set_verbosity(logging.WARNING)
+    from mgpt import generate
+
+    try:
+        print(run_command(fv, rest))
+    except (UserError, generate.UserError, FileNotFoundError) as e:
+        raise SystemExit(str(e)) from None
+
+
+if __name__ == "__main__":
+    main()
