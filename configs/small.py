@@ -8,7 +8,7 @@ def get_config():
     c.data.seq_len = 256
     c.model.update(num_layers=4, num_heads=4, d_model=192, mlp_dim=512, max_len=256)
     c.train.update(
-        steps=600, batch_size=16, learning_rate=2e-3, warmup_steps=50, weight_decay=0.05,
-        log_every=25, eval_every=200, eval_batches=4, checkpoint_every=200,
+        steps=400, batch_size=16, learning_rate=2e-3, warmup_steps=40, weight_decay=0.05,
+        log_every=20, eval_every=100, eval_batches=4, checkpoint_every=100,
     )
     return c

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -92,7 +93,69 @@ class MetricWriter:
             self._tb.close()
 
 
+class TrainLog:
+    """Host side of training steps: averages over each log window, tokens/s, MFU and ETA.
+
+    `add(step, metrics)` takes one step's host metrics (loss, nats_per_event, events,
+    grad_norm, param_norm, lr); every `log_every` steps it writes a line and TensorBoard
+    points. The first step (compilation) and `pause()`d time (eval, checkpoints) are
+    excluded from tokens/s.
+    """
+
+    def __init__(self, writer: MetricWriter, *, total_steps: int, log_every: int, tokens_per_step: int,
+                 flops_per_token: float, peak_flops: float):
+        self._writer = writer
+        self._total = total_steps
+        self._every = log_every
+        self._tokens = tokens_per_step
+        self._fpt = flops_per_token
+        self._peak = peak_flops
+        self._first = True
+        self._reset(0)
+
+    def _reset(self, step: int) -> None:
+        self._n, self._loss, self._nats, self._events = 0, 0.0, 0.0, 0.0
+        self._from_step, self._t0 = step, time.perf_counter()
+
+    def pause(self, step: int) -> None:
+        """Time until now is not training: restart the clock (the loss average goes on)."""
+        self._from_step, self._t0 = step, time.perf_counter()
+
+    def add(self, step: int, m: dict[str, float], force: bool = False) -> None:
+        if self._first:  # the first step includes compilation: time from its end
+            self._first = False
+            self._reset(step)
+            return
+        self._n += 1
+        self._loss += m["loss"]
+        self._nats += m["nats_per_event"] * m["events"]
+        self._events += m["events"]
+        if step % self._every and not force:
+            return
+        now = time.perf_counter()
+        rate = (step - self._from_step) / max(now - self._t0, 1e-9)
+        out = {
+            "loss": self._loss / self._n,
+            "nats_per_event": self._nats / max(self._events, 1.0),
+            "grad_norm": m["grad_norm"],
+            "param_norm": m["param_norm"],
+            "lr": m["lr"],
+            "tokens_per_s": rate * self._tokens,
+            "mfu": rate * self._tokens * self._fpt / self._peak,
+        }
+        eta = (self._total - step) / rate if rate > 0 else float("nan")
+        self._writer.write(
+            step, "train", out,
+            f"step {step:>6}/{self._total} | loss {out['loss']:.4f} | nats/event {out['nats_per_event']:.4f} | "
+            f"grad norm {out['grad_norm']:.3f} | lr {out['lr']:.2e} | {out['tokens_per_s']:,.0f} tokens/s | "
+            f"MFU {100 * out['mfu']:.1f}% | ETA {format_duration(eta)}",
+        )
+        self._reset(step)
+
+
 def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)

@@ -114,31 +114,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Static checks, before any data or device work: one-line ConfigError naming the field."""
     d, t = config.data, config.train
 
-    def positive_int(section, name, minimum=1):
-        v = section[name]
-        _check(isinstance(v, int) and not isinstance(v, bool) and v >= minimum,
-               f"{_section_name(config, section)}.{name}", f"must be an integer >= {minimum}, got {v!r}")
+    def integer(path: str, minimum: int = 1):
+        section, name = path.split(".")
+        v = config[section][name]
+        _check(isinstance(v, int) and not isinstance(v, bool) and v >= minimum, path,
+               f"must be an integer >= {minimum}, got {v!r}")
 
     _check(isinstance(config.seed, int) and 0 <= config.seed < 2**31, "seed", f"must be in [0, 2^31), got {config.seed!r}")
     _check(isinstance(d.dataset_dir, str) and d.dataset_dir != "", "data.dataset_dir", "must be a directory path")
-    positive_int(d, "seq_len", 2)
+    integer("data.seq_len", 2)
     _check(isinstance(d.transpose, int) and 0 <= d.transpose <= 12, "data.transpose",
            f"must be an integer number of semitones in 0..12, got {d.transpose!r}")
-    positive_int(d, "num_packing_bins")
-    positive_int(d, "read_threads")
-    positive_int(d, "prefetch", 0)
+    for path in ("data.num_packing_bins", "data.read_threads"):
+        integer(path)
+    integer("data.prefetch", 0)
 
     cfg = model_config(config.model, vocab_size=1)
     if hasattr(cfg, "max_len"):
-        _check(cfg.max_len >= d.seq_len, "model.max_len",
-               f"{cfg.max_len} is shorter than data.seq_len={d.seq_len}")
+        _check(cfg.max_len >= d.seq_len, "model.max_len", f"{cfg.max_len} is shorter than data.seq_len={d.seq_len}")
 
     for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches", "checkpoint_every",
                  "keep_checkpoints"):
-        positive_int(t, name)
-    positive_int(t, "warmup_steps", 0)
-    positive_int(t, "eval_every", 0)
-    positive_int(t, "max_steps_per_run", 0)
+        integer(f"train.{name}")
+    for name in ("warmup_steps", "eval_every", "max_steps_per_run"):
+        integer(f"train.{name}", 0)
     _check(t.warmup_steps < t.steps, "train.warmup_steps", f"{t.warmup_steps} must be less than train.steps={t.steps}")
     _check(t.batch_size % t.grad_accum == 0, "train.grad_accum",
            f"batch_size={t.batch_size} is not divisible by grad_accum={t.grad_accum}")
@@ -156,13 +155,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
         mesh_lib.rule_table(config.mesh.rules)
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e) if str(e).startswith("config.") else f"config.mesh.rules: {e}") from None
-
-
-def _section_name(config, section) -> str:
-    for name in ("data", "model", "train", "mesh", "distributed"):
-        if config[name] is section:
-            return name
-    return "?"
 
 
 def validate_devices(config, mesh_devices: int, process_count: int):
@@ -484,6 +476,22 @@ def _write_json(path: epath.Path, obj) -> None:
         path.write_text(json.dumps(obj, indent=1))
 
 
+def _versions() -> dict:
+    """Library versions and devices of the run, stored beside its checkpoints."""
+    import importlib.metadata
+    import platform
+
+    packages = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorflow-datasets", "numpy")
+    out = {"python": platform.python_version(), "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+           "processes": jax.process_count()}
+    for name in packages:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
 def _check_same_model(workdir: epath.Path, config) -> None:
     path = workdir / "config.json"
     if not path.exists():
@@ -572,6 +580,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             _print0(f"warm start: weights from {config.init_from} (step {from_step})")
         _write_json(workdir / "config.json", config_json)
         _write_json(workdir / "vocab.json", vocab.to_json())
+        _write_json(workdir / "versions.json", _versions())
 
     train_step = compile_train_step(s, config)
     eval_step = compile_eval_step(s)
@@ -620,53 +629,23 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"| {int(events):,} events",
         )
 
-    window = {"n": 0, "loss": 0.0, "nats": 0.0, "events": 0.0, "t0": None, "steps": 0}
+    log = monitor.TrainLog(writer, total_steps=t.steps, log_every=t.log_every, tokens_per_step=tokens_per_step,
+                           flops_per_token=fpt, peak_flops=peak)
 
     def consume(at_step, metrics):
-        """Host side of step `at_step`: finite check, then a log line every log_every steps."""
-        m = jax.device_get(metrics)
-        loss, gnorm, pnorm = float(m["loss"]), float(m["grad_norm"]), float(m["param_norm"])
-        if not all(map(math.isfinite, (loss, gnorm, pnorm))):
+        """Host side of step `at_step`: the finite check, then logging."""
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not all(math.isfinite(m[k]) for k in ("loss", "grad_norm", "param_norm")):
             ckpts.wait()
             good = ckpts.latest_step()
             where = f"step {good} in {ckpts.directory}" if good is not None else "none (no checkpoint yet)"
             raise NonFiniteLoss(
-                f"step {at_step}: non-finite training (loss {loss}, gradient norm {gnorm}, parameter norm {pnorm}); "
-                f"stopped without saving. Last good checkpoint: {where}. "
+                f"step {at_step}: non-finite training (loss {m['loss']}, gradient norm {m['grad_norm']}, "
+                f"parameter norm {m['param_norm']}); stopped without saving. Last good checkpoint: {where}. "
                 "Lower config.train.learning_rate or raise warmup_steps, then re-run to resume from it."
             )
-        result["losses"][at_step] = loss
-        window["n"] += 1
-        window["loss"] += loss
-        window["nats"] += float(m["nats_per_event"]) * float(m["events"])
-        window["events"] += float(m["events"])
-        if window["t0"] is None:  # the first step includes compilation: time from its end
-            window.update(n=0, loss=0.0, nats=0.0, events=0.0, t0=time.perf_counter(), steps=at_step)
-            return
-        if at_step % t.log_every and at_step != stop_at:
-            return
-        now = time.perf_counter()
-        steps_done = at_step - window["steps"]
-        rate = steps_done / max(now - window["t0"], 1e-9)
-        tok_s = rate * tokens_per_step
-        mfu = tok_s * fpt / peak
-        metrics_out = {
-            "loss": window["loss"] / window["n"],
-            "nats_per_event": window["nats"] / max(window["events"], 1.0),
-            "grad_norm": gnorm,
-            "param_norm": pnorm,
-            "lr": float(m["lr"]),
-            "tokens_per_s": tok_s,
-            "mfu": mfu,
-        }
-        eta = (t.steps - at_step) / rate
-        writer.write(
-            at_step, "train", metrics_out,
-            f"step {at_step:>6}/{t.steps} | loss {metrics_out['loss']:.4f} | nats/event "
-            f"{metrics_out['nats_per_event']:.4f} | grad norm {gnorm:.3f} | lr {metrics_out['lr']:.2e} | "
-            f"{tok_s:,.0f} tokens/s | MFU {100 * mfu:.1f}% | ETA {monitor.format_duration(eta)}",
-        )
-        window.update(n=0, loss=0.0, nats=0.0, events=0.0, t0=now, steps=at_step)
+        result["losses"][at_step] = m["loss"]
+        log.add(at_step, m, force=at_step == stop_at)
 
     pending = None
     try:
@@ -690,7 +669,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if checkpoint_due:
                     save(step)
                 if eval_due or checkpoint_due:  # tokens/s measures training, not these pauses
-                    window.update(t0=time.perf_counter(), steps=step)
+                    log.pause(step)
                 if stop_now:
                     result["stopped_by"] = stopped_by
                     break
