@@ -30,6 +30,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -468,7 +469,12 @@ def _write_piece(vocab, out: pathlib.Path, piece: Piece, ids: np.ndarray, primer
         ns, out / f"{piece.stem}.png", primer_seconds=primer_end_s,
         title=f"{mid.name}  ·  {piece.style}  ·  seed {piece.seed}  ·  {ns.total_time:.1f} s  ·  {len(ns.notes)} notes",
     )
-    wav = render.render_audio(mid, out / f"{piece.stem}.wav", soundfont=soundfont) if audio else None
+    wav = None
+    if audio:
+        try:
+            wav = render.render_audio(mid, out / f"{piece.stem}.wav", soundfont=soundfont)
+        except RuntimeError as e:  # one piece FluidSynth chokes on should not stop a corpus
+            print(f"warning: no audio for {mid.name}: {e}", file=sys.stderr, flush=True)
     return {
         "index": piece.index,
         "file": mid.name,
@@ -566,8 +572,6 @@ def run_command(f) -> pathlib.Path:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    import sys
-
     from absl import flags, logging
 
     fv = flags.FlagValues()

@@ -18,6 +18,8 @@ import os
 import pathlib
 import shutil
 import subprocess
+import tempfile
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -39,13 +41,49 @@ class AudioToolsMissing(RuntimeError):
 # ----------------------------------------------------------------------------- MIDI
 
 
+def playable(ns):
+    """A copy of `ns` in which no two notes of one pitch (and instrument) overlap.
+
+    MIDI cannot say which of two sounding notes of the same key a note-off ends, so
+    players disagree, and a pile of them on one tick (easy for an undertrained model)
+    overflows FluidSynth's event queue. A note that is struck again while it sounds
+    ends where the new one starts; notes struck together become one (the longest,
+    loudest). Notes of other pitches are untouched.
+    """
+    out = type(ns)()
+    out.CopyFrom(ns)
+    del out.notes[:]
+    groups: dict[tuple, list] = {}
+    for note in ns.notes:
+        groups.setdefault((note.instrument, note.program, note.is_drum, note.pitch), []).append(note)
+    kept = []
+    for notes in groups.values():
+        notes.sort(key=lambda n: (n.start_time, -n.end_time))
+        merged = []
+        for note in notes:
+            if merged and note.start_time <= merged[-1].start_time:  # struck together: one note
+                prev = merged[-1]
+                prev.end_time = max(prev.end_time, note.end_time)
+                prev.velocity = max(prev.velocity, note.velocity)
+                continue
+            if merged and note.start_time < merged[-1].end_time:  # struck again while sounding
+                merged[-1].end_time = note.start_time
+            copy = type(note)()
+            copy.CopyFrom(note)
+            merged.append(copy)
+        kept.extend(merged)
+    kept.sort(key=lambda n: (n.start_time, n.pitch))
+    out.notes.extend(kept)
+    return out
+
+
 def write_midi(ns, path: str | os.PathLike) -> pathlib.Path:
-    """NoteSequence -> a standard MIDI file (format 1) at `path`."""
+    """NoteSequence -> a standard MIDI file at `path`, made `playable` first."""
     import note_seq
 
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    note_seq.sequence_proto_to_midi_file(ns, str(path))
+    note_seq.sequence_proto_to_midi_file(playable(ns), str(path))
     return path
 
 
@@ -152,12 +190,37 @@ def render_audio(
     wav_path = pathlib.Path(wav_path)
     wav_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = wav_path.with_name(wav_path.name + ".part")
+    # FluidSynth can keep rendering silence forever on pathological files: stop it once the
+    # WAV is well past the MIDI file's own length.
+    import mido
+
+    try:
+        midi_seconds = mido.MidiFile(midi_path).length
+    except Exception as e:  # mido raises several types on unreadable files
+        raise RuntimeError(f"{midi_path}: not a readable MIDI file ({e})") from None
+    max_bytes = 44 + int((midi_seconds + 30) * sample_rate) * 4  # 16-bit stereo, 30 s of release
     cmd = [exe, "-n", "-i", "-q", "-g", str(gain), "-r", str(sample_rate), "-T", "wav", "-F", str(tmp), str(sf),
            str(midi_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: FluidSynth can print megabytes of warnings
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+        try:
+            while proc.poll() is None:
+                if time.monotonic() > deadline or (tmp.is_file() and tmp.stat().st_size > max_bytes):
+                    proc.kill()
+                    proc.wait()
+                    tmp.unlink(missing_ok=True)
+                    raise RuntimeError(f"fluidsynth did not finish rendering {midi_path} "
+                                       f"({midi_seconds:.0f} s of music); killed it")
+                time.sleep(0.05)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        log.seek(0)
+        detail = [line for line in log.read().splitlines() if line.strip()]
     if proc.returncode != 0 or not tmp.is_file() or tmp.stat().st_size <= 44:
         tmp.unlink(missing_ok=True)
-        detail = (proc.stderr or proc.stdout).strip().splitlines()
         raise RuntimeError(f"fluidsynth could not render {midi_path}: {detail[-1] if detail else 'no output'}")
     _trim_silence(tmp)
     os.replace(tmp, wav_path)  # a killed render never leaves a truncated WAV under the final name
