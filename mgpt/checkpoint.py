@@ -112,9 +112,9 @@ def locate(path: str | epath.PathLike, step: int | None = None) -> tuple[epath.P
 def restore_params(path: str | epath.PathLike, step: int | None, abstract_params) -> tuple[Any, int]:
     """Only the weights of a checkpoint, placed by abstract_params' shardings. Returns (params, step)."""
     root, step = locate(path, step)
-    with ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True), item_names=ITEMS) as m:
-        out = m.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
-    return out["params"], step
+    with ocp.StandardCheckpointer() as checkpointer:
+        params = checkpointer.restore(root / str(step) / "params", abstract_params)
+    return params, step
 
 
 def abstract_with_shardings(abstract_tree, shardings):

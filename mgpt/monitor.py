@@ -40,19 +40,22 @@ def known_peak_flops(device: jax.Device) -> float | None:
 
 
 def measure_matmul_flops(dtype: str = "float32", n: int = 1024, seconds: float = 0.5) -> float:
-    """FLOP/s of one device doing n x n matmuls: the honest peak for MFU on a CPU."""
+    """FLOP/s of one device doing n x n matmuls: the honest peak for MFU on a CPU.
+
+    The best of several short bursts, so that a moment of load from other processes
+    does not lower the peak (and inflate MFU).
+    """
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x: x @ x * (1.0 / n))
     f(a).block_until_ready()
-    reps, start = 0, time.perf_counter()
-    while True:
-        a = f(a)
-        reps += 1
-        if reps % 4 == 0:
-            a.block_until_ready()
-            elapsed = time.perf_counter() - start
-            if elapsed >= seconds:
-                return 2.0 * n**3 * reps / elapsed
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline or best == 0.0:
+        start = time.perf_counter()
+        for _ in range(2):
+            a = f(a)
+        a.block_until_ready()
+        best = max(best, 2 * 2.0 * n**3 / (time.perf_counter() - start))
+    return best
 
 
 def peak_flops(dtype: str) -> tuple[float, str]:
