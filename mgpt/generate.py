@@ -257,8 +257,8 @@ class Run:
         return [self.decode(ids) for ids in self.generate_ids(style, n, **kwargs)]
 
     def decode(self, ids: np.ndarray):
-        """Id row -> NoteSequence (valid whatever the ids: see Vocabulary.decode_notes)."""
-        return self.vocab.decode(ids)
+        """Id row -> NoteSequence, exactly as it is written to MIDI (see render.playable)."""
+        return decode(self.vocab, ids)
 
     def write_midi(self, pieces, output_dir: str | os.PathLike, *, prefix: str = "piece", images: bool = False,
                    audio: bool = False, soundfont: str | None = None) -> list[pathlib.Path]:
@@ -460,8 +460,13 @@ def generate_corpus(
     return sorted(written, key=lambda e: e["index"])
 
 
+def decode(vocab: Vocabulary, ids: np.ndarray):
+    """Any id row -> a NoteSequence that plays the same in every MIDI player (see render.playable)."""
+    return render.playable(vocab.decode(ids))
+
+
 def _write_piece(vocab, out: pathlib.Path, piece: Piece, ids: np.ndarray, primer_ids, *, audio, soundfont, extra):
-    ns = vocab.decode(ids)
+    ns = decode(vocab, ids)
     primer_len = 0 if primer_ids is None else len(primer_ids)
     primer_end_s = vocab.seconds(primer_ids) if primer_len else 0.0
     mid = render.write_midi(ns, out / f"{piece.stem}.mid")

@@ -339,7 +339,9 @@ def test_command_writes_midi_manifest_images_and_gallery(cli_output):
     for e in entries:
         assert e["settings"]["top_p"] == 0.95 and e["settings"]["max_events"] == 60 and e["checkpoint_step"] == 7
         assert e["events"] == 60 and e["seconds"] > 0
-        _check_midi_file(cli_output / e["file"], note_seq.midi_file_to_note_sequence(str(cli_output / e["file"])))
+        ns = note_seq.midi_file_to_note_sequence(str(cli_output / e["file"]))
+        _check_midi_file(cli_output / e["file"], ns)
+        assert e["notes"] == len(ns.notes) and e["seconds"] == pytest.approx(ns.total_time, abs=0.01)
         assert (cli_output / e["image"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (cli_output / "index.html").read_text()
     assert "http" not in page, "the gallery needs no network"
