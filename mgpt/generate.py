@@ -425,7 +425,10 @@ def generate_corpus(
         for e in done.values():
             wav = out / pathlib.Path(e["file"]).with_suffix(".wav")
             if not wav.is_file():
-                render.render_audio(out / e["file"], wav, soundfont=soundfont)
+                try:
+                    render.render_audio(out / e["file"], wav, soundfont=soundfont)
+                except RuntimeError as err:
+                    print(f"warning: no audio for {e['file']}: {err}", file=sys.stderr, flush=True)
     todo = [p for p in mine if p.index not in done]
 
     group = batch_size * len(devices)
@@ -583,8 +586,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     define_flags(fv)
     argv = list(sys.argv if argv is None else argv)
     if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
-        print(__doc__.split("\n\n")[0] + "\n\n" + fv.module_help(__name__ if __name__ != "__main__" else
-                                                                     fv.find_module_defining_flag("workdir")))
+        print("\n\n".join(__doc__.split("\n\n")[:2]) + "\n\nFlags:\n" + fv.get_help(include_special_flags=False))
         return
     try:
         rest = fv(argv)
