@@ -7,7 +7,7 @@ and predicts `targets_BxL = row[:, 1:]`. Rows are built from pieces like this:
   and the piece itself ends with EOS.
 - A piece longer than a row is cut at a random offset (a fresh crop every epoch), and
   the crop still starts with the conditioning token, so every row is conditioned.
-- Shorter pieces are packed first-fit into rows (grain's packer); the EOS that ends each
+- Shorter pieces are packed best-fit into rows (grain's packer); the EOS that ends each
   piece separates it from the next one. What is left over is PAD.
 - On the training split each piece is transposed by a random number of semitones in
   [-transpose, transpose] before cropping (`vocab.transpose` drops notes pushed out of
