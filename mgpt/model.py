@@ -55,14 +55,13 @@ class ModelConfig:
     rope_base: float = 10_000.0
     mlp_activation: str = "silu"  # gate nonlinearity: 'silu' (SwiGLU) | 'gelu' (GeGLU)
     attention: str = "auto"  # 'auto' = cuDNN on GPU for bf16/fp16, else XLA
-    decode_chunk: int = 256  # cached decoding reads the KV cache in blocks of this many slots
 
     def __post_init__(self):
         def check(ok: bool, field: str, why: str):
             if not ok:
                 raise ValueError(f"model.{field}: {why}")
 
-        for f in ("vocab_size", "num_layers", "num_heads", "d_model", "mlp_dim", "max_len", "decode_chunk"):
+        for f in ("vocab_size", "num_layers", "num_heads", "d_model", "mlp_dim", "max_len"):
             v = getattr(self, f)
             check(isinstance(v, int) and v > 0, f, f"must be a positive integer, got {v!r}")
         check(
@@ -177,75 +176,27 @@ class Attention(nnx.Module):
     def decode(self, x_BxTxD, positions_BxT, cache: dict[str, jax.Array]):
         """Writes this chunk's keys/values at slots `positions`, then attends to slots <= position."""
         q_BxTxNxK, k_BxTxNxK, v_BxTxNxK = self._project(x_BxTxD, positions_BxT)
-        rows_Bx1x1 = jnp.arange(x_BxTxD.shape[0])[:, None, None]
-        heads_1xNx1 = jnp.arange(self.cfg.num_heads)[None, :, None]
-        slots_Bx1xT = positions_BxT[:, None, :]
+        rows_Bx1 = jnp.arange(x_BxTxD.shape[0])[:, None]
 
         def write(cache_BxNxSxK, new_BxTxNxK):
-            new_BxNxTxK = new_BxTxNxK.transpose(0, 2, 1, 3).astype(cache_BxNxSxK.dtype)
-            return cache_BxNxSxK.at[rows_Bx1x1, heads_1xNx1, slots_Bx1xT].set(new_BxNxTxK, mode="drop")
+            # Index (row, slot) with heads as a slice: one (N, K) window per token, in place.
+            return cache_BxNxSxK.at[rows_Bx1, :, positions_BxT].set(new_BxTxNxK.astype(cache_BxNxSxK.dtype), mode="drop")
 
         cache = {"k": write(cache["k"], k_BxTxNxK), "v": write(cache["v"], v_BxTxNxK)}
         q_BxNxTxK = q_BxTxNxK.transpose(0, 2, 1, 3) * jnp.asarray(self.cfg.head_dim**-0.5, q_BxTxNxK.dtype)
         k_BxNxSxK, v_BxNxSxK = cache["k"].astype(q_BxTxNxK.dtype), cache["v"].astype(q_BxTxNxK.dtype)
-        if x_BxTxD.shape[1] == 1 and k_BxNxSxK.shape[2] > self.cfg.decode_chunk:
-            o_BxNxTxK = _attend_filled(q_BxNxTxK, k_BxNxSxK, v_BxNxSxK, positions_BxT[:, 0], self.cfg.decode_chunk)
-        else:
-            o_BxNxTxK = _attend_all(q_BxNxTxK, k_BxNxSxK, v_BxNxSxK, positions_BxT)
+        # Written out rather than via dot_product_attention: its BxSxNxK layout would make
+        # XLA transpose the whole cache at every decode step, which dominates on CPU.
+        # (Reading only the filled blocks of the cache was tried; on CPU the block copies
+        # cost more than they save once a window is about half full.)
+        scores_BxNxTxS = jnp.einsum("bntk,bnsk->bnts", q_BxNxTxK, k_BxNxSxK, preferred_element_type=jnp.float32)
+        slots_S = jnp.arange(k_BxNxSxK.shape[2])
+        # Slots after a row's position hold stale or padding entries; causality hides them.
+        visible_Bx1xTxS = (slots_S[None, None, :] <= positions_BxT[:, :, None])[:, None]
+        scores_BxNxTxS = jnp.where(visible_Bx1xTxS, scores_BxNxTxS, -jnp.inf)
+        probs_BxNxTxS = jax.nn.softmax(scores_BxNxTxS, axis=-1).astype(v_BxNxSxK.dtype)
+        o_BxNxTxK = jnp.einsum("bnts,bnsk->bntk", probs_BxNxTxS, v_BxNxSxK)
         return jnp.einsum("bntk,nkd->btd", o_BxNxTxK, self.out[...].astype(self.cfg.dtype)), cache
-
-
-# Cached attention is written out rather than via dot_product_attention: its BxSxNxK
-# layout would make XLA transpose the whole cache at every decode step, which
-# dominates decoding on CPU. q is pre-scaled by head_dim^-1/2; softmax is fp32.
-
-
-def _attend_all(q_BxNxTxK, k_BxNxSxK, v_BxNxSxK, positions_BxT):
-    """Attention of T queries over every cache slot <= their position."""
-    scores_BxNxTxS = jnp.einsum("bntk,bnsk->bnts", q_BxNxTxK, k_BxNxSxK, preferred_element_type=jnp.float32)
-    slots_S = jnp.arange(k_BxNxSxK.shape[2])
-    # Slots after a row's position hold stale or padding entries; causality hides them.
-    visible_Bx1xTxS = (slots_S[None, None, :] <= positions_BxT[:, :, None])[:, None]
-    scores_BxNxTxS = jnp.where(visible_Bx1xTxS, scores_BxNxTxS, -jnp.inf)
-    probs_BxNxTxS = jax.nn.softmax(scores_BxNxTxS, axis=-1).astype(v_BxNxSxK.dtype)
-    return jnp.einsum("bnts,bnsk->bntk", probs_BxNxTxS, v_BxNxSxK)
-
-
-def _attend_filled(q_BxNx1xK, k_BxNxSxK, v_BxNxSxK, positions_B, chunk: int):
-    """One query per row over slots <= its position, reading only chunks that hold any.
-
-    Decoding is bound by reading the cache; a full-size cache is mostly empty
-    early in a piece, so this loops over `chunk`-slot blocks up to the furthest
-    row's position with an online (running max) softmax.
-    """
-    size = k_BxNxSxK.shape[2]
-    b, n, _, k = q_BxNx1xK.shape
-
-    def body(c, carry):
-        max_BxNx1, sum_BxNx1, acc_BxNx1xK = carry
-        # The last block may overlap the one before; `first` masks the overlap.
-        first = c * chunk
-        start = jnp.minimum(first, size - chunk)
-        k_BxNxCxK = jax.lax.dynamic_slice_in_dim(k_BxNxSxK, start, chunk, axis=2)
-        v_BxNxCxK = jax.lax.dynamic_slice_in_dim(v_BxNxSxK, start, chunk, axis=2)
-        scores_BxNx1xC = jnp.einsum("bntk,bnsk->bnts", q_BxNx1xK, k_BxNxCxK, preferred_element_type=jnp.float32)
-        slots_C = start + jnp.arange(chunk)
-        visible_BxC = (slots_C[None, :] >= first) & (slots_C[None, :] <= positions_B[:, None])
-        scores_BxNx1xC = jnp.where(visible_BxC[:, None, None, :], scores_BxNx1xC, -jnp.inf)
-        new_max_BxNx1 = jnp.maximum(max_BxNx1, scores_BxNx1xC.max(axis=-1))
-        p_BxNx1xC = jnp.exp(scores_BxNx1xC - new_max_BxNx1[..., None])
-        rescale_BxNx1 = jnp.exp(max_BxNx1 - new_max_BxNx1)
-        sum_BxNx1 = sum_BxNx1 * rescale_BxNx1 + p_BxNx1xC.sum(axis=-1)
-        acc_BxNx1xK = acc_BxNx1xK * rescale_BxNx1[..., None] + jnp.einsum(
-            "bnts,bnsk->bntk", p_BxNx1xC.astype(v_BxNxCxK.dtype), v_BxNxCxK, preferred_element_type=jnp.float32
-        )
-        return new_max_BxNx1, sum_BxNx1, acc_BxNx1xK
-
-    num_chunks = jnp.max(positions_B) // chunk + 1
-    # A finite initial max: slot 0 is always visible, so block 0 replaces it.
-    init = (jnp.full((b, n, 1), -1e30, jnp.float32), jnp.zeros((b, n, 1), jnp.float32), jnp.zeros((b, n, 1, k), jnp.float32))
-    _, sum_BxNx1, acc_BxNx1xK = jax.lax.fori_loop(0, num_chunks, body, init)
-    return (acc_BxNx1xK / sum_BxNx1[..., None]).astype(q_BxNx1xK.dtype)
 
 
 class MLP(nnx.Module):

@@ -1,5 +1,3 @@
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +10,7 @@ from mgpt.sample import _choose, filter_logits, generate_tokens, sampling_settin
 
 VOCAB = Vocabulary(["bach", "chopin"])
 CFG = ModelConfig(
-    vocab_size=VOCAB.size, num_layers=2, num_heads=2, d_model=32, mlp_dim=64, max_len=16, tied_embeddings=False,
-    decode_chunk=6,  # < max_len: decoding reads the cache blockwise, last block overlapping
+    vocab_size=VOCAB.size, num_layers=2, num_heads=2, d_model=32, mlp_dim=64, max_len=16, tied_embeddings=False
 )
 STYLE = VOCAB.style_id("bach")
 
@@ -42,9 +39,7 @@ def _ids(start, count):
     return np.arange(start, start + count)
 
 
-@pytest.mark.parametrize("decode_chunk", [6, 16])
-def test_cached_decode_matches_full_forward(decode_chunk):
-    model = GPT(dataclasses.replace(CFG, decode_chunk=decode_chunk), rngs=nnx.Rngs(0))
+def test_cached_decode_matches_full_forward(model):
     rng = np.random.default_rng(0)
     tokens_BxL = jnp.asarray(rng.integers(2, VOCAB.style_offset, (3, CFG.max_len)), jnp.int32)
     graphdef, params = nnx.split(model)
