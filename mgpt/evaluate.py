@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import html
 import json
 import math
 import os
@@ -56,6 +55,7 @@ from data_prep.vocab import UNKNOWN_STYLE, Vocabulary, normalize_label
 from mgpt import features as F
 from mgpt import ngram as ngram_lib
 from mgpt import originality as orig
+from mgpt import report as report_lib
 from mgpt import style_classifier as sc
 from mgpt.features import Notes
 
@@ -519,226 +519,6 @@ def jsonable(x):
     return x
 
 
-# ----------------------------------------------------------------------------- report files
-
-
-def _fmt(v, digits=3) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, bool):
-        return "yes" if v else "NO"
-    if isinstance(v, int):
-        return f"{v:,}"
-    if isinstance(v, float):
-        if abs(v) >= 1000:
-            return f"{v:,.0f}"
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-def report_tables(report: dict) -> list[tuple[str, str, list[str], list[list], list[str]]]:
-    """(section, caption, headers, rows, images) for report.md and report.html alike."""
-    out = []
-    lik = report["likelihood"]
-    models = lik["models"]
-    rows = [[name, m.get("params"), m.get("tokens_seen"), m["nats_per_event"], m["bits_per_event"], m["perplexity"]]
-            for name, m in models.items()]
-    out.append(("Likelihood", f"Test split: {lik['pieces']} pieces, {next(iter(models.values()))['events']:,} "
-                "events (incl. EOS), no transposition. n-gram 'training tokens' = train-split tokens it counted.",
-                ["model", "params", "training tokens", "nats/event", "bits/event", "perplexity"], rows, []))
-    styles = sorted({s for m in models.values() for s in m["per_style"]})
-    rows = []
-    for s in styles:
-        first = next(m["per_style"][s] for m in models.values() if s in m["per_style"])
-        rows.append([s, first["pieces"], first["events"]] +
-                    [m["per_style"].get(s, {}).get("nats_per_event") for m in models.values()])
-    out.append(("Likelihood per style", "nats/event on the test pieces of each style.",
-                ["style", "pieces", "events"] + list(models), rows, []))
-
-    f = report["features"]
-    gvt, tvt = f["generated_vs_test"], f["train_vs_test"]
-    rows = []
-    for name in F.FEATURES:
-        g, t = gvt.get(name, {}), tvt.get(name, {})
-        gen_mean, test_mean = g.get("candidate_mean"), t.get("reference_mean")
-        scalar = not isinstance(test_mean, list)
-        rows.append([name, g.get("overlap"), g.get("kl"), t.get("overlap"), t.get("kl"),
-                     gen_mean if scalar else "(histogram)", test_mean if scalar else "(histogram)"])
-    rows.append(["**mean**", f["mean_overlap"]["generated_vs_test"], f["mean_kl"]["generated_vs_test"],
-                 f["mean_overlap"]["train_vs_test"], f["mean_kl"]["train_vs_test"], "", ""])
-    out.append(("Musical statistics",
-                f"First {f['crop_seconds']:g} s of each piece; pieces: {f['pieces']}. Overlap area (1 = identical) and "
-                "KL (nats) of inter-set vs the test set's intra-set distance distributions (Yang & Lerch 2018); "
-                "train vs test is the ceiling.",
-                ["feature", "generated OA", "generated KL", "train OA (ceiling)", "train KL", "generated mean",
-                 "test mean"], rows, [f["plots"][k] for k in F.FEATURES if k in f["plots"]]))
-
-    st = report["style"]
-    if "real_test" in st:
-        rows = [["real test (ceiling)", st["real_test"]["count"], st["real_test"]["accuracy"]],
-                ["generated (vs conditioned style)", st["generated"]["count"], st["generated"]["accuracy"]]]
-        out.append(("Style fidelity", st["classifier"] + f"; trained on {st['train_pieces']} train pieces.",
-                    ["pieces", "count", "accuracy"], rows, [st["plot"]]))
-        rows = [[s, st["real_test"]["per_style"].get(s), st["generated"]["per_style"].get(s)] for s in st["styles"]]
-        out.append(("Style recall per style", "", ["style", "real test", "generated"], rows, []))
-    else:
-        out.append(("Style fidelity", st.get("skipped", ""), [], [], []))
-
-    og = report["originality"]
-    rows = []
-    for name in ("generated", "test"):
-        r = og[name]
-        rows.append([name, len(r["pieces"]), r["longest_copy_s_max"], r["longest_copy_s_median"],
-                     r["longest_copy_notes_max"]] + [r["ngram_share"].get(str(n)) for n in sorted(map(int, r["ngram_share"]))]
-                    + [len(r["flagged"])])
-    sizes = sorted(map(int, og["generated"]["ngram_share"]))
-    out.append(("Originality",
-                f"{og['method']}. Searched {og['train_pieces_searched']} of {og['train_pieces_total']} train pieces "
-                f"({og['train_notes_searched']:,} notes). Test pieces cut to {og['test_reference_seconds']:g} s as the "
-                f"reference for normal reuse. Flagged: longest copy >= {og['generated']['threshold_s']:g} s.",
-                ["set", "pieces", "longest copy max (s)", "median (s)", "longest copy (notes)"]
-                + [f"{n}-note n-grams in train" for n in sizes] + ["flagged"], rows, []))
-    if og["generated"]["flagged"]:
-        rows = [[p["file"], p["seconds"], p["seconds_notes"], p["train_piece_id"]]
-                for p in og["generated"]["pieces"] if p["seconds"] >= og["generated"]["threshold_s"]]
-        out.append(("Flagged pieces", "", ["file", "copied seconds", "notes", "from train piece"], rows, []))
-
-    v = report["validity"]
-    out.append(("Validity", "", ["files", "valid", "share", "mean seconds", "mean notes"],
-                [[v["files"], v["valid"], v["share"], v["mean_seconds"], v["mean_notes"]]], []))
-    out.append(("Targets", "The issue's targets for the demo model.", ["target", "value", "goal", "met"],
-                [[t["target"], t["value"], t["goal"], t["met"]] for t in report["targets"]], []))
-    return out
-
-
-def write_markdown(report: dict, path: pathlib.Path) -> None:
-    lines = ["# mgpt evaluation report", ""]
-    meta = report["meta"]
-    if meta.get("workdir"):
-        lines += [f"Run: `{meta['workdir']}` (step {meta.get('step')}); dataset: `{meta.get('dataset_dir')}`; "
-                  f"generated: `{meta.get('generated_dir')}`.", ""]
-    for section, caption, headers, rows, images in report_tables(report):
-        lines += [f"## {section}", ""]
-        if caption:
-            lines += [caption, ""]
-        if headers:
-            lines.append("| " + " | ".join(headers) + " |")
-            lines.append("|" + "---|" * len(headers))
-            lines += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
-            lines.append("")
-        lines += [f"![{im}]({im})" for im in images]
-        if images:
-            lines.append("")
-    if report.get("notes"):
-        lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
-    path.write_text("\n".join(lines))
-
-
-def write_html(report: dict, path: pathlib.Path, gallery: str | None) -> None:
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>mgpt evaluation</title><style>",
-             "body{font-family:sans-serif;margin:0;display:flex}main{flex:1;padding:1em 2em;max-width:60em}",
-             "aside{width:40%;height:100vh;position:sticky;top:0;border-left:1px solid #ccc}",
-             "aside iframe{width:100%;height:100%;border:0}table{border-collapse:collapse;margin:.5em 0}",
-             "td,th{border:1px solid #ccc;padding:.2em .5em;text-align:right}td:first-child{text-align:left}",
-             ".no{color:#b00;font-weight:bold}img{max-width:48%;margin:.2em}</style></head><body><main>",
-             "<h1>mgpt evaluation report</h1>"]
-    meta = report["meta"]
-    if meta.get("workdir"):
-        parts.append(f"<p>Run <code>{html.escape(str(meta['workdir']))}</code> (step {meta.get('step')}), dataset "
-                     f"<code>{html.escape(str(meta.get('dataset_dir')))}</code>.</p>")
-    if gallery:
-        parts.append(f"<p>Generated pieces: <a href='{html.escape(gallery)}'>gallery</a> (also on the right).</p>")
-    for section, caption, headers, rows, images in report_tables(report):
-        parts.append(f"<h2>{html.escape(section)}</h2>")
-        if caption:
-            parts.append(f"<p>{html.escape(caption)}</p>")
-        if headers:
-            parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in headers) + "</tr>")
-            for r in rows:
-                cells = []
-                for c in r:
-                    cls = " class='no'" if c is False else ""
-                    cells.append(f"<td{cls}>{html.escape(_fmt(c).replace('**', ''))}</td>")
-                parts.append("<tr>" + "".join(cells) + "</tr>")
-            parts.append("</table>")
-        parts += [f"<a href='{html.escape(im)}'><img src='{html.escape(im)}' alt='{html.escape(im)}'></a>"
-                  for im in images]
-    if report.get("notes"):
-        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in report["notes"]) + "</ul>")
-    parts.append("<p>All figures: <a href='report.json'>report.json</a>.</p></main>")
-    if gallery:
-        parts.append(f"<aside><iframe src='{html.escape(gallery)}' title='generated pieces'></iframe></aside>")
-    parts.append("</body></html>")
-    path.write_text("\n".join(parts))
-
-
-def write_report(report: dict, output_dir: str | os.PathLike, generated_dir: str | os.PathLike | None = None) -> None:
-    out = pathlib.Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    write_markdown(report, out / "report.md")
-    gallery = None
-    if generated_dir and (pathlib.Path(generated_dir) / "index.html").is_file():
-        gallery = os.path.relpath(pathlib.Path(generated_dir) / "index.html", out)
-    write_html(report, out / "report.html", gallery)
-
-
-# ----------------------------------------------------------------------------- compare
-
-
-def headline(report: dict) -> dict[str, float | None]:
-    """The figures worth comparing between runs, flat."""
-    out = {}
-    for name, m in report["likelihood"]["models"].items():
-        out[f"likelihood.{name}.nats_per_event"] = m["nats_per_event"]
-        for s, v in m["per_style"].items():
-            out[f"likelihood.{name}.{s}"] = v["nats_per_event"]
-    f = report["features"]
-    out["features.mean_overlap"] = f["mean_overlap"]["generated_vs_test"]
-    out["features.mean_overlap_ceiling"] = f["mean_overlap"]["train_vs_test"]
-    out["features.mean_kl"] = f["mean_kl"]["generated_vs_test"]
-    for k, v in f["generated_vs_test"].items():
-        out[f"features.{k}.overlap"] = v.get("overlap")
-    st = report["style"]
-    if "real_test" in st:
-        out["style.real_test_accuracy"] = st["real_test"]["accuracy"]
-        out["style.generated_accuracy"] = st["generated"]["accuracy"]
-    og = report["originality"]
-    for name in ("generated", "test"):
-        out[f"originality.{name}.longest_copy_s_max"] = og[name]["longest_copy_s_max"]
-        out[f"originality.{name}.longest_copy_s_median"] = og[name]["longest_copy_s_median"]
-        for n, v in og[name]["ngram_share"].items():
-            out[f"originality.{name}.ngram{n}_share"] = v
-        out[f"originality.{name}.flagged"] = len(og[name]["flagged"])
-    out["validity.share"] = report["validity"]["share"]
-    return out
-
-
-def _load_report(path: str) -> dict:
-    p = pathlib.Path(path)
-    if p.is_dir():
-        p = p / "report.json"
-    try:
-        return json.loads(p.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{p}: no report.json (run python -m mgpt.evaluate --output_dir=... first)") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{p}: not valid JSON ({e})") from None
-
-
-def compare(path_a: str, path_b: str) -> str:
-    """A text table of two reports' headline figures, with the change."""
-    a, b = headline(_load_report(path_a)), headline(_load_report(path_b))
-    keys = list(a) + [k for k in b if k not in a]
-    width = max(len(k) for k in keys) + 2
-    lines = [f"{'figure':<{width}}{'A':>12}{'B':>12}{'B - A':>12}", f"{'':<{width}}{path_a[-12:]:>12}{path_b[-12:]:>12}"]
-    for k in keys:
-        va, vb = a.get(k), b.get(k)
-        d = vb - va if isinstance(va, (int, float)) and isinstance(vb, (int, float)) else None
-        lines.append(f"{k:<{width}}{_fmt(va, 4):>12}{_fmt(vb, 4):>12}{_fmt(d, 4) if d is not None else '':>12}")
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------- one-composer study
 
 
@@ -780,7 +560,9 @@ def composer_study(
     x = [crop(n, options.crop_seconds) for n, _ in labelled] + [window_crop(n, options.crop_seconds, rng) for n, _ in labelled]
     clf = sc.StyleClassifier(seed=options.seed).fit(x, [s for _, s in labelled] * 2)
 
-    result = {"composer": target, "style": style, "test_pieces": len(mine), "dataset_dir": str(dataset_dir)}
+    real_pred = clf.predict([crop(vocab.decode_notes(p.tokens), options.crop_seconds) for p in mine])
+    result = {"composer": target, "style": style, "test_pieces": len(mine), "dataset_dir": str(dataset_dir),
+              "real_test_classified_as_composer": float(np.mean([p == style for p in real_pred]))}
     for name, (m, v, wd) in {"before": (base_model, vocab, base_workdir), "after": (ft_model, ft_vocab, finetuned_workdir)}.items():
         log(f"composer study: {name} ({wd})")
         w = windows(mine, v, m.seq_len)
@@ -809,12 +591,14 @@ def write_composer_study(result: dict, output_dir: str | os.PathLike) -> str:
     b, a = result["before"], result["after"]
     lines = [f"# One-composer fine-tune: {result['composer']}", "",
              f"{result['test_pieces']} test pieces of {result['composer']} (style {result['style']}) in "
-             f"`{result['dataset_dir']}`; {b['samples']} samples per run conditioned on that style.", "",
+             f"`{result['dataset_dir']}`; {b['samples']} samples per run conditioned on that style. The classifier "
+             f"recognises {100 * result['real_test_classified_as_composer']:.0f}% of the composer's real test pieces "
+             "(its ceiling).", "",
              "| run | step | nats/event on composer's test pieces | nats/event on other test pieces | "
              "samples classified as the composer | classifier verdicts |", "|---|---|---|---|---|---|"]
     for name, r in (("before (base)", b), ("after (fine-tuned)", a)):
-        lines.append(f"| {name} | {r['step']} | {_fmt(r['composer_test']['nats_per_event'])} | "
-                     f"{_fmt(r['other_test']['nats_per_event'])} | {100 * r['classified_as_composer']:.0f}% | "
+        lines.append(f"| {name} | {r['step']} | {report_lib.fmt(r['composer_test']['nats_per_event'])} | "
+                     f"{report_lib.fmt(r['other_test']['nats_per_event'])} | {100 * r['classified_as_composer']:.0f}% | "
                      f"{r['verdicts']} |")
     text = "\n".join(lines) + "\n"
     (out / "composer_study.md").write_text(text)
@@ -866,7 +650,7 @@ def run_command(f, rest: Sequence[str]) -> str:
     if f.compare:
         if len(rest) != 2:
             raise UserError("usage: python -m mgpt.evaluate --compare RUN_A RUN_B (report folders or report.json)")
-        return compare(*rest)
+        return report_lib.compare(*rest)
     if rest:
         raise UserError(f"unexpected arguments: {list(rest)}")
     if not f.workdir or not f.output_dir:
@@ -882,6 +666,8 @@ def run_command(f, rest: Sequence[str]) -> str:
                                 options=options)
         return write_composer_study(result, f.output_dir)
 
+    if f.generated_dir and not generate.read_all_manifests(f.generated_dir):  # fail before loading anything
+        raise UserError(f"--generated_dir={f.generated_dir}: no manifest.jsonl with pieces there")
     start = time.perf_counter()
     gpt, vocab, config = model_from_run("gpt", f.workdir)
     models = [gpt]
@@ -914,8 +700,8 @@ def run_command(f, rest: Sequence[str]) -> str:
     report["meta"].update(workdir=str(f.workdir), step=gpt.step, dataset_dir=str(dataset_dir),
                           generated_dir=str(generated_dir), lstm_workdir=f.lstm_workdir,
                           total_seconds=time.perf_counter() - start)
-    write_report(report, f.output_dir, generated_dir)
-    lines = [f"{t['target']}: {_fmt(t['value'])} ({'met' if t['met'] else 'NOT met'})" for t in report["targets"]]
+    report_lib.write_report(report, f.output_dir, generated_dir)
+    lines = [f"{t['target']}: {report_lib.fmt(t['value'])} ({'met' if t['met'] else 'NOT met'})" for t in report["targets"]]
     return "\n".join(lines + [str(pathlib.Path(f.output_dir) / "report.html")])
 
 
@@ -926,7 +712,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     define_flags(fv)
     argv = list(sys.argv if argv is None else argv)
     if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
-        print(__doc__.split("\n\n")[0] + "\n\n" + fv.module_help(fv.find_module_defining_flag("workdir")))
+        print("\n\n".join(__doc__.split("\n\n")[:2]) + "\n\n" + fv.module_help(fv.find_module_defining_flag("workdir")))
         return
     try:
         rest = fv(argv)[1:]
@@ -937,7 +723,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         print(run_command(fv, rest))
-    except (UserError, generate.UserError, FileNotFoundError) as e:
+    except (UserError, generate.UserError, report_lib.ReportError, FileNotFoundError) as e:
         raise SystemExit(str(e)) from None
 
 

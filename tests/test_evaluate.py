@@ -281,7 +281,9 @@ def tiny_report(tmp_path_factory):
     report = E.evaluate(vocab=vocab, train=train, test=test, generated=generated, models=models,
                         options=E.Options(ngram_order=3, crop_seconds=20.0, copy_threshold_s=5.0),
                         output_dir=out, log=lambda *a: None)
-    E.write_report(report, out, gen_dir)
+    from mgpt import report as report_lib
+
+    report_lib.write_report(report, out, gen_dir)
     return out, json.loads((out / "report.json").read_text())
 
 
