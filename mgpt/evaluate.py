@@ -353,6 +353,13 @@ def evaluate(
         F.plot_feature(name, {k: v[name] for k, v in tables.items()}, str(path))
         plots[name] = path.name
 
+    for name in F.SCALAR_FEATURES:
+        if np.std(tables["test"][name]) == 0:
+            report["notes"].append(
+                f"features: {name} is the same ({tables['test'][name][0]:g}) in every real test piece (a property of "
+                "the corpus, e.g. scores without dynamics), so its train-vs-test ceiling is trivially 1"
+            )
+
     def mean_of(cmp, key):
         vals = [v[key] for v in cmp.values() if v.get(key) is not None and np.isfinite(v[key])]
         return float(np.mean(vals)) if vals else float("nan")
