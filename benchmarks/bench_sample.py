@@ -13,7 +13,8 @@ Peers, all on the same host:
 - ours: `mgpt.sample.sample_window` (one jitted prefill + while_loop decode, KV cache);
 - no cache: the same model and filter in a jitted while_loop that recomputes the
   full forward over the (fixed-size) context buffer for every event; its cost
-  per event is constant, so it is timed over --nocache_events events;
+  per event is constant, so it is timed over --nocache_events events, and only
+  at the batch sizes in --nocache_batches (it needs O(context) work per event);
 - HF: transformers' GPT-2, PyTorch CPU, `generate(use_cache=True, do_sample=True,
   top_k)`, same vocabulary, depth, width, heads, context; its plain MLP gets
   n_inner = 1.5 * mlp_dim so its MLP has as many weights as our gated one.
@@ -115,11 +116,12 @@ def time_nocache(model, vocab, batch, events, top_k):
     return batch * events / (time.perf_counter() - t)
 
 
-def time_hf(cfg: ModelConfig, batch, events, top_k):
+def time_hf(cfg: ModelConfig, batch, events, top_k, threads):
     import torch
     import transformers
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    transformers.logging.set_verbosity_error()
     hf_cfg = transformers.GPT2Config(
         vocab_size=cfg.vocab_size,
         n_positions=cfg.max_len,
@@ -155,26 +157,40 @@ def main():
     p.add_argument("--shapes", default="small,base")
     p.add_argument("--batches", default="1,16")
     p.add_argument("--events", type=int, default=1024, help="new events per row")
-    p.add_argument("--nocache_events", type=int, default=32, help="events timed for the no-cache peer")
+    p.add_argument("--nocache_events", type=int, default=4, help="events timed for the no-cache peer")
+    p.add_argument(
+        "--nocache_batches", default="1", help="batches at which to time the no-cache peer (it is slow: O(context) per event)"
+    )
     p.add_argument("--top_k", type=int, default=40)
     p.add_argument("--dtype", default="float32", help="our compute dtype")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--no_hf", action="store_true", help="skip the PyTorch peer")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for both XLA and PyTorch (0 = all)")
     a = p.parse_args()
+    threads = a.threads or os.cpu_count() or 1
+    if a.threads:
+        # Read when the CPU backend starts, which is below; one thread is steadier on a busy host.
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_multi_thread_eigen={str(threads > 1).lower()}"
+            f" intra_op_parallelism_threads={threads}"
+        )
     if a.quick:
         a.shapes, a.events = "small", 256
 
     vocab = Vocabulary([f"style{i}" for i in range(12)])
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cpus); vocab {vocab.size}")
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cpus); vocab {vocab.size}; "
+          f"{a.events} new events per row, top_k={a.top_k}, context {a.events + 16}, {threads} threads", flush=True)
     header = f"{'shape':6} {'batch':>5} {'params':>11} {'ours ev/s':>10} {'no-cache':>9} {'HF ev/s':>9} {'vs nocache':>10} {'vs HF':>7}"
-    print(header)
+    print(header, flush=True)
     for shape in a.shapes.split(","):
         cfg = model_config(shape, vocab.size, a.events + 16, a.dtype)
         model = GPT(cfg, rngs=nnx.Rngs(0))
         for batch in (int(b) for b in a.batches.split(",")):
             ours = time_ours(model, vocab, batch, a.events, a.top_k, a.repeats)
-            nocache = time_nocache(model, vocab, batch, min(a.nocache_events, a.events), a.top_k)
-            hf, hf_params = (float("nan"), 0) if a.no_hf else time_hf(cfg, batch, a.events, a.top_k)
+            nocache = float("nan")
+            if str(batch) in a.nocache_batches.split(","):
+                nocache = time_nocache(model, vocab, batch, min(a.nocache_events, a.events), a.top_k)
+            hf, hf_params = (float("nan"), 0) if a.no_hf else time_hf(cfg, batch, a.events, a.top_k, threads)
             print(
                 f"{shape:6} {batch:5d} {count_params(cfg):11,d} {ours:10.0f} {nocache:9.1f} {hf:9.0f}"
                 f" {ours / nocache:9.1f}x {ours / hf:6.1f}x   (HF params {hf_params:,})",
