@@ -230,6 +230,7 @@ def eight_devices():
     return json.loads(line[len("RESULT "):])
 
 
+@pytest.mark.slow
 def test_sharded_step_matches_single_device(eight_devices):
     r = eight_devices
     np.testing.assert_allclose(r["losses_8"], r["losses_1"], rtol=2e-5)
@@ -238,14 +239,17 @@ def test_sharded_step_matches_single_device(eight_devices):
     assert any("fsdp" in s for s in r["specs_8"]) and any("tensor" in s for s in r["specs_8"])
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch(eight_devices):
     np.testing.assert_allclose(eight_devices["losses_accum"], eight_devices["losses_8"], rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_batch_that_does_not_divide_the_mesh_is_named(eight_devices):
     assert eight_devices["batch_error"].startswith("config.train.batch_size=6 is not divisible by")
 
 
+@pytest.mark.slow
 def test_large_compiles_on_an_fsdp_mesh_without_allocating(eight_devices):
     r = eight_devices
     per_device, total = r["large_state_bytes_per_device"], r["large_state_bytes_total"]
@@ -256,6 +260,7 @@ def test_large_compiles_on_an_fsdp_mesh_without_allocating(eight_devices):
     assert r["live_arrays"] < 100, "nothing of the large model was allocated"
 
 
+@pytest.mark.slow
 def test_two_process_distributed_run_and_preemption(dataset, tmp_path):
     """Two jax.distributed CPU processes (gloo) train together; SIGTERM to one of them makes
     both save at the same step and exit 0 (jax's preemption sync point)."""
