@@ -224,7 +224,10 @@ def choose_vocab(dataset_path: epath.Path, workdir: epath.Path, init_from: str) 
     if (workdir / "vocab.json").exists():
         vocab = Vocabulary.from_json(json.loads((workdir / "vocab.json").read_text()), origin=str(workdir / "vocab.json"))
     elif init_from:
-        root, step = ckpt_lib.locate(init_from)
+        try:
+            root, step = ckpt_lib.locate(init_from)
+        except FileNotFoundError:
+            raise ConfigError(f"config.init_from={init_from}: no checkpoints there (give a run's workdir)") from None
         vocab = Vocabulary.from_json(ckpt_lib.read_json_item(root, step, "vocab"), origin=f"{init_from} vocab")
     else:
         return dataset_vocab
@@ -492,6 +495,20 @@ def _versions() -> dict:
     return out
 
 
+def _check_warm_start(config, vocab_size: int, abstract_params) -> None:
+    """One line naming the model fields that differ when init_from's weights don't fit config.model."""
+    root, step = ckpt_lib.locate(config.init_from)
+    source = ml_collections.ConfigDict(ckpt_lib.read_json_item(root, step, "config")).model
+    source_params = nnx.state(_abstract_model(source, vocab_size), nnx.Param)
+    shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)
+    same_tree = jax.tree.structure(source_params) == jax.tree.structure(abstract_params)
+    if same_tree and shapes(source_params) == shapes(abstract_params):
+        return
+    fields = sorted(k for k in set(source) | set(config.model) if source.get(k) != config.model.get(k))
+    differ = ", ".join(f"{k}={source.get(k)!r} there, {config.model.get(k)!r} here" for k in fields)
+    raise ConfigError(f"config.init_from={config.init_from}: its weights do not fit config.model ({differ})")
+
+
 def _check_same_model(workdir: epath.Path, config) -> None:
     path = workdir / "config.json"
     if not path.exists():
@@ -570,12 +587,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
         state = jax.jit(s.init_fn, static_argnums=0, out_shardings=s.state_shardings)(config.seed)
         if config.init_from:
-            try:
-                params, from_step = ckpt_lib.restore_params(config.init_from, None, abstract["params"])
-            except FileNotFoundError as e:
-                raise ConfigError(f"config.init_from: {e}") from None
-            except ValueError as e:
-                raise ConfigError(f"config.init_from={config.init_from}: weights do not fit config.model ({e})") from None
+            _check_warm_start(config, vocab.size, s.abstract_state["params"])
+            params, from_step = ckpt_lib.restore_params(config.init_from, None, abstract["params"])
             state["params"] = params
             _print0(f"warm start: weights from {config.init_from} (step {from_step})")
         _write_json(workdir / "config.json", config_json)

@@ -94,6 +94,15 @@ def test_warm_start_takes_weights_not_optimizer_state(dataset, tiny_run, tmp_pat
     assert tuned["losses"][1] < first_pretrained - 1.0, "starts from the trained weights"
 
 
+def test_warm_start_from_a_different_model_names_the_fields(dataset, tiny_run, tmp_path):
+    workdir, _ = tiny_run
+    c = _config(dataset)
+    c.init_from = workdir
+    c.model.mlp_dim = 96
+    with pytest.raises(train.ConfigError, match=r"config\.init_from=.*do not fit config\.model \(mlp_dim=128 there, 96 here\)"):
+        train.train(c, str(tmp_path))
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_path):
     # lr 0 at step 0 (warmup), then an absurd rate: the update at step 2 overflows.
     c = _config(dataset, learning_rate=1e30, warmup_steps=3, checkpoint_every=1, eval_every=0)
