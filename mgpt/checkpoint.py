@@ -11,6 +11,7 @@ Paths may be local or gs:// (orbax and etils handle both).
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import grain
@@ -21,9 +22,15 @@ from etils import epath
 ITEMS = ("params", "train_state", "data", "config", "vocab")
 
 
+def absolute(path: str | epath.PathLike) -> epath.Path:
+    """orbax refuses relative paths (`--workdir=runs/demo`); URLs such as gs://… are kept as they are."""
+    path = epath.Path(path)
+    return path if "://" in os.fspath(path) else epath.Path(os.path.abspath(os.fspath(path)))
+
+
 def checkpoint_dir(path: str | epath.PathLike) -> epath.Path:
     """A workdir, its checkpoints/ dir, or one step dir -> the directory holding step dirs."""
-    path = epath.Path(path)
+    path = absolute(path)
     if (path / "checkpoints").exists():
         return path / "checkpoints"
     return path
@@ -31,7 +38,7 @@ def checkpoint_dir(path: str | epath.PathLike) -> epath.Path:
 
 def _step_dir(path: str | epath.PathLike) -> tuple[epath.Path, int | None]:
     """Accepts a step directory (…/checkpoints/1200) as well: returns (root, step)."""
-    path = epath.Path(path)
+    path = absolute(path)
     if (path / "params").exists() and path.name.isdigit():
         return path.parent, int(path.name)
     return checkpoint_dir(path), None
@@ -41,7 +48,7 @@ class Checkpoints:
     """The CheckpointManager of one run: async saves, the last `keep` kept."""
 
     def __init__(self, directory: str | epath.PathLike, *, keep: int = 3, async_save: bool = True, read_only=False):
-        self.directory = epath.Path(directory)
+        self.directory = absolute(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,

@@ -60,13 +60,14 @@ def test_loss_falls_on_tiny(tiny_run):
     assert result["eval"][40] < result["eval"][20], "validation nats/event improve too"
 
 
-def test_resume_is_bitwise_identical(dataset, tiny_run, tmp_path):
+def test_resume_is_bitwise_identical(dataset, tiny_run, tmp_path, monkeypatch):
     _, uninterrupted = tiny_run
+    monkeypatch.chdir(tmp_path)  # a relative --workdir, as users type it (orbax wants absolute paths)
     c = _config(dataset, max_steps_per_run=13)
-    first = train.train(c, str(tmp_path))
-    assert first["step"] == 13 and ckpt_lib.locate(tmp_path)[1] == 13
+    first = train.train(c, "runs/w")
+    assert first["step"] == 13 and ckpt_lib.locate("runs/w")[1] == 13
     c.train.max_steps_per_run = 0
-    second = train.train(c, str(tmp_path))  # the same command again: resumes at 13
+    second = train.train(c, "runs/w")  # the same command again: resumes at 13
     assert min(second["losses"]) == 14
     resumed = {**first["losses"], **second["losses"]}
     assert resumed == uninterrupted["losses"]  # exact float equality, every step
