@@ -280,7 +280,7 @@ class Vocabulary:
 
     # ----------------------------------------------------------------- decoding
     def decode_notes(
-        self, ids: Sequence[int], *, min_dangling_steps: int = 10
+        self, ids: Sequence[int], *, min_dangling_steps: int = 10, max_note_seconds: float | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Any id sequence -> (pitch, velocity, start_s, end_s) of well-formed notes.
 
@@ -288,6 +288,8 @@ class Vocabulary:
         with no open note is dropped, a zero-length note is dropped, and a NOTE_ON still
         open at the end is closed at the last time step (at least `min_dangling_steps`
         after its onset). Repeated NOTE_ONs of one pitch are closed first-in, first-out.
+        `max_note_seconds` cuts longer notes short, as Magenta's `max_note_duration` does:
+        a sampled NOTE_ON whose NOTE_OFF never comes would otherwise drone to the end.
         """
         step = 0
         vel_bin = int(self.velocity_to_bin(64))
@@ -313,6 +315,9 @@ class Vocabulary:
                 notes.append((p, vb, start, max(step, start + min_dangling_steps)))
         notes.sort(key=lambda n: (n[2], n[0]))
         arr = np.asarray(notes, np.int64).reshape(-1, 4)
+        if max_note_seconds is not None:
+            longest = max(1, round(max_note_seconds * self.steps_per_second))
+            arr[:, 3] = np.minimum(arr[:, 3], arr[:, 2] + longest)
         sps = float(self.steps_per_second)
         return (
             arr[:, 0],
@@ -321,11 +326,11 @@ class Vocabulary:
             arr[:, 3] / sps,
         )
 
-    def decode(self, ids: Sequence[int], *, program: int = 0, qpm: float = 120.0):
+    def decode(self, ids: Sequence[int], *, program: int = 0, qpm: float = 120.0, max_note_seconds: float | None = None):
         """Any id sequence -> a NoteSequence that writes as valid MIDI (see decode_notes)."""
         from note_seq.protobuf import music_pb2
 
-        pitch, velocity, start_s, end_s = self.decode_notes(ids)
+        pitch, velocity, start_s, end_s = self.decode_notes(ids, max_note_seconds=max_note_seconds)
         ns = music_pb2.NoteSequence()
         ns.ticks_per_quarter = 220
         ns.tempos.add(time=0.0, qpm=qpm)

@@ -144,3 +144,14 @@ def test_decode_turns_any_ids_into_writable_midi(tmp_path):
     assert all(n.end_time > n.start_time and vocab.min_pitch <= n.pitch <= vocab.max_pitch for n in ns.notes)
     note_seq.sequence_proto_to_midi_file(ns, str(tmp_path / "x.mid"))
     assert len(note_seq.midi_file_to_note_sequence(str(tmp_path / "x.mid")).notes) == len(ns.notes)
+
+
+def test_max_note_seconds_cuts_notes_that_are_never_closed():
+    v = Vocabulary()
+    on, off = v.id_of("NOTE_ON:60"), v.id_of("NOTE_OFF:60")
+    shift = v.id_of("TIME_SHIFT:100")  # one second
+    ids = [on, v.id_of("NOTE_ON:64"), shift, off] + [shift] * 20  # E4 is never closed
+    pitch, _, start_s, end_s = v.decode_notes(ids, max_note_seconds=3.0)
+    assert dict(zip(pitch.tolist(), (end_s - start_s).tolist())) == {60: 1.0, 64: 3.0}
+    pitch, _, start_s, end_s = v.decode_notes(ids)  # no cap: it sounds to the end
+    assert dict(zip(pitch.tolist(), (end_s - start_s).tolist())) == {60: 1.0, 64: 21.0}
