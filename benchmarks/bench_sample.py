@@ -19,6 +19,20 @@ Peers, all on the same host:
   top_k)`, same vocabulary, depth, width, heads, context; its plain MLP gets
   n_inner = 1.5 * mlp_dim so its MLP has as many weights as our gated one.
 Random weights: speed does not depend on what the model learned.
+
+Measured (2-core shared CPU host, load 2-5 from other jobs, jax 0.10.2, torch 2.13.0,
+`python benchmarks/bench_sample.py --threads=1 --repeats=1`; events/s, higher is better):
+
+    shape  batch  ours  no-cache   HF   vs no-cache  vs HF
+    small      1  1406     11.9   339      118x      4.2x
+    small     16  2889        -   986        -       2.9x
+    base       1    18      0.5    26       36x      0.7x
+    base      16    77        -    30        -       2.5x
+
+Small models win on per-token Python overhead that `generate` pays and the
+while_loop does not; at batch 1 on `base` both are bound by streaming the
+weights from memory, where XLA:CPU's matrix-vector product is slower than
+PyTorch's. With 2 threads on a busy host both sides fluctuate by 3-10x.
 """
 
 from __future__ import annotations

@@ -180,7 +180,8 @@ class Attention(nnx.Module):
 
         def write(cache_BxNxSxK, new_BxTxNxK):
             # Index (row, slot) with heads as a slice: one (N, K) window per token, in place.
-            return cache_BxNxSxK.at[rows_Bx1, :, positions_BxT].set(new_BxTxNxK.astype(cache_BxNxSxK.dtype), mode="drop")
+            new_BxTxNxK = new_BxTxNxK.astype(cache_BxNxSxK.dtype)
+            return cache_BxNxSxK.at[rows_Bx1, :, positions_BxT].set(new_BxTxNxK, mode="drop")
 
         cache = {"k": write(cache["k"], k_BxTxNxK), "v": write(cache["v"], v_BxTxNxK)}
         q_BxNxTxK = q_BxTxNxK.transpose(0, 2, 1, 3) * jnp.asarray(self.cfg.head_dim**-0.5, q_BxTxNxK.dtype)

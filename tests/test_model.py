@@ -57,7 +57,9 @@ def test_every_param_has_logical_axis_names_that_map_to_mesh_axes():
     for spec, p in zip(specs, params):
         assert len(spec) == p.ndim and set(spec) <= allowed and set(spec) - {None}
     # Unlisted logical names pass through unmapped, so a rule table lists them all.
-    rules = (("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"), ("kv", None), ("norm", None))
+    rules = (
+        ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"), ("kv", None), ("norm", None)
+    )
     with nnx.logical_axis_rules(rules):
         mapped = jax.tree.leaves(nnx.get_partition_spec(nnx.state(model, nnx.Param)))
     assert {a for s in mapped for a in s} <= {"fsdp", "tensor", None}
