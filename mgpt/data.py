@@ -36,12 +36,12 @@ from data_prep.vocab import Vocabulary
 SPLITS = ("train", "validation", "test")
 
 
-def _text(value: Any) -> str:
+def record_text(value: Any) -> str:
     """Record strings may come back from the data source as bytes."""
     if isinstance(value, bytes):
         return value.decode("utf-8")
     if isinstance(value, np.ndarray):
-        return _text(value.item())
+        return record_text(value.item())
     return str(value)
 
 
@@ -72,7 +72,7 @@ class _Segments:
         if semitones:
             ids = self.vocab.transpose(ids, semitones)
         body = np.concatenate([ids, np.asarray([self.vocab.eos_id], np.int32)])
-        return self.vocab.style_id(_text(record["style"])), body
+        return self.vocab.style_id(record_text(record["style"])), body
 
     def with_style(self, style: int, piece: np.ndarray) -> dict:
         return {"tokens": np.concatenate([np.asarray([style], np.int32), piece])}

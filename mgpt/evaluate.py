@@ -83,14 +83,6 @@ class Piece:
         return normalize_label(self.style) if self.style else UNKNOWN_STYLE
 
 
-def _text(value) -> str:
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    if isinstance(value, np.ndarray):
-        return _text(value.item())
-    return str(value)
-
-
 def load_split(dataset_dir: str | os.PathLike, split: str) -> list[Piece]:
     """Every piece of one split of a data_prep dataset."""
     from mgpt import data as data_lib
@@ -99,8 +91,8 @@ def load_split(dataset_dir: str | os.PathLike, split: str) -> list[Piece]:
     pieces = []
     for i in range(len(source)):
         r = source[i]
-        pieces.append(Piece(np.asarray(r["tokens"], np.int32), _text(r["style"]), _text(r["composer"]),
-                            _text(r["piece_id"])))
+        text = data_lib.record_text
+        pieces.append(Piece(np.asarray(r["tokens"], np.int32), text(r["style"]), text(r["composer"]), text(r["piece_id"])))
     return pieces
 
 
