@@ -171,10 +171,7 @@ def _list_maestro(spec: str, root: str) -> list[Item]:
         if not found:
             raise ValueError(f"--source={spec}: no maestro-v*.csv or maestro-v*.json in {root}")
         meta = found[-1]  # the newest version when several are present
-    try:
-        rows = _read_table(meta)
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"--source={spec}: cannot read {meta}: {e}") from None
+    rows = _read_metadata(spec, meta)
     items = []
     for row in rows:
         rel, split = row.get("midi_filename"), row.get("split")
@@ -201,14 +198,18 @@ def _read_table(path: str) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- asap
+def _read_metadata(spec: str, meta: str) -> list[dict]:
+    try:
+        return _read_table(meta)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"--source={spec}: cannot read {meta}: {e}") from None
+
+
 def _list_asap(spec: str, root: str) -> list[Item]:
     meta = os.path.join(root, "metadata.csv")
     if not os.path.isfile(meta):
         raise ValueError(f"--source={spec}: no metadata.csv in {root} (expected the ASAP layout)")
-    try:
-        rows = _read_table(meta)
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"--source={spec}: cannot read {meta}: {e}") from None
+    rows = _read_metadata(spec, meta)
     items = []
     for row in rows:
         rel = row.get("midi_performance")

@@ -47,11 +47,9 @@ class LSTMConfig:
     @classmethod
     def from_config(cls, model_config: Mapping[str, Any] | Any, vocab_size: int) -> "LSTMConfig":
         """From `config.model`; GPT-only fields there (num_heads, mlp_dim, ...) are ignored."""
-        if hasattr(model_config, "to_dict"):
-            model_config = model_config.to_dict()
-        names = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
-        kwargs = {k: v for k, v in dict(model_config).items() if k in names}
-        return cls(vocab_size=int(vocab_size), **kwargs)
+        from mgpt.model import dataclass_from_config
+
+        return dataclass_from_config(cls, model_config, vocab_size)
 
 
 def count_params(cfg: LSTMConfig) -> int:

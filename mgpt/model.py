@@ -88,11 +88,16 @@ class ModelConfig:
     @classmethod
     def from_config(cls, model_config: Mapping[str, Any] | Any, vocab_size: int) -> "ModelConfig":
         """From `config.model` (ConfigDict or dict); fields not listed here (e.g. `kind`) are ignored."""
-        if hasattr(model_config, "to_dict"):
-            model_config = model_config.to_dict()
-        names = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
-        kwargs = {k: v for k, v in dict(model_config).items() if k in names}
-        return cls(vocab_size=int(vocab_size), **kwargs)
+        return dataclass_from_config(cls, model_config, vocab_size)
+
+
+def dataclass_from_config(cls, model_config: Mapping[str, Any] | Any, vocab_size: int):
+    """`cls(vocab_size, **fields of config.model that cls has)`: one config.model serves every model kind."""
+    if hasattr(model_config, "to_dict"):
+        model_config = model_config.to_dict()
+    names = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
+    kwargs = {k: v for k, v in dict(model_config).items() if k in names}
+    return cls(vocab_size=int(vocab_size), **kwargs)
 
 
 def count_params(cfg: ModelConfig) -> int:
