@@ -401,6 +401,7 @@ def compile_train_step(s: Setup, config):
         in_shardings=(s.state_shardings, replicated, batch_shardings),
         out_shardings=(s.state_shardings, replicated),
         donate_argnums=0,
+        compiler_options=mesh_lib.compiler_options(),
     )
 
 
@@ -411,6 +412,7 @@ def compile_eval_step(s: Setup):
         make_eval_step(s.graphdef),
         in_shardings=(s.state_shardings["params"], replicated, batch_shardings),
         out_shardings=replicated,
+        compiler_options=mesh_lib.compiler_options(),
     )
 
 
