@@ -157,7 +157,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, n, k = cfg.d_model, cfg.num_heads, cfg.head_dim
         self.cfg = cfg
-        # q, k, v fused in one kernel: one matmul instead of three.
+        # q, k, v stored as one kernel (one parameter to shard and checkpoint).
         self.qkv = _param(rngs, (d, 3, n, k), d**-0.5, ("embed", None, "heads", "kv"), cfg.param_dtype)
         out_std = (n * k) ** -0.5 / math.sqrt(2 * cfg.num_layers)
         self.out = _param(rngs, (n, k, d), out_std, ("heads", "kv", "embed"), cfg.param_dtype)
@@ -168,19 +168,26 @@ class Attention(nnx.Module):
         on_gpu = jax.default_backend() == "gpu"
         return "cudnn" if on_gpu and self.cfg.dtype in ("bfloat16", "float16") else "xla"
 
-    def _project(self, x_BxLxD, positions_BxL):
-        qkv_BxLx3xNxK = jnp.einsum("bld,dcnk->blcnk", x_BxLxD, self.qkv[...].astype(self.cfg.dtype))
-        q, k, v = (qkv_BxLx3xNxK[:, :, i] for i in range(3))
+    def _project(self, x_BxLxD, positions_BxL, fused: bool):
+        w_Dx3xNxK = self.qkv[...].astype(self.cfg.dtype)
+        if fused:  # one matmul: best for the few rows of a decode step
+            qkv_BxLx3xNxK = jnp.einsum("bld,dcnk->blcnk", x_BxLxD, w_Dx3xNxK)
+            q, k, v = (qkv_BxLx3xNxK[:, :, i] for i in range(3))
+        else:
+            # Training: three matmuls against slices of the kernel. Slicing a fused output
+            # instead makes its backward pad each gradient back to BxLx3xNxK, which on CPU
+            # cost more than the larger matmul saved.
+            q, k, v = (jnp.einsum("bld,dnk->blnk", x_BxLxD, w_Dx3xNxK[:, i]) for i in range(3))
         return _rope(q, positions_BxL, self.cfg.rope_base), _rope(k, positions_BxL, self.cfg.rope_base), v
 
     def __call__(self, x_BxLxD, positions_BxL):
-        q, k, v = self._project(x_BxLxD, positions_BxL)
+        q, k, v = self._project(x_BxLxD, positions_BxL, fused=False)
         o_BxLxNxK = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self._implementation())
         return jnp.einsum("blnk,nkd->bld", o_BxLxNxK, self.out[...].astype(self.cfg.dtype))
 
     def decode(self, x_BxTxD, positions_BxT, cache: dict[str, jax.Array]):
         """Writes this chunk's keys/values at slots `positions`, then attends to slots <= position."""
-        q_BxTxNxK, k_BxTxNxK, v_BxTxNxK = self._project(x_BxTxD, positions_BxT)
+        q_BxTxNxK, k_BxTxNxK, v_BxTxNxK = self._project(x_BxTxD, positions_BxT, fused=True)
         rows_Bx1 = jnp.arange(x_BxTxD.shape[0])[:, None]
 
         def write(cache_BxNxSxK, new_BxTxNxK):
