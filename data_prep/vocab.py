@@ -176,6 +176,20 @@ class Vocabulary:
         ids = np.asarray(ids)
         return (ids >= self.note_on_offset) & (ids < self.style_offset)
 
+    def is_velocity(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids)
+        return (ids >= self.velocity_offset) & (ids < self.style_offset)
+
+    def velocity_at(self, ids: np.ndarray, index: int) -> int | None:
+        """The VELOCITY id in force just before ids[index] (the last one earlier in ids), or None.
+
+        A window cut from the middle of a piece starts with this token so that the
+        model, and the decoder, know the loudness the cut-off part had set.
+        """
+        earlier = np.asarray(ids)[:index]
+        found = np.flatnonzero(self.is_velocity(earlier))
+        return int(earlier[found[-1]]) if found.size else None
+
     def velocity_to_bin(self, velocity: np.ndarray) -> np.ndarray:
         velocity = np.clip(np.asarray(velocity), _MIN_MIDI_VELOCITY, _MAX_MIDI_VELOCITY)
         return (velocity - _MIN_MIDI_VELOCITY) // self._velocity_bin_size + 1

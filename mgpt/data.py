@@ -6,16 +6,21 @@ and predicts `targets_BxL = row[:, 1:]`. Rows are built from pieces like this:
 - Every segment starts with the piece's conditioning token (`vocab.style_id(style)`),
   and the piece itself ends with EOS.
 - A piece longer than a row is cut at a random offset (a fresh crop every epoch), and
-  the crop still starts with the conditioning token, so every row is conditioned.
+  the crop still starts with the conditioning token, so every row is conditioned. A crop
+  that starts mid-piece also carries the VELOCITY event in force at its start (the last
+  one before it), right after the conditioning token: without it the model would learn
+  that pieces may begin with no loudness set, and samples would start at the decoder's
+  default velocity. Evaluation segments after a piece's first do the same.
 - Shorter pieces are packed best-fit into rows (grain's packer); the EOS that ends each
   piece separates it from the next one. What is left over is PAD.
 - On the training split each piece is transposed by a random number of semitones in
   [-transpose, transpose] before cropping (`vocab.transpose` drops notes pushed out of
   range); validation and test are never transposed.
 
-`mask_BxL` is 1 where the target is an event or EOS, 0 where it is PAD or a
-conditioning token: the conditioning token is given, never predicted, so the loss and
-nats/event count only what the model must generate.
+`mask_BxL` is 1 where the target is an event of the piece or its EOS, and 0 where it is
+PAD, a conditioning token or a carried VELOCITY: those are given, never predicted, so
+the loss and nats/event count each event of a piece exactly once. Segments carry this
+flag as a `loss` feature through packing.
 
 Iterators are grain `DatasetIterator`s: `get_state()` / `set_state()` make the
 training position part of a checkpoint (see mgpt/train.py).
@@ -74,8 +79,36 @@ class _Segments:
         body = np.concatenate([ids, np.asarray([self.vocab.eos_id], np.int32)])
         return self.vocab.style_id(record_text(record["style"])), body
 
-    def with_style(self, style: int, piece: np.ndarray) -> dict:
-        return {"tokens": np.concatenate([np.asarray([style], np.int32), piece])}
+    def carried(self, body: np.ndarray, start: int) -> list[int]:
+        """The VELOCITY a segment starting at body[start] carries: none at the piece's start."""
+        velocity = self.vocab.velocity_at(body, start) if start > 0 else None
+        return [] if velocity is None else [velocity]
+
+    def segment(self, style: int, body: np.ndarray, start: int) -> dict:
+        """STYLE, the carried velocity, then body from `start`: seq_len + 1 tokens at most."""
+        given = [style] + self.carried(body, start)
+        piece = body[start : start + self.seq_len + 1 - len(given)]
+        return {
+            "tokens": np.concatenate([np.asarray(given, np.int32), piece]),
+            "loss": np.concatenate([np.zeros(len(given), np.int32), np.ones(len(piece), np.int32)]),
+        }
+
+    def consecutive(self, style: int, body: np.ndarray) -> list[dict]:
+        """Segments covering every token of body exactly once, in order."""
+        out, start = [], 0
+        while start < len(body):
+            out.append(self.segment(style, body, start))
+            start += int(out[-1]["loss"].sum())
+        return out
+
+
+def piece_segments(tokens: np.ndarray, style: str, vocab: Vocabulary, seq_len: int) -> list[dict]:
+    """The evaluation cut of one piece: {'tokens', 'loss'} segments of at most seq_len + 1
+    tokens, each STYLE (+ carried VELOCITY) then the next events; `loss` marks the tokens
+    to predict, which cover the piece's events and EOS exactly once."""
+    segments = _Segments(vocab, seq_len)
+    style_id, body = segments.body({"tokens": tokens, "style": style})
+    return segments.consecutive(style_id, body)
 
 
 class _RandomSegment(grain.transforms.RandomMap):
@@ -89,10 +122,14 @@ class _RandomSegment(grain.transforms.RandomMap):
         semitones = int(rng.integers(-self._transpose, self._transpose + 1)) if self._transpose else 0
         style, body = self._segments.body(record, semitones)
         room = self._segments.seq_len  # one slot of the seq_len + 1 row is the style token
+        start = 0
         if len(body) > room:
-            start = int(rng.integers(0, len(body) - room + 1))
-            body = body[start : start + room]
-        return self._segments.with_style(style, body)
+            # A crop with a carried velocity holds one event fewer, so its start may be one
+            # later: the piece's last events and EOS stay reachable either way.
+            start = int(rng.integers(0, len(body) - room + 2))
+            if not self._segments.carried(body, start):
+                start = min(start, len(body) - room)
+        return self._segments.segment(style, body, start)
 
 
 class _AllSegments(grain.experimental.FlatMapTransform):
@@ -105,33 +142,26 @@ class _AllSegments(grain.experimental.FlatMapTransform):
 
     def flat_map(self, record: dict) -> list[dict]:
         style, body = self._segments.body(record)
-        room = self._segments.seq_len
-        return [self._segments.with_style(style, body[i : i + room]) for i in range(0, len(body), room)]
+        return self._segments.consecutive(style, body)
 
 
-def _to_model_batch(vocab: Vocabulary):
-    pad_id, style_offset = vocab.pad_id, vocab.style_offset
-
-    def f(packed: dict) -> dict:
-        rows_BxL1 = np.asarray(packed["tokens"], np.int32)
-        targets_BxL = rows_BxL1[:, 1:]
-        return {
-            "inputs": rows_BxL1[:, :-1],
-            "targets": targets_BxL,
-            "mask": ((targets_BxL != pad_id) & (targets_BxL < style_offset)).astype(np.float32),
-        }
-
-    return f
+def _to_model_batch(packed: dict) -> dict:
+    rows_BxL1 = np.asarray(packed["tokens"], np.int32)
+    return {
+        "inputs": rows_BxL1[:, :-1],
+        "targets": rows_BxL1[:, 1:],
+        "mask": np.asarray(packed["loss"], np.float32)[:, 1:],  # packing pads it with 0
+    }
 
 
 def _pack(ds: grain.IterDataset, seq_len: int, num_bins: int, seed: int, shuffle: bool):
     return grain.experimental.BestFitPackIterDataset(
         ds,
-        length_struct={"tokens": seq_len + 1},
+        length_struct={"tokens": seq_len + 1, "loss": seq_len + 1},
         num_packing_bins=num_bins,
         seed=seed,
         shuffle_bins=shuffle,
-    ).map(lambda x: {"tokens": x["tokens"]})
+    ).map(lambda x: {"tokens": x["tokens"], "loss": x["loss"]})
 
 
 def _host_slice(source: Sequence[dict], process_index: int, process_count: int) -> grain.MapDataset:
@@ -170,7 +200,7 @@ def train_dataset(
     ds = ds.random_map(_RandomSegment(_Segments(vocab, seq_len), transpose), seed=seed + 1)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * batch_size))
     ds = _pack(ds, seq_len, num_packing_bins, seed + 2, shuffle=True)
-    ds = ds.batch(batch_size, drop_remainder=True).map(_to_model_batch(vocab))
+    ds = ds.batch(batch_size, drop_remainder=True).map(_to_model_batch)
     if prefetch > 0:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
     return ds
@@ -198,7 +228,7 @@ def eval_batches(
     ds = _host_slice(source, process_index, process_count).to_iter_dataset()
     ds = grain.experimental.FlatMapIterDataset(ds, _AllSegments(_Segments(vocab, seq_len)))
     ds = _pack(ds, seq_len, num_packing_bins, 0, shuffle=False)
-    ds = ds.batch(batch_size, drop_remainder=False).map(_to_model_batch(vocab))
+    ds = ds.batch(batch_size, drop_remainder=False).map(_to_model_batch)
     out = []
     for batch in ds:
         if len(out) == num_batches:

@@ -160,18 +160,19 @@ def read_generated(generated_dir: str | os.PathLike, vocab: Vocabulary) -> list[
 # ----------------------------------------------------------------------------- likelihood
 
 
-def windows(pieces: Sequence[Piece], vocab: Vocabulary, seq_len: int) -> list[tuple[int, np.ndarray]]:
-    """(piece index, [STYLE] + up to seq_len targets) covering each piece's events + EOS once.
+def windows(pieces: Sequence[Piece], vocab: Vocabulary, seq_len: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(piece index, tokens, predicted) windows covering each piece's events + EOS once.
 
-    The same cut as the trainer's eval batches: every window starts with the piece's
-    conditioning token, which is given, never predicted.
+    The trainer's own eval cut (`mgpt.data.piece_segments`): each window starts with the
+    piece's conditioning token, plus the VELOCITY in force when it starts mid-piece; those
+    are given, never predicted. `predicted` is a bool per token.
     """
+    from mgpt import data as data_lib
+
     out = []
     for i, p in enumerate(pieces):
-        body = np.concatenate([np.asarray(p.tokens, np.int32), [vocab.eos_id]]).astype(np.int32)
-        style = vocab.style_id(p.style)
-        for s in range(0, len(body), seq_len):
-            out.append((i, np.concatenate([[style], body[s : s + seq_len]]).astype(np.int32)))
+        for seg in data_lib.piece_segments(np.asarray(p.tokens, np.int32), p.style, vocab, seq_len):
+            out.append((i, seg["tokens"], seg["loss"].astype(bool)))
     return out
 
 
@@ -183,7 +184,7 @@ def _target_log_probs(graphdef, state, inputs_BxL, targets_BxL):
     return jnp.take_along_axis(log_p_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
 
 
-def model_nats(model, wins: Sequence[tuple[int, np.ndarray]], seq_len: int, num_pieces: int,
+def model_nats(model, wins: Sequence[tuple[int, np.ndarray, np.ndarray]], seq_len: int, num_pieces: int,
                batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Per piece (nats, predicted tokens) under a model called as model(tokens_BxL) -> logits_BxLxV."""
     graphdef, state = nnx.split(model)
@@ -193,22 +194,22 @@ def model_nats(model, wins: Sequence[tuple[int, np.ndarray]], seq_len: int, num_
         chunk = wins[b : b + batch_size]
         rows_BxL1 = np.zeros((batch_size, seq_len + 1), np.int32)  # fixed shape: one compile
         mask_BxL = np.zeros((batch_size, seq_len), bool)
-        for r, (_, w) in enumerate(chunk):
+        for r, (_, w, predicted) in enumerate(chunk):
             rows_BxL1[r, : len(w)] = w
-            mask_BxL[r, : len(w) - 1] = True
+            mask_BxL[r, : len(w) - 1] = predicted[1:]
         lp_BxL = np.asarray(_target_log_probs(graphdef, state, rows_BxL1[:, :-1], rows_BxL1[:, 1:]))
-        for r, (i, w) in enumerate(chunk):
+        for r, (i, _, predicted) in enumerate(chunk):
             nats[i] -= float(lp_BxL[r][mask_BxL[r]].astype(np.float64).sum())
-            count[i] += len(w) - 1
+            count[i] += int(predicted.sum())
     return nats, count
 
 
-def ngram_nats(lm: ngram_lib.KneserNey, wins: Sequence[tuple[int, np.ndarray]], num_pieces: int):
+def ngram_nats(lm: ngram_lib.KneserNey, wins: Sequence[tuple[int, np.ndarray, np.ndarray]], num_pieces: int):
     nats = np.zeros(num_pieces)
     count = np.zeros(num_pieces, np.int64)
-    for i, w in wins:
-        nats[i] -= float(lm.log_probs(w).sum())
-        count[i] += len(w) - 1
+    for i, w, predicted in wins:
+        nats[i] -= float(lm.log_probs(w)[predicted[1:]].sum())
+        count[i] += int(predicted.sum())
     return nats, count
 
 

@@ -11,10 +11,11 @@ Sliding window (pieces longer than the context `W = cfg.max_len` events):
 the KV cache holds one window of W positions. When a row fills it, that row
 pauses until the other rows finish or fill theirs; then, on the host, each
 unfinished row restarts from a fresh window made of its conditioning (STYLE)
-token plus its last W/2 - 1 events, re-prefilled at positions 0..W/2-1 (the
-model was trained on crops that start at position 0). So every window after
-the first adds at least W/2 events, and the model always sees at least W/2
-events of recent context. A Python loop runs once per window, never per token.
+token, the VELOCITY event in force, and its most recent events, W/2 tokens in
+all, re-prefilled at positions 0..W/2-1: exactly the shape of the mid-piece
+crops the model was trained on (mgpt/data.py). So every window after the first
+adds at least W/2 events, and the model always sees at least W/2 - 2 events of
+recent context. A Python loop runs once per window, never per token.
 
 Randomness: row b's event number n (counting from the start of generation,
 across windows) is drawn with `fold_in(key(seed_b), n)`, so a seed gives the
@@ -285,19 +286,32 @@ def generate_tokens(
     for start in range(0, len(prompts), batch_size):
         stop = start + batch_size
         out += _generate_batch(
-            graphdef, params, cfg.max_len, prompts[start:stop], seeds[start:stop],
+            graphdef, params, cfg.max_len, vocab, prompts[start:stop], seeds[start:stop],
             max_events, max_steps, settings, tables,
         )
     return out
 
 
-def _generate_batch(graphdef, params, window, prompts, seeds, max_events, max_steps, settings, tables):
+def window_prompt(row: list[int], window: int, vocab: Vocabulary) -> list[int]:
+    """The prompt for a row's next window of `window` positions (see the module docstring).
+
+    The whole row while it leaves room to grow; otherwise STYLE, the VELOCITY in force
+    (when the row has one) and the most recent events, window // 2 tokens in all.
+    """
+    if len(row) < window:
+        return list(row)
+    start = len(row) - (window // 2 - 1)
+    velocity = vocab.velocity_at(row, start)  # row[0] is STYLE
+    carried = [] if velocity is None else [velocity]
+    return [row[0]] + carried + list(row[start + len(carried) :])
+
+
+def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events, max_steps, settings, tables):
     """One batch through as many windows as its longest row needs (see the module docstring)."""
     n = len(prompts)
     # At least 2 rows: XLA:CPU rewrites a 1-row cache scatter as a dynamic-update-slice and
     # then copies the whole cache into the attention read every step (2x slower than 2 rows).
     batch = _bucket(n, floor=2)
-    keep = window // 2 - 1  # events of context carried into the next window (+ STYLE)
     rows = [list(p) for p in prompts]
     events_B = np.zeros(batch, np.int32)
     steps_B = np.zeros(batch, np.int32)
@@ -308,8 +322,7 @@ def _generate_batch(graphdef, params, window, prompts, seeds, max_events, max_st
     max_events_B = np.full(batch, max_events, np.int32)
     max_steps_B = np.full(batch, max_steps, np.int32)
     while not done_B.all():
-        # The window prompt: the whole row if it leaves room to grow, else STYLE + recent events.
-        windows = [r if len(r) < window else [r[0]] + r[len(r) - keep :] for r in rows]
+        windows = [window_prompt(r, window, vocab) for r in rows]
         # Prefilling a few padding tokens costs less than compiling another prompt shape.
         prompt_len = _bucket(max(len(w) for w in windows), cap=window, floor=64)
         prompt_BxP = np.zeros((batch, prompt_len), np.int32)

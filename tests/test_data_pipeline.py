@@ -86,6 +86,55 @@ def test_long_pieces_become_random_crops_of_the_piece():
     assert len(starts) > 3, "crop offsets vary from epoch to epoch"
 
 
+def _dynamic_piece(phrases: int = 12, seed: int = 0) -> np.ndarray:
+    """Phrases of 20 note events, each after its own VELOCITY event (bins 5, 6, ...)."""
+    parts = [np.concatenate([[VOCAB.velocity_offset + 4 + i], _piece(20, seed + i)]) for i in range(phrases)]
+    return np.concatenate(parts).astype(np.int32)
+
+
+def _velocity_before(body, end):
+    return int(body[:end][VOCAB.is_velocity(body[:end])][-1])
+
+
+def test_mid_piece_crops_carry_the_velocity_in_force():
+    piece = _dynamic_piece(4)  # 84 events: 23 possible crops of a 64-token row
+    body = np.concatenate([piece, [VOCAB.eos_id]])
+    ds = data.train_dataset([_record(piece, "bach")], VOCAB, seq_len=SEQ, batch_size=1, seed=0, transpose=0,
+                            prefetch=0)
+    carried = ends_with_eos = 0
+    for batch in _batches(ds, 200):
+        row = np.concatenate([batch["inputs"][0], batch["targets"][0, -1:]])
+        mask = batch["mask"][0]
+        assert row[0] == VOCAB.style_id("bach") and (row != VOCAB.pad_id).all()
+        window = row[1:]
+        if mask.all():  # nothing carried: only the piece's own opening
+            np.testing.assert_array_equal(window, body[:SEQ])
+            continue
+        # Otherwise STYLE, the carried VELOCITY, then a contiguous stretch of the piece.
+        rest = window[1:]
+        starts = [s for s in range(1, len(body) - len(rest) + 1) if (body[s : s + len(rest)] == rest).all()]
+        assert starts, "after the carried velocity comes a contiguous window of the piece"
+        assert window[0] == _velocity_before(body, starts[0]), "it is the velocity in force there"
+        assert mask[0] == 0 and mask[1:].all(), "the carried velocity is given, not predicted"
+        carried += 1
+        ends_with_eos += int(row[-1] == VOCAB.eos_id)
+    assert carried > 100 and ends_with_eos > 0, "mid-piece crops happen, and the end of the piece is reachable"
+
+
+def test_eval_segments_carry_velocity_and_still_count_every_event_once():
+    pieces = [_dynamic_piece(12, 0), _dynamic_piece(5, 50)]
+    ev = data.eval_batches([_record(p, "folk", i) for i, p in enumerate(pieces)], VOCAB, seq_len=SEQ,
+                           batch_size=4, num_batches=6)
+    assert sum(b["mask"].sum() for b in ev) == sum(len(p) + 1 for p in pieces)
+    body = np.concatenate([pieces[0], [VOCAB.eos_id]])
+    first_row = np.concatenate([ev[0]["inputs"][0], ev[0]["targets"][0, -1:]])
+    second_row = np.concatenate([ev[0]["inputs"][1], ev[0]["targets"][1, -1:]])
+    np.testing.assert_array_equal(first_row[1:], body[:SEQ])
+    # The second segment continues where the first stopped, after the velocity in force there.
+    assert second_row[0] == VOCAB.style_id("folk") and second_row[1] == _velocity_before(body, SEQ)
+    np.testing.assert_array_equal(second_row[2:], body[SEQ : 2 * SEQ - 1])
+
+
 def test_short_pieces_pack_with_under_ten_percent_padding():
     ds = data.train_dataset(_corpus(200), VOCAB, seq_len=SEQ, batch_size=8, seed=0, transpose=0,
                             num_packing_bins=64, prefetch=0)

@@ -6,7 +6,7 @@ from flax import nnx
 
 from data_prep.vocab import Vocabulary
 from mgpt.model import GPT, ModelConfig
-from mgpt.sample import _choose, filter_logits, generate_tokens, sampling_settings
+from mgpt.sample import _choose, filter_logits, generate_tokens, sampling_settings, window_prompt
 
 VOCAB = Vocabulary(["bach", "chopin"])
 CFG = ModelConfig(
@@ -157,6 +157,17 @@ def test_sliding_window_generates_far_past_the_context_and_greedy_ignores_seeds(
     greedy = generate_tokens(m, VOCAB, [np.array([STYLE])] * 2, seeds=[0, 1], max_events=20, greedy=True)
     np.testing.assert_array_equal(greedy[0], greedy[1])
     assert set(greedy[0][1:]) == {VOCAB.style_offset - 1}  # the most preferred allowed token
+
+
+def test_a_new_window_starts_like_a_training_crop():
+    notes = list(_ids(VOCAB.note_on_offset + 30, 10))
+    loud, soft = VOCAB.velocity_offset + 25, VOCAB.velocity_offset + 5
+    row = [STYLE, loud, *notes, soft, *notes]  # 23 tokens, more than a 16-position window
+    # STYLE, the velocity in force (soft), then the most recent events: half a window in all.
+    assert window_prompt(row, 16, VOCAB) == [STYLE, soft, *notes[-6:]]
+    plain = [STYLE, *notes, *notes]
+    assert window_prompt(plain, 16, VOCAB) == [STYLE, *notes[-7:]]  # no velocity yet: none carried
+    assert window_prompt(row[:12], 16, VOCAB) == row[:12]  # room left: the whole row
 
 
 def test_bad_arguments_name_the_setting(model):
