@@ -8,18 +8,19 @@ and predicts `targets_BxL = row[:, 1:]`. Rows are built from pieces like this:
 - A piece longer than a row is cut at a random offset (a fresh crop every epoch), and
   the crop still starts with the conditioning token, so every row is conditioned. A crop
   that starts mid-piece also carries the VELOCITY event in force at its start (the last
-  one before it), right after the conditioning token: without it the model would learn
-  that pieces may begin with no loudness set, and samples would start at the decoder's
-  default velocity. Evaluation segments after a piece's first do the same.
+  one before it), right after the conditioning token, and the model is trained to
+  predict it: without it the model learns that pieces may begin with no loudness set,
+  and samples start at the decoder's default velocity. Evaluation segments after a
+  piece's first carry it too, as given context.
 - Shorter pieces are packed best-fit into rows (grain's packer); the EOS that ends each
   piece separates it from the next one. What is left over is PAD.
 - On the training split each piece is transposed by a random number of semitones in
   [-transpose, transpose] before cropping (`vocab.transpose` drops notes pushed out of
   range); validation and test are never transposed.
 
-`mask_BxL` is 1 where the target is an event of the piece or its EOS, and 0 where it is
-PAD, a conditioning token or a carried VELOCITY: those are given, never predicted, so
-the loss and nats/event count each event of a piece exactly once. Segments carry this
+`mask_BxL` is 1 where the target is to be predicted and 0 where it is given: PAD and
+conditioning tokens always, and in evaluation the carried VELOCITY too, so validation
+nats/event count each event of a piece and its EOS exactly once. Segments carry this
 flag as a `loss` feature through packing.
 
 Iterators are grain `DatasetIterator`s: `get_state()` / `set_state()` make the
@@ -84,20 +85,21 @@ class _Segments:
         velocity = self.vocab.velocity_at(body, start) if start > 0 else None
         return [] if velocity is None else [velocity]
 
-    def segment(self, style: int, body: np.ndarray, start: int) -> dict:
+    def segment(self, style: int, body: np.ndarray, start: int, predict_carried: bool) -> dict:
         """STYLE, the carried velocity, then body from `start`: seq_len + 1 tokens at most."""
-        given = [style] + self.carried(body, start)
-        piece = body[start : start + self.seq_len + 1 - len(given)]
+        carried = self.carried(body, start)
+        piece = body[start : start + self.seq_len - len(carried)]
         return {
-            "tokens": np.concatenate([np.asarray(given, np.int32), piece]),
-            "loss": np.concatenate([np.zeros(len(given), np.int32), np.ones(len(piece), np.int32)]),
+            "tokens": np.concatenate([np.asarray([style] + carried, np.int32), piece]),
+            "loss": np.concatenate([[0], np.full(len(carried), int(predict_carried)), np.ones(len(piece))]).astype(
+                np.int32),
         }
 
     def consecutive(self, style: int, body: np.ndarray) -> list[dict]:
         """Segments covering every token of body exactly once, in order."""
         out, start = [], 0
         while start < len(body):
-            out.append(self.segment(style, body, start))
+            out.append(self.segment(style, body, start, predict_carried=False))
             start += int(out[-1]["loss"].sum())
         return out
 
@@ -129,7 +131,7 @@ class _RandomSegment(grain.transforms.RandomMap):
             start = int(rng.integers(0, len(body) - room + 2))
             if not self._segments.carried(body, start):
                 start = min(start, len(body) - room)
-        return self._segments.segment(style, body, start)
+        return self._segments.segment(style, body, start, predict_carried=True)
 
 
 class _AllSegments(grain.experimental.FlatMapTransform):
