@@ -10,6 +10,11 @@ models do the same matmul FLOPs per token. Each reports tokens/s and MFU: model
 FLOPs/s divided by the machine's matmul rate, measured here with the same dtype
 (on CPU) or the datasheet peak (GPU/TPU). The JAX side is the trainer's own step
 (`mgpt.train.setup` + `compile_train_step`), not a copy.
+
+A third contender, "matmuls only", runs just the model's matmuls at the same shapes
+(forward and backward, nothing else): its MFU is the ceiling this compiler reaches on
+these shapes, which tells how much of the gap to the matmul rate is the step's other
+work and how much is the matmuls themselves.
 """
 
 from __future__ import annotations
@@ -61,6 +66,53 @@ def jax_stepper(config, vocab_size: int):
             state, metrics = step_fn(state, s.rest, batch)
         jax.block_until_ready((state, metrics))
         holder["state"] = state
+
+    return run
+
+
+def matmul_floor_stepper(config, vocab_size: int):
+    """Forward + backward of the model's matmuls alone, at the same shapes, with nothing else.
+
+    No norms, rotary embeddings, softmax, masking, loss or optimizer: only the projections,
+    the attention score and value matmuls, the gated MLP's matmuls and the output layer,
+    as plain 2-D (and head-batched) products under the trainer's CPU compiler options.
+    Its MFU is the most this compiler gets out of these shapes: a ceiling for the real step.
+    """
+    import jax.numpy as jnp
+
+    m = config.model
+    b, length = config.train.batch_size, config.data.seq_len
+    d, f, n = m.d_model, m.mlp_dim, m.num_heads
+    t = b * length
+    rng = np.random.default_rng(0)
+
+    def weight(*shape):
+        return jnp.asarray(rng.standard_normal(shape, np.float32) * shape[0] ** -0.5, m.dtype)
+
+    params = {
+        "blocks": [{"qkv": weight(d, 3 * d), "out": weight(d, d), "wi": weight(d, 2 * f), "wo": weight(f, d)}
+                   for _ in range(m.num_layers)],
+        "unembed": weight(d, vocab_size),
+    }
+    x_TxD = weight(t, d)
+
+    def matmuls_only(params, x_TxD):
+        for w in params["blocks"]:
+            qkv_Tx3D = x_TxD @ w["qkv"]
+            q, k, v = (qkv_Tx3D[:, i * d : (i + 1) * d].reshape(b, length, n, d // n) for i in range(3))
+            scores_BxNxLxL = jnp.einsum("blnk,bmnk->bnlm", q, k)
+            o_TxD = jnp.einsum("bnlm,bmnk->blnk", scores_BxNxLxL, v).reshape(t, d)
+            x_TxD = x_TxD + o_TxD @ w["out"]
+            h_Tx2F = x_TxD @ w["wi"]
+            x_TxD = x_TxD + (h_Tx2F[:, :f] * h_Tx2F[:, f:]) @ w["wo"]
+        return jnp.mean((x_TxD @ params["unembed"]) ** 2)
+
+    step = jax.jit(jax.grad(matmuls_only), compiler_options=mesh_lib.compiler_options())
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            grads = step(params, x_TxD)
+        jax.block_until_ready(grads)
 
     return run
 
@@ -143,6 +195,7 @@ def main():
     p.add_argument("--vocab_size", type=int, default=313)
     p.add_argument("--dtype", default="", help="compute dtype override (default float32 on CPU, config's elsewhere)")
     p.add_argument("--no_torch", action="store_true")
+    p.add_argument("--no_floor", action="store_true", help="skip the matmuls-only ceiling (see matmul_floor_stepper)")
     args = p.parse_args()
 
     on_cpu = jax.default_backend() == "cpu"
@@ -180,12 +233,14 @@ def main():
         runners = {"mgpt (JAX)": jax_stepper(config, args.vocab_size)}
         if not args.no_torch:
             runners["HF GPT-2 (PyTorch)"] = torch_stepper(config, args.vocab_size, threads)
+        if not args.no_floor:
+            runners["matmuls only (JAX)"] = matmul_floor_stepper(config, args.vocab_size)
         best = best_seconds_per_step(runners, args.steps, args.warmup, args.rounds)
         row = {"shape": shape, "fpt": fpt}
         for name, seconds in best.items():
             row[name] = tokens / seconds
             print(f"  {name:<20} {seconds * 1e3:9.1f} ms/step {tokens / seconds:10,.0f} tokens/s", flush=True)
-        if len(best) == 2:
+        if "HF GPT-2 (PyTorch)" in row:
             print(f"  ratio mgpt / PyTorch: {row['mgpt (JAX)'] / row['HF GPT-2 (PyTorch)']:.2f}x")
         rows.append(row)
     peaks.append(measure_peak())
@@ -194,13 +249,14 @@ def main():
     peak, rates = max(peaks, key=lambda p: p[0])
     source = ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in rates.items()) or "datasheet"
     print(f"\nMFU = model FLOPs/s / {peak / 1e12:.3f} TFLOP/s ({'best fp32 1024^3 matmul: ' if rates else ''}{source})")
-    print("\n| shape | mgpt tokens/s | mgpt MFU | PyTorch tokens/s | PyTorch MFU | ratio |")
-    print("|---|---|---|---|---|---|")
+    print("\n| shape | mgpt tokens/s | mgpt MFU | PyTorch tokens/s | PyTorch MFU | ratio | matmuls-only MFU |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        jax_tps, torch_tps = r["mgpt (JAX)"], r.get("HF GPT-2 (PyTorch)")
+        jax_tps, torch_tps, floor_tps = r["mgpt (JAX)"], r.get("HF GPT-2 (PyTorch)"), r.get("matmuls only (JAX)")
         torch_part = (f"{torch_tps:,.0f} | {100 * torch_tps * r['fpt'] / peak:.1f}% | {jax_tps / torch_tps:.2f}x"
                       if torch_tps else "- | - | -")
-        print(f"| {r['shape']} | {jax_tps:,.0f} | {100 * jax_tps * r['fpt'] / peak:.1f}% | {torch_part} |")
+        floor_part = f"{100 * floor_tps * r['fpt'] / peak:.1f}%" if floor_tps else "-"
+        print(f"| {r['shape']} | {jax_tps:,.0f} | {100 * jax_tps * r['fpt'] / peak:.1f}% | {torch_part} | {floor_part} |")
 
 
 if __name__ == "__main__":
