@@ -1,4 +1,4 @@
-"""Small: the CPU demo. About 6-7 minutes on 2 free CPU cores (~4,000 tokens/s, 1.5 M
+"""Small: the CPU demo. About 5-6 minutes on 2 free CPU cores (~4,900 tokens/s, 1.5 M
 training tokens, ~4 passes over the demo corpus); validation ends near 1.5 nats/event."""
 
 from configs import common

@@ -73,6 +73,10 @@ class _Segments:
     vocab: Vocabulary
     seq_len: int
 
+    def __post_init__(self):
+        if self.seq_len < 2:  # room for STYLE, a carried VELOCITY and at least one event
+            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+
     def body(self, record: dict, semitones: int = 0) -> tuple[int, np.ndarray]:
         ids = np.asarray(record["tokens"], np.int32)
         if semitones:
@@ -81,8 +85,11 @@ class _Segments:
         return self.vocab.style_id(record_text(record["style"])), body
 
     def carried(self, body: np.ndarray, start: int) -> list[int]:
-        """The VELOCITY a segment starting at body[start] carries: none at the piece's start."""
-        velocity = self.vocab.velocity_at(body, start) if start > 0 else None
+        """The VELOCITY a segment starting at body[start] carries: none at the piece's start,
+        none when body[start] is itself a VELOCITY, else the last one before it (if any)."""
+        if start == 0 or self.vocab.is_velocity(body[start]):
+            return []
+        velocity = self.vocab.velocity_at(body, start)
         return [] if velocity is None else [velocity]
 
     def segment(self, style: int, body: np.ndarray, start: int, predict_carried: bool) -> dict:
@@ -100,7 +107,7 @@ class _Segments:
         out, start = [], 0
         while start < len(body):
             out.append(self.segment(style, body, start, predict_carried=False))
-            start += int(out[-1]["loss"].sum())
+            start += len(out[-1]["tokens"]) - 1 - len(self.carried(body, start))
         return out
 
 
@@ -129,8 +136,8 @@ class _RandomSegment(grain.transforms.RandomMap):
             # A crop with a carried velocity holds one event fewer, so its start may be one
             # later: the piece's last events and EOS stay reachable either way.
             start = int(rng.integers(0, len(body) - room + 2))
-            if not self._segments.carried(body, start):
-                start = min(start, len(body) - room)
+            if start + room - len(self._segments.carried(body, start)) > len(body):
+                start = len(body) - room  # that last start fills a row only with a carried velocity
         return self._segments.segment(style, body, start, predict_carried=True)
 
 

@@ -295,15 +295,20 @@ def generate_tokens(
 def window_prompt(row: list[int], window: int, vocab: Vocabulary) -> list[int]:
     """The prompt for a row's next window of `window` positions (see the module docstring).
 
-    The whole row while it leaves room to grow; otherwise STYLE, the VELOCITY in force
-    (when the row has one) and the most recent events, window // 2 tokens in all.
+    The whole row while it leaves room to grow; otherwise STYLE, the VELOCITY in force at
+    the first kept event (unless that event is a VELOCITY itself, or the row has none yet)
+    and the most recent events, at most window // 2 tokens in all: the training crops' shape.
     """
     if len(row) < window:
         return list(row)
-    start = len(row) - (window // 2 - 1)
-    velocity = vocab.velocity_at(row, start)  # row[0] is STYLE
-    carried = [] if velocity is None else [velocity]
-    return [row[0]] + carried + list(row[start + len(carried) :])
+    start = len(row) - (window // 2 - 1)  # row[start:] fills the prompt when nothing is carried
+    recent = list(row[start + 1 :])
+    if recent and vocab.is_velocity(recent[0]):  # it sets its own loudness: carry nothing
+        return [row[0]] + recent
+    velocity = vocab.velocity_at(row, start + 1)  # row[0] is STYLE
+    if velocity is None:
+        return [row[0]] + list(row[start:])
+    return [row[0], velocity] + recent
 
 
 def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events, max_steps, settings, tables):

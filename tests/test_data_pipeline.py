@@ -86,9 +86,9 @@ def test_long_pieces_become_random_crops_of_the_piece():
     assert len(starts) > 3, "crop offsets vary from epoch to epoch"
 
 
-def _dynamic_piece(phrases: int = 12, seed: int = 0) -> np.ndarray:
-    """Phrases of 20 note events, each after its own VELOCITY event (bins 5, 6, ...)."""
-    parts = [np.concatenate([[VOCAB.velocity_offset + 4 + i], _piece(20, seed + i)]) for i in range(phrases)]
+def _dynamic_piece(phrases: int = 12, seed: int = 0, notes: int = 20) -> np.ndarray:
+    """Phrases of `notes` note events, each after its own VELOCITY event (bins 5, 6, ...)."""
+    parts = [np.concatenate([[VOCAB.velocity_offset + 4 + i], _piece(notes, seed + i)]) for i in range(phrases)]
     return np.concatenate(parts).astype(np.int32)
 
 
@@ -114,6 +114,7 @@ def test_mid_piece_crops_carry_the_velocity_in_force():
         starts = [s for s in range(1, len(body) - len(rest) + 1) if (body[s : s + len(rest)] == rest).all()]
         assert starts, "after the carried velocity comes a contiguous window of the piece"
         assert window[0] == _velocity_before(body, starts[0]), "it is the velocity in force there"
+        assert not VOCAB.is_velocity(rest[0]), "a crop that opens on a velocity change carries nothing"
         assert mask.all(), "in training the carried velocity is predicted: it is how a sample must begin"
         carried += 1
         ends_with_eos += int(row[-1] == VOCAB.eos_id)
@@ -121,7 +122,7 @@ def test_mid_piece_crops_carry_the_velocity_in_force():
 
 
 def test_eval_segments_carry_velocity_and_still_count_every_event_once():
-    pieces = [_dynamic_piece(12, 0), _dynamic_piece(5, 50)]
+    pieces = [_dynamic_piece(12, 0, notes=25), _dynamic_piece(5, 50)]  # cuts fall mid-phrase
     ev = data.eval_batches([_record(p, "folk", i) for i, p in enumerate(pieces)], VOCAB, seq_len=SEQ,
                            batch_size=4, num_batches=6)
     assert sum(b["mask"].sum() for b in ev) == sum(len(p) + 1 for p in pieces)

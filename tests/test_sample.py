@@ -167,6 +167,12 @@ def test_a_new_window_starts_like_a_training_crop():
     assert window_prompt(row, 16, VOCAB) == [STYLE, soft, *notes[-6:]]
     plain = [STYLE, *notes, *notes]
     assert window_prompt(plain, 16, VOCAB) == [STYLE, *notes[-7:]]  # no velocity yet: none carried
+    # A velocity change just before the kept events is the one carried...
+    at_cut = [STYLE, loud, *notes, soft, *notes[:6]]
+    assert window_prompt(at_cut, 16, VOCAB) == [STYLE, soft, *notes[:6]]
+    # ...and one that opens the kept events is not carried twice.
+    opening = [STYLE, loud, *notes, notes[0], soft, *notes[:5]]
+    assert window_prompt(opening, 16, VOCAB) == [STYLE, soft, *notes[:5]]
     assert window_prompt(row[:12], 16, VOCAB) == row[:12]  # room left: the whole row
 
 
