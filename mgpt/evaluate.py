@@ -621,6 +621,8 @@ def define_flags(fv):
     """Flags on their own FlagValues: mgpt.train defines --workdir on absl's global FLAGS."""
     from absl import flags
 
+    from mgpt import generate
+
     kw = {"flag_values": fv}
     flags.DEFINE_string("workdir", None, "The GPT run to evaluate.", **kw)
     flags.DEFINE_string("output_dir", None, "Where report.json/.md/.html and the PNGs go.", **kw)
@@ -631,8 +633,8 @@ def define_flags(fv):
     flags.DEFINE_integer("num_samples", 24, "Pieces to generate (styles cycle over them).", **kw)
     flags.DEFINE_string("style", "all", "Styles to generate: a name, a comma list, 'all' or 'unconditional'.", **kw)
     flags.DEFINE_float("max_seconds", 30.0, "Seconds of music per generated piece.", **kw)
-    flags.DEFINE_float("temperature", 1.0, "Sampling temperature for generation.", **kw)
-    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling for generation (1 = off).", **kw)
+    flags.DEFINE_float("temperature", generate.Sampling.temperature, "Sampling temperature for generation.", **kw)
+    flags.DEFINE_float("top_p", generate.Sampling.top_p, "Nucleus sampling for generation (1 = off).", **kw)
     flags.DEFINE_integer("seed", 0, "Seed for generation and every subsample.", **kw)
     flags.DEFINE_integer("ngram_order", 5, "Order of the Kneser-Ney baseline.", **kw)
     flags.DEFINE_float("crop_seconds", 30.0, "Features and style use each piece's first this many seconds.", **kw)

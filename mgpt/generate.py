@@ -122,11 +122,17 @@ def load_primer(path: str | os.PathLike, vocab: Vocabulary, seconds: float = 0.0
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """Sampling controls and the length budget (new events and/or seconds of new music)."""
+    """Sampling controls and the length budget (new events and/or seconds of new music).
 
-    temperature: float = 1.0
+    The defaults (temperature 0.9, top-p 0.95) were chosen with `mgpt.evaluate` on the
+    demo model: against plain sampling they raised the share of pieces classified as
+    their requested style from 73 % to 85-91 % and the musical-feature overlap with real
+    pieces from 0.71x to 0.85-0.92x the real-vs-real ceiling (README, Evaluating).
+    """
+
+    temperature: float = 0.9
     top_k: int = 0
-    top_p: float = 1.0
+    top_p: float = 0.95
     min_p: float = 0.0
     greedy: bool = False
     max_events: int | None = None
@@ -527,9 +533,10 @@ def define_flags(fv):
                         "A style name, a comma list (cycled over pieces), 'all' (every style) or 'unconditional'.", **kw)
     flags.DEFINE_string("primer", None, "A MIDI file to continue; it is kept at the start of every piece.", **kw)
     flags.DEFINE_float("primer_seconds", 10.0, "Seconds of the primer to keep (0 = all of it).", **kw)
-    flags.DEFINE_float("temperature", 1.0, "Softmax temperature (> 0).", **kw)
+    flags.DEFINE_float("temperature", Sampling.temperature, "Softmax temperature (> 0).", **kw)
     flags.DEFINE_integer("top_k", 0, "Sample among the k most likely events (0 = off).", **kw)
-    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: the smallest set with this much probability (1 = off).", **kw)
+    flags.DEFINE_float("top_p", Sampling.top_p,
+                       "Nucleus sampling: the smallest set with this much probability (1 = off).", **kw)
     flags.DEFINE_float("min_p", 0.0, "Drop events less likely than min_p * the most likely one (0 = off).", **kw)
     flags.DEFINE_bool("greedy", False, "Always take the most likely event (after the filters).", **kw)
     flags.DEFINE_integer("seed", 0, "Piece i uses seed + i.", **kw)
