@@ -44,8 +44,9 @@ def measure_matmul_flops(dtype: str = "float32", n: int = 1024, seconds: float =
 
     The best of several short bursts, so that a moment of load from other processes
     does not lower the peak (and inflate MFU). On CPU it is also the better of XLA's
-    default matmul and the one the train step compiles with (mgpt.mesh.compiler_options):
-    in jaxlib 0.10 the default (YNNPACK) reached about half the other's rate at n = 1024.
+    default matmul and the one the train step compiles with (mgpt.mesh.compiler_options),
+    so the peak holds whichever of the two a jaxlib makes faster (in jaxlib 0.10.2 they
+    measured alike at n = 1024).
     """
     from mgpt import mesh as mesh_lib  # mesh imports flax; keep this module light
 
@@ -73,7 +74,7 @@ def peak_flops(dtype: str) -> tuple[float, str]:
     flops = known_peak_flops(device)
     if flops is not None:
         return flops * jax.device_count(), f"{device.device_kind} datasheet"
-    measured = measure_matmul_flops(dtype)
+    measured = measure_matmul_flops(dtype, seconds=1.0)
     # All local CPU "devices" share the same cores: the measured rate is the whole host's.
     return measured * jax.process_count(), f"measured {dtype} matmul ({measured / 1e9:.0f} GFLOP/s/host)"
 
