@@ -190,6 +190,15 @@ class Vocabulary:
         found = np.flatnonzero(self.is_velocity(earlier))
         return int(earlier[found[-1]]) if found.size else None
 
+    def carried_velocity(self, ids: np.ndarray, start: int) -> list[int]:
+        """What a window of ids opening at ids[start] carries before it: [the VELOCITY in force]
+        for a mid-piece start, or [] at the piece's start, when ids[start] is itself a VELOCITY,
+        or when none has been set yet. Training crops and sampling windows share this rule."""
+        if start == 0 or (start < len(ids) and self.is_velocity(ids[start])):
+            return []
+        velocity = self.velocity_at(ids, start)
+        return [] if velocity is None else [velocity]
+
     def velocity_to_bin(self, velocity: np.ndarray) -> np.ndarray:
         velocity = np.clip(np.asarray(velocity), _MIN_MIDI_VELOCITY, _MAX_MIDI_VELOCITY)
         return (velocity - _MIN_MIDI_VELOCITY) // self._velocity_bin_size + 1

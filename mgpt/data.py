@@ -84,17 +84,9 @@ class _Segments:
         body = np.concatenate([ids, np.asarray([self.vocab.eos_id], np.int32)])
         return self.vocab.style_id(record_text(record["style"])), body
 
-    def carried(self, body: np.ndarray, start: int) -> list[int]:
-        """The VELOCITY a segment starting at body[start] carries: none at the piece's start,
-        none when body[start] is itself a VELOCITY, else the last one before it (if any)."""
-        if start == 0 or self.vocab.is_velocity(body[start]):
-            return []
-        velocity = self.vocab.velocity_at(body, start)
-        return [] if velocity is None else [velocity]
-
     def segment(self, style: int, body: np.ndarray, start: int, predict_carried: bool) -> dict:
         """STYLE, the carried velocity, then body from `start`: seq_len + 1 tokens at most."""
-        carried = self.carried(body, start)
+        carried = self.vocab.carried_velocity(body, start)
         piece = body[start : start + self.seq_len - len(carried)]
         return {
             "tokens": np.concatenate([np.asarray([style] + carried, np.int32), piece]),
@@ -107,7 +99,7 @@ class _Segments:
         out, start = [], 0
         while start < len(body):
             out.append(self.segment(style, body, start, predict_carried=False))
-            start += len(out[-1]["tokens"]) - 1 - len(self.carried(body, start))
+            start += len(out[-1]["tokens"]) - 1 - len(self.vocab.carried_velocity(body, start))
         return out
 
 
@@ -136,7 +128,7 @@ class _RandomSegment(grain.transforms.RandomMap):
             # A crop with a carried velocity holds one event fewer, so its start may be one
             # later: the piece's last events and EOS stay reachable either way.
             start = int(rng.integers(0, len(body) - room + 2))
-            if start + room - len(self._segments.carried(body, start)) > len(body):
+            if start + room - len(self._segments.vocab.carried_velocity(body, start)) > len(body):
                 start = len(body) - room  # that last start fills a row only with a carried velocity
         return self._segments.segment(style, body, start, predict_carried=True)
 

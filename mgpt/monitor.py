@@ -51,7 +51,8 @@ def measure_matmul_flops(dtype: str = "float32", n: int = 1024, seconds: float =
     from mgpt import mesh as mesh_lib  # mesh imports flax; keep this module light
 
     a = jnp.ones((n, n), dtype)
-    variants = [{}] + ([mesh_lib.compiler_options()] if mesh_lib.compiler_options() else [])
+    train_options = mesh_lib.compiler_options()
+    variants = [{}, train_options] if train_options else [{}]
     best = 0.0
     for options in variants:
         f = jax.jit(lambda x: x @ x * (1.0 / n), compiler_options=options)

@@ -303,12 +303,10 @@ def window_prompt(row: list[int], window: int, vocab: Vocabulary) -> list[int]:
         return list(row)
     start = len(row) - (window // 2 - 1)  # row[start:] fills the prompt when nothing is carried
     recent = list(row[start + 1 :])
-    if recent and vocab.is_velocity(recent[0]):  # it sets its own loudness: carry nothing
-        return [row[0]] + recent
-    velocity = vocab.velocity_at(row, start + 1)  # row[0] is STYLE
-    if velocity is None:
-        return [row[0]] + list(row[start:])
-    return [row[0], velocity] + recent
+    carried = vocab.carried_velocity(row, start + 1)  # as a training crop opening at start + 1
+    if carried or (recent and vocab.is_velocity(recent[0])):
+        return [row[0], *carried, *recent]
+    return [row[0], *row[start:]]  # no velocity set yet: one more event instead
 
 
 def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events, max_steps, settings, tables):
