@@ -267,7 +267,8 @@ def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation
 def _loss_sums(graphdef, params, rest, batch, z_loss: float):
     """(sum of masked cross-entropy, sum of masked log(Z)^2) in nats, fp32."""
     model = nnx.merge(graphdef, params, rest)
-    logits_BxLxV = model(batch["inputs"]).astype(jnp.float32)
+    # Packed rows (mgpt.data) carry positions and segment ids; a batch without them is one piece per row.
+    logits_BxLxV = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids")).astype(jnp.float32)
     log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
     target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
     mask_BxL = batch["mask"]
@@ -393,12 +394,12 @@ def setup(config, vocab_size: int, mesh, table) -> Setup:
 
 
 def compile_train_step(s: Setup, config):
-    batch_shardings = {k: s.batch_sharding for k in ("inputs", "targets", "mask")}
     replicated = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
     step = make_train_step(s.graphdef, s.tx, config.train, s.batch_sharding)
     return jax.jit(
         step,
-        in_shardings=(s.state_shardings, replicated, batch_shardings),
+        # One sharding for the whole batch dict (a pytree prefix): every [batch, length] array alike.
+        in_shardings=(s.state_shardings, replicated, s.batch_sharding),
         out_shardings=(s.state_shardings, replicated),
         donate_argnums=0,
         compiler_options=mesh_lib.compiler_options(),
@@ -406,11 +407,10 @@ def compile_train_step(s: Setup, config):
 
 
 def compile_eval_step(s: Setup):
-    batch_shardings = {k: s.batch_sharding for k in ("inputs", "targets", "mask")}
     replicated = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
     return jax.jit(
         make_eval_step(s.graphdef),
-        in_shardings=(s.state_shardings["params"], replicated, batch_shardings),
+        in_shardings=(s.state_shardings["params"], replicated, s.batch_sharding),
         out_shardings=replicated,
         compiler_options=mesh_lib.compiler_options(),
     )
