@@ -182,12 +182,35 @@ def maybe_initialize_distributed(dist: ml_collections.ConfigDict) -> None:
             process_id=dist.process_id if dist.process_id >= 0 else None,
         )
         return
+    cluster = cluster_environment()
     try:
         jax.distributed.initialize()
-    except (ValueError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - coordinator failures are JaxRuntimeError, others ValueError
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if cluster is not None:
+            # Falling back here would make every process of the job train alone, with the same
+            # seed, into the same workdir.
+            raise ConfigError(
+                f"config.distributed.initialize={dist.initialize!r}: a {cluster} cluster was detected but "
+                f"jax.distributed.initialize() failed ({first_line}); fix the cluster setup, or pass "
+                "--config.distributed.initialize=no to train this process alone"
+            ) from None
         if dist.initialize == "yes":
-            raise ConfigError(f"config.distributed: jax.distributed.initialize() failed ({e})") from None
-        # 'auto' on a single machine with no cluster environment: a single-process run.
+            raise ConfigError(f"config.distributed: jax.distributed.initialize() failed ({first_line})") from None
+        # 'auto' on a machine with no cluster environment: a single-process run.
+
+
+def cluster_environment() -> str | None:
+    """The cluster jax.distributed would detect here ('SlurmCluster', 'OmpiCluster', a Cloud TPU), or None.
+
+    Asked of jax's own detectors, so that we and `jax.distributed.initialize()` agree on
+    what counts as a cluster."""
+    from jax._src import clusters
+
+    for env in clusters.ClusterEnv._cluster_types:
+        if not env.opt_in_only_method and env.is_env_present():
+            return env.__name__
+    return None
 
 
 # ----------------------------------------------------------------------------- data + vocab

@@ -164,6 +164,37 @@ def test_config_validation_names_the_field(field, value, message):
         train.validate(c)
 
 
+_SLURM = {"SLURM_JOB_ID": "42", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+          "SLURM_LOCALID": "0"}
+
+
+def _failing_initialize(error):
+    def initialize(*args, **kwargs):
+        raise error
+
+    return initialize
+
+
+def test_a_detected_cluster_that_fails_to_connect_stops_instead_of_training_alone(monkeypatch):
+    for k, v in _SLURM.items():
+        monkeypatch.setenv(k, v)
+    assert train.cluster_environment() == "SlurmCluster"
+    error = jax.errors.JaxRuntimeError("DEADLINE_EXCEEDED: Barrier timed out\nlong coordinator trace")
+    monkeypatch.setattr(jax.distributed, "initialize", _failing_initialize(error))
+    with pytest.raises(train.ConfigError) as e:
+        train.maybe_initialize_distributed(tiny.get_config().distributed)
+    assert "\n" not in str(e.value) and "SlurmCluster cluster was detected" in str(e.value)
+    assert "DEADLINE_EXCEEDED: Barrier timed out" in str(e.value)
+
+
+def test_auto_without_a_cluster_is_a_single_process_run(monkeypatch):
+    for k in _SLURM:
+        monkeypatch.delenv(k, raising=False)
+    assert train.cluster_environment() is None
+    monkeypatch.setattr(jax.distributed, "initialize", _failing_initialize(ValueError("coordinator_address should be defined.")))
+    train.maybe_initialize_distributed(tiny.get_config().distributed)  # no error: one process
+
+
 def test_mesh_that_does_not_divide_the_devices_is_named():
     c = tiny.get_config()
     c.mesh.fsdp = 3
