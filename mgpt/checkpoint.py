@@ -76,8 +76,8 @@ class Checkpoints:
 
         Arrays are placed by abstract_state's shardings (orbax reshards if the mesh changed);
         the iterator is moved to where that step left it. The data position is saved per
-        process, so a run resumed on a different number of hosts keeps its state but
-        starts a fresh pass over the data.
+        process; on a different number of processes each one is given the union of the
+        saved positions (mgpt.data's per-shard state), from which it takes its own shards.
         """
         abstract_rest = {k: v for k, v in abstract_state.items() if k != "params"}
         items = {
@@ -89,13 +89,41 @@ class Checkpoints:
         if has_data:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if not has_data:
+            has_data = _restore_other_host_count(self.data_states(step), data_iter)
         return {"params": out["params"], **out["train_state"]}, has_data
+
+    def data_states(self, step: int) -> list[dict]:
+        """Every process's saved data-iterator state at `step` (any process count)."""
+        files = sorted((self.directory / str(step) / "data").glob("process_*-of-*.json"))
+        return [json.loads(f.read_text()) for f in files]
+
+    def data_shards(self, step: int) -> int | None:
+        """The number of data shards the run's data position at `step` was saved for (None: unknown)."""
+        states = self.data_states(step)
+        return states[0].get("num_shards") if states and isinstance(states[0], dict) else None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _restore_other_host_count(states: list[dict], data_iter) -> bool:
+    """Sets `data_iter` from the union of per-shard states saved by another process count."""
+    if not states or not all(isinstance(x, dict) and "shards" in x for x in states):
+        return False
+    merged = {"num_shards": states[0]["num_shards"], "shards": {}}
+    for state in states:
+        merged["shards"].update(state["shards"])
+    try:
+        data_iter.set_state(merged)
+    except ValueError:  # saved for another shard layout: the caller starts the data afresh
+        return False
+    if hasattr(data_iter, "start_prefetch"):
+        data_iter.start_prefetch()
+    return True
 
 
 def read_json_item(root: str | epath.PathLike, step: int, item: str) -> Any:

@@ -35,6 +35,7 @@ training position part of a checkpoint (see mgpt/train.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -131,8 +132,12 @@ class _RandomSegment(grain.transforms.RandomMap):
         start = 0
         if len(body) > room:
             # A crop with a carried velocity holds one event fewer, so its start may be one
-            # later: the piece's last events and EOS stay reachable either way.
-            start = int(rng.integers(0, len(body) - room + 2))
+            # later: the piece's last events and EOS stay reachable either way. Chunk j of a
+            # piece's c (see _ChunkSource) starts in the j-th c-th of the possible starts,
+            # so one epoch's crops spread over the whole piece.
+            starts = len(body) - room + 2
+            j, c = int(record.get("chunk", 0)), int(record.get("num_chunks", 1))
+            start = int(rng.integers(j * starts // c, max((j + 1) * starts // c, j * starts // c + 1)))
             if start + room - len(self._segments.vocab.carried_velocity(body, start)) > len(body):
                 start = len(body) - room  # that last start fills a row only with a carried velocity
         return self._segments.segment(style, body, start, predict_carried=True)
@@ -179,7 +184,11 @@ def _pack(ds: grain.IterDataset, seq_len: int, num_bins: int, seed: int, shuffle
         num_packing_bins=num_bins,
         seed=seed,
         shuffle_bins=shuffle,
-    ).map(lambda x: {k: x[k] for k in keep})
+    ).map(functools.partial(_select, keep=keep))  # a named function: worker processes pickle it
+
+
+def _select(x: dict, keep: tuple[str, ...]) -> dict:
+    return {k: x[k] for k in keep}
 
 
 def _host_slice(source: Sequence[dict], process_index: int, process_count: int) -> grain.MapDataset:
@@ -189,6 +198,87 @@ def _host_slice(source: Sequence[dict], process_index: int, process_count: int) 
             raise ValueError(f"split has {len(ds)} pieces, fewer than the {process_count} hosts")
         ds = ds[process_index::process_count]
     return ds
+
+
+def piece_lengths(source: Sequence[dict]) -> np.ndarray:
+    """Events per piece of a split (one pass over the records at start-up)."""
+    return np.asarray([len(source[i]["tokens"]) for i in range(len(source))], np.int64)
+
+
+class _ChunkSource:
+    """(piece, chunk) items: a piece of n events gives ceil((n + 1) / seq_len) items, each a
+    crop of its own stretch of the piece. Long pieces are thus trained in proportion to their
+    length, not once per epoch like a 50-event folk tune."""
+
+    def __init__(self, source: Sequence[dict], lengths: np.ndarray, seq_len: int):
+        self._source = source
+        chunks_P = np.maximum(1, -(-(lengths + 1) // seq_len))  # + 1: the EOS
+        self._piece_I = np.repeat(np.arange(len(lengths)), chunks_P)
+        self._chunk_I = np.concatenate([np.arange(c) for c in chunks_P]) if len(chunks_P) else np.zeros(0, int)
+        self._chunks_I = np.repeat(chunks_P, chunks_P)
+
+    def __len__(self) -> int:
+        return len(self._piece_I)
+
+    def __getitem__(self, i: int) -> dict:
+        record = dict(self._source[int(self._piece_I[i])])
+        record["chunk"], record["num_chunks"] = int(self._chunk_I[i]), int(self._chunks_I[i])
+        return record
+
+
+def _shard_seeds(seed: int, shard: int) -> list[int]:
+    """Seeds of the shuffle, the crops/transpositions and the packer of one data shard.
+
+    grain seeds each by (seed, index within the shard); folding the shard in keeps every
+    host's k-th piece from getting the same transposition and crop."""
+    return [int(x) for x in np.random.SeedSequence([seed, shard]).generate_state(3)]
+
+
+class _ShardedBatches(grain.IterDataset):
+    """Concatenates, row-wise, one batch of each data shard this host owns."""
+
+    def __init__(self, shards: dict[int, grain.IterDataset], num_shards: int):
+        super().__init__(list(shards.values()))
+        self.shard_ids = list(shards)
+        self.num_shards = num_shards
+
+    def __iter__(self):
+        return _ShardedBatchesIterator(self)
+
+
+class _ShardedBatchesIterator(grain.DatasetIterator):
+    """State: {'num_shards': K, 'shards': {str(shard): that shard's grain state}}.
+
+    The union of the hosts' states describes the whole run's data position, whatever the
+    host count, so a run resumed on other hosts hands each one the shards it now owns."""
+
+    def __init__(self, ds: _ShardedBatches):
+        super().__init__([iter(p) for p in ds.parents])
+        self._ids, self._num_shards = ds.shard_ids, ds.num_shards
+
+    def __next__(self) -> dict:
+        batches = [next(it) for it in self._parents]
+        if len(batches) == 1:
+            return batches[0]
+        return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+    def get_state(self) -> dict:
+        return {"num_shards": self._num_shards,
+                "shards": {str(i): it.get_state() for i, it in zip(self._ids, self._parents)}}
+
+    def set_state(self, state: dict) -> None:
+        saved = state.get("num_shards")
+        missing = [i for i in self._ids if str(i) not in state.get("shards", {})]
+        if saved != self._num_shards or missing:
+            raise ValueError(f"the saved data position is for {saved} data shards, this pipeline has "
+                             f"{self._num_shards} (missing shards {missing})")
+        for i, it in zip(self._ids, self._parents):
+            it.set_state(state["shards"][str(i)])
+
+    def close(self) -> None:
+        for it in self._parents:
+            if hasattr(it, "close"):
+                it.close()
 
 
 def train_dataset(
@@ -202,23 +292,51 @@ def train_dataset(
     num_packing_bins: int = 64,
     read_threads: int = 1,
     prefetch: int = 2,
+    workers: int = 0,
+    num_shards: int = 0,
     process_index: int = 0,
     process_count: int = 1,
+    lengths: np.ndarray | None = None,
 ) -> grain.IterDataset:
     """Endless shuffled training batches for this host.
 
-    `batch_size` is this host's share of the global batch. Iterate with `iter(ds)`;
-    the iterator's state is checkpointable. Each element: inputs/targets/positions/
-    segment_ids int32[B, seq_len], mask float32[B, seq_len].
+    The run's data is cut into `num_shards` independent streams (0 = one per process), each
+    with its own slice of the (piece, chunk) items, seeds and packer, and every global batch
+    takes batch_size_global / num_shards rows from each, shard-major. Host i of n owns shards
+    [i K/n, (i + 1) K/n), so the global batches, and a checkpoint's data position, do not
+    depend on the host count: a run resumed on other hosts replays and skips nothing.
+
+    `batch_size` is this host's share of the global batch. `workers` > 0 runs each shard's
+    pipeline in that many grain worker processes (a different, still deterministic order).
+    `lengths` (events per piece) is read from the source when not given. Iterate with
+    `iter(ds)`; the iterator's state is checkpointable. Each element: inputs/targets/
+    positions/segment_ids int32[B, seq_len], mask float32[B, seq_len].
     """
     if len(source) == 0:
         raise ValueError("the training split is empty")
-    ds = _host_slice(source, process_index, process_count)
-    ds = ds.shuffle(seed=seed).repeat()
-    ds = ds.random_map(_RandomSegment(_Segments(vocab, seq_len), transpose), seed=seed + 1)
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * batch_size))
-    ds = _pack(ds, seq_len, num_packing_bins, seed + 2, shuffle=True)
-    ds = ds.batch(batch_size, drop_remainder=True).map(_to_model_batch)
+    num_shards = num_shards or process_count
+    if num_shards % process_count:
+        raise ValueError(f"the data is cut into {num_shards} shards, which {process_count} hosts cannot share "
+                         "evenly; use a host count that divides it")
+    own = num_shards // process_count
+    if batch_size % own:
+        raise ValueError(f"this host's {batch_size} rows per batch do not split over its {own} data shards")
+    items = _ChunkSource(source, piece_lengths(source) if lengths is None else lengths, seq_len)
+    if len(items) < num_shards:
+        raise ValueError(f"the training split has {len(items)} pieces, fewer than the {num_shards} data shards")
+    rows = batch_size // own
+    shards = {}
+    for shard in range(process_index * own, (process_index + 1) * own):
+        shuffle_seed, crop_seed, pack_seed = _shard_seeds(seed, shard)
+        ds = grain.MapDataset.source(items)[shard::num_shards].shuffle(seed=shuffle_seed).repeat()
+        ds = ds.random_map(_RandomSegment(_Segments(vocab, seq_len), transpose), seed=crop_seed)
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * rows))
+        ds = _pack(ds, seq_len, num_packing_bins, pack_seed, shuffle=True)
+        ds = ds.batch(rows, drop_remainder=True).map(_to_model_batch)
+        if workers > 0:
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        shards[shard] = ds
+    ds = _ShardedBatches(shards, num_shards)
     if prefetch > 0:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
     return ds

@@ -128,6 +128,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for path in ("data.num_packing_bins", "data.read_threads"):
         integer(path)
     integer("data.prefetch", 0)
+    integer("data.workers", 0)
+    integer("data.shards", 0)
 
     cfg = model_config(config.model, vocab_size=1)
     if hasattr(cfg, "max_len"):
@@ -551,7 +553,8 @@ def _check_same_model(workdir: epath.Path, config) -> None:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (or resumes) the run described by `config` in `workdir`.
 
-    Returns {'step', 'losses': {step: loss}, 'eval': {step: nats/event}, 'stopped_by'}.
+    Returns {'step', 'losses': {step: loss}, 'events': {step: predicted tokens}, 'eval': {step: nats/event},
+    'stopped_by'}; `events` fingerprints the data each step saw.
     """
     validate(config)
     maybe_initialize_distributed(config.distributed)
@@ -583,37 +586,49 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     peak, peak_source = monitor.peak_flops(config.model.get("dtype", "float32"))
 
     pi, pc = jax.process_index(), jax.process_count()
-    host_batch = t.batch_size // pc
-    train_ds = data_lib.train_dataset(
-        data_lib.open_source(dataset_path, "train"),
-        vocab,
-        seq_len=seq_len,
-        batch_size=host_batch,
-        seed=config.seed,
-        transpose=d.transpose,
-        num_packing_bins=d.num_packing_bins,
-        read_threads=d.read_threads,
-        prefetch=d.prefetch,
-        process_index=pi,
-        process_count=pc,
-    )
-    train_iter = iter(train_ds)
     try:
         val_source = data_lib.open_source(dataset_path, "validation")
     except FileNotFoundError as e:
         val_source = None
         _print0(f"{e}: training without validation")
+    if val_source is not None and len(val_source) < pc:  # found now, not at the first eval hours in
+        raise ConfigError(
+            f"config.data.dataset_dir={d.dataset_dir}: the validation split has {len(val_source)} pieces, fewer "
+            f"than the {pc} hosts, and each host evaluates its own pieces; rebuild the dataset with a larger "
+            "validation share (python -m data_prep.build --splits=TRAIN,VALIDATION,TEST)"
+        )
     eval_data = None  # built on first use
 
     ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpoints)
     config_json = json.loads(json.dumps(config.to_dict()))
     latest = ckpts.latest_step()
+    # A resumed run keeps the data shards it started with, whatever the host count now.
+    num_shards = (ckpts.data_shards(latest) if latest is not None else None) or d.shards or pc
+    try:
+        train_ds = data_lib.train_dataset(
+            data_lib.open_source(dataset_path, "train"),
+            vocab,
+            seq_len=seq_len,
+            batch_size=t.batch_size // pc,
+            seed=config.seed,
+            transpose=d.transpose,
+            num_packing_bins=d.num_packing_bins,
+            read_threads=d.read_threads,
+            prefetch=d.prefetch,
+            workers=d.workers,
+            num_shards=num_shards,
+            process_index=pi,
+            process_count=pc,
+        )
+    except ValueError as e:
+        raise ConfigError(f"config.data (dataset {d.dataset_dir}, {num_shards} data shards): {e}") from None
+    train_iter = iter(train_ds)
     abstract = ckpt_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)
     if latest is not None:
         state, data_restored = ckpts.restore(latest, abstract, train_iter)
         _print0(f"resumed from {ckpts.directory}/{latest}")
         if not data_restored:
-            _print0(f"note: no data position saved for {pc} process(es); the data order starts afresh")
+            _print0(f"note: no data position usable by {pc} process(es) in that checkpoint; the data order starts afresh")
     else:
         state = jax.jit(s.init_fn, static_argnums=0, out_shardings=s.state_shardings)(config.seed)
         if config.init_from:
@@ -634,7 +649,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start_step = step
     stop_at = t.steps if not t.max_steps_per_run else min(t.steps, step + t.max_steps_per_run)
     tokens_per_step = t.batch_size * seq_len
-    result = {"step": step, "losses": {}, "eval": {}, "stopped_by": None}
+    result = {"step": step, "losses": {}, "events": {}, "eval": {}, "stopped_by": None}
     saved_step = latest
 
     def save(at_step):
@@ -687,6 +702,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 "Lower config.train.learning_rate or raise warmup_steps, then re-run to resume from it."
             )
         result["losses"][at_step] = m["loss"]
+        result["events"][at_step] = m["events"]
         log.add(at_step, m, force=at_step == stop_at)
 
     pending = None

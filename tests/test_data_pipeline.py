@@ -231,3 +231,58 @@ def test_packed_rows_keep_each_piece_apart_with_its_own_positions():
             assert (inp[seg == 0] == VOCAB.pad_id).all(), "segment 0 is padding"
             several += len(starts) > 1
     assert several > 10, "rows do pack several pieces"
+
+
+def test_hosts_draw_different_crops_and_transpositions():
+    # Every piece the same: with the same seeds, every host would make the same rows.
+    corpus = [_record(_piece(5 * SEQ, 0), "bach", i) for i in range(8)]
+    rows = [np.concatenate([b["inputs"] for b in _batches(
+        data.train_dataset(corpus, VOCAB, seq_len=SEQ, batch_size=4, seed=0, transpose=5, prefetch=0,
+                           process_index=host, process_count=2), 3)]) for host in range(2)]
+    assert (rows[0] != rows[1]).any(axis=1).all(), "no row of host 1 repeats host 0's"
+
+
+def _global_batches(corpus, process_count, num_shards, n, states=None):
+    """n global batches (hosts' rows concatenated in process order) and each host's final state."""
+    iters = []
+    for host in range(process_count):
+        ds = data.train_dataset(corpus, VOCAB, seq_len=SEQ, batch_size=8 // process_count, seed=4, transpose=3,
+                                prefetch=2, num_shards=num_shards, process_index=host, process_count=process_count)
+        iters.append(iter(ds))
+        if states is not None:
+            iters[-1].set_state(states)
+    out = [{k: np.concatenate([b[k] for b in bs]) for k in bs[0]} for bs in zip(*([next(it) for _ in range(n)]
+                                                                                for it in iters))]
+    merged = {"num_shards": num_shards, "shards": {}}
+    for it in iters:
+        merged["shards"].update(it.get_state()["shards"])
+        it.close()
+    return out, merged
+
+
+def test_resume_on_another_host_count_replays_and_skips_nothing():
+    corpus = _corpus(80)
+    uninterrupted, _ = _global_batches(corpus, 2, 2, 9)
+    first, state = _global_batches(corpus, 2, 2, 4)  # two hosts stop after 4 batches ...
+    rest, _ = _global_batches(corpus, 1, 2, 5, state)  # ... and one host carries on
+    for want, got in zip(uninterrupted, first + rest):
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+    # And back from one host to four: the same global stream, whatever the host count.
+    four, _ = _global_batches(corpus, 4, 4, 3)
+    one, _ = _global_batches(corpus, 1, 4, 3)
+    for want, got in zip(one, four):
+        np.testing.assert_array_equal(got["inputs"], want["inputs"])
+
+
+def test_long_pieces_give_rows_in_proportion_to_their_length():
+    short, long = _piece(SEQ // 2, 0), _piece(10 * SEQ, 1)
+    corpus = [_record(short, "bach", 0), _record(long, "folk", 1)]
+    ds = data.train_dataset(corpus, VOCAB, seq_len=SEQ, batch_size=4, seed=0, transpose=0, prefetch=0)
+    folk, bach = VOCAB.style_id("folk"), VOCAB.style_id("bach")
+    counts = {folk: 0, bach: 0}
+    for row in _rows(_batches(ds, 30)):
+        for t in row[VOCAB.is_style(row)]:
+            counts[int(t)] += 1
+    # 11 (piece, chunk) items of the long piece for 1 of the short one: each epoch crops it 11 times.
+    assert 9 < counts[folk] / counts[bach] < 13, counts

@@ -195,6 +195,19 @@ def test_auto_without_a_cluster_is_a_single_process_run(monkeypatch):
     train.maybe_initialize_distributed(tiny.get_config().distributed)  # no error: one process
 
 
+def test_a_validation_split_smaller_than_the_host_count_stops_at_start_up(dataset, tmp_path, monkeypatch):
+    from mgpt import data as data_lib
+
+    real_open, real_validate = data_lib.open_source, train.validate_devices
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(train, "validate_devices", lambda c, n, pc: real_validate(c, n, 1))
+    monkeypatch.setattr(data_lib, "open_source",
+                        lambda path, split: [real_open(path, split)[0]] if split == "validation" else real_open(path, split))
+    with pytest.raises(train.ConfigError, match="the validation split has 1 pieces, fewer than the 2 hosts"):
+        train.train(_config(dataset), str(tmp_path / "w"))
+    assert not (tmp_path / "w" / "checkpoints").exists(), "stopped before any step"
+
+
 def test_mesh_that_does_not_divide_the_devices_is_named():
     c = tiny.get_config()
     c.mesh.fsdp = 3
