@@ -325,6 +325,13 @@ def train_dataset(
     if len(items) < num_shards:
         raise ValueError(f"the training split has {len(items)} pieces, fewer than the {num_shards} data shards")
     rows = batch_size // own
+    if workers > 0:
+        from absl import flags
+
+        # grain's worker processes read its absl flags; outside an absl app (tests,
+        # notebooks, benchmarks) nobody has parsed them, and the defaults are what we want.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
     shards = {}
     for shard in range(process_index * own, (process_index + 1) * own):
         shuffle_seed, crop_seed, pack_seed = _shard_seeds(seed, shard)

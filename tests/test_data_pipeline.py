@@ -165,8 +165,10 @@ def test_transposition_on_train_only():
     assert set().union(*(_pitches(b["inputs"]) for b in ev)) == {60}, "validation is never transposed"
 
 
-def test_iterator_state_restores_the_exact_position():
-    ds = data.train_dataset(_corpus(), VOCAB, seq_len=SEQ, batch_size=4, seed=1, transpose=3, prefetch=2)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_iterator_state_restores_the_exact_position(workers):
+    ds = data.train_dataset(_corpus(), VOCAB, seq_len=SEQ, batch_size=4, seed=1, transpose=3, prefetch=2,
+                            workers=workers)
     it = iter(ds)
     for _ in range(7):
         next(it)

@@ -104,6 +104,19 @@ def test_trainer_validation_scores_pieces_as_mgpt_evaluate_does():
     np.testing.assert_allclose(packed_nats / packed_events, nats.sum() / count.sum(), rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_resume_is_bitwise_identical_with_worker_processes(dataset, tmp_path):
+    c = _config(dataset, steps=12, eval_every=6)
+    c.data.workers = 1
+    uninterrupted = train.train(c, str(tmp_path / "whole"))
+    c.train.max_steps_per_run = 5
+    first = train.train(c, str(tmp_path / "resumed"))
+    c.train.max_steps_per_run = 0
+    second = train.train(c, str(tmp_path / "resumed"))
+    assert {**first["losses"], **second["losses"]} == uninterrupted["losses"]
+    assert second["eval"] == uninterrupted["eval"]
+
+
 def test_restore_model_for_inference(tiny_run):
     workdir, _ = tiny_run
     model, vocab, config, step = train.restore_model(workdir)
