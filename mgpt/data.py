@@ -57,8 +57,12 @@ def record_text(value: Any) -> str:
     return str(value)
 
 
-def open_source(dataset_dir: str | os.PathLike, split: str) -> Sequence[dict]:
-    """The random-access TFDS data source of one split (records as in data_prep.build)."""
+def open_source(dataset_dir: str | os.PathLike, split: str, training_only: bool = False) -> Sequence[dict]:
+    """The random-access TFDS data source of one split (records as in data_prep.build).
+
+    `training_only`: records hold only what training reads ('tokens', 'style'), parsed
+    straight from the stored tf.Example: 74 against 198 µs per MAESTRO-length record,
+    as TFDS decodes every text feature too."""
     import tensorflow_datasets as tfds
 
     if split not in SPLITS:
@@ -69,7 +73,27 @@ def open_source(dataset_dir: str | os.PathLike, split: str) -> Sequence[dict]:
         raise FileNotFoundError(f"{dataset_dir}: not a TFDS dataset directory ({e})") from None
     if split not in builder.info.splits:  # data_prep leaves out splits with no pieces
         raise FileNotFoundError(f"{dataset_dir}: the dataset has no {split!r} split")
+    if training_only:
+        raw = builder.as_data_source(split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+        return _TrainingRecords(raw)
     return builder.as_data_source(split)
+
+
+class _TrainingRecords:
+    """A TFDS raw-bytes source -> {'tokens': int32[n], 'style': bytes} records (picklable for workers)."""
+
+    def __init__(self, raw: Sequence[bytes]):
+        self._raw = raw
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def __getitem__(self, i: int) -> dict:
+        from tensorflow_datasets.core.example_parser import tf_example_pb2
+
+        feature = tf_example_pb2.Example.FromString(self._raw[i]).features.feature
+        return {"tokens": np.asarray(feature["tokens"].int64_list.value, np.int32),
+                "style": feature["style"].bytes_list.value[0]}
 
 
 @dataclasses.dataclass(frozen=True)

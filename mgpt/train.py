@@ -587,7 +587,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     pi, pc = jax.process_index(), jax.process_count()
     try:
-        val_source = data_lib.open_source(dataset_path, "validation")
+        val_source = data_lib.open_source(dataset_path, "validation", training_only=True)
     except FileNotFoundError as e:
         val_source = None
         _print0(f"{e}: training without validation")
@@ -606,7 +606,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     num_shards = (ckpts.data_shards(latest) if latest is not None else None) or d.shards or pc
     try:
         train_ds = data_lib.train_dataset(
-            data_lib.open_source(dataset_path, "train"),
+            data_lib.open_source(dataset_path, "train", training_only=True),
             vocab,
             seq_len=seq_len,
             batch_size=t.batch_size // pc,

@@ -117,6 +117,18 @@ def test_resume_is_bitwise_identical_with_worker_processes(dataset, tmp_path):
     assert second["eval"] == uninterrupted["eval"]
 
 
+def test_training_records_hold_only_tokens_and_style_as_tfds_decodes_them(dataset):
+    from mgpt import data as data_lib
+
+    lean, full = (data_lib.open_source(dataset, "train", training_only=t) for t in (True, False))
+    assert len(lean) == len(full) > 0
+    for i in range(len(full)):
+        assert set(lean[i]) == {"tokens", "style"}
+        np.testing.assert_array_equal(lean[i]["tokens"], full[i]["tokens"])
+        assert lean[i]["tokens"].dtype == np.int32
+        assert data_lib.record_text(lean[i]["style"]) == data_lib.record_text(full[i]["style"])
+
+
 def test_restore_model_for_inference(tiny_run):
     workdir, _ = tiny_run
     model, vocab, config, step = train.restore_model(workdir)
