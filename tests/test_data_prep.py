@@ -444,3 +444,26 @@ def test_cli_prints_the_dataset_path_last(midi_folder, tmp_path):
     assert vocab.num_velocity_bins == 8
     records = [r for s in sources.SPLITS for r in _records(last, s)]
     assert len(records) == 5 and all(vocab.is_event(r["tokens"]).all() for r in records)
+
+
+@pytest.mark.skipif(not HAVE_TF, reason="needs TensorFlow: pip install 'mgpt[tf]' (the tf extra)")
+def test_tfrecord_dataset_reads_back_with_tf_data(midi_folder, tmp_path):
+    import tensorflow as tf
+
+    path = build.build_dataset([f"midi_dir:{midi_folder}"], tmp_path / "out", num_workers=1, progress=False,
+                               verbose=False, file_format="tfrecord", max_pieces=5)
+    files = sorted(glob.glob(os.path.join(path, "*train.tfrecord*")))
+    assert files, os.listdir(path)
+    spec = {"tokens": tf.io.VarLenFeature(tf.int64), "style": tf.io.FixedLenFeature([], tf.string),
+            "piece_id": tf.io.FixedLenFeature([], tf.string), "composer": tf.io.FixedLenFeature([], tf.string),
+            "source": tf.io.FixedLenFeature([], tf.string), "path": tf.io.FixedLenFeature([], tf.string)}
+    records = [tf.io.parse_single_example(x, spec) for x in tf.data.TFRecordDataset(files)]
+    assert records
+    vocab = Vocabulary.load(path)
+    for r in records:
+        ids = tf.sparse.to_dense(r["tokens"]).numpy()
+        assert len(ids) > 0 and ids.min() >= vocab.note_on_offset and ids.max() < vocab.style_offset
+    # The same records through TFDS's own reader.
+    import tensorflow_datasets as tfds
+
+    assert len(list(tfds.builder_from_directory(path).as_dataset(split="train"))) == len(records)
