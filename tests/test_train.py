@@ -403,6 +403,14 @@ def test_two_process_distributed_run_and_preemption(dataset, tmp_path):
     data_states = sorted(p.name for p in (tmp_path / "checkpoints" / str(saved) / "data").glob("process_*.json"))
     assert data_states == ["process_0-of-2.json", "process_1-of-2.json"], "each host saves its own data position"
 
+    # The run goes on as one process: it takes over both hosts' data shards.
+    resumed = _cli("--config=configs/tiny.py", f"--workdir={tmp_path}", f"--config.data.dataset_dir={dataset}",
+                   f"--config.train.steps={saved + 2}", "--config.train.eval_every=0",
+                   env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {tmp_path}/checkpoints/{saved}" in resumed.stdout and "afresh" not in resumed.stdout
+    assert "1 process(es)" in resumed.stdout and f"done: step {saved + 2}" in resumed.stdout
+
 
 _ELASTIC = textwrap.dedent(
     """
