@@ -73,6 +73,9 @@ def open_source(dataset_dir: str | os.PathLike, split: str, training_only: bool 
         raise FileNotFoundError(f"{dataset_dir}: not a TFDS dataset directory ({e})") from None
     if split not in builder.info.splits:  # data_prep leaves out splits with no pieces
         raise FileNotFoundError(f"{dataset_dir}: the dataset has no {split!r} split")
+    if "tfrecord" in str(builder.info.file_format).lower():  # grain needs random access
+        raise FileNotFoundError(f"{dataset_dir}: a TFRecord dataset, and training reads ArrayRecord; rebuild it "
+                                "with python -m data_prep.build --file_format=array_record")
     if training_only:
         raw = builder.as_data_source(split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
         return _TrainingRecords(raw)
