@@ -84,13 +84,11 @@ class Checkpoints:
             "params": ocp.args.StandardRestore(abstract_state["params"]),
             "train_state": ocp.args.StandardRestore(abstract_rest),
         }
-        pi, pc = jax.process_index(), jax.process_count()
-        has_data = (self.directory / str(step) / "data" / f"process_{pi}-of-{pc}.json").exists()
-        if has_data:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        if not has_data:
-            has_data = _restore_other_host_count(self.data_states(step), data_iter)
+        # Read here rather than through grain's handler, which reads only this process's own
+        # file: the same code then serves any process count, and a position saved in another
+        # layout (an older mgpt) starts the data afresh instead of failing.
+        has_data = _restore_data(self.data_states(step), data_iter)
         return {"params": out["params"], **out["train_state"]}, has_data
 
     def data_states(self, step: int) -> list[dict]:
@@ -110,8 +108,8 @@ class Checkpoints:
         self.manager.close()
 
 
-def _restore_other_host_count(states: list[dict], data_iter) -> bool:
-    """Sets `data_iter` from the union of per-shard states saved by another process count."""
+def _restore_data(states: list[dict], data_iter) -> bool:
+    """Sets `data_iter` from the union of the per-shard states every process saved."""
     if not states or not all(isinstance(x, dict) and "shards" in x for x in states):
         return False
     merged = {"num_shards": states[0]["num_shards"], "shards": {}}

@@ -129,6 +129,16 @@ def test_training_records_hold_only_tokens_and_style_as_tfds_decodes_them(datase
         assert data_lib.record_text(lean[i]["style"]) == data_lib.record_text(full[i]["style"])
 
 
+def test_a_data_position_saved_in_another_layout_starts_the_data_afresh(dataset, tmp_path, capsys):
+    c = _config(dataset, steps=6, eval_every=0, max_steps_per_run=3)
+    train.train(c, str(tmp_path))
+    # As an mgpt from before data shards saved it: one grain state per process.
+    (tmp_path / "checkpoints" / "3" / "data" / "process_0-of-1.json").write_text('{"next_index": 5}')
+    c.train.max_steps_per_run = 0
+    assert train.train(c, str(tmp_path))["step"] == 6
+    assert "the data order starts afresh" in capsys.readouterr().out
+
+
 def test_restore_model_for_inference(tiny_run):
     workdir, _ = tiny_run
     model, vocab, config, step = train.restore_model(workdir)
