@@ -5,8 +5,9 @@ and predicts `targets_BxL = row[:, 1:]`. Rows are built from pieces like this:
 
 - Every segment starts with the piece's conditioning token (`vocab.style_id(style)`),
   and the piece itself ends with EOS.
-- A piece longer than a row is cut at a random offset (a fresh crop every epoch), and
-  the crop still starts with the conditioning token, so every row is conditioned. A crop
+- A piece longer than a row is cut at random offsets, one crop per `seq_len` events of
+  it each epoch (its (piece, chunk) items, so long pieces are trained in proportion to
+  their length), and the crop still starts with the conditioning token, so every row is conditioned. A crop
   that starts mid-piece also carries the VELOCITY event in force at its start (the last
   one before it), right after the conditioning token, and the model is trained to
   predict it: without it the model learns that pieces may begin with no loudness set,
@@ -29,7 +30,9 @@ flag as a `loss` feature through packing.
 tokens the model reads.
 
 Iterators are grain `DatasetIterator`s: `get_state()` / `set_state()` make the
-training position part of a checkpoint (see mgpt/train.py).
+training position part of a checkpoint (see mgpt/train.py). The training stream is cut
+into data shards with their own seeds (see `train_dataset`), so that neither the hosts'
+randomness nor the saved position depends on the host count.
 """
 
 from __future__ import annotations
