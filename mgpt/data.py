@@ -74,7 +74,7 @@ class _Segments:
     seq_len: int
 
     def __post_init__(self):
-        if self.seq_len < 2:  # room for STYLE, a carried VELOCITY and at least one event
+        if self.seq_len < 2:  # room for STYLE, a carried token and at least one event
             raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
 
     def body(self, record: dict, semitones: int = 0) -> tuple[int, np.ndarray]:
@@ -84,14 +84,28 @@ class _Segments:
         body = np.concatenate([ids, np.asarray([self.vocab.eos_id], np.int32)])
         return self.vocab.style_id(record_text(record["style"])), body
 
+    def carried(self, body: np.ndarray, start: int) -> list[int]:
+        """The carried context of a segment opening at body[start] (`Vocabulary.carried_state`),
+        at most half a row: a pathological chord never crowds the events out."""
+        return self.vocab.carried_state(body, start, limit=self.seq_len // 2)
+
     def segment(self, style: int, body: np.ndarray, start: int, predict_carried: bool) -> dict:
-        """STYLE, the carried velocity, then body from `start`: seq_len + 1 tokens at most."""
-        carried = self.vocab.carried_velocity(body, start)
+        """STYLE, the carried state, then body from `start`: seq_len + 1 tokens at most.
+
+        Of the carried tokens only the leading VELOCITY may be a target (`predict_carried`,
+        in training): it teaches the model to set a loudness when a piece opens. The carried
+        NOTE_ONs are always given. They are not events of the piece at this point but a
+        summary of what sounds, and the sampler always writes them itself; predicting them
+        would teach the model to open pieces on chords struck before time began.
+        """
+        carried = self.carried(body, start)
         piece = body[start : start + self.seq_len - len(carried)]
+        target = np.zeros(len(carried), np.int32)
+        if predict_carried and carried and self.vocab.is_velocity(carried[0]):
+            target[0] = 1
         return {
             "tokens": np.concatenate([np.asarray([style] + carried, np.int32), piece]),
-            "loss": np.concatenate([[0], np.full(len(carried), int(predict_carried)), np.ones(len(piece))]).astype(
-                np.int32),
+            "loss": np.concatenate([[0], target, np.ones(len(piece), np.int32)]).astype(np.int32),
         }
 
     def consecutive(self, style: int, body: np.ndarray) -> list[dict]:
@@ -99,8 +113,23 @@ class _Segments:
         out, start = [], 0
         while start < len(body):
             out.append(self.segment(style, body, start, predict_carried=False))
-            start += len(out[-1]["tokens"]) - 1 - len(self.vocab.carried_velocity(body, start))
+            start += int(out[-1]["loss"].sum())  # the body tokens it holds (carried ones are given)
         return out
+
+    def random_start(self, body: np.ndarray, rng: np.random.Generator) -> int:
+        """A crop start whose row ends at a uniformly drawn position of body.
+
+        Drawing the end rather than the start keeps every event, the last ones and EOS
+        included, equally likely to be a target whatever the carried state's length.
+        """
+        room = self.seq_len  # one slot of the seq_len + 1 row is the style token
+        if len(body) <= room:
+            return 0
+        end = int(rng.integers(room, len(body) + 1))
+        start = end - room
+        for _ in range(2):  # the carried length depends on the start: settle it (it rarely moves)
+            start = min(end - 1, end - room + len(self.carried(body, start))) if end > room else 0
+        return start
 
 
 def piece_segments(tokens: np.ndarray, style: str, vocab: Vocabulary, seq_len: int) -> list[dict]:
@@ -122,14 +151,7 @@ class _RandomSegment(grain.transforms.RandomMap):
     def random_map(self, record: dict, rng: np.random.Generator) -> dict:
         semitones = int(rng.integers(-self._transpose, self._transpose + 1)) if self._transpose else 0
         style, body = self._segments.body(record, semitones)
-        room = self._segments.seq_len  # one slot of the seq_len + 1 row is the style token
-        start = 0
-        if len(body) > room:
-            # A crop with a carried velocity holds one event fewer, so its start may be one
-            # later: the piece's last events and EOS stay reachable either way.
-            start = int(rng.integers(0, len(body) - room + 2))
-            if start + room - len(self._segments.vocab.carried_velocity(body, start)) > len(body):
-                start = len(body) - room  # that last start fills a row only with a carried velocity
+        start = self._segments.random_start(body, rng)
         return self._segments.segment(style, body, start, predict_carried=True)
 
 
