@@ -11,11 +11,18 @@ Sliding window (pieces longer than the context `W = cfg.max_len` events):
 the KV cache holds one window of W positions. When a row fills it, that row
 pauses until the other rows finish or fill theirs; then, on the host, each
 unfinished row restarts from a fresh window made of its conditioning (STYLE)
-token, the VELOCITY event in force, and its most recent events, W/2 tokens in
-all, re-prefilled at positions 0..W/2-1: exactly the shape of the mid-piece
-crops the model was trained on (mgpt/data.py). So every window after the first
-adds at least W/2 events, and the model always sees at least W/2 - 2 events of
-recent context. A Python loop runs once per window, never per token.
+token, the state carried at the cut (`Vocabulary.carried_state`: the VELOCITY in
+force and a NOTE_ON for each note still sounding) and its most recent events,
+W/2 tokens in all, re-prefilled at positions 0..W/2-1: exactly the shape of the
+mid-piece crops the model was trained on (mgpt/data.py). A Python loop runs once
+per window, never per token.
+
+What sounds: the loop state (`_SamplingState`) tracks per row and pitch the time
+step at which a sounding note began (`onset_BxP`), inside the jitted loop. A
+NOTE_OFF of a silent pitch and a NOTE_ON of a sounding one are masked, so every
+sampled event is possible. The note-length guard (`max_note_seconds` per row,
+0 = off) emits a note's NOTE_OFF in place of any event that would let it sound
+longer than that.
 
 Randomness: row b's event number n (counting from the start of generation,
 across windows) is drawn with `fold_in(key(seed_b), n)`, so a seed gives the
