@@ -11,7 +11,8 @@ The last line printed is the dataset directory PATH:
 Each record: `tokens` int32[None] (event ids only: no STYLE/EOS/PAD), `piece_id`, `path`
 (relative to the source root), `source`, `style` (normalized label, '' if none),
 `composer` ('' if none). PATH also holds `vocab.json`, `skipped.jsonl` (every input that
-was left out, with the reason) and `build.json` (sources, options, counts).
+was left out, with the reason) and `build.json` (sources, options, counts, and per-style
+note lengths of the train split: `note_seconds`, which sets the sampler's note-length guard).
 
 The dataset is written inside TFDS's `incomplete.*` folder and renamed into place only
 when complete, so an interrupted build never leaves a PATH that looks finished. A split
@@ -45,7 +46,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from data_prep import midi, sources
-from data_prep.vocab import Vocabulary
+from data_prep.vocab import UNKNOWN_STYLE, Vocabulary, normalize_label
 
 DATASET_NAME = "mgpt_events"
 DATASET_VERSION = "1.0.0"
@@ -329,6 +330,7 @@ def _build(specs: list[str], output_dir, o: _Options) -> pathlib.Path:
             skipped=len(skipped),
             splits=stats.split_table(),
             styles=stats.style_table(),
+            note_seconds=note_length_table(stats.note_lengths),
             convert_seconds=round(convert_s, 2),
         )
         extra = {
@@ -400,12 +402,32 @@ def _convert_many(jobs) -> list[_Result]:
     return [_convert(job) for job in jobs]
 
 
+NOTE_PERCENTILES = (50, 90, 99, 99.5, 99.9)
+
+
+def note_length_table(lengths_by_style: dict[str, list[np.ndarray]]) -> dict[str, dict]:
+    """{style: {'notes', 'mean', 'p50', ..., 'p99.9', 'max', 'share_ge_4s'}} in seconds, plus 'all'."""
+    out = {}
+    groups = dict(sorted(lengths_by_style.items()))
+    groups["all"] = [x for arrays in lengths_by_style.values() for x in arrays]
+    for style, arrays in groups.items():
+        x = np.concatenate(arrays) if arrays else np.zeros(0)
+        if not len(x):
+            continue
+        row = {"notes": int(len(x)), "mean": round(float(x.mean()), 4)}
+        row.update({f"p{q:g}": round(float(v), 4) for q, v in zip(NOTE_PERCENTILES, np.percentile(x, NOTE_PERCENTILES))})
+        row.update(max=round(float(x.max()), 4), share_ge_4s=round(float((x >= 4.0).mean()), 5))
+        out[style] = row
+    return out
+
+
 class _Stats:
     def __init__(self, vocab: Vocabulary):
         self.vocab = vocab
         self.split = collections.defaultdict(lambda: collections.Counter())
         self.style = collections.defaultdict(lambda: collections.Counter())
         self.styles = set()
+        self.note_lengths = collections.defaultdict(list)  # style token name -> arrays (train split)
 
     def add(self, split, rec):
         n = len(rec["tokens"])
@@ -416,6 +438,9 @@ class _Stats:
             table[key]["events"] += n
             table[key]["seconds"] += secs
         self.styles.add(rec["style"])
+        if split == "train":  # what the model learns from: the sampler's note-length guard reads it
+            self.note_lengths[normalize_label(rec["style"]) if rec["style"] else UNKNOWN_STYLE].append(
+                self.vocab.note_lengths(rec["tokens"]))
 
     def split_table(self):
         return {k: dict(v) for k, v in self.split.items()}

@@ -294,8 +294,8 @@ def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(o.seed)
     timings = {}
-    report: dict = {"meta": {}, "likelihood": {}, "features": {}, "style": {}, "originality": {}, "validity": {},
-                    "notes": []}
+    report: dict = {"meta": {}, "likelihood": {}, "features": {}, "coherence": {}, "style": {}, "originality": {},
+                    "validity": {}, "notes": []}
     if not test:
         raise UserError("the dataset has no test pieces: nothing to evaluate against")
 
@@ -368,6 +368,12 @@ def evaluate(
         "plots": plots,
     }
     timings["features_s"] = time.perf_counter() - t0
+
+    report["coherence"] = coherence_by_style(
+        [(normalize_label(g.style), crop(g.notes, o.crop_seconds)) for g in valid_gen],
+        [(p.style_name, crop(n, o.crop_seconds)) for n, p in zip(test_notes, test)],
+        o.crop_seconds,
+    )
 
     # ---- style fidelity
     t0 = time.perf_counter()
@@ -461,6 +467,40 @@ def evaluate(
     return jsonable(report)
 
 
+COHERENCE_TOLERANCE = 0.25  # a style is flagged when polyphony or mean note length is off by more
+LONG_NOTE_SLACK = 0.03  # generated share of notes >= 4 s may exceed the real share by 3 points
+
+
+def coherence_by_style(generated: Sequence[tuple[str, Notes]], real: Sequence[tuple[str, Notes]],
+                       crop_seconds: float) -> dict:
+    """Per style, the mean over pieces of F.note_coherence for generated and real test pieces,
+    the generated/real ratios, and whether the style is off (by more than 25 % in polyphony or
+    note length, or more than 3 points more notes >= 4 s)."""
+
+    def means(pairs, style):
+        rows = [F.note_coherence(n) for s, n in pairs if s == style and len(n[0])]
+        return {"pieces": len(rows), **{k: float(np.mean([r[k] for r in rows])) if rows else None
+                                          for k in F.COHERENCE}}
+
+    per_style = {}
+    for style in sorted({s for s, _ in generated} & {s for s, _ in real}):
+        g, r = means(generated, style), means(real, style)
+        if not g["pieces"] or not r["pieces"]:
+            continue
+        ratio = {k: g[k] / r[k] if r[k] else None for k in ("onset_polyphony", "mean_note_s")}
+        off = [k for k, v in ratio.items() if v is None or abs(v - 1) > COHERENCE_TOLERANCE]
+        if g["share_notes_ge_4s"] > r["share_notes_ge_4s"] + LONG_NOTE_SLACK:
+            off.append("share_notes_ge_4s")
+        per_style[style] = {"generated": g, "real": r, "ratio": ratio, "off": off}
+    return {
+        "crop_seconds": crop_seconds,
+        "tolerance": COHERENCE_TOLERANCE,
+        "long_note_slack": LONG_NOTE_SLACK,
+        "per_style": per_style,
+        "flagged_styles": [s for s, v in per_style.items() if v["off"]],
+    }
+
+
 def targets(report: dict) -> list[dict]:
     """The issue's targets for the demo model, each with its value and whether it is met."""
     out = []
@@ -477,6 +517,12 @@ def targets(report: dict) -> list[dict]:
             name += f" (UNEQUAL: GPT {a:,} vs LSTM {b:,} tokens)"
         out.append({"target": name, "value": ratio, "goal": 0.95, "met": ratio <= 0.95 and a == b,
                     "equal_tokens": a == b})
+    co = report.get("coherence", {}).get("per_style")
+    if co:
+        worst = max(abs(v - 1) for s in co.values() for v in s["ratio"].values() if v is not None)
+        out.append({"target": "every style: polyphony and mean note length within 25% of real test pieces, "
+                              "notes >= 4 s at most the real share + 3 points",
+                    "value": worst, "goal": COHERENCE_TOLERANCE, "met": not report["coherence"]["flagged_styles"]})
     st = report.get("style", {})
     if "generated" in st and st["generated"]["count"]:
         acc, ceil = st["generated"]["accuracy"], st["real_test"]["accuracy"]
@@ -635,6 +681,8 @@ def define_flags(fv):
     flags.DEFINE_float("max_seconds", 30.0, "Seconds of music per generated piece.", **kw)
     flags.DEFINE_float("temperature", generate.Sampling.temperature, "Sampling temperature for generation.", **kw)
     flags.DEFINE_float("top_p", generate.Sampling.top_p, "Nucleus sampling for generation (1 = off).", **kw)
+    flags.DEFINE_float("max_note_seconds", None, "Note-length guard for generation (0 = off, the raw model; "
+                       "default: from the dataset, as mgpt.generate).", **kw)
     flags.DEFINE_integer("seed", 0, "Seed for generation and every subsample.", **kw)
     flags.DEFINE_integer("ngram_order", 5, "Order of the Kneser-Ney baseline.", **kw)
     flags.DEFINE_float("crop_seconds", 30.0, "Features and style use each piece's first this many seconds.", **kw)
@@ -685,10 +733,12 @@ def run_command(f, rest: Sequence[str]) -> str:
         generated_dir = pathlib.Path(f.generated_dir)
     else:
         generated_dir = pathlib.Path(f.output_dir) / "generated"
-        run = generate.Run(model=gpt.model, vocab=vocab, config=config, step=gpt.step, workdir=str(f.workdir))
+        run = generate.Run(model=gpt.model, vocab=vocab, config=config, step=gpt.step, workdir=str(f.workdir),
+                           note_seconds=generate.dataset_note_seconds({"data": {"dataset_dir": str(dataset_dir)}}))
         try:
             styles = generate.resolve_styles(vocab, f.style)
-            sampling = generate.Sampling(temperature=f.temperature, top_p=f.top_p, max_seconds=f.max_seconds)
+            sampling = generate.Sampling(temperature=f.temperature, top_p=f.top_p, max_seconds=f.max_seconds,
+                                         max_note_seconds=f.max_note_seconds)
         except generate.UserError as e:
             raise UserError(str(e)) from None
         print(f"generating {f.num_samples} pieces into {generated_dir}", flush=True)

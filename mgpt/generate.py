@@ -43,7 +43,11 @@ from mgpt import render
 UNCONDITIONAL = "unconditional"
 ALL_STYLES = "all"
 DEFAULT_MAX_EVENTS = 1024  # when neither --max_events nor --max_seconds is given
-MAX_NOTE_SECONDS = 8.0  # longest note written: longer than 99.9 % of the demo corpus's notes (see decode)
+# The note-length guard's default: this percentile of the requested style's note lengths in
+# the training data (build.json's note_seconds). 99.5 cuts only notes longer than nearly
+# all real ones; FALLBACK_MAX_NOTE_SECONDS serves a run whose dataset has no such table.
+NOTE_GUARD_PERCENTILE = "p99.5"
+FALLBACK_MAX_NOTE_SECONDS = 8.0
 DEFAULT_BATCH_SIZE = 16  # rows per device per sampler call
 
 
@@ -137,6 +141,7 @@ class Sampling:
     greedy: bool = False
     max_events: int | None = None
     max_seconds: float | None = None
+    max_note_seconds: float | None = None  # the note-length guard: None = from the data, 0 = off
 
     def __post_init__(self):
         from mgpt.sample import sampling_settings
@@ -150,6 +155,8 @@ class Sampling:
             raise UserError(f"--max_events must be >= 0, got {self.max_events}")
         if self.max_seconds is not None and not self.max_seconds >= 0:
             raise UserError(f"--max_seconds must be >= 0, got {self.max_seconds}")
+        if self.max_note_seconds is not None and not self.max_note_seconds >= 0:
+            raise UserError(f"--max_note_seconds must be >= 0 (0 = off), got {self.max_note_seconds}")
 
     def budget(self) -> dict:
         if self.max_events is None and self.max_seconds is None:
@@ -172,7 +179,17 @@ class Run:
     config: object = None
     step: int = 0
     workdir: str = ""
+    note_seconds: dict = dataclasses.field(default_factory=dict)  # build.json's per-style note lengths
     _replicas: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def max_note_seconds(self, prompt: np.ndarray, sampling: Sampling) -> float:
+        """The note-length guard for one prompt: the explicit setting, else a high percentile
+        (NOTE_GUARD_PERCENTILE) of its style's training notes ('all' when unconditional)."""
+        if sampling.max_note_seconds is not None:
+            return float(sampling.max_note_seconds)
+        style = self.vocab.token_of(int(prompt[0])).split(":", 1)[1]
+        row = self.note_seconds.get(style if style != UNKNOWN_STYLE else "all") or self.note_seconds.get("all")
+        return float(row[NOTE_GUARD_PERCENTILE]) if row else FALLBACK_MAX_NOTE_SECONDS
 
     @property
     def styles(self) -> list[str]:
@@ -220,6 +237,7 @@ class Run:
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
             greedy=sampling.greedy, batch_size=batch_size, **sampling.budget(),
         )
+        limits = [self.max_note_seconds(p, sampling) for p in prompts]
 
         home = _device_of(self.model)
 
@@ -228,7 +246,7 @@ class Run:
                 return []
             model = self.model if device == home else self.replica(device)
             return generate_tokens(model, self.vocab, [prompts[i] for i in share], seeds=[int(seeds[i]) for i in share],
-                                   **kwargs)
+                                   max_note_seconds=[limits[i] for i in share], **kwargs)
 
         if len(devices) == 1:
             return run_share(devices[0], shares[0])
@@ -251,7 +269,7 @@ class Run:
         """`n` id rows (STYLE token + primer + new events). `style` may be a name, a comma list or 'all'.
 
         Piece i uses seed `seed + i`. Sampling keywords: temperature, top_k, top_p,
-        min_p, greedy, max_events, max_seconds (see `Sampling`).
+        min_p, greedy, max_events, max_seconds, max_note_seconds (see `Sampling`).
         """
         cycle = resolve_styles(self.vocab, style)
         styles = [cycle[i % len(cycle)] for i in range(n)]
@@ -314,7 +332,23 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     if kind != "gpt":
         raise UserError(f"{workdir}: model.kind={kind!r}; the sampler supports 'gpt' only")
     model, vocab, config, step = restore_model(workdir, step)
-    return Run(model=model, vocab=vocab, config=config, step=step, workdir=str(workdir))
+    return Run(model=model, vocab=vocab, config=config, step=step, workdir=str(workdir),
+               note_seconds=dataset_note_seconds(config))
+
+
+def dataset_note_seconds(config) -> dict:
+    """The per-style note-length table of the run's dataset (build.json), or {} when the dataset
+    is not here or predates the table (the guard then falls back to FALLBACK_MAX_NOTE_SECONDS)."""
+    from data_prep.build import dataset_path
+
+    dataset_dir = str((config.get("data") or {}).get("dataset_dir") or "")
+    for folder in ((dataset_dir, os.fspath(dataset_path(dataset_dir))) if dataset_dir else ()):
+        try:
+            with open(os.path.join(folder, "build.json")) as f:
+                return dict(json.load(f).get("note_seconds") or {})
+        except (OSError, ValueError, AttributeError):
+            continue
+    return {}
 
 
 # ----------------------------------------------------------------------------- corpus generation
@@ -457,8 +491,10 @@ def generate_corpus(
             rows = pending.result()
             pending = pool.submit(sample, groups[g + 1]) if g + 1 < len(groups) else None
             for p, ids in zip(pieces, rows):
+                limit = run.max_note_seconds(np.asarray([style_token(run.vocab, p.style)]), sampling)
                 entry = _write_piece(run.vocab, out, p, ids, primer_ids, audio=audio, soundfont=soundfont,
-                                     extra={**common, "workdir": run.workdir, "host": process_index})
+                                     extra={**common, "workdir": run.workdir, "host": process_index,
+                                            "max_note_seconds": round(limit, 3)})
                 log.write(json.dumps(entry) + "\n")
                 log.flush()  # a piece counts as done only once its line is on disk
                 os.fsync(log.fileno())
@@ -473,10 +509,10 @@ def generate_corpus(
 def decode(vocab: Vocabulary, ids: np.ndarray):
     """Any id row -> a NoteSequence that plays the same in every MIDI player (see render.playable).
 
-    Notes are cut at MAX_NOTE_SECONDS: a small model sometimes never closes a note (and
-    after a sliding-window restart it cannot see the onset any more), which would drone.
+    Nothing is cut here: note lengths are the sampler's business (its note-length guard,
+    `Sampling.max_note_seconds`), so that pieces sampled with the guard off show the raw model.
     """
-    return render.playable(vocab.decode(ids, max_note_seconds=MAX_NOTE_SECONDS))
+    return render.playable(vocab.decode(ids))
 
 
 def _write_piece(vocab, out: pathlib.Path, piece: Piece, ids: np.ndarray, primer_ids, *, audio, soundfont, extra):
@@ -544,6 +580,9 @@ def define_flags(fv):
                          f"New events per piece (default {DEFAULT_MAX_EVENTS} if no --max_seconds).", **kw)
     flags.DEFINE_float("max_seconds", None,
                        "Seconds of new music per piece (with --max_events: whichever ends first).", **kw)
+    flags.DEFINE_float("max_note_seconds", None,
+                       f"Close any note that has sounded this long (0 = off; default: the {NOTE_GUARD_PERCENTILE} "
+                       "note length of the style's training pieces, from the dataset's build.json).", **kw)
     flags.DEFINE_integer("batch_size", DEFAULT_BATCH_SIZE, "Pieces per device per sampler call.", **kw)
     flags.DEFINE_bool("audio", False,
                       f"Render a WAV per piece with FluidSynth ({render.INSTALL_AUDIO}).", **kw)
@@ -559,7 +598,7 @@ def run_command(f) -> pathlib.Path:
         raise UserError("usage: python -m mgpt.generate --workdir=RUN --output_dir=OUT [--style=NAME|all] "
                         "[--num_samples=N] [--primer=FILE.mid] [--audio]")
     sampling = Sampling(temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, min_p=f.min_p, greedy=f.greedy,
-                        max_events=f.max_events, max_seconds=f.max_seconds)
+                        max_events=f.max_events, max_seconds=f.max_seconds, max_note_seconds=f.max_note_seconds)
     if f.audio:
         render.find_audio_tools(f.soundfont)
     # Everything a user can get wrong is checked before the weights are loaded.

@@ -283,6 +283,24 @@ def test_small_music21_build(tmp_path):
             assert pid.startswith("essenFolksong/") and "#" in pid
 
 
+def test_dataset_stores_note_lengths_per_style(tmp_path):
+    path = build.build_dataset(["music21:bach:3,essenFolksong:3"], tmp_path, num_workers=1, progress=False,
+                               verbose=False, split_percents=(100, 0, 0))
+    table = json.loads((path / "build.json").read_text())["note_seconds"]
+    assert {"bach", "folk_german", "all"} <= set(table)
+    vocab = Vocabulary.load(path)
+    lengths = {s: [] for s in ("bach", "folk_german")}
+    for r in _records(path, "train"):
+        lengths[_text(r["style"])].append(vocab.note_lengths(r["tokens"]))
+    for style, arrays in lengths.items():
+        x = np.concatenate(arrays)
+        row = table[style]
+        assert row["notes"] == len(x) and row["mean"] == pytest.approx(x.mean(), abs=1e-4)
+        assert row["p99.5"] == pytest.approx(np.percentile(x, 99.5), abs=1e-4) and row["max"] >= row["p99.5"]
+        assert 0 < row["p50"] <= row["p90"] <= row["p99"] <= row["p99.5"] <= row["p99.9"]
+    assert table["all"]["notes"] == table["bach"]["notes"] + table["folk_german"]["notes"]
+
+
 def test_music21_collections_list_stable_piece_ids():
     items = sources.list_items("music21:essenFolksong:30,bach:10")
     assert items == sources.list_items("music21:essenFolksong:30,bach:10")

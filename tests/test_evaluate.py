@@ -7,6 +7,7 @@ import pytest
 
 from mgpt import features as F
 from mgpt import ngram, originality
+from mgpt import evaluate as ev
 from mgpt import style_classifier as sc
 
 
@@ -325,3 +326,19 @@ def test_compare_prints_two_reports_side_by_side(tiny_report, tmp_path, capsys):
     assert row.split()[-1] == "-1.0000"
     with pytest.raises(SystemExit, match="no report.json"):
         E.main(["evaluate", "--compare", str(out), str(tmp_path / "missing")])
+
+
+def test_coherence_flags_a_style_whose_notes_drone():
+    def chorale(hold):  # four voices, a chord every 0.5 s; `hold` s per note
+        starts = np.repeat(np.arange(16) * 0.5, 4)
+        pitch = np.tile([48, 55, 60, 64], 16)
+        return pitch, np.full(64, 80), starts, starts + hold
+
+    real = [("bach", chorale(0.5)) for _ in range(3)]
+    assert F.onset_polyphony(*chorale(0.5)[2:]) == pytest.approx(4.0)
+    assert F.onset_polyphony(*chorale(2.0)[2:]) > 12  # each held note is counted at 3 later onsets
+    good = ev.coherence_by_style([("bach", chorale(0.45))] * 2, real, 30.0)
+    assert good["flagged_styles"] == [] and good["per_style"]["bach"]["off"] == []
+    drone = ev.coherence_by_style([("bach", chorale(4.5))] * 2, real, 30.0)
+    assert drone["flagged_styles"] == ["bach"]
+    assert set(drone["per_style"]["bach"]["off"]) == {"onset_polyphony", "mean_note_s", "share_notes_ge_4s"}

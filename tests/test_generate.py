@@ -1,5 +1,6 @@
 """Generation (mgpt/generate.py, mgpt/render.py): pieces as files, the command line, resume, gallery."""
 
+import dataclasses
 import json
 import os
 import select
@@ -471,3 +472,19 @@ def test_gallery_loads_in_headless_chromium_and_shows_every_image(cli_output):
     audio = {src: seconds for src, seconds in loaded if src.endswith(".wav")}
     assert audio.keys() == {e["audio"] for e in entries if e["audio"]}
     assert all(s > 0 for s in audio.values()), loaded
+
+
+def test_note_length_guard_defaults_to_the_styles_training_notes(run):
+    table = {"all": {generate.NOTE_GUARD_PERCENTILE: 3.0}, STYLES[0]: {generate.NOTE_GUARD_PERCENTILE: 1.5}}
+    guarded = dataclasses.replace(run, note_seconds=table)
+    bach = np.asarray([guarded.vocab.style_id(STYLES[0])])
+    other = np.asarray([guarded.vocab.style_id(STYLES[1])])
+    unconditional = np.asarray([guarded.vocab.unknown_style_id])
+    default = generate.Sampling()
+    assert guarded.max_note_seconds(bach, default) == 1.5
+    assert guarded.max_note_seconds(other, default) == 3.0  # a style without a row takes 'all'
+    assert guarded.max_note_seconds(unconditional, default) == 3.0
+    assert guarded.max_note_seconds(bach, generate.Sampling(max_note_seconds=0)) == 0.0  # off
+    assert dataclasses.replace(run, note_seconds={}).max_note_seconds(bach, default) == generate.FALLBACK_MAX_NOTE_SECONDS
+    with pytest.raises(generate.UserError, match="--max_note_seconds"):
+        generate.Sampling(max_note_seconds=-1)

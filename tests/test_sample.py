@@ -159,21 +159,109 @@ def test_sliding_window_generates_far_past_the_context_and_greedy_ignores_seeds(
     assert set(greedy[0][1:]) == {VOCAB.style_offset - 1}  # the most preferred allowed token
 
 
+def _on(p):
+    return VOCAB.note_on_offset + p - VOCAB.min_pitch
+
+
+def _off(p):
+    return VOCAB.note_off_offset + p - VOCAB.min_pitch
+
+
+def _shift(steps):
+    return VOCAB.time_shift_offset + steps - 1
+
+
 def test_a_new_window_starts_like_a_training_crop():
-    notes = list(_ids(VOCAB.note_on_offset + 30, 10))
     loud, soft = VOCAB.velocity_offset + 25, VOCAB.velocity_offset + 5
-    row = [STYLE, loud, *notes, soft, *notes]  # 23 tokens, more than a 16-position window
-    # STYLE, the velocity in force (soft), then the most recent events: half a window in all.
-    assert window_prompt(row, 16, VOCAB) == [STYLE, soft, *notes[-6:]]
-    plain = [STYLE, *notes, *notes]
-    assert window_prompt(plain, 16, VOCAB) == [STYLE, *notes[-7:]]  # no velocity yet: none carried
-    # A velocity change just before the kept events is the one carried...
-    at_cut = [STYLE, loud, *notes, soft, *notes[:6]]
-    assert window_prompt(at_cut, 16, VOCAB) == [STYLE, soft, *notes[:6]]
-    # ...and one that opens the kept events is not carried twice.
-    opening = [STYLE, loud, *notes, notes[0], soft, *notes[:5]]
-    assert window_prompt(opening, 16, VOCAB) == [STYLE, soft, *notes[:5]]
+    t5 = _shift(5)
+    row = [STYLE, loud, _on(48), t5, _on(52), t5, _off(52), soft, _on(55), *[t5] * 24]  # 33 > 32 positions
+    # STYLE, the velocity in force, each note still sounding (48 struck loud, 55 soft; 52
+    # has ended), then the most recent events: half a window (16 tokens) in all.
+    assert window_prompt(row, 32, VOCAB) == [STYLE, soft, loud, _on(48), soft, _on(55), *[t5] * 10]
+    # At most a quarter window is carried, in whole notes: 55 no longer fits in 16 // 4.
+    assert window_prompt(row[:17], 16, VOCAB) == [STYLE, soft, loud, _on(48), soft, *[t5] * 3]
+    # Nothing sounding: only the velocity in force is carried, as before.
+    quiet = [STYLE, loud, _on(48), t5, _off(48), soft, *[t5] * 11]
+    assert window_prompt(quiet, 16, VOCAB) == [STYLE, soft, *[t5] * 6]
+    plain = [STYLE, *[t5] * 16]
+    assert window_prompt(plain, 16, VOCAB) == [STYLE, *[t5] * 7]  # no velocity yet: none carried
     assert window_prompt(row[:12], 16, VOCAB) == row[:12]  # room left: the whole row
+
+
+def _sounding_violations(row):
+    """(NOTE_OFFs of silent pitches, NOTE_ONs of sounding pitches) in an id row."""
+    sounding, bad_off, bad_on = set(), 0, 0
+    for t in row:
+        if VOCAB.note_on_offset <= t < VOCAB.note_off_offset:
+            bad_on += t in sounding
+            sounding.add(t)
+        elif VOCAB.note_off_offset <= t < VOCAB.time_shift_offset:
+            on = t - VOCAB.note_off_offset + VOCAB.note_on_offset
+            bad_off += on not in sounding
+            sounding.discard(on)
+    return bad_off, bad_on
+
+
+def test_sampler_never_plays_an_impossible_event():
+    # The model prefers NOTE_OFFs of pitches that never sounded, and re-striking held keys.
+    pref_V = np.zeros(VOCAB.size)
+    pref_V[VOCAB.note_off_offset : VOCAB.time_shift_offset] = 6.0
+    pref_V[_on(60)] = pref_V[_on(64)] = 4.0
+    pref_V[VOCAB.eos_id] = -100.0
+    primer = np.array([STYLE, VOCAB.velocity_offset + 10, _on(60)])  # 60 sounds from the primer
+    rows = generate_tokens(_fixed_model(pref_V), VOCAB, [primer] * 4, seeds=range(4), max_events=40,
+                           max_note_seconds=0)
+    for r in rows:
+        assert _sounding_violations(r) == (0, 0)
+        assert _off(60) in r.tolist()  # the primer's note is the one NOTE_OFF it may play first
+
+
+def test_sampler_never_plays_an_impossible_event_over_many_seeds(model):
+    # A random tiny model, sliding windows included (3 windows of 16 per row).
+    rows = generate_tokens(model, VOCAB, [np.array([STYLE])] * 32, seeds=range(32), max_events=48,
+                           temperature=1.5)
+    notes = sum(int(((r >= VOCAB.note_on_offset) & (r < VOCAB.time_shift_offset)).sum()) for r in rows)
+    assert notes > 100  # the test sees many note events
+    for r in rows:
+        assert _sounding_violations(r) == (0, 0)
+
+
+def test_note_length_guard_closes_notes_at_the_limit():
+    # NOTE_OFF is never chosen: only the guard can end a note.
+    pref_V = np.zeros(VOCAB.size)
+    pref_V[VOCAB.note_off_offset : VOCAB.time_shift_offset] = -100.0
+    pref_V[VOCAB.eos_id] = -100.0
+    pref_V[_shift(7)] = 5.0
+    pref_V[_on(60)] = pref_V[_on(67)] = 5.0
+    prompts = [np.array([STYLE, VOCAB.velocity_offset + 10])] * 3
+    guarded = generate_tokens(_fixed_model(pref_V), VOCAB, prompts, seeds=range(3), max_seconds=6.0,
+                              max_note_seconds=0.5)
+    for r in guarded:
+        _, _, start_s, end_s = VOCAB.decode_notes(r.tolist())
+        closed = [t for t in r.tolist() if VOCAB.note_off_offset <= t < VOCAB.time_shift_offset]
+        assert len(closed) >= 4 and np.all(end_s - start_s <= 0.5 + 1e-9)
+    raw = generate_tokens(_fixed_model(pref_V), VOCAB, prompts, seeds=range(3), max_seconds=6.0,
+                          max_note_seconds=0)
+    assert all(not any(VOCAB.note_off_offset <= t < VOCAB.time_shift_offset for t in r.tolist()) for r in raw)
+
+
+def test_inverse_cdf_draw_never_lands_on_a_filtered_token():
+    # u == 0 used to pick index 0 (PAD) whatever its mass.
+    logits_1xV = jnp.asarray([[0.0, 1.0, 2.0, 3.0]])
+    banned_V = jnp.asarray([True, False, False, False])
+    settings = sampling_settings()
+    zero_key = jax.random.key(0)
+    # A key whose uniform is exactly 0 is rare; test the draw itself with u pinned to 0 and 1-ulp.
+    import mgpt.sample as sample_lib
+
+    for u in (0.0, np.nextafter(np.float32(1), np.float32(0))):
+        original = jax.random.uniform
+        try:
+            jax.random.uniform = lambda key, *a, **k: jnp.asarray(u, jnp.float32)
+            token = int(sample_lib._choose(logits_1xV, zero_key[None], settings, banned_V)[0])
+        finally:
+            jax.random.uniform = original
+        assert token != 0 and 1 <= token <= 3
 
 
 def test_bad_arguments_name_the_setting(model):

@@ -237,7 +237,8 @@ def test_a_validation_split_smaller_than_the_host_count_stops_at_start_up(datase
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(train, "validate_devices", lambda c, n, pc: real_validate(c, n, 1))
     monkeypatch.setattr(data_lib, "open_source",
-                        lambda path, split: [real_open(path, split)[0]] if split == "validation" else real_open(path, split))
+                        lambda path, split, **kw: [real_open(path, split, **kw)[0]] if split == "validation"
+                        else real_open(path, split, **kw))
     with pytest.raises(train.ConfigError, match="the validation split has 1 pieces, fewer than the 2 hosts"):
         train.train(_config(dataset), str(tmp_path / "w"))
     assert not (tmp_path / "w" / "checkpoints").exists(), "stopped before any step"
