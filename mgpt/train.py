@@ -621,7 +621,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             process_count=pc,
         )
     except ValueError as e:
-        raise ConfigError(f"config.data (dataset {d.dataset_dir}, {num_shards} data shards): {e}") from None
+        fixed = " (fixed by the run's first start)" if latest is not None else ""
+        raise ConfigError(f"config.data.shards={num_shards}{fixed}, dataset {d.dataset_dir}: {e}") from None
     train_iter = iter(train_ds)
     abstract = ckpt_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)
     if latest is not None:

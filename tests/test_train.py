@@ -244,6 +244,14 @@ def test_a_validation_split_smaller_than_the_host_count_stops_at_start_up(datase
     assert not (tmp_path / "w" / "checkpoints").exists(), "stopped before any step"
 
 
+def test_data_shards_that_do_not_split_the_batch_are_named(dataset, tmp_path):
+    c = _config(dataset)
+    c.data.shards = 3
+    with pytest.raises(train.ConfigError, match=r"^config.data.shards=3, dataset .*: this host's 8 rows per batch "
+                                                r"do not split over its 3 data shards$"):
+        train.train(c, str(tmp_path))
+
+
 def test_mesh_that_does_not_divide_the_devices_is_named():
     c = tiny.get_config()
     c.mesh.fsdp = 3
