@@ -6,6 +6,7 @@ from flax import nnx
 
 from data_prep.vocab import Vocabulary
 from mgpt.model import GPT, ModelConfig
+import mgpt.sample as sample_lib
 from mgpt.sample import _choose, filter_logits, generate_tokens, sampling_settings, window_prompt
 
 VOCAB = Vocabulary(["bach", "chopin"])
@@ -252,7 +253,6 @@ def test_inverse_cdf_draw_never_lands_on_a_filtered_token():
     settings = sampling_settings()
     zero_key = jax.random.key(0)
     # A key whose uniform is exactly 0 is rare; test the draw itself with u pinned to 0 and 1-ulp.
-    import mgpt.sample as sample_lib
 
     for u in (0.0, np.nextafter(np.float32(1), np.float32(0))):
         original = jax.random.uniform
@@ -271,3 +271,26 @@ def test_bad_arguments_name_the_setting(model):
         generate_tokens(model, VOCAB, [np.array([STYLE])], seeds=[0], max_events=4, top_p=0.0)
     with pytest.raises(ValueError, match="seeds"):
         generate_tokens(model, VOCAB, [np.array([STYLE])], seeds=[0, 1], max_events=4)
+
+
+def test_release_share_hands_masked_note_off_mass_to_sounding_notes():
+    # The model puts 60 % on NOTE_OFF:70, which is silent, 10 % on NOTE_OFF:60, which sounds,
+    # and 30 % on a TIME_SHIFT.
+    tables = sample_lib.token_tables(VOCAB)
+    probs_V = np.full(VOCAB.size, 1e-12)
+    probs_V[_off(70)], probs_V[_off(60)], probs_V[_shift(10)] = 0.6, 0.1, 0.3
+    logits_1xV = jnp.log(jnp.asarray(probs_V, jnp.float32))[None]
+    onset_1xP = np.full((1, VOCAB.max_pitch - VOCAB.min_pitch + 1), sample_lib.SILENT, np.int32)
+    onset_1xP[0, 60 - VOCAB.min_pitch] = 0
+    banned_1xV, _, _ = sample_lib.note_rules(jnp.asarray(onset_1xP), jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32),
+                                             tables)
+    assert bool(banned_1xV[0, _off(70)]) and not bool(banned_1xV[0, _off(60)])
+
+    def p_release(share):
+        x = sample_lib.release_mass(logits_1xV, banned_1xV, tables, share)
+        return float(jax.nn.softmax(jnp.where(banned_1xV, -jnp.inf, x), axis=-1)[0, _off(60)])
+
+    assert p_release(0.0) == pytest.approx(0.1 / 0.4, rel=1e-4)  # plain masking: renormalised over the rest
+    # All of it: the sounding note gets the model's whole release probability, 0.7.
+    assert p_release(1.0) == pytest.approx(0.7, rel=1e-4)
+    assert p_release(0.0) < p_release(0.5) < p_release(1.0)
