@@ -13,8 +13,9 @@ Each record: `tokens` int32[None] (event ids only: no STYLE/EOS/PAD), `piece_id`
 `composer` ('' if none). PATH also holds `vocab.json`, `skipped.jsonl` (every input that
 was left out, with the reason) and `build.json` (sources, options, counts).
 
-The dataset is written inside TFDS's `incomplete.*` folder and renamed into place only
-when complete, so an interrupted build never leaves a PATH that looks finished. A split
+The dataset is written in a staging folder beside PATH and moved into place by one
+rename only when complete: an interrupted build never leaves a PATH that looks
+finished, and an interrupted `--overwrite` leaves the dataset already there intact. A split
 with no pieces is left out (TFDS cannot store an empty split); `info.splits` lists those
 present. Time-stretched copies (`--time_stretch`) are made of training pieces only, so
 no copy ever crosses a split; their piece_id ends in `@x<factor>`.
@@ -26,6 +27,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import functools
 import glob
@@ -197,11 +199,33 @@ _worker_opts: _Options | None = None
 _worker_vocab: Vocabulary | None = None
 
 
-def _init_worker(opts: _Options) -> None:
+def _init_worker(opts: _Options, parent_pid: int | None = None) -> None:
     global _worker_opts, _worker_vocab
-    if multiprocessing.parent_process() is not None:
+    if parent_pid is not None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+        _die_with_parent(parent_pid)
     _worker_opts, _worker_vocab = opts, opts.vocab()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """A worker whose parent is killed (kill -9, the OOM killer) would block forever on its
+    queues, holding its memory: have the kernel kill it, or else watch the parent."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    else:
+        import threading
+
+        def watch():
+            while os.getppid() == parent_pid:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent_pid:  # the parent died before the death signal was armed
+        os._exit(1)
 
 
 def _convert(job: tuple[int, sources.Item, str]) -> _Result:
@@ -285,6 +309,7 @@ def _build(specs: list[str], output_dir, o: _Options) -> pathlib.Path:
     if not specs:
         raise ValueError("--source: give at least one source (midi_dir:PATH, maestro:PATH, asap:PATH, music21:NAMES)")
     path = dataset_path(output_dir)
+    _recover_swap(path)
     if path.exists() and not o.overwrite:
         raise ValueError(
             f"--output_dir={output_dir}: {path} already holds a dataset (pass --overwrite or pick another dir)"
@@ -298,10 +323,15 @@ def _build(specs: list[str], output_dir, o: _Options) -> pathlib.Path:
     os.makedirs(output_dir, exist_ok=True)
     _remove_leftovers(output_dir)
     spool_dir = tempfile.mkdtemp(prefix=".spool.", dir=output_dir)
+    staging = tempfile.mkdtemp(prefix=".staging.", dir=output_dir)
+    results = None
     try:
         spool = _Spool(spool_dir)
         skipped, stats = [], _Stats(o.vocab())
-        for r in _run_jobs(jobs, o):
+        # Closed in `finally`: the workers stop as soon as anything fails here, not when the
+        # generator is collected (a traceback kept for the error message keeps it alive).
+        results = _run_jobs(jobs, o)
+        for r in results:
             item, split = items[r.index], jobs[r.index][2]
             if r.skip_reason:
                 skipped.append(
@@ -338,9 +368,13 @@ def _build(specs: list[str], output_dir, o: _Options) -> pathlib.Path:
         }
         if o.progress:
             print(f"writing {sum(spool.counts.values()):,} records as {o.file_format} ...", file=sys.stderr, flush=True)
-        _write_tfds(path.parent.parent, spool, extra, o)
+        _write_tfds(pathlib.Path(staging), spool, extra, o)
+        _swap_in(dataset_path(staging), path)
     finally:
+        if results is not None:
+            results.close()
         shutil.rmtree(spool_dir, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     if o.verbose:
         _print_summary(path, summary, stats, skipped, convert_s, time.time() - t0, o)
     return path
@@ -348,10 +382,61 @@ def _build(specs: list[str], output_dir, o: _Options) -> pathlib.Path:
 
 def _remove_leftovers(output_dir) -> None:
     """Work folders of builds that were killed (we hold the lock: none is running)."""
-    leftovers = glob.glob(os.path.join(output_dir, ".spool.*"))
+    leftovers = glob.glob(os.path.join(output_dir, ".spool.*")) + glob.glob(os.path.join(output_dir, ".staging.*"))
     leftovers += glob.glob(os.path.join(output_dir, DATASET_NAME, "incomplete.*"))
     for folder in leftovers:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
+    """Atomically swap two paths (Linux renameat2); False where the OS or filesystem cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "renameat2"):
+        return False
+    at_fdcwd = -100
+    if libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(a))
+
+
+def _swap_in(new: pathlib.Path, path: pathlib.Path) -> None:
+    """Put the complete dataset `new` at `path`, replacing any old one, by one rename.
+
+    Until that rename, readers and a killed build see the old dataset whole. Where the
+    filesystem cannot exchange two folders, the old one is first renamed aside to
+    `path.replaced`; `_recover_swap` puts it back if we die between the two renames.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        os.rename(new, path)
+    elif _exchange(new, path):
+        shutil.rmtree(new, ignore_errors=True)  # `new` now holds the old dataset
+    else:
+        aside = path.with_name(path.name + ".replaced")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(path, aside)
+        os.rename(new, path)
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _recover_swap(path: pathlib.Path) -> None:
+    """A build killed between _swap_in's two renames: the old dataset goes back in place."""
+    aside = path.with_name(path.name + ".replaced")
+    if aside.exists():
+        if path.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.rename(aside, path)
 
 
 def _run_jobs(jobs, o: _Options):
@@ -370,7 +455,8 @@ def _run_jobs(jobs, o: _Options):
             # spawn, not fork: the caller may have started JAX (threads) before asking for
             # data. A worker that dies (out of memory) fails the run instead of hanging it.
             pool = concurrent.futures.ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(o,)
+                workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                initargs=(o, os.getpid()),
             )
             size = max(1, min(8, len(jobs) // (workers * 16)))
             chunks = [jobs[i : i + size] for i in range(0, len(jobs), size)]
@@ -385,15 +471,24 @@ def _run_jobs(jobs, o: _Options):
         raise RuntimeError("a worker process died while converting (out of memory?); try fewer --num_workers") from None
     except BaseException:  # Ctrl-C or a failing consumer: stop the workers now, not after their queue
         if pool is not None:
-            for process in list(getattr(pool, "_processes", {}).values()):
-                process.terminate()
-            pool.shutdown(wait=False, cancel_futures=True)
+            _stop_now(pool)
             pool = None
         raise
     finally:
         if pool is not None:
             pool.shutdown(wait=True)
         bar.close()
+
+
+def _stop_now(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    """Kill the workers and reap them before returning: a worker left mid-task (or a zombie)
+    can keep the executor's threads, and so the interpreter's exit, waiting forever."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for process in processes:
+        process.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.join(timeout=10)
 
 
 def _convert_many(jobs) -> list[_Result]:
@@ -471,11 +566,9 @@ def _write_tfds(data_dir: pathlib.Path, spool: _Spool, extra: dict, o: _Options)
         with tempfile.TemporaryDirectory(dir=spool.folder) as downloads, contextlib.redirect_stdout(io.StringIO()):
             builder.download_and_prepare(
                 download_dir=downloads,
+                # data_dir is a fresh staging folder: TFDS never sees (or deletes) the old dataset.
                 download_config=tfds.download.DownloadConfig(
-                    try_download_gcs=False,
-                    download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
-                    if o.overwrite
-                    else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
+                    try_download_gcs=False, download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
                 ),
             )
     finally:
@@ -579,7 +672,7 @@ def main(argv: Sequence[str]) -> None:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:
-        raise SystemExit(f"interrupted: no dataset was written to {f.output_dir}") from None
+        raise SystemExit(f"interrupted: nothing was written to {dataset_path(f.output_dir)} (a dataset there is unchanged)") from None
     print(dataset_path(f.output_dir))
 
 
