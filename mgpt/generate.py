@@ -299,9 +299,12 @@ def read_run_info(workdir: str, step: int | None = None) -> tuple[Vocabulary, di
     """(vocab, config dict, step) of a checkpoint without loading weights (fast; for checking flags)."""
     from mgpt import checkpoint as ckpt_lib
 
-    root, step = ckpt_lib.locate(workdir, step)
-    config = ckpt_lib.read_json_item(root, step, "config")
-    vocab = Vocabulary.from_json(ckpt_lib.read_json_item(root, step, "vocab"), origin=f"{root}/{step}/vocab")
+    def load(root, at_step):
+        config = ckpt_lib.read_json_item(root, at_step, "config")
+        vocab = Vocabulary.from_json(ckpt_lib.read_json_item(root, at_step, "vocab"), origin=f"{root}/{at_step}/vocab")
+        return vocab, config
+
+    (vocab, config), step = ckpt_lib.load_newest(workdir, step, load)
     return vocab, config, step
 
 

@@ -584,10 +584,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpoints)
     config_json = json.loads(json.dumps(config.to_dict()))
-    latest = ckpts.latest_step()
     abstract = ckpt_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)
-    if latest is not None:
-        state, data_restored = ckpts.restore(latest, abstract, train_iter)
+    restored = ckpts.restore_newest(abstract, train_iter, warn=_print0)  # a damaged newest step falls back
+    latest = restored[2] if restored is not None else None
+    if restored is not None:
+        state, data_restored, _ = restored
         _print0(f"resumed from {ckpts.directory}/{latest}")
         if not data_restored:
             _print0(f"note: no data position saved for {pc} process(es); the data order starts afresh")
@@ -720,14 +721,20 @@ def restore_model(workdir: str, step: int | None = None) -> tuple[nnx.Module, Vo
     `workdir` may also be its checkpoints/ directory or one step directory. The weights
     land on the first local device.
     """
-    root, step = ckpt_lib.locate(workdir, step)
-    config = ml_collections.ConfigDict(ckpt_lib.read_json_item(root, step, "config"))
-    vocab = Vocabulary.from_json(ckpt_lib.read_json_item(root, step, "vocab"), origin=f"{root}/{step}/vocab")
-    graphdef, abstract_params, rest = nnx.split(_abstract_model(config.model, vocab.size), nnx.Param, ...)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_params)
-    params, step = ckpt_lib.restore_params(root, step, target)
-    return nnx.merge(graphdef, params, rest), vocab, config, step
+
+    def load(root, at_step):
+        config = ml_collections.ConfigDict(ckpt_lib.read_json_item(root, at_step, "config"))
+        vocab = Vocabulary.from_json(ckpt_lib.read_json_item(root, at_step, "vocab"), origin=f"{root}/{at_step}/vocab")
+        graphdef, abstract_params, rest = nnx.split(_abstract_model(config.model, vocab.size), nnx.Param, ...)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_params)
+        params, _ = ckpt_lib.restore_params(root, at_step, target)
+        return nnx.merge(graphdef, params, rest), vocab, config
+
+    # The newest step that restores: a damaged one, or one a live run's rotation deletes
+    # while we read it, is named in one line and the next newest is used.
+    (model, vocab, config), step = ckpt_lib.load_newest(workdir, step, load)
+    return model, vocab, config, step
 
 
 # ----------------------------------------------------------------------------- command line

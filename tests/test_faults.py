@@ -177,3 +177,90 @@ def test_kill_9_of_a_build_takes_its_workers_along(old_dataset, tmp_path):
             except psutil.NoSuchProcess:
                 pass
     assert _snapshot(out) == before
+
+
+# ----------------------------------------------------------------------------- D2 and half-written steps
+
+
+def _tiny_config(dataset_dir, **train):
+    from configs import tiny
+
+    c = tiny.get_config()
+    c.data.dataset_dir = str(dataset_dir)
+    c.train.update(dict(steps=4, checkpoint_every=2, eval_every=0, log_every=2, warmup_steps=1, keep_checkpoints=3))
+    c.train.update(train)
+    return c
+
+
+@pytest.fixture(scope="module")
+def tiny_run(old_dataset, tmp_path_factory):
+    """A 4-step tiny run with checkpoints at steps 2 and 4."""
+    from mgpt import train
+
+    workdir = tmp_path_factory.mktemp("run") / "w"
+    result = train.train(_tiny_config(build.dataset_path(old_dataset)), str(workdir))
+    return workdir, result
+
+
+def _truncate_params(step_dir):
+    """Cut the largest file of a step's params in half, as a full disk or a kill mid-copy would."""
+    files = [p for p in (step_dir / "params").rglob("*") if p.is_file()]
+    biggest = max(files, key=lambda p: p.stat().st_size)
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+
+
+def test_resume_falls_back_to_the_newest_step_that_restores(old_dataset, tiny_run, tmp_path, capsys):
+    from mgpt import train
+
+    workdir = _copy(tiny_run[0], tmp_path / "w")
+    _truncate_params(workdir / "checkpoints" / "4")
+    capsys.readouterr()
+    result = train.train(_tiny_config(build.dataset_path(old_dataset), steps=6), str(workdir))
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if "cannot be restored" in line]
+    assert len(lines) == 1 and "step 4" in lines[0] and "using step 2" in lines[0], out
+    assert min(result["losses"]) == 3 and result["step"] == 6
+    assert result["losses"][3] == tiny_run[1]["losses"][3], "the fallback resumes exactly where step 2 left off"
+    assert (workdir / "checkpoints" / "4.unreadable").is_dir(), "the damaged step is kept for inspection"
+
+
+def test_inference_falls_back_and_refuses_only_when_nothing_restores(tiny_run, tmp_path, capsys):
+    from mgpt import checkpoint as ckpt_lib
+    from mgpt import generate, train
+
+    workdir = _copy(tiny_run[0], tmp_path / "w")
+    _truncate_params(workdir / "checkpoints" / "4")
+    (workdir / "checkpoints" / "2" / "config" / "metadata").write_text("{not json")
+    # Step 2's config is damaged too: nothing of steps 4 and 2 restores.
+    with pytest.raises(ckpt_lib.CheckpointError) as e:
+        train.restore_model(str(workdir))
+    assert "\n" not in str(e.value) and "no checkpoint step restores" in str(e.value)
+
+    _copy(tiny_run[0] / "checkpoints" / "2", tmp_path / "good2")
+    import shutil
+
+    shutil.rmtree(workdir / "checkpoints" / "2")
+    shutil.copytree(tmp_path / "good2", workdir / "checkpoints" / "2")
+    capsys.readouterr()
+    _, _, _, step = train.restore_model(str(workdir))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert step == 2 and len(err) == 1 and "step 4" in err[0] and "using step 2" in err[0]
+    with pytest.raises(SystemExit) as e:  # a step asked for by name is never swapped for another
+        generate.main(["generate", f"--workdir={workdir}", "--checkpoint_step=4", f"--output_dir={tmp_path}/o",
+                       "--num_samples=1", "--max_events=4", "--noprogress"])
+    assert "\n" not in str(e.value) and "/4: cannot be restored" in str(e.value)
+
+
+def test_a_step_orbax_has_not_finalized_is_never_read(tiny_run, tmp_path, monkeypatch):
+    # On gs:// orbax writes into the step folder and marks it complete with a commit file.
+    # Treat a local folder as such a bucket: step 4 has no commit file (a live or killed save).
+    from orbax.checkpoint._src.path import gcs_utils
+
+    from mgpt import checkpoint as ckpt_lib
+
+    workdir = _copy(tiny_run[0], tmp_path / "w")
+    (workdir / "checkpoints" / "4" / "commit_success.txt").unlink()
+    monkeypatch.setattr(gcs_utils, "is_gcs_path", lambda path: True)
+    assert ckpt_lib.locate(workdir)[1] == 2
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint for step 4"):
+        ckpt_lib.locate(workdir / "checkpoints" / "4")
