@@ -13,6 +13,7 @@ Inference code loads a trained model with `restore_model(workdir)`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -37,6 +38,7 @@ from mgpt import checkpoint as ckpt_lib
 from mgpt import data as data_lib
 from mgpt import mesh as mesh_lib
 from mgpt import monitor
+from mgpt.workdir_lock import WorkdirInUse, WorkdirLock
 
 DEMO_DATASET_DIR = "data/music21_demo"
 
@@ -529,13 +531,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (or resumes) the run described by `config` in `workdir`.
 
     Returns {'step', 'losses': {step: loss}, 'eval': {step: nats/event}, 'stopped_by'}.
+    Raises WorkdirInUse at once when another live trainer holds `workdir`.
     """
+    with contextlib.ExitStack() as held:  # the workdir lock, released however the run ends
+        return _train(config, workdir, held)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.ExitStack) -> dict:
     validate(config)
     maybe_initialize_distributed(config.distributed)
     mesh, table = validate_devices(config, jax.device_count(), jax.process_count())
     workdir = epath.Path(workdir)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
+    held.enter_context(WorkdirLock(workdir))  # before anything in the workdir is read or written
     _check_same_model(workdir, config)
 
     t, d = config.train, config.data
@@ -751,7 +760,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every file they touch at INFO
     try:
         train(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, FileNotFoundError, NonFiniteLoss) as e:
+    except (ConfigError, FileNotFoundError, NonFiniteLoss, WorkdirInUse) as e:
         raise SystemExit(str(e)) from None
 
 

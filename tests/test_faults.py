@@ -264,3 +264,45 @@ def test_a_step_orbax_has_not_finalized_is_never_read(tiny_run, tmp_path, monkey
     assert ckpt_lib.locate(workdir)[1] == 2
     with pytest.raises(FileNotFoundError, match="no complete checkpoint for step 4"):
         ckpt_lib.locate(workdir / "checkpoints" / "4")
+
+
+# ----------------------------------------------------------------------------- D3: the workdir lock
+
+_HOLD_LOCK = (
+    "import sys, time\n"
+    "from mgpt.workdir_lock import WorkdirLock\n"
+    "WorkdirLock(sys.argv[1]).__enter__()\n"
+    "print('locked', flush=True)\n"
+    "time.sleep(600)\n"
+)
+
+
+def test_a_second_trainer_stops_at_once_naming_the_first(old_dataset, tmp_path):
+    import socket
+
+    from mgpt.workdir_lock import WorkdirLock
+
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(workdir)], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        second = subprocess.run(
+            [sys.executable, "-m", "mgpt.train", "--config=configs/tiny.py", f"--workdir={workdir}",
+             f"--config.data.dataset_dir={build.dataset_path(old_dataset)}"],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )
+        lines = second.stderr.strip().splitlines()
+        assert second.returncode == 1 and len(lines) == 1, second.stderr[-3000:]
+        assert f"pid {holder.pid} on host {socket.gethostname()}" in lines[0] and f"--workdir={workdir}" in lines[0]
+        assert not (workdir / "checkpoints").exists() and not (workdir / "config.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without releasing anything; its lock file (naming it) is still there.
+    assert f'"pid": {holder.pid}' in (workdir / "lock").read_text()
+    with WorkdirLock(workdir):
+        assert f'"pid": {os.getpid()}' in (workdir / "lock").read_text()
+    with WorkdirLock(workdir):  # released on exit: the next run takes it again
+        pass
