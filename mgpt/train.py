@@ -206,13 +206,37 @@ def resolve_dataset(dataset_dir: str) -> epath.Path:
         if jax.process_index() == 0 and not is_complete(dataset_path(dataset_dir)):
             print(f"building the demo dataset in {dataset_dir} (first use, a few minutes)", flush=True)
         return epath.Path(ensure_dataset(dataset_dir))
-    if path.exists():
-        found = sorted(path.glob("**/vocab.json"))
-        if len(found) == 1:
-            return found[0].parent
+    found = _datasets_below(path) if path.is_dir() else []
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        raise ConfigError(f"config.data.dataset_dir={dataset_dir}: holds {len(found)} datasets "
+                          f"({', '.join(map(str, found))}); give one of them")
     raise ConfigError(
         f"config.data.dataset_dir={dataset_dir}: no dataset there (build one with python -m data_prep.build)"
     )
+
+
+def _datasets_below(path: epath.Path) -> list[epath.Path]:
+    """Datasets one or two folders below `path`: a build's output dir holds mgpt_events/1.0.0.
+
+    Listed level by level (etils cannot glob `**` on every filesystem); a build's hidden
+    work folders and a dataset being swapped out (*.replaced) are not datasets.
+    """
+    def subdirs(folder):
+        return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+                      and not p.name.endswith(".replaced"))
+
+    def is_dataset(folder):
+        return (folder / "vocab.json").exists() and (folder / "dataset_info.json").exists()
+
+    found = []
+    for child in subdirs(path):
+        if is_dataset(child):
+            found.append(child)
+        else:
+            found.extend(grandchild for grandchild in subdirs(child) if is_dataset(grandchild))
+    return found
 
 
 def choose_vocab(dataset_path: epath.Path, workdir: epath.Path, init_from: str) -> Vocabulary:
@@ -222,22 +246,43 @@ def choose_vocab(dataset_path: epath.Path, workdir: epath.Path, init_from: str) 
     the dataset's event layout must match it, while its style labels may differ
     (labels the checkpoint doesn't know are conditioned on STYLE:unknown).
     """
-    dataset_vocab = Vocabulary.load(dataset_path)
-    if (workdir / "vocab.json").exists():
-        vocab = Vocabulary.from_json(json.loads((workdir / "vocab.json").read_text()), origin=str(workdir / "vocab.json"))
-    elif init_from:
+    run_vocab_path = workdir / "vocab.json"
+    try:  # a damaged or hand-edited vocab.json is a one-line error naming the file
+        dataset_vocab = Vocabulary.load(dataset_path)
+        run_vocab = None
+        if run_vocab_path.exists():
+            text = run_vocab_path.read_text()
+            try:
+                data = json.loads(text)
+            except ValueError as e:
+                raise ValueError(f"{run_vocab_path}: not valid JSON ({e})") from None
+            run_vocab = Vocabulary.from_json(data, origin=str(run_vocab_path))
+    except ValueError as e:
+        raise ConfigError(f"{e}; rebuild it or restore the original") from None
+    if run_vocab is not None:
+        return _same_events(run_vocab, dataset_vocab, dataset_path, f"the run in {workdir}")
+    if init_from:
         try:
             root, step = ckpt_lib.locate(init_from)
         except FileNotFoundError:
             raise ConfigError(f"config.init_from={init_from}: no checkpoints there (give a run's workdir)") from None
         vocab = Vocabulary.from_json(ckpt_lib.read_json_item(root, step, "vocab"), origin=f"{init_from} vocab")
-    else:
-        return dataset_vocab
-    n = dataset_vocab.style_offset
-    if vocab.tokens[:n] != dataset_vocab.tokens[:n]:
+        return _same_events(vocab, dataset_vocab, dataset_path, f"config.init_from={init_from}")
+    return dataset_vocab
+
+
+def _same_events(vocab: Vocabulary, dataset_vocab: Vocabulary, dataset_path, owner: str) -> Vocabulary:
+    """`vocab` if every event id means the same in the dataset; style labels may differ."""
+    settings = lambda v: {k: x for k, x in v.to_json().items() if k != "tokens"}
+    ours, theirs = settings(vocab), settings(dataset_vocab)
+    differ = [f"{k}={theirs.get(k)!r} there, {ours.get(k)!r} in {owner}" for k in sorted(set(ours) | set(theirs))
+              if ours.get(k) != theirs.get(k)]
+    if not differ and vocab.tokens[:vocab.style_offset] != dataset_vocab.tokens[:dataset_vocab.style_offset]:
+        differ = ["its event tokens differ"]
+    if differ:
         raise ConfigError(
-            f"config.data.dataset_dir={dataset_path}: its event vocabulary differs from the run's "
-            "(pitch range / time shifts / velocity bins); use a dataset built with the same settings"
+            f"config.data.dataset_dir={dataset_path}: its event vocabulary differs ({'; '.join(differ)}); "
+            "use a dataset built with the same settings"
         )
     return vocab
 

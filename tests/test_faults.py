@@ -306,3 +306,60 @@ def test_a_second_trainer_stops_at_once_naming_the_first(old_dataset, tmp_path):
         assert f'"pid": {os.getpid()}' in (workdir / "lock").read_text()
     with WorkdirLock(workdir):  # released on exit: the next run takes it again
         pass
+
+
+# ----------------------------------------------------------------------------- D4, D5: dataset and vocabulary
+
+
+def test_dataset_dir_may_be_the_build_output_dir_and_anything_else_is_one_line(old_dataset, tmp_path):
+    from mgpt import train
+
+    assert train.resolve_dataset(str(old_dataset)) == build.dataset_path(old_dataset)
+    assert train.resolve_dataset(str(old_dataset / build.DATASET_NAME)) == build.dataset_path(old_dataset)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("not a dataset")
+    for bad in (tmp_path / "empty", tmp_path / "file", tmp_path / "missing"):
+        with pytest.raises(train.ConfigError, match=f"config.data.dataset_dir={bad}: no dataset there"):
+            train.resolve_dataset(str(bad))
+    _copy(build.dataset_path(old_dataset), tmp_path / "two" / "a")
+    _copy(build.dataset_path(old_dataset), tmp_path / "two" / "b")
+    with pytest.raises(train.ConfigError, match="holds 2 datasets"):
+        train.resolve_dataset(str(tmp_path / "two"))
+
+
+def _workdir_with_dataset(tiny_run, old_dataset, tmp_path, **vocab_settings):
+    """A copy of the tiny run, and a copy of its dataset whose vocab.json has other settings."""
+    from data_prep.vocab import Vocabulary
+
+    workdir = _copy(tiny_run[0], tmp_path / "w")
+    data = _copy(old_dataset, tmp_path / "data")
+    if vocab_settings:
+        Vocabulary(**vocab_settings).save(build.dataset_path(data) / "vocab.json")
+    return workdir, build.dataset_path(data)
+
+
+@pytest.mark.parametrize("settings, named", [
+    (dict(num_velocity_bins=16), "num_velocity_bins=16 there, 32 in the run"),
+    (dict(steps_per_second=50), "steps_per_second=50 there, 100 in the run"),
+])
+def test_resume_refuses_a_dataset_whose_ids_mean_other_events(tiny_run, old_dataset, tmp_path, settings, named):
+    from mgpt import train
+
+    workdir, data = _workdir_with_dataset(tiny_run, old_dataset, tmp_path, **settings)
+    with pytest.raises(train.ConfigError, match=named) as e:
+        train.train(_tiny_config(data, steps=6), str(workdir))
+    assert "\n" not in str(e.value)
+
+
+def test_a_tampered_vocab_json_is_one_line(tiny_run, old_dataset, tmp_path):
+    from mgpt import train
+
+    workdir, data = _workdir_with_dataset(tiny_run, old_dataset, tmp_path)
+    vocab_json = workdir / "vocab.json"
+    vocab_json.write_text(vocab_json.read_text().replace('"NOTE_ON:60"', '"NOTE_ON:61"'))
+    with pytest.raises(train.ConfigError, match=f"{vocab_json}: token list does not match") as e:
+        train.train(_tiny_config(data, steps=6), str(workdir))
+    assert "\n" not in str(e.value)
+    vocab_json.write_text('{"tokens": [')
+    with pytest.raises(train.ConfigError, match=f"{vocab_json}: not valid JSON"):
+        train.train(_tiny_config(data, steps=6), str(workdir))
