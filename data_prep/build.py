@@ -79,6 +79,7 @@ def ensure_dataset(output_dir: str | os.PathLike = DEMO_DIR, **opts) -> pathlib.
     if _is_demo(path):
         return path
     o = _options(dict(opts, overwrite=True))
+    _check_writable(output_dir)
     with _build_lock(output_dir):
         if _is_demo(path):  # another process built it while we waited for the lock
             return path
@@ -106,6 +107,7 @@ def build_dataset(sources_: Sequence[str], output_dir: str | os.PathLike, **opts
     Raises ValueError with a one-line message for bad settings or sources.
     """
     o = _options(opts)  # bad settings fail at once, before any work
+    _check_writable(output_dir)
     with _build_lock(output_dir):
         return _build(list(sources_), output_dir, o)
 
@@ -172,6 +174,27 @@ def _have_tensorflow() -> bool:
         return importlib.util.find_spec("tensorflow") is not None
     except (ImportError, ValueError):
         return False
+
+
+def _check_writable(output_dir) -> None:
+    """A one-line error before any work when output_dir cannot be made or written (under a file, read-only)."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as e:
+        raise ValueError(f"--output_dir={output_dir}: cannot write there ({e.strerror or e}); pick another dir") from None
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+    """ENOSPC anywhere in an exception's chain (TFDS and orbax wrap it in their own errors)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 @contextlib.contextmanager
@@ -672,7 +695,12 @@ def main(argv: Sequence[str]) -> None:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:
-        raise SystemExit(f"interrupted: nothing was written to {dataset_path(f.output_dir)} (a dataset there is unchanged)") from None
+        raise SystemExit(f"interrupted: nothing was written to {dataset_path(output_dir)} (a dataset there is unchanged)") from None
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        raise SystemExit(f"disk full writing {output_dir}: nothing was written to {dataset_path(output_dir)} "
+                         "(a dataset there is unchanged); free some space and re-run") from None
     print(dataset_path(f.output_dir))
 
 

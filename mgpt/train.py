@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -524,8 +526,12 @@ def _print0(*args) -> None:
 
 
 def _write_json(path: epath.Path, obj) -> None:
+    """Written whole, then renamed into place: a crash mid-write never leaves a truncated file
+    that the next run (which reads config.json and vocab.json) would stumble on."""
     if jax.process_index() == 0:
-        path.write_text(json.dumps(obj, indent=1))
+        temporary = path.parent / f".{path.name}.tmp"
+        temporary.write_text(json.dumps(obj, indent=1))
+        temporary.replace(path)
 
 
 def _versions() -> dict:
@@ -750,10 +756,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
             if pending is not None:
                 consume(*pending)
     finally:
-        ckpts.wait()
-        ckpts.close()
-        writer.close()
-        train_iter.close()
+        with contextlib.ExitStack() as closing:  # each one closes even when another fails (a full disk fails several)
+            closing.callback(train_iter.close)
+            closing.callback(writer.close)
+            ckpts.wait()
+            ckpts.close()  # not after a failed save: closing orbax then only adds its dying writers' tracebacks
 
     result["step"] = step
     if result["stopped_by"]:
@@ -797,17 +804,95 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file,
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, config.json, vocab.json and TensorBoard logs go.")
 
 
+def _parse_flags(argv):
+    """absl's parse; an override naming no config field becomes one line naming the closest one."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError):  # how ml_collections reports --config.a.b for a missing field
+        message = _unknown_override(argv)
+        if message is None:
+            raise
+        raise SystemExit(message) from None
+
+
+def _unknown_override(argv) -> str | None:
+    """'--config.train.stepz: configs/tiny.py has no field train.stepz; did you mean --config.train.steps?', or None."""
+    import difflib
+    import importlib.util
+
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None:
+        return None
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_mgpt_config", path)
+    if module_spec is None:
+        return None
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)  # the config file is Python by design (big_vision style)
+    config = module.get_config(arg) if arg else module.get_config()
+    for a in argv:
+        if not a.startswith("--config.") or a.startswith("--config="):
+            continue
+        field = a[len("--config."):].split("=", 1)[0]
+        node, walked = config, []
+        for name in field.split("."):
+            if not isinstance(node, ml_collections.ConfigDict):
+                break
+            if name not in node:
+                closest = difflib.get_close_matches(name, list(node.keys()), n=1, cutoff=0.0)
+                where = ".".join(walked + closest)
+                return (f"--config.{field}: {path} has no field {'.'.join(walked + [name])}"
+                        + (f"; did you mean --config.{where}?" if closest else ""))
+            node, walked = node[name], walked + [name]
+    return None
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None or not _WORKDIR.value:
         raise SystemExit("usage: python -m mgpt.train --config=configs/tiny.py --workdir=DIR [--config.FIELD=VALUE]")
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every file they touch at INFO
+    # A full disk is reported once, below, not by every orbax thread and asyncio task.
+    logging.get_absl_handler().addFilter(_not_disk_full)
     try:
         train(_CONFIG.value, _WORKDIR.value)
     except (ConfigError, FileNotFoundError, NonFiniteLoss, WorkdirInUse) as e:
         raise SystemExit(str(e)) from None
+    except Exception as e:
+        if not _is_disk_full(e):
+            raise
+        _disk_full_reported.set()
+        # tensorboardX's exit-time flush and its thread fail on the same full disk.
+        sys.unraisablehook = threading.excepthook = lambda *_: None
+        steps = ckpt_lib.finalized_steps(ckpt_lib.checkpoint_dir(_WORKDIR.value))
+        last = f"step {steps[-1]}" if steps else "none yet"
+        raise SystemExit(f"disk full writing {_WORKDIR.value}: nothing complete was lost (last complete checkpoint: "
+                         f"{last}); free some space and re-run to resume") from None
+
+
+_NO_SPACE = "No space left on device"
+# Once the full disk is reported, orbax's threads keep failing as the process exits
+# ("cannot schedule new futures after shutdown"): nothing they say adds to that line.
+_disk_full_reported = threading.Event()
+
+
+def _is_disk_full(e: BaseException | None) -> bool:
+    """ENOSPC anywhere in the chain: orbax reports it as tensorstore's ValueError text."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or _NO_SPACE in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _not_disk_full(record) -> bool:
+    if _disk_full_reported.is_set():
+        return False
+    return _NO_SPACE not in record.getMessage() and not (record.exc_info and _is_disk_full(record.exc_info[1]))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
