@@ -477,13 +477,22 @@ def _run_jobs(jobs, o: _Options):
         else:
             # spawn, not fork: the caller may have started JAX (threads) before asking for
             # data. A worker that dies (out of memory) fails the run instead of hanging it.
+            # Workers start with SIGINT blocked (the mask survives exec): a terminal's Ctrl-C
+            # reaches the whole process group, and a worker still starting up would die of it
+            # with a traceback. The main process handles Ctrl-C and stops them itself.
+            # (Blocked after the pool exists: starting multiprocessing's resource tracker, which
+            # the pool's queues do, unblocks SIGINT again.)
             pool = concurrent.futures.ProcessPoolExecutor(
                 workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
                 initargs=(o, os.getpid()),
             )
             size = max(1, min(8, len(jobs) // (workers * 16)))
             chunks = [jobs[i : i + size] for i in range(0, len(jobs), size)]
-            futures = [pool.submit(_convert_many, chunk) for chunk in chunks]
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                futures = [pool.submit(_convert_many, chunk) for chunk in chunks]  # spawns the workers
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             results = (r for f in concurrent.futures.as_completed(futures) for r in f.result())
         for r in results:
             events += sum(len(rec["tokens"]) for rec in r.records)

@@ -518,3 +518,33 @@ def test_a_negative_primer_length_or_a_zero_event_budget_is_refused(tiny_run, tm
             generate.main(["generate", f"--workdir={tiny_run[0]}", f"--output_dir={tmp_path}/out", "--num_samples=1",
                            "--noprogress", flag])
     assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_during_a_build_exits_promptly_with_one_line(old_dataset, tmp_path):
+    out = _copy(old_dataset, tmp_path / "out")
+    before = _snapshot(out)
+    midis = _midi_folder(tmp_path / "midi", 60, first=300)
+    # A terminal's Ctrl-C reaches the whole process group: the build and its workers.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data_prep.build", f"--source=midi_dir:{midis}", f"--output_dir={out}",
+         "--num_workers=2", "--overwrite"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    children = []
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and len(children) < 2:
+            children = [c for c in _descendants(proc.pid) if "spawn_main" in " ".join(c.cmdline())]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        for c in children + [psutil.Process(proc.pid)] if proc.poll() is None else children:
+            try:
+                c.kill()
+            except psutil.NoSuchProcess:
+                pass
+    lines = [line for line in err.splitlines() if line.strip() and "converting" not in line]
+    assert lines == [f"interrupted: nothing was written to {build.dataset_path(out)} (a dataset there is unchanged)"]
+    assert not [c.pid for c in children if _alive(c)]
+    assert _snapshot(out) == before
