@@ -49,6 +49,9 @@ def finalized_steps(root: str | epath.PathLike) -> list[int]:
     return sorted(s for s in ocp.utils.checkpoint_steps(root) if (root / str(s) / "params").exists())
 
 
+_warned: set[str] = set()
+
+
 def _fallback_message(root, bad: list[tuple[int, str]], used: int) -> str:
     steps = ", ".join(str(s) for s, _ in bad)
     return (f"checkpoint step {steps} in {root} cannot be restored ({bad[0][1]}); "
@@ -225,8 +228,10 @@ def load_newest(path: str | epath.PathLike, step: int | None, load: Callable[[ep
         except Exception as e:  # noqa: BLE001 - orbax, tensorstore and json raise many types for a damaged step
             bad.append((candidate, _reason(e)))
             continue
-        if bad:
-            warn(_fallback_message(root, bad, candidate))
+        message = _fallback_message(root, bad, candidate) if bad else None
+        if message and message not in _warned:  # generate looks twice (flags, then weights): say it once
+            _warned.add(message)
+            warn(message)
         return out, candidate
     raise CheckpointError(f"{root}: no checkpoint step restores (step {bad[0][0]}: {bad[0][1]})")
 

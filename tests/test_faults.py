@@ -245,6 +245,10 @@ def test_inference_falls_back_and_refuses_only_when_nothing_restores(tiny_run, t
     _, _, _, step = train.restore_model(str(workdir))
     err = capsys.readouterr().err.strip().splitlines()
     assert step == 2 and len(err) == 1 and "step 4" in err[0] and "using step 2" in err[0]
+    (workdir / "checkpoints" / "4" / "vocab" / "metadata").write_text('{"tokens": 7}')  # tampered
+    assert generate.read_run_info(str(workdir))[2] == 2 and train.restore_model(str(workdir))[3] == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "vocab" in err[0] and "using step 2" in err[0], "said once, though looked up twice"
     with pytest.raises(SystemExit) as e:  # a step asked for by name is never swapped for another
         generate.main(["generate", f"--workdir={workdir}", "--checkpoint_step=4", f"--output_dir={tmp_path}/o",
                        "--num_samples=1", "--max_events=4", "--noprogress"])
