@@ -99,8 +99,10 @@ class Checkpoints:
     def restore_newest(self, abstract_state: dict, data_iter, warn: Callable[[str], None] = _warn):
         """`restore` of the newest step that restores: (state, data restored?, step), or None if no steps.
 
-        A step that fails is renamed `<step>.unreadable` (kept for inspection, out of orbax's
-        way so that the run can save that step again) and named in one line by `warn`.
+        Newer steps that failed are named in one line by `warn` and renamed `<step>.unreadable`
+        (kept for inspection, and out of orbax's way so that the run can save those steps
+        again). When no step restores nothing is renamed: that is more likely a changed
+        config than damage to every step.
         """
         bad = []
         for step in sorted(self.manager.all_steps(), reverse=True):
@@ -114,13 +116,14 @@ class Checkpoints:
             if failure is None:
                 if bad:
                     warn(_fallback_message(self.directory, bad, step))
+                    for bad_step, _ in bad:
+                        self._set_aside(bad_step)
                 return state, has_data, step
             bad.append((step, failure))
-            self._set_aside(step)
         if bad:
             raise CheckpointError(
                 f"{self.directory}: no checkpoint step restores (step {bad[0][0]}: {bad[0][1]}); "
-                "move the checkpoints/ folder away to start afresh"
+                "resume with the config that wrote them, or use a new --workdir"
             )
         return None
 

@@ -224,6 +224,19 @@ def test_resume_falls_back_to_the_newest_step_that_restores(old_dataset, tiny_ru
     assert (workdir / "checkpoints" / "4.unreadable").is_dir(), "the damaged step is kept for inspection"
 
 
+def test_resume_refuses_in_one_line_when_no_step_restores_and_renames_nothing(old_dataset, tiny_run, tmp_path):
+    from mgpt import checkpoint as ckpt_lib
+    from mgpt import train
+
+    workdir = _copy(tiny_run[0], tmp_path / "w")
+    for step in ("2", "4"):
+        _truncate_params(workdir / "checkpoints" / step)
+    with pytest.raises(ckpt_lib.CheckpointError, match="no checkpoint step restores") as e:
+        train.train(_tiny_config(build.dataset_path(old_dataset), steps=6), str(workdir))
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"], "a changed config looks alike"
+
+
 def test_inference_falls_back_and_refuses_only_when_nothing_restores(tiny_run, tmp_path, capsys):
     from mgpt import checkpoint as ckpt_lib
     from mgpt import generate, train
