@@ -186,7 +186,7 @@ def _check_writable(output_dir) -> None:
         raise ValueError(f"--output_dir={output_dir}: cannot write there ({e.strerror or e}); pick another dir") from None
 
 
-def is_disk_full(e: BaseException | None) -> bool:
+def _is_disk_full(e: BaseException | None) -> bool:
     """ENOSPC anywhere in an exception's chain (TFDS and orbax wrap it in their own errors)."""
     seen = set()
     while e is not None and id(e) not in seen:
@@ -704,9 +704,11 @@ def main(argv: Sequence[str]) -> None:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:
-        raise SystemExit(f"interrupted: nothing was written to {dataset_path(output_dir)} (a dataset there is unchanged)") from None
+        raise SystemExit(
+            f"interrupted: nothing was written to {dataset_path(output_dir)} (a dataset there is unchanged)"
+        ) from None
     except Exception as e:
-        if not is_disk_full(e):
+        if not _is_disk_full(e):
             raise
         raise SystemExit(f"disk full writing {output_dir}: nothing was written to {dataset_path(output_dir)} "
                          "(a dataset there is unchanged); free some space and re-run") from None

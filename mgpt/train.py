@@ -809,7 +809,10 @@ def _parse_flags(argv):
     try:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError):  # how ml_collections reports --config.a.b for a missing field
-        message = _unknown_override(argv)
+        try:
+            message = _unknown_override(argv)
+        except Exception:  # noqa: BLE001 - the config file itself fails: ml_collections' own error says more
+            message = None
         if message is None:
             raise
         raise SystemExit(message) from None
