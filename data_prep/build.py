@@ -183,7 +183,8 @@ def _check_writable(output_dir) -> None:
         with tempfile.TemporaryFile(dir=output_dir):
             pass
     except OSError as e:
-        raise ValueError(f"--output_dir={output_dir}: cannot write there ({e.strerror or e}); pick another dir") from None
+        reason = e.strerror or e
+        raise ValueError(f"--output_dir={output_dir}: cannot write there ({reason}); pick another dir") from None
 
 
 def _is_disk_full(e: BaseException | None) -> bool:

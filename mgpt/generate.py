@@ -488,7 +488,8 @@ def _check_output_dir(output_dir) -> None:
         with tempfile.TemporaryFile(dir=output_dir):
             pass
     except OSError as e:
-        raise UserError(f"--output_dir={output_dir}: cannot write there ({e.strerror or e}); pick another dir") from None
+        reason = e.strerror or e
+        raise UserError(f"--output_dir={output_dir}: cannot write there ({reason}); pick another dir") from None
 
 
 def decode(vocab: Vocabulary, ids: np.ndarray):
