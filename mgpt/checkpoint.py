@@ -38,6 +38,8 @@ def _warn(message: str) -> None:
 
 def _reason(e: BaseException) -> str:
     """An exception as a short phrase for a one-line message (orbax's are often many lines)."""
+    if getattr(e, "reason", None):  # a CheckpointError of a nested load_newest: its cause, not its wording
+        return e.reason
     text = str(e).strip()
     first = text.splitlines()[0] if text else type(e).__name__
     return f"{type(e).__name__}: {first[:160]}"
@@ -223,7 +225,10 @@ def load_newest(path: str | epath.PathLike, step: int | None, load: Callable[[ep
         try:
             return load(root, chosen), chosen
         except Exception as e:  # noqa: BLE001 - as below
-            raise CheckpointError(f"{root}/{chosen}: cannot be restored ({_reason(e)}); pick another step") from None
+            reason = _reason(e)
+            error = CheckpointError(f"{root}/{chosen}: cannot be restored ({reason}); pick another step")
+            error.reason = reason
+            raise error from None
     bad = []
     for candidate in [chosen] + [s for s in reversed(finalized_steps(root)) if s < chosen]:
         try:
