@@ -31,6 +31,7 @@ import json
 import os
 import pathlib
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -151,10 +152,11 @@ class Sampling:
                               greedy=self.greedy)
         except ValueError as e:
             raise UserError(f"--{e}") from None
-        if self.max_events is not None and self.max_events < 0:
-            raise UserError(f"--max_events must be >= 0, got {self.max_events}")
-        if self.max_seconds is not None and not self.max_seconds >= 0:
-            raise UserError(f"--max_seconds must be >= 0, got {self.max_seconds}")
+        # A zero budget writes pieces with no new music: refused rather than done silently.
+        if self.max_events is not None and self.max_events < 1:
+            raise UserError(f"--max_events must be >= 1, got {self.max_events}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise UserError(f"--max_seconds must be > 0, got {self.max_seconds}")
         if self.max_note_seconds is not None and not self.max_note_seconds >= 0:
             raise UserError(f"--max_note_seconds must be >= 0 (0 = off), got {self.max_note_seconds}")
 
@@ -317,9 +319,12 @@ def read_run_info(workdir: str, step: int | None = None) -> tuple[Vocabulary, di
     """(vocab, config dict, step) of a checkpoint without loading weights (fast; for checking flags)."""
     from mgpt import checkpoint as ckpt_lib
 
-    root, step = ckpt_lib.locate(workdir, step)
-    config = ckpt_lib.read_json_item(root, step, "config")
-    vocab = Vocabulary.from_json(ckpt_lib.read_json_item(root, step, "vocab"), origin=f"{root}/{step}/vocab")
+    def load(root, at_step):
+        config = ckpt_lib.read_json_item(root, at_step, "config")
+        vocab = Vocabulary.from_json(ckpt_lib.read_json_item(root, at_step, "vocab"), origin=f"{root}/{at_step}/vocab")
+        return vocab, config
+
+    (vocab, config), step = ckpt_lib.load_newest(workdir, step, load)
     return vocab, config, step
 
 
@@ -437,6 +442,7 @@ def generate_corpus(
 
     if num_samples < 1:
         raise UserError(f"--num_samples must be >= 1, got {num_samples}")
+    _check_primer_seconds(primer_seconds)
     if batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {batch_size}")
     if seed < 0 or seed + num_samples > 2**32:
@@ -504,6 +510,22 @@ def generate_corpus(
             bar.set_postfix(events_per_s=f"{events / (time.perf_counter() - start):.0f}")
     bar.close()
     return sorted(written, key=lambda e: e["index"])
+
+
+def _check_primer_seconds(seconds: float) -> None:
+    if not seconds >= 0:
+        raise UserError(f"--primer_seconds must be >= 0 (0 keeps all of the primer), got {seconds}")
+
+
+def _check_output_dir(output_dir) -> None:
+    """A one-line error before the weights are loaded when output_dir cannot be made or written."""
+    try:
+        pathlib.Path(output_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as e:
+        reason = e.strerror or e
+        raise UserError(f"--output_dir={output_dir}: cannot write there ({reason}); pick another dir") from None
 
 
 def decode(vocab: Vocabulary, ids: np.ndarray):
@@ -599,6 +621,7 @@ def run_command(f) -> pathlib.Path:
                         "[--num_samples=N] [--primer=FILE.mid] [--audio]")
     sampling = Sampling(temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, min_p=f.min_p, greedy=f.greedy,
                         max_events=f.max_events, max_seconds=f.max_seconds, max_note_seconds=f.max_note_seconds)
+    _check_primer_seconds(f.primer_seconds)
     if f.audio:
         render.find_audio_tools(f.soundfont)
     # Everything a user can get wrong is checked before the weights are loaded.
@@ -606,6 +629,7 @@ def run_command(f) -> pathlib.Path:
     styles = resolve_styles(vocab, f.style)
     if f.primer:
         load_primer(f.primer, vocab, f.primer_seconds)
+    _check_output_dir(f.output_dir)
     if f.distributed != "no":
         import ml_collections
 

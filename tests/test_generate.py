@@ -165,7 +165,7 @@ def test_corrupt_or_empty_primer_is_a_clear_error(workdir, tmp_path):
 
 def test_bad_sampling_flags_name_the_flag(workdir, tmp_path):
     for flag, message in [("--temperature=0", "--temperature must be > 0"), ("--top_p=1.5", "--top_p must be in"),
-                          ("--max_events=-1", "--max_events must be >= 0")]:
+                          ("--max_events=0", "--max_events must be >= 1")]:
         with pytest.raises(SystemExit, match=message):
             generate.main(_cli_args(workdir, tmp_path, flag))
 
