@@ -39,6 +39,8 @@ def _save_checkpoint(workdir, vocab, step=7):
     config = tiny.get_config()
     # max_len 32 < the 60+ events the tests ask for, so the sampler's sliding window runs too.
     config.model.update(num_layers=1, num_heads=2, d_model=32, mlp_dim=64, max_len=32)
+    # No dataset beside it: whether a demo dataset happens to exist in the cwd must not matter.
+    config.data.dataset_dir = os.path.join(workdir, "no_dataset_here")
     model = GPT(ModelConfig.from_config(config.model, vocab.size), rngs=nnx.Rngs(0))
     ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False)
     state = {"params": nnx.state(model, nnx.Param), "step": jnp.asarray(step, jnp.int32)}
@@ -339,7 +341,7 @@ def test_command_writes_midi_manifest_images_and_gallery(cli_output):
         ("00002_folk.mid", "folk", 102), ("00003_bach.mid", "bach", 103)]
     for e in entries:
         assert e["settings"]["top_p"] == 0.95 and e["settings"]["max_events"] == 60 and e["checkpoint_step"] == 7
-        assert e["events"] == 60 and e["seconds"] > 0
+        assert 0 < e["events"] <= 60 and e["seconds"] > 0  # an untrained model may draw EOS early
         ns = note_seq.midi_file_to_note_sequence(str(cli_output / e["file"]))
         _check_midi_file(cli_output / e["file"], ns)
         assert e["notes"] == len(ns.notes) and e["seconds"] == pytest.approx(ns.total_time, abs=0.01)
