@@ -271,3 +271,35 @@ def test_bad_arguments_name_the_setting(model):
         generate_tokens(model, VOCAB, [np.array([STYLE])], seeds=[0], max_events=4, top_p=0.0)
     with pytest.raises(ValueError, match="seeds"):
         generate_tokens(model, VOCAB, [np.array([STYLE])], seeds=[0, 1], max_events=4)
+
+
+def test_guidance_one_is_the_plain_sampler_byte_for_byte_and_compiles_nothing_new(model):
+    from mgpt.sample import sample_window
+
+    prompts = [np.array([STYLE]), np.array([VOCAB.style_id("chopin"), *_ids(VOCAB.note_on_offset + 30, 3)])]
+    kw = dict(seeds=[3, 4], max_events=3 * CFG.max_len, top_p=0.95)  # several windows
+    plain = generate_tokens(model, VOCAB, prompts, **kw)
+    compiled = sample_window._cache_size()
+    guided = generate_tokens(model, VOCAB, prompts, guidance=1.0, **kw)
+    assert sample_window._cache_size() == compiled, "G = 1 must run the already compiled plain sampler"
+    for x, y in zip(plain, guided):
+        assert x.tobytes() == y.tobytes()
+    stronger = generate_tokens(model, VOCAB, prompts, guidance=3.0, **kw)
+    assert any(len(x) != len(y) or (x != y).any() for x, y in zip(plain, stronger))
+
+
+def test_guidance_zero_samples_exactly_as_the_unknown_style_in_every_window(model):
+    # G = 0 keeps only the unconditional rows' logits (l_uncond + 0 * finite = l_uncond exactly),
+    # so it must match sampling from a STYLE:unknown prompt, also past the first window: the
+    # unconditional twin's new windows must start with STYLE:unknown too.
+    primer = [VOCAB.velocity_offset + 5, *_ids(VOCAB.note_on_offset + 30, 2)]
+    kw = dict(seeds=[7, 8], max_events=4 * CFG.max_len, temperature=0.9)
+    guided = generate_tokens(model, VOCAB, [np.array([STYLE, *primer])] * 2, guidance=0.0, **kw)
+    unknown = generate_tokens(model, VOCAB, [np.array([VOCAB.unknown_style_id, *primer])] * 2, **kw)
+    conditioned = generate_tokens(model, VOCAB, [np.array([STYLE, *primer])] * 2, **kw)
+    for g, u, c in zip(guided, unknown, conditioned):
+        assert len(g) > 2 * CFG.max_len
+        np.testing.assert_array_equal(g[1:], u[1:])
+        assert len(g) != len(c) or (g[1:] != c[1:]).any()
+    with pytest.raises(ValueError, match="guidance"):
+        generate_tokens(model, VOCAB, [np.array([STYLE])], seeds=[0], max_events=4, guidance=-1.0)
