@@ -606,7 +606,7 @@ def _plot_guidance_sweep(result: dict, path: pathlib.Path) -> None:
             ax.annotate(f"G={g:g}", (x, y), textcoords="offset points", xytext=(5, 5))
     if result.get("real_test_style_accuracy") is not None:
         ax.axhline(result["real_test_style_accuracy"], color="grey", ls="--", lw=1, label="real test pieces")
-        ax.legend(loc="lower left")
+        ax.legend(loc="best")
     ax.set_xlabel("feature overlap / train-vs-test ceiling")
     ax.set_ylabel("style accuracy (independent classifier)")
     ax.set_title("classifier-free style guidance")
