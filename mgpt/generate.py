@@ -169,8 +169,13 @@ class Sampling:
             raise UserError(f"--max_seconds must be >= 0, got {self.max_seconds}")
         if self.max_note_seconds is not None and not self.max_note_seconds >= 0:
             raise UserError(f"--max_note_seconds must be >= 0 (0 = off), got {self.max_note_seconds}")
-        if not (isinstance(self.guidance, (int, float)) and np.isfinite(self.guidance) and self.guidance >= 0):
-            raise UserError(f"--guidance must be a number >= 0 (1 = off), got {self.guidance}")
+        try:
+            guidance_ok = np.isfinite(float(self.guidance)) and float(self.guidance) >= 0
+        except (TypeError, ValueError):
+            guidance_ok = False
+        if not guidance_ok:
+            raise UserError(f"--guidance must be a number >= 0 (1 = off), got {self.guidance!r}")
+        object.__setattr__(self, "guidance", float(self.guidance))  # a plain float for the manifest's JSON
 
     def budget(self) -> dict:
         if self.max_events is None and self.max_seconds is None:
