@@ -303,3 +303,24 @@ def test_guidance_zero_samples_exactly_as_the_unknown_style_in_every_window(mode
         assert len(g) != len(c) or (g[1:] != c[1:]).any()
     with pytest.raises(ValueError, match="guidance"):
         generate_tokens(model, VOCAB, [np.array([STYLE])], seeds=[0], max_events=4, guidance=-1.0)
+
+
+def test_guided_event_is_the_argmax_of_the_mixed_logits(model):
+    # First event, greedy: argmax over allowed tokens of l_uncond + G (l_cond - l_uncond), with the
+    # two logit rows taken from a plain forward pass of each prompt.
+    from mgpt.sample import note_rules, token_tables
+
+    tables = token_tables(VOCAB)
+    banned_V = np.asarray(note_rules(jnp.full((1, VOCAB.max_pitch - VOCAB.min_pitch + 1), np.iinfo(np.int32).max),
+                                     jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32), tables)[0][0])
+    primer = [VOCAB.velocity_offset + 5]
+    l_cond_V = np.asarray(model(jnp.asarray([[STYLE, *primer]]))[0, -1], np.float64)
+    l_uncond_V = np.asarray(model(jnp.asarray([[VOCAB.unknown_style_id, *primer]]))[0, -1], np.float64)
+    picks = set()
+    for g in (0.0, 2.0, 4.0, 8.0):
+        mixed_V = np.where(banned_V, -np.inf, l_uncond_V + g * (l_cond_V - l_uncond_V))
+        (row,) = generate_tokens(model, VOCAB, [np.array([STYLE, *primer])], seeds=[0], max_events=1, greedy=True,
+                                 guidance=g)
+        assert row[-1] == np.argmax(mixed_V), g
+        picks.add(int(row[-1]))
+    assert len(picks) > 1, "the guidance values chosen should move the argmax"
