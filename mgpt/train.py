@@ -132,6 +132,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for path in ("data.num_packing_bins", "data.read_threads"):
         integer(path)
     integer("data.prefetch", 0)
+    dropout = d.get("style_dropout", 0.0)
+    _check(isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1,
+           "data.style_dropout", f"must be a share in [0, 1), got {dropout!r}")
 
     cfg = model_config(config.model, vocab_size=1)
     if hasattr(cfg, "max_len"):
@@ -628,6 +631,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
         batch_size=host_batch,
         seed=config.seed,
         transpose=d.transpose,
+        style_dropout=float(d.get("style_dropout", 0.0)),
         num_packing_bins=d.num_packing_bins,
         read_threads=d.read_threads,
         prefetch=d.prefetch,

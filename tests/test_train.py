@@ -123,6 +123,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_p
         ("model.kind", "rnn", "config.model.kind"),
         ("data.seq_len", 128, "config.model.max_len"),
         ("data.transpose", -1, "config.data.transpose"),
+        ("data.style_dropout", 1.0, "config.data.style_dropout"),
         ("mesh.rules", (("embed", "pipeline"),), "config.mesh.rules"),
     ],
 )
