@@ -28,6 +28,7 @@ def base() -> ml_collections.ConfigDict:
     c.data.dataset_dir = "data/music21_demo"  # TFDS dir; the default is built on first use
     c.data.seq_len = 512  # events per training row (the model sees seq_len, predicts seq_len)
     c.data.transpose = 5  # train-time random transposition in [-transpose, +transpose] semitones
+    c.data.style_dropout = 0.0  # share of training segments conditioned on STYLE:unknown (for --guidance)
     c.data.num_packing_bins = 64  # rows packed at once: more bins, less padding
     c.data.read_threads = 1  # grain reader threads per host
     c.data.prefetch = 2  # batches prepared ahead of the device

@@ -23,6 +23,10 @@ and predicts `targets_BxL = row[:, 1:]`. Rows are built from pieces like this:
 - On the training split each piece is transposed by a random number of semitones in
   [-transpose, transpose] before cropping (`vocab.transpose` drops notes pushed out of
   range); validation and test are never transposed.
+- Style dropout (training split only): with probability `style_dropout` a segment's
+  conditioning token becomes STYLE:unknown, so the one model also learns the
+  unconditional distribution that classifier-free guidance (`mgpt.sample`, `guidance`)
+  mixes against. Its draw comes last from the segment's rng, so 0 leaves every row as before.
 
 `mask_BxL` is 1 where the target is to be predicted and 0 where it is given: PAD and
 conditioning tokens always, carried NOTE_ONs always, and in evaluation the carried
@@ -187,17 +191,21 @@ def piece_segments(tokens: np.ndarray, style: str, vocab: Vocabulary, seq_len: i
 
 
 class _RandomSegment(grain.transforms.RandomMap):
-    """record -> one segment of at most seq_len + 1 tokens (random transpose and crop)."""
+    """record -> one segment of at most seq_len + 1 tokens (random transpose, crop, style dropout)."""
 
-    def __init__(self, segments: _Segments, transpose: int):
+    def __init__(self, segments: _Segments, transpose: int, style_dropout: float = 0.0):
         self._segments = segments
         self._transpose = transpose
+        self._style_dropout = style_dropout
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict:
         semitones = int(rng.integers(-self._transpose, self._transpose + 1)) if self._transpose else 0
         style, body = self._segments.body(record, semitones)
         # Chunk j of a piece's c (see _ChunkSource) crops in the j-th c-th of the piece.
         start = self._segments.random_start(body, rng, int(record.get("chunk", 0)), int(record.get("num_chunks", 1)))
+        # Drawn last and only when on: with 0 the rng stream, hence every row, is unchanged.
+        if self._style_dropout and rng.random() < self._style_dropout:
+            style = self._segments.vocab.unknown_style_id
         return self._segments.segment(style, body, start, predict_carried=True)
 
 
@@ -347,6 +355,7 @@ def train_dataset(
     batch_size: int,
     seed: int,
     transpose: int = 0,
+    style_dropout: float = 0.0,
     num_packing_bins: int = 64,
     read_threads: int = 1,
     prefetch: int = 2,
@@ -369,7 +378,11 @@ def train_dataset(
     `lengths` (events per piece) is read from the source when not given. Iterate with
     `iter(ds)`; the iterator's state is checkpointable. Each element: inputs/targets/
     positions/segment_ids int32[B, seq_len], mask float32[B, seq_len].
+    `style_dropout`: the share of segments conditioned on STYLE:unknown instead of their
+    piece's style (see the module docstring).
     """
+    if not 0 <= style_dropout < 1:
+        raise ValueError(f"style_dropout must be in [0, 1), got {style_dropout}")
     if len(source) == 0:
         raise ValueError("the training split is empty")
     num_shards = num_shards or process_count
@@ -394,7 +407,7 @@ def train_dataset(
     for shard in range(process_index * own, (process_index + 1) * own):
         shuffle_seed, crop_seed, pack_seed = _shard_seeds(seed, shard)
         ds = grain.MapDataset.source(items)[shard::num_shards].shuffle(seed=shuffle_seed).repeat()
-        ds = ds.random_map(_RandomSegment(_Segments(vocab, seq_len), transpose), seed=crop_seed)
+        ds = ds.random_map(_RandomSegment(_Segments(vocab, seq_len), transpose, style_dropout), seed=crop_seed)
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * rows))
         ds = _pack(ds, seq_len, num_packing_bins, pack_seed, shuffle=True)
         ds = ds.batch(rows, drop_remainder=True).map(_to_model_batch)

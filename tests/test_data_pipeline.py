@@ -330,3 +330,29 @@ def test_long_pieces_give_rows_in_proportion_to_their_length():
             counts[int(t)] += 1
     # 11 (piece, chunk) items of the long piece for 1 of the short one: each epoch crops it 11 times.
     assert 9 < counts[folk] / counts[bach] < 13, counts
+
+
+def _segment_styles(ds, n):
+    """The conditioning token of every segment in n batches (a row may pack several)."""
+    out = []
+    for row in _rows(_batches(ds, n)):
+        out += row[VOCAB.is_style(row)].tolist()
+    return np.asarray(out)
+
+
+def test_style_dropout_conditions_that_share_of_segments_on_unknown_and_zero_changes_nothing():
+    labelled = [_record(_piece(40, i), "bach", i) for i in range(60)]  # every piece has a style
+    kw = dict(seq_len=SEQ, batch_size=4, seed=3, transpose=2, prefetch=0)
+    plain = _batches(data.train_dataset(labelled, VOCAB, **kw), 6)
+    off = _batches(data.train_dataset(labelled, VOCAB, style_dropout=0.0, **kw), 6)
+    for x, y in zip(plain, off):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    styles = _segment_styles(data.train_dataset(labelled, VOCAB, style_dropout=0.3, **kw), 80)
+    share = np.mean(styles == VOCAB.unknown_style_id)
+    assert len(styles) > 300 and 0.22 < share < 0.38, share
+    assert set(styles.tolist()) == {VOCAB.style_id("bach"), VOCAB.unknown_style_id}
+    again = _segment_styles(data.train_dataset(labelled, VOCAB, style_dropout=0.3, **kw), 80)
+    np.testing.assert_array_equal(styles, again)  # drawn from the pipeline's seeded rng: reproducible
+    with pytest.raises(ValueError, match="style_dropout"):
+        data.train_dataset(labelled, VOCAB, style_dropout=1.0, **kw)

@@ -6,6 +6,7 @@ from flax import nnx
 
 from data_prep.vocab import Vocabulary
 from mgpt.model import GPT, ModelConfig
+import mgpt.sample as sample_lib
 from mgpt.sample import _choose, filter_logits, generate_tokens, sampling_settings, window_prompt
 
 VOCAB = Vocabulary(["bach", "chopin"])
@@ -252,7 +253,6 @@ def test_inverse_cdf_draw_never_lands_on_a_filtered_token():
     settings = sampling_settings()
     zero_key = jax.random.key(0)
     # A key whose uniform is exactly 0 is rare; test the draw itself with u pinned to 0 and 1-ulp.
-    import mgpt.sample as sample_lib
 
     for u in (0.0, np.nextafter(np.float32(1), np.float32(0))):
         original = jax.random.uniform
@@ -271,3 +271,79 @@ def test_bad_arguments_name_the_setting(model):
         generate_tokens(model, VOCAB, [np.array([STYLE])], seeds=[0], max_events=4, top_p=0.0)
     with pytest.raises(ValueError, match="seeds"):
         generate_tokens(model, VOCAB, [np.array([STYLE])], seeds=[0, 1], max_events=4)
+
+
+def test_release_share_hands_masked_note_off_mass_to_sounding_notes():
+    # The model puts 60 % on NOTE_OFF:70, which is silent, 10 % on NOTE_OFF:60, which sounds,
+    # and 30 % on a TIME_SHIFT.
+    tables = sample_lib.token_tables(VOCAB)
+    probs_V = np.full(VOCAB.size, 1e-12)
+    probs_V[_off(70)], probs_V[_off(60)], probs_V[_shift(10)] = 0.6, 0.1, 0.3
+    logits_1xV = jnp.log(jnp.asarray(probs_V, jnp.float32))[None]
+    onset_1xP = np.full((1, VOCAB.max_pitch - VOCAB.min_pitch + 1), sample_lib.SILENT, np.int32)
+    onset_1xP[0, 60 - VOCAB.min_pitch] = 0
+    banned_1xV, _, _ = sample_lib.note_rules(jnp.asarray(onset_1xP), jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32),
+                                             tables)
+    assert bool(banned_1xV[0, _off(70)]) and not bool(banned_1xV[0, _off(60)])
+
+    def p_release(share):
+        x = sample_lib.release_mass(logits_1xV, banned_1xV, tables, share)
+        return float(jax.nn.softmax(jnp.where(banned_1xV, -jnp.inf, x), axis=-1)[0, _off(60)])
+
+    assert p_release(0.0) == pytest.approx(0.1 / 0.4, rel=1e-4)  # plain masking: renormalised over the rest
+    # All of it: the sounding note gets the model's whole release probability, 0.7.
+    assert p_release(1.0) == pytest.approx(0.7, rel=1e-4)
+    assert p_release(0.0) < p_release(0.5) < p_release(1.0)
+
+
+def test_guidance_one_is_the_plain_sampler_byte_for_byte_and_compiles_nothing_new(model):
+    from mgpt.sample import sample_window
+
+    prompts = [np.array([STYLE]), np.array([VOCAB.style_id("chopin"), *_ids(VOCAB.note_on_offset + 30, 3)])]
+    kw = dict(seeds=[3, 4], max_events=3 * CFG.max_len, top_p=0.95)  # several windows
+    plain = generate_tokens(model, VOCAB, prompts, **kw)
+    compiled = sample_window._cache_size()
+    guided = generate_tokens(model, VOCAB, prompts, guidance=1.0, **kw)
+    assert sample_window._cache_size() == compiled, "G = 1 must run the already compiled plain sampler"
+    for x, y in zip(plain, guided):
+        assert x.tobytes() == y.tobytes()
+    stronger = generate_tokens(model, VOCAB, prompts, guidance=3.0, **kw)
+    assert any(len(x) != len(y) or (x != y).any() for x, y in zip(plain, stronger))
+
+
+def test_guidance_zero_samples_exactly_as_the_unknown_style_in_every_window(model):
+    # G = 0 keeps only the unconditional rows' logits (l_uncond + 0 * finite = l_uncond exactly),
+    # so it must match sampling from a STYLE:unknown prompt, also past the first window: the
+    # unconditional twin's new windows must start with STYLE:unknown too.
+    primer = [VOCAB.velocity_offset + 5, *_ids(VOCAB.note_on_offset + 30, 2)]
+    kw = dict(seeds=[7, 8], max_events=4 * CFG.max_len, temperature=0.9)
+    guided = generate_tokens(model, VOCAB, [np.array([STYLE, *primer])] * 2, guidance=0.0, **kw)
+    unknown = generate_tokens(model, VOCAB, [np.array([VOCAB.unknown_style_id, *primer])] * 2, **kw)
+    conditioned = generate_tokens(model, VOCAB, [np.array([STYLE, *primer])] * 2, **kw)
+    for g, u, c in zip(guided, unknown, conditioned):
+        assert len(g) > 2 * CFG.max_len
+        np.testing.assert_array_equal(g[1:], u[1:])
+        assert len(g) != len(c) or (g[1:] != c[1:]).any()
+    with pytest.raises(ValueError, match="guidance"):
+        generate_tokens(model, VOCAB, [np.array([STYLE])], seeds=[0], max_events=4, guidance=-1.0)
+
+
+def test_guided_event_is_the_argmax_of_the_mixed_logits(model):
+    # First event, greedy: argmax over allowed tokens of l_uncond + G (l_cond - l_uncond), with the
+    # two logit rows taken from a plain forward pass of each prompt.
+    from mgpt.sample import note_rules, token_tables
+
+    tables = token_tables(VOCAB)
+    banned_V = np.asarray(note_rules(jnp.full((1, VOCAB.max_pitch - VOCAB.min_pitch + 1), np.iinfo(np.int32).max),
+                                     jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32), tables)[0][0])
+    primer = [VOCAB.velocity_offset + 5]
+    l_cond_V = np.asarray(model(jnp.asarray([[STYLE, *primer]]))[0, -1], np.float64)
+    l_uncond_V = np.asarray(model(jnp.asarray([[VOCAB.unknown_style_id, *primer]]))[0, -1], np.float64)
+    picks = set()
+    for g in (0.0, 2.0, 4.0, 8.0):
+        mixed_V = np.where(banned_V, -np.inf, l_uncond_V + g * (l_cond_V - l_uncond_V))
+        (row,) = generate_tokens(model, VOCAB, [np.array([STYLE, *primer])], seeds=[0], max_events=1, greedy=True,
+                                 guidance=g)
+        assert row[-1] == np.argmax(mixed_V), g
+        picks.add(int(row[-1]))
+    assert len(picks) > 1, "the guidance values chosen should move the argmax"

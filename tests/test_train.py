@@ -188,6 +188,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_p
         ("model.kind", "rnn", "config.model.kind"),
         ("data.seq_len", 128, "config.model.max_len"),
         ("data.transpose", -1, "config.data.transpose"),
+        ("data.style_dropout", 1.0, "config.data.style_dropout"),
         ("mesh.rules", (("embed", "pipeline"),), "config.mesh.rules"),
     ],
 )
@@ -233,9 +234,15 @@ def test_auto_without_a_cluster_is_a_single_process_run(monkeypatch):
 def test_a_validation_split_smaller_than_the_host_count_stops_at_start_up(dataset, tmp_path, monkeypatch):
     from mgpt import data as data_lib
 
-    real_open, real_validate = data_lib.open_source, train.validate_devices
-    monkeypatch.setattr(jax, "process_count", lambda: 2)
-    monkeypatch.setattr(train, "validate_devices", lambda c, n, pc: real_validate(c, n, 1))
+    real_open, real_resolve = data_lib.open_source, train.resolve_dataset
+
+    def resolve_as_one_of_two_hosts(dataset_dir):
+        # From here on this process believes it is one of two (the mesh and the workdir lock,
+        # which talk to the other hosts, are behind it).
+        monkeypatch.setattr(jax, "process_count", lambda: 2)
+        return real_resolve(dataset_dir)
+
+    monkeypatch.setattr(train, "resolve_dataset", resolve_as_one_of_two_hosts)
     monkeypatch.setattr(data_lib, "open_source",
                         lambda path, split, **kw: [real_open(path, split, **kw)[0]] if split == "validation"
                         else real_open(path, split, **kw))
