@@ -32,7 +32,7 @@ def base() -> ml_collections.ConfigDict:
     c.data.num_packing_bins = 64  # rows packed at once: more bins, less padding
     c.data.read_threads = 1  # grain reader threads per host
     c.data.prefetch = 2  # batches prepared ahead of the device
-    c.data.workers = 0  # grain worker processes per data shard (0: in the training process, bitwise as before)
+    c.data.workers = 0  # grain worker processes per data shard (0: all in the training process)
     c.data.shards = 0  # independent data streams of the run (0: one per process); fixed at the first start,
     # so a resume on another host count (one dividing it) replays and skips nothing
 
