@@ -25,7 +25,9 @@ import operator
 
 import numpy as np
 
-_MAX_TICK = 10_000_000  # pretty_midi.MAX_TICK: beyond it the tick map would thrash memory
+from data_prep.notes import Notes
+
+MAX_TICK = 10_000_000  # pretty_midi.MAX_TICK: beyond it the tick map would thrash memory
 _MAX_MESSAGE = 1_000_000  # mido's MAX_MESSAGE_LENGTH
 # Lengths (status byte included) of the system messages mido knows; others are errors.
 _SYSTEM_LENGTHS = {0xF1: 2, 0xF2: 3, 0xF3: 2, 0xF6: 1, 0xF8: 1, 0xFA: 1, 0xFB: 1, 0xFC: 1, 0xFE: 1}
@@ -49,9 +51,7 @@ class RawNotes:
     sustain: list  # (time_s, instrument, value) of every CC 64, in note-seq's order
 
     def pitched_with_sustain(self):
-        """midi.Notes as Vocabulary.encode sees them: sustain applied, drums left out."""
-        from data_prep.midi import Notes
-
+        """Notes as Vocabulary.encode sees them: sustain applied, drums left out."""
         keep = ~self.is_drum
         end_s = self.end_s
         if self.sustain:
@@ -60,7 +60,7 @@ class RawNotes:
         return Notes(self.pitch[keep], self.velocity[keep], self.start_s[keep], end_s[keep])
 
 
-def parse(data: bytes, *, max_tick: int | None = _MAX_TICK) -> RawNotes:
+def parse(data: bytes, *, max_tick: int | None = MAX_TICK) -> RawNotes:
     """MIDI file contents -> RawNotes. Raises MidiError where mido/pretty_midi would fail.
 
     max_tick=None lifts pretty_midi's guard against corrupt tick counts, for MIDI we

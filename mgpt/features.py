@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-Notes = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # pitch, velocity, start_s, end_s
+from data_prep.notes import Notes
 
 # Inter-onset intervals and note durations, seconds: log-like bins from a 32nd note
 # at fast tempo to long holds.
