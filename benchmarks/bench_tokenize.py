@@ -63,7 +63,7 @@ def make_score_folder(folder: str, num_files: int) -> list[str]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             score = converter.parse(os.path.join(item.root, item.path), forceSource=True)
-            data = sources._score_to_midi(score)
+            data = sources.score_to_midi(score)
         path = os.path.join(folder, item.piece_id.replace("/", "_") + ".mid")
         with open(path, "wb") as f:
             f.write(data)

@@ -325,7 +325,7 @@ def _load_score(item: Item, **read_opts) -> tuple[Notes, str]:
             if isinstance(score, stream.Opus):
                 score = score.scores[0] if score.scores else score
             composer = item.composer or (score.metadata.composer if score.metadata else "") or ""
-            data = _score_to_midi(score)
+            data = score_to_midi(score)
         except midi.SkipPiece:
             raise
         except Exception as e:  # music21 raises many kinds of errors on notation it cannot read
@@ -334,7 +334,7 @@ def _load_score(item: Item, **read_opts) -> tuple[Notes, str]:
     return notes, composer
 
 
-def _score_to_midi(score) -> bytes:
+def score_to_midi(score) -> bytes:
     """music21's own MIDI rendering (it expands repeats first), with two repairs.
 
     When music21 gives up on a score (badly formed repeat marks; the same time or key
