@@ -15,6 +15,11 @@ Layout (ids are positions in `tokens`):
 The performance events follow note-seq's `performance_lib.Performance` exactly
 (same quantisation, event order and velocity binning); tests check the two agree.
 Conditioning tokens come last so that event ids do not move when labels change.
+
+It lives in data_prep, not mgpt, because it is part of the dataset format that
+data_prep writes: mgpt reads that format, and data_prep never imports mgpt. The import
+is cheap (numpy only; note-seq when a NoteSequence is converted), and both packages
+ship together.
 """
 
 from __future__ import annotations
