@@ -153,10 +153,11 @@ def model_from_run(name: str, workdir: str) -> tuple[Model, Vocabulary, object]:
 
 def resolve_dataset(dataset_dir: str) -> pathlib.Path:
     """The dataset folder a run or --dataset_dir names (built on demand, as the trainer does)."""
-    from mgpt.train import ConfigError, resolve_dataset
+    from mgpt.train import ConfigError
+    from mgpt.train import resolve_dataset as resolve
 
     try:
-        return pathlib.Path(str(resolve_dataset(dataset_dir)))
+        return pathlib.Path(str(resolve(dataset_dir)))
     except ConfigError as e:
         raise UserError(f"--dataset_dir: {e}") from None
 
