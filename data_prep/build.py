@@ -265,7 +265,7 @@ def _convert(job: tuple[int, sources.Item, str]) -> _Result:
     except midi.SkipPiece as e:
         return _Result(index, [], str(e))
     except Exception as e:  # noqa: BLE001 - junk input must never abort a run; the reason is kept
-        return _Result(index, [], f"unexpected error: {midi._one_line(e)}")
+        return _Result(index, [], f"unexpected error: {midi.one_line(e)}")
     base = dict(path=item.path, source=item.source, style=item.style, composer=composer)
     records = [dict(base, tokens=tokens, piece_id=item.piece_id)]
     if opts.time_stretch and split == "train":

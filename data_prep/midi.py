@@ -13,10 +13,10 @@ Tests check they agree note for note.
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 
-import numpy as np
+from data_prep import fastmidi
+from data_prep.notes import Notes, from_sequence
 
 # note_seq imports pydub, which warns about ffmpeg (needed only for audio, not by us).
 warnings.filterwarnings("ignore", message="Couldn't find ffmpeg")
@@ -27,30 +27,6 @@ MAX_SECONDS = 4 * 3600.0  # Longer "performances" are broken tempo maps, not mus
 
 class SkipPiece(Exception):
     """An input that cannot be used; str(e) is the one-line reason for skipped.jsonl."""
-
-
-@dataclasses.dataclass
-class Notes:
-    """Pitched notes of one piece (drums left out, sustain applied). Parallel [N] arrays."""
-
-    pitch: np.ndarray  # int64 MIDI pitch
-    velocity: np.ndarray  # int64 1..127
-    start_s: np.ndarray  # float64 seconds
-    end_s: np.ndarray  # float64 seconds
-
-    def __len__(self) -> int:
-        return len(self.pitch)
-
-    @property
-    def seconds(self) -> float:
-        return float(self.end_s.max()) if len(self) else 0.0
-
-    def stretched(self, factor: float) -> "Notes":
-        """The same notes played `factor` times as long (factor > 1 is slower)."""
-        return Notes(self.pitch, self.velocity, self.start_s * factor, self.end_s * factor)
-
-    def with_velocity(self, velocity: int) -> "Notes":
-        return Notes(self.pitch, np.full_like(self.velocity, velocity), self.start_s, self.end_s)
 
 
 def check_header(data: bytes, *, max_file_bytes: int = MAX_FILE_BYTES) -> None:
@@ -83,10 +59,8 @@ def read_midi(
     """
     check_header(data, max_file_bytes=max_file_bytes)
     if parser == "fast" or trusted:
-        from data_prep import fastmidi
-
         try:
-            raw = fastmidi.parse(data, max_tick=None if trusted else fastmidi._MAX_TICK)
+            raw = fastmidi.parse(data, max_tick=None if trusted else fastmidi.MAX_TICK)
         except fastmidi.MidiError as e:
             raise SkipPiece(f"corrupt MIDI: {e}") from None
         num_notes, num_drum = len(raw.pitch), int(raw.is_drum.sum())
@@ -97,10 +71,10 @@ def read_midi(
         try:
             ns = note_seq.midi_to_note_sequence(data)
         except Exception as e:  # pretty_midi/mido raise anything on junk: all of it is a skip.
-            raise SkipPiece(f"corrupt MIDI: {_one_line(e)}") from None
+            raise SkipPiece(f"corrupt MIDI: {one_line(e)}") from None
         num_notes = len(ns.notes)
         num_drum = sum(n.is_drum for n in ns.notes)
-        notes = notes_from_sequence(ns)
+        notes = from_sequence(ns)
     else:
         raise ValueError(f"parser must be 'fast' or 'note_seq', got {parser!r}")
 
@@ -113,21 +87,7 @@ def read_midi(
     return notes
 
 
-def notes_from_sequence(ns, *, apply_sustain: bool = True) -> Notes:
-    """NoteSequence -> Notes, as Vocabulary.encode sees it: sustain applied, drums left out."""
-    if apply_sustain and any(cc.control_number == 64 for cc in ns.control_changes):
-        from note_seq import sequences_lib
-
-        ns = sequences_lib.apply_sustain_control_changes(ns)
-    notes = [n for n in ns.notes if not n.is_drum]
-    return Notes(
-        np.fromiter((n.pitch for n in notes), np.int64, len(notes)),
-        np.fromiter((n.velocity for n in notes), np.int64, len(notes)),
-        np.fromiter((n.start_time for n in notes), np.float64, len(notes)),
-        np.fromiter((n.end_time for n in notes), np.float64, len(notes)),
-    )
-
-
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
+    """An exception from a parser we do not own as one line for skipped.jsonl (type: message)."""
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text}"[:300]

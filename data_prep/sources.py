@@ -37,6 +37,7 @@ import unicodedata
 import warnings
 
 from data_prep import midi
+from data_prep.notes import Notes
 from data_prep.vocab import normalize_label
 
 SOURCE_KINDS = ("midi_dir", "maestro", "asap", "music21")
@@ -109,7 +110,7 @@ def list_items(spec: str) -> list[Item]:
     return lister(spec, root)
 
 
-def load(item: Item, **read_opts) -> tuple[midi.Notes, str]:
+def load(item: Item, **read_opts) -> tuple[Notes, str]:
     """An item's notes and composer (from the file's metadata when the item has none).
 
     Raises midi.SkipPiece with the reason when the piece cannot be used.
@@ -306,7 +307,7 @@ def _abc_tunes(path: str) -> tuple[str, tuple[str, ...]]:
     return parts[0], tuple(parts[1:])
 
 
-def _load_score(item: Item, **read_opts) -> tuple[midi.Notes, str]:
+def _load_score(item: Item, **read_opts) -> tuple[Notes, str]:
     from music21 import converter, stream
 
     full = os.path.join(item.root, item.path)
@@ -324,16 +325,16 @@ def _load_score(item: Item, **read_opts) -> tuple[midi.Notes, str]:
             if isinstance(score, stream.Opus):
                 score = score.scores[0] if score.scores else score
             composer = item.composer or (score.metadata.composer if score.metadata else "") or ""
-            data = _score_to_midi(score)
+            data = score_to_midi(score)
         except midi.SkipPiece:
             raise
         except Exception as e:  # music21 raises many kinds of errors on notation it cannot read
-            raise midi.SkipPiece(f"music21 cannot convert: {midi._one_line(e)}") from None
+            raise midi.SkipPiece(f"music21 cannot convert: {midi.one_line(e)}") from None
     notes = midi.read_midi(data, **read_opts, trusted=True).with_velocity(SCORE_VELOCITY)
     return notes, composer
 
 
-def _score_to_midi(score) -> bytes:
+def score_to_midi(score) -> bytes:
     """music21's own MIDI rendering (it expands repeats first), with two repairs.
 
     When music21 gives up on a score (badly formed repeat marks; the same time or key

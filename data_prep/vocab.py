@@ -15,6 +15,11 @@ Layout (ids are positions in `tokens`):
 The performance events follow note-seq's `performance_lib.Performance` exactly
 (same quantisation, event order and velocity binning); tests check the two agree.
 Conditioning tokens come last so that event ids do not move when labels change.
+
+It lives in data_prep, not mgpt, because it is part of the dataset format that
+data_prep writes: mgpt reads that format, and data_prep never imports mgpt. The import
+is cheap (numpy only; note-seq when a NoteSequence is converted), and both packages
+ship together.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ import re
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+
+from data_prep import notes as notes_lib
+from data_prep.notes import Notes
 
 PAD = "PAD"
 EOS = "EOS"
@@ -370,23 +378,13 @@ class Vocabulary:
 
     def encode(self, ns, *, apply_sustain: bool = True) -> np.ndarray:
         """NoteSequence -> int32 event ids. Drum notes are left out; sustain is applied first."""
-        if apply_sustain and any(cc.control_number == 64 for cc in ns.control_changes):
-            from note_seq import sequences_lib
-
-            ns = sequences_lib.apply_sustain_control_changes(ns)
-        notes = [n for n in ns.notes if not n.is_drum]
-        return self.encode_notes(
-            np.fromiter((n.pitch for n in notes), np.int64, len(notes)),
-            np.fromiter((n.velocity for n in notes), np.int64, len(notes)),
-            np.fromiter((n.start_time for n in notes), np.float64, len(notes)),
-            np.fromiter((n.end_time for n in notes), np.float64, len(notes)),
-        )
+        return self.encode_notes(*notes_lib.from_sequence(ns, apply_sustain=apply_sustain))
 
     # ----------------------------------------------------------------- decoding
     def decode_notes(
         self, ids: Sequence[int], *, min_dangling_steps: int = 10, max_note_seconds: float | None = None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Any id sequence -> (pitch, velocity, start_s, end_s) of well-formed notes.
+    ) -> Notes:
+        """Any id sequence -> the Notes (pitch, velocity, start_s, end_s) it describes, well-formed.
 
         Garbage is tolerated: PAD/EOS/STYLE tokens and unknown ids are ignored, a NOTE_OFF
         with no open note is dropped, a zero-length note is dropped, and a NOTE_ON still
@@ -423,12 +421,7 @@ class Vocabulary:
             longest = max(1, round(max_note_seconds * self.steps_per_second))
             arr[:, 3] = np.minimum(arr[:, 3], arr[:, 2] + longest)
         sps = float(self.steps_per_second)
-        return (
-            arr[:, 0],
-            self.bin_to_velocity(arr[:, 1]),
-            arr[:, 2] / sps,
-            arr[:, 3] / sps,
-        )
+        return Notes(arr[:, 0], self.bin_to_velocity(arr[:, 1]), arr[:, 2] / sps, arr[:, 3] / sps)
 
     def decode(self, ids: Sequence[int], *, program: int = 0, qpm: float = 120.0, max_note_seconds: float | None = None):
         """Any id sequence -> a NoteSequence that writes as valid MIDI (see decode_notes)."""

@@ -1,6 +1,6 @@
 """Musical statistics of a piece, and set-vs-set comparison as in Yang & Lerch (2018).
 
-A piece is its notes as parallel arrays (`Vocabulary.decode_notes` gives them):
+A piece is its `data_prep.notes.Notes` (`Vocabulary.decode_notes` gives them), parallel arrays:
 pitch (MIDI numbers), velocity (1..127), start_s and end_s (seconds).
 
 `piece_features(notes)` returns one value per feature: a float for the scalar
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-Notes = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # pitch, velocity, start_s, end_s
+from data_prep.notes import Notes
 
 # Inter-onset intervals and note durations, seconds: log-like bins from a 32nd note
 # at fast tempo to long holds.

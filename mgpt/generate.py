@@ -47,6 +47,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from data_prep import notes as notes_lib
 from data_prep.vocab import UNKNOWN_STYLE, Vocabulary, normalize_label
 from mgpt import render
 
@@ -110,7 +111,6 @@ def load_primer(path: str | os.PathLike, vocab: Vocabulary, seconds: float = 0.0
     Raises UserError naming the file when it is missing, unreadable or has no notes.
     """
     import note_seq
-    from note_seq import sequences_lib
 
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -120,14 +120,9 @@ def load_primer(path: str | os.PathLike, vocab: Vocabulary, seconds: float = 0.0
     except Exception as e:  # pretty_midi/mido raise many types on corrupt files; all mean the same to a user
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--primer={path}: not a readable MIDI file ({reason[:200]})") from None
-    ns = sequences_lib.apply_sustain_control_changes(ns)
-    pitch, velocity, start_s, end_s = render.note_arrays(ns)
-    drum = np.fromiter((n.is_drum for n in ns.notes), bool, len(ns.notes))
-    keep = ~drum & (end_s > start_s)
-    if seconds and seconds > 0:
-        keep &= start_s < seconds
-        end_s = np.minimum(end_s, seconds)
-    ids = vocab.encode_notes(pitch[keep], velocity[keep], start_s[keep], end_s[keep])
+    notes = notes_lib.from_sequence(ns)  # sustain applied, drums left out
+    notes = notes_lib.crop(notes.select(notes.end_s > notes.start_s), seconds if seconds and seconds > 0 else None)
+    ids = vocab.encode_notes(*notes)
     if not vocab.is_event(ids).any():
         span = f"in its first {seconds:g} s" if seconds else "at all"
         raise UserError(

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mgpt.features import Notes
+from data_prep.notes import Notes
 
 _SEPARATOR = 0  # between training pieces; never produced by `note_steps`
 _WINDOW = 256  # steps compared per lookup; a match this long is redone over the whole query

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from data_prep import notes as notes_lib
+
 # Debian's GM soundfonts, smallest (fastest to load per piece) first.
 SOUNDFONT_PATHS = (
     "/usr/share/sounds/sf2/TimGM6mb.sf2",
@@ -87,17 +89,6 @@ def write_midi(ns, path: str | os.PathLike) -> pathlib.Path:
     return path
 
 
-def note_arrays(ns) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(pitch, velocity, start_s, end_s) of a NoteSequence's notes."""
-    n = len(ns.notes)
-    return (
-        np.fromiter((x.pitch for x in ns.notes), np.int64, n),
-        np.fromiter((x.velocity for x in ns.notes), np.int64, n),
-        np.fromiter((x.start_time for x in ns.notes), np.float64, n),
-        np.fromiter((x.end_time for x in ns.notes), np.float64, n),
-    )
-
-
 # ----------------------------------------------------------------------------- piano roll
 
 
@@ -111,7 +102,8 @@ def piano_roll(ns, path: str | os.PathLike, *, title: str = "", primer_seconds: 
     from matplotlib.collections import PolyCollection
     from matplotlib.figure import Figure
 
-    pitch, velocity, start_s, end_s = note_arrays(ns)
+    # Everything the file holds, drums and undamped notes included: the picture is of the file.
+    pitch, velocity, start_s, end_s = notes_lib.from_sequence(ns, apply_sustain=False, drop_drums=False)
     total_s = max(float(end_s.max()) if len(end_s) else 0.0, 1.0)
     fig = Figure(figsize=(10, 3), dpi=100)
     FigureCanvasAgg(fig)

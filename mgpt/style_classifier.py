@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from mgpt import features as F
-from mgpt.features import Notes
+from data_prep.notes import Notes
 
 _MAX_INTERVAL = 12  # interval unigrams over -12..12 (clipped)
 _MAX_BIGRAM_INTERVAL = 7  # interval bigrams over -7..7 (clipped)
@@ -58,7 +58,7 @@ def style_vector(notes: Notes) -> np.ndarray:
 
 def transpose_notes(notes: Notes, semitones: int) -> Notes:
     pitch, velocity, start_s, end_s = notes
-    return np.clip(np.asarray(pitch) + semitones, 0, 127), velocity, start_s, end_s
+    return Notes(np.clip(np.asarray(pitch) + semitones, 0, 127), velocity, start_s, end_s)
 
 
 class StyleClassifier:

@@ -7,7 +7,7 @@ import pytest
 
 from mgpt import features as F
 from mgpt import ngram, originality
-from mgpt import evaluate as ev
+from mgpt import eval as ev
 from mgpt import style_classifier as sc
 
 
@@ -246,7 +246,7 @@ def tiny_report(tmp_path_factory):
     from flax import nnx
 
     from data_prep.vocab import Vocabulary
-    from mgpt import evaluate as E
+    from mgpt import eval as E
     from mgpt import lstm
     from mgpt.model import GPT, ModelConfig
 
@@ -282,7 +282,7 @@ def tiny_report(tmp_path_factory):
     report = E.evaluate(vocab=vocab, train=train, test=test, generated=generated, models=models,
                         options=E.Options(ngram_order=3, crop_seconds=20.0, copy_threshold_s=5.0),
                         output_dir=out, log=lambda *a: None)
-    from mgpt import report as report_lib
+    from mgpt.eval import pages as report_lib
 
     report_lib.write_report(report, out, gen_dir)
     return out, json.loads((out / "report.json").read_text())

@@ -1,4 +1,4 @@
-"""Report files of `mgpt.evaluate`: report.md / report.html from report.json, and run-vs-run comparison.
+"""Report pages of `mgpt.evaluate`: report.md / report.html from report.json.
 
 The tables are built once (`report_tables`) and written both as Markdown and as an
 HTML page that sits next to the generated pieces' gallery (embedded on the right).
@@ -12,10 +12,6 @@ import os
 import pathlib
 
 from mgpt import features as F
-
-
-class ReportError(ValueError):
-    """A report file that is missing or unreadable; printed as one line."""
 
 
 def fmt(v, digits=3) -> str:
@@ -197,59 +193,3 @@ def write_report(report: dict, output_dir: str | os.PathLike, generated_dir: str
 
 
 # ----------------------------------------------------------------------------- compare
-
-
-def headline(report: dict) -> dict[str, float | None]:
-    """The figures worth comparing between runs, flat."""
-    out = {}
-    for name, m in report["likelihood"]["models"].items():
-        out[f"likelihood.{name}.nats_per_event"] = m["nats_per_event"]
-        for s, v in m["per_style"].items():
-            out[f"likelihood.{name}.{s}"] = v["nats_per_event"]
-    f = report["features"]
-    out["features.mean_overlap"] = f["mean_overlap"]["generated_vs_test"]
-    out["features.mean_overlap_ceiling"] = f["mean_overlap"]["train_vs_test"]
-    out["features.mean_kl"] = f["mean_kl"]["generated_vs_test"]
-    for k, v in f["generated_vs_test"].items():
-        out[f"features.{k}.overlap"] = v.get("overlap")
-    for style, v in report.get("coherence", {}).get("per_style", {}).items():
-        for k in ("onset_polyphony", "mean_note_s", "share_notes_ge_4s"):
-            out[f"coherence.{style}.{k}"] = v["generated"][k]
-    st = report["style"]
-    if "real_test" in st:
-        out["style.real_test_accuracy"] = st["real_test"]["accuracy"]
-        out["style.generated_accuracy"] = st["generated"]["accuracy"]
-    og = report["originality"]
-    for name in ("generated", "test"):
-        out[f"originality.{name}.longest_copy_s_max"] = og[name]["longest_copy_s_max"]
-        out[f"originality.{name}.longest_copy_s_median"] = og[name]["longest_copy_s_median"]
-        for n, v in og[name]["ngram_share"].items():
-            out[f"originality.{name}.ngram{n}_share"] = v
-        out[f"originality.{name}.flagged"] = len(og[name]["flagged"])
-    out["validity.share"] = report["validity"]["share"]
-    return out
-
-
-def _load_report(path: str) -> dict:
-    p = pathlib.Path(path)
-    if p.is_dir():
-        p = p / "report.json"
-    try:
-        return json.loads(p.read_text())
-    except FileNotFoundError:
-        raise ReportError(f"{p}: no report.json (run python -m mgpt.evaluate --output_dir=... first)") from None
-    except json.JSONDecodeError as e:
-        raise ReportError(f"{p}: not valid JSON ({e})") from None
-
-
-def compare(path_a: str, path_b: str) -> str:
-    """A text table of two reports' headline figures, with the change."""
-    a, b = headline(_load_report(path_a)), headline(_load_report(path_b))
-    keys = list(a) + [k for k in b if k not in a]
-    width = max(len(k) for k in keys) + 2
-    lines = [f"A = {path_a}", f"B = {path_b}", "", f"{'figure':<{width}}{'A':>12}{'B':>12}{'B - A':>12}"]
-    for k in keys:
-        va, vb = a.get(k), b.get(k)
-        d = vb - va if isinstance(va, (int, float)) and isinstance(vb, (int, float)) else None
-        lines.append(f"{k:<{width}}{fmt(va, 4):>12}{fmt(vb, 4):>12}{fmt(d, 4) if d is not None else '':>12}")
-    return "\n".join(lines)

@@ -1,0 +1,61 @@
+"""Coherence section: do generated notes hold together as the real ones of their style do?
+
+Per style, polyphony at onsets, mean note length and the share of notes of 4 s or
+more (mgpt.features.note_coherence), generated against real test pieces.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from data_prep.notes import Notes, crop
+from data_prep.vocab import normalize_label
+from mgpt import features as F
+from mgpt.eval.inputs import Generated, Options, valid
+from mgpt.eval.references import References
+
+COHERENCE_TOLERANCE = 0.25  # a style is flagged when polyphony or mean note length is off by more
+LONG_NOTE_SLACK = 0.03  # generated share of notes >= 4 s may exceed the real share by 3 points
+
+
+def coherence_by_style(generated: Sequence[tuple[str, Notes]], real: Sequence[tuple[str, Notes]],
+                       crop_seconds: float) -> dict:
+    """Per style, the mean over pieces of F.note_coherence for generated and real test pieces,
+    the generated/real ratios, and whether the style is off (by more than 25 % in polyphony or
+    note length, or more than 3 points more notes >= 4 s)."""
+
+    def means(pairs, style):
+        rows = [F.note_coherence(n) for s, n in pairs if s == style and len(n[0])]
+        return {"pieces": len(rows), **{k: float(np.mean([r[k] for r in rows])) if rows else None
+                                          for k in F.COHERENCE}}
+
+    per_style = {}
+    for style in sorted({s for s, _ in generated} & {s for s, _ in real}):
+        g, r = means(generated, style), means(real, style)
+        if not g["pieces"] or not r["pieces"]:
+            continue
+        ratio = {k: g[k] / r[k] if r[k] else None for k in ("onset_polyphony", "mean_note_s")}
+        off = [k for k, v in ratio.items() if v is None or abs(v - 1) > COHERENCE_TOLERANCE]
+        if g["share_notes_ge_4s"] > r["share_notes_ge_4s"] + LONG_NOTE_SLACK:
+            off.append("share_notes_ge_4s")
+        per_style[style] = {"generated": g, "real": r, "ratio": ratio, "off": off}
+    return {
+        "crop_seconds": crop_seconds,
+        "tolerance": COHERENCE_TOLERANCE,
+        "long_note_slack": LONG_NOTE_SLACK,
+        "per_style": per_style,
+        "flagged_styles": [s for s, v in per_style.items() if v["off"]],
+    }
+
+
+def coherence_section(refs: References, generated: Sequence[Generated], o: Options,
+                      out_dir: pathlib.Path | None = None) -> dict:
+    """coherence_by_style over the valid generated pieces and the real test pieces, both cropped."""
+    return coherence_by_style(
+        [(normalize_label(g.style), crop(g.notes, o.crop_seconds)) for g in valid(generated)],
+        [(p.style_name, crop(n, o.crop_seconds)) for n, p in zip(refs.test_notes, refs.test)],
+        o.crop_seconds,
+    )

@@ -1,0 +1,119 @@
+"""Likelihood section: nats/bits per event and perplexity on the test split.
+
+Each model (the GPT, and an LSTM when given) and an interpolated Kneser-Ney n-gram
+fitted on the train split score the same windows: whole test pieces, no
+transposition, cut into seq_len windows that each start with the piece's
+conditioning token, exactly like the trainer's eval.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from data_prep.vocab import Vocabulary
+from mgpt import ngram as ngram_lib
+from mgpt.eval.inputs import Model, Options, Piece, UserError
+
+LN2 = math.log(2.0)
+
+
+def windows(pieces: Sequence[Piece], vocab: Vocabulary, seq_len: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(piece index, tokens, predicted) windows covering each piece's events + EOS once.
+
+    The trainer's own eval cut (`mgpt.data.piece_segments`): each window starts with the
+    piece's conditioning token, plus the VELOCITY in force when it starts mid-piece; those
+    are given, never predicted. `predicted` is a bool per token.
+    """
+    from mgpt import data as data_lib
+
+    out = []
+    for i, p in enumerate(pieces):
+        for seg in data_lib.piece_segments(np.asarray(p.tokens, np.int32), p.style, vocab, seq_len):
+            out.append((i, seg["tokens"], seg["loss"].astype(bool)))
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _target_log_probs(graphdef, state, inputs_BxL, targets_BxL):
+    """log P(target) at every position, float32 BxL."""
+    logits_BxLxV = nnx.merge(graphdef, state)(inputs_BxL).astype(jnp.float32)
+    log_p_BxLxV = jax.nn.log_softmax(logits_BxLxV, axis=-1)
+    return jnp.take_along_axis(log_p_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+
+
+def model_nats(model, wins: Sequence[tuple[int, np.ndarray, np.ndarray]], seq_len: int, num_pieces: int,
+               batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Per piece (nats, predicted tokens) under a model called as model(tokens_BxL) -> logits_BxLxV."""
+    graphdef, state = nnx.split(model)
+    nats = np.zeros(num_pieces)
+    count = np.zeros(num_pieces, np.int64)
+    for b in range(0, len(wins), batch_size):
+        chunk = wins[b : b + batch_size]
+        rows_BxL1 = np.zeros((batch_size, seq_len + 1), np.int32)  # fixed shape: one compile
+        mask_BxL = np.zeros((batch_size, seq_len), bool)
+        for r, (_, w, predicted) in enumerate(chunk):
+            rows_BxL1[r, : len(w)] = w
+            mask_BxL[r, : len(w) - 1] = predicted[1:]
+        lp_BxL = np.asarray(_target_log_probs(graphdef, state, rows_BxL1[:, :-1], rows_BxL1[:, 1:]))
+        for r, (i, _, predicted) in enumerate(chunk):
+            nats[i] -= float(lp_BxL[r][mask_BxL[r]].astype(np.float64).sum())
+            count[i] += int(predicted.sum())
+    return nats, count
+
+
+def ngram_nats(lm: ngram_lib.KneserNey, wins: Sequence[tuple[int, np.ndarray, np.ndarray]], num_pieces: int):
+    nats = np.zeros(num_pieces)
+    count = np.zeros(num_pieces, np.int64)
+    for i, w, predicted in wins:
+        nats[i] -= float(lm.log_probs(w)[predicted[1:]].sum())
+        count[i] += int(predicted.sum())
+    return nats, count
+
+
+def rates(nats: float, count: int) -> dict:
+    npe = nats / count if count else float("nan")
+    return {"nats_per_event": npe, "bits_per_event": npe / LN2, "perplexity": math.exp(npe) if count else float("nan"),
+            "events": int(count)}
+
+
+def likelihood_summary(nats: np.ndarray, count: np.ndarray, pieces: Sequence[Piece]) -> dict:
+    """Overall and per-style rates (events include the EOS that ends each piece)."""
+    out = rates(float(nats.sum()), int(count.sum()))
+    per_style = {}
+    for style in sorted({p.style_name for p in pieces}):
+        idx = [i for i, p in enumerate(pieces) if p.style_name == style]
+        per_style[style] = {**rates(float(nats[idx].sum()), int(count[idx].sum())), "pieces": len(idx)}
+    out["per_style"] = per_style
+    return out
+
+
+def likelihood_section(vocab: Vocabulary, train: Sequence[Piece], test: Sequence[Piece], models: Sequence[Model],
+                       o: Options, log=print) -> dict:
+    """Every model and the n-gram baseline on the test split, overall and per style."""
+    for m in models:
+        if m.vocab.tokens[: vocab.style_offset] != vocab.tokens[: vocab.style_offset]:
+            raise UserError(f"{m.workdir or m.name}: its event vocabulary differs from the dataset's")
+    seq_len = models[0].seq_len if models else 512
+    wins = windows(test, vocab, seq_len)
+    lik = {}
+    for m in models:
+        mw = windows(test, m.vocab, m.seq_len)
+        log(f"likelihood: {m.name} on {len(test)} test pieces")
+        nats, count = model_nats(m.model, mw, m.seq_len, len(test), o.batch_size)
+        lik[m.name] = {**likelihood_summary(nats, count, test), "params": m.params, "tokens_seen": m.tokens_seen,
+                       "step": m.step, "seq_len": m.seq_len, "workdir": m.workdir}
+    log(f"likelihood: {o.ngram_order}-gram Kneser-Ney fitted on {len(train)} train pieces")
+    train_seqs = [np.concatenate([[vocab.style_id(p.style)], p.tokens, [vocab.eos_id]]) for p in train]
+    lm = ngram_lib.KneserNey(o.ngram_order, vocab.size, pad_id=vocab.pad_id).fit(train_seqs)
+    nats, count = ngram_nats(lm, wins, len(test))
+    lik[f"ngram{o.ngram_order}"] = {**likelihood_summary(nats, count, test), "order": o.ngram_order,
+                                    "discounts": lm.discounts, "seq_len": seq_len,
+                                    "tokens_seen": int(sum(len(s) for s in train_seqs))}
+    return {"split": "test", "pieces": len(test), "models": lik}
