@@ -80,13 +80,13 @@ def test_trainer_validation_scores_pieces_as_mgpt_evaluate_does():
 
     from data_prep.vocab import Vocabulary
     from mgpt import data as data_lib
-    from mgpt import evaluate
+    from mgpt.eval import inputs, likelihood
     from mgpt.model import GPT, ModelConfig
 
     vocab = Vocabulary(["bach", "folk"])
     rng = np.random.default_rng(0)
     events = np.arange(vocab.note_on_offset, vocab.note_off_offset)
-    pieces = [evaluate.Piece(rng.choice(events, int(n)).astype(np.int32), style=("bach", "folk")[i % 2])
+    pieces = [inputs.Piece(rng.choice(events, int(n)).astype(np.int32), style=("bach", "folk")[i % 2])
               for i, n in enumerate(rng.integers(3, 40, 12))]
     seq_len = 32
     model = GPT(ModelConfig(vocab_size=vocab.size, num_layers=2, num_heads=2, d_model=32, mlp_dim=64,
@@ -99,7 +99,7 @@ def test_trainer_validation_scores_pieces_as_mgpt_evaluate_does():
     sums = [jax.device_get(eval_step(params, rest, b)) for b in batches]
     packed_nats, packed_events = sum(float(x["nats"]) for x in sums), sum(float(x["events"]) for x in sums)
 
-    nats, count = evaluate.model_nats(model, evaluate.windows(pieces, vocab, seq_len), seq_len, len(pieces))
+    nats, count = likelihood.model_nats(model, likelihood.windows(pieces, vocab, seq_len), seq_len, len(pieces))
     assert packed_events == count.sum()
     np.testing.assert_allclose(packed_nats / packed_events, nats.sum() / count.sum(), rtol=1e-5)
 
