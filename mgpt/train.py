@@ -157,12 +157,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(str(e) if str(e).startswith("config.") else f"config.mesh.rules: {e}") from None
 
 
-def validate_devices(config, mesh_devices: int, process_count: int):
-    """Mesh and batch against the devices: returns (mesh, rule table)."""
+def validate_devices(config, mesh_devices: int, process_count: int, devices=None):
+    """Mesh and batch against the devices: returns (mesh, rule table).
+
+    `devices` (default jax.devices()) may be another target's, e.g. a TPU topology's for mgpt.aot."""
     table = mesh_lib.rule_table(config.mesh.rules)
     try:
         mesh_lib.mesh_shape(config.mesh, mesh_devices)
-        mesh = mesh_lib.make_mesh(config.mesh)
+        mesh = mesh_lib.make_mesh(config.mesh, devices)
         micro = config.train.batch_size // config.train.grad_accum
         field = "config.train.batch_size" if config.train.grad_accum == 1 else "config.train.batch_size / grad_accum"
         mesh_lib.check_batch(mesh, table, micro, process_count, field)
@@ -401,7 +403,7 @@ def compile_train_step(s: Setup, config):
         in_shardings=(s.state_shardings, replicated, batch_shardings),
         out_shardings=(s.state_shardings, replicated),
         donate_argnums=0,
-        compiler_options=mesh_lib.compiler_options(),
+        compiler_options=mesh_lib.compiler_options(mesh_lib.mesh_platform(s.mesh)),
     )
 
 
@@ -412,8 +414,14 @@ def compile_eval_step(s: Setup):
         make_eval_step(s.graphdef),
         in_shardings=(s.state_shardings["params"], replicated, batch_shardings),
         out_shardings=replicated,
-        compiler_options=mesh_lib.compiler_options(),
+        compiler_options=mesh_lib.compiler_options(mesh_lib.mesh_platform(s.mesh)),
     )
+
+
+def abstract_batch(rows: int, seq_len: int, sharding) -> dict:
+    """The batch the train and eval steps take (see mgpt.data), as shapes: for compiling ahead of time."""
+    dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "mask": jnp.float32}
+    return {k: jax.ShapeDtypeStruct((rows, seq_len), dtype, sharding=sharding) for k, dtype in dtypes.items()}
 
 
 def global_batch(local: dict, sharding) -> dict:
