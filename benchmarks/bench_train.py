@@ -54,8 +54,12 @@ def jax_stepper(config, vocab_size: int):
     rng = np.random.default_rng(0)
     b, length = config.train.batch_size, config.data.seq_len
     tokens = rng.integers(2, vocab_size, (b, length + 1)).astype(np.int32)
+    # One piece per row, but with positions and segment ids as packed training rows carry
+    # them: the step measured is the one training runs, segment mask included.
     batch = train.global_batch(
-        {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": np.ones((b, length), np.float32)},
+        {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": np.ones((b, length), np.float32),
+         "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy(),
+         "segment_ids": np.ones((b, length), np.int32)},
         s.batch_sharding,
     )
     holder = {"state": state}

@@ -1,4 +1,4 @@
-"""Dataset -> grain pipeline -> {'inputs', 'targets', 'mask'} batches.
+"""Dataset -> grain pipeline -> {'inputs', 'targets', 'mask', 'positions', 'segment_ids'} batches.
 
 A training row holds `seq_len + 1` tokens; the model reads `inputs_BxL = row[:, :-1]`
 and predicts `targets_BxL = row[:, 1:]`. Rows are built from pieces like this:
@@ -12,8 +12,10 @@ and predicts `targets_BxL = row[:, 1:]`. Rows are built from pieces like this:
   predict it: without it the model learns that pieces may begin with no loudness set,
   and samples start at the decoder's default velocity. Evaluation segments after a
   piece's first carry it too, as given context.
-- Shorter pieces are packed best-fit into rows (grain's packer); the EOS that ends each
-  piece separates it from the next one. What is left over is PAD.
+- Shorter pieces are packed best-fit into rows (grain's packer). Each keeps the
+  packer's segment id (1, 2, ... within a row; 0 for PAD) and its positions, which
+  restart at 0: the model attends only within a segment, so a packed piece is scored
+  exactly as if it were alone. What is left over is PAD.
 - On the training split each piece is transposed by a random number of semitones in
   [-transpose, transpose] before cropping (`vocab.transpose` drops notes pushed out of
   range); validation and test are never transposed.
@@ -22,6 +24,9 @@ and predicts `targets_BxL = row[:, 1:]`. Rows are built from pieces like this:
 conditioning tokens always, and in evaluation the carried VELOCITY too, so validation
 nats/event count each event of a piece and its EOS exactly once. Segments carry this
 flag as a `loss` feature through packing.
+
+`positions_BxL` and `segment_ids_BxL` belong to the inputs (row[:, :-1]), like the
+tokens the model reads.
 
 Iterators are grain `DatasetIterator`s: `get_state()` / `set_state()` make the
 training position part of a checkpoint (see mgpt/train.py).
@@ -146,23 +151,35 @@ class _AllSegments(grain.experimental.FlatMapTransform):
         return self._segments.consecutive(style, body)
 
 
+BATCH_KEYS = ("inputs", "targets", "mask", "positions", "segment_ids")
+
+
+def batch_shapes(batch_size: int, seq_len: int) -> dict[str, tuple[tuple[int, int], type]]:
+    """{key: (shape, dtype)} of a model batch, for abstract (AOT) compiles of the train step."""
+    return {k: ((batch_size, seq_len), np.float32 if k == "mask" else np.int32) for k in BATCH_KEYS}
+
+
 def _to_model_batch(packed: dict) -> dict:
     rows_BxL1 = np.asarray(packed["tokens"], np.int32)
     return {
         "inputs": rows_BxL1[:, :-1],
         "targets": rows_BxL1[:, 1:],
         "mask": np.asarray(packed["loss"], np.float32)[:, 1:],  # packing pads it with 0
+        # Shifted with the inputs: the token at i is read at position positions[i] of piece segment_ids[i].
+        "positions": np.asarray(packed["tokens_positions"], np.int32)[:, :-1],
+        "segment_ids": np.asarray(packed["tokens_segment_ids"], np.int32)[:, :-1],
     }
 
 
 def _pack(ds: grain.IterDataset, seq_len: int, num_bins: int, seed: int, shuffle: bool):
+    keep = ("tokens", "loss", "tokens_positions", "tokens_segment_ids")
     return grain.experimental.BestFitPackIterDataset(
         ds,
         length_struct={"tokens": seq_len + 1, "loss": seq_len + 1},
         num_packing_bins=num_bins,
         seed=seed,
         shuffle_bins=shuffle,
-    ).map(lambda x: {"tokens": x["tokens"], "loss": x["loss"]})
+    ).map(lambda x: {k: x[k] for k in keep})
 
 
 def _host_slice(source: Sequence[dict], process_index: int, process_count: int) -> grain.MapDataset:
@@ -191,8 +208,8 @@ def train_dataset(
     """Endless shuffled training batches for this host.
 
     `batch_size` is this host's share of the global batch. Iterate with `iter(ds)`;
-    the iterator's state is checkpointable. Each element: inputs/targets int32[B, seq_len],
-    mask float32[B, seq_len].
+    the iterator's state is checkpointable. Each element: inputs/targets/positions/
+    segment_ids int32[B, seq_len], mask float32[B, seq_len].
     """
     if len(source) == 0:
         raise ValueError("the training split is empty")
@@ -238,11 +255,7 @@ def eval_batches(
         if rows < batch_size:  # the last partial batch: pad with masked rows
             batch = {k: np.pad(v, ((0, batch_size - rows), (0, 0))) for k, v in batch.items()}
         out.append(batch)
-    empty = {
-        "inputs": np.zeros((batch_size, seq_len), np.int32),
-        "targets": np.zeros((batch_size, seq_len), np.int32),
-        "mask": np.zeros((batch_size, seq_len), np.float32),
-    }
+    empty = {k: np.zeros(shape, dtype) for k, (shape, dtype) in batch_shapes(batch_size, seq_len).items()}
     out += [empty] * (num_batches - len(out))
     return out
 

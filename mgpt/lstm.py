@@ -75,7 +75,10 @@ def _param(value, axes: tuple) -> nnx.Param:
 
 
 class LSTMLayer(nnx.Module):
-    """One LSTM layer over a whole sequence: x_BxLxD -> h_BxLxD (zero initial state)."""
+    """One LSTM layer over a whole sequence: x_BxLxD -> h_BxLxD (zero initial state).
+
+    `start_BxL` (bool) marks tokens that open a new packed piece: the state is zeroed
+    before them, so a piece never reads the one packed before it."""
 
     def __init__(self, cfg: LSTMConfig, rngs: nnx.Rngs):
         d, pdt = cfg.d_model, cfg.param_dtype
@@ -90,15 +93,17 @@ class LSTMLayer(nnx.Module):
         # A forget-gate bias of 1 keeps early gradients flowing through the cell state.
         self.b = _param(jnp.zeros((4, d), pdt).at[1].set(1.0), (None, "mlp"))
 
-    def __call__(self, x_BxLxD):
+    def __call__(self, x_BxLxD, start_BxL=None):
         dt = self.cfg.dtype
         b, _, d = x_BxLxD.shape
         gx_BxLx4xD = jnp.einsum("bld,dgh->blgh", x_BxLxD.astype(dt), self.w_x[...].astype(dt))
         gx_BxLx4xD = gx_BxLx4xD.astype(jnp.float32) + self.b[...].astype(jnp.float32)
         w_h = self.w_h[...].astype(dt)
 
-        def step(carry, gx_Bx4xD):
+        def step(carry, inputs):
+            gx_Bx4xD, start_Bx1 = inputs
             h_BxD, c_BxD = carry
+            h_BxD, c_BxD = jnp.where(start_Bx1, 0.0, h_BxD), jnp.where(start_Bx1, 0.0, c_BxD)
             g_Bx4xD = gx_Bx4xD + jnp.einsum(
                 "bd,dgh->bgh", h_BxD.astype(dt), w_h, preferred_element_type=jnp.float32
             )
@@ -108,12 +113,15 @@ class LSTMLayer(nnx.Module):
             return (h_BxD, c_BxD), h_BxD
 
         zeros_BxD = jnp.zeros((b, d), jnp.float32)
-        _, h_LxBxD = jax.lax.scan(step, (zeros_BxD, zeros_BxD), gx_BxLx4xD.swapaxes(0, 1))
+        if start_BxL is None:
+            start_BxL = jnp.zeros(x_BxLxD.shape[:2], bool)
+        start_LxBx1 = start_BxL.swapaxes(0, 1)[..., None]
+        _, h_LxBxD = jax.lax.scan(step, (zeros_BxD, zeros_BxD), (gx_BxLx4xD.swapaxes(0, 1), start_LxBx1))
         return h_LxBxD.swapaxes(0, 1).astype(dt)
 
 
 class LSTMLM(nnx.Module):
-    """`LSTMLM(cfg, rngs=nnx.Rngs(seed))`; `model(tokens_BxL) -> logits_BxLxV` (float32)."""
+    """`LSTMLM(cfg, rngs=nnx.Rngs(seed))`; `model(tokens_BxL[, positions_BxL, segment_ids_BxL]) -> logits_BxLxV`."""
 
     def __init__(self, cfg: LSTMConfig, *, rngs: nnx.Rngs):
         d, v, pdt = cfg.d_model, cfg.vocab_size, cfg.param_dtype
@@ -123,10 +131,16 @@ class LSTMLM(nnx.Module):
         self.out = _param(jax.random.normal(rngs.params(), (d, v), pdt) * d**-0.5, ("embed", "vocab"))
         self.out_bias = _param(jnp.zeros((v,), pdt), ("vocab",))
 
-    def __call__(self, tokens_BxL):
+    def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None):
+        """float32 logits_BxLxV. Positions are implicit in the recurrence; a change of
+        segment id (packed rows) restarts the state."""
+        del positions_BxL
+        start_BxL = None
+        if segment_ids_BxL is not None:
+            start_BxL = jnp.pad(segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1], ((0, 0), (1, 0)))
         x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(self.cfg.dtype)
         for layer in self.layers:
-            x_BxLxD = layer(x_BxLxD)
+            x_BxLxD = layer(x_BxLxD, start_BxL)
         logits_BxLxV = jnp.einsum(
             "bld,dv->blv", x_BxLxD, self.out[...].astype(self.cfg.dtype), preferred_element_type=jnp.float32
         )

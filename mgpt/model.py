@@ -3,6 +3,14 @@
 Pre-norm RMSNorm blocks, rotary position embeddings (relative positions, which
 matter for music), a gated MLP (SwiGLU or GeGLU), optional tied embeddings, and
 attention through `jax.nn.dot_product_attention` (cuDNN flash on GPUs in bf16).
+
+Training rows may pack several pieces: `segment_ids_BxL` (one id per piece, 0 for
+PAD) keeps attention causal within a piece, and `positions_BxL` restart at 0 for each
+piece, so a packed piece is scored exactly as if it were alone. On the XLA path the
+segment test is a boolean BxNxLxL mask next to the causal one; on the cuDNN path jax
+turns the same mask into an additive Bx1xLxL bias (one LxL slab per row in the compute
+dtype: 1 GiB for 128 rows of 2048 in bf16, split over the batch shards), which the
+flash kernel reads.
 Parameters are stored in `param_dtype` (fp32); matmuls run in `dtype` (bf16 for
 the big configs); logits and softmax are fp32.
 
@@ -180,9 +188,14 @@ class Attention(nnx.Module):
             q, k, v = (jnp.einsum("bld,dnk->blnk", x_BxLxD, w_Dx3xNxK[:, i]) for i in range(3))
         return _rope(q, positions_BxL, self.cfg.rope_base), _rope(k, positions_BxL, self.cfg.rope_base), v
 
-    def __call__(self, x_BxLxD, positions_BxL):
+    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None):
         q, k, v = self._project(x_BxLxD, positions_BxL, fused=False)
-        o_BxLxNxK = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self._implementation())
+        same_Bx1xLxL = None
+        if segment_ids_BxL is not None:  # packed pieces: a query sees only keys of its own piece
+            same_Bx1xLxL = (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])[:, None]
+        o_BxLxNxK = jax.nn.dot_product_attention(
+            q, k, v, mask=same_Bx1xLxL, is_causal=True, implementation=self._implementation()
+        )
         return jnp.einsum("blnk,nkd->bld", o_BxLxNxK, self.out[...].astype(self.cfg.dtype))
 
     def decode(self, x_BxTxD, positions_BxT, cache: dict[str, jax.Array]):
@@ -233,8 +246,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BxLxD, positions_BxL):
-        x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions_BxL)
+    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None):
+        x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL)
         return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
 
     def decode(self, x_BxTxD, positions_BxT, cache):
@@ -243,12 +256,12 @@ class Block(nnx.Module):
         return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), cache
 
 
-def _block_call(block: Block, x_BxLxD, positions_BxL):
-    return block(x_BxLxD, positions_BxL)
+def _block_call(block: Block, x_BxLxD, positions_BxL, segment_ids_BxL):
+    return block(x_BxLxD, positions_BxL, segment_ids_BxL)
 
 
 class GPT(nnx.Module):
-    """`GPT(cfg, rngs=nnx.Rngs(seed))`; `model(tokens_BxL) -> logits_BxLxV` (float32)."""
+    """`GPT(cfg, rngs=nnx.Rngs(seed))`; `model(tokens_BxL[, positions_BxL, segment_ids_BxL]) -> logits_BxLxV`."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -275,8 +288,13 @@ class GPT(nnx.Module):
             "bld,dv->blv", h_BxLxD, w_DxV.astype(self.cfg.dtype), preferred_element_type=jnp.float32
         )
 
-    def __call__(self, tokens_BxL, positions_BxL=None):
-        """Full causal forward. positions default to 0..L-1. Returns float32 logits_BxLxV."""
+    def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None):
+        """Full causal forward; float32 logits_BxLxV.
+
+        positions default to 0..L-1; with `segment_ids_BxL` (packed rows) a token attends
+        only to earlier tokens of the same segment, and positions should restart at 0 in
+        each segment (as grain's packer gives them).
+        """
         b, length = tokens_BxL.shape
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
@@ -286,7 +304,7 @@ class GPT(nnx.Module):
             block_fn = nnx.remat(_block_call, policy=policy)
         x_BxLxD = self._embed(tokens_BxL)
         for block in self.blocks:
-            x_BxLxD = block_fn(block, x_BxLxD, positions_BxL)
+            x_BxLxD = block_fn(block, x_BxLxD, positions_BxL, segment_ids_BxL)
         return self._logits(x_BxLxD)
 
     def init_cache(self, batch: int, size: int | None = None, dtype=None) -> Cache:

@@ -10,33 +10,40 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Dense bf16 peak FLOP/s per device (vendor datasheets), matched against device_kind.
-# MFU is reported against these; with float32 compute on GPU it is an underestimate.
-_PEAK_FLOPS = (
-    ("tpu v6", 918e12),
-    ("tpu v5p", 459e12),
-    ("tpu v5", 197e12),  # v5e / "TPU v5 lite"
-    ("tpu v4", 275e12),
-    ("tpu v3", 123e12),
-    ("tpu v2", 45e12),
-    ("h200", 989e12),
-    ("h100", 989e12),
-    ("gh200", 989e12),
-    ("b200", 2250e12),
-    ("a100", 312e12),
-    ("l40s", 362e12),
-    ("l4", 121e12),
-    ("a10", 125e12),
-    ("v100", 125e12),
-)
+# Dense bf16 peak FLOP/s per jax device (vendor datasheets), by exact `device_kind`.
+# Exact, not substrings: TPU v5p reports "TPU v5" and v5e "TPU v5 lite", and an H100
+# PCIe has 3/4 of the SXM part's rate, so a substring table in any order gets one wrong.
+# TPU v2/v3 devices are single TensorCores (half a chip); v4 and later are whole chips.
+# A kind not listed here is measured (`measure_matmul_flops`). MFU is reported against
+# these; with float32 compute on GPU it is an underestimate.
+_PEAK_FLOPS = {
+    "TPU v2": 22.5e12,
+    "TPU v3": 61.5e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5": 459e12,  # v5p
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "NVIDIA H100 80GB HBM3": 989e12,  # SXM
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA GH200 480GB": 989e12,
+    "NVIDIA B200": 2250e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA L40S": 362e12,
+    "NVIDIA L4": 121e12,
+    "NVIDIA A10": 125e12,
+    "Tesla V100-SXM2-16GB": 125e12,
+    "Tesla V100-SXM2-32GB": 125e12,
+}
 
 
 def known_peak_flops(device: jax.Device) -> float | None:
-    kind = device.device_kind.lower()
-    for key, flops in _PEAK_FLOPS:
-        if key in kind:
-            return flops
-    return None
+    return _PEAK_FLOPS.get(device.device_kind)
 
 
 def measure_matmul_flops(dtype: str = "float32", n: int = 1024, seconds: float = 0.5) -> float:

@@ -184,12 +184,35 @@ def maybe_initialize_distributed(dist: ml_collections.ConfigDict) -> None:
             process_id=dist.process_id if dist.process_id >= 0 else None,
         )
         return
+    cluster = cluster_environment()
     try:
         jax.distributed.initialize()
-    except (ValueError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - coordinator failures are JaxRuntimeError, others ValueError
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if cluster is not None:
+            # Falling back here would make every process of the job train alone, with the same
+            # seed, into the same workdir.
+            raise ConfigError(
+                f"config.distributed.initialize={dist.initialize!r}: a {cluster} cluster was detected but "
+                f"jax.distributed.initialize() failed ({first_line}); fix the cluster setup, or pass "
+                "--config.distributed.initialize=no to train this process alone"
+            ) from None
         if dist.initialize == "yes":
-            raise ConfigError(f"config.distributed: jax.distributed.initialize() failed ({e})") from None
-        # 'auto' on a single machine with no cluster environment: a single-process run.
+            raise ConfigError(f"config.distributed: jax.distributed.initialize() failed ({first_line})") from None
+        # 'auto' on a machine with no cluster environment: a single-process run.
+
+
+def cluster_environment() -> str | None:
+    """The cluster jax.distributed would detect here ('SlurmCluster', 'OmpiCluster', a Cloud TPU), or None.
+
+    Asked of jax's own detectors, so that we and `jax.distributed.initialize()` agree on
+    what counts as a cluster."""
+    from jax._src import clusters
+
+    for env in clusters.ClusterEnv._cluster_types:
+        if not env.opt_in_only_method and env.is_env_present():
+            return env.__name__
+    return None
 
 
 # ----------------------------------------------------------------------------- data + vocab
@@ -269,7 +292,8 @@ def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation
 def _loss_sums(graphdef, params, rest, batch, z_loss: float):
     """(sum of masked cross-entropy, sum of masked log(Z)^2) in nats, fp32."""
     model = nnx.merge(graphdef, params, rest)
-    logits_BxLxV = model(batch["inputs"]).astype(jnp.float32)
+    # Packed rows (mgpt.data) carry positions and segment ids; a batch without them is one piece per row.
+    logits_BxLxV = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids")).astype(jnp.float32)
     log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
     target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
     mask_BxL = batch["mask"]
@@ -395,12 +419,12 @@ def setup(config, vocab_size: int, mesh, table) -> Setup:
 
 
 def compile_train_step(s: Setup, config):
-    batch_shardings = {k: s.batch_sharding for k in ("inputs", "targets", "mask")}
     replicated = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
     step = make_train_step(s.graphdef, s.tx, config.train, s.batch_sharding)
     return jax.jit(
         step,
-        in_shardings=(s.state_shardings, replicated, batch_shardings),
+        # One sharding for the whole batch dict (a pytree prefix): every [batch, length] array alike.
+        in_shardings=(s.state_shardings, replicated, s.batch_sharding),
         out_shardings=(s.state_shardings, replicated),
         donate_argnums=0,
         compiler_options=mesh_lib.compiler_options(mesh_lib.mesh_platform(s.mesh)),
@@ -408,11 +432,10 @@ def compile_train_step(s: Setup, config):
 
 
 def compile_eval_step(s: Setup):
-    batch_shardings = {k: s.batch_sharding for k in ("inputs", "targets", "mask")}
     replicated = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
     return jax.jit(
         make_eval_step(s.graphdef),
-        in_shardings=(s.state_shardings["params"], replicated, batch_shardings),
+        in_shardings=(s.state_shardings["params"], replicated, s.batch_sharding),
         out_shardings=replicated,
         compiler_options=mesh_lib.compiler_options(mesh_lib.mesh_platform(s.mesh)),
     )

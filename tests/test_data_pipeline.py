@@ -213,3 +213,21 @@ def test_eval_batches_cover_every_event_once_and_pad_to_a_fixed_count():
 def test_empty_training_split_is_a_clear_error():
     with pytest.raises(ValueError, match="training split is empty"):
         data.train_dataset([], VOCAB, seq_len=SEQ, batch_size=4, seed=0)
+
+
+def test_packed_rows_keep_each_piece_apart_with_its_own_positions():
+    ds = data.train_dataset(_corpus(200), VOCAB, seq_len=SEQ, batch_size=8, seed=0, transpose=0, prefetch=0)
+    style_ids = {VOCAB.style_id("bach"), VOCAB.style_id("folk"), VOCAB.unknown_style_id}
+    several = 0
+    for b in _batches(ds, 10):
+        assert set(b) == set(data.BATCH_KEYS)
+        for inp, seg, pos in zip(b["inputs"], b["segment_ids"], b["positions"]):
+            starts = np.flatnonzero(np.isin(inp, list(style_ids)))
+            # A new segment id begins exactly at each conditioning token, and positions restart there.
+            np.testing.assert_array_equal(np.flatnonzero(np.diff(seg, prepend=0) > 0), starts)
+            assert (pos[starts] == 0).all()
+            for s in np.unique(seg[seg > 0]):
+                np.testing.assert_array_equal(pos[seg == s], np.arange((seg == s).sum()))
+            assert (inp[seg == 0] == VOCAB.pad_id).all(), "segment 0 is padding"
+            several += len(starts) > 1
+    assert several > 10, "rows do pack several pieces"

@@ -37,6 +37,33 @@ def test_changing_a_future_token_leaves_earlier_logits_unchanged():
     assert not np.allclose(np.asarray(a[:, 7:]), np.asarray(b[:, 7:]))
 
 
+def _pack(*pieces):
+    """One row holding the pieces back to back: tokens, positions restarting at 0, segment ids 1, 2, ..."""
+    tokens = np.concatenate(pieces)
+    positions = np.concatenate([np.arange(len(p)) for p in pieces])
+    segment_ids = np.concatenate([np.full(len(p), i + 1) for i, p in enumerate(pieces)])
+    return (jnp.asarray(x[None], jnp.int32) for x in (tokens, positions, segment_ids))
+
+
+@pytest.mark.parametrize("kind", ["gpt", "lstm"])
+def test_packed_piece_scores_as_if_alone(kind):
+    from mgpt import lstm
+
+    if kind == "gpt":
+        model = GPT(ModelConfig(**TINY), rngs=nnx.Rngs(0))
+    else:
+        model = lstm.LSTMLM(lstm.LSTMConfig(vocab_size=TINY["vocab_size"], num_layers=2, d_model=32), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(3)
+    first, second = rng.integers(1, TINY["vocab_size"], 5), rng.integers(1, TINY["vocab_size"], 9)
+    tokens_1xL, positions_1xL, segment_ids_1xL = _pack(first, second)
+    packed_1xLxV = model(tokens_1xL, positions_1xL, segment_ids_1xL)
+    alone_1xLxV = model(jnp.asarray(second[None], jnp.int32))
+    np.testing.assert_allclose(np.asarray(packed_1xLxV[0, 5:]), np.asarray(alone_1xLxV[0]), rtol=1e-5, atol=1e-5)
+    # Without the segment ids the second piece reads the first as its context: not the same scores.
+    unpacked_1xLxV = model(tokens_1xL)
+    assert not np.allclose(np.asarray(unpacked_1xLxV[0, 5:]), np.asarray(alone_1xLxV[0]), atol=1e-3)
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_count_params_matches_the_instantiated_model(tied):
     cfg = ModelConfig(**TINY, tied_embeddings=tied)

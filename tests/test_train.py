@@ -74,6 +74,36 @@ def test_resume_is_bitwise_identical(dataset, tiny_run, tmp_path, monkeypatch):
     assert second["eval"] == uninterrupted["eval"]
 
 
+def test_trainer_validation_scores_pieces_as_mgpt_evaluate_does():
+    """Validation packs several pieces per row; mgpt.evaluate scores each window alone. Same nats."""
+    from flax import nnx
+
+    from data_prep.vocab import Vocabulary
+    from mgpt import data as data_lib
+    from mgpt import evaluate
+    from mgpt.model import GPT, ModelConfig
+
+    vocab = Vocabulary(["bach", "folk"])
+    rng = np.random.default_rng(0)
+    events = np.arange(vocab.note_on_offset, vocab.note_off_offset)
+    pieces = [evaluate.Piece(rng.choice(events, int(n)).astype(np.int32), style=("bach", "folk")[i % 2])
+              for i, n in enumerate(rng.integers(3, 40, 12))]
+    seq_len = 32
+    model = GPT(ModelConfig(vocab_size=vocab.size, num_layers=2, num_heads=2, d_model=32, mlp_dim=64,
+                            max_len=seq_len), rngs=nnx.Rngs(1))
+    records = [{"tokens": p.tokens, "style": p.style} for p in pieces]
+    batches = data_lib.eval_batches(records, vocab, seq_len=seq_len, batch_size=4, num_batches=8, num_packing_bins=4)
+    assert max(len(np.unique(seg[seg > 0])) for b in batches for seg in b["segment_ids"]) > 2, "rows hold pieces"
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    eval_step = jax.jit(train.make_eval_step(graphdef))
+    sums = [jax.device_get(eval_step(params, rest, b)) for b in batches]
+    packed_nats, packed_events = sum(float(x["nats"]) for x in sums), sum(float(x["events"]) for x in sums)
+
+    nats, count = evaluate.model_nats(model, evaluate.windows(pieces, vocab, seq_len), seq_len, len(pieces))
+    assert packed_events == count.sum()
+    np.testing.assert_allclose(packed_nats / packed_events, nats.sum() / count.sum(), rtol=1e-5)
+
+
 def test_restore_model_for_inference(tiny_run):
     workdir, _ = tiny_run
     model, vocab, config, step = train.restore_model(workdir)
@@ -132,6 +162,37 @@ def test_config_validation_names_the_field(field, value, message):
     c[section][name] = value
     with pytest.raises(train.ConfigError, match=message.replace(".", r"\.")):
         train.validate(c)
+
+
+_SLURM = {"SLURM_JOB_ID": "42", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+          "SLURM_LOCALID": "0"}
+
+
+def _failing_initialize(error):
+    def initialize(*args, **kwargs):
+        raise error
+
+    return initialize
+
+
+def test_a_detected_cluster_that_fails_to_connect_stops_instead_of_training_alone(monkeypatch):
+    for k, v in _SLURM.items():
+        monkeypatch.setenv(k, v)
+    assert train.cluster_environment() == "SlurmCluster"
+    error = jax.errors.JaxRuntimeError("DEADLINE_EXCEEDED: Barrier timed out\nlong coordinator trace")
+    monkeypatch.setattr(jax.distributed, "initialize", _failing_initialize(error))
+    with pytest.raises(train.ConfigError) as e:
+        train.maybe_initialize_distributed(tiny.get_config().distributed)
+    assert "\n" not in str(e.value) and "SlurmCluster cluster was detected" in str(e.value)
+    assert "DEADLINE_EXCEEDED: Barrier timed out" in str(e.value)
+
+
+def test_auto_without_a_cluster_is_a_single_process_run(monkeypatch):
+    for k in _SLURM:
+        monkeypatch.delenv(k, raising=False)
+    assert train.cluster_environment() is None
+    monkeypatch.setattr(jax.distributed, "initialize", _failing_initialize(ValueError("coordinator_address should be defined.")))
+    train.maybe_initialize_distributed(tiny.get_config().distributed)  # no error: one process
 
 
 def test_mesh_that_does_not_divide_the_devices_is_named():
