@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -149,6 +150,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(t.eps > 0, "train.eps", f"must be > 0, got {t.eps!r}")
     _check(t.clip_norm >= 0, "train.clip_norm", f"must be >= 0 (0 disables), got {t.clip_norm!r}")
     _check(t.z_loss >= 0, "train.z_loss", f"must be >= 0, got {t.z_loss!r}")
+    _check(isinstance(t.compilation_cache, str), "train.compilation_cache",
+           f"must be a directory ('' = jax's own setting), got {t.compilation_cache!r}")
     _check(config.distributed.initialize in ("auto", "yes", "no"), "distributed.initialize",
            f"must be 'auto', 'yes' or 'no', got {config.distributed.initialize!r}")
     try:
@@ -213,6 +216,22 @@ def cluster_environment() -> str | None:
         if not env.opt_in_only_method and env.is_env_present():
             return env.__name__
     return None
+
+
+def use_compilation_cache(directory: str, workdir: epath.Path) -> str | None:
+    """Points jax's persistent compilation cache at `directory` (relative to the workdir).
+
+    A restarted run (preemption, max_steps_per_run) then loads its compiled steps instead
+    of compiling them again. '' leaves jax's own setting alone. Returns the path used."""
+    if not directory:
+        return None
+    from jax.experimental.compilation_cache import compilation_cache
+
+    path = directory if "://" in directory or directory.startswith("/") else os.fspath(workdir / directory)
+    if jax.config.jax_compilation_cache_dir != path:
+        compilation_cache.set_cache_dir(path)
+        compilation_cache.reset_cache()  # jax opens its cache once per process, at the first compile
+    return path
 
 
 # ----------------------------------------------------------------------------- data + vocab
@@ -289,11 +308,20 @@ def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation
     return adamw
 
 
-def _loss_sums(graphdef, params, rest, batch, z_loss: float):
+def activation_sharding(batch_sharding):
+    """Sharding of BxLxD activations: rows where the batch's rows are, D whole on each device."""
+    if batch_sharding is None:
+        return None
+    spec = jax.sharding.PartitionSpec(*batch_sharding.spec, *[None] * (2 - len(batch_sharding.spec)), None)
+    return jax.sharding.NamedSharding(batch_sharding.mesh, spec)
+
+
+def _loss_sums(graphdef, params, rest, batch, z_loss: float, batch_sharding=None):
     """(sum of masked cross-entropy, sum of masked log(Z)^2) in nats, fp32."""
     model = nnx.merge(graphdef, params, rest)
     # Packed rows (mgpt.data) carry positions and segment ids; a batch without them is one piece per row.
-    logits_BxLxV = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids")).astype(jnp.float32)
+    logits_BxLxV = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
+                         activation_sharding=activation_sharding(batch_sharding)).astype(jnp.float32)
     log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
     target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
     mask_BxL = batch["mask"]
@@ -313,7 +341,7 @@ def make_train_step(graphdef, tx, t: ml_collections.ConfigDict, batch_sharding):
         count = jnp.maximum(jnp.sum(batch["mask"]), 1.0)
 
         def objective(p, microbatch):
-            ce, z = _loss_sums(graphdef, p, rest, microbatch, z_loss)
+            ce, z = _loss_sums(graphdef, p, rest, microbatch, z_loss, batch_sharding)
             return (ce + z_loss * z) / count, ce
 
         grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -356,9 +384,9 @@ def make_train_step(graphdef, tx, t: ml_collections.ConfigDict, batch_sharding):
     return train_step
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, batch_sharding=None):
     def eval_step(params, rest, batch):
-        ce, _ = _loss_sums(graphdef, params, rest, batch, 0.0)
+        ce, _ = _loss_sums(graphdef, params, rest, batch, 0.0, batch_sharding)
         return {"nats": ce, "events": jnp.sum(batch["mask"])}
 
     return eval_step
@@ -434,7 +462,7 @@ def compile_train_step(s: Setup, config):
 def compile_eval_step(s: Setup):
     replicated = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
     return jax.jit(
-        make_eval_step(s.graphdef),
+        make_eval_step(s.graphdef, s.batch_sharding),
         in_shardings=(s.state_shardings["params"], replicated, s.batch_sharding),
         out_shardings=replicated,
         compiler_options=mesh_lib.compiler_options(mesh_lib.mesh_platform(s.mesh)),
@@ -442,9 +470,9 @@ def compile_eval_step(s: Setup):
 
 
 def abstract_batch(rows: int, seq_len: int, sharding) -> dict:
-    """The batch the train and eval steps take (see mgpt.data), as shapes: for compiling ahead of time."""
-    dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "mask": jnp.float32}
-    return {k: jax.ShapeDtypeStruct((rows, seq_len), dtype, sharding=sharding) for k, dtype in dtypes.items()}
+    """The batch the train and eval steps take (mgpt.data), as shapes: for compiling ahead of time."""
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+            for k, (shape, dtype) in data_lib.batch_shapes(rows, seq_len).items()}
 
 
 def global_batch(local: dict, sharding) -> dict:
@@ -568,6 +596,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
     _check_same_model(workdir, config)
+    use_compilation_cache(config.train.compilation_cache, workdir)
 
     t, d = config.train, config.data
     dataset_path = resolve_dataset(d.dataset_dir)

@@ -76,18 +76,45 @@ def _run(*args, timeout=240):
 
 @needs_libtpu
 def test_tiny_compiles_for_a_v5e_slice_and_its_flops_match_6n():
-    r = _run("--config=configs/tiny.py", "--topology=v5e:2x2")
+    r = _run("--config=configs/tiny.py", "--topology=v5e:2x2", "--config.model.scan_layers=False")
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
     print(out)
     assert "4 chips of TPU v5e" in out and "fits:" in out
-    # XLA:TPU's own FLOP count of the partitioned step against 6 N_matmul + attention
-    # (mgpt.model.flops_per_token): no remat in tiny, so only the non-matmul work (softmax,
-    # norms, AdamW) is on top, a few per cent at these widths.
+    # The matmuls counted on the step are exactly 6 N_matmul + attention (no remat in tiny).
+    assert re.search(r"matmuls / estimate = 1\.00\)", out), out
+    # XLA:TPU's own count of the partitioned step (no loops here): the non-matmul work
+    # (softmax, norms, AdamW) is on top, a few per cent at these widths.
     ratio = float(re.search(r"XLA / estimate = ([\d.]+)", out).group(1))
     assert 1.0 <= ratio < 1.25, out
     # Data parallel over 4 chips: the gradients are all-reduced.
     assert re.search(r"all-reduce\s+\d+ x", out), out
+
+
+def test_matmul_flops_count_each_scanned_layer_and_microbatch():
+    import jax
+
+    from configs import tiny
+    from mgpt import checkpoint as ckpt_lib
+    from mgpt import train
+
+    def counted(**model):
+        c = tiny.get_config()
+        c.model.update(model)
+        c.train.grad_accum = 2
+        mesh, table = train.validate_devices(c, 1, 1)
+        s = train.setup(c, 100, mesh, table)
+        state = ckpt_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)
+        batch = train.abstract_batch(c.train.batch_size, c.data.seq_len, s.batch_sharding)
+        step = train.make_train_step(s.graphdef, s.tx, c.train, s.batch_sharding)
+        flops = aot.matmul_flops(jax.make_jaxpr(step)(state, s.rest, batch))
+        tokens = c.train.batch_size * c.data.seq_len
+        return flops / (train.flops_per_token(c.model, 100, c.data.seq_len, s.num_params) * tokens)
+
+    assert counted(scan_layers=True) == pytest.approx(1.0, rel=1e-9)
+    assert counted(scan_layers=False) == pytest.approx(1.0, rel=1e-9)
+    # remat='full' recomputes each block's forward: blocks go from 3 to 4 passes.
+    assert 1.2 < counted(scan_layers=True, remat="full") < 1.33
 
 
 @needs_libtpu
