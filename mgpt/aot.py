@@ -464,38 +464,64 @@ def _vocab_size(config) -> int:
 # ----------------------------------------------------------------------------- command line
 
 # The trainer defines --config (mgpt.train); this command takes the same flag.
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice: v5e-256, v4-32, v5p-32, v6e-8, or v5e:2x2.")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "TPU slice(s), comma-separated: v5e-256, v4-32, v5p-32, v6e-8, or v5e:2x2.")
+
+
+def _one(config, config_name: str, topology: str) -> tuple[bool, str]:
+    """Compiles for one slice and prints its report: (fits, a markdown row for the summary)."""
+    slice_ = parse_topology(topology)
+    try:
+        report = compile_for(config, slice_)
+    except AotError as e:  # the config itself does not suit this slice (e.g. the batch does not divide)
+        print(e, file=sys.stderr)
+        return False, f"| {config_name} | {slice_.name} | {slice_.chips} | {e} | {_gib(slice_.chip.hbm_bytes)} | no |"
+    except DoesNotFit as e:
+        print(e, file=sys.stderr)
+        needed = re.search(r"need ([\d.]+ GiB)", str(e))
+        return False, (f"| {config_name} | {slice_.name} | {slice_.chips} | > capacity "
+                       f"({needed.group(1) if needed else '?'} of temporaries) | {_gib(slice_.chip.hbm_bytes)} | no |")
+    versions = f"jax {jax.__version__}, libtpu {importlib.metadata.version('libtpu')}"
+    print(format_report(report, f"{config_name} ({versions})"))
+    row = (f"| {config_name} | {slice_.name} | {slice_.chips} | {_gib(report.peak)} | {_gib(report.capacity)} | "
+           f"{'yes' if report.fits else 'no'} |")
+    if not report.fits:
+        program = "train" if report.train.total >= report.eval.total else "eval"
+        print(_does_not_fit_line(slice_, config, report.peak, report.capacity,
+                                 f"the {program} step's arguments, temporaries and outputs"), file=sys.stderr)
+        return False, row
+    print(f"fits: {_gib(report.peak)} of {_gib(report.capacity)} HBM per chip on {slice_.name}")
+    return True, row
 
 
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config, topology = flags.FLAGS.config, _TOPOLOGY.value
-    if config is None or not topology:
-        print("usage: python -m mgpt.aot --config=configs/large.py --topology=v5e-256 [--config.FIELD=VALUE]",
-              file=sys.stderr)
+    config, topologies = flags.FLAGS.config, [t for t in (_TOPOLOGY.value or "").split(",") if t]
+    if config is None or not topologies:
+        print("usage: python -m mgpt.aot --config=configs/large.py --topology=v5e-256[,v4-32,...] "
+              "[--config.FIELD=VALUE]", file=sys.stderr)
         sys.exit(2)
     # The host compiles; the TPU is only described. Without this jax would also try to
     # open the (absent) TPU as its default backend.
     jax.config.update("jax_platforms", "cpu")
+    name = os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"]))
+    rows, all_fit = [], True
     try:
-        slice_ = parse_topology(topology)
-        report = compile_for(config, slice_)
+        for i, topology in enumerate(topologies):
+            if i:
+                print()
+            fits, row = _one(config, name, topology)
+            all_fit &= fits
+            rows.append(row)
     except AotError as e:
         print(e, file=sys.stderr)
         sys.exit(2)
-    except DoesNotFit as e:
-        print(e, file=sys.stderr)
+    if len(rows) > 1:  # the summary, as the README's table
+        print("\n| config | slice | chips | HBM per chip (peak of train, eval) | usable | fits |\n|---|---|---|---|---|---|")
+        print("\n".join(rows))
+    if not all_fit:
         sys.exit(1)
-    name = config_flags.get_config_filename(flags.FLAGS["config"])
-    print(format_report(report, f"{name} (jax {jax.__version__}, libtpu {importlib.metadata.version('libtpu')})"))
-    if not report.fits:
-        program = "train" if report.train.total >= report.eval.total else "eval"
-        print(_does_not_fit_line(slice_, config, report.peak, report.capacity,
-                                 f"the {program} step's arguments, temporaries and outputs"),
-              file=sys.stderr)
-        sys.exit(1)
-    print(f"fits: {_gib(report.peak)} of {_gib(report.capacity)} HBM per chip on {slice_.name}")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ from ml_collections import config_flags
 
 from data_prep.vocab import Vocabulary
 from mgpt import checkpoint as ckpt_lib
-from mgpt import data as data_lib
 from mgpt import mesh as mesh_lib
 from mgpt import monitor
 
@@ -471,6 +470,8 @@ def compile_eval_step(s: Setup):
 
 def abstract_batch(rows: int, seq_len: int, sharding) -> dict:
     """The batch the train and eval steps take (mgpt.data), as shapes: for compiling ahead of time."""
+    from mgpt import data as data_lib
+
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
             for k, (shape, dtype) in data_lib.batch_shapes(rows, seq_len).items()}
 
@@ -597,6 +598,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         workdir.mkdir(parents=True, exist_ok=True)
     _check_same_model(workdir, config)
     use_compilation_cache(config.train.compilation_cache, workdir)
+
+    # The input pipeline (grain) is imported here, not with the module: the model and the
+    # train step import without it (benchmarks/gpu_check.py feeds synthetic rows).
+    from mgpt import data as data_lib
 
     t, d = config.train, config.data
     dataset_path = resolve_dataset(d.dataset_dir)
