@@ -303,12 +303,11 @@ _EIGHT_DEVICES = textwrap.dedent(
         out["batch_error"] = str(e)
 
     big = large.get_config()
-    big.train.batch_size = 8
+    big.train.batch_size = 8 * big.train.grad_accum  # one row per device per microbatch
     mesh, table = train.validate_devices(big, 8, 1)
     s = train.setup(big, V, mesh, table)
     abstract = ckpt_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)
-    batch = {k: jax.ShapeDtypeStruct((8, big.data.seq_len), np.float32 if k == "mask" else np.int32,
-                                     sharding=s.batch_sharding) for k in ("inputs", "targets", "mask")}
+    batch = train.abstract_batch(big.train.batch_size, big.data.seq_len, s.batch_sharding)
     compiled = train.compile_train_step(s, big).lower(abstract, s.rest, batch).compile()
     out["large_params"] = s.num_params
     out["large_state_bytes_per_device"] = mesh_lib.bytes_per_device(s.abstract_state, s.state_shardings)
