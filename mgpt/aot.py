@@ -246,9 +246,13 @@ def collectives_of(hlo_text: str) -> dict[str, tuple[int, int]]:
             kind = op.removesuffix("-start")
             if kind in _COLLECTIVES and not op.endswith("-done"):
                 sizes = _shape_bytes(result)
+                # XLA combines collectives: a result may be a tuple of many arrays. An async
+                # all-gather's (or permute's) tuple holds its operands, then its results.
+                if op.endswith("-start") and kind != "all-reduce":
+                    sizes = sizes[len(sizes) // 2:]
                 entry_ = totals.setdefault(kind, [0, 0])
                 entry_[0] += times
-                entry_[1] += times * (max(sizes) if sizes else 0)
+                entry_[1] += times * sum(sizes)
             trips = 1
             if op == "while":
                 n = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)

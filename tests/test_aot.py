@@ -56,7 +56,8 @@ _HLO = """HloModule jit_step
 
 ENTRY %main (a: f32[8]) -> f32[8] {
   %w = (s32[], f32[8]) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"16"}}
-  %ars = f32[256]{0} all-reduce-start(f32[256]{0} %g), to_apply=%add
+  %ars = (f32[256]{0}, bf16[64]{0}) all-reduce-start(f32[256]{0} %g, bf16[64]{0} %h), to_apply=%add
+  %ags = (bf16[8]{0}, bf16[32]{0}) all-gather-start(bf16[8]{0} %w), dimensions={0}
   %ard = f32[256]{0} all-reduce-done(f32[256]{0} %ars)
   ROOT %r = f32[8] get-tuple-element(%w), index=1
 }
@@ -65,7 +66,8 @@ ENTRY %main (a: f32[8]) -> f32[8] {
 
 def test_collectives_in_a_loop_count_once_per_iteration():
     found = aot.collectives_of(_HLO)
-    assert found == {"all-gather": (16, 16 * 4 * 1024 * 2), "all-reduce": (1, 256 * 4)}
+    # Combined all-reduces count every array of their tuple; an async all-gather its output.
+    assert found == {"all-gather": (17, 16 * 4 * 1024 * 2 + 32 * 2), "all-reduce": (1, 256 * 4 + 64 * 2)}
 
 
 def _run(*args, timeout=240):
