@@ -105,7 +105,7 @@ def parse_topology(name: str) -> Slice:
     if rest or chips < smallest or chips & (chips - 1):
         unit = "TensorCores (2 per chip)" if chip.cores_in_name == 2 else "chips"
         raise AotError(f"--topology={name}: the size counts {unit} and must be a power of two >= "
-                       f"{smallest * chip.cores_in_name}, e.g. {chip.kind}-{8 if chip.cores_in_name == 2 else 8}")
+                       f"{smallest * chip.cores_in_name}, e.g. {chip.kind}-8")
     return Slice(name, chip, chips, _default_shape(chip, chips))
 
 

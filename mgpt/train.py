@@ -575,8 +575,11 @@ def _check_same_model(workdir: epath.Path, config) -> None:
     path = workdir / "config.json"
     if not path.exists():
         return
-    saved = json.loads(path.read_text()).get("model", {})
-    now = json.loads(json.dumps(config.model.to_dict()))
+    # A field added since the run was written (e.g. scan_layers) had its default then.
+    fields = dataclasses.fields(type(model_config(config.model, vocab_size=1)))
+    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+    saved = {**defaults, **json.loads(path.read_text()).get("model", {})}
+    now = {**defaults, **json.loads(json.dumps(config.model.to_dict()))}
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if diff:
         raise ConfigError(

@@ -164,6 +164,19 @@ def test_scanned_layers_resume_from_their_own_layout_without_recompiling(dataset
         train.train(c, str(tmp_path / "fresh"))
 
 
+def test_a_run_written_before_a_model_field_existed_resumes_with_its_default(tmp_path):
+    from etils import epath
+
+    c = tiny.get_config()
+    written = c.model.to_dict()
+    del written["scan_layers"]  # as config.json was before the field existed
+    (tmp_path / "config.json").write_text(json.dumps({"model": written}))
+    train._check_same_model(epath.Path(tmp_path), c)  # the default: the same unrolled layout
+    c.model.scan_layers = True
+    with pytest.raises(train.ConfigError, match=r"^config\.model\.scan_layers: True differs .* \(False\)"):
+        train._check_same_model(epath.Path(tmp_path), c)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_path):
     # lr 0 at step 0 (warmup), then an absurd rate: the update at step 2 overflows.
     c = _config(dataset, learning_rate=1e30, warmup_steps=3, checkpoint_every=1, eval_every=0)
