@@ -217,11 +217,22 @@ def _shape_bytes(text: str) -> list[int]:
     return [_ITEM_BYTES.get(t, 4) * math.prod(int(n) for n in dims.split(",") if n) for t, dims in _SHAPE.findall(text)]
 
 
+def _trip_count(condition: list[str]) -> int:
+    """Iterations of a scan-shaped loop from its condition `i < N` (the counter starts at 0),
+    where XLA:TPU gives no known_trip_count; 1 when the condition has another shape."""
+    root = next((line for line in condition if line.lstrip().startswith("ROOT")), "")
+    if " compare(" not in root or "direction=LT" not in root:
+        return 1
+    constants = [int(c) for line in condition for c in re.findall(r"\bconstant\((\d+)\)", line)]
+    return constants[0] if len(constants) == 1 else 1
+
+
 def collectives_of(hlo_text: str) -> dict[str, tuple[int, int]]:
     """{kind: (times per execution, bytes of their results)} in an optimized HLO module.
 
-    An op inside a while loop counts once per iteration (XLA's known_trip_count), so a
-    per-layer all-gather under a scan over 16 layers counts 16 times, as it runs.
+    An op inside a while loop counts once per iteration (XLA's known_trip_count, else the
+    loop condition's `i < N`), so a per-layer all-gather under a scan over 16 layers
+    counts 16 times, as it runs.
     """
     computations: dict[str, list[str]] = {}
     entry, current = None, None
@@ -247,8 +258,10 @@ def collectives_of(hlo_text: str) -> dict[str, tuple[int, int]]:
             if kind in _COLLECTIVES and not op.endswith("-done"):
                 sizes = _shape_bytes(result)
                 # XLA combines collectives: a result may be a tuple of many arrays. An async
-                # all-gather's (or permute's) tuple holds its operands, then its results.
+                # all-gather's (or permute's) tuple holds its operands, then its results,
+                # then (permutes) two u32[] scalars of context.
                 if op.endswith("-start") and kind != "all-reduce":
+                    sizes = _shape_bytes(result.replace("u32[]", ""))
                     sizes = sizes[len(sizes) // 2:]
                 entry_ = totals.setdefault(kind, [0, 0])
                 entry_[0] += times
@@ -256,7 +269,8 @@ def collectives_of(hlo_text: str) -> dict[str, tuple[int, int]]:
             trips = 1
             if op == "while":
                 n = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
-                trips = int(n.group(1)) if n else 1
+                cond = re.search(r"condition=%?([\w.\-]+)", rest)
+                trips = int(n.group(1)) if n else _trip_count(computations.get(cond.group(1), []) if cond else [])
             for callee in re.findall(r"\b(?:body|calls|to_apply|branch_computations|true_computation|"
                                      r"false_computation)=\{?%?([\w.\-]+)", rest):
                 visit(callee, times * (trips if op == "while" else 1), depth + 1)
