@@ -29,9 +29,13 @@ def base() -> ml_collections.ConfigDict:
     c.data.dataset_dir = "data/music21_demo"  # TFDS dir; the default is built on first use
     c.data.seq_len = 512  # events per training row (the model sees seq_len, predicts seq_len)
     c.data.transpose = 5  # train-time random transposition in [-transpose, +transpose] semitones
+    c.data.style_dropout = 0.0  # share of training segments conditioned on STYLE:unknown (for --guidance)
     c.data.num_packing_bins = 64  # rows packed at once: more bins, less padding
     c.data.read_threads = 1  # grain reader threads per host
     c.data.prefetch = 2  # batches prepared ahead of the device
+    c.data.workers = 0  # grain worker processes per data shard (0: all in the training process)
+    c.data.shards = 0  # independent data streams of the run (0: one per process); fixed at the first start,
+    # so a resume on another host count (one dividing it) replays and skips nothing
 
     c.model = ml_collections.ConfigDict()
     c.model.kind = "gpt"  # 'gpt' (mgpt.model.GPT) or 'lstm' (mgpt.lstm baseline)

@@ -7,6 +7,8 @@ from configs import common
 def get_config():
     c = common.base()
     c.data.seq_len = 256
+    # Every tenth segment unconditioned: the demo model can then sample with --guidance.
+    c.data.style_dropout = 0.1
     c.model.update(num_layers=4, num_heads=4, d_model=192, mlp_dim=512, max_len=256)
     c.train.update(
         steps=360, batch_size=16, learning_rate=2e-3, warmup_steps=40, weight_decay=0.05,

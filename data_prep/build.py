@@ -11,10 +11,12 @@ The last line printed is the dataset directory PATH:
 Each record: `tokens` int32[None] (event ids only: no STYLE/EOS/PAD), `piece_id`, `path`
 (relative to the source root), `source`, `style` (normalized label, '' if none),
 `composer` ('' if none). PATH also holds `vocab.json`, `skipped.jsonl` (every input that
-was left out, with the reason) and `build.json` (sources, options, counts).
+was left out, with the reason) and `build.json` (sources, options, counts, and per-style
+note lengths of the train split: `note_seconds`, which sets the sampler's note-length guard).
 
-The dataset is written inside TFDS's `incomplete.*` folder and renamed into place only
-when complete, so an interrupted build never leaves a PATH that looks finished. A split
+The dataset is written in a staging folder beside PATH and moved into place by one
+rename only when complete: an interrupted build never leaves a PATH that looks
+finished, and an interrupted `--overwrite` leaves the dataset already there intact. A split
 with no pieces is left out (TFDS cannot store an empty split); `info.splits` lists those
 present. Time-stretched copies (`--time_stretch`) are made of training pieces only, so
 no copy ever crosses a split; their piece_id ends in `@x<factor>`.
@@ -26,6 +28,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import functools
 import glob
@@ -45,7 +48,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from data_prep import midi, sources
-from data_prep.vocab import Vocabulary
+from data_prep.vocab import UNKNOWN_STYLE, Vocabulary, normalize_label
 
 DATASET_NAME = "mgpt_events"
 DATASET_VERSION = "1.0.0"
@@ -77,6 +80,7 @@ def ensure_dataset(output_dir: str | os.PathLike = DEMO_DIR, **opts) -> pathlib.
     if _is_demo(path):
         return path
     o = _options(dict(opts, overwrite=True))
+    _check_writable(output_dir)
     with _build_lock(output_dir):
         if _is_demo(path):  # another process built it while we waited for the lock
             return path
@@ -104,6 +108,7 @@ def build_dataset(sources_: Sequence[str], output_dir: str | os.PathLike, **opts
     Raises ValueError with a one-line message for bad settings or sources.
     """
     o = _options(opts)  # bad settings fail at once, before any work
+    _check_writable(output_dir)
     with _build_lock(output_dir):
         return _build(list(sources_), output_dir, o)
 
@@ -172,6 +177,28 @@ def _have_tensorflow() -> bool:
         return False
 
 
+def _check_writable(output_dir) -> None:
+    """A one-line error before any work when output_dir cannot be made or written (under a file, read-only)."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as e:
+        reason = e.strerror or e
+        raise ValueError(f"--output_dir={output_dir}: cannot write there ({reason}); pick another dir") from None
+
+
+def _is_disk_full(e: BaseException | None) -> bool:
+    """ENOSPC anywhere in an exception's chain (TFDS and orbax wrap it in their own errors)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 @contextlib.contextmanager
 def _build_lock(output_dir):
     """One build per output_dir at a time (e.g. two trainers asking for the demo data)."""
@@ -197,11 +224,33 @@ _worker_opts: _Options | None = None
 _worker_vocab: Vocabulary | None = None
 
 
-def _init_worker(opts: _Options) -> None:
+def _init_worker(opts: _Options, parent_pid: int | None = None) -> None:
     global _worker_opts, _worker_vocab
-    if multiprocessing.parent_process() is not None:
+    if parent_pid is not None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+        _die_with_parent(parent_pid)
     _worker_opts, _worker_vocab = opts, opts.vocab()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """A worker whose parent is killed (kill -9, the OOM killer) would block forever on its
+    queues, holding its memory: have the kernel kill it, or else watch the parent."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    else:
+        import threading
+
+        def watch():
+            while os.getppid() == parent_pid:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent_pid:  # the parent died before the death signal was armed
+        os._exit(1)
 
 
 def _convert(job: tuple[int, sources.Item, str]) -> _Result:
@@ -285,6 +334,7 @@ def _build(specs: list[str], output_dir, o: _Options) -> pathlib.Path:
     if not specs:
         raise ValueError("--source: give at least one source (midi_dir:PATH, maestro:PATH, asap:PATH, music21:NAMES)")
     path = dataset_path(output_dir)
+    _recover_swap(path)
     if path.exists() and not o.overwrite:
         raise ValueError(
             f"--output_dir={output_dir}: {path} already holds a dataset (pass --overwrite or pick another dir)"
@@ -298,10 +348,15 @@ def _build(specs: list[str], output_dir, o: _Options) -> pathlib.Path:
     os.makedirs(output_dir, exist_ok=True)
     _remove_leftovers(output_dir)
     spool_dir = tempfile.mkdtemp(prefix=".spool.", dir=output_dir)
+    staging = tempfile.mkdtemp(prefix=".staging.", dir=output_dir)
+    results = None
     try:
         spool = _Spool(spool_dir)
         skipped, stats = [], _Stats(o.vocab())
-        for r in _run_jobs(jobs, o):
+        # Closed in `finally`: the workers stop as soon as anything fails here, not when the
+        # generator is collected (a traceback kept for the error message keeps it alive).
+        results = _run_jobs(jobs, o)
+        for r in results:
             item, split = items[r.index], jobs[r.index][2]
             if r.skip_reason:
                 skipped.append(
@@ -329,6 +384,7 @@ def _build(specs: list[str], output_dir, o: _Options) -> pathlib.Path:
             skipped=len(skipped),
             splits=stats.split_table(),
             styles=stats.style_table(),
+            note_seconds=note_length_table(stats.note_lengths),
             convert_seconds=round(convert_s, 2),
         )
         extra = {
@@ -338,9 +394,13 @@ def _build(specs: list[str], output_dir, o: _Options) -> pathlib.Path:
         }
         if o.progress:
             print(f"writing {sum(spool.counts.values()):,} records as {o.file_format} ...", file=sys.stderr, flush=True)
-        _write_tfds(path.parent.parent, spool, extra, o)
+        _write_tfds(pathlib.Path(staging), spool, extra, o)
+        _swap_in(dataset_path(staging), path)
     finally:
+        if results is not None:
+            results.close()
         shutil.rmtree(spool_dir, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     if o.verbose:
         _print_summary(path, summary, stats, skipped, convert_s, time.time() - t0, o)
     return path
@@ -348,10 +408,61 @@ def _build(specs: list[str], output_dir, o: _Options) -> pathlib.Path:
 
 def _remove_leftovers(output_dir) -> None:
     """Work folders of builds that were killed (we hold the lock: none is running)."""
-    leftovers = glob.glob(os.path.join(output_dir, ".spool.*"))
+    leftovers = glob.glob(os.path.join(output_dir, ".spool.*")) + glob.glob(os.path.join(output_dir, ".staging.*"))
     leftovers += glob.glob(os.path.join(output_dir, DATASET_NAME, "incomplete.*"))
     for folder in leftovers:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
+    """Atomically swap two paths (Linux renameat2); False where the OS or filesystem cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "renameat2"):
+        return False
+    at_fdcwd = -100
+    if libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(a))
+
+
+def _swap_in(new: pathlib.Path, path: pathlib.Path) -> None:
+    """Put the complete dataset `new` at `path`, replacing any old one, by one rename.
+
+    Until that rename, readers and a killed build see the old dataset whole. Where the
+    filesystem cannot exchange two folders, the old one is first renamed aside to
+    `path.replaced`; `_recover_swap` puts it back if we die between the two renames.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        os.rename(new, path)
+    elif _exchange(new, path):
+        shutil.rmtree(new, ignore_errors=True)  # `new` now holds the old dataset
+    else:
+        aside = path.with_name(path.name + ".replaced")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(path, aside)
+        os.rename(new, path)
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _recover_swap(path: pathlib.Path) -> None:
+    """A build killed between _swap_in's two renames: the old dataset goes back in place."""
+    aside = path.with_name(path.name + ".replaced")
+    if aside.exists():
+        if path.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.rename(aside, path)
 
 
 def _run_jobs(jobs, o: _Options):
@@ -369,12 +480,22 @@ def _run_jobs(jobs, o: _Options):
         else:
             # spawn, not fork: the caller may have started JAX (threads) before asking for
             # data. A worker that dies (out of memory) fails the run instead of hanging it.
+            # Workers start with SIGINT blocked (the mask survives exec): a terminal's Ctrl-C
+            # reaches the whole process group, and a worker still starting up would die of it
+            # with a traceback. The main process handles Ctrl-C and stops them itself.
+            # (Blocked after the pool exists: starting multiprocessing's resource tracker, which
+            # the pool's queues do, unblocks SIGINT again.)
             pool = concurrent.futures.ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(o,)
+                workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                initargs=(o, os.getpid()),
             )
             size = max(1, min(8, len(jobs) // (workers * 16)))
             chunks = [jobs[i : i + size] for i in range(0, len(jobs), size)]
-            futures = [pool.submit(_convert_many, chunk) for chunk in chunks]
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            try:
+                futures = [pool.submit(_convert_many, chunk) for chunk in chunks]  # spawns the workers
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             results = (r for f in concurrent.futures.as_completed(futures) for r in f.result())
         for r in results:
             events += sum(len(rec["tokens"]) for rec in r.records)
@@ -385,9 +506,7 @@ def _run_jobs(jobs, o: _Options):
         raise RuntimeError("a worker process died while converting (out of memory?); try fewer --num_workers") from None
     except BaseException:  # Ctrl-C or a failing consumer: stop the workers now, not after their queue
         if pool is not None:
-            for process in list(getattr(pool, "_processes", {}).values()):
-                process.terminate()
-            pool.shutdown(wait=False, cancel_futures=True)
+            _stop_now(pool)
             pool = None
         raise
     finally:
@@ -396,8 +515,38 @@ def _run_jobs(jobs, o: _Options):
         bar.close()
 
 
+def _stop_now(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    """Kill the workers and reap them before returning: a worker left mid-task (or a zombie)
+    can keep the executor's threads, and so the interpreter's exit, waiting forever."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for process in processes:
+        process.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.join(timeout=10)
+
+
 def _convert_many(jobs) -> list[_Result]:
     return [_convert(job) for job in jobs]
+
+
+NOTE_PERCENTILES = (50, 90, 99, 99.5, 99.9)
+
+
+def note_length_table(lengths_by_style: dict[str, list[np.ndarray]]) -> dict[str, dict]:
+    """{style: {'notes', 'mean', 'p50', ..., 'p99.9', 'max', 'share_ge_4s'}} in seconds, plus 'all'."""
+    out = {}
+    groups = dict(sorted(lengths_by_style.items()))
+    groups["all"] = [x for arrays in lengths_by_style.values() for x in arrays]
+    for style, arrays in groups.items():
+        x = np.concatenate(arrays) if arrays else np.zeros(0)
+        if not len(x):
+            continue
+        row = {"notes": int(len(x)), "mean": round(float(x.mean()), 4)}
+        row.update({f"p{q:g}": round(float(v), 4) for q, v in zip(NOTE_PERCENTILES, np.percentile(x, NOTE_PERCENTILES))})
+        row.update(max=round(float(x.max()), 4), share_ge_4s=round(float((x >= 4.0).mean()), 5))
+        out[style] = row
+    return out
 
 
 class _Stats:
@@ -406,6 +555,7 @@ class _Stats:
         self.split = collections.defaultdict(lambda: collections.Counter())
         self.style = collections.defaultdict(lambda: collections.Counter())
         self.styles = set()
+        self.note_lengths = collections.defaultdict(list)  # style token name -> arrays (train split)
 
     def add(self, split, rec):
         n = len(rec["tokens"])
@@ -416,6 +566,9 @@ class _Stats:
             table[key]["events"] += n
             table[key]["seconds"] += secs
         self.styles.add(rec["style"])
+        if split == "train":  # what the model learns from: the sampler's note-length guard reads it
+            self.note_lengths[normalize_label(rec["style"]) if rec["style"] else UNKNOWN_STYLE].append(
+                self.vocab.note_lengths(rec["tokens"]))
 
     def split_table(self):
         return {k: dict(v) for k, v in self.split.items()}
@@ -471,11 +624,9 @@ def _write_tfds(data_dir: pathlib.Path, spool: _Spool, extra: dict, o: _Options)
         with tempfile.TemporaryDirectory(dir=spool.folder) as downloads, contextlib.redirect_stdout(io.StringIO()):
             builder.download_and_prepare(
                 download_dir=downloads,
+                # data_dir is a fresh staging folder: TFDS never sees (or deletes) the old dataset.
                 download_config=tfds.download.DownloadConfig(
-                    try_download_gcs=False,
-                    download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS
-                    if o.overwrite
-                    else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
+                    try_download_gcs=False, download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
                 ),
             )
     finally:
@@ -579,7 +730,14 @@ def main(argv: Sequence[str]) -> None:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:
-        raise SystemExit(f"interrupted: no dataset was written to {f.output_dir}") from None
+        raise SystemExit(
+            f"interrupted: nothing was written to {dataset_path(output_dir)} (a dataset there is unchanged)"
+        ) from None
+    except Exception as e:
+        if not _is_disk_full(e):
+            raise
+        raise SystemExit(f"disk full writing {output_dir}: nothing was written to {dataset_path(output_dir)} "
+                         "(a dataset there is unchanged); free some space and re-run") from None
     print(dataset_path(f.output_dir))
 
 

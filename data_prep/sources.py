@@ -58,6 +58,7 @@ class Item:
     composer: str = ""
     split: str = ""  # the source's own split, '' if it has none
     tune: int = 0  # 1-based tune number inside a multi-tune ABC file, 0 for a whole file
+    unreadable: str = ""  # why this listed path (a folder that could not be listed) gives no piece
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,11 +114,17 @@ def load(item: Item, **read_opts) -> tuple[midi.Notes, str]:
 
     Raises midi.SkipPiece with the reason when the piece cannot be used.
     """
+    if item.unreadable:
+        raise midi.SkipPiece(item.unreadable)
     full = os.path.join(item.root, item.path)
     if item.source != "music21" or full.lower().endswith((".mid", ".midi")):
+        limit = read_opts.get("max_file_bytes", midi.MAX_FILE_BYTES)
         try:
             with open(full, "rb") as f:
-                data = f.read(read_opts.get("max_file_bytes", midi.MAX_FILE_BYTES) + 1)
+                size = os.fstat(f.fileno()).st_size  # the real size: only limit + 1 bytes are read
+                if size > limit:
+                    raise midi.SkipPiece(f"file too large ({size / 2**20:.1f} MiB > {limit / 2**20:.0f} MiB)")
+                data = f.read(limit + 1)
         except OSError as e:
             raise midi.SkipPiece(f"cannot read: {e.strerror or e}") from None
         notes = midi.read_midi(data, **read_opts)
@@ -150,13 +157,18 @@ def style_label(text: str) -> str:
 def _list_midi_dir(spec: str, root: str) -> list[Item]:
     if not os.path.isdir(root):
         raise ValueError(f"--source={spec}: {root} is not a folder")
-    items = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    items, unreadable = [], []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable.append):
         dirnames.sort()
         for name in sorted(filenames):
             if name.lower().endswith((".mid", ".midi")):
                 rel = os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/")
                 items.append(Item("midi_dir", root, rel, rel, rel))
+    # A folder os.walk cannot list is an input too: it goes to skipped.jsonl with the reason,
+    # so that every input is accounted for.
+    for error in unreadable:
+        rel = os.path.relpath(error.filename, root).replace(os.sep, "/") + "/"
+        items.append(Item("midi_dir", root, rel, rel, rel, unreadable=f"cannot read folder: {error.strerror or error}"))
     return items
 
 

@@ -5,20 +5,58 @@
 - data: this host's grain iterator state (one JSON file per process);
 - config, vocab: the run's config and vocabulary as JSON, so a checkpoint is self-describing.
 
-Paths may be local or gs:// (orbax and etils handle both).
+Paths may be local or gs:// (orbax and etils handle both). Only steps orbax has
+finalized are ever read (on gs:// it writes into the step directory and marks completion
+separately). A step that cannot be restored (a truncated file, a step deleted by a live
+run's rotation while we read it) is named in one line and the next newest one is used.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
 ITEMS = ("params", "train_state", "data", "config", "vocab")
+T = TypeVar("T")
+
+
+class CheckpointError(FileNotFoundError):
+    """No checkpoint can be used. A FileNotFoundError, so every command's one-line handler prints it."""
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _reason(e: BaseException) -> str:
+    """An exception as a short phrase for a one-line message (orbax's are often many lines)."""
+    if getattr(e, "reason", None):  # a CheckpointError of a nested load_newest: its cause, not its wording
+        return e.reason
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    return f"{type(e).__name__}: {first[:160]}"
+
+
+def finalized_steps(root: str | epath.PathLike) -> list[int]:
+    """The steps under a checkpoints dir that orbax has finished writing, oldest first."""
+    root = epath.Path(root)
+    return sorted(s for s in ocp.utils.checkpoint_steps(root) if (root / str(s) / "params").exists())
+
+
+_warned: set[str] = set()
+
+
+def _fallback_message(root, bad: list[tuple[int, str]], used: int) -> str:
+    steps = ", ".join(str(s) for s, _ in bad)
+    return (f"checkpoint step {steps} in {root} cannot be restored ({bad[0][1]}); "
+            f"using step {used}, the newest that restores")
 
 
 def absolute(path: str | epath.PathLike) -> epath.Path:
@@ -59,6 +97,52 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def restore_newest(self, abstract_state: dict, data_iter, warn: Callable[[str], None] = _warn):
+        """`restore` of the newest step that restores: (state, data restored?, step), or None if no steps.
+
+        Newer steps that failed are named in one line by `warn` and renamed `<step>.unreadable`
+        (kept for inspection, and out of orbax's way so that the run can save those steps
+        again). When no step restores nothing is renamed: that is more likely a changed
+        config than damage to every step.
+        """
+        bad = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state, has_data = self.restore(step, abstract_state, data_iter)
+                failure = None
+            except Exception as e:  # noqa: BLE001 - orbax, tensorstore and json raise many types for a damaged step
+                failure = _reason(e)
+            if not _all_processes_ok(failure is None):
+                failure = failure or "another process could not restore it"
+            if failure is None:
+                if bad:
+                    warn(_fallback_message(self.directory, bad, step))
+                    for bad_step, _ in bad:
+                        self._set_aside(bad_step)
+                return state, has_data, step
+            bad.append((step, failure))
+        if bad:
+            raise CheckpointError(
+                f"{self.directory}: no checkpoint step restores (step {bad[0][0]}: {bad[0][1]}); "
+                "resume with the config that wrote them, or use a new --workdir"
+            )
+        return None
+
+    def _set_aside(self, step: int) -> None:
+        if jax.process_index() == 0:
+            folder = self.directory / str(step)
+            aside = self.directory / f"{step}.unreadable"
+            n = 1
+            while aside.exists():
+                n += 1
+                aside = self.directory / f"{step}.unreadable{n}"
+            folder.rename(aside)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"mgpt: checkpoint {step} set aside")
+        self.manager.reload()
+
     def save(self, step: int, state: dict, data_iter, config: dict, vocab: dict) -> None:
         """Starts a save of `state` ({'params', 'opt_state', 'step', 'rng'}); returns before it is written."""
         import grain  # here, so that the trainer imports without grain (benchmarks/gpu_check.py)
@@ -77,8 +161,8 @@ class Checkpoints:
 
         Arrays are placed by abstract_state's shardings (orbax reshards if the mesh changed);
         the iterator is moved to where that step left it. The data position is saved per
-        process, so a run resumed on a different number of hosts keeps its state but
-        starts a fresh pass over the data.
+        process; on a different number of processes each one is given the union of the
+        saved positions (mgpt.data's per-shard state), from which it takes its own shards.
         """
         import grain
 
@@ -87,12 +171,29 @@ class Checkpoints:
             "params": ocp.args.StandardRestore(abstract_state["params"]),
             "train_state": ocp.args.StandardRestore(abstract_rest),
         }
-        pi, pc = jax.process_index(), jax.process_count()
-        has_data = (self.directory / str(step) / "data" / f"process_{pi}-of-{pc}.json").exists()
-        if has_data:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        # Read here rather than through grain's handler, which reads only this process's own
+        # file: the same code then serves any process count, and a position saved in another
+        # layout (an older mgpt) starts the data afresh instead of failing.
+        has_data = _restore_data(self.data_states(step), data_iter)
         return {"params": out["params"], **out["train_state"]}, has_data
+
+    def data_states(self, step: int) -> list[dict]:
+        """Every process's saved data-iterator state at `step` (any process count)."""
+        files = sorted((self.directory / str(step) / "data").glob("process_*-of-*.json"))
+        return [json.loads(f.read_text()) for f in files]
+
+    def data_shards(self) -> int | None:
+        """The number of data shards the run's saved data positions are for (fixed for a run), from
+        the newest step whose position reads; None when none does (no step, or an older mgpt's)."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                states = self.data_states(step)
+            except (OSError, ValueError):  # a damaged step: restore_newest sets it aside
+                continue
+            if states and isinstance(states[0], dict) and states[0].get("num_shards"):
+                return int(states[0]["num_shards"])
+        return None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -101,30 +202,93 @@ class Checkpoints:
         self.manager.close()
 
 
+def _restore_data(states: list[dict], data_iter) -> bool:
+    """Sets `data_iter` from the union of the per-shard states every process saved."""
+    if not states or not all(isinstance(x, dict) and "shards" in x for x in states):
+        return False
+    merged = {"num_shards": states[0]["num_shards"], "shards": {}}
+    for state in states:
+        merged["shards"].update(state["shards"])
+    try:
+        data_iter.set_state(merged)
+    except ValueError:  # saved for another shard layout: the caller starts the data afresh
+        return False
+    if hasattr(data_iter, "start_prefetch"):
+        data_iter.start_prefetch()
+    return True
+
+
+def _all_processes_ok(ok: bool) -> bool:
+    """Whether every process succeeded: a file damaged in one host's shard fails only that host."""
+    if jax.process_count() == 1:
+        return ok
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray([ok], np.int32))))
+
+
 def read_json_item(root: str | epath.PathLike, step: int, item: str) -> Any:
     return json.loads((epath.Path(root) / str(step) / item / "metadata").read_text())
 
 
 def locate(path: str | epath.PathLike, step: int | None = None) -> tuple[epath.Path, int]:
-    """(checkpoints dir, step) for a workdir / checkpoints dir / step dir; the latest step by default."""
+    """(checkpoints dir, step) for a workdir / checkpoints dir / step dir; the latest finalized step by default."""
     root, step_in_path = _step_dir(path)
     step = step if step is not None else step_in_path
     if step is None:
-        steps = sorted(int(p.name) for p in root.glob("*") if p.name.isdigit() and (p / "params").exists())
+        steps = finalized_steps(root)
         if not steps:
             raise FileNotFoundError(f"{path}: no checkpoints found")
         step = steps[-1]
-    if not (root / str(step) / "params").exists():
-        raise FileNotFoundError(f"{path}: no checkpoint for step {step}")
+    folder = root / str(step)
+    if not (folder / "params").exists() or not ocp.utils.is_checkpoint_finalized(folder):
+        raise FileNotFoundError(f"{path}: no complete checkpoint for step {step}")
     return root, step
 
 
+def load_newest(path: str | epath.PathLike, step: int | None, load: Callable[[epath.Path, int], T],
+                warn: Callable[[str], None] = _warn) -> tuple[T, int]:
+    """(load(root, step), step) for a workdir / checkpoints dir / step dir.
+
+    With no step given (neither here nor in the path), the newest finalized step that
+    loads: one that fails (damaged, or deleted by a live run's rotation since it was
+    listed) is named in one line by `warn` and the next newest is tried. A step that was
+    asked for is never swapped for another. CheckpointError when nothing loads.
+    """
+    root, chosen = locate(path, step)
+    if step is not None or _step_dir(path)[1] is not None:
+        try:
+            return load(root, chosen), chosen
+        except Exception as e:  # noqa: BLE001 - as below
+            reason = _reason(e)
+            error = CheckpointError(f"{root}/{chosen}: cannot be restored ({reason}); pick another step")
+            error.reason = reason
+            raise error from None
+    bad = []
+    for candidate in [chosen] + [s for s in reversed(finalized_steps(root)) if s < chosen]:
+        try:
+            out = load(root, candidate)
+        except Exception as e:  # noqa: BLE001 - orbax, tensorstore and json raise many types for a damaged step
+            bad.append((candidate, _reason(e)))
+            continue
+        message = _fallback_message(root, bad, candidate) if bad else None
+        if message and message not in _warned:  # generate looks twice (flags, then weights): say it once
+            _warned.add(message)
+            warn(message)
+        return out, candidate
+    raise CheckpointError(f"{root}: no checkpoint step restores (step {bad[0][0]}: {bad[0][1]})")
+
+
 def restore_params(path: str | epath.PathLike, step: int | None, abstract_params) -> tuple[Any, int]:
-    """Only the weights of a checkpoint, placed by abstract_params' shardings. Returns (params, step)."""
-    root, step = locate(path, step)
+    """Only the weights of a checkpoint (the newest that restores by default), placed by
+    abstract_params' shardings. Returns (params, step)."""
+    return load_newest(path, step, lambda root, s: _restore_params_at(root, s, abstract_params))
+
+
+def _restore_params_at(root: epath.Path, step: int, abstract_params):
     with ocp.StandardCheckpointer() as checkpointer:
-        params = checkpointer.restore(root / str(step) / "params", abstract_params)
-    return params, step
+        return checkpointer.restore(root / str(step) / "params", abstract_params)
 
 
 def abstract_with_shardings(abstract_tree, shardings):

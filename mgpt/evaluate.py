@@ -4,6 +4,7 @@
     python -m mgpt.evaluate --workdir=runs/demo --output_dir=out/eval --generated_dir=out/demo
     python -m mgpt.evaluate --workdir=runs/demo --output_dir=out/eval --lstm_workdir=runs/lstm
     python -m mgpt.evaluate --compare out/eval_a out/eval_b
+    python -m mgpt.evaluate --workdir=runs/demo --output_dir=out/guidance --guidance_sweep=1,1.5,2,3
     python -m mgpt.evaluate --workdir=runs/demo --finetuned_workdir=runs/bach --composer=bach --output_dir=out/bach
 
 The first form generates pieces with `mgpt.generate` into OUTPUT_DIR/generated (with
@@ -29,6 +30,11 @@ Both write OUTPUT_DIR/report.json (every figure), report.md (tables), report.htm
   pieces above --copy_threshold_s.
 - validity: generated MIDI files that parse and contain notes.
 - targets: the issue's targets, each with its value and whether it is met.
+
+`--guidance_sweep=1,1.5,2,3` instead generates --num_samples pieces per style-guidance
+value G (mgpt.sample) and reports, per G, the classifier's style accuracy, the mean
+feature overlap (with its ceiling) and the longest copy, computed by the same sections,
+with a plot of accuracy against overlap (guidance_sweep.md/.json/.png).
 
 `--compare A B` prints the headline figures of two reports (folders or report.json
 files) side by side.
@@ -277,6 +283,152 @@ def model_from_run(name: str, workdir: str) -> tuple[Model, Vocabulary, object]:
                  step, str(workdir)), vocab, config
 
 
+@dataclasses.dataclass
+class References:
+    """What generated pieces are judged against, built once from the real pieces (`references`)."""
+
+    train: Sequence[Piece]
+    test: Sequence[Piece]
+    train_notes: list
+    test_notes: list
+    tables: dict  # feature tables of the real 'test' and (subsampled) 'train' pieces
+    train_vs_test: dict  # the features' ceiling
+    classifier: object  # sc.StyleClassifier fitted on the labelled train pieces, or None
+    labelled: int  # labelled train pieces it saw
+    styles: list  # the labelled styles
+    index: orig.CopyIndex
+    used: list  # train pieces in the index
+    total_notes: int
+    notes: list  # remarks for the report
+
+
+def references(vocab: Vocabulary, train: Sequence[Piece], test: Sequence[Piece], o: Options,
+               rng: np.random.Generator, log=print) -> References:
+    """The feature ceiling, the style classifier and the copy index (rng draws in that order)."""
+    notes = []
+    log("features: per-piece statistics")
+    train_notes = [vocab.decode_notes(p.tokens) for p in train]
+    test_notes = [vocab.decode_notes(p.tokens) for p in test]
+    feat_train_idx = np.arange(len(train))
+    if len(train) > o.max_feature_pieces:
+        feat_train_idx = np.sort(rng.choice(len(train), o.max_feature_pieces, replace=False))
+        notes.append(f"features: train ceiling uses {o.max_feature_pieces} of {len(train)} train pieces")
+    tables = {
+        "test": F.feature_table([crop(n, o.crop_seconds) for n in test_notes]),
+        "train": F.feature_table([crop(train_notes[i], o.crop_seconds) for i in feat_train_idx]),
+    }
+    train_vs_test = F.compare_sets(tables["train"], tables["test"], seed=o.seed)
+
+    labelled = [(n, p.style_name) for n, p in zip(train_notes, train) if p.style_name != UNKNOWN_STYLE]
+    styles_known = sorted({s for _, s in labelled})
+    clf = None
+    if len(styles_known) >= 2:
+        log(f"style: classifier on {len(labelled)} labelled train pieces, {len(styles_known)} styles")
+        x = [crop(n, o.crop_seconds) for n, _ in labelled] + [window_crop(n, o.crop_seconds, rng) for n, _ in labelled]
+        clf = sc.StyleClassifier(seed=o.seed).fit(x, [s for _, s in labelled] * 2)
+
+    order = rng.permutation(len(train))
+    used, total_notes = [], 0
+    for i in order:
+        if total_notes >= o.max_train_notes:
+            break
+        used.append(int(i))
+        total_notes += len(train_notes[i][0])
+    used.sort()
+    if len(used) < len(train):
+        notes.append(
+            f"originality: searched {len(used)} of {len(train)} train pieces ({total_notes:,} notes; "
+            f"--max_train_notes={o.max_train_notes:,}), so copies from the others are not found"
+        )
+    log(f"originality: suffix array over {total_notes:,} notes of {len(used)} train pieces")
+    index = orig.CopyIndex([train_notes[i] for i in used], vocab.steps_per_second)
+    return References(train, test, train_notes, test_notes, tables, train_vs_test, clf, len(labelled), styles_known,
+                      index, used, total_notes, notes)
+
+
+def _mean_of(cmp: dict, key: str) -> float:
+    vals = [v[key] for v in cmp.values() if v.get(key) is not None and np.isfinite(v[key])]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def feature_section(refs: References, valid_gen: Sequence[Generated], o: Options,
+                    out_dir: pathlib.Path | None) -> dict:
+    """Generated vs real test pieces, feature by feature, beside the train-vs-test ceiling
+    (plots into out_dir unless None)."""
+    tables = {"generated": F.feature_table([crop(g.notes, o.crop_seconds) for g in valid_gen]), **refs.tables}
+    gen_vs_test = F.compare_sets(tables["generated"], tables["test"], seed=o.seed) if valid_gen else {}
+    plots = {}
+    for name in F.FEATURES if out_dir is not None else ():
+        path = out_dir / f"feature_{name}.png"
+        F.plot_feature(name, {k: v[name] for k, v in tables.items()}, str(path))
+        plots[name] = path.name
+    return {
+        "crop_seconds": o.crop_seconds,
+        "pieces": {k: int(len(next(iter(v.values())))) for k, v in tables.items()},
+        "generated_vs_test": gen_vs_test,
+        "train_vs_test": refs.train_vs_test,
+        "mean_overlap": {"generated_vs_test": _mean_of(gen_vs_test, "overlap"),
+                         "train_vs_test": _mean_of(refs.train_vs_test, "overlap")},
+        "mean_kl": {"generated_vs_test": _mean_of(gen_vs_test, "kl"), "train_vs_test": _mean_of(refs.train_vs_test, "kl")},
+        "plots": plots,
+    }
+
+
+def style_section(refs: References, valid_gen: Sequence[Generated], o: Options, out_dir: pathlib.Path | None) -> dict:
+    """The classifier's accuracy on real test pieces (the ceiling) and on generated pieces against
+    the style each was conditioned on (confusion plot into out_dir unless None)."""
+    clf = refs.classifier
+    if clf is None:
+        return {"skipped": f"needs >= 2 labelled styles in the train split, found {refs.styles}"}
+    test_l = [(n, p.style_name) for n, p in zip(refs.test_notes, refs.test) if p.style_name in refs.styles]
+    real = sc.score([s for _, s in test_l], clf.predict([crop(n, o.crop_seconds) for n, _ in test_l]), clf.labels)
+    gen_l = [g for g in valid_gen if normalize_label(g.style) in refs.styles]
+    gen_pred = clf.predict([crop(g.notes, o.crop_seconds) for g in gen_l])
+    gen = sc.score([normalize_label(g.style) for g in gen_l], gen_pred, clf.labels)
+    gen["verdicts"] = [{"file": g.file, "conditioned_on": g.style, "classified_as": p} for g, p in zip(gen_l, gen_pred)]
+    if out_dir is not None:
+        sc.plot_confusion({"real test": real, "generated": gen}, str(out_dir / "style_confusion.png"))
+    return {
+        "classifier": "logistic regression on musical features + pitch-class/interval n-gram histograms "
+                      f"(first {o.crop_seconds:g} s of each piece; train pieces also as a transposed random window)",
+        "styles": clf.labels,
+        "train_pieces": refs.labelled,
+        "real_test": real,
+        "generated": gen,
+        "plot": "style_confusion.png" if out_dir is not None else None,
+    }
+
+
+def originality_section(refs: References, valid_gen: Sequence[Generated], o: Options) -> dict:
+    """Longest copies and n-gram reuse of the generated pieces, and of real test pieces (cut to
+    the generated pieces' length) as the reference."""
+    train, used = refs.train, refs.used
+    gen_orig = orig.originality_report(refs.index, [g.notes for g in valid_gen], ngram_sizes=o.ngram_sizes,
+                                       threshold_s=o.copy_threshold_s)
+    for entry, g in zip(gen_orig["pieces"], valid_gen):
+        entry["file"] = g.file
+        tp = entry.pop("train_piece")
+        entry["train_piece_id"] = train[used[tp]].piece_id if tp >= 0 else None
+    gen_orig["flagged_files"] = [valid_gen[i].file for i in gen_orig["flagged"]]
+    ref_seconds = max((g.seconds for g in valid_gen), default=o.crop_seconds) or o.crop_seconds
+    test_orig = orig.originality_report(refs.index, [crop(n, ref_seconds) for n in refs.test_notes],
+                                        ngram_sizes=o.ngram_sizes, threshold_s=o.copy_threshold_s)
+    for entry, p in zip(test_orig["pieces"], refs.test):
+        entry["piece_id"] = p.piece_id
+        tp = entry.pop("train_piece")
+        entry["train_piece_id"] = train[used[tp]].piece_id if tp >= 0 else None
+    return {
+        "method": "suffix array over (pitch interval, onset interval) steps of every train piece: transposition-aware, "
+                  "same tempo; a span's seconds run from its first to its last onset",
+        "train_pieces_searched": len(used),
+        "train_pieces_total": len(train),
+        "train_notes_searched": refs.total_notes,
+        "test_reference_seconds": ref_seconds,
+        "generated": gen_orig,
+        "test": test_orig,
+    }
+
+
 def evaluate(
     *,
     vocab: Vocabulary,
@@ -294,8 +446,8 @@ def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(o.seed)
     timings = {}
-    report: dict = {"meta": {}, "likelihood": {}, "features": {}, "style": {}, "originality": {}, "validity": {},
-                    "notes": []}
+    report: dict = {"meta": {}, "likelihood": {}, "features": {}, "coherence": {}, "style": {}, "originality": {},
+                    "validity": {}, "notes": []}
     if not test:
         raise UserError("the dataset has no test pieces: nothing to evaluate against")
 
@@ -323,123 +475,37 @@ def evaluate(
     report["likelihood"] = {"split": "test", "pieces": len(test), "models": lik}
     timings["likelihood_s"] = time.perf_counter() - t0
 
+    t0 = time.perf_counter()
+    refs = references(vocab, train, test, o, rng, log)
+    report["notes"] += refs.notes
+    timings["references_s"] = time.perf_counter() - t0
+
     # ---- musical features
     t0 = time.perf_counter()
-    log("features: per-piece statistics")
-    train_notes = [vocab.decode_notes(p.tokens) for p in train]
-    test_notes = [vocab.decode_notes(p.tokens) for p in test]
     valid_gen = [g for g in generated if g.valid]
-    feat_train_idx = np.arange(len(train))
-    if len(train) > o.max_feature_pieces:
-        feat_train_idx = np.sort(rng.choice(len(train), o.max_feature_pieces, replace=False))
-        report["notes"].append(f"features: train ceiling uses {o.max_feature_pieces} of {len(train)} train pieces")
-    tables = {
-        "generated": F.feature_table([crop(g.notes, o.crop_seconds) for g in valid_gen]),
-        "test": F.feature_table([crop(n, o.crop_seconds) for n in test_notes]),
-        "train": F.feature_table([crop(train_notes[i], o.crop_seconds) for i in feat_train_idx]),
-    }
-    gen_vs_test = F.compare_sets(tables["generated"], tables["test"], seed=o.seed) if valid_gen else {}
-    train_vs_test = F.compare_sets(tables["train"], tables["test"], seed=o.seed)
-    plots = {}
-    for name in F.FEATURES:
-        path = out_dir / f"feature_{name}.png"
-        F.plot_feature(name, {k: v[name] for k, v in tables.items()}, str(path))
-        plots[name] = path.name
-
+    report["features"] = feature_section(refs, valid_gen, o, out_dir)
     for name in F.SCALAR_FEATURES:
-        if np.std(tables["test"][name]) == 0:
+        if np.std(refs.tables["test"][name]) == 0:
             report["notes"].append(
-                f"features: {name} is the same ({tables['test'][name][0]:g}) in every real test piece (a property of "
-                "the corpus, e.g. scores without dynamics), so its train-vs-test ceiling is trivially 1"
+                f"features: {name} is the same ({refs.tables['test'][name][0]:g}) in every real test piece (a property "
+                "of the corpus, e.g. scores without dynamics), so its train-vs-test ceiling is trivially 1"
             )
-
-    def mean_of(cmp, key):
-        vals = [v[key] for v in cmp.values() if v.get(key) is not None and np.isfinite(v[key])]
-        return float(np.mean(vals)) if vals else float("nan")
-
-    report["features"] = {
-        "crop_seconds": o.crop_seconds,
-        "pieces": {k: int(len(next(iter(v.values())))) for k, v in tables.items()},
-        "generated_vs_test": gen_vs_test,
-        "train_vs_test": train_vs_test,
-        "mean_overlap": {"generated_vs_test": mean_of(gen_vs_test, "overlap"),
-                         "train_vs_test": mean_of(train_vs_test, "overlap")},
-        "mean_kl": {"generated_vs_test": mean_of(gen_vs_test, "kl"), "train_vs_test": mean_of(train_vs_test, "kl")},
-        "plots": plots,
-    }
     timings["features_s"] = time.perf_counter() - t0
+
+    report["coherence"] = coherence_by_style(
+        [(normalize_label(g.style), crop(g.notes, o.crop_seconds)) for g in valid_gen],
+        [(p.style_name, crop(n, o.crop_seconds)) for n, p in zip(refs.test_notes, test)],
+        o.crop_seconds,
+    )
 
     # ---- style fidelity
     t0 = time.perf_counter()
-    labelled = [(n, p.style_name) for n, p in zip(train_notes, train) if p.style_name != UNKNOWN_STYLE]
-    styles_known = sorted({s for _, s in labelled})
-    if len(styles_known) >= 2:
-        log(f"style: classifier on {len(labelled)} labelled train pieces, {len(styles_known)} styles")
-        x = [crop(n, o.crop_seconds) for n, _ in labelled] + [window_crop(n, o.crop_seconds, rng) for n, _ in labelled]
-        y = [s for _, s in labelled] * 2
-        clf = sc.StyleClassifier(seed=o.seed).fit(x, y)
-        test_l = [(n, p.style_name) for n, p in zip(test_notes, test) if p.style_name in styles_known]
-        real = sc.score([s for _, s in test_l], clf.predict([crop(n, o.crop_seconds) for n, _ in test_l]), clf.labels)
-        gen_l = [g for g in valid_gen if normalize_label(g.style) in styles_known]
-        gen_pred = clf.predict([crop(g.notes, o.crop_seconds) for g in gen_l])
-        gen = sc.score([normalize_label(g.style) for g in gen_l], gen_pred, clf.labels)
-        gen["verdicts"] = [{"file": g.file, "conditioned_on": g.style, "classified_as": p} for g, p in zip(gen_l, gen_pred)]
-        sc.plot_confusion({"real test": real, "generated": gen}, str(out_dir / "style_confusion.png"))
-        report["style"] = {
-            "classifier": "logistic regression on musical features + pitch-class/interval n-gram histograms "
-                          f"(first {o.crop_seconds:g} s of each piece; train pieces also as a transposed random window)",
-            "styles": clf.labels,
-            "train_pieces": len(labelled),
-            "real_test": real,
-            "generated": gen,
-            "plot": "style_confusion.png",
-        }
-    else:
-        report["style"] = {"skipped": f"needs >= 2 labelled styles in the train split, found {styles_known}"}
+    report["style"] = style_section(refs, valid_gen, o, out_dir)
     timings["style_s"] = time.perf_counter() - t0
 
     # ---- originality
     t0 = time.perf_counter()
-    order = rng.permutation(len(train))
-    used, total_notes = [], 0
-    for i in order:
-        if total_notes >= o.max_train_notes:
-            break
-        used.append(int(i))
-        total_notes += len(train_notes[i][0])
-    used.sort()
-    if len(used) < len(train):
-        report["notes"].append(
-            f"originality: searched {len(used)} of {len(train)} train pieces ({total_notes:,} notes; "
-            f"--max_train_notes={o.max_train_notes:,}), so copies from the others are not found"
-        )
-    log(f"originality: suffix array over {total_notes:,} notes of {len(used)} train pieces")
-    index = orig.CopyIndex([train_notes[i] for i in used], vocab.steps_per_second)
-    gen_orig = orig.originality_report(index, [g.notes for g in valid_gen], ngram_sizes=o.ngram_sizes,
-                                       threshold_s=o.copy_threshold_s)
-    for entry, g in zip(gen_orig["pieces"], valid_gen):
-        entry["file"] = g.file
-        tp = entry.pop("train_piece")
-        entry["train_piece_id"] = train[used[tp]].piece_id if tp >= 0 else None
-    gen_orig["flagged_files"] = [valid_gen[i].file for i in gen_orig["flagged"]]
-    # Real test pieces, cut to the generated pieces' length, are the reference for reuse.
-    ref_seconds = max((g.seconds for g in valid_gen), default=o.crop_seconds) or o.crop_seconds
-    test_orig = orig.originality_report(index, [crop(n, ref_seconds) for n in test_notes], ngram_sizes=o.ngram_sizes,
-                                        threshold_s=o.copy_threshold_s)
-    for entry, p in zip(test_orig["pieces"], test):
-        entry["piece_id"] = p.piece_id
-        tp = entry.pop("train_piece")
-        entry["train_piece_id"] = train[used[tp]].piece_id if tp >= 0 else None
-    report["originality"] = {
-        "method": "suffix array over (pitch interval, onset interval) steps of every train piece: transposition-aware, "
-                  "same tempo; a span's seconds run from its first to its last onset",
-        "train_pieces_searched": len(used),
-        "train_pieces_total": len(train),
-        "train_notes_searched": total_notes,
-        "test_reference_seconds": ref_seconds,
-        "generated": gen_orig,
-        "test": test_orig,
-    }
+    report["originality"] = originality_section(refs, valid_gen, o)
     timings["originality_s"] = time.perf_counter() - t0
 
     # ---- validity
@@ -461,6 +527,142 @@ def evaluate(
     return jsonable(report)
 
 
+def guidance_sweep(
+    *,
+    run,
+    vocab: Vocabulary,
+    train: Sequence[Piece],
+    test: Sequence[Piece],
+    guidances: Sequence[float],
+    num_samples: int,
+    styles: Sequence[str],
+    sampling,
+    options: Options = Options(),
+    output_dir: str | os.PathLike,
+    progress: bool = True,
+    log=print,
+) -> dict:
+    """Per guidance G: style accuracy by the classifier, feature overlap and the longest copy of
+    `num_samples` pieces generated with G (into output_dir/guidance_G), plus a plot of accuracy
+    against overlap. The figures come from the report's own sections (`references` once, then
+    `style_section`, `feature_section` and `originality_section` per G)."""
+    from mgpt import generate
+
+    o = options
+    out_dir = pathlib.Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not test:
+        raise UserError("the dataset has no test pieces: nothing to evaluate against")
+    refs = references(vocab, train, test, o, np.random.default_rng(o.seed), log)
+    ceiling = _mean_of(refs.train_vs_test, "overlap")
+    rows, real_accuracy = [], None
+    for g in guidances:
+        folder = out_dir / f"guidance_{g:g}"
+        log(f"guidance {g:g}: generating {num_samples} pieces into {folder}")
+        generate.generate_corpus(run, folder, num_samples=num_samples, styles=styles, seed=o.seed,
+                                 sampling=dataclasses.replace(sampling, guidance=float(g)), progress=progress,
+                                 max_copy_seconds=0)  # measure the model, not the guard
+        generate.write_gallery(folder)
+        valid = [p for p in read_generated(folder, vocab) if p.valid]
+        style = style_section(refs, valid, o, None)
+        real_accuracy = style.get("real_test", {}).get("accuracy")
+        overlap = feature_section(refs, valid, o, None)["mean_overlap"]["generated_vs_test"]
+        copies = originality_section(refs, valid, o)["generated"]
+        rows.append({
+            "guidance": float(g),
+            "pieces": len(valid),
+            "style_accuracy": style["generated"]["accuracy"] if "generated" in style else None,
+            "mean_overlap": overlap,
+            "overlap_vs_ceiling": overlap / ceiling if ceiling else None,
+            "longest_copy_s_max": copies["longest_copy_s_max"],
+            "longest_copy_s_median": copies["longest_copy_s_median"],
+            "generated_dir": folder.name,
+        })
+    result = jsonable({
+        "sampling": sampling.to_dict(),
+        "styles": list(styles),
+        "real_test_style_accuracy": real_accuracy,
+        "overlap_ceiling": ceiling,
+        "rows": rows,
+        "plot": "guidance_sweep.png",
+    })
+    _plot_guidance_sweep(result, out_dir / "guidance_sweep.png")
+    (out_dir / "guidance_sweep.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _plot_guidance_sweep(result: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    pts = [(r["overlap_vs_ceiling"], r["style_accuracy"], r["guidance"]) for r in result["rows"]
+           if r["overlap_vs_ceiling"] is not None and r["style_accuracy"] is not None]
+    if pts:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-")
+        for x, y, g in pts:
+            ax.annotate(f"G={g:g}", (x, y), textcoords="offset points", xytext=(5, 5))
+    if result.get("real_test_style_accuracy") is not None:
+        ax.axhline(result["real_test_style_accuracy"], color="grey", ls="--", lw=1, label="real test pieces")
+        ax.legend(loc="best")
+    ax.set_xlabel("feature overlap / train-vs-test ceiling")
+    ax.set_ylabel("style accuracy (independent classifier)")
+    ax.set_title("classifier-free style guidance")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_guidance_sweep(result: dict) -> str:
+    """The sweep as a Markdown table (also printed by the command)."""
+    lines = [f"Style accuracy of real test pieces (the classifier's ceiling): "
+             f"{report_lib.fmt(result['real_test_style_accuracy'])}; feature-overlap ceiling (train vs test): "
+             f"{report_lib.fmt(result['overlap_ceiling'])}", "",
+             "| guidance | pieces | style accuracy | mean overlap | overlap / ceiling | longest copy (max, median s) |",
+             "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['guidance']:g} | {r['pieces']} | {report_lib.fmt(r['style_accuracy'])} | "
+                     f"{report_lib.fmt(r['mean_overlap'])} | {report_lib.fmt(r['overlap_vs_ceiling'])} | "
+                     f"{report_lib.fmt(r['longest_copy_s_max'])}, {report_lib.fmt(r['longest_copy_s_median'])} |")
+    return "\n".join(lines) + "\n"
+
+
+COHERENCE_TOLERANCE = 0.25  # a style is flagged when polyphony or mean note length is off by more
+LONG_NOTE_SLACK = 0.03  # generated share of notes >= 4 s may exceed the real share by 3 points
+
+
+def coherence_by_style(generated: Sequence[tuple[str, Notes]], real: Sequence[tuple[str, Notes]],
+                       crop_seconds: float) -> dict:
+    """Per style, the mean over pieces of F.note_coherence for generated and real test pieces,
+    the generated/real ratios, and whether the style is off (by more than 25 % in polyphony or
+    note length, or more than 3 points more notes >= 4 s)."""
+
+    def means(pairs, style):
+        rows = [F.note_coherence(n) for s, n in pairs if s == style and len(n[0])]
+        return {"pieces": len(rows), **{k: float(np.mean([r[k] for r in rows])) if rows else None
+                                          for k in F.COHERENCE}}
+
+    per_style = {}
+    for style in sorted({s for s, _ in generated} & {s for s, _ in real}):
+        g, r = means(generated, style), means(real, style)
+        if not g["pieces"] or not r["pieces"]:
+            continue
+        ratio = {k: g[k] / r[k] if r[k] else None for k in ("onset_polyphony", "mean_note_s")}
+        off = [k for k, v in ratio.items() if v is None or abs(v - 1) > COHERENCE_TOLERANCE]
+        if g["share_notes_ge_4s"] > r["share_notes_ge_4s"] + LONG_NOTE_SLACK:
+            off.append("share_notes_ge_4s")
+        per_style[style] = {"generated": g, "real": r, "ratio": ratio, "off": off}
+    return {
+        "crop_seconds": crop_seconds,
+        "tolerance": COHERENCE_TOLERANCE,
+        "long_note_slack": LONG_NOTE_SLACK,
+        "per_style": per_style,
+        "flagged_styles": [s for s, v in per_style.items() if v["off"]],
+    }
+
+
 def targets(report: dict) -> list[dict]:
     """The issue's targets for the demo model, each with its value and whether it is met."""
     out = []
@@ -477,6 +679,12 @@ def targets(report: dict) -> list[dict]:
             name += f" (UNEQUAL: GPT {a:,} vs LSTM {b:,} tokens)"
         out.append({"target": name, "value": ratio, "goal": 0.95, "met": ratio <= 0.95 and a == b,
                     "equal_tokens": a == b})
+    co = report.get("coherence", {}).get("per_style")
+    if co:
+        worst = max(abs(v - 1) for s in co.values() for v in s["ratio"].values() if v is not None)
+        out.append({"target": "every style: polyphony and mean note length within 25% of real test pieces, "
+                              "notes >= 4 s at most the real share + 3 points",
+                    "value": worst, "goal": COHERENCE_TOLERANCE, "met": not report["coherence"]["flagged_styles"]})
     st = report.get("style", {})
     if "generated" in st and st["generated"]["count"]:
         acc, ceil = st["generated"]["accuracy"], st["real_test"]["accuracy"]
@@ -635,11 +843,16 @@ def define_flags(fv):
     flags.DEFINE_float("max_seconds", 30.0, "Seconds of music per generated piece.", **kw)
     flags.DEFINE_float("temperature", generate.Sampling.temperature, "Sampling temperature for generation.", **kw)
     flags.DEFINE_float("top_p", generate.Sampling.top_p, "Nucleus sampling for generation (1 = off).", **kw)
+    flags.DEFINE_float("max_note_seconds", None, "Note-length guard for generation (0 = off, the raw model; "
+                       "default: from the dataset, as mgpt.generate).", **kw)
     flags.DEFINE_integer("seed", 0, "Seed for generation and every subsample.", **kw)
     flags.DEFINE_integer("ngram_order", 5, "Order of the Kneser-Ney baseline.", **kw)
     flags.DEFINE_float("crop_seconds", 30.0, "Features and style use each piece's first this many seconds.", **kw)
     flags.DEFINE_float("copy_threshold_s", 8.0, "Flag generated pieces that copy at least this many seconds.", **kw)
     flags.DEFINE_integer("max_train_notes", 2_000_000, "Originality searches at most this many training notes.", **kw)
+    flags.DEFINE_string("guidance_sweep", None, "Style guidance sweep, e.g. 1,1.5,2,3: per G, --num_samples pieces "
+                        "and their style accuracy, feature overlap and longest copy (guidance_sweep.md/.json/.png).",
+                        **kw)
     flags.DEFINE_bool("compare", False, "Print two reports side by side: --compare RUN_A RUN_B.", **kw)
     flags.DEFINE_string("finetuned_workdir", None, "One-composer study: the fine-tuned run (with --composer).", **kw)
     flags.DEFINE_string("composer", None, "One-composer study: composer/style label of the fine-tune.", **kw)
@@ -668,6 +881,8 @@ def run_command(f, rest: Sequence[str]) -> str:
                                 options=options)
         return write_composer_study(result, f.output_dir)
 
+    if f.guidance_sweep is not None:
+        return _run_guidance_sweep(f, options)
     if f.generated_dir and not generate.read_all_manifests(f.generated_dir):  # fail before loading anything
         raise UserError(f"--generated_dir={f.generated_dir}: no manifest.jsonl with pieces there")
     start = time.perf_counter()
@@ -685,15 +900,18 @@ def run_command(f, rest: Sequence[str]) -> str:
         generated_dir = pathlib.Path(f.generated_dir)
     else:
         generated_dir = pathlib.Path(f.output_dir) / "generated"
-        run = generate.Run(model=gpt.model, vocab=vocab, config=config, step=gpt.step, workdir=str(f.workdir))
+        run = generate.Run(model=gpt.model, vocab=vocab, config=config, step=gpt.step, workdir=str(f.workdir),
+                           note_seconds=generate.dataset_note_seconds({"data": {"dataset_dir": str(dataset_dir)}}))
         try:
             styles = generate.resolve_styles(vocab, f.style)
-            sampling = generate.Sampling(temperature=f.temperature, top_p=f.top_p, max_seconds=f.max_seconds)
+            sampling = generate.Sampling(temperature=f.temperature, top_p=f.top_p, max_seconds=f.max_seconds,
+                                         max_note_seconds=f.max_note_seconds)
         except generate.UserError as e:
             raise UserError(str(e)) from None
         print(f"generating {f.num_samples} pieces into {generated_dir}", flush=True)
+        # The copy guard stays off: the report measures what the model copies by itself.
         generate.generate_corpus(run, generated_dir, num_samples=f.num_samples, styles=styles, seed=f.seed,
-                                 sampling=sampling, progress=f.progress)
+                                 sampling=sampling, progress=f.progress, max_copy_seconds=0)
         generate.write_gallery(generated_dir)
     generated = read_generated(generated_dir, vocab)
 
@@ -705,6 +923,41 @@ def run_command(f, rest: Sequence[str]) -> str:
     report_lib.write_report(report, f.output_dir, generated_dir)
     lines = [f"{t['target']}: {report_lib.fmt(t['value'])} ({'met' if t['met'] else 'NOT met'})" for t in report["targets"]]
     return "\n".join(lines + [str(pathlib.Path(f.output_dir) / "report.html")])
+
+
+def parse_guidances(spec: str) -> list[float]:
+    try:
+        values = [float(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(np.isfinite(v) and v >= 0 for v in values):
+        raise UserError(f"--guidance_sweep={spec}: expected comma-separated guidance values >= 0, e.g. 1,1.5,2,3")
+    return values
+
+
+def _run_guidance_sweep(f, options: Options) -> str:
+    from mgpt import generate
+
+    guidances = parse_guidances(f.guidance_sweep)
+    if f.generated_dir:
+        raise UserError("--guidance_sweep generates its own pieces; leave out --generated_dir")
+    gpt, vocab, config = model_from_run("gpt", f.workdir)
+    dataset_dir = _resolve_dataset(f.dataset_dir or config.data.dataset_dir)
+    train, test = load_split(dataset_dir, "train"), load_split(dataset_dir, "test")
+    run = generate.Run(model=gpt.model, vocab=vocab, config=config, step=gpt.step, workdir=str(f.workdir),
+                       note_seconds=generate.dataset_note_seconds({"data": {"dataset_dir": str(dataset_dir)}}))
+    try:
+        styles = generate.resolve_styles(vocab, f.style)
+        sampling = generate.Sampling(temperature=f.temperature, top_p=f.top_p, max_seconds=f.max_seconds,
+                                     max_note_seconds=f.max_note_seconds)
+    except generate.UserError as e:
+        raise UserError(str(e)) from None
+    result = guidance_sweep(run=run, vocab=vocab, train=train, test=test, guidances=guidances,
+                            num_samples=f.num_samples, styles=styles, sampling=sampling, options=options,
+                            output_dir=f.output_dir, progress=f.progress)
+    text = write_guidance_sweep(result)
+    (pathlib.Path(f.output_dir) / "guidance_sweep.md").write_text(text)
+    return text + str(pathlib.Path(f.output_dir) / "guidance_sweep.png")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -80,6 +80,35 @@ def polyphony(start_s: np.ndarray, end_s: np.ndarray) -> float:
     return float((sounding[busy] * span[busy]).sum() / total) if total > 0 else 0.0
 
 
+def onset_polyphony(start_s: np.ndarray, end_s: np.ndarray) -> float:
+    """Mean, over distinct onset times t, of the notes sounding at t (start <= t < end).
+
+    This is what droning shows in: a held note that never ends is counted at every later
+    onset. Real four-part chorales give about 4.
+    """
+    if len(start_s) == 0:
+        return 0.0
+    onsets = np.unique(np.asarray(start_s, np.float64))
+    started = np.searchsorted(np.sort(start_s), onsets, side="right")  # notes with start <= t
+    ended = np.searchsorted(np.sort(end_s), onsets, side="right")  # notes with end <= t
+    return float(np.mean(started - ended))
+
+
+COHERENCE = ("onset_polyphony", "mean_note_s", "share_notes_ge_4s")
+LONG_NOTE_S = 4.0
+
+
+def note_coherence(notes: Notes) -> dict[str, float]:
+    """Per piece: onset_polyphony, mean note length (s) and the share of notes >= 4 s."""
+    _, _, start_s, end_s = notes
+    length_s = np.asarray(end_s, np.float64) - np.asarray(start_s, np.float64)
+    return {
+        "onset_polyphony": onset_polyphony(start_s, end_s),
+        "mean_note_s": float(length_s.mean()) if len(length_s) else 0.0,
+        "share_notes_ge_4s": float((length_s >= LONG_NOTE_S).mean()) if len(length_s) else 0.0,
+    }
+
+
 def scale_consistency(pitch: np.ndarray) -> float:
     """Largest fraction of notes whose pitch class lies in one of the 24 major/minor scales."""
     if len(pitch) == 0:

@@ -9,6 +9,14 @@ how often the command was interrupted. Each piece is written as `NNNNN_STYLE.mid
 re-running the same command skips pieces already listed there, so a killed job
 resumes where it stopped. `index.html` is rewritten at the end.
 
+`--guidance=G` strengthens the requested style by classifier-free guidance (mgpt.sample;
+the model must have been trained with data.style_dropout > 0). The copy guard
+(`--max_copy_seconds=X`, default 8, 0 = off) searches each finished piece against the
+training set (mgpt.originality, transposition-aware; the index is cached beside the
+dataset) and re-draws a piece that copies X seconds or more with a new seed, up to
+`--copy_tries` draws in all. Each manifest line records the piece's longest copied span
+(seconds, notes, training piece) and whether it is still over the limit.
+
 Batches of `--batch_size` rows run on every local device at once (one sampler call
 per device, from host threads: pieces are independent, so no device waits for
 another). On a multi-host pod each host takes the piece indices i with
@@ -20,6 +28,7 @@ Notebook use:
     from mgpt import generate
     run = generate.load_run("runs/demo")
     pieces = run.generate(style="bach", n=4, max_seconds=20, top_p=0.95)   # NoteSequences
+    pieces = run.generate(style="bach", n=4, max_seconds=20, guidance=2.0)  # style guidance
     run.write_midi(pieces, "out/notebook")                                  # -> .mid paths
 """
 
@@ -31,6 +40,7 @@ import json
 import os
 import pathlib
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -43,8 +53,14 @@ from mgpt import render
 UNCONDITIONAL = "unconditional"
 ALL_STYLES = "all"
 DEFAULT_MAX_EVENTS = 1024  # when neither --max_events nor --max_seconds is given
-MAX_NOTE_SECONDS = 8.0  # longest note written: longer than 99.9 % of the demo corpus's notes (see decode)
+# The note-length guard's default: this percentile of the requested style's note lengths in
+# the training data (build.json's note_seconds). 99.5 cuts only notes longer than nearly
+# all real ones; FALLBACK_MAX_NOTE_SECONDS serves a run whose dataset has no such table.
+NOTE_GUARD_PERCENTILE = "p99.5"
+FALLBACK_MAX_NOTE_SECONDS = 8.0
 DEFAULT_BATCH_SIZE = 16  # rows per device per sampler call
+DEFAULT_MAX_COPY_SECONDS = 8.0  # the copy guard: longest span a piece may share with a training piece
+DEFAULT_COPY_TRIES = 4  # draws per piece (the first and up to three re-draws) before it is marked
 
 
 class UserError(ValueError):
@@ -137,6 +153,8 @@ class Sampling:
     greedy: bool = False
     max_events: int | None = None
     max_seconds: float | None = None
+    max_note_seconds: float | None = None  # the note-length guard: None = from the data, 0 = off
+    guidance: float = 1.0  # classifier-free style guidance G (1 = off; see mgpt.sample)
 
     def __post_init__(self):
         from mgpt.sample import sampling_settings
@@ -146,10 +164,20 @@ class Sampling:
                               greedy=self.greedy)
         except ValueError as e:
             raise UserError(f"--{e}") from None
-        if self.max_events is not None and self.max_events < 0:
-            raise UserError(f"--max_events must be >= 0, got {self.max_events}")
-        if self.max_seconds is not None and not self.max_seconds >= 0:
-            raise UserError(f"--max_seconds must be >= 0, got {self.max_seconds}")
+        # A zero budget writes pieces with no new music: refused rather than done silently.
+        if self.max_events is not None and self.max_events < 1:
+            raise UserError(f"--max_events must be >= 1, got {self.max_events}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise UserError(f"--max_seconds must be > 0, got {self.max_seconds}")
+        if self.max_note_seconds is not None and not self.max_note_seconds >= 0:
+            raise UserError(f"--max_note_seconds must be >= 0 (0 = off), got {self.max_note_seconds}")
+        try:
+            guidance_ok = np.isfinite(float(self.guidance)) and float(self.guidance) >= 0
+        except (TypeError, ValueError):
+            guidance_ok = False
+        if not guidance_ok:
+            raise UserError(f"--guidance must be a number >= 0 (1 = off), got {self.guidance!r}")
+        object.__setattr__(self, "guidance", float(self.guidance))  # a plain float for the manifest's JSON
 
     def budget(self) -> dict:
         if self.max_events is None and self.max_seconds is None:
@@ -172,7 +200,18 @@ class Run:
     config: object = None
     step: int = 0
     workdir: str = ""
+    note_seconds: dict = dataclasses.field(default_factory=dict)  # build.json's per-style note lengths
+    dataset_dir: str | None = None  # the training dataset when it is on this machine (the copy guard's)
     _replicas: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def max_note_seconds(self, prompt: np.ndarray, sampling: Sampling) -> float:
+        """The note-length guard for one prompt: the explicit setting, else a high percentile
+        (NOTE_GUARD_PERCENTILE) of its style's training notes ('all' when unconditional)."""
+        if sampling.max_note_seconds is not None:
+            return float(sampling.max_note_seconds)
+        style = self.vocab.token_of(int(prompt[0])).split(":", 1)[1]
+        row = self.note_seconds.get(style if style != UNKNOWN_STYLE else "all") or self.note_seconds.get("all")
+        return float(row[NOTE_GUARD_PERCENTILE]) if row else FALLBACK_MAX_NOTE_SECONDS
 
     @property
     def styles(self) -> list[str]:
@@ -218,8 +257,9 @@ class Run:
         shares = np.array_split(np.arange(len(prompts)), len(devices))
         kwargs = dict(
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
-            greedy=sampling.greedy, batch_size=batch_size, **sampling.budget(),
+            greedy=sampling.greedy, guidance=sampling.guidance, batch_size=batch_size, **sampling.budget(),
         )
+        limits = [self.max_note_seconds(p, sampling) for p in prompts]
 
         home = _device_of(self.model)
 
@@ -228,7 +268,7 @@ class Run:
                 return []
             model = self.model if device == home else self.replica(device)
             return generate_tokens(model, self.vocab, [prompts[i] for i in share], seeds=[int(seeds[i]) for i in share],
-                                   **kwargs)
+                                   max_note_seconds=[limits[i] for i in share], **kwargs)
 
         if len(devices) == 1:
             return run_share(devices[0], shares[0])
@@ -251,7 +291,7 @@ class Run:
         """`n` id rows (STYLE token + primer + new events). `style` may be a name, a comma list or 'all'.
 
         Piece i uses seed `seed + i`. Sampling keywords: temperature, top_k, top_p,
-        min_p, greedy, max_events, max_seconds (see `Sampling`).
+        min_p, greedy, max_events, max_seconds, max_note_seconds, guidance (see `Sampling`).
         """
         cycle = resolve_styles(self.vocab, style)
         styles = [cycle[i % len(cycle)] for i in range(n)]
@@ -299,9 +339,12 @@ def read_run_info(workdir: str, step: int | None = None) -> tuple[Vocabulary, di
     """(vocab, config dict, step) of a checkpoint without loading weights (fast; for checking flags)."""
     from mgpt import checkpoint as ckpt_lib
 
-    root, step = ckpt_lib.locate(workdir, step)
-    config = ckpt_lib.read_json_item(root, step, "config")
-    vocab = Vocabulary.from_json(ckpt_lib.read_json_item(root, step, "vocab"), origin=f"{root}/{step}/vocab")
+    def load(root, at_step):
+        config = ckpt_lib.read_json_item(root, at_step, "config")
+        vocab = Vocabulary.from_json(ckpt_lib.read_json_item(root, at_step, "vocab"), origin=f"{root}/{at_step}/vocab")
+        return vocab, config
+
+    (vocab, config), step = ckpt_lib.load_newest(workdir, step, load)
     return vocab, config, step
 
 
@@ -314,7 +357,126 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     if kind != "gpt":
         raise UserError(f"{workdir}: model.kind={kind!r}; the sampler supports 'gpt' only")
     model, vocab, config, step = restore_model(workdir, step)
-    return Run(model=model, vocab=vocab, config=config, step=step, workdir=str(workdir))
+    dataset = local_dataset(config)
+    return Run(model=model, vocab=vocab, config=config, step=step, workdir=str(workdir),
+               note_seconds=dataset_note_seconds(config), dataset_dir=os.fspath(dataset) if dataset else None)
+
+
+def local_dataset(config) -> pathlib.Path | None:
+    """The run's dataset folder (the one holding vocab.json) when it is on this machine, else None.
+
+    Never builds one: a sampler must not start a dataset build.
+    """
+    from data_prep.build import dataset_path
+
+    dataset_dir = str((config.get("data") or {}).get("dataset_dir") or "")
+    for folder in ((dataset_dir, os.fspath(dataset_path(dataset_dir))) if dataset_dir else ()):
+        if os.path.isfile(os.path.join(folder, "vocab.json")):
+            return pathlib.Path(folder)
+    return None
+
+
+def dataset_note_seconds(config) -> dict:
+    """The per-style note-length table of the run's dataset (build.json), or {} when the dataset
+    is not here or predates the table (the guard then falls back to FALLBACK_MAX_NOTE_SECONDS)."""
+    from data_prep.build import dataset_path
+
+    dataset_dir = str((config.get("data") or {}).get("dataset_dir") or "")
+    for folder in ((dataset_dir, os.fspath(dataset_path(dataset_dir))) if dataset_dir else ()):
+        try:
+            with open(os.path.join(folder, "build.json")) as f:
+                return dict(json.load(f).get("note_seconds") or {})
+        except (OSError, ValueError, AttributeError):
+            continue
+    return {}
+
+
+# ----------------------------------------------------------------------------- the copy guard
+
+
+def check_copy_guard(max_copy_seconds: float, copy_tries: int) -> None:
+    if not (np.isfinite(max_copy_seconds) and max_copy_seconds >= 0):
+        raise UserError(f"--max_copy_seconds must be >= 0 (0 = off), got {max_copy_seconds}")
+    if int(copy_tries) != copy_tries or copy_tries < 1:
+        raise UserError(f"--copy_tries must be an integer >= 1 (draws per piece), got {copy_tries}")
+
+
+def redraw_seed(seed: int, attempt: int) -> int:
+    """The seed of a piece's re-draw number `attempt` (0 = the piece's own seed): a function of
+    both only, so a guarded corpus still depends on nothing but its flags."""
+    if attempt == 0:
+        return int(seed)
+    return int(np.random.SeedSequence([int(seed), int(attempt)]).generate_state(1, np.uint32)[0])
+
+
+@dataclasses.dataclass
+class CopyGuard:
+    """Re-draws pieces that copy `max_seconds` or more of a training piece (see the module docstring)."""
+
+    index: object  # mgpt.originality.CopyIndex over the train split
+    piece_ids: list
+    vocab: Vocabulary
+    max_seconds: float
+    tries: int = DEFAULT_COPY_TRIES
+
+    @classmethod
+    def for_run(cls, run: Run, max_seconds: float, tries: int = DEFAULT_COPY_TRIES) -> "CopyGuard | None":
+        """The guard over the run's training set, or None (with a warning) when that is not here."""
+        from mgpt import originality
+
+        if not run.dataset_dir:
+            print("warning: the copy guard is off: the run's training dataset (config.data.dataset_dir) is not on "
+                  "this machine; pass --max_copy_seconds=0 to silence this", file=sys.stderr, flush=True)
+            return None
+        index, piece_ids = originality.training_index(run.dataset_dir, run.vocab)
+        return cls(index, piece_ids, run.vocab, float(max_seconds), int(tries))
+
+    def longest_copy(self, ids: np.ndarray) -> dict:
+        """The longest-in-seconds span of the piece `ids` found in a training piece: seconds (first to
+        last onset), notes, and the training piece's id. Notes are read as mgpt.evaluate reads a
+        generated file (the playable decode, quantised by the vocabulary), so both agree."""
+        notes = self.vocab.decode_notes(self.vocab.encode(decode(self.vocab, ids)))
+        copy, _ = self.index.longest_copy(notes)
+        return {"seconds": round(copy.seconds, 3), "notes": copy.seconds_notes,
+                "train_piece_id": self.piece_ids[copy.train_piece] if copy.train_piece >= 0 else None}
+
+    def enforce(self, rows: Sequence[np.ndarray], seeds: Sequence[int], names: Sequence[str], draw,
+                redraw: bool = True, log=None) -> tuple[list[np.ndarray], list[dict]]:
+        """rows[i] (drawn with seeds[i]) -> (kept rows, their manifest fields).
+
+        A piece copying max_seconds or more is re-drawn by `draw(indices, seeds) -> rows` with
+        `redraw_seed`, up to `tries` draws in all; each try is logged. A piece over the limit
+        after the last try keeps its draw with the shortest copy. Manifest fields: drawn_seed,
+        copy (seconds, notes, train_piece_id of the kept draw), copy_over_limit, copy_tries
+        (seed and copy of every draw, in order).
+        """
+        log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        tries = [[{"seed": int(s), **self.longest_copy(r)}] for s, r in zip(seeds, rows)]
+        drawn = [[r] for r in rows]
+        for attempt in range(1, self.tries if redraw else 1):
+            over = [i for i, t in enumerate(tries) if t[-1]["seconds"] >= self.max_seconds]
+            if not over:
+                break
+            new_seeds = [redraw_seed(seeds[i], attempt) for i in over]
+            for i, seed in zip(over, new_seeds):
+                c = tries[i][-1]
+                log(f"copy guard: {names[i]} (seed {c['seed']}) copies {c['seconds']:.2f} s ({c['notes']} notes) of "
+                    f"training piece {c['train_piece_id']}; re-drawing with seed {seed} (try {attempt + 1} of "
+                    f"{self.tries})")
+            for i, seed, row in zip(over, new_seeds, draw(over, new_seeds)):
+                tries[i].append({"seed": seed, **self.longest_copy(row)})
+                drawn[i].append(row)
+        kept, fields = [], []
+        for i, t in enumerate(tries):
+            best = min(range(len(t)), key=lambda k: t[k]["seconds"])  # the first draw on a tie
+            over = t[best]["seconds"] >= self.max_seconds
+            if over:
+                log(f"copy guard: {names[i]} still copies {t[best]['seconds']:.2f} s of training piece "
+                    f"{t[best]['train_piece_id']} after {len(t)} draw(s); marked copy_over_limit in the manifest")
+            kept.append(drawn[i][best])
+            fields.append({"drawn_seed": t[best]["seed"], "copy": {k: v for k, v in t[best].items() if k != "seed"},
+                           "copy_over_limit": over, "copy_tries": t})
+        return kept, fields
 
 
 # ----------------------------------------------------------------------------- corpus generation
@@ -362,10 +524,15 @@ def _open_manifest(path: pathlib.Path):
 
 
 # Fields that make a piece what it is: a re-run must agree on them to reuse it.
-_IDENTITY = ("style", "seed", "settings", "primer", "primer_seconds", "checkpoint_step")
+_IDENTITY = ("style", "seed", "settings", "primer", "primer_seconds", "checkpoint_step", "copy_guard")
+# Settings added since manifests were first written, with the value that means "as before".
+_SETTINGS_SINCE = {"guidance": 1.0}
+_COPY_GUARD_OFF = {"max_copy_seconds": 0.0, "tries": 1}
 
 
 def _check_same(entry: dict, expected: dict, manifest: pathlib.Path) -> None:
+    entry = {"copy_guard": _COPY_GUARD_OFF, **entry}  # older lines: made without the guard
+    entry["settings"] = {**_SETTINGS_SINCE, **(entry.get("settings") or {})}
     for key in _IDENTITY:
         if entry.get(key) != expected.get(key):
             raise UserError(
@@ -391,22 +558,27 @@ def generate_corpus(
     process_index: int | None = None,
     process_count: int | None = None,
     devices: Sequence | None = None,
+    max_copy_seconds: float = DEFAULT_MAX_COPY_SECONDS,
+    copy_tries: int = DEFAULT_COPY_TRIES,
 ) -> list[dict]:
     """Generate this host's share of `num_samples` pieces into output_dir, resuming; returns its manifest lines.
 
     Pieces already in this host's manifest are skipped (and must have been made
     with the same settings). With `audio`, pieces from an earlier run that lack a
-    WAV get one.
+    WAV get one. `max_copy_seconds` > 0 turns on the copy guard (`CopyGuard`; off,
+    with a warning, when the run's dataset is not on this machine).
     """
     import jax
     from tqdm.auto import tqdm
 
     if num_samples < 1:
         raise UserError(f"--num_samples must be >= 1, got {num_samples}")
+    _check_primer_seconds(primer_seconds)
     if batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {batch_size}")
     if seed < 0 or seed + num_samples > 2**32:
         raise UserError(f"--seed: seeds {seed}..{seed + num_samples - 1} must lie in 0..2**32-1")
+    check_copy_guard(max_copy_seconds, copy_tries)
     if audio:
         render.find_audio_tools(soundfont)  # fail before any work
     process_index = jax.process_index() if process_index is None else process_index
@@ -416,11 +588,20 @@ def generate_corpus(
     out.mkdir(parents=True, exist_ok=True)
 
     primer_ids = load_primer(primer, run.vocab, primer_seconds) if primer else None
+    guard = CopyGuard.for_run(run, max_copy_seconds, copy_tries) if max_copy_seconds else None
+    redraw = True
+    if guard and primer_ids is not None:
+        c = guard.longest_copy(primer_ids)
+        if c["seconds"] >= guard.max_seconds:  # no seed can change the primer: re-drawing is futile
+            redraw = False
+            print(f"warning: the primer itself copies {c['seconds']:.2f} s of training piece {c['train_piece_id']}; "
+                  "pieces are not re-drawn and are marked copy_over_limit", file=sys.stderr, flush=True)
     common = {
         "settings": sampling.to_dict(),
         "primer": os.fspath(primer) if primer else None,
         "primer_seconds": primer_seconds if primer else None,
         "checkpoint_step": run.step,
+        "copy_guard": {"max_copy_seconds": guard.max_seconds, "tries": guard.tries} if guard else _COPY_GUARD_OFF,
     }
     mine = [p for p in plan(num_samples, styles, seed) if p.index % process_count == process_index]
     manifest = out / manifest_name(process_index, process_count)
@@ -447,18 +628,29 @@ def generate_corpus(
     start = time.perf_counter()
 
     def sample(pieces):
-        return run.sample_ids(run.prompts([p.style for p in pieces], primer_ids), [p.seed for p in pieces], sampling,
-                              batch_size=batch_size, devices=devices)
+        prompts = run.prompts([p.style for p in pieces], primer_ids)
+
+        def draw(indices, seeds):
+            return run.sample_ids([prompts[i] for i in indices], seeds, sampling, batch_size=batch_size,
+                                  devices=devices)
+
+        rows = draw(range(len(pieces)), [p.seed for p in pieces])
+        if guard is None:
+            return rows, [None] * len(pieces)
+        # On this worker thread, so the search overlaps the previous group's file writing.
+        return guard.enforce(rows, [p.seed for p in pieces], [p.stem for p in pieces], draw, redraw=redraw)
 
     # Sampling of group g+1 runs (on its own thread) while group g's files are written.
     with concurrent.futures.ThreadPoolExecutor(1) as pool, _open_manifest(manifest) as log:
         pending = pool.submit(sample, groups[0]) if groups else None
         for g, pieces in enumerate(groups):
-            rows = pending.result()
+            rows, copy_fields = pending.result()
             pending = pool.submit(sample, groups[g + 1]) if g + 1 < len(groups) else None
-            for p, ids in zip(pieces, rows):
+            for p, ids, copy in zip(pieces, rows, copy_fields):
+                limit = run.max_note_seconds(np.asarray([style_token(run.vocab, p.style)]), sampling)
                 entry = _write_piece(run.vocab, out, p, ids, primer_ids, audio=audio, soundfont=soundfont,
-                                     extra={**common, "workdir": run.workdir, "host": process_index})
+                                     extra={**common, "workdir": run.workdir, "host": process_index,
+                                            "max_note_seconds": round(limit, 3), **(copy or {})})
                 log.write(json.dumps(entry) + "\n")
                 log.flush()  # a piece counts as done only once its line is on disk
                 os.fsync(log.fileno())
@@ -470,13 +662,29 @@ def generate_corpus(
     return sorted(written, key=lambda e: e["index"])
 
 
+def _check_primer_seconds(seconds: float) -> None:
+    if not seconds >= 0:
+        raise UserError(f"--primer_seconds must be >= 0 (0 keeps all of the primer), got {seconds}")
+
+
+def _check_output_dir(output_dir) -> None:
+    """A one-line error before the weights are loaded when output_dir cannot be made or written."""
+    try:
+        pathlib.Path(output_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=output_dir):
+            pass
+    except OSError as e:
+        reason = e.strerror or e
+        raise UserError(f"--output_dir={output_dir}: cannot write there ({reason}); pick another dir") from None
+
+
 def decode(vocab: Vocabulary, ids: np.ndarray):
     """Any id row -> a NoteSequence that plays the same in every MIDI player (see render.playable).
 
-    Notes are cut at MAX_NOTE_SECONDS: a small model sometimes never closes a note (and
-    after a sliding-window restart it cannot see the onset any more), which would drone.
+    Nothing is cut here: note lengths are the sampler's business (its note-length guard,
+    `Sampling.max_note_seconds`), so that pieces sampled with the guard off show the raw model.
     """
-    return render.playable(vocab.decode(ids, max_note_seconds=MAX_NOTE_SECONDS))
+    return render.playable(vocab.decode(ids))
 
 
 def _write_piece(vocab, out: pathlib.Path, piece: Piece, ids: np.ndarray, primer_ids, *, audio, soundfont, extra):
@@ -544,6 +752,16 @@ def define_flags(fv):
                          f"New events per piece (default {DEFAULT_MAX_EVENTS} if no --max_seconds).", **kw)
     flags.DEFINE_float("max_seconds", None,
                        "Seconds of new music per piece (with --max_events: whichever ends first).", **kw)
+    flags.DEFINE_float("max_note_seconds", None,
+                       f"Close any note that has sounded this long (0 = off; default: the {NOTE_GUARD_PERCENTILE} "
+                       "note length of the style's training pieces, from the dataset's build.json).", **kw)
+    flags.DEFINE_float("guidance", 1.0, "Classifier-free style guidance G >= 0: l_uncond + G (l_cond - l_uncond); "
+                       "1 = off. Needs a model trained with data.style_dropout > 0.", **kw)
+    flags.DEFINE_float("max_copy_seconds", DEFAULT_MAX_COPY_SECONDS,
+                       "Copy guard: re-draw a piece that shares this many seconds with a training piece "
+                       "(transposition-aware; 0 = off).", **kw)
+    flags.DEFINE_integer("copy_tries", DEFAULT_COPY_TRIES,
+                         "Copy guard: draws per piece before it is kept and marked copy_over_limit.", **kw)
     flags.DEFINE_integer("batch_size", DEFAULT_BATCH_SIZE, "Pieces per device per sampler call.", **kw)
     flags.DEFINE_bool("audio", False,
                       f"Render a WAV per piece with FluidSynth ({render.INSTALL_AUDIO}).", **kw)
@@ -559,7 +777,10 @@ def run_command(f) -> pathlib.Path:
         raise UserError("usage: python -m mgpt.generate --workdir=RUN --output_dir=OUT [--style=NAME|all] "
                         "[--num_samples=N] [--primer=FILE.mid] [--audio]")
     sampling = Sampling(temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, min_p=f.min_p, greedy=f.greedy,
-                        max_events=f.max_events, max_seconds=f.max_seconds)
+                        max_events=f.max_events, max_seconds=f.max_seconds, max_note_seconds=f.max_note_seconds,
+                        guidance=f.guidance)
+    _check_primer_seconds(f.primer_seconds)
+    check_copy_guard(f.max_copy_seconds, f.copy_tries)
     if f.audio:
         render.find_audio_tools(f.soundfont)
     # Everything a user can get wrong is checked before the weights are loaded.
@@ -567,6 +788,7 @@ def run_command(f) -> pathlib.Path:
     styles = resolve_styles(vocab, f.style)
     if f.primer:
         load_primer(f.primer, vocab, f.primer_seconds)
+    _check_output_dir(f.output_dir)
     if f.distributed != "no":
         import ml_collections
 
@@ -580,7 +802,7 @@ def run_command(f) -> pathlib.Path:
     generate_corpus(
         run, f.output_dir, num_samples=f.num_samples, styles=styles, seed=f.seed, sampling=sampling,
         primer=f.primer, primer_seconds=f.primer_seconds, batch_size=f.batch_size, audio=f.audio,
-        soundfont=f.soundfont, progress=f.progress,
+        soundfont=f.soundfont, progress=f.progress, max_copy_seconds=f.max_copy_seconds, copy_tries=f.copy_tries,
     )
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils

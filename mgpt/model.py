@@ -7,7 +7,7 @@ attention through `jax.nn.dot_product_attention` (cuDNN flash on GPUs in bf16).
 Training rows may pack several pieces: `segment_ids_BxL` (one id per piece, 0 for
 PAD) keeps attention causal within a piece, and `positions_BxL` restart at 0 for each
 piece, so a packed piece is scored exactly as if it were alone. On the XLA path the
-segment test is a boolean BxNxLxL mask next to the causal one; on the cuDNN path jax
+segment test is a boolean Bx1xLxL mask next to the causal one; on the cuDNN path jax
 turns the same mask into an additive Bx1xLxL bias (one LxL slab per row in the compute
 dtype: 1 GiB for 128 rows of 2048 in bf16, split over the batch shards), which the
 flash kernel reads.

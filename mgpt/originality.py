@@ -13,11 +13,19 @@ position of a query, the longest span starting there that occurs anywhere in the
 training set (binary search on the suffix array). From that:
 - the longest copied span (notes and seconds) and where it came from,
 - the share of the query's n-note windows that occur in the training set.
+
+`training_index(dataset_path, vocab)` is the index of a dataset's whole train split,
+built once and cached beside the dataset as `copy_index.npz` (plain arrays, no pickle),
+for the sampler's copy guard (`mgpt.generate --max_copy_seconds`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
+import pathlib
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -102,6 +110,20 @@ class CopyIndex:
         self.sa = suffix_array(self.codes)
         # Big-endian 4-byte codes compare as bytes exactly as the codes compare as numbers.
         self._bytes = self.codes.astype(">u4").tobytes()
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Everything the index is, as plain arrays (for np.savez; `from_arrays` inverts it)."""
+        return {"codes": self.codes, "owner": self.owner, "sa": self.sa,
+                "num_pieces": np.asarray(self.num_pieces), "steps_per_second": np.asarray(self.steps_per_second)}
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "CopyIndex":
+        index = cls.__new__(cls)
+        index.codes, index.owner, index.sa = (np.asarray(arrays[k], np.int64) for k in ("codes", "owner", "sa"))
+        index.num_pieces = int(arrays["num_pieces"])
+        index.steps_per_second = int(arrays["steps_per_second"])
+        index._bytes = index.codes.astype(">u4").tobytes()
+        return index
 
     def _suffix_bytes(self, pos: int, length: int) -> bytes:
         return self._bytes[4 * pos : 4 * (pos + length)]
@@ -188,3 +210,55 @@ def originality_report(
         },
         "ngram_windows": {str(n): found[n][1] for n in ngram_sizes},
     }
+
+
+# ----------------------------------------------------------------------------- the train split's index, cached
+
+INDEX_FILE = "copy_index.npz"
+_INDEX_FORMAT = 1  # bump when note_steps or the arrays change meaning
+
+
+def _fingerprint(dataset_path: pathlib.Path, vocab) -> str:
+    """What the cached index depends on: the dataset's build record (rewritten by every build;
+    dataset_info.json when there is none), the time grid and the index format."""
+    h = hashlib.sha256(f"format {_INDEX_FORMAT}; steps/s {vocab.steps_per_second}".encode())
+    for name in ("build.json", "dataset_info.json"):
+        if (dataset_path / name).is_file():
+            h.update((dataset_path / name).read_bytes())
+            break
+    return h.hexdigest()
+
+
+def training_index(dataset_path: str | os.PathLike, vocab) -> tuple[CopyIndex, list[str]]:
+    """(index over every train piece, their piece ids), from `dataset_path/copy_index.npz` when
+    it matches the dataset, else built from the train split and cached there (atomically; a
+    dataset folder we may not write to just means building it each time)."""
+    dataset_path = pathlib.Path(dataset_path)
+    path = dataset_path / INDEX_FILE
+    fingerprint = _fingerprint(dataset_path, vocab)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["fingerprint"]) == fingerprint:
+                return CopyIndex.from_arrays(z), [str(x) for x in z["piece_ids"]]
+    except (OSError, KeyError, ValueError):  # absent, cut short or from another format: rebuild
+        pass
+    from mgpt import data as data_lib
+
+    source = data_lib.open_source(dataset_path, "train")
+    notes, piece_ids = [], []
+    for i in range(len(source)):
+        record = source[i]
+        notes.append(vocab.decode_notes(np.asarray(record["tokens"], np.int32)))
+        piece_ids.append(data_lib.record_text(record["piece_id"]))
+    index = CopyIndex(notes, vocab.steps_per_second)
+    tmp = path.with_name(f"{INDEX_FILE}.{os.getpid()}.part")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, fingerprint=np.asarray(fingerprint), piece_ids=np.asarray(piece_ids, dtype=str),
+                     **index.arrays())
+        os.replace(tmp, path)  # readers see the old file or the whole new one, never half
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        print(f"warning: cannot cache the copy index in {dataset_path} ({e.strerror}); it is rebuilt each run",
+              file=sys.stderr, flush=True)
+    return index, piece_ids

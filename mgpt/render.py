@@ -261,7 +261,20 @@ h1{font-size:1.4rem;margin:0 0 .3rem} p.sub{color:#666;margin:0 0 1.5rem}
 a.dl{font-size:.9rem}
 """
 
-_SETTING_ORDER = ("style", "seed", "events", "seconds", "notes", "primer", "checkpoint_step")
+_SETTING_ORDER = ("style", "seed", "drawn_seed", "events", "seconds", "notes", "primer", "checkpoint_step")
+
+
+def _copy_line(e: dict) -> str | None:
+    """The copy guard's verdict on a manifest line, in words (None when it was not searched)."""
+    c = e.get("copy")
+    if not c:
+        return None
+    source = f" of training piece {c['train_piece_id']}" if c.get("train_piece_id") else ""
+    line = f"{c['seconds']:.2f} s, {c['notes']} notes{source}"
+    draws = len(e.get("copy_tries") or ())
+    if draws > 1:
+        line += f" (after {draws} draws)"
+    return line + (" - OVER THE LIMIT" if e.get("copy_over_limit") else "")
 
 
 def _fmt(v) -> str:
@@ -292,6 +305,8 @@ def write_gallery(output_dir: str | os.PathLike, entries: Sequence[dict], *, tit
             parts.append(f'<audio controls preload="none" src="{html.escape(wav)}"></audio>')
         parts.append(f'<a class="dl" href="{name}" download>download MIDI</a>')
         rows = [(k, e[k]) for k in _SETTING_ORDER if e.get(k) not in (None, "")]
+        if _copy_line(e):
+            rows.append(("longest copy", _copy_line(e)))
         rows.append(("sampling", e.get("settings", {})))
         parts.append("<table>" + "".join(
             f"<tr><td>{html.escape(k)}</td><td>{html.escape(_fmt(v))}</td></tr>" for k, v in rows

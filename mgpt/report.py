@@ -70,6 +70,22 @@ def report_tables(report: dict) -> list[tuple[str, str, list[str], list[list], l
                 ["feature", "generated OA", "generated KL", "train OA (ceiling)", "train KL", "generated mean",
                  "test mean"], rows, [f["plots"][k] for k in F.FEATURES if k in f["plots"]]))
 
+    co = report.get("coherence", {})
+    if co.get("per_style"):
+        rows = []
+        for style, v in co["per_style"].items():
+            g, r = v["generated"], v["real"]
+            rows.append([style, f"{g['pieces']} / {r['pieces']}", r["onset_polyphony"], g["onset_polyphony"],
+                         r["mean_note_s"], g["mean_note_s"], r["share_notes_ge_4s"], g["share_notes_ge_4s"],
+                         ", ".join(v["off"]) or "ok"])
+        out.append(("Notes that hold together",
+                    f"Per style, means over pieces (first {co['crop_seconds']:g} s): notes sounding at each onset, "
+                    "mean note length and the share of notes >= 4 s, real test vs generated. A style is off when "
+                    f"polyphony or note length differ by more than {co['tolerance']:.0%}, or its long-note share "
+                    f"exceeds the real one by more than {co['long_note_slack']:.0%}.",
+                    ["style", "pieces (gen / real)", "polyphony real", "polyphony gen", "note s real", "note s gen",
+                     ">= 4 s real", ">= 4 s gen", "off"], rows, []))
+
     st = report["style"]
     if "real_test" in st:
         rows = [["real test (ceiling)", st["real_test"]["count"], st["real_test"]["accuracy"]],
@@ -196,6 +212,9 @@ def headline(report: dict) -> dict[str, float | None]:
     out["features.mean_kl"] = f["mean_kl"]["generated_vs_test"]
     for k, v in f["generated_vs_test"].items():
         out[f"features.{k}.overlap"] = v.get("overlap")
+    for style, v in report.get("coherence", {}).get("per_style", {}).items():
+        for k in ("onset_polyphony", "mean_note_s", "share_notes_ge_4s"):
+            out[f"coherence.{style}.{k}"] = v["generated"][k]
     st = report["style"]
     if "real_test" in st:
         out["style.real_test_accuracy"] = st["real_test"]["accuracy"]

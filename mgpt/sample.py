@@ -11,11 +11,25 @@ Sliding window (pieces longer than the context `W = cfg.max_len` events):
 the KV cache holds one window of W positions. When a row fills it, that row
 pauses until the other rows finish or fill theirs; then, on the host, each
 unfinished row restarts from a fresh window made of its conditioning (STYLE)
-token, the VELOCITY event in force, and its most recent events, W/2 tokens in
-all, re-prefilled at positions 0..W/2-1: exactly the shape of the mid-piece
-crops the model was trained on (mgpt/data.py). So every window after the first
-adds at least W/2 events, and the model always sees at least W/2 - 2 events of
-recent context. A Python loop runs once per window, never per token.
+token, the state carried at the cut (`Vocabulary.carried_state`: the VELOCITY in
+force and a NOTE_ON for each note still sounding) and its most recent events,
+W/2 tokens in all, re-prefilled at positions 0..W/2-1: exactly the shape of the
+mid-piece crops the model was trained on (mgpt/data.py). A Python loop runs once
+per window, never per token.
+
+What sounds: the loop state (`_SamplingState`) tracks per row and pitch the time
+step at which a sounding note began (`onset_BxP`), inside the jitted loop. A
+NOTE_OFF of a silent pitch and a NOTE_ON of a sounding one are masked, so every
+sampled event is possible. The note-length guard (`max_note_seconds` per row,
+0 = off) emits a note's NOTE_OFF in place of any event that would let it sound
+longer than that.
+
+Classifier-free style guidance (`guidance` G != 1): every row runs twice in the same
+loop, as rows b and B + b of one 2B-row batch and KV cache: once with its prompt, once
+with the same prompt whose STYLE token is STYLE:unknown (in every window). The event
+is drawn from l_uncond + G * (l_cond - l_uncond) and fed to both. G = 1 is plain
+sampling and runs the plain B-row function: it costs nothing extra. G = 0 samples
+exactly as a STYLE:unknown prompt would.
 
 Randomness: row b's event number n (counting from the start of generation,
 across windows) is drawn with `fold_in(key(seed_b), n)`, so a seed gives the
@@ -36,10 +50,15 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax
 from flax import nnx
 
 from data_prep.vocab import Vocabulary
 from mgpt.model import GPT
+
+
+SILENT = np.iinfo(np.int32).max  # onset_BxP value of a pitch that is not sounding
+RELEASE_SHARE = 0.5  # see release_mass
 
 
 def token_tables(vocab: Vocabulary) -> dict[str, jax.Array]:
@@ -47,21 +66,39 @@ def token_tables(vocab: Vocabulary) -> dict[str, jax.Array]:
 
     banned_V: tokens never sampled mid-piece (PAD and every STYLE token).
     shift_steps_V: how many time steps a token advances (0 for non-TIME_SHIFT).
-    eos_id: the end-of-piece token.
+    on_pitch_V / off_pitch_V: the pitch index (0..P-1) a NOTE_ON / NOTE_OFF acts on, P for
+    any other token. note_off_P: the NOTE_OFF id of each pitch index. eos_id: end of piece.
+    unknown_style_id: the unconditional rows' STYLE token under guidance.
     """
     ids_V = np.arange(vocab.size)
+    num_pitches = vocab.max_pitch - vocab.min_pitch + 1
     banned_V = (ids_V == vocab.pad_id) | (ids_V >= vocab.style_offset)
     is_shift_V = (ids_V >= vocab.time_shift_offset) & (ids_V < vocab.time_shift_offset + vocab.max_shift_steps)
     shift_steps_V = np.where(is_shift_V, ids_V - vocab.time_shift_offset + 1, 0)
+    is_on_V = (ids_V >= vocab.note_on_offset) & (ids_V < vocab.note_off_offset)
+    is_off_V = (ids_V >= vocab.note_off_offset) & (ids_V < vocab.time_shift_offset)
     return {
         "banned_V": jnp.asarray(banned_V),
         "shift_steps_V": jnp.asarray(shift_steps_V, jnp.int32),
+        "on_pitch_V": jnp.asarray(np.where(is_on_V, ids_V - vocab.note_on_offset, num_pitches), jnp.int32),
+        "off_pitch_V": jnp.asarray(np.where(is_off_V, ids_V - vocab.note_off_offset, num_pitches), jnp.int32),
+        "note_off_P": jnp.asarray(vocab.note_off_offset + np.arange(num_pitches), jnp.int32),
         "eos_id": jnp.asarray(vocab.eos_id, jnp.int32),
+        "unknown_style_id": jnp.asarray(vocab.unknown_style_id, jnp.int32),
     }
 
 
+def sounding_onsets(vocab: Vocabulary, prompt: Sequence[int]) -> np.ndarray:
+    """int32[P]: for each pitch sounding at the end of `prompt`, its onset in time steps
+    relative to the prompt's end (<= 0); SILENT for the others. The decode loop's start state."""
+    onset_P = np.full(vocab.max_pitch - vocab.min_pitch + 1, SILENT, np.int64)
+    pitch, _, onset_step, now = vocab.sounding_at(np.asarray(prompt), len(prompt))
+    onset_P[pitch - vocab.min_pitch] = onset_step - now
+    return onset_P.astype(np.int32)
+
+
 def sampling_settings(
-    *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, greedy=False
+    *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, greedy=False, release_share=RELEASE_SHARE
 ) -> dict[str, jax.Array]:
     """Validated sampling controls as arrays: changing them does not recompile."""
     if not greedy and not temperature > 0:
@@ -72,12 +109,15 @@ def sampling_settings(
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if not 0 <= min_p < 1:
         raise ValueError(f"min_p must be in [0, 1), got {min_p}")
+    if not 0 <= release_share <= 1:
+        raise ValueError(f"release_share must be in [0, 1], got {release_share}")
     return {
         "temperature": jnp.asarray(temperature if temperature > 0 else 1.0, jnp.float32),
         "top_k": jnp.asarray(top_k, jnp.int32),
         "top_p": jnp.asarray(top_p, jnp.float32),
         "min_p": jnp.asarray(min_p, jnp.float32),
         "greedy": jnp.asarray(bool(greedy)),
+        "release_share": jnp.asarray(float(release_share), jnp.float32),
     }
 
 
@@ -137,15 +177,107 @@ def filter_logits(logits_BxV, settings, banned_V):
     return jax.lax.cond(settings["top_p"] < 1, top_p, keep, x_BxV)
 
 
-def _choose(logits_BxV, keys_B, settings, banned_V):
-    """One token per row: greedy, or inverse-CDF sampling of the filtered distribution."""
-    filtered_BxV = filter_logits(logits_BxV, settings, banned_V)
+def _choose(logits_BxV, keys_B, settings, banned):
+    """One token per row: greedy, or inverse-CDF sampling of the filtered distribution.
+
+    `banned` is V or BxV (True = never chosen).
+    """
+    filtered_BxV = filter_logits(logits_BxV, settings, banned)
     # One uniform per row instead of a Gumbel per token: the same distribution, less RNG work.
     u_B = jax.vmap(jax.random.uniform)(keys_B)
-    cdf_BxV = jnp.cumsum(jax.nn.softmax(filtered_BxV, axis=-1), axis=-1)
-    # Filtered tokens add no mass, so no u lands on them; u < 1 keeps the index < V.
-    sampled_B = jnp.sum(cdf_BxV < u_B[:, None] * cdf_BxV[:, -1:], axis=-1)
+    probs_BxV = jax.nn.softmax(filtered_BxV, axis=-1)
+    cdf_BxV = jnp.cumsum(probs_BxV, axis=-1)
+    # The first token whose cdf passes u * total. Counting `cdf <= u` (not `<`) skips the
+    # zero-mass prefix, so u == 0 (probability 2^-23 per draw) cannot pick a filtered
+    # token such as PAD; rounding that puts u * total at the top is held to the last
+    # token with mass.
+    v = probs_BxV.shape[-1]
+    last_B = v - 1 - jnp.argmax(jnp.flip(probs_BxV > 0, axis=-1), axis=-1)
+    sampled_B = jnp.minimum(jnp.sum(cdf_BxV <= u_B[:, None] * cdf_BxV[:, -1:], axis=-1), last_B)
     return jnp.where(settings["greedy"], jnp.argmax(filtered_BxV, axis=-1), sampled_B).astype(jnp.int32)
+
+
+def note_rules(onset_BxP, steps_B, max_note_steps_B, tables):
+    """What the sounding notes allow: (banned_BxV, force_B, forced_B).
+
+    banned_BxV: a NOTE_OFF of a silent pitch, and a NOTE_ON of a sounding one (the data
+    never strikes a held key: note-seq closes it first, so the model re-strikes with
+    NOTE_OFF then NOTE_ON, which stays allowed). force_B: the guard's NOTE_OFF for the
+    longest-sounding note, and forced_age_B its age in steps; see `apply_guard`.
+    """
+    sounding_BxP = onset_BxP != SILENT
+    sounding_BxP1 = jnp.pad(sounding_BxP, ((0, 0), (0, 1)))  # column P: "not a note token"
+    banned_on_BxV = sounding_BxP1[:, tables["on_pitch_V"]]
+    is_off_V = tables["off_pitch_V"] < sounding_BxP.shape[1]
+    banned_off_BxV = is_off_V & ~sounding_BxP1[:, tables["off_pitch_V"]]
+    banned_BxV = tables["banned_V"] | banned_on_BxV | banned_off_BxV
+    age_BxP = jnp.where(sounding_BxP, steps_B[:, None] - onset_BxP, -1)
+    oldest_B = jnp.argmax(age_BxP, axis=-1)
+    return banned_BxV, tables["note_off_P"][oldest_B], jnp.max(age_BxP, axis=-1)
+
+
+def release_mass(logits_BxV, banned_BxV, tables, share):
+    """Give `share` of the masked NOTE_OFFs' probability to the NOTE_OFFs of sounding pitches.
+
+    A small model knows better *that* a note should end than *which* pitches still
+    sound, and spreads its NOTE_OFF mass over silent pitches. Masking those alone hands
+    that mass to every other event, mostly TIME_SHIFTs, and notes are held ever longer
+    (demo model, Bach, validation split: 2.2x the real polyphony). Handing all of it to
+    the sounding notes overshoots (0.5x). In log space the sounding NOTE_OFFs are
+    raised by share * log(P(any NOTE_OFF) / P(sounding NOTE_OFFs)), keeping the model's
+    own preferences among them; RELEASE_SHARE = 0.5 was chosen on the validation split
+    (README, "Notes that hold together"). 0 is plain masking.
+    """
+    is_off_V = tables["off_pitch_V"] < tables["note_off_P"].shape[0]
+    logp_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
+    neg_inf = jnp.float32(-jnp.inf)
+    all_off_B = jax.nn.logsumexp(jnp.where(is_off_V, logp_BxV, neg_inf), axis=-1)
+    valid_off_BxV = is_off_V & ~banned_BxV
+    valid_off_B = jax.nn.logsumexp(jnp.where(valid_off_BxV, logp_BxV, neg_inf), axis=-1)
+    boost_B = share * jnp.where(jnp.isfinite(valid_off_B), all_off_B - valid_off_B, 0.0)
+    return jnp.where(valid_off_BxV, logp_BxV + boost_B[:, None], logp_BxV)
+
+
+def apply_guard(token_B, force_B, oldest_age_B, max_note_steps_B, tables):
+    """The note-length guard: when the chosen token would let the longest-sounding note pass
+    max_note_steps (a TIME_SHIFT past it, or any token once it is there), that note's
+    NOTE_OFF is emitted instead. So no note sounds longer than the limit. 0 = off."""
+    after_B = oldest_age_B + tables["shift_steps_V"][token_B]
+    overdue_B = (max_note_steps_B > 0) & (oldest_age_B >= 0) & (
+        (after_B > max_note_steps_B) | (oldest_age_B >= max_note_steps_B))
+    return jnp.where(overdue_B, force_B, token_B)
+
+
+def guided_logits(logits_RxV, guidance):
+    """The next-event logits of B rows from the model's logits of R rows.
+
+    Without guidance (None) R = B and they pass through. With guidance R = 2B, rows
+    B + b being row b's unconditional twin: l_uncond + G * (l_cond - l_uncond), float32.
+    """
+    if guidance is None:
+        return logits_RxV
+    cond_BxV, uncond_BxV = jnp.split(logits_RxV.astype(jnp.float32), 2)
+    return uncond_BxV + guidance * (cond_BxV - uncond_BxV)
+
+
+@flax.struct.dataclass
+class _SamplingState:
+    """The decode loop's state: one window of tokens, its KV cache, and per-row counters.
+
+    Under guidance the cache holds 2B rows (see `guided_logits`); everything else B.
+
+    onset_BxP holds, per pitch, the time step (on the steps_B clock) of the NOTE_ON of a
+    sounding note, or SILENT: the sampler's own record of what is sounding.
+    """
+
+    tokens_BxW: jax.Array
+    cache: list
+    logits_BxV: jax.Array
+    end_B: jax.Array  # row b's window is tokens_BxW[b, :end_B[b]]
+    events_B: jax.Array  # new events emitted so far (across windows)
+    steps_B: jax.Array  # TIME_SHIFT steps of the new events so far
+    done_B: jax.Array
+    onset_BxP: jax.Array
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -158,10 +290,13 @@ def sample_window(
     events_B,
     steps_B,
     done_B,
+    onset_BxP,
     max_events_B,
     max_steps_B,
+    max_note_steps_B,
     settings,
     tables,
+    guidance=None,
 ):
     """Prefill right-padded prompts, then decode until every row is done or its window is full.
 
@@ -169,59 +304,79 @@ def sample_window(
     prompt_BxP: int32 ids, row b valid up to lengths_B[b] (1 <= length <= P <= W).
     seeds_B: uint32. events_B/steps_B: new events / TIME_SHIFT steps emitted by
     earlier windows; max_events_B/max_steps_B: the budgets for those totals.
+    onset_BxP: the sounding notes at the end of each prompt (`sounding_onsets`, on the
+    steps_B clock). max_note_steps_B: the note-length guard per row (0 = off).
     done_B: rows to leave untouched (finished, or batch padding).
+    guidance: None (plain sampling), or a float32 scalar G: each row also runs with
+    STYLE:unknown in place of its STYLE token, in the same 2B-row cache, and events are
+    drawn from `guided_logits`. None and a value trace different functions.
     Returns dict: tokens_BxW (window: prompt then new events), end_B (row b's
     window is tokens_BxW[b, :end_B[b]]), events_B, steps_B, done_B (EOS or
-    budget reached; a row neither done nor at end_B == W cannot occur).
+    budget reached; a row neither done nor at end_B == W cannot occur), onset_BxP.
     """
     model = nnx.merge(graphdef, params)
     batch, prompt_len = prompt_BxP.shape
     window = model.cfg.max_len
     keys_B = jax.vmap(jax.random.key)(seeds_B)
 
-    cache = model.init_cache(batch, window)
-    positions_BxP = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
-    logits_BxPxV, cache = model.decode(prompt_BxP, positions_BxP, cache)
-    logits_BxV = jnp.take_along_axis(logits_BxPxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    # R model rows: B, or 2B under guidance (row B + b: row b with STYLE:unknown).
+    twin = (lambda x_B: x_B) if guidance is None else (lambda x_B: jnp.concatenate([x_B, x_B]))
+    prompt_RxP = prompt_BxP if guidance is None else jnp.concatenate(
+        [prompt_BxP, prompt_BxP.at[:, 0].set(tables["unknown_style_id"])])
+    rows = prompt_RxP.shape[0]
+    cache = model.init_cache(rows, window)
+    positions_RxP = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (rows, prompt_len))
+    logits_RxPxV, cache = model.decode(prompt_RxP, positions_RxP, cache)
+    logits_RxV = jnp.take_along_axis(logits_RxPxV, twin(lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    logits_BxV = guided_logits(logits_RxV, guidance)
     tokens_BxW = jnp.zeros((batch, window), jnp.int32).at[:, :prompt_len].set(prompt_BxP)
     rows_B = jnp.arange(batch)
+    num_pitches = onset_BxP.shape[1]
 
-    def active(s):
-        return ~s["done_B"] & (s["end_B"] < window)
+    def active(s: _SamplingState):
+        return ~s.done_B & (s.end_B < window)
 
-    def body(s):
+    def body(s: _SamplingState) -> _SamplingState:
         live_B = active(s)
-        step_keys_B = jax.vmap(jax.random.fold_in)(keys_B, s["events_B"])
-        token_B = _choose(s["logits_BxV"], step_keys_B, settings, tables["banned_V"])
-        new_steps_B = s["steps_B"] + tables["shift_steps_V"][token_B]
-        stop_B = (
-            (token_B == tables["eos_id"]) | (new_steps_B > max_steps_B) | (s["events_B"] >= max_events_B)
-        )
+        step_keys_B = jax.vmap(jax.random.fold_in)(keys_B, s.events_B)
+        banned_BxV, force_B, oldest_age_B = note_rules(s.onset_BxP, s.steps_B, max_note_steps_B, tables)
+        logits_BxV = jax.lax.cond(settings["release_share"] > 0, release_mass,
+                                  lambda l, b, t, a: l.astype(jnp.float32),
+                                  s.logits_BxV, banned_BxV, tables, settings["release_share"])
+        token_B = _choose(logits_BxV, step_keys_B, settings, banned_BxV)
+        token_B = apply_guard(token_B, force_B, oldest_age_B, max_note_steps_B, tables)
+        new_steps_B = s.steps_B + tables["shift_steps_V"][token_B]
+        stop_B = (token_B == tables["eos_id"]) | (new_steps_B > max_steps_B) | (s.events_B >= max_events_B)
         emit_B = live_B & ~stop_B
         # Rows that do not emit write out of bounds, which mode='drop' discards.
-        tokens_BxW = s["tokens_BxW"].at[rows_B, jnp.where(emit_B, s["end_B"], window)].set(token_B, mode="drop")
-        logits_Bx1xV, cache = model.decode(token_B[:, None], s["end_B"][:, None], s["cache"])
-        return {
-            "tokens_BxW": tokens_BxW,
-            "cache": cache,
-            "logits_BxV": logits_Bx1xV[:, 0],
-            "end_B": s["end_B"] + emit_B,
-            "events_B": s["events_B"] + emit_B,
-            "steps_B": jnp.where(emit_B, new_steps_B, s["steps_B"]),
-            "done_B": s["done_B"] | (live_B & stop_B),
-        }
+        tokens_BxW = s.tokens_BxW.at[rows_B, jnp.where(emit_B, s.end_B, window)].set(token_B, mode="drop")
+        logits_Rx1xV, cache = model.decode(twin(token_B)[:, None], twin(s.end_B)[:, None], s.cache)
+        struck_BxP = emit_B[:, None] & (tables["on_pitch_V"][token_B][:, None] == jnp.arange(num_pitches))
+        released_BxP = emit_B[:, None] & (tables["off_pitch_V"][token_B][:, None] == jnp.arange(num_pitches))
+        onset_BxP = jnp.where(struck_BxP, s.steps_B[:, None], jnp.where(released_BxP, SILENT, s.onset_BxP))
+        return _SamplingState(
+            tokens_BxW=tokens_BxW,
+            cache=cache,
+            logits_BxV=guided_logits(logits_Rx1xV[:, 0], guidance),
+            end_B=s.end_B + emit_B,
+            events_B=s.events_B + emit_B,
+            steps_B=jnp.where(emit_B, new_steps_B, s.steps_B),
+            done_B=s.done_B | (live_B & stop_B),
+            onset_BxP=onset_BxP,
+        )
 
-    state = {
-        "tokens_BxW": tokens_BxW,
-        "cache": cache,
-        "logits_BxV": logits_BxV,
-        "end_B": lengths_B.astype(jnp.int32),
-        "events_B": events_B.astype(jnp.int32),
-        "steps_B": steps_B.astype(jnp.int32),
-        "done_B": done_B,
-    }
+    state = _SamplingState(
+        tokens_BxW=tokens_BxW,
+        cache=cache,
+        logits_BxV=logits_BxV,
+        end_B=lengths_B.astype(jnp.int32),
+        events_B=events_B.astype(jnp.int32),
+        steps_B=steps_B.astype(jnp.int32),
+        done_B=done_B,
+        onset_BxP=onset_BxP.astype(jnp.int32),
+    )
     state = jax.lax.while_loop(lambda s: jnp.any(active(s)), body, state)
-    return {k: state[k] for k in ("tokens_BxW", "end_B", "events_B", "steps_B", "done_B")}
+    return {k: getattr(state, k) for k in ("tokens_BxW", "end_B", "events_B", "steps_B", "done_B", "onset_BxP")}
 
 
 def _bucket(n: int, cap: int | None = None, floor: int = 1) -> int:
@@ -243,9 +398,19 @@ def generate_tokens(
     top_p: float = 1.0,
     min_p: float = 0.0,
     greedy: bool = False,
+    max_note_seconds: float | Sequence[float] = 0.0,
+    release_share: float = RELEASE_SHARE,
+    guidance: float = 1.0,
     batch_size: int | None = None,
 ) -> list[np.ndarray]:
     """Continue each prompt (STYLE token + optional primer events) with sampled events.
+
+    Sampled events are always possible ones: no NOTE_OFF of a silent pitch, no NOTE_ON of
+    a sounding one; `release_share` of the masked NOTE_OFFs' probability goes to the
+    sounding notes (`release_mass`). `max_note_seconds` (one value, or one per prompt;
+    0 = off) closes any note that has sounded that long at the next event (`apply_guard`).
+    `guidance` G >= 0: classifier-free style guidance (see the module docstring); 1 = off,
+    and it then runs the plain sampler, so G = 1 gives the same pieces at the same cost.
 
     Returns, per prompt, the full row: prompt + new events, up to and excluding
     EOS (int32). Budgets: `max_events` new events and/or `max_seconds` of music
@@ -274,10 +439,19 @@ def generate_tokens(
         raise ValueError(f"max_events must be >= 0, got {max_events}")
     if max_seconds is not None and max_seconds < 0:
         raise ValueError(f"max_seconds must be >= 0, got {max_seconds}")
+    max_note_seconds = np.broadcast_to(np.asarray(max_note_seconds, np.float64), (len(prompts),))
+    if not np.all(max_note_seconds >= 0):
+        raise ValueError(f"max_note_seconds must be >= 0 (0 = off), got {max_note_seconds.min()}")
+    max_note_steps = np.round(max_note_seconds * vocab.steps_per_second).astype(np.int32)
+    if not (math.isfinite(guidance) and guidance >= 0):
+        raise ValueError(f"guidance must be a finite number >= 0 (1 = off), got {guidance}")
+    # None selects the plain B-row trace of sample_window: G = 1 must cost nothing.
+    guidance = None if guidance == 1 else jnp.asarray(guidance, jnp.float32)
     if max_events is None:
         max_events = cfg.max_len if max_seconds is None else max(1024, math.ceil(100 * max_seconds))
     max_steps = np.iinfo(np.int32).max if max_seconds is None else int(round(max_seconds * vocab.steps_per_second))
-    settings = sampling_settings(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, greedy=greedy)
+    settings = sampling_settings(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, greedy=greedy,
+                                 release_share=release_share)
     tables = token_tables(vocab)
     graphdef, params = nnx.split(model)
     batch_size = len(prompts) if not batch_size else batch_size
@@ -287,7 +461,7 @@ def generate_tokens(
         stop = start + batch_size
         out += _generate_batch(
             graphdef, params, cfg.max_len, vocab, prompts[start:stop], seeds[start:stop],
-            max_events, max_steps, settings, tables,
+            max_events, max_steps, max_note_steps[start:stop], settings, tables, guidance,
         )
     return out
 
@@ -295,21 +469,25 @@ def generate_tokens(
 def window_prompt(row: list[int], window: int, vocab: Vocabulary) -> list[int]:
     """The prompt for a row's next window of `window` positions (see the module docstring).
 
-    The whole row while it leaves room to grow; otherwise STYLE, the VELOCITY in force at
-    the first kept event (unless that event is a VELOCITY itself, or the row has none yet)
-    and the most recent events, at most window // 2 tokens in all: the training crops' shape.
+    The whole row while it leaves room to grow; otherwise STYLE, the state carried at the
+    first kept event (`Vocabulary.carried_state`: the VELOCITY in force and the notes
+    still sounding) and the most recent events, at most window // 2 tokens in all: the
+    training crops' shape. The kept events start as early as that room allows.
     """
     if len(row) < window:
         return list(row)
-    start = len(row) - (window // 2 - 1)  # row[start:] fills the prompt when nothing is carried
-    recent = list(row[start + 1 :])
-    carried = vocab.carried_velocity(row, start + 1)  # as a training crop opening at start + 1
-    if carried or (recent and vocab.is_velocity(recent[0])):
-        return [row[0], *carried, *recent]
-    return [row[0], *row[start:]]  # no velocity set yet: one more event instead
+    room = window // 2 - 1  # tokens after STYLE
+    start = len(row) - room
+    while True:  # the carried state's length depends on the start; the start only moves later
+        carried = vocab.carried_state(row, start, limit=window // 4)
+        need = len(row) - room + len(carried)
+        if need <= start:
+            return [row[0], *carried, *row[start:]]
+        start = need
 
 
-def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events, max_steps, settings, tables):
+def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events, max_steps, max_note_steps,
+                    settings, tables, guidance):
     """One batch through as many windows as its longest row needs (see the module docstring)."""
     n = len(prompts)
     # At least 2 rows: XLA:CPU rewrites a 1-row cache scatter as a dynamic-update-slice and
@@ -324,6 +502,11 @@ def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events,
     seeds_B[:n] = np.asarray(seeds, np.uint64).astype(np.uint32)
     max_events_B = np.full(batch, max_events, np.int32)
     max_steps_B = np.full(batch, max_steps, np.int32)
+    max_note_steps_B = np.zeros(batch, np.int32)
+    max_note_steps_B[:n] = max_note_steps
+    onset_BxP = np.full((batch, vocab.max_pitch - vocab.min_pitch + 1), SILENT, np.int32)
+    for b, p in enumerate(prompts):
+        onset_BxP[b] = sounding_onsets(vocab, p)
     while not done_B.all():
         windows = [window_prompt(r, window, vocab) for r in rows]
         # Prefilling a few padding tokens costs less than compiling another prompt shape.
@@ -342,15 +525,18 @@ def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events,
             jnp.asarray(events_B),
             jnp.asarray(steps_B),
             jnp.asarray(done_B),
+            jnp.asarray(onset_BxP),
             jnp.asarray(max_events_B),
             jnp.asarray(max_steps_B),
+            jnp.asarray(max_note_steps_B),
             settings,
             tables,
+            guidance,
         )
         result = jax.device_get(result)
         for b in range(n):
             if not done_B[b]:
                 rows[b].extend(result["tokens_BxW"][b, lengths_B[b] : result["end_B"][b]].tolist())
-        events_B, steps_B = result["events_B"], result["steps_B"]
+        events_B, steps_B, onset_BxP = result["events_B"], result["steps_B"], result["onset_BxP"]
         done_B = np.array(result["done_B"])
     return [np.asarray(r, np.int32) for r in rows]

@@ -13,12 +13,15 @@ Inference code loads a trained model with `restore_model(workdir)`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -37,6 +40,7 @@ from data_prep.vocab import Vocabulary
 from mgpt import checkpoint as ckpt_lib
 from mgpt import mesh as mesh_lib
 from mgpt import monitor
+from mgpt.workdir_lock import WorkdirInUse, WorkdirLock
 
 DEMO_DATASET_DIR = "data/music21_demo"
 
@@ -128,6 +132,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for path in ("data.num_packing_bins", "data.read_threads"):
         integer(path)
     integer("data.prefetch", 0)
+    integer("data.workers", 0)
+    integer("data.shards", 0)
+    dropout = d.get("style_dropout", 0.0)
+    _check(isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1,
+           "data.style_dropout", f"must be a share in [0, 1), got {dropout!r}")
 
     cfg = model_config(config.model, vocab_size=1)
     if hasattr(cfg, "max_len"):
@@ -247,13 +256,37 @@ def resolve_dataset(dataset_dir: str) -> epath.Path:
         if jax.process_index() == 0 and not is_complete(dataset_path(dataset_dir)):
             print(f"building the demo dataset in {dataset_dir} (first use, a few minutes)", flush=True)
         return epath.Path(ensure_dataset(dataset_dir))
-    if path.exists():
-        found = sorted(path.glob("**/vocab.json"))
-        if len(found) == 1:
-            return found[0].parent
+    found = _datasets_below(path) if path.is_dir() else []
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        raise ConfigError(f"config.data.dataset_dir={dataset_dir}: holds {len(found)} datasets "
+                          f"({', '.join(map(str, found))}); give one of them")
     raise ConfigError(
         f"config.data.dataset_dir={dataset_dir}: no dataset there (build one with python -m data_prep.build)"
     )
+
+
+def _datasets_below(path: epath.Path) -> list[epath.Path]:
+    """Datasets one or two folders below `path`: a build's output dir holds mgpt_events/1.0.0.
+
+    Listed level by level (etils cannot glob `**` on every filesystem); a build's hidden
+    work folders and a dataset being swapped out (*.replaced) are not datasets.
+    """
+    def subdirs(folder):
+        return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+                      and not p.name.endswith(".replaced"))
+
+    def is_dataset(folder):
+        return (folder / "vocab.json").exists() and (folder / "dataset_info.json").exists()
+
+    found = []
+    for child in subdirs(path):
+        if is_dataset(child):
+            found.append(child)
+        else:
+            found.extend(grandchild for grandchild in subdirs(child) if is_dataset(grandchild))
+    return found
 
 
 def choose_vocab(dataset_path: epath.Path, workdir: epath.Path, init_from: str) -> Vocabulary:
@@ -263,22 +296,43 @@ def choose_vocab(dataset_path: epath.Path, workdir: epath.Path, init_from: str) 
     the dataset's event layout must match it, while its style labels may differ
     (labels the checkpoint doesn't know are conditioned on STYLE:unknown).
     """
-    dataset_vocab = Vocabulary.load(dataset_path)
-    if (workdir / "vocab.json").exists():
-        vocab = Vocabulary.from_json(json.loads((workdir / "vocab.json").read_text()), origin=str(workdir / "vocab.json"))
-    elif init_from:
+    run_vocab_path = workdir / "vocab.json"
+    try:  # a damaged or hand-edited vocab.json is a one-line error naming the file
+        dataset_vocab = Vocabulary.load(dataset_path)
+        run_vocab = None
+        if run_vocab_path.exists():
+            text = run_vocab_path.read_text()
+            try:
+                data = json.loads(text)
+            except ValueError as e:
+                raise ValueError(f"{run_vocab_path}: not valid JSON ({e})") from None
+            run_vocab = Vocabulary.from_json(data, origin=str(run_vocab_path))
+    except ValueError as e:
+        raise ConfigError(f"{e}; rebuild it or restore the original") from None
+    if run_vocab is not None:
+        return _same_events(run_vocab, dataset_vocab, dataset_path, f"the run in {workdir}")
+    if init_from:
         try:
             root, step = ckpt_lib.locate(init_from)
         except FileNotFoundError:
             raise ConfigError(f"config.init_from={init_from}: no checkpoints there (give a run's workdir)") from None
         vocab = Vocabulary.from_json(ckpt_lib.read_json_item(root, step, "vocab"), origin=f"{init_from} vocab")
-    else:
-        return dataset_vocab
-    n = dataset_vocab.style_offset
-    if vocab.tokens[:n] != dataset_vocab.tokens[:n]:
+        return _same_events(vocab, dataset_vocab, dataset_path, f"config.init_from={init_from}")
+    return dataset_vocab
+
+
+def _same_events(vocab: Vocabulary, dataset_vocab: Vocabulary, dataset_path, owner: str) -> Vocabulary:
+    """`vocab` if every event id means the same in the dataset; style labels may differ."""
+    settings = lambda v: {k: x for k, x in v.to_json().items() if k != "tokens"}
+    ours, theirs = settings(vocab), settings(dataset_vocab)
+    differ = [f"{k}={theirs.get(k)!r} there, {ours.get(k)!r} in {owner}" for k in sorted(set(ours) | set(theirs))
+              if ours.get(k) != theirs.get(k)]
+    if not differ and vocab.tokens[:vocab.style_offset] != dataset_vocab.tokens[:dataset_vocab.style_offset]:
+        differ = ["its event tokens differ"]
+    if differ:
         raise ConfigError(
-            f"config.data.dataset_dir={dataset_path}: its event vocabulary differs from the run's "
-            "(pitch range / time shifts / velocity bins); use a dataset built with the same settings"
+            f"config.data.dataset_dir={dataset_path}: its event vocabulary differs ({'; '.join(differ)}); "
+            "use a dataset built with the same settings"
         )
     return vocab
 
@@ -537,8 +591,12 @@ def _print0(*args) -> None:
 
 
 def _write_json(path: epath.Path, obj) -> None:
+    """Written whole, then renamed into place: a crash mid-write never leaves a truncated file
+    that the next run (which reads config.json and vocab.json) would stumble on."""
     if jax.process_index() == 0:
-        path.write_text(json.dumps(obj, indent=1))
+        temporary = path.parent / f".{path.name}.tmp"
+        temporary.write_text(json.dumps(obj, indent=1))
+        temporary.replace(path)
 
 
 def _versions() -> dict:
@@ -591,14 +649,22 @@ def _check_same_model(workdir: epath.Path, config) -> None:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains (or resumes) the run described by `config` in `workdir`.
 
-    Returns {'step', 'losses': {step: loss}, 'eval': {step: nats/event}, 'stopped_by'}.
+    Returns {'step', 'losses': {step: loss}, 'events': {step: predicted tokens}, 'eval': {step: nats/event},
+    'stopped_by'}; `events` fingerprints the data each step saw.
+    Raises WorkdirInUse at once when another live trainer holds `workdir`.
     """
+    with contextlib.ExitStack() as held:  # the workdir lock, released however the run ends
+        return _train(config, workdir, held)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.ExitStack) -> dict:
     validate(config)
     maybe_initialize_distributed(config.distributed)
     mesh, table = validate_devices(config, jax.device_count(), jax.process_count())
     workdir = epath.Path(workdir)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
+    held.enter_context(WorkdirLock(workdir))  # before anything in the workdir is read or written
     _check_same_model(workdir, config)
     use_compilation_cache(config.train.compilation_cache, workdir)
 
@@ -628,37 +694,53 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     peak, peak_source = monitor.peak_flops(config.model.get("dtype", "float32"))
 
     pi, pc = jax.process_index(), jax.process_count()
-    host_batch = t.batch_size // pc
-    train_ds = data_lib.train_dataset(
-        data_lib.open_source(dataset_path, "train"),
-        vocab,
-        seq_len=seq_len,
-        batch_size=host_batch,
-        seed=config.seed,
-        transpose=d.transpose,
-        num_packing_bins=d.num_packing_bins,
-        read_threads=d.read_threads,
-        prefetch=d.prefetch,
-        process_index=pi,
-        process_count=pc,
-    )
-    train_iter = iter(train_ds)
     try:
-        val_source = data_lib.open_source(dataset_path, "validation")
+        val_source = data_lib.open_source(dataset_path, "validation", training_only=True)
     except FileNotFoundError as e:
         val_source = None
         _print0(f"{e}: training without validation")
+    if val_source is not None and len(val_source) < pc:  # found now, not at the first eval hours in
+        raise ConfigError(
+            f"config.data.dataset_dir={d.dataset_dir}: the validation split has {len(val_source)} pieces, fewer "
+            f"than the {pc} hosts, and each host evaluates its own pieces; rebuild the dataset with a larger "
+            "validation share (python -m data_prep.build --splits=TRAIN,VALIDATION,TEST)"
+        )
     eval_data = None  # built on first use
 
     ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints", keep=t.keep_checkpoints, async_save=t.async_checkpoints)
     config_json = json.loads(json.dumps(config.to_dict()))
-    latest = ckpts.latest_step()
+    # A resumed run keeps the data shards it started with, whatever the host count now.
+    saved_shards = ckpts.data_shards()
+    num_shards = saved_shards or d.shards or pc
+    try:
+        train_ds = data_lib.train_dataset(
+            data_lib.open_source(dataset_path, "train", training_only=True),
+            vocab,
+            seq_len=seq_len,
+            batch_size=t.batch_size // pc,
+            seed=config.seed,
+            transpose=d.transpose,
+            style_dropout=float(d.get("style_dropout", 0.0)),
+            num_packing_bins=d.num_packing_bins,
+            read_threads=d.read_threads,
+            prefetch=d.prefetch,
+            workers=d.workers,
+            num_shards=num_shards,
+            process_index=pi,
+            process_count=pc,
+        )
+    except ValueError as e:
+        fixed = " (fixed by the run's first start)" if saved_shards else ""
+        raise ConfigError(f"config.data.shards={num_shards}{fixed}, dataset {d.dataset_dir}: {e}") from None
+    train_iter = iter(train_ds)
     abstract = ckpt_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)
-    if latest is not None:
-        state, data_restored = ckpts.restore(latest, abstract, train_iter)
+    restored = ckpts.restore_newest(abstract, train_iter, warn=_print0)  # a damaged newest step falls back
+    latest = restored[2] if restored is not None else None
+    if restored is not None:
+        state, data_restored, _ = restored
         _print0(f"resumed from {ckpts.directory}/{latest}")
         if not data_restored:
-            _print0(f"note: no data position saved for {pc} process(es); the data order starts afresh")
+            _print0(f"note: no data position usable by {pc} process(es) in that checkpoint; the data order starts afresh")
     else:
         state = jax.jit(s.init_fn, static_argnums=0, out_shardings=s.state_shardings)(config.seed)
         if config.init_from:
@@ -679,7 +761,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start_step = step
     stop_at = t.steps if not t.max_steps_per_run else min(t.steps, step + t.max_steps_per_run)
     tokens_per_step = t.batch_size * seq_len
-    result = {"step": step, "losses": {}, "eval": {}, "stopped_by": None}
+    result = {"step": step, "losses": {}, "events": {}, "eval": {}, "stopped_by": None}
     saved_step = latest
 
     def save(at_step):
@@ -732,6 +814,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 "Lower config.train.learning_rate or raise warmup_steps, then re-run to resume from it."
             )
         result["losses"][at_step] = m["loss"]
+        result["events"][at_step] = m["events"]
         log.add(at_step, m, force=at_step == stop_at)
 
     pending = None
@@ -763,10 +846,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if pending is not None:
                 consume(*pending)
     finally:
-        ckpts.wait()
-        ckpts.close()
-        writer.close()
-        train_iter.close()
+        with contextlib.ExitStack() as closing:  # each one closes even when another fails (a full disk fails several)
+            closing.callback(train_iter.close)
+            closing.callback(writer.close)
+            ckpts.wait()
+            ckpts.close()  # not after a failed save: closing orbax then only adds its dying writers' tracebacks
 
     result["step"] = step
     if result["stopped_by"]:
@@ -788,14 +872,20 @@ def restore_model(workdir: str, step: int | None = None) -> tuple[nnx.Module, Vo
     `workdir` may also be its checkpoints/ directory or one step directory. The weights
     land on the first local device.
     """
-    root, step = ckpt_lib.locate(workdir, step)
-    config = ml_collections.ConfigDict(ckpt_lib.read_json_item(root, step, "config"))
-    vocab = Vocabulary.from_json(ckpt_lib.read_json_item(root, step, "vocab"), origin=f"{root}/{step}/vocab")
-    graphdef, abstract_params, rest = nnx.split(_abstract_model(config.model, vocab.size), nnx.Param, ...)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_params)
-    params, step = ckpt_lib.restore_params(root, step, target)
-    return nnx.merge(graphdef, params, rest), vocab, config, step
+
+    def load(root, at_step):
+        config = ml_collections.ConfigDict(ckpt_lib.read_json_item(root, at_step, "config"))
+        vocab = Vocabulary.from_json(ckpt_lib.read_json_item(root, at_step, "vocab"), origin=f"{root}/{at_step}/vocab")
+        graphdef, abstract_params, rest = nnx.split(_abstract_model(config.model, vocab.size), nnx.Param, ...)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_params)
+        params, _ = ckpt_lib.restore_params(root, at_step, target)
+        return nnx.merge(graphdef, params, rest), vocab, config
+
+    # The newest step that restores: a damaged one, or one a live run's rotation deletes
+    # while we read it, is named in one line and the next newest is used.
+    (model, vocab, config), step = ckpt_lib.load_newest(workdir, step, load)
+    return model, vocab, config, step
 
 
 # ----------------------------------------------------------------------------- command line
@@ -804,17 +894,98 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file,
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, config.json, vocab.json and TensorBoard logs go.")
 
 
+def _parse_flags(argv):
+    """absl's parse; an override naming no config field becomes one line naming the closest one."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError):  # how ml_collections reports --config.a.b for a missing field
+        try:
+            message = _unknown_override(argv)
+        except Exception:  # noqa: BLE001 - the config file itself fails: ml_collections' own error says more
+            message = None
+        if message is None:
+            raise
+        raise SystemExit(message) from None
+
+
+def _unknown_override(argv) -> str | None:
+    """'--config.train.stepz: configs/tiny.py has no field train.stepz; did you mean --config.train.steps?', or None."""
+    import difflib
+    import importlib.util
+
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None:
+        return None
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_mgpt_config", path)
+    if module_spec is None:
+        return None
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)  # the config file is Python by design (big_vision style)
+    config = module.get_config(arg) if arg else module.get_config()
+    for a in argv:
+        if not a.startswith("--config.") or a.startswith("--config="):
+            continue
+        field = a[len("--config."):].split("=", 1)[0]
+        node, walked = config, []
+        for name in field.split("."):
+            if not isinstance(node, ml_collections.ConfigDict):
+                break
+            if name not in node:
+                closest = difflib.get_close_matches(name, list(node.keys()), n=1, cutoff=0.0)
+                where = ".".join(walked + closest)
+                return (f"--config.{field}: {path} has no field {'.'.join(walked + [name])}"
+                        + (f"; did you mean --config.{where}?" if closest else ""))
+            node, walked = node[name], walked + [name]
+    return None
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None or not _WORKDIR.value:
         raise SystemExit("usage: python -m mgpt.train --config=configs/tiny.py --workdir=DIR [--config.FIELD=VALUE]")
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every file they touch at INFO
+    # A full disk is reported once, below, not by every orbax thread and asyncio task.
+    logging.get_absl_handler().addFilter(_not_disk_full)
     try:
         train(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, FileNotFoundError, NonFiniteLoss) as e:
+    except (ConfigError, FileNotFoundError, NonFiniteLoss, WorkdirInUse) as e:
         raise SystemExit(str(e)) from None
+    except Exception as e:
+        if not _is_disk_full(e):
+            raise
+        _disk_full_reported.set()
+        # tensorboardX's exit-time flush and its thread fail on the same full disk.
+        sys.unraisablehook = threading.excepthook = lambda *_: None
+        steps = ckpt_lib.finalized_steps(ckpt_lib.checkpoint_dir(_WORKDIR.value))
+        last = f"step {steps[-1]}" if steps else "none yet"
+        raise SystemExit(f"disk full writing {_WORKDIR.value}: nothing complete was lost (last complete checkpoint: "
+                         f"{last}); free some space and re-run to resume") from None
+
+
+_NO_SPACE = "No space left on device"
+# Once the full disk is reported, orbax's threads keep failing as the process exits
+# ("cannot schedule new futures after shutdown"): nothing they say adds to that line.
+_disk_full_reported = threading.Event()
+
+
+def _is_disk_full(e: BaseException | None) -> bool:
+    """ENOSPC anywhere in the chain: orbax reports it as tensorstore's ValueError text."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or _NO_SPACE in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _not_disk_full(record) -> bool:
+    if _disk_full_reported.is_set():
+        return False
+    return _NO_SPACE not in record.getMessage() and not (record.exc_info and _is_disk_full(record.exc_info[1]))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -283,6 +283,24 @@ def test_small_music21_build(tmp_path):
             assert pid.startswith("essenFolksong/") and "#" in pid
 
 
+def test_dataset_stores_note_lengths_per_style(tmp_path):
+    path = build.build_dataset(["music21:bach:3,essenFolksong:3"], tmp_path, num_workers=1, progress=False,
+                               verbose=False, split_percents=(100, 0, 0))
+    table = json.loads((path / "build.json").read_text())["note_seconds"]
+    assert {"bach", "folk_german", "all"} <= set(table)
+    vocab = Vocabulary.load(path)
+    lengths = {s: [] for s in ("bach", "folk_german")}
+    for r in _records(path, "train"):
+        lengths[_text(r["style"])].append(vocab.note_lengths(r["tokens"]))
+    for style, arrays in lengths.items():
+        x = np.concatenate(arrays)
+        row = table[style]
+        assert row["notes"] == len(x) and row["mean"] == pytest.approx(x.mean(), abs=1e-4)
+        assert row["p99.5"] == pytest.approx(np.percentile(x, 99.5), abs=1e-4) and row["max"] >= row["p99.5"]
+        assert 0 < row["p50"] <= row["p90"] <= row["p99"] <= row["p99.5"] <= row["p99.9"]
+    assert table["all"]["notes"] == table["bach"]["notes"] + table["folk_german"]["notes"]
+
+
 def test_music21_collections_list_stable_piece_ids():
     items = sources.list_items("music21:essenFolksong:30,bach:10")
     assert items == sources.list_items("music21:essenFolksong:30,bach:10")
@@ -444,3 +462,31 @@ def test_cli_prints_the_dataset_path_last(midi_folder, tmp_path):
     assert vocab.num_velocity_bins == 8
     records = [r for s in sources.SPLITS for r in _records(last, s)]
     assert len(records) == 5 and all(vocab.is_event(r["tokens"]).all() for r in records)
+
+
+@pytest.mark.skipif(not HAVE_TF, reason="needs TensorFlow: pip install 'mgpt[tf]' (the tf extra)")
+def test_tfrecord_dataset_reads_back_with_tf_data(midi_folder, tmp_path):
+    import tensorflow as tf
+
+    path = build.build_dataset([f"midi_dir:{midi_folder}"], tmp_path / "out", num_workers=1, progress=False,
+                               verbose=False, file_format="tfrecord", max_pieces=5)
+    files = sorted(glob.glob(os.path.join(path, "*train.tfrecord*")))
+    assert files, os.listdir(path)
+    spec = {"tokens": tf.io.VarLenFeature(tf.int64), "style": tf.io.FixedLenFeature([], tf.string),
+            "piece_id": tf.io.FixedLenFeature([], tf.string), "composer": tf.io.FixedLenFeature([], tf.string),
+            "source": tf.io.FixedLenFeature([], tf.string), "path": tf.io.FixedLenFeature([], tf.string)}
+    records = [tf.io.parse_single_example(x, spec) for x in tf.data.TFRecordDataset(files)]
+    assert records
+    vocab = Vocabulary.load(path)
+    for r in records:
+        ids = tf.sparse.to_dense(r["tokens"]).numpy()
+        assert len(ids) > 0 and ids.min() >= vocab.note_on_offset and ids.max() < vocab.style_offset
+    # The same records through TFDS's own reader.
+    import tensorflow_datasets as tfds
+
+    assert len(list(tfds.builder_from_directory(path).as_dataset(split="train"))) == len(records)
+    # Training reads ArrayRecord only (random access): one line says so.
+    from mgpt import data as data_lib
+
+    with pytest.raises(FileNotFoundError, match="a TFRecord dataset, and training reads ArrayRecord"):
+        data_lib.open_source(path, "train")

@@ -7,6 +7,7 @@ import pytest
 
 from mgpt import features as F
 from mgpt import ngram, originality
+from mgpt import evaluate as ev
 from mgpt import style_classifier as sc
 
 
@@ -325,3 +326,70 @@ def test_compare_prints_two_reports_side_by_side(tiny_report, tmp_path, capsys):
     assert row.split()[-1] == "-1.0000"
     with pytest.raises(SystemExit, match="no report.json"):
         E.main(["evaluate", "--compare", str(out), str(tmp_path / "missing")])
+
+
+def test_coherence_flags_a_style_whose_notes_drone():
+    def chorale(hold):  # four voices, a chord every 0.5 s; `hold` s per note
+        starts = np.repeat(np.arange(16) * 0.5, 4)
+        pitch = np.tile([48, 55, 60, 64], 16)
+        return pitch, np.full(64, 80), starts, starts + hold
+
+    real = [("bach", chorale(0.5)) for _ in range(3)]
+    assert F.onset_polyphony(*chorale(0.5)[2:]) == pytest.approx(4.0)
+    assert F.onset_polyphony(*chorale(2.0)[2:]) > 12  # each held note is counted at 3 later onsets
+    good = ev.coherence_by_style([("bach", chorale(0.45))] * 2, real, 30.0)
+    assert good["flagged_styles"] == [] and good["per_style"]["bach"]["off"] == []
+    drone = ev.coherence_by_style([("bach", chorale(4.5))] * 2, real, 30.0)
+    assert drone["flagged_styles"] == ["bach"]
+    assert set(drone["per_style"]["bach"]["off"]) == {"onset_polyphony", "mean_note_s", "share_notes_ge_4s"}
+
+
+def test_guidance_sweep_reports_each_value_with_the_reports_own_sections(tmp_path):
+    import json
+
+    from flax import nnx
+
+    from data_prep.vocab import Vocabulary
+    from mgpt import generate
+    from mgpt.model import GPT, ModelConfig
+
+    rng = np.random.default_rng(1)
+    vocab = Vocabulary(["hymn", "jig"])
+
+    def piece(style):
+        return ev.Piece(vocab.encode_notes(*synthetic_style_piece(rng, style)), style, "", f"{style}{rng.integers(1e6)}")
+
+    train = [piece(s) for s in ["hymn", "jig"] * 10]
+    test = [piece(s) for s in ["hymn", "jig"] * 3]
+    model = nnx.jit(lambda: GPT(ModelConfig(vocab.size, num_layers=1, num_heads=2, d_model=32, mlp_dim=64,
+                                            max_len=32), rngs=nnx.Rngs(0)))()
+    run = generate.Run(model=model, vocab=vocab)
+    sampling = generate.Sampling(max_events=40, max_note_seconds=0)
+    result = ev.guidance_sweep(run=run, vocab=vocab, train=train, test=test, guidances=[1.0, 2.5], num_samples=4,
+                               styles=["hymn", "jig"], sampling=sampling, output_dir=tmp_path, progress=False,
+                               log=lambda *a: None)
+    assert [r["guidance"] for r in result["rows"]] == [1.0, 2.5]
+    for r in result["rows"]:
+        folder = tmp_path / r["generated_dir"]
+        entries = generate.read_all_manifests(folder)
+        assert [e["settings"]["guidance"] for e in entries] == [r["guidance"]] * 4
+        assert "copy" not in entries[0]  # the model is measured, not the copy guard
+        # The row's figures are exactly the report sections' over that folder.
+        refs = ev.references(vocab, train, test, ev.Options(), np.random.default_rng(0), log=lambda *a: None)
+        valid = [g for g in ev.read_generated(folder, vocab) if g.valid]
+        assert r["pieces"] == len(valid) > 0
+        assert r["style_accuracy"] == ev.style_section(refs, valid, ev.Options(), None)["generated"]["accuracy"]
+        assert r["longest_copy_s_max"] == ev.originality_section(refs, valid, ev.Options())["generated"][
+            "longest_copy_s_max"]
+        assert r["overlap_vs_ceiling"] == pytest.approx(r["mean_overlap"] / result["overlap_ceiling"])
+    # G = 1 is plain sampling: the same files as generating without guidance.
+    plain = tmp_path / "plain"
+    generate.generate_corpus(run, plain, num_samples=4, styles=["hymn", "jig"], sampling=sampling, progress=False,
+                             max_copy_seconds=0)
+    for e in generate.read_all_manifests(plain):
+        assert (plain / e["file"]).read_bytes() == (tmp_path / "guidance_1" / e["file"]).read_bytes()
+    assert (tmp_path / "guidance_sweep.png").is_file()
+    assert json.loads((tmp_path / "guidance_sweep.json").read_text())["rows"] == result["rows"]
+    assert "| 2.5 | 4 |" in ev.write_guidance_sweep(result)
+    with pytest.raises(ev.UserError, match="--guidance_sweep=1,x"):
+        ev.parse_guidances("1,x")

@@ -1,5 +1,6 @@
 """Generation (mgpt/generate.py, mgpt/render.py): pieces as files, the command line, resume, gallery."""
 
+import dataclasses
 import json
 import os
 import select
@@ -38,6 +39,8 @@ def _save_checkpoint(workdir, vocab, step=7):
     config = tiny.get_config()
     # max_len 32 < the 60+ events the tests ask for, so the sampler's sliding window runs too.
     config.model.update(num_layers=1, num_heads=2, d_model=32, mlp_dim=64, max_len=32)
+    # No dataset beside it: whether a demo dataset happens to exist in the cwd must not matter.
+    config.data.dataset_dir = os.path.join(workdir, "no_dataset_here")
     model = GPT(ModelConfig.from_config(config.model, vocab.size), rngs=nnx.Rngs(0))
     ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False)
     state = {"params": nnx.state(model, nnx.Param), "step": jnp.asarray(step, jnp.int32)}
@@ -164,7 +167,9 @@ def test_corrupt_or_empty_primer_is_a_clear_error(workdir, tmp_path):
 
 def test_bad_sampling_flags_name_the_flag(workdir, tmp_path):
     for flag, message in [("--temperature=0", "--temperature must be > 0"), ("--top_p=1.5", "--top_p must be in"),
-                          ("--max_events=-1", "--max_events must be >= 0")]:
+                          ("--max_events=0", "--max_events must be >= 1"), ("--guidance=-1", "--guidance must be"),
+                          ("--max_copy_seconds=-2", "--max_copy_seconds must be >= 0"),
+                          ("--copy_tries=0", "--copy_tries must be an integer >= 1")]:
         with pytest.raises(SystemExit, match=message):
             generate.main(_cli_args(workdir, tmp_path, flag))
 
@@ -338,7 +343,7 @@ def test_command_writes_midi_manifest_images_and_gallery(cli_output):
         ("00002_folk.mid", "folk", 102), ("00003_bach.mid", "bach", 103)]
     for e in entries:
         assert e["settings"]["top_p"] == 0.95 and e["settings"]["max_events"] == 60 and e["checkpoint_step"] == 7
-        assert e["events"] == 60 and e["seconds"] > 0
+        assert 0 < e["events"] <= 60 and e["seconds"] > 0  # an untrained model may draw EOS early
         ns = note_seq.midi_file_to_note_sequence(str(cli_output / e["file"]))
         _check_midi_file(cli_output / e["file"], ns)
         assert e["notes"] == len(ns.notes) and e["seconds"] == pytest.approx(ns.total_time, abs=0.01)
@@ -471,3 +476,120 @@ def test_gallery_loads_in_headless_chromium_and_shows_every_image(cli_output):
     audio = {src: seconds for src, seconds in loaded if src.endswith(".wav")}
     assert audio.keys() == {e["audio"] for e in entries if e["audio"]}
     assert all(s > 0 for s in audio.values()), loaded
+
+
+def test_note_length_guard_defaults_to_the_styles_training_notes(run):
+    table = {"all": {generate.NOTE_GUARD_PERCENTILE: 3.0}, STYLES[0]: {generate.NOTE_GUARD_PERCENTILE: 1.5}}
+    guarded = dataclasses.replace(run, note_seconds=table)
+    bach = np.asarray([guarded.vocab.style_id(STYLES[0])])
+    other = np.asarray([guarded.vocab.style_id(STYLES[1])])
+    unconditional = np.asarray([guarded.vocab.unknown_style_id])
+    default = generate.Sampling()
+    assert guarded.max_note_seconds(bach, default) == 1.5
+    assert guarded.max_note_seconds(other, default) == 3.0  # a style without a row takes 'all'
+    assert guarded.max_note_seconds(unconditional, default) == 3.0
+    assert guarded.max_note_seconds(bach, generate.Sampling(max_note_seconds=0)) == 0.0  # off
+    assert dataclasses.replace(run, note_seconds={}).max_note_seconds(bach, default) == generate.FALLBACK_MAX_NOTE_SECONDS
+    with pytest.raises(generate.UserError, match="--max_note_seconds"):
+        generate.Sampling(max_note_seconds=-1)
+
+
+# ----------------------------------------------------------------------------- the copy guard
+
+
+@pytest.fixture(scope="module")
+def train_set(tmp_path_factory):
+    """A small dataset (every piece in train) and one of its pieces to plant: (dataset path, tokens, piece id)."""
+    from data_prep import build, synthetic
+    from mgpt import data as data_lib
+
+    folder = tmp_path_factory.mktemp("train_midi")
+    for seed in range(6):
+        (folder / f"piece{seed}.mid").write_bytes(synthetic.piano_midi(seed, num_notes=60, tempo_changes=False))
+    path = build.build_dataset([f"midi_dir:{folder}"], tmp_path_factory.mktemp("train_ds"), num_workers=1,
+                               progress=False, verbose=False, split_percents=(100, 0, 0))
+    record = data_lib.open_source(path, "train")[3]
+    return path, np.asarray(record["tokens"], np.int32), data_lib.record_text(record["piece_id"])
+
+
+def _original_piece(vocab, notes=40):
+    """Repeated C4s 0.29 s apart: no training piece (random pitches) has two such steps in a row."""
+    pitch = np.full(notes, 60)
+    start = 0.29 * np.arange(notes)
+    return vocab.encode_notes(pitch, np.full(notes, 80), start, start + 0.2)
+
+
+def _forced_sampler(vocab, planted, copy_seeds, calls):
+    """Run.sample_ids as a model forced to copy: seeds in `copy_seeds` play the planted training
+    piece (transposed up a tone, which the search must see through), others an original piece."""
+    copy = vocab.transpose(planted, 2)
+    original = _original_piece(vocab)
+
+    def sample_ids(prompts, seeds, sampling=None, **kwargs):
+        calls.append([int(s) for s in seeds])
+        return [np.concatenate([p[:1], copy if s in copy_seeds else original]).astype(np.int32)
+                for p, s in zip(prompts, seeds)]
+
+    return sample_ids
+
+
+def test_copy_guard_redraws_a_piece_that_copies_a_training_span_and_records_provenance(
+        run, train_set, tmp_path, monkeypatch, capsys):
+    dataset, planted, planted_id = train_set
+    guarded = dataclasses.replace(run, dataset_dir=str(dataset))
+    planted_s = float(np.ptp(guarded.vocab.decode_notes(planted)[2]))
+    assert planted_s > 3.0, "the planted piece must be longer than the limit"
+    calls = []
+    monkeypatch.setattr(guarded, "sample_ids", _forced_sampler(guarded.vocab, planted, {10}, calls))
+    entries = generate.generate_corpus(guarded, tmp_path, num_samples=2, styles=["bach"], seed=10, sampling=SMALL,
+                                       progress=False, max_copy_seconds=3.0, copy_tries=3)
+    first, second = entries
+    # Piece 0 (seed 10) copied: re-drawn once with a new seed, which came out original.
+    assert calls[0] == [10, 11] and calls[1] == [generate.redraw_seed(10, 1)] and len(calls) == 2
+    assert [t["seed"] for t in first["copy_tries"]] == [10, generate.redraw_seed(10, 1)]
+    copied = first["copy_tries"][0]
+    assert copied["train_piece_id"] == planted_id and copied["seconds"] >= 3.0
+    assert first["drawn_seed"] == generate.redraw_seed(10, 1) and first["seed"] == 10
+    assert first["copy"]["seconds"] < 1.0 and not first["copy_over_limit"]
+    assert len(second["copy_tries"]) == 1 and second["drawn_seed"] == 11 and not second["copy_over_limit"]
+    # The written file is the kept (original) draw.
+    notes = note_seq.midi_file_to_note_sequence(str(tmp_path / first["file"])).notes
+    assert {n.pitch for n in notes} == {60}
+    err = capsys.readouterr().err
+    assert f"copies {copied['seconds']:.2f} s" in err and planted_id in err and "try 2 of 3" in err
+    assert "longest copy" in generate.write_gallery(tmp_path).read_text()
+
+
+def test_copy_guard_marks_a_piece_that_copies_on_every_try(run, train_set, tmp_path, monkeypatch):
+    dataset, planted, planted_id = train_set
+    guarded = dataclasses.replace(run, dataset_dir=str(dataset))
+    calls = []
+    always = {10, *(generate.redraw_seed(10, a) for a in range(1, 3))}
+    monkeypatch.setattr(guarded, "sample_ids", _forced_sampler(guarded.vocab, planted, always, calls))
+    (entry,) = generate.generate_corpus(guarded, tmp_path, num_samples=1, styles=["bach"], seed=10, sampling=SMALL,
+                                        progress=False, max_copy_seconds=3.0, copy_tries=3)
+    assert len(calls) == 3 and len(entry["copy_tries"]) == 3
+    assert entry["copy_over_limit"] and entry["copy"]["train_piece_id"] == planted_id
+    assert entry["copy"]["seconds"] >= 3.0 and entry["copy"]["notes"] > 10
+    gallery = generate.write_gallery(tmp_path).read_text()
+    assert planted_id in gallery and "OVER THE LIMIT" in gallery
+
+
+def test_copy_index_is_built_once_and_cached_beside_the_dataset(run, train_set, monkeypatch):
+    from mgpt import originality
+
+    dataset, planted, planted_id = train_set
+    (dataset / originality.INDEX_FILE).unlink(missing_ok=True)
+    built, ids = originality.training_index(dataset, run.vocab)
+    assert (dataset / originality.INDEX_FILE).is_file() and planted_id in ids
+    with np.load(dataset / originality.INDEX_FILE, allow_pickle=False) as z:  # plain arrays, no pickle
+        assert set(z.files) >= {"codes", "sa", "owner", "piece_ids", "fingerprint"}
+    monkeypatch.setattr(originality.CopyIndex, "__init__", lambda *a: pytest.fail("the cached index was rebuilt"))
+    cached, cached_ids = originality.training_index(dataset, run.vocab)
+    assert cached_ids == ids
+    notes = run.vocab.decode_notes(run.vocab.transpose(planted, -3))
+    assert cached.longest_copy(notes)[0] == built.longest_copy(notes)[0]
+    monkeypatch.undo()
+    (dataset / originality.INDEX_FILE).write_bytes(b"cut short")  # a damaged cache is rebuilt, not trusted
+    again, _ = originality.training_index(dataset, run.vocab)
+    assert again.longest_copy(notes)[0] == built.longest_copy(notes)[0]

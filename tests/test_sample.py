@@ -6,6 +6,7 @@ from flax import nnx
 
 from data_prep.vocab import Vocabulary
 from mgpt.model import GPT, ModelConfig
+import mgpt.sample as sample_lib
 from mgpt.sample import _choose, filter_logits, generate_tokens, sampling_settings, window_prompt
 
 VOCAB = Vocabulary(["bach", "chopin"])
@@ -159,21 +160,108 @@ def test_sliding_window_generates_far_past_the_context_and_greedy_ignores_seeds(
     assert set(greedy[0][1:]) == {VOCAB.style_offset - 1}  # the most preferred allowed token
 
 
+def _on(p):
+    return VOCAB.note_on_offset + p - VOCAB.min_pitch
+
+
+def _off(p):
+    return VOCAB.note_off_offset + p - VOCAB.min_pitch
+
+
+def _shift(steps):
+    return VOCAB.time_shift_offset + steps - 1
+
+
 def test_a_new_window_starts_like_a_training_crop():
-    notes = list(_ids(VOCAB.note_on_offset + 30, 10))
     loud, soft = VOCAB.velocity_offset + 25, VOCAB.velocity_offset + 5
-    row = [STYLE, loud, *notes, soft, *notes]  # 23 tokens, more than a 16-position window
-    # STYLE, the velocity in force (soft), then the most recent events: half a window in all.
-    assert window_prompt(row, 16, VOCAB) == [STYLE, soft, *notes[-6:]]
-    plain = [STYLE, *notes, *notes]
-    assert window_prompt(plain, 16, VOCAB) == [STYLE, *notes[-7:]]  # no velocity yet: none carried
-    # A velocity change just before the kept events is the one carried...
-    at_cut = [STYLE, loud, *notes, soft, *notes[:6]]
-    assert window_prompt(at_cut, 16, VOCAB) == [STYLE, soft, *notes[:6]]
-    # ...and one that opens the kept events is not carried twice.
-    opening = [STYLE, loud, *notes, notes[0], soft, *notes[:5]]
-    assert window_prompt(opening, 16, VOCAB) == [STYLE, soft, *notes[:5]]
+    t5 = _shift(5)
+    row = [STYLE, loud, _on(48), t5, _on(52), t5, _off(52), soft, _on(55), *[t5] * 24]  # 33 > 32 positions
+    # STYLE, the velocity in force, each note still sounding (48 struck loud, 55 soft; 52
+    # has ended), then the most recent events: half a window (16 tokens) in all.
+    assert window_prompt(row, 32, VOCAB) == [STYLE, soft, loud, _on(48), soft, _on(55), *[t5] * 10]
+    # At most a quarter window is carried, in whole notes: 55 no longer fits in 16 // 4.
+    assert window_prompt(row[:17], 16, VOCAB) == [STYLE, soft, loud, _on(48), soft, *[t5] * 3]
+    # Nothing sounding: only the velocity in force is carried, as before.
+    quiet = [STYLE, loud, _on(48), t5, _off(48), soft, *[t5] * 11]
+    assert window_prompt(quiet, 16, VOCAB) == [STYLE, soft, *[t5] * 6]
+    plain = [STYLE, *[t5] * 16]
+    assert window_prompt(plain, 16, VOCAB) == [STYLE, *[t5] * 7]  # no velocity yet: none carried
     assert window_prompt(row[:12], 16, VOCAB) == row[:12]  # room left: the whole row
+
+
+def _sounding_violations(row):
+    """(NOTE_OFFs of silent pitches, NOTE_ONs of sounding pitches) in an id row."""
+    sounding, bad_off, bad_on = set(), 0, 0
+    for t in row:
+        if VOCAB.note_on_offset <= t < VOCAB.note_off_offset:
+            bad_on += t in sounding
+            sounding.add(t)
+        elif VOCAB.note_off_offset <= t < VOCAB.time_shift_offset:
+            on = t - VOCAB.note_off_offset + VOCAB.note_on_offset
+            bad_off += on not in sounding
+            sounding.discard(on)
+    return bad_off, bad_on
+
+
+def test_sampler_never_plays_an_impossible_event():
+    # The model prefers NOTE_OFFs of pitches that never sounded, and re-striking held keys.
+    pref_V = np.zeros(VOCAB.size)
+    pref_V[VOCAB.note_off_offset : VOCAB.time_shift_offset] = 6.0
+    pref_V[_on(60)] = pref_V[_on(64)] = 4.0
+    pref_V[VOCAB.eos_id] = -100.0
+    primer = np.array([STYLE, VOCAB.velocity_offset + 10, _on(60)])  # 60 sounds from the primer
+    rows = generate_tokens(_fixed_model(pref_V), VOCAB, [primer] * 4, seeds=range(4), max_events=40,
+                           max_note_seconds=0)
+    for r in rows:
+        assert _sounding_violations(r) == (0, 0)
+        assert _off(60) in r.tolist()  # the primer's note is the one NOTE_OFF it may play first
+
+
+def test_sampler_never_plays_an_impossible_event_over_many_seeds(model):
+    # A random tiny model, sliding windows included (3 windows of 16 per row).
+    rows = generate_tokens(model, VOCAB, [np.array([STYLE])] * 32, seeds=range(32), max_events=48,
+                           temperature=1.5)
+    notes = sum(int(((r >= VOCAB.note_on_offset) & (r < VOCAB.time_shift_offset)).sum()) for r in rows)
+    assert notes > 100  # the test sees many note events
+    for r in rows:
+        assert _sounding_violations(r) == (0, 0)
+
+
+def test_note_length_guard_closes_notes_at_the_limit():
+    # NOTE_OFF is never chosen: only the guard can end a note.
+    pref_V = np.zeros(VOCAB.size)
+    pref_V[VOCAB.note_off_offset : VOCAB.time_shift_offset] = -100.0
+    pref_V[VOCAB.eos_id] = -100.0
+    pref_V[_shift(7)] = 5.0
+    pref_V[_on(60)] = pref_V[_on(67)] = 5.0
+    prompts = [np.array([STYLE, VOCAB.velocity_offset + 10])] * 3
+    guarded = generate_tokens(_fixed_model(pref_V), VOCAB, prompts, seeds=range(3), max_seconds=6.0,
+                              max_note_seconds=0.5)
+    for r in guarded:
+        _, _, start_s, end_s = VOCAB.decode_notes(r.tolist())
+        closed = [t for t in r.tolist() if VOCAB.note_off_offset <= t < VOCAB.time_shift_offset]
+        assert len(closed) >= 4 and np.all(end_s - start_s <= 0.5 + 1e-9)
+    raw = generate_tokens(_fixed_model(pref_V), VOCAB, prompts, seeds=range(3), max_seconds=6.0,
+                          max_note_seconds=0)
+    assert all(not any(VOCAB.note_off_offset <= t < VOCAB.time_shift_offset for t in r.tolist()) for r in raw)
+
+
+def test_inverse_cdf_draw_never_lands_on_a_filtered_token():
+    # u == 0 used to pick index 0 (PAD) whatever its mass.
+    logits_1xV = jnp.asarray([[0.0, 1.0, 2.0, 3.0]])
+    banned_V = jnp.asarray([True, False, False, False])
+    settings = sampling_settings()
+    zero_key = jax.random.key(0)
+    # A key whose uniform is exactly 0 is rare; test the draw itself with u pinned to 0 and 1-ulp.
+
+    for u in (0.0, np.nextafter(np.float32(1), np.float32(0))):
+        original = jax.random.uniform
+        try:
+            jax.random.uniform = lambda key, *a, **k: jnp.asarray(u, jnp.float32)
+            token = int(sample_lib._choose(logits_1xV, zero_key[None], settings, banned_V)[0])
+        finally:
+            jax.random.uniform = original
+        assert token != 0 and 1 <= token <= 3
 
 
 def test_bad_arguments_name_the_setting(model):
@@ -183,3 +271,79 @@ def test_bad_arguments_name_the_setting(model):
         generate_tokens(model, VOCAB, [np.array([STYLE])], seeds=[0], max_events=4, top_p=0.0)
     with pytest.raises(ValueError, match="seeds"):
         generate_tokens(model, VOCAB, [np.array([STYLE])], seeds=[0, 1], max_events=4)
+
+
+def test_release_share_hands_masked_note_off_mass_to_sounding_notes():
+    # The model puts 60 % on NOTE_OFF:70, which is silent, 10 % on NOTE_OFF:60, which sounds,
+    # and 30 % on a TIME_SHIFT.
+    tables = sample_lib.token_tables(VOCAB)
+    probs_V = np.full(VOCAB.size, 1e-12)
+    probs_V[_off(70)], probs_V[_off(60)], probs_V[_shift(10)] = 0.6, 0.1, 0.3
+    logits_1xV = jnp.log(jnp.asarray(probs_V, jnp.float32))[None]
+    onset_1xP = np.full((1, VOCAB.max_pitch - VOCAB.min_pitch + 1), sample_lib.SILENT, np.int32)
+    onset_1xP[0, 60 - VOCAB.min_pitch] = 0
+    banned_1xV, _, _ = sample_lib.note_rules(jnp.asarray(onset_1xP), jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32),
+                                             tables)
+    assert bool(banned_1xV[0, _off(70)]) and not bool(banned_1xV[0, _off(60)])
+
+    def p_release(share):
+        x = sample_lib.release_mass(logits_1xV, banned_1xV, tables, share)
+        return float(jax.nn.softmax(jnp.where(banned_1xV, -jnp.inf, x), axis=-1)[0, _off(60)])
+
+    assert p_release(0.0) == pytest.approx(0.1 / 0.4, rel=1e-4)  # plain masking: renormalised over the rest
+    # All of it: the sounding note gets the model's whole release probability, 0.7.
+    assert p_release(1.0) == pytest.approx(0.7, rel=1e-4)
+    assert p_release(0.0) < p_release(0.5) < p_release(1.0)
+
+
+def test_guidance_one_is_the_plain_sampler_byte_for_byte_and_compiles_nothing_new(model):
+    from mgpt.sample import sample_window
+
+    prompts = [np.array([STYLE]), np.array([VOCAB.style_id("chopin"), *_ids(VOCAB.note_on_offset + 30, 3)])]
+    kw = dict(seeds=[3, 4], max_events=3 * CFG.max_len, top_p=0.95)  # several windows
+    plain = generate_tokens(model, VOCAB, prompts, **kw)
+    compiled = sample_window._cache_size()
+    guided = generate_tokens(model, VOCAB, prompts, guidance=1.0, **kw)
+    assert sample_window._cache_size() == compiled, "G = 1 must run the already compiled plain sampler"
+    for x, y in zip(plain, guided):
+        assert x.tobytes() == y.tobytes()
+    stronger = generate_tokens(model, VOCAB, prompts, guidance=3.0, **kw)
+    assert any(len(x) != len(y) or (x != y).any() for x, y in zip(plain, stronger))
+
+
+def test_guidance_zero_samples_exactly_as_the_unknown_style_in_every_window(model):
+    # G = 0 keeps only the unconditional rows' logits (l_uncond + 0 * finite = l_uncond exactly),
+    # so it must match sampling from a STYLE:unknown prompt, also past the first window: the
+    # unconditional twin's new windows must start with STYLE:unknown too.
+    primer = [VOCAB.velocity_offset + 5, *_ids(VOCAB.note_on_offset + 30, 2)]
+    kw = dict(seeds=[7, 8], max_events=4 * CFG.max_len, temperature=0.9)
+    guided = generate_tokens(model, VOCAB, [np.array([STYLE, *primer])] * 2, guidance=0.0, **kw)
+    unknown = generate_tokens(model, VOCAB, [np.array([VOCAB.unknown_style_id, *primer])] * 2, **kw)
+    conditioned = generate_tokens(model, VOCAB, [np.array([STYLE, *primer])] * 2, **kw)
+    for g, u, c in zip(guided, unknown, conditioned):
+        assert len(g) > 2 * CFG.max_len
+        np.testing.assert_array_equal(g[1:], u[1:])
+        assert len(g) != len(c) or (g[1:] != c[1:]).any()
+    with pytest.raises(ValueError, match="guidance"):
+        generate_tokens(model, VOCAB, [np.array([STYLE])], seeds=[0], max_events=4, guidance=-1.0)
+
+
+def test_guided_event_is_the_argmax_of_the_mixed_logits(model):
+    # First event, greedy: argmax over allowed tokens of l_uncond + G (l_cond - l_uncond), with the
+    # two logit rows taken from a plain forward pass of each prompt.
+    from mgpt.sample import note_rules, token_tables
+
+    tables = token_tables(VOCAB)
+    banned_V = np.asarray(note_rules(jnp.full((1, VOCAB.max_pitch - VOCAB.min_pitch + 1), np.iinfo(np.int32).max),
+                                     jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32), tables)[0][0])
+    primer = [VOCAB.velocity_offset + 5]
+    l_cond_V = np.asarray(model(jnp.asarray([[STYLE, *primer]]))[0, -1], np.float64)
+    l_uncond_V = np.asarray(model(jnp.asarray([[VOCAB.unknown_style_id, *primer]]))[0, -1], np.float64)
+    picks = set()
+    for g in (0.0, 2.0, 4.0, 8.0):
+        mixed_V = np.where(banned_V, -np.inf, l_uncond_V + g * (l_cond_V - l_uncond_V))
+        (row,) = generate_tokens(model, VOCAB, [np.array([STYLE, *primer])], seeds=[0], max_events=1, greedy=True,
+                                 guidance=g)
+        assert row[-1] == np.argmax(mixed_V), g
+        picks.add(int(row[-1]))
+    assert len(picks) > 1, "the guidance values chosen should move the argmax"

@@ -104,6 +104,41 @@ def test_trainer_validation_scores_pieces_as_mgpt_evaluate_does():
     np.testing.assert_allclose(packed_nats / packed_events, nats.sum() / count.sum(), rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_resume_is_bitwise_identical_with_worker_processes(dataset, tmp_path):
+    c = _config(dataset, steps=12, eval_every=6)
+    c.data.workers = 1
+    uninterrupted = train.train(c, str(tmp_path / "whole"))
+    c.train.max_steps_per_run = 5
+    first = train.train(c, str(tmp_path / "resumed"))
+    c.train.max_steps_per_run = 0
+    second = train.train(c, str(tmp_path / "resumed"))
+    assert {**first["losses"], **second["losses"]} == uninterrupted["losses"]
+    assert second["eval"] == uninterrupted["eval"]
+
+
+def test_training_records_hold_only_tokens_and_style_as_tfds_decodes_them(dataset):
+    from mgpt import data as data_lib
+
+    lean, full = (data_lib.open_source(dataset, "train", training_only=t) for t in (True, False))
+    assert len(lean) == len(full) > 0
+    for i in range(len(full)):
+        assert set(lean[i]) == {"tokens", "style"}
+        np.testing.assert_array_equal(lean[i]["tokens"], full[i]["tokens"])
+        assert lean[i]["tokens"].dtype == np.int32
+        assert data_lib.record_text(lean[i]["style"]) == data_lib.record_text(full[i]["style"])
+
+
+def test_a_data_position_saved_in_another_layout_starts_the_data_afresh(dataset, tmp_path, capsys):
+    c = _config(dataset, steps=6, eval_every=0, max_steps_per_run=3)
+    train.train(c, str(tmp_path))
+    # As an mgpt from before data shards saved it: one grain state per process.
+    (tmp_path / "checkpoints" / "3" / "data" / "process_0-of-1.json").write_text('{"next_index": 5}')
+    c.train.max_steps_per_run = 0
+    assert train.train(c, str(tmp_path))["step"] == 6
+    assert "the data order starts afresh" in capsys.readouterr().out
+
+
 def test_restore_model_for_inference(tiny_run):
     workdir, _ = tiny_run
     model, vocab, config, step = train.restore_model(workdir)
@@ -196,6 +231,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_p
         ("model.kind", "rnn", "config.model.kind"),
         ("data.seq_len", 128, "config.model.max_len"),
         ("data.transpose", -1, "config.data.transpose"),
+        ("data.style_dropout", 1.0, "config.data.style_dropout"),
         ("mesh.rules", (("embed", "pipeline"),), "config.mesh.rules"),
     ],
 )
@@ -236,6 +272,34 @@ def test_auto_without_a_cluster_is_a_single_process_run(monkeypatch):
     assert train.cluster_environment() is None
     monkeypatch.setattr(jax.distributed, "initialize", _failing_initialize(ValueError("coordinator_address should be defined.")))
     train.maybe_initialize_distributed(tiny.get_config().distributed)  # no error: one process
+
+
+def test_a_validation_split_smaller_than_the_host_count_stops_at_start_up(dataset, tmp_path, monkeypatch):
+    from mgpt import data as data_lib
+
+    real_open, real_resolve = data_lib.open_source, train.resolve_dataset
+
+    def resolve_as_one_of_two_hosts(dataset_dir):
+        # From here on this process believes it is one of two (the mesh and the workdir lock,
+        # which talk to the other hosts, are behind it).
+        monkeypatch.setattr(jax, "process_count", lambda: 2)
+        return real_resolve(dataset_dir)
+
+    monkeypatch.setattr(train, "resolve_dataset", resolve_as_one_of_two_hosts)
+    monkeypatch.setattr(data_lib, "open_source",
+                        lambda path, split, **kw: [real_open(path, split, **kw)[0]] if split == "validation"
+                        else real_open(path, split, **kw))
+    with pytest.raises(train.ConfigError, match="the validation split has 1 pieces, fewer than the 2 hosts"):
+        train.train(_config(dataset), str(tmp_path / "w"))
+    assert not (tmp_path / "w" / "checkpoints").exists(), "stopped before any step"
+
+
+def test_data_shards_that_do_not_split_the_batch_are_named(dataset, tmp_path):
+    c = _config(dataset)
+    c.data.shards = 3
+    with pytest.raises(train.ConfigError, match=r"^config.data.shards=3, dataset .*: this host's 8 rows per batch "
+                                                r"do not split over its 3 data shards$"):
+        train.train(c, str(tmp_path))
 
 
 def test_mesh_that_does_not_divide_the_devices_is_named():
@@ -406,3 +470,54 @@ def test_two_process_distributed_run_and_preemption(dataset, tmp_path):
     assert saved >= 3 and f"received SIGTERM: saved checkpoint {tmp_path}/checkpoints/{saved}; exiting" in outputs[0]
     data_states = sorted(p.name for p in (tmp_path / "checkpoints" / str(saved) / "data").glob("process_*.json"))
     assert data_states == ["process_0-of-2.json", "process_1-of-2.json"], "each host saves its own data position"
+
+    # The run goes on as one process: it takes over both hosts' data shards.
+    resumed = _cli("--config=configs/tiny.py", f"--workdir={tmp_path}", f"--config.data.dataset_dir={dataset}",
+                   f"--config.train.steps={saved + 2}", "--config.train.eval_every=0",
+                   env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {tmp_path}/checkpoints/{saved}" in resumed.stdout and "afresh" not in resumed.stdout
+    assert "1 process(es)" in resumed.stdout and f"done: step {saved + 2}" in resumed.stdout
+
+
+_ELASTIC = textwrap.dedent(
+    """
+    import json, sys
+    from configs import tiny
+    from mgpt import train
+
+    dataset, workdir, data, fsdp, max_steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+    c = tiny.get_config()
+    c.data.dataset_dir = dataset
+    c.train.update(steps=16, warmup_steps=4, eval_every=8, checkpoint_every=100, max_steps_per_run=max_steps)
+    c.mesh.update(data=data, fsdp=fsdp, tensor=1)
+    r = train.train(c, workdir)
+    print("RESULT " + json.dumps({k: r[k] for k in ("step", "losses", "events", "eval")}))
+    """
+)
+
+
+def _elastic_run(dataset, workdir, devices, data, fsdp, max_steps=0):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", _ELASTIC, dataset, str(workdir), str(data), str(fsdp), str(max_steps)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"mesh: {{'data': {data}, 'fsdp': {fsdp}, 'tensor': 1}} over {devices} cpu devices" in out.stdout
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):]), out.stdout
+
+
+@pytest.mark.slow
+def test_elastic_resume_on_fewer_devices_and_another_mesh(dataset, tmp_path):
+    """8 devices (data=2, fsdp=4) stop at step 6; 4 devices (fsdp=4) carry on to 16. Against an
+    uninterrupted 8-device run: the same data every step, and the same losses up to float rounding."""
+    whole, _ = _elastic_run(dataset, tmp_path / "whole", 8, 2, 4)
+    first, _ = _elastic_run(dataset, tmp_path / "elastic", 8, 2, 4, max_steps=6)
+    second, log = _elastic_run(dataset, tmp_path / "elastic", 4, 1, 4)
+    assert first["step"] == 6 and min(int(s) for s in second["losses"]) == 7 and second["step"] == 16
+    assert "starts afresh" not in log
+    events = {**first["events"], **second["events"]}
+    assert events == whole["events"], "every step saw the batch it would have seen: nothing replayed or skipped"
+    losses = {**first["losses"], **second["losses"]}
+    np.testing.assert_allclose([losses[s] for s in whole["losses"]], list(whole["losses"].values()), rtol=1e-4)
+    np.testing.assert_allclose(second["eval"]["16"], whole["eval"]["16"], rtol=1e-4)

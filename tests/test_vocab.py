@@ -155,3 +155,40 @@ def test_max_note_seconds_cuts_notes_that_are_never_closed():
     assert dict(zip(pitch.tolist(), (end_s - start_s).tolist())) == {60: 1.0, 64: 3.0}
     pitch, _, start_s, end_s = v.decode_notes(ids)  # no cap: it sounds to the end
     assert dict(zip(pitch.tolist(), (end_s - start_s).tolist())) == {60: 1.0, 64: 21.0}
+
+
+def test_sounding_state_at_a_cut_is_carried_as_note_ons():
+    v = Vocabulary(["bach"])
+    on = lambda p: v.note_on_offset + p - v.min_pitch  # noqa: E731
+    off = lambda p: v.note_off_offset + p - v.min_pitch  # noqa: E731
+    vel = lambda b: v.velocity_offset + b - 1  # noqa: E731
+    shift = lambda s: v.time_shift_offset + s - 1  # noqa: E731
+    # 64 (bin 20) and 60 (bin 10) struck, 67 struck and released, then 72 struck at bin 10.
+    ids = [vel(20), on(64), shift(10), vel(10), on(60), on(67), shift(5), off(67), on(72), shift(30), off(64),
+           shift(3), vel(12), on(50)]
+    cut = ids.index(off(64))  # the cut falls just before 64's NOTE_OFF: 60, 64 and 72 still sound
+    pitch, velocity, onset, now = v.sounding_at(ids, cut)
+    assert pitch.tolist() == [60, 64, 72]
+    assert velocity.tolist() == [vel(10), vel(20), vel(10)]
+    assert onset.tolist() == [10, 0, 15] and now == 45
+    # The velocity in force, then each sounding pitch in ascending order, with a VELOCITY before
+    # any whose own velocity differs, and the velocity in force restored at the end.
+    assert v.carried_state(ids, cut) == [vel(10), on(60), vel(20), on(64), vel(10), on(72)]
+    # After 64 ends; a cut that opens on a VELOCITY carries the notes but needs no restore.
+    at_vel = ids.index(vel(12))
+    assert v.carried_state(ids, at_vel) == [vel(10), on(60), on(72)]
+    # The piece's start, or nothing sounding and a VELOCITY next: nothing is carried.
+    assert v.carried_state(ids, 0) == []
+    assert v.carried_state([vel(3), on(60), shift(4), off(60), vel(5), on(61)], 4) == []
+    # Whole notes only under a limit, and the velocity in force still restored.
+    assert v.carried_state(ids, cut, limit=5) == [vel(10), on(60), vel(20), on(64), vel(10)]
+    assert v.carried_state(ids, cut, limit=4) == [vel(10), on(60)]  # 64 would need 3 more tokens
+
+
+def test_note_lengths_pair_each_note_on_with_its_note_off():
+    v = Vocabulary()
+    on = lambda p: v.note_on_offset + p - v.min_pitch  # noqa: E731
+    off = lambda p: v.note_off_offset + p - v.min_pitch  # noqa: E731
+    shift = lambda s: v.time_shift_offset + s - 1  # noqa: E731
+    ids = [on(60), on(64), shift(50), off(60), on(60), shift(100), shift(25), off(64), off(60), on(70)]
+    assert sorted(v.note_lengths(ids).tolist()) == [0.5, 1.25, 1.75]  # 70 is never closed

@@ -1,0 +1,91 @@
+"""One trainer per workdir: `WORKDIR/lock`, held for the life of the run.
+
+The lock is an flock on that file, so the kernel drops it when its holder dies (kill -9,
+the OOM killer, a reboot): a lock left by a dead process never blocks. The file's text
+names the holder (host, pid, start time) for the one line a second trainer prints; it is
+left in place after the run, because removing it would let two trainers lock two
+different files of the same name.
+
+On a pod only process 0 takes the lock (one lock per run, not per host) and tells the
+others whether it got it. Local and NFS workdirs are locked; object stores (gs://) have
+no locks, so there the user must keep to one trainer per workdir (README).
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import json
+import os
+import socket
+
+import jax
+import numpy as np
+from etils import epath
+
+LOCK_NAME = "lock"
+
+
+class WorkdirInUse(RuntimeError):
+    """Another live trainer holds the workdir; printed as one line."""
+
+
+class WorkdirLock:
+    """`with WorkdirLock(workdir):` holds the workdir's lock, or raises WorkdirInUse at once."""
+
+    def __init__(self, workdir: str | os.PathLike):
+        self.workdir = epath.Path(workdir)
+        self._fd: int | None = None
+
+    def __enter__(self) -> "WorkdirLock":
+        error = None
+        if jax.process_index() == 0 and "://" not in os.fspath(self.workdir):
+            try:
+                self._acquire()
+            except WorkdirInUse as e:
+                error = e
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            ok = multihost_utils.broadcast_one_to_all(np.asarray(error is None, np.int32))
+            if not bool(ok) and error is None:
+                error = WorkdirInUse(f"--workdir={self.workdir}: in use by another trainer (process 0 names it)")
+        if error is not None:
+            self.__exit__()
+            raise error
+        return self
+
+    def _acquire(self) -> None:
+        path = os.path.join(os.fspath(self.workdir), LOCK_NAME)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise WorkdirInUse(
+                f"--workdir={self.workdir}: in use by the trainer with pid {holder.get('pid', '?')} on host "
+                f"{holder.get('host', '?')} (since {holder.get('started', '?')}); let it finish or stop it, "
+                "or pick another --workdir"
+            ) from None
+        holder = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        self._fd = fd
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        return {}  # written by a holder that is still writing it: the message says '?'
