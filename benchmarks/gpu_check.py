@@ -7,8 +7,9 @@
    step, at the largest batch (rows of 2048 events) whose compiled step fits the GPU's
    memory (XLA's own memory analysis against the allocator's limit; batches double from
    8). MFU = model FLOPs/s (mgpt.model.flops_per_token) / the GPU's datasheet bf16 peak.
-2. Sampling: new events/s of mgpt.sample (one jitted prefill + while_loop decode, KV
-   cache) for base's dimensions in bf16 at batch 1, 16 and 64, against
+2. Sampling: new events/s of mgpt.sample.generate_tokens (one jitted prefill +
+   while_loop decode, KV cache; the rows an untrained model ends early count what they
+   made) for base's dimensions in bf16 at batch 1, 16 and 64, against
    `transformers.GPT2LMHeadModel.generate` (bf16, KV cache, top-k sampling) at the same
    widths and depth on the same GPU. GPT-2's MLP is not gated: it gets 1.5x the width, so
    both do the same matmul FLOPs per event.
@@ -132,18 +133,34 @@ def train_mfu(plan: dict, vocab_size: int, on_gpu: bool) -> dict:
 
 
 def sample_rates(plan: dict, vocab: Vocabulary, on_gpu: bool) -> list[dict]:
-    from bench_sample import time_ours
-
     c = _config(plan["config"], plan["seq_len"], 1, on_gpu)
     c.model.attention = "xla"  # decoding writes its attention out (mgpt.model.Attention.decode)
     model = GPT(train.model_config(c.model, vocab.size), rngs=nnx.Rngs(0))
     rows = []
     for batch in plan["sample_batches"]:
-        ours = time_ours(model, vocab, batch, plan["events"], top_k=32, repeats=2)
+        ours = _time_ours(model, vocab, batch, plan["events"])
         hf, hf_params = _time_hf(model.cfg, batch, plan["events"], on_gpu)
         rows.append({"batch": batch, "events": plan["events"], "ours_events_per_s": ours,
                      "hf_events_per_s": hf, "hf_params": hf_params})
     return rows
+
+
+def _time_ours(model, vocab: Vocabulary, batch: int, events: int) -> float:
+    """New events/s of mgpt.sample.generate_tokens, the sampler mgpt.generate runs (top-k 32)."""
+    from mgpt.sample import generate_tokens
+
+    prompts = [np.asarray([vocab.unknown_style_id], np.int32)] * batch
+
+    def run():
+        return generate_tokens(model, vocab, prompts, seeds=list(range(batch)), max_events=events, top_k=32,
+                               batch_size=batch)
+
+    run()  # compiles
+    start = time.perf_counter()
+    out = run()
+    elapsed = time.perf_counter() - start
+    # Random weights may end a row early (EOS): count the events actually made.
+    return sum(len(row) - 1 for row in out) / elapsed
 
 
 def _time_hf(cfg, batch: int, events: int, on_gpu: bool):

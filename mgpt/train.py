@@ -236,6 +236,8 @@ def use_compilation_cache(directory: str, workdir: epath.Path) -> str | None:
     from jax.experimental.compilation_cache import compilation_cache
 
     path = directory if "://" in directory or directory.startswith("/") else os.fspath(workdir / directory)
+    # jax keeps the path for the process: a relative one would move with the working directory.
+    path = path if "://" in path else os.path.abspath(path)
     if jax.config.jax_compilation_cache_dir != path:
         compilation_cache.set_cache_dir(path)
         compilation_cache.reset_cache()  # jax opens its cache once per process, at the first compile
