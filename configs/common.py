@@ -16,6 +16,7 @@ DEFAULT_RULES = (
     ("heads", "tensor"),
     ("kv", None),
     ("norm", None),
+    ("layers", None),  # the stacked blocks' axis (model.scan_layers): each device holds every layer's shard
 )
 
 
@@ -50,6 +51,7 @@ def base() -> ml_collections.ConfigDict:
     c.model.rope_base = 10_000.0
     c.model.mlp_activation = "silu"  # 'silu' (SwiGLU) | 'gelu' (GeGLU)
     c.model.attention = "auto"  # 'auto' | 'xla' | 'cudnn'
+    c.model.scan_layers = False  # stacked blocks run by one scan: compile time independent of depth
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000  # total optimizer steps; the learning-rate schedule ends here
@@ -71,6 +73,9 @@ def base() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 200  # steps between checkpoints (and one at the end)
     c.train.keep_checkpoints = 3  # the last K are kept
     c.train.async_checkpoints = True  # write checkpoints in the background
+    # XLA's persistent compilation cache, so a restarted run loads its compiled steps instead
+    # of compiling again: relative to the workdir, or an absolute / gs:// path; '' = jax's own setting.
+    c.train.compilation_cache = "compilation_cache"
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # data-parallel replicas; -1 = all devices not used by the other axes

@@ -1,7 +1,10 @@
 """Large: ~820M parameters, for TPU pod slices (v4-32 and up) or multi-GPU hosts.
 
-Parameters and optimizer state are sharded over all devices (fsdp=-1); blocks are
-rematerialised to fit 2048-event contexts.
+Parameters and optimizer state are sharded over all devices (fsdp=-1). Blocks are
+scanned (compile time independent of depth) and fully rematerialised, and each step
+accumulates 2 microbatches, so that 2048-event contexts fit a v4-32; on bigger slices
+`--config.model.remat=dots` is faster where it fits (`python -m mgpt.aot` tells;
+tpu/README.md has the table).
 """
 
 from configs import common
@@ -15,10 +18,10 @@ def get_config():
     c.data.prefetch = 4
     c.model.update(
         num_layers=16, num_heads=16, d_model=2048, mlp_dim=5632, max_len=2048, dtype="bfloat16",
-        remat="dots",
+        remat="full", scan_layers=True,
     )
     c.train.update(
-        steps=100_000, batch_size=512, learning_rate=3e-4, warmup_steps=2000, z_loss=1e-4,
+        steps=100_000, batch_size=512, grad_accum=2, learning_rate=3e-4, warmup_steps=2000, z_loss=1e-4,
         log_every=50, eval_every=2000, eval_batches=8, checkpoint_every=1000,
     )
     c.mesh.update(data=1, fsdp=-1, tensor=1)

@@ -131,15 +131,18 @@ class LSTMLM(nnx.Module):
         self.out = _param(jax.random.normal(rngs.params(), (d, v), pdt) * d**-0.5, ("embed", "vocab"))
         self.out_bias = _param(jnp.zeros((v,), pdt), ("vocab",))
 
-    def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None):
+    def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *, activation_sharding=None):
         """float32 logits_BxLxV. Positions are implicit in the recurrence; a change of
-        segment id (packed rows) restarts the state."""
+        segment id (packed rows) restarts the state. `activation_sharding`: of the BxLxD
+        activations, as for mgpt.model.GPT."""
         del positions_BxL
         start_BxL = None
         if segment_ids_BxL is not None:
             start_BxL = jnp.pad(segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1], ((0, 0), (1, 0)))
         x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(self.cfg.dtype)
         for layer in self.layers:
+            if activation_sharding is not None:
+                x_BxLxD = jax.lax.with_sharding_constraint(x_BxLxD, activation_sharding)
             x_BxLxD = layer(x_BxLxD, start_BxL)
         logits_BxLxV = jnp.einsum(
             "bld,dv->blv", x_BxLxD, self.out[...].astype(self.cfg.dtype), preferred_element_type=jnp.float32

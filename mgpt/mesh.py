@@ -27,11 +27,20 @@ BATCH_AXIS = "batch"
 _CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
-def compiler_options() -> dict[str, Any]:
-    """Per-compilation XLA options for this backend, for `jax.jit(..., compiler_options=)`.
+def compiler_options(platform: str | None = None) -> dict[str, Any]:
+    """Per-compilation XLA options for `jax.jit(..., compiler_options=)` on `platform`.
 
-    Given per jit rather than through XLA_FLAGS, so a user's own flags stay as they are."""
-    return dict(_CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else {}
+    `platform` is the one the program is compiled for ('cpu', 'gpu', 'tpu'); by default the
+    process's backend. An ahead-of-time compile for a TPU slice on a CPU host must name
+    'tpu': XLA:TPU rejects the CPU-only options. Given per jit rather than through
+    XLA_FLAGS, so a user's own flags stay as they are."""
+    platform = jax.default_backend() if platform is None else platform
+    return dict(_CPU_COMPILER_OPTIONS) if platform == "cpu" else {}
+
+
+def mesh_platform(mesh: Mesh) -> str:
+    """The platform of a mesh's devices ('cpu', 'gpu', 'tpu'): what its programs compile for."""
+    return mesh.devices.flat[0].platform
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
@@ -55,6 +64,7 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The (data, fsdp, tensor) mesh over `devices` (default: all of this process's job's)."""
     devices = jax.devices() if devices is None else list(devices)
     shape = mesh_shape(mesh_config, len(devices))
     # Auto axes: we give in/out shardings and XLA's SPMD partitioner propagates the rest.

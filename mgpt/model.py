@@ -63,6 +63,10 @@ class ModelConfig:
     rope_base: float = 10_000.0
     mlp_activation: str = "silu"  # gate nonlinearity: 'silu' (SwiGLU) | 'gelu' (GeGLU)
     attention: str = "auto"  # 'auto' = cuDNN on GPU for bf16/fp16, else XLA
+    # Blocks stored stacked (a leading 'layers' axis) and run by one scan, so compile time
+    # does not grow with depth. Changes the checkpoint layout; False is the layout of
+    # checkpoints written before this field existed.
+    scan_layers: bool = False
 
     def __post_init__(self):
         def check(ok: bool, field: str, why: str):
@@ -88,6 +92,7 @@ class ModelConfig:
             f"must be one of {tuple(_MLP_ACTIVATIONS)}, got {self.mlp_activation!r}",
         )
         check(self.attention in _ATTENTION, "attention", f"must be one of {_ATTENTION}, got {self.attention!r}")
+        check(isinstance(self.scan_layers, bool), "scan_layers", f"must be True or False, got {self.scan_layers!r}")
 
     @property
     def head_dim(self) -> int:
@@ -260,6 +265,20 @@ def _block_call(block: Block, x_BxLxD, positions_BxL, segment_ids_BxL):
     return block(x_BxLxD, positions_BxL, segment_ids_BxL)
 
 
+LAYERS_AXIS = "layers"  # logical name of the stacked blocks' leading axis; no rule shards it
+
+
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """num_layers Blocks as one Block whose parameters have a leading 'layers' axis."""
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+    def make(rngs):
+        return Block(cfg, rngs)
+
+    return make(rngs)
+
+
 class GPT(nnx.Module):
     """`GPT(cfg, rngs=nnx.Rngs(seed))`; `model(tokens_BxL[, positions_BxL, segment_ids_BxL]) -> logits_BxLxV`."""
 
@@ -267,7 +286,10 @@ class GPT(nnx.Module):
         self.cfg = cfg
         # Unit-variance embeddings match the scale of the normalised residual stream.
         self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), 1.0, ("vocab", "embed"), cfg.param_dtype)
-        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        if cfg.scan_layers:
+            self.blocks = _stacked_blocks(cfg, rngs)
+        else:
+            self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg)
         if not cfg.tied_embeddings:
             self.unembed = _param(
@@ -288,12 +310,13 @@ class GPT(nnx.Module):
             "bld,dv->blv", h_BxLxD, w_DxV.astype(self.cfg.dtype), preferred_element_type=jnp.float32
         )
 
-    def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None):
+    def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *, activation_sharding=None):
         """Full causal forward; float32 logits_BxLxV.
 
         positions default to 0..L-1; with `segment_ids_BxL` (packed rows) a token attends
         only to earlier tokens of the same segment, and positions should restart at 0 in
-        each segment (as grain's packer gives them).
+        each segment (as grain's packer gives them). `activation_sharding` (a Sharding of
+        the BxLxD residual stream, from the trainer) pins it at every block boundary.
         """
         b, length = tokens_BxL.shape
         if positions_BxL is None:
@@ -302,17 +325,46 @@ class GPT(nnx.Module):
         if self.cfg.remat != "none":
             policy = None if self.cfg.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
             block_fn = nnx.remat(_block_call, policy=policy)
+        if activation_sharding is not None:
+            # Inside a scan XLA's sharding propagation cannot see the batch layout of the
+            # inputs, and on an fsdp mesh it shards the residual stream like the weights
+            # (over D) instead: large on v5e-256 then needed 397 GiB of temporaries per chip.
+            unconstrained_fn = block_fn
+
+            def block_fn(block, x_BxLxD, positions_BxL, segment_ids_BxL):
+                x_BxLxD = jax.lax.with_sharding_constraint(x_BxLxD, activation_sharding)
+                out_BxLxD = unconstrained_fn(block, x_BxLxD, positions_BxL, segment_ids_BxL)
+                return jax.lax.with_sharding_constraint(out_BxLxD, activation_sharding)
+
         x_BxLxD = self._embed(tokens_BxL)
-        for block in self.blocks:
-            x_BxLxD = block_fn(block, x_BxLxD, positions_BxL, segment_ids_BxL)
+        if self.cfg.scan_layers:
+
+            @nnx.scan(in_axes=(nnx.Carry, 0, None, None), out_axes=nnx.Carry,
+                      transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+            def run_blocks(x_BxLxD, block, positions_BxL, segment_ids_BxL):
+                return block_fn(block, x_BxLxD, positions_BxL, segment_ids_BxL)
+
+            x_BxLxD = run_blocks(x_BxLxD, self.blocks, positions_BxL, segment_ids_BxL)
+        else:
+            for block in self.blocks:
+                x_BxLxD = block_fn(block, x_BxLxD, positions_BxL, segment_ids_BxL)
         return self._logits(x_BxLxD)
+
+    def layers(self) -> list[Block]:
+        """The blocks in order. Stacked ones come as static slices: decoding runs them one by
+        one, so each layer's KV cache stays its own array, updated in place (a scan would
+        slice the stacked cache out and write it back at every layer of every step)."""
+        if not self.cfg.scan_layers:
+            return list(self.blocks)
+        graphdef, state = nnx.split(self.blocks)
+        return [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(self.cfg.num_layers)]
 
     def init_cache(self, batch: int, size: int | None = None, dtype=None) -> Cache:
         """A zeroed KV cache of `size` slots (default max_len), one dict per layer."""
         size = self.cfg.max_len if size is None else size
         shape = (batch, self.cfg.num_heads, size, self.cfg.head_dim)
         dtype = self.cfg.dtype if dtype is None else dtype
-        return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in self.blocks]
+        return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(self.cfg.num_layers)]
 
     def decode(self, tokens_BxT, positions_BxT, cache: Cache):
         """Cached forward of T new tokens per row at absolute `positions_BxT` (int32).
@@ -325,7 +377,7 @@ class GPT(nnx.Module):
         """
         x_BxTxD = self._embed(tokens_BxT)
         new_cache = []
-        for block, layer_cache in zip(self.blocks, cache):
+        for block, layer_cache in zip(self.layers(), cache):
             x_BxTxD, layer_cache = block.decode(x_BxTxD, positions_BxT, layer_cache)
             new_cache.append(layer_cache)
         return self._logits(x_BxTxD), new_cache

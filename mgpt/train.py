@@ -19,6 +19,7 @@ import errno
 import functools
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -37,7 +38,6 @@ from ml_collections import config_flags
 
 from data_prep.vocab import Vocabulary
 from mgpt import checkpoint as ckpt_lib
-from mgpt import data as data_lib
 from mgpt import mesh as mesh_lib
 from mgpt import monitor
 from mgpt.workdir_lock import WorkdirInUse, WorkdirLock
@@ -158,6 +158,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(t.eps > 0, "train.eps", f"must be > 0, got {t.eps!r}")
     _check(t.clip_norm >= 0, "train.clip_norm", f"must be >= 0 (0 disables), got {t.clip_norm!r}")
     _check(t.z_loss >= 0, "train.z_loss", f"must be >= 0, got {t.z_loss!r}")
+    _check(isinstance(t.compilation_cache, str), "train.compilation_cache",
+           f"must be a directory ('' = jax's own setting), got {t.compilation_cache!r}")
     _check(config.distributed.initialize in ("auto", "yes", "no"), "distributed.initialize",
            f"must be 'auto', 'yes' or 'no', got {config.distributed.initialize!r}")
     try:
@@ -166,12 +168,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(str(e) if str(e).startswith("config.") else f"config.mesh.rules: {e}") from None
 
 
-def validate_devices(config, mesh_devices: int, process_count: int):
-    """Mesh and batch against the devices: returns (mesh, rule table)."""
+def validate_devices(config, mesh_devices: int, process_count: int, devices=None):
+    """Mesh and batch against the devices: returns (mesh, rule table).
+
+    `devices` (default jax.devices()) may be another target's, e.g. a TPU topology's for mgpt.aot."""
     table = mesh_lib.rule_table(config.mesh.rules)
     try:
         mesh_lib.mesh_shape(config.mesh, mesh_devices)
-        mesh = mesh_lib.make_mesh(config.mesh)
+        mesh = mesh_lib.make_mesh(config.mesh, devices)
         micro = config.train.batch_size // config.train.grad_accum
         field = "config.train.batch_size" if config.train.grad_accum == 1 else "config.train.batch_size / grad_accum"
         mesh_lib.check_batch(mesh, table, micro, process_count, field)
@@ -220,6 +224,24 @@ def cluster_environment() -> str | None:
         if not env.opt_in_only_method and env.is_env_present():
             return env.__name__
     return None
+
+
+def use_compilation_cache(directory: str, workdir: epath.Path) -> str | None:
+    """Points jax's persistent compilation cache at `directory` (relative to the workdir).
+
+    A restarted run (preemption, max_steps_per_run) then loads its compiled steps instead
+    of compiling them again. '' leaves jax's own setting alone. Returns the path used."""
+    if not directory:
+        return None
+    from jax.experimental.compilation_cache import compilation_cache
+
+    path = directory if "://" in directory or directory.startswith("/") else os.fspath(workdir / directory)
+    # jax keeps the path for the process: a relative one would move with the working directory.
+    path = path if "://" in path else os.path.abspath(path)
+    if jax.config.jax_compilation_cache_dir != path:
+        compilation_cache.set_cache_dir(path)
+        compilation_cache.reset_cache()  # jax opens its cache once per process, at the first compile
+    return path
 
 
 # ----------------------------------------------------------------------------- data + vocab
@@ -341,11 +363,20 @@ def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation
     return adamw
 
 
-def _loss_sums(graphdef, params, rest, batch, z_loss: float):
+def activation_sharding(batch_sharding):
+    """Sharding of BxLxD activations: rows where the batch's rows are, D whole on each device."""
+    if batch_sharding is None:
+        return None
+    spec = jax.sharding.PartitionSpec(*batch_sharding.spec, *[None] * (2 - len(batch_sharding.spec)), None)
+    return jax.sharding.NamedSharding(batch_sharding.mesh, spec)
+
+
+def _loss_sums(graphdef, params, rest, batch, z_loss: float, batch_sharding=None):
     """(sum of masked cross-entropy, sum of masked log(Z)^2) in nats, fp32."""
     model = nnx.merge(graphdef, params, rest)
     # Packed rows (mgpt.data) carry positions and segment ids; a batch without them is one piece per row.
-    logits_BxLxV = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids")).astype(jnp.float32)
+    logits_BxLxV = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
+                         activation_sharding=activation_sharding(batch_sharding)).astype(jnp.float32)
     log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
     target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
     mask_BxL = batch["mask"]
@@ -365,7 +396,7 @@ def make_train_step(graphdef, tx, t: ml_collections.ConfigDict, batch_sharding):
         count = jnp.maximum(jnp.sum(batch["mask"]), 1.0)
 
         def objective(p, microbatch):
-            ce, z = _loss_sums(graphdef, p, rest, microbatch, z_loss)
+            ce, z = _loss_sums(graphdef, p, rest, microbatch, z_loss, batch_sharding)
             return (ce + z_loss * z) / count, ce
 
         grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -408,9 +439,9 @@ def make_train_step(graphdef, tx, t: ml_collections.ConfigDict, batch_sharding):
     return train_step
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, batch_sharding=None):
     def eval_step(params, rest, batch):
-        ce, _ = _loss_sums(graphdef, params, rest, batch, 0.0)
+        ce, _ = _loss_sums(graphdef, params, rest, batch, 0.0, batch_sharding)
         return {"nats": ce, "events": jnp.sum(batch["mask"])}
 
     return eval_step
@@ -479,18 +510,26 @@ def compile_train_step(s: Setup, config):
         in_shardings=(s.state_shardings, replicated, s.batch_sharding),
         out_shardings=(s.state_shardings, replicated),
         donate_argnums=0,
-        compiler_options=mesh_lib.compiler_options(),
+        compiler_options=mesh_lib.compiler_options(mesh_lib.mesh_platform(s.mesh)),
     )
 
 
 def compile_eval_step(s: Setup):
     replicated = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
     return jax.jit(
-        make_eval_step(s.graphdef),
+        make_eval_step(s.graphdef, s.batch_sharding),
         in_shardings=(s.state_shardings["params"], replicated, s.batch_sharding),
         out_shardings=replicated,
-        compiler_options=mesh_lib.compiler_options(),
+        compiler_options=mesh_lib.compiler_options(mesh_lib.mesh_platform(s.mesh)),
     )
+
+
+def abstract_batch(rows: int, seq_len: int, sharding) -> dict:
+    """The batch the train and eval steps take (mgpt.data), as shapes: for compiling ahead of time."""
+    from mgpt import data as data_lib
+
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+            for k, (shape, dtype) in data_lib.batch_shapes(rows, seq_len).items()}
 
 
 def global_batch(local: dict, sharding) -> dict:
@@ -596,8 +635,11 @@ def _check_same_model(workdir: epath.Path, config) -> None:
     path = workdir / "config.json"
     if not path.exists():
         return
-    saved = json.loads(path.read_text()).get("model", {})
-    now = json.loads(json.dumps(config.model.to_dict()))
+    # A field added since the run was written (e.g. scan_layers) had its default then.
+    fields = dataclasses.fields(type(model_config(config.model, vocab_size=1)))
+    defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+    saved = {**defaults, **json.loads(path.read_text()).get("model", {})}
+    now = {**defaults, **json.loads(json.dumps(config.model.to_dict()))}
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if diff:
         raise ConfigError(
@@ -626,6 +668,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
         workdir.mkdir(parents=True, exist_ok=True)
     held.enter_context(WorkdirLock(workdir))  # before anything in the workdir is read or written
     _check_same_model(workdir, config)
+    use_compilation_cache(config.train.compilation_cache, workdir)
+
+    # The input pipeline (grain) is imported here, not with the module: the model and the
+    # train step import without it (benchmarks/gpu_check.py feeds synthetic rows).
+    from mgpt import data as data_lib
 
     t, d = config.train, config.data
     dataset_path = resolve_dataset(d.dataset_dir)

@@ -1,3 +1,4 @@
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -146,3 +147,58 @@ def test_sharded_forward_on_an_8_device_mesh_matches_one_device():
     )
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def _unrolled_copy(scanned: GPT) -> GPT:
+    """An unrolled GPT holding the scanned one's weights (layer i = slice i of the stack)."""
+    unrolled = GPT(dataclasses.replace(scanned.cfg, scan_layers=False), rngs=nnx.Rngs(1))
+    state = nnx.state(scanned, nnx.Param)
+    for i, block in enumerate(unrolled.blocks):
+        nnx.update(block, jax.tree.map(lambda a: a[i], state["blocks"]))
+    nnx.update(unrolled, {k: v for k, v in state.items() if k != "blocks"})
+    return unrolled
+
+
+@pytest.mark.parametrize("remat", ["none", "dots"])
+def test_scanned_layers_compute_what_unrolled_ones_do(remat):
+    scanned = GPT(ModelConfig(**TINY, scan_layers=True, remat=remat, tied_embeddings=False), rngs=nnx.Rngs(0))
+    unrolled = _unrolled_copy(scanned)
+    tokens_BxL = _tokens()
+    segment_ids_BxL = jnp.asarray([[1] * 5 + [2] * 7, [1] * 12], jnp.int32)
+    np.testing.assert_allclose(np.asarray(scanned(tokens_BxL, None, segment_ids_BxL)),
+                               np.asarray(unrolled(tokens_BxL, None, segment_ids_BxL)), atol=1e-5)
+    loss = lambda m: jnp.mean(m(tokens_BxL) ** 2)
+    g_scanned = nnx.state(nnx.grad(loss)(scanned), nnx.Param)
+    g_unrolled = nnx.state(nnx.grad(loss)(unrolled), nnx.Param)
+    for i in range(TINY["num_layers"]):
+        for a, b in zip(jax.tree.leaves(jax.tree.map(lambda x: x[i], g_scanned["blocks"])),
+                        jax.tree.leaves(g_unrolled["blocks"][i])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_scanned_params_carry_a_leading_layers_axis_that_is_never_sharded():
+    cfg = ModelConfig(**TINY, scan_layers=True)
+    abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+    qkv = nnx.state(abstract, nnx.Param)["blocks"]["attn"]["qkv"]
+    assert qkv.shape == (TINY["num_layers"], 32, 3, 2, 16)
+    assert qkv.get_metadata()["out_sharding"] == ("layers", "embed", None, "heads", "kv")
+    from configs import common
+    from mgpt import mesh as mesh_lib
+
+    assert mesh_lib.rule_table(common.DEFAULT_RULES)["layers"] == ()
+
+
+def test_cached_decode_of_scanned_layers_matches_full_forward():
+    cfg = ModelConfig(**TINY, scan_layers=True)
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    tokens_BxL = _tokens(b=2, length=cfg.max_len)
+    graphdef, state = nnx.split(model)
+    full_BxLxV = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens_BxL)
+    decode = jax.jit(lambda s, t, pos, c: nnx.merge(graphdef, s).decode(t, pos, c))
+    cache = model.init_cache(2, cfg.max_len)
+    assert len(cache) == cfg.num_layers  # one cache per layer, as for unrolled blocks
+    logits_BxPxV, cache = decode(state, tokens_BxL[:, :9], jnp.broadcast_to(jnp.arange(9), (2, 9)), cache)
+    np.testing.assert_allclose(np.asarray(logits_BxPxV), np.asarray(full_BxLxV[:, :9]), atol=1e-4)
+    for p in range(9, cfg.max_len):
+        logits_Bx1xV, cache = decode(state, tokens_BxL[:, p:p + 1], jnp.full((2, 1), p), cache)
+        np.testing.assert_allclose(np.asarray(logits_Bx1xV[:, 0]), np.asarray(full_BxLxV[:, p]), atol=1e-4)

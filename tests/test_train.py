@@ -169,6 +169,49 @@ def test_warm_start_from_a_different_model_names_the_fields(dataset, tiny_run, t
         train.train(c, str(tmp_path))
 
 
+def test_scanned_layers_resume_from_their_own_layout_without_recompiling(dataset, tmp_path):
+    c = _config(dataset, steps=4, warmup_steps=1, eval_every=0, checkpoint_every=2, log_every=1)
+    c.model.scan_layers = True
+    # Every compile goes to the cache here (by default only those over 1 s do).
+    previous = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    try:
+        c.train.max_steps_per_run = 2
+        train.train(c, str(tmp_path / "w"))
+        cache = tmp_path / "w" / "compilation_cache"
+        compiled_once = sorted(p.name for p in cache.iterdir())
+        c.train.max_steps_per_run = 0
+        second = train.train(c, str(tmp_path / "w"))  # a restart: restores the stacked layout
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)
+    train_steps = lambda names: [n for n in names if n.startswith("jit_train_step-")]
+    assert len(train_steps(compiled_once)) == 1
+    assert train_steps(sorted(p.name for p in cache.iterdir())) == train_steps(compiled_once), "loaded, not compiled"
+    assert sorted(second["losses"]) == [3, 4]
+    model, _, config, _ = train.restore_model(str(tmp_path / "w"))
+    assert config.model.scan_layers and model.blocks.attn.qkv.shape[0] == c.model.num_layers
+    # Another layout for the same workdir, or for a warm start from it, is one line naming the field.
+    c.model.scan_layers = False
+    with pytest.raises(train.ConfigError, match=r"^config\.model\.scan_layers: False differs from the run in"):
+        train.train(c, str(tmp_path / "w"))
+    c.init_from = str(tmp_path / "w")
+    with pytest.raises(train.ConfigError, match=r"do not fit config\.model \(scan_layers=True there, False here\)$"):
+        train.train(c, str(tmp_path / "fresh"))
+
+
+def test_a_run_written_before_a_model_field_existed_resumes_with_its_default(tmp_path):
+    from etils import epath
+
+    c = tiny.get_config()
+    written = c.model.to_dict()
+    del written["scan_layers"]  # as config.json was before the field existed
+    (tmp_path / "config.json").write_text(json.dumps({"model": written}))
+    train._check_same_model(epath.Path(tmp_path), c)  # the default: the same unrolled layout
+    c.model.scan_layers = True
+    with pytest.raises(train.ConfigError, match=r"^config\.model\.scan_layers: True differs .* \(False\)"):
+        train._check_same_model(epath.Path(tmp_path), c)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_path):
     # lr 0 at step 0 (warmup), then an absurd rate: the update at step 2 overflows.
     c = _config(dataset, learning_rate=1e30, warmup_steps=3, checkpoint_every=1, eval_every=0)
@@ -337,12 +380,11 @@ _EIGHT_DEVICES = textwrap.dedent(
         out["batch_error"] = str(e)
 
     big = large.get_config()
-    big.train.batch_size = 8
+    big.train.batch_size = 8 * big.train.grad_accum  # one row per device per microbatch
     mesh, table = train.validate_devices(big, 8, 1)
     s = train.setup(big, V, mesh, table)
     abstract = ckpt_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)
-    batch = {k: jax.ShapeDtypeStruct((8, big.data.seq_len), np.float32 if k == "mask" else np.int32,
-                                     sharding=s.batch_sharding) for k in ("inputs", "targets", "mask")}
+    batch = train.abstract_batch(big.train.batch_size, big.data.seq_len, s.batch_sharding)
     compiled = train.compile_train_step(s, big).lower(abstract, s.rest, batch).compile()
     out["large_params"] = s.num_params
     out["large_state_bytes_per_device"] = mesh_lib.bytes_per_device(s.abstract_state, s.state_shardings)

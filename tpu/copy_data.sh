@@ -6,4 +6,5 @@
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 if [[ $# -ne 2 ]]; then echo "usage: bash tpu/copy_data.sh GS_DATASET_PATH LOCAL_DIR" >&2; exit 2; fi
-tpu_ssh "mkdir -p $REMOTE_DIR/$2 && gcloud storage cp -r '$1/*' $REMOTE_DIR/$2/"
+TARGET="$(printf '%q' "$REMOTE_DIR/$2")"
+tpu_ssh "mkdir -p $TARGET && gcloud storage cp -r $(printf '%q' "$1/*") $TARGET/"

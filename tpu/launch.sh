@@ -13,7 +13,8 @@ if [[ $# -lt 2 ]]; then
   exit 2
 fi
 WORKDIR="$1"; shift
-ARGS="$(printf '%q ' "$@")"
-tpu_ssh "cd $REMOTE_DIR && nohup .venv/bin/python -m mgpt.train --workdir=$WORKDIR $ARGS > ~/train.log 2>&1 &
+# Quoted for the workers' shell, so every argument arrives as typed (spaces, quotes, $).
+ARGS="$(printf '%q ' "--workdir=$WORKDIR" "$@")"
+tpu_ssh "cd $(printf '%q' "$REMOTE_DIR") && nohup .venv/bin/python -m mgpt.train $ARGS > ~/train.log 2>&1 &
   echo \$! > ~/train.pid"
 echo "launched on all workers of $TPU_NAME; follow with: bash tpu/logs.sh"

@@ -1,0 +1,238 @@
+"""One GPU, under 8 minutes: train MFU of `base`, and sampling against Hugging Face GPT-2.
+
+    python benchmarks/gpu_check.py --out=gpu_check.json     # on one H100 / H200
+    python benchmarks/gpu_check.py --dry-run                 # CPU, tiny shapes, the same code path
+
+1. Training: configs/base.py in bf16 with cuDNN attention and no remat, one microbatch per
+   step, at the largest batch (rows of 2048 events) whose compiled step fits the GPU's
+   memory (XLA's own memory analysis against the allocator's limit; batches double from
+   8). MFU = model FLOPs/s (mgpt.model.flops_per_token) / the GPU's datasheet bf16 peak.
+2. Sampling: new events/s of mgpt.sample.generate_tokens (one jitted prefill +
+   while_loop decode, KV cache; the rows an untrained model ends early count what they
+   made) for base's dimensions in bf16 at batch 1, 16 and 64, against
+   `transformers.GPT2LMHeadModel.generate` (bf16, KV cache, top-k sampling) at the same
+   widths and depth on the same GPU. GPT-2's MLP is not gated: it gets 1.5x the width, so
+   both do the same matmul FLOPs per event.
+
+The rows are synthetic random events, so TFDS, grain and music21 are not needed: the
+model and the trainer's own step (mgpt.train) import without them. Besides jax, flax,
+optax, orbax, torch and transformers it needs ml_collections (pure Python: if the image
+lacks it, `pip install --no-deps ml_collections`). Writes one JSON file, prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from flax import nnx  # noqa: E402
+
+from data_prep.vocab import Vocabulary  # noqa: E402
+from mgpt import monitor, train  # noqa: E402
+from mgpt.model import GPT  # noqa: E402
+
+# (config, context, train batches to try, sampling batches, events sampled per row)
+FULL = dict(config="base", seq_len=2048, train_batches=(8, 16, 32, 64, 128, 256), sample_batches=(1, 16, 64),
+            events=512, train_steps=10)
+DRY = dict(config="tiny", seq_len=64, train_batches=(2, 4), sample_batches=(1, 2), events=16, train_steps=2)
+
+
+def _config(name: str, seq_len: int, batch: int, on_gpu: bool):
+    import importlib
+
+    c = importlib.import_module(f"configs.{name}").get_config()
+    c.data.seq_len = seq_len
+    # The fastest fitting setting, not the config's memory-saving defaults: cuDNN's flash
+    # attention holds no LxL scores, and at the largest batch that fits remat only costs.
+    c.model.update(dtype="bfloat16", remat="none", attention="cudnn" if on_gpu else "xla", max_len=seq_len)
+    c.train.update(batch_size=batch, grad_accum=1)
+    c.mesh.update(data=-1, fsdp=1, tensor=1)
+    return c
+
+
+def _synthetic_batch(rng, batch: int, seq_len: int, vocab_size: int, sharding) -> dict:
+    """Random event rows, one piece per row, laid out as mgpt.data's batches."""
+    tokens = rng.integers(2, vocab_size, (batch, seq_len + 1)).astype(np.int32)
+    rows = {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "mask": np.ones((batch, seq_len), np.float32),
+        "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy(),
+        "segment_ids": np.ones((batch, seq_len), np.int32),
+    }
+    return train.global_batch(rows, sharding)
+
+
+def _memory_limit() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
+def train_mfu(plan: dict, vocab_size: int, on_gpu: bool) -> dict:
+    """Largest fitting batch, then tokens/s and MFU of the trainer's own step."""
+    from mgpt import checkpoint as ckpt_lib
+
+    limit = _memory_limit()
+    chosen, tried = None, []
+    for batch in plan["train_batches"]:
+        c = _config(plan["config"], plan["seq_len"], batch, on_gpu)
+        mesh, table = train.validate_devices(c, jax.device_count(), 1)
+        s = train.setup(c, vocab_size, mesh, table)
+        abstract = ckpt_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)
+        rows = {k: jax.ShapeDtypeStruct((batch, plan["seq_len"]), np.float32 if k == "mask" else np.int32,
+                                        sharding=s.batch_sharding)
+                for k in ("inputs", "targets", "mask", "positions", "segment_ids")}
+        start = time.perf_counter()
+        try:
+            compiled = train.compile_train_step(s, c).lower(abstract, s.rest, rows).compile()
+        except Exception as e:  # XLA's out-of-memory error type differs by backend
+            if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+                raise
+            tried.append({"batch": batch, "fits": False, "why": str(e).splitlines()[0][:200]})
+            break
+        m = compiled.memory_analysis()
+        need = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+        # 10 % headroom: the allocator fragments, and cuDNN takes workspace at run time.
+        fits = limit is None or need <= 0.9 * limit
+        tried.append({"batch": batch, "fits": fits, "bytes": int(need), "compile_s": time.perf_counter() - start})
+        if not fits:
+            break
+        chosen = (batch, c, s, compiled)
+    if chosen is None:
+        return {"tried": tried, "error": "not even the smallest batch fits"}
+    batch, c, s, step = chosen
+    state = jax.jit(s.init_fn, static_argnums=0, out_shardings=s.state_shardings)(0)
+    data = _synthetic_batch(np.random.default_rng(0), batch, plan["seq_len"], vocab_size, s.batch_sharding)
+    state, metrics = step(state, s.rest, data)  # warm up (first run allocates)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(plan["train_steps"]):
+        state, metrics = step(state, s.rest, data)
+    loss = float(jax.device_get(metrics["loss"]))
+    seconds = (time.perf_counter() - start) / plan["train_steps"]
+    tokens_per_s = batch * plan["seq_len"] / seconds
+    flops_per_token = train.flops_per_token(c.model, vocab_size, plan["seq_len"], s.num_params)
+    peak, peak_source = monitor.peak_flops("bfloat16")
+    return {
+        "config": plan["config"], "params": s.num_params, "seq_len": plan["seq_len"], "batch": batch,
+        "attention": c.model.attention, "remat": c.model.remat, "step_s": seconds, "tokens_per_s": tokens_per_s,
+        "mfu": flops_per_token * tokens_per_s / peak, "peak_flops": peak, "peak_source": peak_source,
+        "loss": loss, "memory_limit_bytes": limit, "tried": tried,
+    }
+
+
+def sample_rates(plan: dict, vocab: Vocabulary, on_gpu: bool) -> list[dict]:
+    c = _config(plan["config"], plan["seq_len"], 1, on_gpu)
+    c.model.attention = "xla"  # decoding writes its attention out (mgpt.model.Attention.decode)
+    model = GPT(train.model_config(c.model, vocab.size), rngs=nnx.Rngs(0))
+    rows = []
+    for batch in plan["sample_batches"]:
+        ours = _time_ours(model, vocab, batch, plan["events"])
+        hf, hf_params = _time_hf(model.cfg, batch, plan["events"], on_gpu)
+        rows.append({"batch": batch, "events": plan["events"], "ours_events_per_s": ours,
+                     "hf_events_per_s": hf, "hf_params": hf_params})
+    return rows
+
+
+def _time_ours(model, vocab: Vocabulary, batch: int, events: int) -> float:
+    """New events/s of mgpt.sample.generate_tokens, the sampler mgpt.generate runs (top-k 32)."""
+    from mgpt.sample import generate_tokens
+
+    prompts = [np.asarray([vocab.unknown_style_id], np.int32)] * batch
+
+    def run():
+        return generate_tokens(model, vocab, prompts, seeds=list(range(batch)), max_events=events, top_k=32,
+                               batch_size=batch)
+
+    run()  # compiles
+    start = time.perf_counter()
+    out = run()
+    elapsed = time.perf_counter() - start
+    # Random weights may end a row early (EOS): count the events actually made.
+    return sum(len(row) - 1 for row in out) / elapsed
+
+
+def _time_hf(cfg, batch: int, events: int, on_gpu: bool):
+    """GPT-2 `generate` at our dims: (events/s, parameters), or (None, why) without torch."""
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        return None, f"not measured: {e}"
+    transformers.logging.set_verbosity_error()
+    device = "cuda" if on_gpu else "cpu"
+    hf_cfg = transformers.GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.max_len, n_embd=cfg.d_model, n_layer=cfg.num_layers,
+        n_head=cfg.num_heads, n_inner=3 * cfg.mlp_dim // 2, bos_token_id=0, eos_token_id=None, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(hf_cfg).to(device=device, dtype=torch.bfloat16).eval()
+    hf.generation_config.eos_token_id = None
+    ids = torch.full((batch, 1), 3, dtype=torch.long, device=device)
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=True, top_k=32, use_cache=True,
+                  max_new_tokens=events, pad_token_id=0)
+    with torch.inference_mode():
+        hf.generate(ids, **{**kwargs, "max_new_tokens": 8})  # warm up
+        if on_gpu:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = hf.generate(ids, **kwargs)
+        if on_gpu:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+    assert out.shape == (batch, 1 + events), out.shape
+    return batch * events / elapsed, sum(p.numel() for p in hf.parameters())
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: checks the code path, not the GPU")
+    p.add_argument("--out", default="gpu_check.json", help="the JSON file written")
+    a = p.parse_args(argv)
+    on_gpu = jax.default_backend() == "gpu"
+    if not on_gpu and not a.dry_run:
+        raise SystemExit(f"gpu_check: no GPU here (jax backend {jax.default_backend()!r}); use --dry-run on a CPU")
+    plan = DRY if a.dry_run else FULL
+    vocab = Vocabulary()
+    start = time.perf_counter()
+    result = {
+        "device": jax.devices()[0].device_kind, "dry_run": a.dry_run, "jax": jax.__version__,
+        "python": platform.python_version(), "vocab_size": vocab.size,
+        "train": train_mfu(plan, vocab.size, on_gpu),
+        "sampling": sample_rates(plan, vocab, on_gpu),
+    }
+    result["seconds"] = time.perf_counter() - start
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+    t = result["train"]
+    print(f"{result['device']}, jax {result['jax']}{' (dry run: CPU, tiny shapes)' if a.dry_run else ''}")
+    if "error" in t:
+        print(f"train: {t['error']} ({t['tried']})")
+    else:
+        print(f"train {t['config']} ({t['params'] / 1e6:.1f} M params), {t['batch']} x {t['seq_len']} events, "
+              f"{t['attention']} attention, remat {t['remat']}: {t['step_s'] * 1e3:.1f} ms/step, "
+              f"{t['tokens_per_s']:,.0f} tokens/s, MFU {100 * t['mfu']:.1f}% of {t['peak_flops'] / 1e12:.3g} "
+              f"TFLOP/s ({t['peak_source']})")
+    print(f"{'batch':>5} {'ours ev/s':>11} {'HF GPT-2 ev/s':>14} {'ours / HF':>10}")
+    for r in result["sampling"]:
+        ours, hf = r["ours_events_per_s"], r["hf_events_per_s"]
+        versus = f"{ours / hf:.1f}x" if hf else r["hf_params"]  # without torch: why not measured
+        print(f"{r['batch']:>5} {ours:>11,.0f} {f'{hf:,.0f}' if hf else '-':>14} {versus:>10}")
+    print(f"wrote {a.out} ({result['seconds']:.0f} s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

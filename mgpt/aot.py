@@ -1,0 +1,546 @@
+"""Will this config run on that TPU slice? Ask XLA:TPU, on this machine, without a TPU.
+
+    python -m mgpt.aot --config=configs/large.py --topology=v5e-256 [--config.FIELD=VALUE ...]
+
+libtpu (`pip install -e '.[tpu]'`) describes the devices of a real slice on any host
+(`jax.experimental.topologies`). The trainer's own train and eval steps, with its own
+shardings, are then lowered and compiled for them, so the figures come from the TPU
+compiler itself: per-chip HBM against the chip's capacity, FLOPs per step, and the
+collectives in the program. Nothing is allocated and no data is read.
+
+Exit 0: it fits. Exit 1: it does not (one line: the chip, the bytes, what to change).
+Exit 2: a user error (topology name, config, no libtpu), in one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import importlib.util
+import math
+import os
+import re
+import sys
+import time
+
+import jax
+from absl import app, flags
+from etils import epath
+from ml_collections import config_flags
+
+from data_prep.vocab import Vocabulary
+from mgpt import checkpoint as ckpt_lib
+from mgpt import train as train_lib
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One TPU generation, by public specs. FLOP/s are bf16 dense peaks per chip."""
+
+    kind: str  # what the slice name starts with: 'v5e' in 'v5e-256'
+    hbm_bytes: int  # per chip: what XLA:TPU lets one program use (a little under the nominal 16/32/95 GB)
+    peak_flops: float
+    torus_dims: int  # 2 (v5e, v6e) or 3 (v4, v5p)
+    cores_in_name: int  # 'v4-32' counts TensorCores: 2 per chip; 'v5e-256' counts chips
+    chip_config: str  # 'megacore': one jax device per chip (its two TensorCores together)
+    tpu_type: str  # the accelerator type libtpu knows the slice by ('v5litepod-256')
+
+
+# HBM: the "available HBM" of XLA:TPU's RESOURCE_EXHAUSTED messages (libtpu 0.0.42.1).
+CHIPS = {
+    "v4": Chip("v4", int(30.75 * GiB), 275e12, 3, 2, "megacore", "v4"),
+    "v5e": Chip("v5e", int(15.75 * GiB), 197e12, 2, 1, "default", "v5litepod"),
+    "v5p": Chip("v5p", int(95.74 * GiB), 459e12, 3, 2, "megacore", "v5p"),
+    "v6e": Chip("v6e", int(31.25 * GiB), 918e12, 2, 1, "default", "v6e"),
+}
+
+
+class AotError(ValueError):
+    """A user mistake (topology name, config, missing libtpu): printed as one line, exit 2."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    name: str  # as the user typed it
+    chip: Chip
+    chips: int
+    shape: tuple[int, ...]  # chips along each torus axis
+
+    @property
+    def topology_name(self) -> str:
+        """libtpu's name: 'v5e:16x16'."""
+        return f"{self.chip.kind}:{'x'.join(map(str, self.shape))}"
+
+
+def _default_shape(chip: Chip, chips: int) -> tuple[int, ...]:
+    """The shape Cloud TPU gives a slice of `chips` chips: 2D 1x1, 2x2, 2x4, 4x4, ... 16x16;
+    3D 2x2x1, 2x2x2, 2x2x4, 2x4x4, 4x4x4, ... (double the last of the smallest axes)."""
+    shape = [1, 1] if chip.torus_dims == 2 else [2, 2, 1]
+    while math.prod(shape) < chips:
+        smallest = min(shape)
+        last = max(i for i, n in enumerate(shape) if n == smallest)
+        shape[last] *= 2
+    return tuple(shape)
+
+
+def parse_topology(name: str) -> Slice:
+    """'v5e-256' (what `gcloud --accelerator-type` takes) or 'v5e:16x16' (chips per axis) -> Slice."""
+    known = ", ".join(CHIPS)
+    m = re.fullmatch(r"(v\d+[a-z]*)(?:-(\d+)|:(\d+(?:x\d+)+))", name.strip().lower())
+    if not m or m.group(1) not in CHIPS:
+        raise AotError(f"--topology={name}: expected GENERATION-SIZE such as v5e-256, v4-32, v5p-32, v6e-8, "
+                       f"or GENERATION:AxB[xC] such as v5e:2x2 (generations: {known})")
+    chip = CHIPS[m.group(1)]
+    if m.group(3):
+        shape = tuple(int(n) for n in m.group(3).split("x"))
+        if len(shape) != chip.torus_dims or min(shape) < 1:
+            raise AotError(f"--topology={name}: {chip.kind} slices have {chip.torus_dims} axes, e.g. "
+                           f"{chip.kind}:{'x'.join(['2'] * chip.torus_dims)}")
+        return Slice(name, chip, math.prod(shape), shape)
+    size = int(m.group(2))
+    chips, rest = divmod(size, chip.cores_in_name)
+    smallest = math.prod(_default_shape(chip, 1))
+    if rest or chips < smallest or chips & (chips - 1):
+        unit = "TensorCores (2 per chip)" if chip.cores_in_name == 2 else "chips"
+        raise AotError(f"--topology={name}: the size counts {unit} and must be a power of two >= "
+                       f"{smallest * chip.cores_in_name}, e.g. {chip.kind}-8")
+    return Slice(name, chip, chips, _default_shape(chip, chips))
+
+
+def topology_devices(slice_: Slice) -> list:
+    """The jax devices of `slice_`, from libtpu, with no TPU attached."""
+    if importlib.util.find_spec("libtpu") is None:
+        raise AotError("mgpt.aot needs libtpu to compile for TPUs: pip install -e '.[tpu]'")
+    # libtpu otherwise asks the GCE metadata server which TPU this VM has, and warns at length
+    # when there is none. A real TPU VM's own settings are kept.
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{slice_.chip.tpu_type}-{slice_.chips * slice_.chip.cores_in_name}")
+    os.environ.setdefault("TPU_WORKER_ID", "0")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # libtpu takes a machine-wide lock for the TPU it drives; a deviceless compile drives
+    # none, so two of them (or one beside a test) may run at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+
+    try:
+        topology = topologies.get_topology_desc(
+            platform="tpu", topology_name=slice_.topology_name, chip_config_name=slice_.chip.chip_config
+        )
+    except Exception as e:  # libtpu's own words for a shape it does not make
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AotError(f"--topology={slice_.name}: libtpu cannot describe {slice_.topology_name} ({first})") from None
+    devices = list(topology.devices)
+    if len(devices) != slice_.chips:
+        raise AotError(f"--topology={slice_.name}: libtpu gave {len(devices)} devices for {slice_.chips} chips")
+    return devices
+
+
+# ----------------------------------------------------------------------------- what the compiler says
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+    """Per-chip HBM of one compiled program, in bytes."""
+
+    arguments: int
+    temporaries: int
+    outputs: int  # outputs that do not reuse a donated argument's buffer
+    code: int
+
+    @property
+    def total(self) -> int:
+        return self.arguments + self.temporaries + self.outputs + self.code
+
+
+def memory_of(compiled) -> Memory:
+    m = compiled.memory_analysis()
+    outputs = max(int(m.output_size_in_bytes) - int(m.alias_size_in_bytes), 0)
+    return Memory(int(m.argument_size_in_bytes), int(m.temp_size_in_bytes), outputs,
+                  int(m.generated_code_size_in_bytes))
+
+
+def flops_of(compiled) -> float:
+    """FLOPs of one execution on one chip (the partitioned program), from XLA's cost analysis.
+
+    XLA counts the body of a loop once, whatever its trip count: for scanned layers or
+    gradient accumulation see `matmul_flops`."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0]
+    return float(cost.get("flops", 0.0))
+
+
+def matmul_flops(closed_jaxpr) -> float:
+    """FLOPs of every matmul (dot_general) a jaxpr runs, a scan's body once per iteration.
+
+    Counted on the traced step (before partitioning: divide by the chips), so the layers
+    of a scan and the microbatches of gradient accumulation count as often as they run,
+    and the forward recomputed by remat counts too."""
+
+    def count(jaxpr) -> float:
+        total = 0.0
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                (contracting, _), _ = eqn.params["dimension_numbers"]
+                lhs_shape = eqn.invars[0].aval.shape
+                total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs_shape[i] for i in contracting)
+            times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+            inner = [count(j) for j in _subjaxprs(eqn.params)]
+            # A cond runs one of its branches: count the dearest.
+            total += times * (max(inner, default=0.0) if eqn.primitive.name == "cond" else sum(inner))
+        return total
+
+    return count(closed_jaxpr.jaxpr)
+
+
+def _subjaxprs(params) -> list:
+    found = []
+    for value in params.values():
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if hasattr(v, "eqns"):
+                found.append(v)
+            elif hasattr(v, "jaxpr") and hasattr(v.jaxpr, "eqns"):
+                found.append(v.jaxpr)
+    return found
+
+
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
+               "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s([a-z][\w\-]*)\((.*)$")
+_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
+
+
+def _shape_bytes(text: str) -> list[int]:
+    return [_ITEM_BYTES.get(t, 4) * math.prod(int(n) for n in dims.split(",") if n) for t, dims in _SHAPE.findall(text)]
+
+
+def _trip_count(condition: list[str]) -> int:
+    """Iterations of a scan-shaped loop from its condition `i < N` (the counter starts at 0),
+    where XLA:TPU gives no known_trip_count; 1 when the condition has another shape."""
+    root = next((line for line in condition if line.lstrip().startswith("ROOT")), "")
+    if " compare(" not in root or "direction=LT" not in root:
+        return 1
+    constants = [int(c) for line in condition for c in re.findall(r"\bconstant\((\d+)\)", line)]
+    return constants[0] if len(constants) == 1 else 1
+
+
+def collectives_of(hlo_text: str) -> dict[str, tuple[int, int]]:
+    """{kind: (times per execution, bytes of their results)} in an optimized HLO module.
+
+    An op inside a while loop counts once per iteration (XLA's known_trip_count, else the
+    loop condition's `i < N`), so a per-layer all-gather under a scan over 16 layers
+    counts 16 times, as it runs.
+    """
+    computations: dict[str, list[str]] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
+        if header and not line.startswith(" "):
+            current = header.group(2)
+            computations[current] = []
+            entry = current if header.group(1) else entry
+        elif current is not None and line.strip() != "}":
+            computations[current].append(line)
+    totals: dict[str, list[int]] = {}
+
+    def visit(name: str, times: int, depth: int = 0):
+        if depth > 50 or name not in computations:
+            return
+        for line in computations[name]:
+            m = _INSTRUCTION.match(line)
+            if not m:
+                continue
+            result, op, rest = m.groups()
+            kind = op.removesuffix("-start")
+            if kind in _COLLECTIVES and not op.endswith("-done"):
+                sizes = _shape_bytes(result)
+                # XLA combines collectives: a result may be a tuple of many arrays. An async
+                # all-gather's (or permute's) tuple holds its operands, then its results,
+                # then (permutes) two u32[] scalars of context.
+                if op.endswith("-start") and kind != "all-reduce":
+                    sizes = _shape_bytes(result.replace("u32[]", ""))
+                    sizes = sizes[len(sizes) // 2:]
+                entry_ = totals.setdefault(kind, [0, 0])
+                entry_[0] += times
+                entry_[1] += times * sum(sizes)
+            trips = 1
+            if op == "while":
+                n = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+                cond = re.search(r"condition=%?([\w.\-]+)", rest)
+                trips = int(n.group(1)) if n else _trip_count(computations.get(cond.group(1), []) if cond else [])
+            for callee in re.findall(r"\b(?:body|calls|to_apply|branch_computations|true_computation|"
+                                     r"false_computation)=\{?%?([\w.\-]+)", rest):
+                visit(callee, times * (trips if op == "while" else 1), depth + 1)
+            for callee in re.findall(r"branch_computations=\{([^}]*)\}", rest):
+                for c in callee.split(","):
+                    visit(c.strip().lstrip("%"), times, depth + 1)
+
+    if entry is not None:
+        visit(entry, 1)
+    return {k: (v[0], v[1]) for k, v in sorted(totals.items())}
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+@dataclasses.dataclass
+class Report:
+    slice: Slice
+    mesh_shape: dict
+    num_params: int
+    tokens_per_step: int
+    train: Memory
+    eval: Memory
+    flops_per_chip: float  # one train step: its matmuls, loops counted per iteration (matmul_flops)
+    xla_flops_per_chip: float  # one train step, XLA's cost analysis (a loop body once)
+    estimate_per_chip: float  # one train step, 6 N_matmul + attention (mgpt.model.flops_per_token)
+    six_n_per_chip: float  # one train step, 6 x parameters x tokens
+    collectives: dict
+    compile_seconds: dict  # {'train', 'eval'}: wall-clock seconds
+    compile_cpu_seconds: dict  # the same, in CPU seconds of this process (steadier on a shared machine)
+
+    has_loops: bool = False  # the step scans (layers, microbatches)
+
+    @property
+    def capacity(self) -> int:
+        return self.slice.chip.hbm_bytes
+
+    @property
+    def peak(self) -> int:
+        return max(self.train.total, self.eval.total)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.capacity
+
+    def step_seconds(self, fraction_of_peak: float) -> float:
+        return self.flops_per_chip / (self.slice.chip.peak_flops * fraction_of_peak)
+
+    def tokens_per_second_per_chip(self, fraction_of_peak: float) -> float:
+        return self.tokens_per_step / self.slice.chips / self.step_seconds(fraction_of_peak)
+
+
+def _gib(n: float) -> str:
+    """Bytes in the unit that keeps 3 significant figures readable."""
+    for unit, size in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _seconds(t: float) -> str:
+    return f"{t:.3g} s" if t >= 1 else f"{t * 1e3:.3g} ms" if t >= 1e-3 else f"{t * 1e6:.3g} µs"
+
+
+def _flops(n: float) -> str:
+    for unit, size in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} FLOP"
+
+
+def format_report(r: Report, config_name: str) -> str:
+    s, chip = r.slice, r.slice.chip
+    mesh = " ".join(f"{k}={v}" for k, v in r.mesh_shape.items())
+    lines = [
+        f"{config_name}: {r.num_params / 1e6:,.1f} M parameters, {r.tokens_per_step:,} tokens per step",
+        f"slice {s.name}: {s.chips} chips of TPU {chip.kind} ({s.topology_name}), mesh {mesh}",
+        f"compile: train step {r.compile_seconds['train']:.1f} s ({r.compile_cpu_seconds['train']:.1f} s of CPU), "
+        f"eval step {r.compile_seconds['eval']:.1f} s ({r.compile_cpu_seconds['eval']:.1f} s of CPU)",
+        "",
+        f"{'HBM per chip':<24}{'train step':>12} {'eval step':>12}",
+    ]
+    for field in ("arguments", "temporaries", "outputs", "code"):
+        label = {"outputs": "outputs (not donated)", "code": "program code"}.get(field, field)
+        lines.append(f"  {label:<22}{_gib(getattr(r.train, field)):>12} {_gib(getattr(r.eval, field)):>12}")
+    lines.append(f"  {'total':<22}{_gib(r.train.total):>12} {_gib(r.eval.total):>12}"
+                 f"   of {_gib(r.capacity)} per chip ({100 * r.peak / r.capacity:.0f} %)")
+    lines += [
+        "",
+        f"FLOPs per train step per chip: {_flops(r.flops_per_chip)} in matmuls (remat's recomputation included; "
+        f"matmuls / estimate = {r.flops_per_chip / r.estimate_per_chip:.2f})",
+        f"  estimate 6N + attention {_flops(r.estimate_per_chip)}; 6N alone {_flops(r.six_n_per_chip)}; XLA:TPU "
+        f"cost analysis {_flops(r.xla_flops_per_chip)} (XLA / estimate = {r.xla_flops_per_chip / r.estimate_per_chip:.2f}"
+        f"{'; it counts a loop body once' if r.has_loops else ''})",
+    ]
+    for fraction in (1.0, 0.5):
+        lines.append(
+            f"at {fraction:.0%} of {chip.peak_flops / 1e12:.0f} TFLOP/s: {_seconds(r.step_seconds(fraction))} per step, "
+            f"{r.tokens_per_second_per_chip(fraction):,.0f} tokens/s per chip"
+        )
+    lines.append("")
+    if r.collectives:
+        lines.append("collectives per train step (loop bodies counted per iteration):")
+        for kind, (count, nbytes) in r.collectives.items():
+            lines.append(f"  {kind:<22}{count:>6} x, {_gib(nbytes)} of results")
+    else:
+        lines.append("collectives per train step: none")
+    return "\n".join(lines)
+
+
+def _what_to_change(config) -> str:
+    options = []
+    if config.model.get("remat", "none") != "full":
+        options.append("--config.model.remat=full")
+    options.append(f"--config.train.grad_accum={config.train.grad_accum * 2}")
+    if config.mesh.fsdp != -1:
+        options.append("--config.mesh.fsdp=-1 --config.mesh.data=1")
+    options.append("a larger slice")
+    return ", ".join(options)
+
+
+def _does_not_fit_line(s: Slice, config, needed: float | None, capacity: float, what: str) -> str:
+    needed_text = f"{needed / GiB:.2f} GiB" if needed is not None else "more than that"
+    return (f"does not fit: {what} need {needed_text} of HBM per chip on {s.name}, whose TPU {s.chip.kind} "
+            f"chips have {capacity / GiB:.2f} GiB; try {_what_to_change(config)}")
+
+
+def _exhausted_bytes(message: str) -> tuple[float | None, float | None]:
+    """(bytes needed, bytes available) from XLA:TPU's RESOURCE_EXHAUSTED text, e.g. 'the total
+    memory required for HLO temporaries (119.21G) exceeds available HBM (30.75G)'."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    m = re.search(r"\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)", message) or re.search(
+        r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm", message)
+    if m:
+        return float(m.group(1)) * units[m.group(2)], float(m.group(3)) * units[m.group(4)]
+    return None, None
+
+
+class DoesNotFit(Exception):
+    """The config needs more HBM than the chip has: one line, exit 1."""
+
+
+def compile_for(config, slice_: Slice) -> Report:
+    """Compiles the trainer's train and eval steps of `config` for `slice_`; raises DoesNotFit."""
+    devices = topology_devices(slice_)
+    try:
+        train_lib.validate(config)
+        mesh, table = train_lib.validate_devices(config, len(devices), 1, devices=devices)
+    except train_lib.ConfigError as e:
+        raise AotError(str(e)) from None
+    vocab_size = _vocab_size(config)
+    s = train_lib.setup(config, vocab_size, mesh, table)
+    t, seq_len = config.train, config.data.seq_len
+    abstract_state = ckpt_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)
+    batch = train_lib.abstract_batch(t.batch_size, seq_len, s.batch_sharding)
+    eval_batch = train_lib.abstract_batch(t.batch_size // t.grad_accum, seq_len, s.batch_sharding)
+
+    seconds, cpu_seconds, compiled = {}, {}, {}
+    train_step = train_lib.compile_train_step(s, config)
+    step_jaxpr = jax.make_jaxpr(train_step)(abstract_state, s.rest, batch)
+    for name, fn, args in (
+        ("train", train_step, (abstract_state, s.rest, batch)),
+        ("eval", train_lib.compile_eval_step(s), (abstract_state["params"], s.rest, eval_batch)),
+    ):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        try:
+            compiled[name] = fn.lower(*args).compile()
+        except Exception as e:  # XLA's own error type differs by jax version
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            used, capacity = _exhausted_bytes(str(e))
+            raise DoesNotFit(_does_not_fit_line(slice_, config, used, capacity or slice_.chip.hbm_bytes,
+                                                f"the {name} step's temporaries")) from None
+        seconds[name] = time.perf_counter() - start
+        cpu_seconds[name] = time.process_time() - start_cpu
+
+    tokens = t.batch_size * seq_len
+    fpt = train_lib.flops_per_token(config.model, vocab_size, seq_len, s.num_params)
+    return Report(
+        slice=slice_,
+        mesh_shape=dict(mesh.shape),
+        num_params=s.num_params,
+        tokens_per_step=tokens,
+        train=memory_of(compiled["train"]),
+        eval=memory_of(compiled["eval"]),
+        flops_per_chip=matmul_flops(step_jaxpr) / slice_.chips,
+        xla_flops_per_chip=flops_of(compiled["train"]),
+        estimate_per_chip=fpt * tokens / slice_.chips,
+        six_n_per_chip=6.0 * s.num_params * tokens / slice_.chips,
+        collectives=collectives_of(compiled["train"].as_text()),
+        compile_seconds=seconds,
+        compile_cpu_seconds=cpu_seconds,
+        has_loops=bool(config.model.get("scan_layers", False)) or t.grad_accum > 1,
+    )
+
+
+def _vocab_size(config) -> int:
+    """The dataset's vocabulary size when its vocab.json is here, else the default vocabulary's.
+
+    Compiling needs no data; the vocabulary only sizes the embedding."""
+    path = epath.Path(config.data.dataset_dir)
+    found = [path / "vocab.json"] if (path / "vocab.json").exists() else sorted(path.glob("**/vocab.json")) \
+        if path.exists() else []
+    if len(found) == 1:
+        return Vocabulary.load(found[0].parent).size
+    return Vocabulary().size
+
+
+# ----------------------------------------------------------------------------- command line
+
+# The trainer defines --config (mgpt.train); this command takes the same flag.
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "TPU slice(s), comma-separated: v5e-256, v4-32, v5p-32, v6e-8, or v5e:2x2.")
+
+
+def _one(config, config_name: str, topology: str) -> tuple[bool, str]:
+    """Compiles for one slice and prints its report: (fits, a markdown row for the summary)."""
+    slice_ = parse_topology(topology)
+    try:
+        report = compile_for(config, slice_)
+    except AotError as e:  # the config itself does not suit this slice (e.g. the batch does not divide)
+        print(e, file=sys.stderr)
+        return False, f"| {config_name} | {slice_.name} | {slice_.chips} | {e} | {_gib(slice_.chip.hbm_bytes)} | no |"
+    except DoesNotFit as e:
+        print(e, file=sys.stderr)
+        needed = re.search(r"need ([\d.]+ GiB)", str(e))
+        return False, (f"| {config_name} | {slice_.name} | {slice_.chips} | > capacity "
+                       f"({needed.group(1) if needed else '?'} of temporaries) | {_gib(slice_.chip.hbm_bytes)} | no |")
+    versions = f"jax {jax.__version__}, libtpu {importlib.metadata.version('libtpu')}"
+    print(format_report(report, f"{config_name} ({versions})"))
+    row = (f"| {config_name} | {slice_.name} | {slice_.chips} | {_gib(report.peak)} | {_gib(report.capacity)} | "
+           f"{'yes' if report.fits else 'no'} |")
+    if not report.fits:
+        program = "train" if report.train.total >= report.eval.total else "eval"
+        print(_does_not_fit_line(slice_, config, report.peak, report.capacity,
+                                 f"the {program} step's arguments, temporaries and outputs"), file=sys.stderr)
+        return False, row
+    print(f"fits: {_gib(report.peak)} of {_gib(report.capacity)} HBM per chip on {slice_.name}")
+    return True, row
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config, topologies = flags.FLAGS.config, [t for t in (_TOPOLOGY.value or "").split(",") if t]
+    if config is None or not topologies:
+        print("usage: python -m mgpt.aot --config=configs/large.py --topology=v5e-256[,v4-32,...] "
+              "[--config.FIELD=VALUE]", file=sys.stderr)
+        sys.exit(2)
+    # The host compiles; the TPU is only described. Without this jax would also try to
+    # open the (absent) TPU as its default backend.
+    jax.config.update("jax_platforms", "cpu")
+    name = os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"]))
+    rows, all_fit = [], True
+    try:
+        for i, topology in enumerate(topologies):
+            if i:
+                print()
+            fits, row = _one(config, name, topology)
+            all_fit &= fits
+            rows.append(row)
+    except AotError as e:
+        print(e, file=sys.stderr)
+        sys.exit(2)
+    if len(rows) > 1:  # the summary, as the README's table
+        print("\n| config | slice | chips | HBM per chip (peak of train, eval) | usable | fits |\n|---|---|---|---|---|---|")
+        print("\n".join(rows))
+    if not all_fit:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,142 @@
+"""mgpt.aot: the trainer's step compiled for a real TPU slice by libtpu, on this CPU machine."""
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mgpt import aot
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed (pip install -e '.[tpu]'); .ci/run installs it",
+)
+
+
+@pytest.mark.parametrize(
+    "name, chips, topology",
+    [("v5e-256", 256, "v5e:16x16"), ("v5e-16", 16, "v5e:4x4"), ("v5e-64", 64, "v5e:8x8"), ("v6e-8", 8, "v6e:2x4"),
+     ("v4-8", 4, "v4:2x2x1"), ("v4-32", 16, "v4:2x2x4"), ("v5p-32", 16, "v5p:2x2x4"), ("v4-128", 64, "v4:4x4x4"),
+     ("v5e:2x2", 4, "v5e:2x2")],
+)
+def test_slice_names_users_type_map_to_libtpu_topologies(name, chips, topology):
+    s = aot.parse_topology(name)
+    assert (s.chips, s.topology_name) == (chips, topology)
+
+
+@pytest.mark.parametrize("name", ["v3-8", "v4-12", "v4-2", "v5e", "v5e:2x2x2", "tpu-8"])
+def test_a_slice_name_that_does_not_exist_is_one_line_naming_the_flag(name):
+    with pytest.raises(aot.AotError, match=r"^--topology=") as e:
+        aot.parse_topology(name)
+    assert "\n" not in str(e.value)
+
+
+def test_without_libtpu_the_command_says_so_in_one_line(monkeypatch):
+    monkeypatch.setattr(aot.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(aot.AotError, match=r"needs libtpu.*pip install -e '\.\[tpu\]'"):
+        aot.topology_devices(aot.parse_topology("v5e:2x2"))
+
+
+_HLO = """HloModule jit_step
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]) parameter(0)
+  %ag = bf16[4,1024]{1,0} all-gather(bf16[1,1024]{1,0} %x), dimensions={0}
+  ROOT %t = (s32[], f32[8]) tuple(%i, %v)
+}
+
+%cond (p: (s32[], f32[8])) -> pred[] {
+  ROOT %c = pred[] compare(%a, %b), direction=LT
+}
+
+%body2 (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %ag2 = bf16[2]{0} all-gather(bf16[1]{0} %y), dimensions={0}
+}
+
+%cond2 (p: (s32[], f32[8])) -> pred[] {
+  %n = s32[] constant(3)
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %c = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %w = (s32[], f32[8]) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"16"}}
+  %ars = (f32[256]{0}, bf16[64]{0}) all-reduce-start(f32[256]{0} %g, bf16[64]{0} %h), to_apply=%add
+  %ags = (bf16[8]{0}, bf16[32]{0}) all-gather-start(bf16[8]{0} %w), dimensions={0}
+  %cps = (bf16[4,8]{1,0}, bf16[4,8]{1,0}, u32[]{:S(2)}, u32[]{:S(2)}) collective-permute-start(%w2), source_target_pairs={{0,1},{1,0}}
+  %w2 = (s32[], f32[8]) while(%init2), condition=%cond2, body=%body2
+  %ard = f32[256]{0} all-reduce-done(f32[256]{0} %ars)
+  ROOT %r = f32[8] get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_collectives_in_a_loop_count_once_per_iteration():
+    found = aot.collectives_of(_HLO)
+    # Combined all-reduces count every array of their tuple; async ones their outputs only.
+    # XLA:TPU gives no known_trip_count: the second loop's is read from its condition, i < 3.
+    assert found == {"all-gather": (16 + 1 + 3, 16 * 4 * 1024 * 2 + 32 * 2 + 3 * 2 * 2),
+                     "all-reduce": (1, 256 * 4 + 64 * 2), "collective-permute": (1, 4 * 8 * 2)}
+
+
+def _run(*args, timeout=240):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "mgpt.aot", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@needs_libtpu
+def test_tiny_compiles_for_a_v5e_slice_and_its_flops_match_6n():
+    r = _run("--config=configs/tiny.py", "--topology=v5e:2x2", "--config.model.scan_layers=False")
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    print(out)
+    assert "4 chips of TPU v5e" in out and "fits:" in out
+    # The matmuls counted on the step are exactly 6 N_matmul + attention (no remat in tiny).
+    assert re.search(r"matmuls / estimate = 1\.00\)", out), out
+    # XLA:TPU's own count of the partitioned step (no loops here): the non-matmul work
+    # (softmax, norms, AdamW) is on top, a few per cent at these widths.
+    ratio = float(re.search(r"XLA / estimate = ([\d.]+)", out).group(1))
+    assert 1.0 <= ratio < 1.25, out
+    # Data parallel over 4 chips: the gradients are all-reduced.
+    assert re.search(r"all-reduce\s+\d+ x", out), out
+
+
+def test_matmul_flops_count_each_scanned_layer_and_microbatch():
+    import jax
+
+    from configs import tiny
+    from mgpt import checkpoint as ckpt_lib
+    from mgpt import train
+
+    def counted(**model):
+        c = tiny.get_config()
+        c.model.update(model)
+        c.train.grad_accum = 2
+        mesh, table = train.validate_devices(c, 1, 1)
+        s = train.setup(c, 100, mesh, table)
+        state = ckpt_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)
+        batch = train.abstract_batch(c.train.batch_size, c.data.seq_len, s.batch_sharding)
+        step = train.make_train_step(s.graphdef, s.tx, c.train, s.batch_sharding)
+        flops = aot.matmul_flops(jax.make_jaxpr(step)(state, s.rest, batch))
+        tokens = c.train.batch_size * c.data.seq_len
+        return flops / (train.flops_per_token(c.model, 100, c.data.seq_len, s.num_params) * tokens)
+
+    assert counted(scan_layers=True) == pytest.approx(1.0, rel=1e-9)
+    assert counted(scan_layers=False) == pytest.approx(1.0, rel=1e-9)
+    # remat='full' recomputes each block's forward: blocks go from 3 to 4 passes.
+    assert 1.2 < counted(scan_layers=True, remat="full") < 1.33
+
+
+@needs_libtpu
+def test_a_config_that_does_not_fit_exits_1_naming_the_chip_and_the_bytes():
+    r = _run("--config=configs/tiny.py", "--topology=v5e:2x2", "--config.train.batch_size=1048576")
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert re.match(r"does not fit: .* need [\d.]+ GiB of HBM per chip on v5e:2x2, whose TPU v5e chips have "
+                    r"15\.75 GiB; try .*grad_accum", line), line

@@ -1,0 +1,41 @@
+"""benchmarks/gpu_check.py: its CPU dry run takes the same path the GPU run does."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The GPU image has no TFDS, grain or music21: the check must not import them.
+_WITHOUT_DATA_LIBRARIES = textwrap.dedent(
+    """
+    import runpy, sys
+
+    class Absent:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("grain", "tensorflow_datasets", "music21", "tensorflow", "note_seq"):
+                raise ImportError(f"{name} is not on the GPU image")
+
+    sys.meta_path.insert(0, Absent())
+    sys.argv = ["gpu_check.py", *sys.argv[1:]]
+    runpy.run_path("benchmarks/gpu_check.py", run_name="__main__")
+    """
+)
+
+
+def test_dry_run_trains_and_samples_without_the_data_libraries(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+    r = subprocess.run([sys.executable, "-c", _WITHOUT_DATA_LIBRARIES, "--dry-run", f"--out={out}"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    t = result["train"]
+    assert result["dry_run"] and t["config"] == "tiny" and t["remat"] == "none"
+    assert t["batch"] == 4 and [x["batch"] for x in t["tried"]] == [2, 4], "the largest batch that fits"
+    assert t["tokens_per_s"] > 0 and 0 < t["mfu"] < 1 and 0 < t["loss"] < 10
+    assert [s["batch"] for s in result["sampling"]] == [1, 2]
+    assert all(s["ours_events_per_s"] > 0 for s in result["sampling"])
+    assert "tokens/s, MFU" in r.stdout and "ours / HF" in r.stdout
