@@ -10,7 +10,8 @@ sampling. The model context is --events + 16 for every system, so no sliding
 window is involved and GPT-2's position table is large enough.
 
 Peers, all on the same host:
-- ours: `mgpt.sample.sample_window` (one jitted prefill + while_loop decode, KV cache);
+- ours: `mgpt.sample.sample_window` (one jitted prefill + while_loop decode, KV cache,
+  with the per-row sounding-note rules and the NOTE_OFF release of every real call);
 - no cache: the same model and filter in a jitted while_loop that recomputes the
   full forward over the (fixed-size) context buffer for every event; its cost
   per event is constant, so it is timed over --nocache_events events, and only
@@ -51,7 +52,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from data_prep.vocab import Vocabulary  # noqa: E402
 from mgpt.model import GPT, ModelConfig, count_params  # noqa: E402
-from mgpt.sample import _choose, sample_window, sampling_settings, token_tables  # noqa: E402
+from mgpt.sample import SILENT, _choose, sample_window, sampling_settings, token_tables  # noqa: E402
 
 # Fallbacks if configs/<name>.py is missing: (num_layers, num_heads, d_model, mlp_dim).
 _SHAPES = {"small": (4, 4, 192, 512), "base": (12, 12, 768, 2560)}
@@ -87,8 +88,10 @@ def time_ours(model, vocab, batch, events, top_k, repeats):
         jnp.zeros(rows, jnp.int32),
         jnp.zeros(rows, jnp.int32),
         jnp.arange(rows) >= batch,  # done_B
+        jnp.full((rows, vocab.max_pitch - vocab.min_pitch + 1), SILENT, jnp.int32),  # onset_BxP: nothing sounds
         jnp.full(rows, events, jnp.int32),
         jnp.full(rows, np.iinfo(np.int32).max, jnp.int32),
+        jnp.zeros(rows, jnp.int32),  # max_note_steps_B: the guard costs the same whatever its limit
         sampling_settings(top_k=top_k),
         _bench_vocab(vocab),
     )
