@@ -131,14 +131,7 @@ def run_command(f, rest: Sequence[str]) -> str:
         generated_dir = pathlib.Path(f.generated_dir)
     else:
         generated_dir = pathlib.Path(f.output_dir) / "generated"
-        run = generate.Run(model=gpt.model, vocab=vocab, config=config, step=gpt.step, workdir=str(f.workdir),
-                           note_seconds=generate.dataset_note_seconds({"data": {"dataset_dir": str(dataset_dir)}}))
-        try:
-            styles = generate.resolve_styles(vocab, f.style)
-            sampling = generate.Sampling(temperature=f.temperature, top_p=f.top_p, max_seconds=f.max_seconds,
-                                         max_note_seconds=f.max_note_seconds)
-        except generate.UserError as e:
-            raise UserError(str(e)) from None
+        run, styles, sampling = _sampling_run(f, gpt, vocab, config, dataset_dir)
         print(f"generating {f.num_samples} pieces into {generated_dir}", flush=True)
         # The copy guard stays off: the report measures what the model copies by itself.
         generate.generate_corpus(run, generated_dir, num_samples=f.num_samples, styles=styles, seed=f.seed,
@@ -156,6 +149,21 @@ def run_command(f, rest: Sequence[str]) -> str:
     return "\n".join(lines + [str(pathlib.Path(f.output_dir) / "report.html")])
 
 
+def _sampling_run(f, gpt, vocab, config, dataset_dir):
+    """(generate.Run, styles, Sampling) from the flags, for the pieces this command generates."""
+    from mgpt import generate
+
+    run = generate.Run(model=gpt.model, vocab=vocab, config=config, step=gpt.step, workdir=str(f.workdir),
+                       note_seconds=generate.dataset_note_seconds({"data": {"dataset_dir": str(dataset_dir)}}))
+    try:
+        styles = generate.resolve_styles(vocab, f.style)
+        sampling = generate.Sampling(temperature=f.temperature, top_p=f.top_p, max_seconds=f.max_seconds,
+                                     max_note_seconds=f.max_note_seconds)
+    except generate.UserError as e:
+        raise UserError(str(e)) from None
+    return run, styles, sampling
+
+
 def _run_guidance_sweep(f, options: Options) -> str:
     from mgpt import generate
 
@@ -165,14 +173,7 @@ def _run_guidance_sweep(f, options: Options) -> str:
     gpt, vocab, config = model_from_run("gpt", f.workdir)
     dataset_dir = resolve_dataset(f.dataset_dir or config.data.dataset_dir)
     train, test = load_split(dataset_dir, "train"), load_split(dataset_dir, "test")
-    run = generate.Run(model=gpt.model, vocab=vocab, config=config, step=gpt.step, workdir=str(f.workdir),
-                       note_seconds=generate.dataset_note_seconds({"data": {"dataset_dir": str(dataset_dir)}}))
-    try:
-        styles = generate.resolve_styles(vocab, f.style)
-        sampling = generate.Sampling(temperature=f.temperature, top_p=f.top_p, max_seconds=f.max_seconds,
-                                     max_note_seconds=f.max_note_seconds)
-    except generate.UserError as e:
-        raise UserError(str(e)) from None
+    run, styles, sampling = _sampling_run(f, gpt, vocab, config, dataset_dir)
     result = guidance_sweep(run=run, vocab=vocab, train=train, test=test, guidances=guidances,
                             num_samples=f.num_samples, styles=styles, sampling=sampling, options=options,
                             output_dir=f.output_dir, progress=f.progress)
