@@ -58,7 +58,7 @@ from mgpt.model import GPT
 
 
 SILENT = np.iinfo(np.int32).max  # onset_BxP value of a pitch that is not sounding
-RELEASE_SHARE = 0.5  # see release_mass
+RELEASE_SHARE = 1.0  # see release_mass
 
 
 def token_tables(vocab: Vocabulary) -> dict[str, jax.Array]:
@@ -222,11 +222,12 @@ def release_mass(logits_BxV, banned_BxV, tables, share):
     A small model knows better *that* a note should end than *which* pitches still
     sound, and spreads its NOTE_OFF mass over silent pitches. Masking those alone hands
     that mass to every other event, mostly TIME_SHIFTs, and notes are held ever longer
-    (demo model, Bach, validation split: 2.2x the real polyphony). Handing all of it to
-    the sounding notes overshoots (0.5x). In log space the sounding NOTE_OFFs are
-    raised by share * log(P(any NOTE_OFF) / P(sounding NOTE_OFFs)), keeping the model's
-    own preferences among them; RELEASE_SHARE = 0.5 was chosen on the validation split
-    (README, "Notes that hold together"). 0 is plain masking.
+    (the demo model's Bach: 1.7x the real polyphony on the validation split). In log
+    space the sounding NOTE_OFFs are raised by share * log(P(any NOTE_OFF) / P(sounding
+    NOTE_OFFs)), keeping the model's own preferences among them. RELEASE_SHARE = 1: the
+    model's whole probability of ending a note now goes to the notes that can end; it
+    fit the demo model's Bach and Palestrina best of 0.5, 0.75 and 1 on the validation
+    split (README, "Notes that hold together"). 0 is plain masking.
     """
     is_off_V = tables["off_pitch_V"] < tables["note_off_P"].shape[0]
     logp_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
