@@ -88,7 +88,8 @@ def time_ours(model, vocab, batch, events, top_k, repeats):
         jnp.zeros(rows, jnp.int32),
         jnp.zeros(rows, jnp.int32),
         jnp.arange(rows) >= batch,  # done_B
-        jnp.full((rows, vocab.max_pitch - vocab.min_pitch + 1), SILENT, jnp.int32),  # onset_BxP: nothing sounds
+        jnp.zeros((rows, vocab.max_pitch - vocab.min_pitch + 1), jnp.int32),  # open_BxP: nothing sounds
+        jnp.full((rows, vocab.max_pitch - vocab.min_pitch + 1), SILENT, jnp.int32),  # onset_BxP
         jnp.full(rows, events, jnp.int32),
         jnp.full(rows, np.iinfo(np.int32).max, jnp.int32),
         jnp.zeros(rows, jnp.int32),  # max_note_steps_B: the guard costs the same whatever its limit

@@ -29,6 +29,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -40,6 +41,16 @@ EOS = "EOS"
 UNKNOWN_STYLE = "unknown"
 _MIN_MIDI_VELOCITY = 1
 _MAX_MIDI_VELOCITY = 127
+
+
+class Sounding(NamedTuple):
+    """The notes sounding at a cut (`Vocabulary.sounding_at`); arrays have one entry per pitch."""
+
+    pitch: np.ndarray
+    count: np.ndarray
+    velocity: np.ndarray
+    onset_step: np.ndarray
+    now: int
 
 
 def normalize_label(label: str) -> str:
@@ -198,14 +209,16 @@ class Vocabulary:
         found = np.flatnonzero(self.is_velocity(earlier))
         return int(earlier[found[-1]]) if found.size else None
 
-    def sounding_at(self, ids: np.ndarray, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    def sounding_at(self, ids: np.ndarray, index: int) -> Sounding:
         """The notes still sounding just before ids[index], from the event prefix ids[:index].
 
-        Returns (pitch_N, velocity_id_N, onset_step_N, now_step): each sounding pitch in
-        ascending order, the VELOCITY id in force at its (latest) NOTE_ON, the time step of
-        that NOTE_ON, and the time step at the cut, all counted in TIME_SHIFT steps from
-        ids[0]. A pitch sounds when its NOTE_ONs outnumber its NOTE_OFFs. Vectorised: a
-        training crop of a 30k-event piece costs a few passes over the prefix.
+        Returns Sounding(pitch_N, count_N, velocity_id_N, onset_step_N, now_step): each
+        sounding pitch in ascending order, how many of its notes sound (a unison struck
+        twice gives NOTE_ON, NOTE_ON, NOTE_OFF, NOTE_OFF: encode_notes, like note-seq, keeps
+        overlapping notes of one pitch), the VELOCITY id in force at its latest NOTE_ON, the
+        time step of that NOTE_ON, and the time step at the cut, all counted in TIME_SHIFT
+        steps from ids[0]. A pitch sounds when its NOTE_ONs outnumber its NOTE_OFFs.
+        Vectorised: a training crop of a 30k-event piece costs a few passes over the prefix.
         """
         prefix = np.asarray(ids, np.int64)[:index]
         on = (prefix >= self.note_on_offset) & (prefix < self.note_off_offset)
@@ -219,7 +232,7 @@ class Vocabulary:
         now = int(step_T[-1]) if len(step_T) else 0
         if not len(sounding):
             empty = np.zeros((0,), np.int64)
-            return empty, empty, empty, now
+            return Sounding(empty, empty, empty, empty, now)
         # The latest NOTE_ON of each sounding pitch, and the VELOCITY in force there.
         on_at = np.flatnonzero(on)
         latest_P = np.full(num_pitches, -1)
@@ -230,13 +243,14 @@ class Vocabulary:
         vel_at = last_vel_T[at]
         default = self.velocity_offset + int(self.velocity_to_bin(64)) - 1  # the decoder's default
         velocity = np.where(vel_at >= 0, prefix[np.maximum(vel_at, 0)], default)
-        return sounding + self.min_pitch, velocity, step_T[at], now
+        return Sounding(sounding + self.min_pitch, open_P[sounding], velocity, step_T[at], now)
 
     def carried_state(self, ids: np.ndarray, start: int, limit: int | None = None) -> list[int]:
         """What a window opening at ids[start] carries before it, so that it reads as the piece did.
 
-        For a mid-piece start: the VELOCITY in force, then a NOTE_ON for each pitch still
-        sounding (ascending pitch; a VELOCITY before any whose own velocity differs), then
+        For a mid-piece start: the VELOCITY in force, then a NOTE_ON for each note still
+        sounding (ascending pitch, as many as sound of a pitch; a VELOCITY before any whose
+        own velocity differs), then
         the VELOCITY in force again if a carried note changed it. Without the notes, a
         window shows NOTE_OFFs of notes it never saw begin, and a model trained on such
         windows learns that NOTE_ONs need not be closed. [] at the piece's start. When
@@ -250,14 +264,14 @@ class Vocabulary:
         ids = np.asarray(ids)
         opens_on_velocity = start < len(ids) and bool(self.is_velocity(ids[start]))
         in_force = self.velocity_at(ids, start)
-        pitch, velocity, _, _ = self.sounding_at(ids, start)
+        pitch, count, velocity, _, _ = self.sounding_at(ids, start)
         out: list[int] = []
         current = None
         if in_force is not None and (len(pitch) or not opens_on_velocity):
             out.append(in_force)
             current = in_force
-        for p, v in zip(pitch.tolist(), velocity.tolist()):
-            note = ([v] if v != current else []) + [self.note_on_offset + p - self.min_pitch]
+        for p, k, v in zip(pitch.tolist(), count.tolist(), velocity.tolist()):
+            note = ([v] if v != current else []) + [self.note_on_offset + p - self.min_pitch] * k
             restore = 1 if in_force is not None and v != in_force and not opens_on_velocity else 0
             if limit is not None and len(out) + len(note) + restore > limit:
                 break  # whole notes only, and room to restore the velocity in force

@@ -133,8 +133,8 @@ class _Segments:
         at most half a row: a pathological chord never crowds the events out."""
         return self.vocab.carried_state(body, start, limit=self.seq_len // 2)
 
-    def segment(self, style: int, body: np.ndarray, start: int, predict_carried: bool) -> dict:
-        """STYLE, the carried state, then body from `start`: seq_len + 1 tokens at most.
+    def segment(self, style: int, body: np.ndarray, start: int, predict_carried: bool, end: int | None = None) -> dict:
+        """STYLE, the carried state, then body[start:end]: seq_len + 1 tokens at most.
 
         Of the carried tokens only the leading VELOCITY may be a target (`predict_carried`,
         in training): it teaches the model to set a loudness when a piece opens. The carried
@@ -143,7 +143,8 @@ class _Segments:
         would teach the model to open pieces on chords struck before time began.
         """
         carried = self.carried(body, start)
-        piece = body[start : start + self.seq_len - len(carried)]
+        stop = start + self.seq_len - len(carried)
+        piece = body[start : stop if end is None else min(stop, end)]
         target = np.zeros(len(carried), np.int32)
         if predict_carried and carried and self.vocab.is_velocity(carried[0]):
             target[0] = 1
@@ -160,8 +161,9 @@ class _Segments:
             start += int(out[-1]["loss"].sum())  # the body tokens it holds (carried ones are given)
         return out
 
-    def random_start(self, body: np.ndarray, rng: np.random.Generator, chunk: int = 0, num_chunks: int = 1) -> int:
-        """A crop start whose row ends at a uniformly drawn position of body.
+    def random_span(self, body: np.ndarray, rng: np.random.Generator, chunk: int = 0,
+                    num_chunks: int = 1) -> tuple[int, int]:
+        """(start, end) of a crop whose row ends at a uniformly drawn position `end` of body.
 
         Drawing the end rather than the start keeps every event, the last ones and EOS
         included, equally likely to be a target whatever the carried state's length.
@@ -171,19 +173,22 @@ class _Segments:
         """
         room = self.seq_len  # one slot of the seq_len + 1 row is the style token
         if len(body) <= room:
-            return 0
+            return 0, len(body)
         ends = len(body) - room + 1  # the possible ends: room .. len(body)
         low = chunk * ends // num_chunks
         end = room + int(rng.integers(low, max((chunk + 1) * ends // num_chunks, low + 1)))
         start = end - room
-        for _ in range(2):  # the carried length depends on the start: settle it (it rarely moves)
-            start = min(end - 1, end - room + len(self.carried(body, start))) if end > room else 0
-        return start
+        while start > 0:  # the carried length depends on the start; the start only moves later
+            need = min(end - 1, end - room + len(self.carried(body, start)))
+            if need <= start:
+                break
+            start = need
+        return start, end
 
 
 def piece_segments(tokens: np.ndarray, style: str, vocab: Vocabulary, seq_len: int) -> list[dict]:
     """The evaluation cut of one piece: {'tokens', 'loss'} segments of at most seq_len + 1
-    tokens, each STYLE (+ carried VELOCITY) then the next events; `loss` marks the tokens
+    tokens, each STYLE (+ the carried state) then the next events; `loss` marks the tokens
     to predict, which cover the piece's events and EOS exactly once."""
     segments = _Segments(vocab, seq_len)
     style_id, body = segments.body({"tokens": tokens, "style": style})
@@ -202,11 +207,12 @@ class _RandomSegment(grain.transforms.RandomMap):
         semitones = int(rng.integers(-self._transpose, self._transpose + 1)) if self._transpose else 0
         style, body = self._segments.body(record, semitones)
         # Chunk j of a piece's c (see _ChunkSource) crops in the j-th c-th of the piece.
-        start = self._segments.random_start(body, rng, int(record.get("chunk", 0)), int(record.get("num_chunks", 1)))
+        start, end = self._segments.random_span(body, rng, int(record.get("chunk", 0)),
+                                                int(record.get("num_chunks", 1)))
         # Drawn last and only when on: with 0 the rng stream, hence every row, is unchanged.
         if self._style_dropout and rng.random() < self._style_dropout:
             style = self._segments.vocab.unknown_style_id
-        return self._segments.segment(style, body, start, predict_carried=True)
+        return self._segments.segment(style, body, start, predict_carried=True, end=end)
 
 
 class _AllSegments(grain.experimental.FlatMapTransform):

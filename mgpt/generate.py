@@ -519,7 +519,8 @@ def _open_manifest(path: pathlib.Path):
 
 
 # Fields that make a piece what it is: a re-run must agree on them to reuse it.
-_IDENTITY = ("style", "seed", "settings", "primer", "primer_seconds", "checkpoint_step", "copy_guard")
+_IDENTITY = ("style", "seed", "settings", "primer", "primer_seconds", "checkpoint_step", "copy_guard",
+             "max_note_seconds")
 # Settings added since manifests were first written, with the value that means "as before".
 _SETTINGS_SINCE = {"guidance": 1.0}
 _COPY_GUARD_OFF = {"max_copy_seconds": 0.0, "tries": 1}
@@ -603,7 +604,11 @@ def generate_corpus(
     done = {e["index"]: e for e in render.read_manifest(manifest)}
     for p in mine:
         if p.index in done:
-            _check_same(done[p.index], {"style": p.style, "seed": p.seed, **common}, manifest)
+            # The guard's limit as resolved here: with the default it comes from the dataset,
+            # which another machine may not have (then 8 s), so the settings alone can't tell.
+            limit = round(run.max_note_seconds(np.asarray([style_token(run.vocab, p.style)]), sampling), 3)
+            _check_same(done[p.index], {"style": p.style, "seed": p.seed, "max_note_seconds": limit, **common},
+                        manifest)
     if audio:
         for e in done.values():
             wav = out / pathlib.Path(e["file"]).with_suffix(".wav")

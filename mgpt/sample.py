@@ -18,7 +18,8 @@ mid-piece crops the model was trained on (mgpt/data.py). A Python loop runs once
 per window, never per token.
 
 What sounds: the loop state (`_SamplingState`) tracks per row and pitch the time
-step at which a sounding note began (`onset_BxP`), inside the jitted loop. A
+step at which a sounding note began (`onset_BxP`) and how many notes of it sound
+(`open_BxP`; a unison struck twice is two), inside the jitted loop. A
 NOTE_OFF of a silent pitch and a NOTE_ON of a sounding one are masked, so every
 sampled event is possible. The note-length guard (`max_note_seconds` per row,
 0 = off) emits a note's NOTE_OFF in place of any event that would let it sound
@@ -88,13 +89,17 @@ def token_tables(vocab: Vocabulary) -> dict[str, jax.Array]:
     }
 
 
-def sounding_onsets(vocab: Vocabulary, prompt: Sequence[int]) -> np.ndarray:
-    """int32[P]: for each pitch sounding at the end of `prompt`, its onset in time steps
-    relative to the prompt's end (<= 0); SILENT for the others. The decode loop's start state."""
-    onset_P = np.full(vocab.max_pitch - vocab.min_pitch + 1, SILENT, np.int64)
-    pitch, _, onset_step, now = vocab.sounding_at(np.asarray(prompt), len(prompt))
-    onset_P[pitch - vocab.min_pitch] = onset_step - now
-    return onset_P.astype(np.int32)
+def sounding_state(vocab: Vocabulary, prompt: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(open_P, onset_P) int32 at the end of `prompt`: how many notes of each pitch sound, and
+    the onset of its latest one in time steps relative to the prompt's end (<= 0; SILENT when
+    none sounds). The decode loop's start state."""
+    num_pitches = vocab.max_pitch - vocab.min_pitch + 1
+    open_P = np.zeros(num_pitches, np.int32)
+    onset_P = np.full(num_pitches, SILENT, np.int64)
+    state = vocab.sounding_at(np.asarray(prompt), len(prompt))
+    open_P[state.pitch - vocab.min_pitch] = state.count
+    onset_P[state.pitch - vocab.min_pitch] = state.onset_step - state.now
+    return open_P, onset_P.astype(np.int32)
 
 
 def sampling_settings(
@@ -197,15 +202,17 @@ def _choose(logits_BxV, keys_B, settings, banned):
     return jnp.where(settings["greedy"], jnp.argmax(filtered_BxV, axis=-1), sampled_B).astype(jnp.int32)
 
 
-def note_rules(onset_BxP, steps_B, max_note_steps_B, tables):
-    """What the sounding notes allow: (banned_BxV, force_B, forced_B).
+def note_rules(open_BxP, onset_BxP, steps_B, tables):
+    """What the sounding notes allow: (banned_BxV, force_B, oldest_age_B).
 
     banned_BxV: a NOTE_OFF of a silent pitch, and a NOTE_ON of a sounding one (the data
-    never strikes a held key: note-seq closes it first, so the model re-strikes with
-    NOTE_OFF then NOTE_ON, which stays allowed). force_B: the guard's NOTE_OFF for the
-    longest-sounding note, and forced_age_B its age in steps; see `apply_guard`.
+    almost never strikes a held key: note-seq's sustain handling closes it first, so the
+    model re-strikes with NOTE_OFF then NOTE_ON, which stays allowed; a unison held in
+    two voices, which the data does have, comes only from the prompt and closes with two
+    NOTE_OFFs). force_B: the NOTE_OFF of the longest-sounding note, oldest_age_B its age
+    in steps (-1 when nothing sounds); see `apply_guard`.
     """
-    sounding_BxP = onset_BxP != SILENT
+    sounding_BxP = open_BxP > 0
     sounding_BxP1 = jnp.pad(sounding_BxP, ((0, 0), (0, 1)))  # column P: "not a note token"
     banned_on_BxV = sounding_BxP1[:, tables["on_pitch_V"]]
     is_off_V = tables["off_pitch_V"] < sounding_BxP.shape[1]
@@ -267,8 +274,9 @@ class _SamplingState:
 
     Under guidance the cache holds 2B rows (see `guided_logits`); everything else B.
 
-    onset_BxP holds, per pitch, the time step (on the steps_B clock) of the NOTE_ON of a
-    sounding note, or SILENT: the sampler's own record of what is sounding.
+    open_BxP counts the notes sounding per pitch, and onset_BxP holds the time step (on the
+    steps_B clock) of the latest NOTE_ON of a sounding pitch, or SILENT: the sampler's own
+    record of what is sounding.
     """
 
     tokens_BxW: jax.Array
@@ -278,6 +286,7 @@ class _SamplingState:
     events_B: jax.Array  # new events emitted so far (across windows)
     steps_B: jax.Array  # TIME_SHIFT steps of the new events so far
     done_B: jax.Array
+    open_BxP: jax.Array
     onset_BxP: jax.Array
 
 
@@ -291,6 +300,7 @@ def sample_window(
     events_B,
     steps_B,
     done_B,
+    open_BxP,
     onset_BxP,
     max_events_B,
     max_steps_B,
@@ -305,15 +315,15 @@ def sample_window(
     prompt_BxP: int32 ids, row b valid up to lengths_B[b] (1 <= length <= P <= W).
     seeds_B: uint32. events_B/steps_B: new events / TIME_SHIFT steps emitted by
     earlier windows; max_events_B/max_steps_B: the budgets for those totals.
-    onset_BxP: the sounding notes at the end of each prompt (`sounding_onsets`, on the
-    steps_B clock). max_note_steps_B: the note-length guard per row (0 = off).
+    open_BxP/onset_BxP: the sounding notes at the end of each prompt (`sounding_state`,
+    onsets on the steps_B clock). max_note_steps_B: the note-length guard per row (0 = off).
     done_B: rows to leave untouched (finished, or batch padding).
     guidance: None (plain sampling), or a float32 scalar G: each row also runs with
     STYLE:unknown in place of its STYLE token, in the same 2B-row cache, and events are
     drawn from `guided_logits`. None and a value trace different functions.
     Returns dict: tokens_BxW (window: prompt then new events), end_B (row b's
     window is tokens_BxW[b, :end_B[b]]), events_B, steps_B, done_B (EOS or
-    budget reached; a row neither done nor at end_B == W cannot occur), onset_BxP.
+    budget reached; a row neither done nor at end_B == W cannot occur), open_BxP, onset_BxP.
     """
     model = nnx.merge(graphdef, params)
     batch, prompt_len = prompt_BxP.shape
@@ -340,7 +350,7 @@ def sample_window(
     def body(s: _SamplingState) -> _SamplingState:
         live_B = active(s)
         step_keys_B = jax.vmap(jax.random.fold_in)(keys_B, s.events_B)
-        banned_BxV, force_B, oldest_age_B = note_rules(s.onset_BxP, s.steps_B, max_note_steps_B, tables)
+        banned_BxV, force_B, oldest_age_B = note_rules(s.open_BxP, s.onset_BxP, s.steps_B, tables)
         logits_BxV = jax.lax.cond(settings["release_share"] > 0, release_mass,
                                   lambda l, b, t, a: l.astype(jnp.float32),
                                   s.logits_BxV, banned_BxV, tables, settings["release_share"])
@@ -354,7 +364,8 @@ def sample_window(
         logits_Rx1xV, cache = model.decode(twin(token_B)[:, None], twin(s.end_B)[:, None], s.cache)
         struck_BxP = emit_B[:, None] & (tables["on_pitch_V"][token_B][:, None] == jnp.arange(num_pitches))
         released_BxP = emit_B[:, None] & (tables["off_pitch_V"][token_B][:, None] == jnp.arange(num_pitches))
-        onset_BxP = jnp.where(struck_BxP, s.steps_B[:, None], jnp.where(released_BxP, SILENT, s.onset_BxP))
+        open_BxP = s.open_BxP + struck_BxP.astype(jnp.int32) - released_BxP.astype(jnp.int32)
+        onset_BxP = jnp.where(struck_BxP, s.steps_B[:, None], jnp.where(open_BxP == 0, SILENT, s.onset_BxP))
         return _SamplingState(
             tokens_BxW=tokens_BxW,
             cache=cache,
@@ -363,6 +374,7 @@ def sample_window(
             events_B=s.events_B + emit_B,
             steps_B=jnp.where(emit_B, new_steps_B, s.steps_B),
             done_B=s.done_B | (live_B & stop_B),
+            open_BxP=open_BxP,
             onset_BxP=onset_BxP,
         )
 
@@ -374,10 +386,12 @@ def sample_window(
         events_B=events_B.astype(jnp.int32),
         steps_B=steps_B.astype(jnp.int32),
         done_B=done_B,
+        open_BxP=open_BxP.astype(jnp.int32),
         onset_BxP=onset_BxP.astype(jnp.int32),
     )
     state = jax.lax.while_loop(lambda s: jnp.any(active(s)), body, state)
-    return {k: getattr(state, k) for k in ("tokens_BxW", "end_B", "events_B", "steps_B", "done_B", "onset_BxP")}
+    return {k: getattr(state, k) for k in ("tokens_BxW", "end_B", "events_B", "steps_B", "done_B", "open_BxP",
+                                         "onset_BxP")}
 
 
 def _bucket(n: int, cap: int | None = None, floor: int = 1) -> int:
@@ -443,7 +457,9 @@ def generate_tokens(
     max_note_seconds = np.broadcast_to(np.asarray(max_note_seconds, np.float64), (len(prompts),))
     if not np.all(max_note_seconds >= 0):
         raise ValueError(f"max_note_seconds must be >= 0 (0 = off), got {max_note_seconds.min()}")
-    max_note_steps = np.round(max_note_seconds * vocab.steps_per_second).astype(np.int32)
+    # At least one step: a tiny positive limit must not round to 0, which means "off".
+    max_note_steps = np.where(max_note_seconds > 0, np.maximum(1, np.round(max_note_seconds * vocab.steps_per_second)),
+                              0).astype(np.int32)
     if not (math.isfinite(guidance) and guidance >= 0):
         raise ValueError(f"guidance must be a finite number >= 0 (1 = off), got {guidance}")
     # None selects the plain B-row trace of sample_window: G = 1 must cost nothing.
@@ -505,9 +521,10 @@ def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events,
     max_steps_B = np.full(batch, max_steps, np.int32)
     max_note_steps_B = np.zeros(batch, np.int32)
     max_note_steps_B[:n] = max_note_steps
+    open_BxP = np.zeros((batch, vocab.max_pitch - vocab.min_pitch + 1), np.int32)
     onset_BxP = np.full((batch, vocab.max_pitch - vocab.min_pitch + 1), SILENT, np.int32)
     for b, p in enumerate(prompts):
-        onset_BxP[b] = sounding_onsets(vocab, p)
+        open_BxP[b], onset_BxP[b] = sounding_state(vocab, p)
     while not done_B.all():
         windows = [window_prompt(r, window, vocab) for r in rows]
         # Prefilling a few padding tokens costs less than compiling another prompt shape.
@@ -526,6 +543,7 @@ def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events,
             jnp.asarray(events_B),
             jnp.asarray(steps_B),
             jnp.asarray(done_B),
+            jnp.asarray(open_BxP),
             jnp.asarray(onset_BxP),
             jnp.asarray(max_events_B),
             jnp.asarray(max_steps_B),
@@ -538,6 +556,7 @@ def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events,
         for b in range(n):
             if not done_B[b]:
                 rows[b].extend(result["tokens_BxW"][b, lengths_B[b] : result["end_B"][b]].tolist())
-        events_B, steps_B, onset_BxP = result["events_B"], result["steps_B"], result["onset_BxP"]
+        events_B, steps_B = result["events_B"], result["steps_B"]
+        open_BxP, onset_BxP = result["open_BxP"], result["onset_BxP"]
         done_B = np.array(result["done_B"])
     return [np.asarray(r, np.int32) for r in rows]

@@ -115,15 +115,19 @@ def test_mid_piece_crops_carry_the_velocity_and_the_sounding_notes():
     for batch in _batches(ds, 200):
         row = np.concatenate([batch["inputs"][0], batch["targets"][0, -1:]])
         mask = batch["mask"][0]
-        assert row[0] == VOCAB.style_id("bach") and (row != VOCAB.pad_id).all()
-        window = row[1:]
-        if (window == body[:SEQ]).all():  # the piece's own opening (or one identical to it)
+        used = int((row != VOCAB.pad_id).sum())
+        # A crop ends exactly where its end was drawn, so it may leave a slot or two of PAD.
+        assert row[0] == VOCAB.style_id("bach") and (row[:used] != VOCAB.pad_id).all() and used >= SEQ - 2
+        window = row[1:used]
+        if len(window) == SEQ and (window == body[:SEQ]).all():  # the piece's own opening
             continue
         # Otherwise STYLE, the carried state, then a contiguous stretch of the piece.
         found = _crop_starts(body, window)
         assert found, "after the carried state comes a contiguous window of the piece"
         # Targets: the leading velocity (how a sample must begin) and the piece; never a carried NOTE_ON.
-        masks = {len(c): [1] * min(len(c), 1) + [0] * (len(c) - 1) + [1] * (SEQ - len(c)) for _, c in found}
+        tail = [0] * (SEQ - len(window))
+        masks = {len(c): [1] * min(len(c), 1) + [0] * (len(c) - 1) + [1] * (len(window) - len(c)) + tail
+                 for _, c in found}
         start, carried = next((s, c) for s, c in found if (mask == masks[len(c)]).all())
         if carried:
             assert carried[0] == _velocity_before(body, start)
@@ -356,3 +360,31 @@ def test_style_dropout_conditions_that_share_of_segments_on_unknown_and_zero_cha
     np.testing.assert_array_equal(styles, again)  # drawn from the pipeline's seeded rng: reproducible
     with pytest.raises(ValueError, match="style_dropout"):
         data.train_dataset(labelled, VOCAB, style_dropout=1.0, **kw)
+
+
+def test_a_crop_ends_where_its_end_was_drawn_even_with_many_notes_sounding():
+    # Dense chords that ring across every cut: the carried state's length changes with the start.
+    rng = np.random.default_rng(0)
+    out = []
+    held = []
+    for _ in range(300):
+        p = int(rng.integers(40, 90))
+        if p not in held:
+            out.append(VOCAB.note_on_offset + p - VOCAB.min_pitch)
+            held.append(p)
+        if len(held) > 5:
+            q = held.pop(int(rng.integers(len(held))))
+            out.append(VOCAB.note_off_offset + q - VOCAB.min_pitch)
+        out.append(VOCAB.time_shift_offset + int(rng.integers(0, 20)))
+    segments = data._Segments(VOCAB, 32)
+    body = np.concatenate([np.asarray(out, np.int32), [VOCAB.eos_id]])
+    draws = np.random.default_rng(1)
+    eos = 0
+    for _ in range(400):
+        start, end = segments.random_span(body, draws)
+        seg = segments.segment(VOCAB.style_id("bach"), body, start, predict_carried=True, end=end)
+        carried = segments.carried(body, start)
+        assert len(seg["tokens"]) <= 33
+        np.testing.assert_array_equal(seg["tokens"][1 + len(carried):], body[start:end])  # ends exactly at end
+        eos += int(seg["tokens"][-1] == VOCAB.eos_id)
+    assert eos > 0, "the last draws reach EOS"

@@ -593,3 +593,13 @@ def test_copy_index_is_built_once_and_cached_beside_the_dataset(run, train_set, 
     (dataset / originality.INDEX_FILE).write_bytes(b"cut short")  # a damaged cache is rebuilt, not trusted
     again, _ = originality.training_index(dataset, run.vocab)
     assert again.longest_copy(notes)[0] == built.longest_copy(notes)[0]
+
+
+def test_resume_refuses_pieces_made_with_another_note_limit(run, tmp_path):
+    # The default limit comes from the dataset: a resume where it resolves differently must not mix pieces.
+    opts = dict(num_samples=2, styles=[STYLES[0]], progress=False, sampling=generate.Sampling(max_events=10))
+    generate.generate_corpus(run, tmp_path, **opts)
+    other = dataclasses.replace(run, note_seconds={"all": {generate.NOTE_GUARD_PERCENTILE: 1.25}})
+    generate.generate_corpus(run, tmp_path, **opts)  # same limit: resumes (nothing to do)
+    with pytest.raises(generate.UserError, match="max_note_seconds"):
+        generate.generate_corpus(other, tmp_path, **opts)

@@ -282,8 +282,8 @@ def test_release_share_hands_masked_note_off_mass_to_sounding_notes():
     logits_1xV = jnp.log(jnp.asarray(probs_V, jnp.float32))[None]
     onset_1xP = np.full((1, VOCAB.max_pitch - VOCAB.min_pitch + 1), sample_lib.SILENT, np.int32)
     onset_1xP[0, 60 - VOCAB.min_pitch] = 0
-    banned_1xV, _, _ = sample_lib.note_rules(jnp.asarray(onset_1xP), jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32),
-                                             tables)
+    banned_1xV, _, _ = sample_lib.note_rules(jnp.asarray(onset_1xP != sample_lib.SILENT, jnp.int32),
+                                             jnp.asarray(onset_1xP), jnp.zeros(1, jnp.int32), tables)
     assert bool(banned_1xV[0, _off(70)]) and not bool(banned_1xV[0, _off(60)])
 
     def p_release(share):
@@ -334,8 +334,10 @@ def test_guided_event_is_the_argmax_of_the_mixed_logits(model):
     from mgpt.sample import note_rules, token_tables
 
     tables = token_tables(VOCAB)
-    banned_V = np.asarray(note_rules(jnp.full((1, VOCAB.max_pitch - VOCAB.min_pitch + 1), np.iinfo(np.int32).max),
-                                     jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32), tables)[0][0])
+    num_pitches = VOCAB.max_pitch - VOCAB.min_pitch + 1
+    banned_V = np.asarray(note_rules(jnp.zeros((1, num_pitches), jnp.int32),
+                                     jnp.full((1, num_pitches), np.iinfo(np.int32).max), jnp.zeros(1, jnp.int32),
+                                     tables)[0][0])
     primer = [VOCAB.velocity_offset + 5]
     l_cond_V = np.asarray(model(jnp.asarray([[STYLE, *primer]]))[0, -1], np.float64)
     l_uncond_V = np.asarray(model(jnp.asarray([[VOCAB.unknown_style_id, *primer]]))[0, -1], np.float64)
@@ -347,3 +349,30 @@ def test_guided_event_is_the_argmax_of_the_mixed_logits(model):
         assert row[-1] == np.argmax(mixed_V), g
         picks.add(int(row[-1]))
     assert len(picks) > 1, "the guidance values chosen should move the argmax"
+
+
+def test_a_unison_held_in_the_primer_needs_two_note_offs():
+    # The primer strikes 60 twice (two voices in unison): both must be released, one NOTE_OFF each.
+    pref_V = np.zeros(VOCAB.size)
+    pref_V[VOCAB.note_off_offset : VOCAB.time_shift_offset] = 6.0
+    pref_V[VOCAB.eos_id] = -100.0
+    primer = np.array([STYLE, VOCAB.velocity_offset + 10, _on(60), _on(60)])
+    rows = generate_tokens(_fixed_model(pref_V), VOCAB, [primer] * 2, seeds=range(2), max_events=20,
+                           max_note_seconds=0)
+    for r in rows:
+        new = r[len(primer):].tolist()
+        assert new[:2] == [_off(60), _off(60)]  # NOTE_OFFs are all it prefers, and both are allowed
+        assert _off(60) not in new[2:]  # then 60 is silent
+        pitch, _, start_s, end_s = VOCAB.decode_notes(r.tolist())
+        assert len(pitch) == 0 or not np.any(end_s - start_s > 1.0)  # nothing drones
+
+
+def test_a_tiny_positive_note_limit_still_guards():
+    pref_V = np.zeros(VOCAB.size)
+    pref_V[VOCAB.note_off_offset : VOCAB.time_shift_offset] = -100.0
+    pref_V[VOCAB.eos_id] = -100.0
+    pref_V[_shift(1)] = 5.0
+    pref_V[_on(60)] = 5.0
+    (row,) = generate_tokens(_fixed_model(pref_V), VOCAB, [np.array([STYLE])], seeds=[0], max_seconds=1.0,
+                             max_note_seconds=0.001)
+    assert any(VOCAB.note_off_offset <= t < VOCAB.time_shift_offset for t in row.tolist())

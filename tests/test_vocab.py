@@ -167,8 +167,8 @@ def test_sounding_state_at_a_cut_is_carried_as_note_ons():
     ids = [vel(20), on(64), shift(10), vel(10), on(60), on(67), shift(5), off(67), on(72), shift(30), off(64),
            shift(3), vel(12), on(50)]
     cut = ids.index(off(64))  # the cut falls just before 64's NOTE_OFF: 60, 64 and 72 still sound
-    pitch, velocity, onset, now = v.sounding_at(ids, cut)
-    assert pitch.tolist() == [60, 64, 72]
+    pitch, count, velocity, onset, now = v.sounding_at(ids, cut)
+    assert pitch.tolist() == [60, 64, 72] and count.tolist() == [1, 1, 1]
     assert velocity.tolist() == [vel(10), vel(20), vel(10)]
     assert onset.tolist() == [10, 0, 15] and now == 45
     # The velocity in force, then each sounding pitch in ascending order, with a VELOCITY before
@@ -183,6 +183,11 @@ def test_sounding_state_at_a_cut_is_carried_as_note_ons():
     # Whole notes only under a limit, and the velocity in force still restored.
     assert v.carried_state(ids, cut, limit=5) == [vel(10), on(60), vel(20), on(64), vel(10)]
     assert v.carried_state(ids, cut, limit=4) == [vel(10), on(60)]  # 64 would need 3 more tokens
+    # A unison struck twice sounds twice: both NOTE_ONs are carried, so two NOTE_OFFs may follow.
+    unison = [vel(10), on(60), on(60), shift(5), off(60), shift(5), off(60)]
+    assert v.sounding_at(unison, 4).count.tolist() == [2]
+    assert v.carried_state(unison, 4) == [vel(10), on(60), on(60)]
+    assert v.carried_state(unison, 6) == [vel(10), on(60)]
 
 
 def test_note_lengths_pair_each_note_on_with_its_note_off():

@@ -28,8 +28,8 @@ def windows(pieces: Sequence[Piece], vocab: Vocabulary, seq_len: int) -> list[tu
     """(piece index, tokens, predicted) windows covering each piece's events + EOS once.
 
     The trainer's own eval cut (`mgpt.data.piece_segments`): each window starts with the
-    piece's conditioning token, plus the VELOCITY in force when it starts mid-piece; those
-    are given, never predicted. `predicted` is a bool per token.
+    piece's conditioning token, plus the state carried when it starts mid-piece (the
+    VELOCITY in force and the notes still sounding); those are given, never predicted. `predicted` is a bool per token.
     """
     from mgpt import data as data_lib
 
