@@ -600,15 +600,17 @@ def generate_corpus(
         "copy_guard": {"max_copy_seconds": guard.max_seconds, "tries": guard.tries} if guard else _COPY_GUARD_OFF,
     }
     mine = [p for p in plan(num_samples, styles, seed) if p.index % process_count == process_index]
+    # The note-length guard's limit per style, as resolved here: with the default it comes from
+    # the dataset, which another machine may not have (then 8 s), so the settings alone can't
+    # tell two corpora apart. It is checked on resume and recorded on every manifest line.
+    note_limit = {s: round(run.max_note_seconds(np.asarray([style_token(run.vocab, s)]), sampling), 3)
+                  for s in set(styles)}
     manifest = out / manifest_name(process_index, process_count)
     done = {e["index"]: e for e in render.read_manifest(manifest)}
     for p in mine:
         if p.index in done:
-            # The guard's limit as resolved here: with the default it comes from the dataset,
-            # which another machine may not have (then 8 s), so the settings alone can't tell.
-            limit = round(run.max_note_seconds(np.asarray([style_token(run.vocab, p.style)]), sampling), 3)
-            _check_same(done[p.index], {"style": p.style, "seed": p.seed, "max_note_seconds": limit, **common},
-                        manifest)
+            _check_same(done[p.index], {"style": p.style, "seed": p.seed, "max_note_seconds": note_limit[p.style],
+                                        **common}, manifest)
     if audio:
         for e in done.values():
             wav = out / pathlib.Path(e["file"]).with_suffix(".wav")
@@ -647,10 +649,9 @@ def generate_corpus(
             rows, copy_fields = pending.result()
             pending = pool.submit(sample, groups[g + 1]) if g + 1 < len(groups) else None
             for p, ids, copy in zip(pieces, rows, copy_fields):
-                limit = run.max_note_seconds(np.asarray([style_token(run.vocab, p.style)]), sampling)
                 entry = _write_piece(run.vocab, out, p, ids, primer_ids, audio=audio, soundfont=soundfont,
                                      extra={**common, "workdir": run.workdir, "host": process_index,
-                                            "max_note_seconds": round(limit, 3), **(copy or {})})
+                                            "max_note_seconds": note_limit[p.style], **(copy or {})})
                 log.write(json.dumps(entry) + "\n")
                 log.flush()  # a piece counts as done only once its line is on disk
                 os.fsync(log.fileno())
