@@ -950,6 +950,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every file they touch at INFO
     # A full disk is reported once, below, not by every orbax thread and asyncio task.
     logging.get_absl_handler().addFilter(_not_disk_full)
+    sys.unraisablehook = _quiet_dead_event_loop(sys.unraisablehook)
     try:
         train(_CONFIG.value, _WORKDIR.value)
     except (ConfigError, FileNotFoundError, NonFiniteLoss, WorkdirInUse) as e:
@@ -981,6 +982,22 @@ def _is_disk_full(e: BaseException | None) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+def _quiet_dead_event_loop(hook):
+    """An unraisable-exception hook that drops tensorstore's "Event loop is closed".
+
+    When a checkpoint write fails (a full disk), orbax's save finishes and closes its event
+    loop while tensorstore's other writes are still in flight; each of those then reports,
+    from its own thread, that it found the loop closed. They say nothing the one-line
+    report does not, and printed from several threads at once they interleave into garbage.
+    Every other unraisable exception still reaches `hook`.
+    """
+    def quiet(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        hook(unraisable)
+    return quiet
 
 
 def _not_disk_full(record) -> bool:

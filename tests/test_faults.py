@@ -411,10 +411,9 @@ def test_disk_full_while_training_is_one_line_and_keeps_the_last_checkpoint(old_
     lines = out.stderr.strip().splitlines()
     assert lines[-1] == (f"disk full writing {workdir}: nothing complete was lost (last complete checkpoint: step 2); "
                          "free some space and re-run to resume"), out.stderr[-3000:]
-    # Known and not ours: tensorstore sometimes prints (bypassing every Python hook) that its
-    # writes, failing late, found orbax's event loop closed. Nothing else may be printed.
-    endings = [line for line in lines[:-1] if not line.startswith((" ", "Traceback"))]
-    assert set(endings) <= {"RuntimeError: Event loop is closed"}, out.stderr[-3000:]
+    # Nothing else: tensorstore's late writers finding orbax's loop closed (one traceback per
+    # thread, interleaved) are dropped by the train command's unraisable hook.
+    assert lines == lines[-1:], out.stderr[-3000:]
     assert ckpt_lib.locate(workdir)[1] == 2
 
 
