@@ -134,9 +134,9 @@ class TrainLog:
         self._first = True
         self._reset(0)
 
-    def _reset(self, step: int) -> None:
+    def _reset(self, step: int, t0: float | None = None) -> None:
         self._n, self._loss, self._nats, self._events = 0, 0.0, 0.0, 0.0
-        self._from_step, self._t0 = step, time.perf_counter()
+        self._from_step, self._t0 = step, time.perf_counter() if t0 is None else t0
 
     def pause(self, step: int) -> None:
         """Time until now is not training: restart the clock (the loss average goes on)."""
@@ -171,7 +171,7 @@ class TrainLog:
             f"grad norm {out['grad_norm']:.3f} | lr {out['lr']:.2e} | {out['tokens_per_s']:,.0f} tokens/s | "
             f"MFU {100 * out['mfu']:.1f}% | ETA {format_duration(eta)}",
         )
-        self._reset(step)
+        self._reset(step, now)  # windows are contiguous: writing this line is training time too
 
 
 def format_duration(seconds: float) -> str:
