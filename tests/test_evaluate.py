@@ -342,6 +342,14 @@ def test_coherence_flags_a_style_whose_notes_drone():
     drone = ev.coherence_by_style([("bach", chorale(4.5))] * 2, real, 30.0)
     assert drone["flagged_styles"] == ["bach"]
     assert set(drone["per_style"]["bach"]["off"]) == {"onset_polyphony", "mean_note_s", "share_notes_ge_4s"}
+    # Thick test pieces (held notes) against a train split like the generated ones: the flag stays
+    # against the test pieces, and the train figures show the test split is what is off.
+    thick = ev.coherence_by_style([("bach", chorale(0.5))] * 2, [("bach", chorale(1.0))] * 2, 30.0,
+                                  train=real)
+    bach = thick["per_style"]["bach"]
+    assert "onset_polyphony" in bach["off"] and bach["train"]["pieces"] == 3
+    assert bach["ratio_to_train"]["onset_polyphony"] == pytest.approx(1.0)
+    assert bach["test_vs_train"]["onset_polyphony"] > 1.25
 
 
 def test_guidance_sweep_reports_each_value_with_the_reports_own_sections(tmp_path):

@@ -22,26 +22,38 @@ LONG_NOTE_SLACK = 0.03  # generated share of notes >= 4 s may exceed the real sh
 
 
 def coherence_by_style(generated: Sequence[tuple[str, Notes]], real: Sequence[tuple[str, Notes]],
-                       crop_seconds: float) -> dict:
+                       crop_seconds: float, train: Sequence[tuple[str, Notes]] = ()) -> dict:
     """Per style, the mean over pieces of F.note_coherence for generated and real test pieces,
     the generated/real ratios, and whether the style is off (by more than 25 % in polyphony or
-    note length, or more than 3 points more notes >= 4 s)."""
+    note length, or more than 3 points more notes >= 4 s).
+
+    With `train` pieces, each style also gets the train split's means and the generated/train
+    ratios. The flag stays against the test pieces; the train figures say whether a flag is
+    the model's or the test split's: a style's few test pieces can themselves be off its train
+    split by more than the tolerance (`test_vs_train`).
+    """
 
     def means(pairs, style):
         rows = [F.note_coherence(n) for s, n in pairs if s == style and len(n[0])]
         return {"pieces": len(rows), **{k: float(np.mean([r[k] for r in rows])) if rows else None
                                           for k in F.COHERENCE}}
 
+    def ratios(a, b):
+        return {k: a[k] / b[k] if a[k] is not None and b[k] else None for k in ("onset_polyphony", "mean_note_s")}
+
     per_style = {}
     for style in sorted({s for s, _ in generated} & {s for s, _ in real}):
         g, r = means(generated, style), means(real, style)
         if not g["pieces"] or not r["pieces"]:
             continue
-        ratio = {k: g[k] / r[k] if r[k] else None for k in ("onset_polyphony", "mean_note_s")}
+        ratio = ratios(g, r)
         off = [k for k, v in ratio.items() if v is None or abs(v - 1) > COHERENCE_TOLERANCE]
         if g["share_notes_ge_4s"] > r["share_notes_ge_4s"] + LONG_NOTE_SLACK:
             off.append("share_notes_ge_4s")
         per_style[style] = {"generated": g, "real": r, "ratio": ratio, "off": off}
+        t = means(train, style)
+        if t["pieces"]:
+            per_style[style].update(train=t, ratio_to_train=ratios(g, t), test_vs_train=ratios(r, t))
     return {
         "crop_seconds": crop_seconds,
         "tolerance": COHERENCE_TOLERANCE,
@@ -53,9 +65,13 @@ def coherence_by_style(generated: Sequence[tuple[str, Notes]], real: Sequence[tu
 
 def coherence_section(refs: References, generated: Sequence[Generated], o: Options,
                       out_dir: pathlib.Path | None = None) -> dict:
-    """coherence_by_style over the valid generated pieces and the real test pieces, both cropped."""
+    """coherence_by_style over the valid generated pieces and the real test pieces, both cropped,
+    with the train split (at most o.max_feature_pieces of it, evenly spaced) beside them."""
+    every = max(1, -(-len(refs.train) // max(o.max_feature_pieces, 1)))
     return coherence_by_style(
         [(normalize_label(g.style), crop(g.notes, o.crop_seconds)) for g in valid(generated)],
         [(p.style_name, crop(n, o.crop_seconds)) for n, p in zip(refs.test_notes, refs.test)],
         o.crop_seconds,
+        [(p.style_name, crop(n, o.crop_seconds))
+         for n, p in zip(refs.train_notes[::every], refs.train[::every])],
     )
