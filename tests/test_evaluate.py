@@ -401,3 +401,37 @@ def test_guidance_sweep_reports_each_value_with_the_reports_own_sections(tmp_pat
     assert "| 2.5 | 4 |" in ev.write_guidance_sweep(result)
     with pytest.raises(ev.UserError, match="--guidance_sweep=1,x"):
         ev.parse_guidances("1,x")
+
+
+def test_composer_study_on_a_one_style_dataset_measures_nll_without_a_classifier(tmp_path, monkeypatch):
+    """A dataset of one composer has no second style to tell apart: the study reports the NLL
+    before and after, and says no classifier was fitted, instead of failing."""
+    import types
+
+    from flax import nnx
+
+    from data_prep.vocab import Vocabulary
+    from mgpt.eval import composer as study
+    from mgpt.model import GPT, ModelConfig
+
+    rng = np.random.default_rng(2)
+    vocab = Vocabulary(["hymn"])
+    pieces = {split: [ev.Piece(vocab.encode_notes(*synthetic_style_piece(rng, "hymn")), "hymn", "", f"{split}{i}")
+                      for i in range(n)] for split, n in (("train", 6), ("test", 3))}
+
+    def run(name, workdir):
+        model = nnx.jit(lambda: GPT(ModelConfig(vocab.size, num_layers=1, num_heads=2, d_model=32, mlp_dim=64,
+                                                max_len=32), rngs=nnx.Rngs(len(name))))()
+        config = types.SimpleNamespace(data=types.SimpleNamespace(dataset_dir=str(tmp_path)))
+        return ev.Model(name, model, vocab, 32, 0, None, 1, workdir), vocab, config
+
+    monkeypatch.setattr(study, "model_from_run", run)
+    monkeypatch.setattr(study, "resolve_dataset", lambda d: d)
+    monkeypatch.setattr(study, "load_split", lambda d, split: pieces[split])
+    result = study.composer_study(base_workdir="base", finetuned_workdir="ft", composer="hymn", num_samples=2,
+                                  max_seconds=2.0, log=lambda *a: None)
+    assert result["test_pieces"] == 3 and result["real_test_classified_as_composer"] is None
+    for name in ("before", "after"):
+        assert result[name]["composer_test"]["nats_per_event"] > 0
+        assert result[name]["classified_as_composer"] is None
+    assert "no style classifier was fitted" in study.write_composer_study(result, tmp_path / "out")

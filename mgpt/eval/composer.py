@@ -54,11 +54,15 @@ def composer_study(
         raise UserError(f"--composer={composer}: no test pieces with that composer or style in {dataset_dir}")
     style = next(p.style_name for p in mine)
     labelled = [(vocab.decode_notes(p.tokens), p.style_name) for p in train if p.style_name != UNKNOWN_STYLE]
-    clf = fit_classifier(labelled, options, np.random.default_rng(options.seed))
+    # The classifier needs two labelled styles to tell apart; with fewer, only the NLL is measured.
+    clf = fit_classifier(labelled, options, np.random.default_rng(options.seed)) \
+        if len({s for _, s in labelled}) >= 2 else None
 
-    real_pred = clf.predict([crop(vocab.decode_notes(p.tokens), options.crop_seconds) for p in mine])
     result = {"composer": target, "style": style, "test_pieces": len(mine), "dataset_dir": str(dataset_dir),
-              "real_test_classified_as_composer": float(np.mean([p == style for p in real_pred]))}
+              "real_test_classified_as_composer": None}
+    if clf is not None:
+        real_pred = clf.predict([crop(vocab.decode_notes(p.tokens), options.crop_seconds) for p in mine])
+        result["real_test_classified_as_composer"] = float(np.mean([p == style for p in real_pred]))
     for name, (m, v, wd) in {"before": (base_model, vocab, base_workdir), "after": (ft_model, ft_vocab, finetuned_workdir)}.items():
         log(f"composer study: {name} ({wd})")
         w = windows(mine, v, m.seq_len)
@@ -68,14 +72,14 @@ def composer_study(
         run = generate.Run(model=m.model, vocab=v, step=m.step or 0, workdir=wd)
         rows = run.generate_ids(style if style in run.styles else "unconditional", num_samples, seed=options.seed,
                                 max_seconds=max_seconds)
-        pred = clf.predict([crop(v.decode_notes(r), options.crop_seconds) for r in rows])
+        pred = clf.predict([crop(v.decode_notes(r), options.crop_seconds) for r in rows]) if clf is not None else None
         result[name] = {
             "workdir": wd, "step": m.step, "tokens_seen": m.tokens_seen,
             "composer_test": rates(float(nats.sum()), int(count.sum())),
             "other_test": rates(float(nats_o.sum()), int(np.sum(count_o))),
             "samples": num_samples,
-            "classified_as_composer": float(np.mean([p == style for p in pred])),
-            "verdicts": {s: int(sum(p == s for p in pred)) for s in sorted(set(pred))},
+            "classified_as_composer": float(np.mean([p == style for p in pred])) if pred is not None else None,
+            "verdicts": {s: int(sum(p == s for p in pred)) for s in sorted(set(pred))} if pred is not None else None,
         }
     return jsonable(result)
 
@@ -87,15 +91,17 @@ def write_composer_study(result: dict, output_dir: str | os.PathLike) -> str:
     b, a = result["before"], result["after"]
     lines = [f"# One-composer fine-tune: {result['composer']}", "",
              f"{result['test_pieces']} test pieces of {result['composer']} (style {result['style']}) in "
-             f"`{result['dataset_dir']}`; {b['samples']} samples per run conditioned on that style. The classifier "
-             f"recognises {100 * result['real_test_classified_as_composer']:.0f}% of the composer's real test pieces "
-             "(its ceiling).", "",
+             f"`{result['dataset_dir']}`; {b['samples']} samples per run conditioned on that style. "
+             + (f"The classifier recognises {100 * result['real_test_classified_as_composer']:.0f}% of the composer's "
+                "real test pieces (its ceiling)." if result["real_test_classified_as_composer"] is not None else
+                "The dataset has fewer than two labelled styles, so no style classifier was fitted."), "",
              "| run | step | nats/event on composer's test pieces | nats/event on other test pieces | "
              "samples classified as the composer | classifier verdicts |", "|---|---|---|---|---|---|"]
     for name, r in (("before (base)", b), ("after (fine-tuned)", a)):
         lines.append(f"| {name} | {r['step']} | {pages.fmt(r['composer_test']['nats_per_event'])} | "
-                     f"{pages.fmt(r['other_test']['nats_per_event'])} | {100 * r['classified_as_composer']:.0f}% | "
-                     f"{r['verdicts']} |")
+                     f"{pages.fmt(r['other_test']['nats_per_event'])} | "
+                     + (f"{100 * r['classified_as_composer']:.0f}% | {r['verdicts']} |"
+                        if r["classified_as_composer"] is not None else "- | - |"))
     text = "\n".join(lines) + "\n"
     (out / "composer_study.md").write_text(text)
     return text
