@@ -31,6 +31,7 @@ from ml_collections import config_flags
 from data_prep.vocab import Vocabulary
 from mgpt import checkpoint as ckpt_lib
 from mgpt import train as train_lib
+from mgpt.errors import UserError, reported
 
 GiB = 2**30
 
@@ -55,10 +56,6 @@ CHIPS = {
     "v5p": Chip("v5p", int(95.74 * GiB), 459e12, 3, 2, "megacore", "v5p"),
     "v6e": Chip("v6e", int(31.25 * GiB), 918e12, 2, 1, "default", "v6e"),
 }
-
-
-class AotError(ValueError):
-    """A user mistake (topology name, config, missing libtpu): printed as one line, exit 2."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,13 +87,13 @@ def parse_topology(name: str) -> Slice:
     known = ", ".join(CHIPS)
     m = re.fullmatch(r"(v\d+[a-z]*)(?:-(\d+)|:(\d+(?:x\d+)+))", name.strip().lower())
     if not m or m.group(1) not in CHIPS:
-        raise AotError(f"--topology={name}: expected GENERATION-SIZE such as v5e-256, v4-32, v5p-32, v6e-8, "
+        raise UserError(f"--topology={name}: expected GENERATION-SIZE such as v5e-256, v4-32, v5p-32, v6e-8, "
                        f"or GENERATION:AxB[xC] such as v5e:2x2 (generations: {known})")
     chip = CHIPS[m.group(1)]
     if m.group(3):
         shape = tuple(int(n) for n in m.group(3).split("x"))
         if len(shape) != chip.torus_dims or min(shape) < 1:
-            raise AotError(f"--topology={name}: {chip.kind} slices have {chip.torus_dims} axes, e.g. "
+            raise UserError(f"--topology={name}: {chip.kind} slices have {chip.torus_dims} axes, e.g. "
                            f"{chip.kind}:{'x'.join(['2'] * chip.torus_dims)}")
         return Slice(name, chip, math.prod(shape), shape)
     size = int(m.group(2))
@@ -104,7 +101,7 @@ def parse_topology(name: str) -> Slice:
     smallest = math.prod(_default_shape(chip, 1))
     if rest or chips < smallest or chips & (chips - 1):
         unit = "TensorCores (2 per chip)" if chip.cores_in_name == 2 else "chips"
-        raise AotError(f"--topology={name}: the size counts {unit} and must be a power of two >= "
+        raise UserError(f"--topology={name}: the size counts {unit} and must be a power of two >= "
                        f"{smallest * chip.cores_in_name}, e.g. {chip.kind}-8")
     return Slice(name, chip, chips, _default_shape(chip, chips))
 
@@ -112,7 +109,7 @@ def parse_topology(name: str) -> Slice:
 def topology_devices(slice_: Slice) -> list:
     """The jax devices of `slice_`, from libtpu, with no TPU attached."""
     if importlib.util.find_spec("libtpu") is None:
-        raise AotError("mgpt.aot needs libtpu to compile for TPUs: pip install -e '.[tpu]'")
+        raise UserError("mgpt.aot needs libtpu to compile for TPUs: pip install -e '.[tpu]'")
     # libtpu otherwise asks the GCE metadata server which TPU this VM has, and warns at length
     # when there is none. A real TPU VM's own settings are kept.
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
@@ -130,10 +127,10 @@ def topology_devices(slice_: Slice) -> list:
         )
     except Exception as e:  # libtpu's own words for a shape it does not make
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AotError(f"--topology={slice_.name}: libtpu cannot describe {slice_.topology_name} ({first})") from None
+        raise UserError(f"--topology={slice_.name}: libtpu cannot describe {slice_.topology_name} ({first})") from None
     devices = list(topology.devices)
     if len(devices) != slice_.chips:
-        raise AotError(f"--topology={slice_.name}: libtpu gave {len(devices)} devices for {slice_.chips} chips")
+        raise UserError(f"--topology={slice_.name}: libtpu gave {len(devices)} devices for {slice_.chips} chips")
     return devices
 
 
@@ -416,11 +413,8 @@ class DoesNotFit(Exception):
 def compile_for(config, slice_: Slice) -> Report:
     """Compiles the trainer's train and eval steps of `config` for `slice_`; raises DoesNotFit."""
     devices = topology_devices(slice_)
-    try:
-        train_lib.validate(config)
-        mesh, table = train_lib.validate_devices(config, len(devices), 1, devices=devices)
-    except train_lib.ConfigError as e:
-        raise AotError(str(e)) from None
+    train_lib.validate(config)
+    mesh, table = train_lib.validate_devices(config, len(devices), 1, devices=devices)
     vocab_size = _vocab_size(config)
     s = train_lib.setup(config, vocab_size, mesh, table)
     t, seq_len = config.train, config.data.seq_len
@@ -491,7 +485,7 @@ def _one(config, config_name: str, topology: str) -> tuple[bool, str]:
     slice_ = parse_topology(topology)
     try:
         report = compile_for(config, slice_)
-    except AotError as e:  # the config itself does not suit this slice (e.g. the batch does not divide)
+    except UserError as e:  # the config itself does not suit this slice (e.g. the batch does not divide)
         print(e, file=sys.stderr)
         return False, f"| {config_name} | {slice_.name} | {slice_.chips} | {e} | {_gib(slice_.chip.hbm_bytes)} | no |"
     except DoesNotFit as e:
@@ -512,29 +506,25 @@ def _one(config, config_name: str, topology: str) -> tuple[bool, str]:
     return True, row
 
 
+@reported
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config, topologies = flags.FLAGS.config, [t for t in (_TOPOLOGY.value or "").split(",") if t]
     if config is None or not topologies:
-        print("usage: python -m mgpt.aot --config=configs/large.py --topology=v5e-256[,v4-32,...] "
-              "[--config.FIELD=VALUE]", file=sys.stderr)
-        sys.exit(2)
+        raise UserError("usage: python -m mgpt.aot --config=configs/large.py --topology=v5e-256[,v4-32,...] "
+                        "[--config.FIELD=VALUE]")
     # The host compiles; the TPU is only described. Without this jax would also try to
     # open the (absent) TPU as its default backend.
     jax.config.update("jax_platforms", "cpu")
     name = os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"]))
     rows, all_fit = [], True
-    try:
-        for i, topology in enumerate(topologies):
-            if i:
-                print()
-            fits, row = _one(config, name, topology)
-            all_fit &= fits
-            rows.append(row)
-    except AotError as e:
-        print(e, file=sys.stderr)
-        sys.exit(2)
+    for i, topology in enumerate(topologies):
+        if i:
+            print()
+        fits, row = _one(config, name, topology)
+        all_fit &= fits
+        rows.append(row)
     if len(rows) > 1:  # the summary, as the README's table
         print("\n| config | slice | chips | HBM per chip (peak of train, eval) | usable | fits |\n|---|---|---|---|---|---|")
         print("\n".join(rows))

@@ -23,12 +23,14 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from mgpt.errors import MissingInput
+
 ITEMS = ("params", "train_state", "data", "config", "vocab")
 T = TypeVar("T")
 
 
-class CheckpointError(FileNotFoundError):
-    """No checkpoint can be used. A FileNotFoundError, so every command's one-line handler prints it."""
+class CheckpointError(MissingInput):
+    """No checkpoint can be used (printed as one line, as every UserError)."""
 
 
 def _warn(message: str) -> None:
@@ -239,11 +241,11 @@ def locate(path: str | epath.PathLike, step: int | None = None) -> tuple[epath.P
     if step is None:
         steps = finalized_steps(root)
         if not steps:
-            raise FileNotFoundError(f"{path}: no checkpoints found")
+            raise MissingInput(f"{path}: no checkpoints found")
         step = steps[-1]
     folder = root / str(step)
     if not (folder / "params").exists() or not ocp.utils.is_checkpoint_finalized(folder):
-        raise FileNotFoundError(f"{path}: no complete checkpoint for step {step}")
+        raise MissingInput(f"{path}: no complete checkpoint for step {step}")
     return root, step
 
 

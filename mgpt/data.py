@@ -55,6 +55,7 @@ import grain
 import numpy as np
 
 from data_prep.vocab import Vocabulary
+from mgpt.errors import MissingInput
 
 SPLITS = ("train", "validation", "test")
 
@@ -81,12 +82,12 @@ def open_source(dataset_dir: str | os.PathLike, split: str, training_only: bool 
     try:
         builder = tfds.builder_from_directory(os.fspath(dataset_dir))
     except Exception as e:  # tfds raises several types for a missing/garbled directory
-        raise FileNotFoundError(f"{dataset_dir}: not a TFDS dataset directory ({e})") from None
+        raise MissingInput(f"{dataset_dir}: not a TFDS dataset directory ({e})") from None
     if split not in builder.info.splits:  # data_prep leaves out splits with no pieces
-        raise FileNotFoundError(f"{dataset_dir}: the dataset has no {split!r} split")
+        raise MissingInput(f"{dataset_dir}: the dataset has no {split!r} split")
     if "tfrecord" in str(builder.info.file_format).lower():  # grain needs random access
-        raise FileNotFoundError(f"{dataset_dir}: a TFRecord dataset, and training reads ArrayRecord; rebuild it "
-                                "with python -m data_prep.build --file_format=array_record")
+        raise MissingInput(f"{dataset_dir}: a TFRecord dataset, and training reads ArrayRecord; rebuild it "
+                           "with python -m data_prep.build --file_format=array_record")
     if training_only:
         raw = builder.as_data_source(split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
         return _TrainingRecords(raw)

@@ -50,6 +50,7 @@ import numpy as np
 from data_prep import notes as notes_lib
 from data_prep.vocab import UNKNOWN_STYLE, Vocabulary, normalize_label
 from mgpt import render
+from mgpt.errors import UserError, reported
 
 UNCONDITIONAL = "unconditional"
 ALL_STYLES = "all"
@@ -62,10 +63,6 @@ FALLBACK_MAX_NOTE_SECONDS = 8.0
 DEFAULT_BATCH_SIZE = 16  # rows per device per sampler call
 DEFAULT_MAX_COPY_SECONDS = 8.0  # the copy guard: longest span a piece may share with a training piece
 DEFAULT_COPY_TRIES = 4  # draws per piece (the first and up to three re-draws) before it is marked
-
-
-class UserError(ValueError):
-    """A mistake in the flags or input files; the command line prints it as one line."""
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -814,6 +811,7 @@ def run_command(f) -> pathlib.Path:
     return pathlib.Path(f.output_dir)
 
 
+@reported
 def main(argv: Sequence[str] | None = None) -> None:
     from absl import flags, logging
 
@@ -826,17 +824,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         rest = fv(argv)
     except flags.Error as e:
-        raise SystemExit(f"{e} (see python -m mgpt.generate --help)") from None
+        raise UserError(f"{e} (see python -m mgpt.generate --help)") from None
     if len(rest) > 1:
-        raise SystemExit(f"unexpected arguments: {rest[1:]}")
+        raise UserError(f"unexpected arguments: {rest[1:]}")
     logging.set_verbosity(logging.ERROR)  # orbax logs every file it reads, and warns that a restore is read-only
     # pydub (imported by note-seq) warns about ffmpeg, which only its audio export needs.
     warnings.filterwarnings("ignore", "Couldn't find ffmpeg", RuntimeWarning)
-    try:
-        path = run_command(fv)
-    except (UserError, FileNotFoundError, render.AudioToolsMissing) as e:
-        raise SystemExit(str(e)) from None
-    print(path)
+    print(run_command(fv))
 
 
 if __name__ == "__main__":

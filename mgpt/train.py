@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import functools
 import json
 import math
 import os
 import signal
-import sys
 import threading
-import time
 from typing import Any
 
 import jax
@@ -40,17 +36,14 @@ from data_prep.vocab import Vocabulary
 from mgpt import checkpoint as ckpt_lib
 from mgpt import mesh as mesh_lib
 from mgpt import monitor
-from mgpt.workdir_lock import WorkdirInUse, WorkdirLock
+from mgpt.errors import UserError, exit_disk_full, is_disk_full, not_disk_full, reported
+from mgpt.workdir_lock import WorkdirLock
 
 DEMO_DATASET_DIR = "data/music21_demo"
 
 
-class ConfigError(ValueError):
-    """A user mistake in the config or its inputs; printed as one line."""
-
-
 class NonFiniteLoss(RuntimeError):
-    pass
+    """The run diverged: a failure of the run, not of its inputs (exit code 1, one line)."""
 
 
 # ----------------------------------------------------------------------------- model
@@ -62,7 +55,7 @@ def _model_module(kind: str):
     elif kind == "lstm":
         from mgpt import lstm as module
     else:
-        raise ConfigError(f"config.model.kind: must be 'gpt' or 'lstm', got {kind!r}")
+        raise UserError(f"config.model.kind: must be 'gpt' or 'lstm', got {kind!r}")
     return module
 
 
@@ -73,7 +66,7 @@ def model_config(model_config: ml_collections.ConfigDict, vocab_size: int):
     try:
         return cls.from_config(model_config, vocab_size)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"config.{e}" if str(e).startswith("model.") else f"config.model: {e}") from None
+        raise UserError(f"config.{e}" if str(e).startswith("model.") else f"config.model: {e}") from None
 
 
 def build_model(model_cfg: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -111,11 +104,11 @@ def flops_per_token(model_cfg, vocab_size: int, seq_len: int, num_params: int) -
 
 def _check(ok: bool, field: str, why: str) -> None:
     if not ok:
-        raise ConfigError(f"config.{field}: {why}")
+        raise UserError(f"config.{field}: {why}")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Static checks, before any data or device work: one-line ConfigError naming the field."""
+    """Static checks, before any data or device work: one-line UserError naming the field."""
     d, t = config.data, config.train
 
     def integer(path: str, minimum: int = 1):
@@ -165,7 +158,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     try:
         mesh_lib.rule_table(config.mesh.rules)
     except (ValueError, TypeError) as e:
-        raise ConfigError(str(e) if str(e).startswith("config.") else f"config.mesh.rules: {e}") from None
+        raise UserError(str(e) if str(e).startswith("config.") else f"config.mesh.rules: {e}") from None
 
 
 def validate_devices(config, mesh_devices: int, process_count: int, devices=None):
@@ -180,7 +173,7 @@ def validate_devices(config, mesh_devices: int, process_count: int, devices=None
         field = "config.train.batch_size" if config.train.grad_accum == 1 else "config.train.batch_size / grad_accum"
         mesh_lib.check_batch(mesh, table, micro, process_count, field)
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        raise UserError(str(e)) from None
     return mesh, table
 
 
@@ -203,13 +196,13 @@ def maybe_initialize_distributed(dist: ml_collections.ConfigDict) -> None:
         if cluster is not None:
             # Falling back here would make every process of the job train alone, with the same
             # seed, into the same workdir.
-            raise ConfigError(
+            raise UserError(
                 f"config.distributed.initialize={dist.initialize!r}: a {cluster} cluster was detected but "
                 f"jax.distributed.initialize() failed ({first_line}); fix the cluster setup, or pass "
                 "--config.distributed.initialize=no to train this process alone"
             ) from None
         if dist.initialize == "yes":
-            raise ConfigError(f"config.distributed: jax.distributed.initialize() failed ({first_line})") from None
+            raise UserError(f"config.distributed: jax.distributed.initialize() failed ({first_line})") from None
         # 'auto' on a machine with no cluster environment: a single-process run.
 
 
@@ -262,9 +255,9 @@ def resolve_dataset(dataset_dir: str) -> epath.Path:
     if len(found) == 1:
         return found[0]
     if len(found) > 1:
-        raise ConfigError(f"config.data.dataset_dir={dataset_dir}: holds {len(found)} datasets "
+        raise UserError(f"config.data.dataset_dir={dataset_dir}: holds {len(found)} datasets "
                           f"({', '.join(map(str, found))}); give one of them")
-    raise ConfigError(
+    raise UserError(
         f"config.data.dataset_dir={dataset_dir}: no dataset there (build one with python -m data_prep.build)"
     )
 
@@ -310,14 +303,14 @@ def choose_vocab(dataset_path: epath.Path, workdir: epath.Path, init_from: str) 
                 raise ValueError(f"{run_vocab_path}: not valid JSON ({e})") from None
             run_vocab = Vocabulary.from_json(data, origin=str(run_vocab_path))
     except ValueError as e:
-        raise ConfigError(f"{e}; rebuild it or restore the original") from None
+        raise UserError(f"{e}; rebuild it or restore the original") from None
     if run_vocab is not None:
         return _same_events(run_vocab, dataset_vocab, dataset_path, f"the run in {workdir}")
     if init_from:
         try:
             root, step = ckpt_lib.locate(init_from)
         except FileNotFoundError:
-            raise ConfigError(f"config.init_from={init_from}: no checkpoints there (give a run's workdir)") from None
+            raise UserError(f"config.init_from={init_from}: no checkpoints there (give a run's workdir)") from None
         vocab = Vocabulary.from_json(ckpt_lib.read_json_item(root, step, "vocab"), origin=f"{init_from} vocab")
         return _same_events(vocab, dataset_vocab, dataset_path, f"config.init_from={init_from}")
     return dataset_vocab
@@ -332,7 +325,7 @@ def _same_events(vocab: Vocabulary, dataset_vocab: Vocabulary, dataset_path, own
     if not differ and vocab.tokens[:vocab.style_offset] != dataset_vocab.tokens[:dataset_vocab.style_offset]:
         differ = ["its event tokens differ"]
     if differ:
-        raise ConfigError(
+        raise UserError(
             f"config.data.dataset_dir={dataset_path}: its event vocabulary differs ({'; '.join(differ)}); "
             "use a dataset built with the same settings"
         )
@@ -628,7 +621,7 @@ def _check_warm_start(config, vocab_size: int, abstract_params) -> None:
         return
     fields = sorted(k for k in set(source) | set(config.model) if source.get(k) != config.model.get(k))
     differ = ", ".join(f"{k}={source.get(k)!r} there, {config.model.get(k)!r} here" for k in fields)
-    raise ConfigError(f"config.init_from={config.init_from}: its weights do not fit config.model ({differ})")
+    raise UserError(f"config.init_from={config.init_from}: its weights do not fit config.model ({differ})")
 
 
 def _check_same_model(workdir: epath.Path, config) -> None:
@@ -642,7 +635,7 @@ def _check_same_model(workdir: epath.Path, config) -> None:
     now = {**defaults, **json.loads(json.dumps(config.model.to_dict()))}
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if diff:
-        raise ConfigError(
+        raise UserError(
             f"config.model.{diff[0]}: {now.get(diff[0])!r} differs from the run in {workdir} "
             f"({saved.get(diff[0])!r}); use a new --workdir"
         )
@@ -702,7 +695,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
         val_source = None
         _print0(f"{e}: training without validation")
     if val_source is not None and len(val_source) < pc:  # found now, not at the first eval hours in
-        raise ConfigError(
+        raise UserError(
             f"config.data.dataset_dir={d.dataset_dir}: the validation split has {len(val_source)} pieces, fewer "
             f"than the {pc} hosts, and each host evaluates its own pieces; rebuild the dataset with a larger "
             "validation share (python -m data_prep.build --splits=TRAIN,VALIDATION,TEST)"
@@ -733,7 +726,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
         )
     except ValueError as e:
         fixed = " (fixed by the run's first start)" if saved_shards else ""
-        raise ConfigError(f"config.data.shards={num_shards}{fixed}, dataset {d.dataset_dir}: {e}") from None
+        raise UserError(f"config.data.shards={num_shards}{fixed}, dataset {d.dataset_dir}: {e}") from None
     train_iter = iter(train_ds)
     abstract = ckpt_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)
     restored = ckpts.restore_newest(abstract, train_iter, warn=_print0)  # a damaged newest step falls back
@@ -896,6 +889,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file,
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, config.json, vocab.json and TensorBoard logs go.")
 
 
+@reported
 def _parse_flags(argv):
     """absl's parse; an override naming no config field becomes one line naming the closest one."""
     try:
@@ -907,7 +901,7 @@ def _parse_flags(argv):
             message = None
         if message is None:
             raise
-        raise SystemExit(message) from None
+        raise UserError(message) from None
 
 
 def _unknown_override(argv) -> str | None:
@@ -942,52 +936,26 @@ def _unknown_override(argv) -> str | None:
     return None
 
 
+@reported
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None or not _WORKDIR.value:
-        raise SystemExit("usage: python -m mgpt.train --config=configs/tiny.py --workdir=DIR [--config.FIELD=VALUE]")
+        raise UserError("usage: python -m mgpt.train --config=configs/tiny.py --workdir=DIR [--config.FIELD=VALUE]")
     logging.set_verbosity(logging.WARNING)  # orbax and grain log every file they touch at INFO
     # A full disk is reported once, below, not by every orbax thread and asyncio task.
-    logging.get_absl_handler().addFilter(_not_disk_full)
+    logging.get_absl_handler().addFilter(not_disk_full)
     try:
         train(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, FileNotFoundError, NonFiniteLoss, WorkdirInUse) as e:
+    except NonFiniteLoss as e:
         raise SystemExit(str(e)) from None
     except Exception as e:
-        if not _is_disk_full(e):
+        if not is_disk_full(e):
             raise
-        _disk_full_reported.set()
-        # tensorboardX's exit-time flush and its thread fail on the same full disk.
-        sys.unraisablehook = threading.excepthook = lambda *_: None
         steps = ckpt_lib.finalized_steps(ckpt_lib.checkpoint_dir(_WORKDIR.value))
         last = f"step {steps[-1]}" if steps else "none yet"
-        raise SystemExit(f"disk full writing {_WORKDIR.value}: nothing complete was lost (last complete checkpoint: "
-                         f"{last}); free some space and re-run to resume") from None
-
-
-_NO_SPACE = "No space left on device"
-# Once the full disk is reported, orbax's threads keep failing as the process exits
-# ("cannot schedule new futures after shutdown"): nothing they say adds to that line.
-_disk_full_reported = threading.Event()
-
-
-def _is_disk_full(e: BaseException | None) -> bool:
-    """ENOSPC anywhere in the chain: orbax reports it as tensorstore's ValueError text."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or _NO_SPACE in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def _not_disk_full(record) -> bool:
-    if _disk_full_reported.is_set():
-        return False
-    return _NO_SPACE not in record.getMessage() and not (record.exc_info and _is_disk_full(record.exc_info[1]))
-
+        exit_disk_full(f"disk full writing {_WORKDIR.value}: nothing complete was lost (last complete checkpoint: "
+                       f"{last}); free some space and re-run to resume")
 
 if __name__ == "__main__":
     app.run(main, flags_parser=_parse_flags)

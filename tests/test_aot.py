@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from mgpt import aot
+from mgpt.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_libtpu = pytest.mark.skipif(
@@ -31,14 +32,14 @@ def test_slice_names_users_type_map_to_libtpu_topologies(name, chips, topology):
 
 @pytest.mark.parametrize("name", ["v3-8", "v4-12", "v4-2", "v5e", "v5e:2x2x2", "tpu-8"])
 def test_a_slice_name_that_does_not_exist_is_one_line_naming_the_flag(name):
-    with pytest.raises(aot.AotError, match=r"^--topology=") as e:
+    with pytest.raises(UserError, match=r"^--topology=") as e:
         aot.parse_topology(name)
     assert "\n" not in str(e.value)
 
 
 def test_without_libtpu_the_command_says_so_in_one_line(monkeypatch):
     monkeypatch.setattr(aot.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(aot.AotError, match=r"needs libtpu.*pip install -e '\.\[tpu\]'"):
+    with pytest.raises(UserError, match=r"needs libtpu.*pip install -e '\.\[tpu\]'"):
         aot.topology_devices(aot.parse_topology("v5e:2x2"))
 
 

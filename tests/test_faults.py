@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from data_prep import build, synthetic
+from mgpt.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = dict(progress=False, verbose=False)
@@ -311,7 +312,7 @@ def test_a_second_trainer_stops_at_once_naming_the_first(old_dataset, tmp_path):
             cwd=ROOT, capture_output=True, text=True, timeout=120,
         )
         lines = second.stderr.strip().splitlines()
-        assert second.returncode == 1 and len(lines) == 1, second.stderr[-3000:]
+        assert second.returncode == 2 and len(lines) == 1, second.stderr[-3000:]  # a user error
         assert f"pid {holder.pid} on host {socket.gethostname()}" in lines[0] and f"--workdir={workdir}" in lines[0]
         assert not (workdir / "checkpoints").exists() and not (workdir / "config.json").exists()
     finally:
@@ -336,11 +337,11 @@ def test_dataset_dir_may_be_the_build_output_dir_and_anything_else_is_one_line(o
     (tmp_path / "empty").mkdir()
     (tmp_path / "file").write_text("not a dataset")
     for bad in (tmp_path / "empty", tmp_path / "file", tmp_path / "missing"):
-        with pytest.raises(train.ConfigError, match=f"config.data.dataset_dir={bad}: no dataset there"):
+        with pytest.raises(UserError, match=f"config.data.dataset_dir={bad}: no dataset there"):
             train.resolve_dataset(str(bad))
     _copy(build.dataset_path(old_dataset), tmp_path / "two" / "a")
     _copy(build.dataset_path(old_dataset), tmp_path / "two" / "b")
-    with pytest.raises(train.ConfigError, match="holds 2 datasets"):
+    with pytest.raises(UserError, match="holds 2 datasets"):
         train.resolve_dataset(str(tmp_path / "two"))
 
 
@@ -363,7 +364,7 @@ def test_resume_refuses_a_dataset_whose_ids_mean_other_events(tiny_run, old_data
     from mgpt import train
 
     workdir, data = _workdir_with_dataset(tiny_run, old_dataset, tmp_path, **settings)
-    with pytest.raises(train.ConfigError, match=named) as e:
+    with pytest.raises(UserError, match=named) as e:
         train.train(_tiny_config(data, steps=6), str(workdir))
     assert "\n" not in str(e.value)
 
@@ -374,11 +375,11 @@ def test_a_tampered_vocab_json_is_one_line(tiny_run, old_dataset, tmp_path):
     workdir, data = _workdir_with_dataset(tiny_run, old_dataset, tmp_path)
     vocab_json = workdir / "vocab.json"
     vocab_json.write_text(vocab_json.read_text().replace('"NOTE_ON:60"', '"NOTE_ON:61"'))
-    with pytest.raises(train.ConfigError, match=f"{vocab_json}: token list does not match") as e:
+    with pytest.raises(UserError, match=f"{vocab_json}: token list does not match") as e:
         train.train(_tiny_config(data, steps=6), str(workdir))
     assert "\n" not in str(e.value)
     vocab_json.write_text('{"tokens": [')
-    with pytest.raises(train.ConfigError, match=f"{vocab_json}: not valid JSON"):
+    with pytest.raises(UserError, match=f"{vocab_json}: not valid JSON"):
         train.train(_tiny_config(data, steps=6), str(workdir))
 
 
@@ -433,7 +434,7 @@ def test_disk_full_while_building_is_one_line(small_disk, tmp_path):
 def test_a_misspelled_config_field_names_the_closest_one(tmp_path):
     out = subprocess.run([sys.executable, "-m", "mgpt.train", "--config=configs/tiny.py", f"--workdir={tmp_path}",
                           "--config.train.stepz=3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1
+    assert out.returncode == 2  # a user error
     assert out.stderr.strip().splitlines() == [
         "--config.train.stepz: configs/tiny.py has no field train.stepz; did you mean --config.train.steps?"
     ]

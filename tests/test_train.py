@@ -15,6 +15,7 @@ import pytest
 from configs import tiny
 from mgpt import checkpoint as ckpt_lib
 from mgpt import train
+from mgpt.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -165,7 +166,7 @@ def test_warm_start_from_a_different_model_names_the_fields(dataset, tiny_run, t
     c = _config(dataset)
     c.init_from = workdir
     c.model.mlp_dim = 96
-    with pytest.raises(train.ConfigError, match=r"config\.init_from=.*do not fit config\.model \(mlp_dim=128 there, 96 here\)"):
+    with pytest.raises(UserError, match=r"config\.init_from=.*do not fit config\.model \(mlp_dim=128 there, 96 here\)"):
         train.train(c, str(tmp_path))
 
 
@@ -192,10 +193,10 @@ def test_scanned_layers_resume_from_their_own_layout_without_recompiling(dataset
     assert config.model.scan_layers and model.blocks.attn.qkv.shape[0] == c.model.num_layers
     # Another layout for the same workdir, or for a warm start from it, is one line naming the field.
     c.model.scan_layers = False
-    with pytest.raises(train.ConfigError, match=r"^config\.model\.scan_layers: False differs from the run in"):
+    with pytest.raises(UserError, match=r"^config\.model\.scan_layers: False differs from the run in"):
         train.train(c, str(tmp_path / "w"))
     c.init_from = str(tmp_path / "w")
-    with pytest.raises(train.ConfigError, match=r"do not fit config\.model \(scan_layers=True there, False here\)$"):
+    with pytest.raises(UserError, match=r"do not fit config\.model \(scan_layers=True there, False here\)$"):
         train.train(c, str(tmp_path / "fresh"))
 
 
@@ -208,7 +209,7 @@ def test_a_run_written_before_a_model_field_existed_resumes_with_its_default(tmp
     (tmp_path / "config.json").write_text(json.dumps({"model": written}))
     train._check_same_model(epath.Path(tmp_path), c)  # the default: the same unrolled layout
     c.model.scan_layers = True
-    with pytest.raises(train.ConfigError, match=r"^config\.model\.scan_layers: True differs .* \(False\)"):
+    with pytest.raises(UserError, match=r"^config\.model\.scan_layers: True differs .* \(False\)"):
         train._check_same_model(epath.Path(tmp_path), c)
 
 
@@ -239,7 +240,7 @@ def test_config_validation_names_the_field(field, value, message):
     c = tiny.get_config()
     section, name = field.split(".")
     c[section][name] = value
-    with pytest.raises(train.ConfigError, match=message.replace(".", r"\.")):
+    with pytest.raises(UserError, match=message.replace(".", r"\.")):
         train.validate(c)
 
 
@@ -260,7 +261,7 @@ def test_a_detected_cluster_that_fails_to_connect_stops_instead_of_training_alon
     assert train.cluster_environment() == "SlurmCluster"
     error = jax.errors.JaxRuntimeError("DEADLINE_EXCEEDED: Barrier timed out\nlong coordinator trace")
     monkeypatch.setattr(jax.distributed, "initialize", _failing_initialize(error))
-    with pytest.raises(train.ConfigError) as e:
+    with pytest.raises(UserError) as e:
         train.maybe_initialize_distributed(tiny.get_config().distributed)
     assert "\n" not in str(e.value) and "SlurmCluster cluster was detected" in str(e.value)
     assert "DEADLINE_EXCEEDED: Barrier timed out" in str(e.value)
@@ -289,7 +290,7 @@ def test_a_validation_split_smaller_than_the_host_count_stops_at_start_up(datase
     monkeypatch.setattr(data_lib, "open_source",
                         lambda path, split, **kw: [real_open(path, split, **kw)[0]] if split == "validation"
                         else real_open(path, split, **kw))
-    with pytest.raises(train.ConfigError, match="the validation split has 1 pieces, fewer than the 2 hosts"):
+    with pytest.raises(UserError, match="the validation split has 1 pieces, fewer than the 2 hosts"):
         train.train(_config(dataset), str(tmp_path / "w"))
     assert not (tmp_path / "w" / "checkpoints").exists(), "stopped before any step"
 
@@ -297,7 +298,7 @@ def test_a_validation_split_smaller_than_the_host_count_stops_at_start_up(datase
 def test_data_shards_that_do_not_split_the_batch_are_named(dataset, tmp_path):
     c = _config(dataset)
     c.data.shards = 3
-    with pytest.raises(train.ConfigError, match=r"^config.data.shards=3, dataset .*: this host's 8 rows per batch "
+    with pytest.raises(UserError, match=r"^config.data.shards=3, dataset .*: this host's 8 rows per batch "
                                                 r"do not split over its 3 data shards$"):
         train.train(c, str(tmp_path))
 
@@ -305,13 +306,13 @@ def test_data_shards_that_do_not_split_the_batch_are_named(dataset, tmp_path):
 def test_mesh_that_does_not_divide_the_devices_is_named():
     c = tiny.get_config()
     c.mesh.fsdp = 3
-    with pytest.raises(train.ConfigError, match=r"config\.mesh: .*fsdp=3.*devices"):
+    with pytest.raises(UserError, match=r"config\.mesh: .*fsdp=3.*devices"):
         train.validate_devices(c, jax.device_count(), 1)
 
 
 def test_cli_prints_one_line_for_a_bad_config(tmp_path):
     out = _cli("--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.train.batch_size=0")
-    assert out.returncode == 1
+    assert out.returncode == 2  # a user error
     assert out.stderr.strip().splitlines() == ["config.train.batch_size: must be an integer >= 1, got 0"]
 
 
@@ -343,6 +344,7 @@ _EIGHT_DEVICES = textwrap.dedent(
     import ml_collections
     from configs import tiny, large
     from mgpt import checkpoint as ckpt_lib, mesh as mesh_lib, train
+    from mgpt.errors import UserError
 
     out = {}
     c = tiny.get_config()
@@ -376,7 +378,7 @@ _EIGHT_DEVICES = textwrap.dedent(
     c.train.batch_size = 6
     try:
         train.validate_devices(c, 8, 1)
-    except train.ConfigError as e:
+    except UserError as e:
         out["batch_error"] = str(e)
 
     big = large.get_config()

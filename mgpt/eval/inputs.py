@@ -1,7 +1,6 @@
 """What every evaluation section reads: real pieces, generated pieces, models, options.
 
-Also the evaluation's one error type and `jsonable`, which every section's dict goes
-through before it is written as JSON.
+Also `jsonable`, which every section's dict goes through before it is written as JSON.
 """
 
 from __future__ import annotations
@@ -19,10 +18,7 @@ from flax import nnx
 from data_prep import notes as notes_lib
 from data_prep.notes import Notes
 from data_prep.vocab import UNKNOWN_STYLE, Vocabulary, normalize_label
-
-
-class UserError(ValueError):
-    """A mistake in the flags or inputs; printed as one line."""
+from mgpt.errors import UserError
 
 
 @dataclasses.dataclass
@@ -153,12 +149,11 @@ def model_from_run(name: str, workdir: str) -> tuple[Model, Vocabulary, object]:
 
 def resolve_dataset(dataset_dir: str) -> pathlib.Path:
     """The dataset folder a run or --dataset_dir names (built on demand, as the trainer does)."""
-    from mgpt.train import ConfigError
     from mgpt.train import resolve_dataset as resolve
 
     try:
         return pathlib.Path(str(resolve(dataset_dir)))
-    except ConfigError as e:
+    except UserError as e:  # it names config.data.dataset_dir: say which flag gave it
         raise UserError(f"--dataset_dir: {e}") from None
 
 
