@@ -293,7 +293,7 @@ class Report:
     eval: Memory
     flops_per_chip: float  # one train step: its matmuls, loops counted per iteration (matmul_flops)
     xla_flops_per_chip: float  # one train step, XLA's cost analysis (a loop body once)
-    estimate_per_chip: float  # one train step, 6 N_matmul + attention (mgpt.model.flops_per_token)
+    estimate_per_chip: float  # one train step, 6 N_matmul + attention (ModelConfig.flops_per_token)
     six_n_per_chip: float  # one train step, 6 x parameters x tokens
     collectives: dict
     compile_seconds: dict  # {'train', 'eval'}: wall-clock seconds
@@ -442,7 +442,7 @@ def compile_for(config, slice_: Slice) -> Report:
         cpu_seconds[name] = time.process_time() - start_cpu
 
     tokens = t.batch_size * seq_len
-    fpt = train_lib.flops_per_token(config.model, vocab_size, seq_len, s.num_params)
+    fpt = s.model_config.flops_per_token(seq_len)
     return Report(
         slice=slice_,
         mesh_shape=dict(mesh.shape),

@@ -35,7 +35,7 @@ from ml_collections import config_flags
 from data_prep.vocab import Vocabulary
 from mgpt import checkpoint as ckpt_lib
 from mgpt import mesh as mesh_lib
-from mgpt import monitor
+from mgpt import models, monitor
 from mgpt.errors import UserError, exit_disk_full, is_disk_full, not_disk_full, reported
 from mgpt.workdir_lock import WorkdirLock
 
@@ -44,59 +44,6 @@ DEMO_DATASET_DIR = "data/music21_demo"
 
 class NonFiniteLoss(RuntimeError):
     """The run diverged: a failure of the run, not of its inputs (exit code 1, one line)."""
-
-
-# ----------------------------------------------------------------------------- model
-
-
-def _model_module(kind: str):
-    if kind == "gpt":
-        from mgpt import model as module
-    elif kind == "lstm":
-        from mgpt import lstm as module
-    else:
-        raise UserError(f"config.model.kind: must be 'gpt' or 'lstm', got {kind!r}")
-    return module
-
-
-def model_config(model_config: ml_collections.ConfigDict, vocab_size: int):
-    """config.model -> the dataclass config of its kind (ModelConfig or LSTMConfig)."""
-    module = _model_module(model_config.kind)
-    cls = module.ModelConfig if model_config.kind == "gpt" else module.LSTMConfig
-    try:
-        return cls.from_config(model_config, vocab_size)
-    except (ValueError, TypeError) as e:
-        raise UserError(f"config.{e}" if str(e).startswith("model.") else f"config.model: {e}") from None
-
-
-def build_model(model_cfg: ml_collections.ConfigDict, vocab_size: int, rngs: nnx.Rngs) -> nnx.Module:
-    """The model config.model describes; called as `model(tokens_BxL) -> logits_BxLxV`."""
-    cfg = model_config(model_cfg, vocab_size)
-    if model_cfg.kind == "lstm":
-        from mgpt.lstm import LSTMLM
-
-        return LSTMLM(cfg, rngs=rngs)
-    from mgpt.model import GPT
-
-    return GPT(cfg, rngs=rngs)
-
-
-def _abstract_model(model_cfg, vocab_size: int):
-    # Sharding is ours to place: build without eager sharding so no mesh is needed here.
-    with nnx.use_eager_sharding(False):
-        return nnx.eval_shape(lambda: build_model(model_cfg, vocab_size, nnx.Rngs(0)))
-
-
-def param_count(abstract_params) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
-
-
-def flops_per_token(model_cfg, vocab_size: int, seq_len: int, num_params: int) -> float:
-    """Training FLOPs per token: the model module's own count, else 6N."""
-    module = _model_module(model_cfg.kind)
-    if hasattr(module, "flops_per_token"):
-        return float(module.flops_per_token(model_config(model_cfg, vocab_size), seq_len))
-    return 6.0 * num_params
 
 
 # ----------------------------------------------------------------------------- config
@@ -131,7 +78,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1,
            "data.style_dropout", f"must be a share in [0, 1), got {dropout!r}")
 
-    cfg = model_config(config.model, vocab_size=1)
+    cfg = models.model_config(config.model, vocab_size=1)
     if hasattr(cfg, "max_len"):
         _check(cfg.max_len >= d.seq_len, "model.max_len", f"{cfg.max_len} is shorter than data.seq_len={d.seq_len}")
 
@@ -453,22 +400,24 @@ class Setup:
     batch_sharding: jax.sharding.NamedSharding
     tx: optax.GradientTransformation
     init_fn: Any
+    model_config: Any  # config.model as its kind's dataclass (models.KINDS)
     num_params: int
 
 
 def setup(config, vocab_size: int, mesh, table) -> Setup:
     """Abstract train state and its shardings, via jax.eval_shape over init."""
     tx = make_optimizer(config.train)
-    abstract_model = _abstract_model(config.model, vocab_size)
-    graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
+    abstract_model = models.abstract_model(config.model, vocab_size)
+    graphdef, _, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
     if jax.tree.leaves(abstract_rest):
         raise NotImplementedError("models with non-parameter state are not supported by the trainer")
     rest = abstract_rest  # empty: passed to the step as an argument, never a baked-in constant
+    model_config = models.model_config(config.model, vocab_size)
 
     def init_fn(seed):
         key = jax.random.PRNGKey(seed)
         with nnx.use_eager_sharding(False):
-            model = build_model(config.model, vocab_size, nnx.Rngs(params=key))
+            model = models.build_model(config.model, vocab_size, nnx.Rngs(params=key))
         params = nnx.state(model, nnx.Param)
         return {
             "params": params,
@@ -490,7 +439,8 @@ def setup(config, vocab_size: int, mesh, table) -> Setup:
         batch_sharding=mesh_lib.batch_sharding(mesh, table, micro),
         tx=tx,
         init_fn=init_fn,
-        num_params=param_count(abstract_params),
+        model_config=model_config,
+        num_params=model_config.num_params(),
     )
 
 
@@ -614,7 +564,7 @@ def _check_warm_start(config, vocab_size: int, abstract_params) -> None:
     """One line naming the model fields that differ when init_from's weights don't fit config.model."""
     root, step = ckpt_lib.locate(config.init_from)
     source = ml_collections.ConfigDict(ckpt_lib.read_json_item(root, step, "config")).model
-    source_params = nnx.state(_abstract_model(source, vocab_size), nnx.Param)
+    source_params = nnx.state(models.abstract_model(source, vocab_size), nnx.Param)
     shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)
     same_tree = jax.tree.structure(source_params) == jax.tree.structure(abstract_params)
     if same_tree and shapes(source_params) == shapes(abstract_params):
@@ -629,7 +579,7 @@ def _check_same_model(workdir: epath.Path, config) -> None:
     if not path.exists():
         return
     # A field added since the run was written (e.g. scan_layers) had its default then.
-    fields = dataclasses.fields(type(model_config(config.model, vocab_size=1)))
+    fields = dataclasses.fields(type(models.model_config(config.model, vocab_size=1)))
     defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
     saved = {**defaults, **json.loads(path.read_text()).get("model", {})}
     now = {**defaults, **json.loads(json.dumps(config.model.to_dict()))}
@@ -672,7 +622,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
     vocab = choose_vocab(dataset_path, workdir, config.init_from)
     s = setup(config, vocab.size, mesh, table)
     seq_len = d.seq_len
-    fpt = flops_per_token(config.model, vocab.size, seq_len, s.num_params)
+    fpt = s.model_config.flops_per_token(seq_len)
     state_bytes = mesh_lib.bytes_per_device(s.abstract_state, s.state_shardings)
     _print0(
         f"model: {config.model.kind}, {s.num_params:,} parameters, {fpt / 1e6:.1f} MFLOPs/token (train), "
@@ -871,7 +821,7 @@ def restore_model(workdir: str, step: int | None = None) -> tuple[nnx.Module, Vo
     def load(root, at_step):
         config = ml_collections.ConfigDict(ckpt_lib.read_json_item(root, at_step, "config"))
         vocab = Vocabulary.from_json(ckpt_lib.read_json_item(root, at_step, "vocab"), origin=f"{root}/{at_step}/vocab")
-        graphdef, abstract_params, rest = nnx.split(_abstract_model(config.model, vocab.size), nnx.Param, ...)
+        graphdef, abstract_params, rest = nnx.split(models.abstract_model(config.model, vocab.size), nnx.Param, ...)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_params)
         params, _ = ckpt_lib.restore_params(root, at_step, target)

@@ -126,7 +126,7 @@ def test_matmul_flops_count_each_scanned_layer_and_microbatch():
         step = train.make_train_step(s.graphdef, s.tx, c.train, s.batch_sharding)
         flops = aot.matmul_flops(jax.make_jaxpr(step)(state, s.rest, batch))
         tokens = c.train.batch_size * c.data.seq_len
-        return flops / (train.flops_per_token(c.model, 100, c.data.seq_len, s.num_params) * tokens)
+        return flops / (s.model_config.flops_per_token(c.data.seq_len) * tokens)
 
     assert counted(scan_layers=True) == pytest.approx(1.0, rel=1e-9)
     assert counted(scan_layers=False) == pytest.approx(1.0, rel=1e-9)

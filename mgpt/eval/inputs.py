@@ -11,9 +11,7 @@ import os
 import pathlib
 from collections.abc import Sequence
 
-import jax
 import numpy as np
-from flax import nnx
 
 from data_prep import notes as notes_lib
 from data_prep.notes import Notes
@@ -134,16 +132,14 @@ def training_tokens(config, step: int) -> int:
     return int(step) * int(config.train.batch_size) * int(config.data.seq_len)
 
 
-def count_params(model) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
-
-
 def model_from_run(name: str, workdir: str) -> tuple[Model, Vocabulary, object]:
     """(Model, its vocabulary, its config) of a trained run's latest checkpoint."""
+    from mgpt import models
     from mgpt.train import restore_model
 
     model, vocab, config, step = restore_model(workdir)
-    return Model(name, model, vocab, int(config.data.seq_len), count_params(model), training_tokens(config, step),
+    params = models.model_config(config.model, vocab.size).num_params()
+    return Model(name, model, vocab, int(config.data.seq_len), params, training_tokens(config, step),
                  step, str(workdir)), vocab, config
 
 
