@@ -31,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from mgpt import config as config_lib  # noqa: E402
 from mgpt import mesh as mesh_lib  # noqa: E402
 from mgpt import models, monitor  # noqa: E402
 from mgpt import train  # noqa: E402
@@ -41,7 +42,7 @@ CPU_DEFAULTS = {"small": (256, 16), "base": (256, 2)}
 
 def jax_stepper(config, vocab_size: int):
     """A function running mgpt's train step once (blocking), on this machine's devices."""
-    mesh, table = train.validate_devices(config, jax.device_count(), 1)
+    mesh, table = config_lib.validate_devices(config, jax.device_count(), 1)
     s = train.setup(config, vocab_size, mesh, table)
     state = jax.jit(s.init_fn, static_argnums=0, out_shardings=s.state_shardings)(0)
     step_fn = train.compile_train_step(s, config)

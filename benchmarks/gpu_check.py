@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from flax import nnx  # noqa: E402
 
 from data_prep.vocab import Vocabulary  # noqa: E402
+from mgpt import config as config_lib  # noqa: E402
 from mgpt import models, monitor, train  # noqa: E402
 from mgpt.model import GPT  # noqa: E402
 
@@ -87,7 +88,7 @@ def train_mfu(plan: dict, vocab_size: int, on_gpu: bool) -> dict:
     chosen, tried = None, []
     for batch in plan["train_batches"]:
         c = _config(plan["config"], plan["seq_len"], batch, on_gpu)
-        mesh, table = train.validate_devices(c, jax.device_count(), 1)
+        mesh, table = config_lib.validate_devices(c, jax.device_count(), 1)
         s = train.setup(c, vocab_size, mesh, table)
         abstract = ckpt_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)
         rows = {k: jax.ShapeDtypeStruct((batch, plan["seq_len"]), np.float32 if k == "mask" else np.int32,

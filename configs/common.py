@@ -6,6 +6,8 @@ optimizer updates; a batch is the global batch over all hosts and devices.
 
 import ml_collections
 
+from data_prep.build import DEMO_DIR
+
 # Logical axis -> mesh axes. 'batch' shards the data; the others place parameters
 # (and the optimizer moments, which follow their parameter).
 DEFAULT_RULES = (
@@ -26,7 +28,7 @@ def base() -> ml_collections.ConfigDict:
     c.init_from = ""  # warm start: a workdir (or its checkpoints/ or one step dir) to take weights from
 
     c.data = ml_collections.ConfigDict()
-    c.data.dataset_dir = "data/music21_demo"  # TFDS dir; the default is built on first use
+    c.data.dataset_dir = DEMO_DIR  # TFDS dir; the default is built on first use
     c.data.seq_len = 512  # events per training row (the model sees seq_len, predicts seq_len)
     c.data.transpose = 5  # train-time random transposition in [-transpose, +transpose] semitones
     c.data.style_dropout = 0.0  # share of training segments conditioned on STYLE:unknown (for --guidance)

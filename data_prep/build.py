@@ -59,7 +59,7 @@ STRETCH_FACTORS = (0.95, 0.975, 1.025, 1.05)
 # Renaissance polyphony, British/Irish dance tunes, German songs), about 100k events
 # each, small enough to build in about two minutes on two cores.
 DEMO_SOURCES = ("music21:bach:135,palestrina:85,ryansMammoth:80,oneills1850:80,essenFolksong:580",)
-DEMO_DIR = "data/music21_demo"
+DEMO_DIR = "data/music21_demo"  # the demo's dataset: configs/common.py trains on it, mgpt.data builds it on first use
 
 
 def dataset_path(output_dir: str | os.PathLike) -> pathlib.Path:

@@ -30,7 +30,8 @@ from ml_collections import config_flags
 
 from data_prep.vocab import Vocabulary
 from mgpt import checkpoint as ckpt_lib
-from mgpt import train as train_lib
+from mgpt import config as config_lib
+from mgpt import train as train_lib  # this command compiles the trainer's own steps
 from mgpt.errors import UserError, reported
 
 GiB = 2**30
@@ -413,8 +414,8 @@ class DoesNotFit(Exception):
 def compile_for(config, slice_: Slice) -> Report:
     """Compiles the trainer's train and eval steps of `config` for `slice_`; raises DoesNotFit."""
     devices = topology_devices(slice_)
-    train_lib.validate(config)
-    mesh, table = train_lib.validate_devices(config, len(devices), 1, devices=devices)
+    config_lib.validate(config)
+    mesh, table = config_lib.validate_devices(config, len(devices), 1, devices=devices)
     vocab_size = _vocab_size(config)
     s = train_lib.setup(config, vocab_size, mesh, table)
     t, seq_len = config.train, config.data.seq_len
@@ -475,7 +476,8 @@ def _vocab_size(config) -> int:
 
 # ----------------------------------------------------------------------------- command line
 
-# The trainer defines --config (mgpt.train); this command takes the same flag.
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/large.py.",
+                                          lock_config=True)
 _TOPOLOGY = flags.DEFINE_string(
     "topology", None, "TPU slice(s), comma-separated: v5e-256, v4-32, v5p-32, v6e-8, or v5e:2x2.")
 
@@ -510,7 +512,7 @@ def _one(config, config_name: str, topology: str) -> tuple[bool, str]:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config, topologies = flags.FLAGS.config, [t for t in (_TOPOLOGY.value or "").split(",") if t]
+    config, topologies = _CONFIG.value, [t for t in (_TOPOLOGY.value or "").split(",") if t]
     if config is None or not topologies:
         raise UserError("usage: python -m mgpt.aot --config=configs/large.py --topology=v5e-256[,v4-32,...] "
                         "[--config.FIELD=VALUE]")

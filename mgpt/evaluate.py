@@ -58,7 +58,8 @@ from mgpt.eval.report import evaluate
 
 
 def define_flags(fv):
-    """Flags on their own FlagValues: mgpt.train defines --workdir on absl's global FLAGS."""
+    """Flags on their own FlagValues: mgpt.generate, whose library this command uses, has
+    flags of the same names."""
     from absl import flags
 
     from mgpt import generate

@@ -342,11 +342,11 @@ def read_run_info(workdir: str, step: int | None = None) -> tuple[Vocabulary, di
 
 def load_run(workdir: str, step: int | None = None) -> Run:
     """A run's checkpoint (latest, or `step`) loaded for sampling."""
-    from mgpt.train import restore_model
+    from mgpt.checkpoint import restore_model
 
     _, config, _ = read_run_info(workdir, step)
     kind = config.get("model", {}).get("kind", "gpt")
-    if kind != "gpt":
+    if kind != "gpt":  # the sampler's KV-cache decode is mgpt.model.GPT's
         raise UserError(f"{workdir}: model.kind={kind!r}; the sampler supports 'gpt' only")
     model, vocab, config, step = restore_model(workdir, step)
     dataset = local_dataset(config)
@@ -726,8 +726,8 @@ def write_gallery(output_dir: str | os.PathLike, title: str | None = None) -> pa
 
 
 def define_flags(fv):
-    """The command's flags, on their own FlagValues `fv`: mgpt.train defines --workdir on absl's
-    global FLAGS when imported, and generate imports it."""
+    """The command's flags, on their own FlagValues `fv`: mgpt.evaluate, which imports this
+    module, defines flags of the same names for itself."""
     from absl import flags
 
     kw = {"flag_values": fv}
@@ -787,14 +787,11 @@ def run_command(f) -> pathlib.Path:
     if f.primer:
         load_primer(f.primer, vocab, f.primer_seconds)
     _check_output_dir(f.output_dir)
-    if f.distributed != "no":
-        import ml_collections
-
-        from mgpt.train import maybe_initialize_distributed
-
-        maybe_initialize_distributed(ml_collections.ConfigDict(
-            {"initialize": "auto", "coordinator_address": "", "num_processes": 0, "process_id": -1}))
     import jax
+
+    from mgpt import mesh
+
+    mesh.maybe_initialize_distributed(f.distributed)
 
     run = load_run(f.workdir, f.checkpoint_step)
     generate_corpus(

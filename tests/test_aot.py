@@ -113,13 +113,14 @@ def test_matmul_flops_count_each_scanned_layer_and_microbatch():
 
     from configs import tiny
     from mgpt import checkpoint as ckpt_lib
+    from mgpt import config as config_lib
     from mgpt import train
 
     def counted(**model):
         c = tiny.get_config()
         c.model.update(model)
         c.train.grad_accum = 2
-        mesh, table = train.validate_devices(c, 1, 1)
+        mesh, table = config_lib.validate_devices(c, 1, 1)
         s = train.setup(c, 100, mesh, table)
         state = ckpt_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)
         batch = train.abstract_batch(c.train.batch_size, c.data.seq_len, s.batch_sharding)

@@ -240,14 +240,14 @@ def test_resume_refuses_in_one_line_when_no_step_restores_and_renames_nothing(ol
 
 def test_inference_falls_back_and_refuses_only_when_nothing_restores(tiny_run, tmp_path, capsys):
     from mgpt import checkpoint as ckpt_lib
-    from mgpt import generate, train
+    from mgpt import generate
 
     workdir = _copy(tiny_run[0], tmp_path / "w")
     _truncate_params(workdir / "checkpoints" / "4")
     (workdir / "checkpoints" / "2" / "config" / "metadata").write_text("{not json")
     # Step 2's config is damaged too: nothing of steps 4 and 2 restores.
     with pytest.raises(ckpt_lib.CheckpointError) as e:
-        train.restore_model(str(workdir))
+        ckpt_lib.restore_model(str(workdir))
     assert "\n" not in str(e.value) and "no checkpoint step restores" in str(e.value)
 
     _copy(tiny_run[0] / "checkpoints" / "2", tmp_path / "good2")
@@ -256,11 +256,11 @@ def test_inference_falls_back_and_refuses_only_when_nothing_restores(tiny_run, t
     shutil.rmtree(workdir / "checkpoints" / "2")
     shutil.copytree(tmp_path / "good2", workdir / "checkpoints" / "2")
     capsys.readouterr()
-    _, _, _, step = train.restore_model(str(workdir))
+    _, _, _, step = ckpt_lib.restore_model(str(workdir))
     err = capsys.readouterr().err.strip().splitlines()
     assert step == 2 and len(err) == 1 and "step 4" in err[0] and "using step 2" in err[0]
     (workdir / "checkpoints" / "4" / "vocab" / "metadata").write_text('{"tokens": 7}')  # tampered
-    assert generate.read_run_info(str(workdir))[2] == 2 and train.restore_model(str(workdir))[3] == 2
+    assert generate.read_run_info(str(workdir))[2] == 2 and ckpt_lib.restore_model(str(workdir))[3] == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "vocab" in err[0] and "using step 2" in err[0], "said once, though looked up twice"
     with pytest.raises(SystemExit) as e:  # a step asked for by name is never swapped for another
@@ -330,19 +330,19 @@ def test_a_second_trainer_stops_at_once_naming_the_first(old_dataset, tmp_path):
 
 
 def test_dataset_dir_may_be_the_build_output_dir_and_anything_else_is_one_line(old_dataset, tmp_path):
-    from mgpt import train
+    from mgpt import data as data_lib
 
-    assert train.resolve_dataset(str(old_dataset)) == build.dataset_path(old_dataset)
-    assert train.resolve_dataset(str(old_dataset / build.DATASET_NAME)) == build.dataset_path(old_dataset)
+    assert data_lib.resolve_dataset(str(old_dataset)) == build.dataset_path(old_dataset)
+    assert data_lib.resolve_dataset(str(old_dataset / build.DATASET_NAME)) == build.dataset_path(old_dataset)
     (tmp_path / "empty").mkdir()
     (tmp_path / "file").write_text("not a dataset")
     for bad in (tmp_path / "empty", tmp_path / "file", tmp_path / "missing"):
         with pytest.raises(UserError, match=f"config.data.dataset_dir={bad}: no dataset there"):
-            train.resolve_dataset(str(bad))
+            data_lib.resolve_dataset(str(bad))
     _copy(build.dataset_path(old_dataset), tmp_path / "two" / "a")
     _copy(build.dataset_path(old_dataset), tmp_path / "two" / "b")
     with pytest.raises(UserError, match="holds 2 datasets"):
-        train.resolve_dataset(str(tmp_path / "two"))
+        data_lib.resolve_dataset(str(tmp_path / "two"))
 
 
 def _workdir_with_dataset(tiny_run, old_dataset, tmp_path, **vocab_settings):
@@ -464,7 +464,7 @@ def test_a_read_only_output_dir_is_one_line(tmp_path):
 def test_workdir_json_files_change_only_by_one_rename(tmp_path, monkeypatch):
     from etils import epath
 
-    from mgpt import train
+    from mgpt import checkpoint as ckpt_lib
 
     path = epath.Path(tmp_path) / "config.json"
     path.write_text('{"old": true}')
@@ -475,7 +475,7 @@ def test_workdir_json_files_change_only_by_one_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(type(path), "replace", crash_before_rename)
     monkeypatch.setattr(type(path), "rename", crash_before_rename)
     with pytest.raises(KeyboardInterrupt):
-        train._write_json(path, {"new": list(range(10_000))})
+        ckpt_lib.write_json(path, {"new": list(range(10_000))})
     assert json.loads(path.read_text()) == {"old": True}, "never truncated or half new"
 
 
@@ -512,7 +512,6 @@ def test_generation_retries_when_rotation_deletes_the_step(tiny_run, tmp_path, m
     import shutil
 
     from mgpt import checkpoint as ckpt_lib
-    from mgpt import train
 
     workdir = _copy(tiny_run[0], tmp_path / "w")
     real_read = ckpt_lib.read_json_item
@@ -523,7 +522,7 @@ def test_generation_retries_when_rotation_deletes_the_step(tiny_run, tmp_path, m
         return real_read(root, step, item)
 
     monkeypatch.setattr(ckpt_lib, "read_json_item", rotated_away)
-    _, _, _, step = train.restore_model(str(workdir))
+    _, _, _, step = ckpt_lib.restore_model(str(workdir))
     assert step == 2
     assert "using step 2" in capsys.readouterr().err
 

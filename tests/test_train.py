@@ -14,6 +14,8 @@ import pytest
 
 from configs import tiny
 from mgpt import checkpoint as ckpt_lib
+from mgpt import config as config_lib
+from mgpt import mesh as mesh_lib
 from mgpt import train
 from mgpt.errors import UserError
 
@@ -142,11 +144,11 @@ def test_a_data_position_saved_in_another_layout_starts_the_data_afresh(dataset,
 
 def test_restore_model_for_inference(tiny_run):
     workdir, _ = tiny_run
-    model, vocab, config, step = train.restore_model(workdir)
+    model, vocab, config, step = ckpt_lib.restore_model(workdir)
     assert step == 40 and config.model.d_model == 64 and vocab.size > vocab.style_offset
     logits = jax.jit(lambda m, x: m(x))(model, np.full((2, 5), vocab.unknown_style_id, np.int32))
     assert logits.shape == (2, 5, vocab.size) and logits.dtype == np.float32
-    earlier, _, _, earlier_step = train.restore_model(f"{workdir}/checkpoints/20")
+    earlier, _, _, earlier_step = ckpt_lib.restore_model(f"{workdir}/checkpoints/20")
     assert earlier_step == 20
     assert not np.array_equal(earlier.embed[...], model.embed[...]), "each step's own weights"
 
@@ -189,7 +191,7 @@ def test_scanned_layers_resume_from_their_own_layout_without_recompiling(dataset
     assert len(train_steps(compiled_once)) == 1
     assert train_steps(sorted(p.name for p in cache.iterdir())) == train_steps(compiled_once), "loaded, not compiled"
     assert sorted(second["losses"]) == [3, 4]
-    model, _, config, _ = train.restore_model(str(tmp_path / "w"))
+    model, _, config, _ = ckpt_lib.restore_model(str(tmp_path / "w"))
     assert config.model.scan_layers and model.blocks.attn.qkv.shape[0] == c.model.num_layers
     # Another layout for the same workdir, or for a warm start from it, is one line naming the field.
     c.model.scan_layers = False
@@ -207,10 +209,10 @@ def test_a_run_written_before_a_model_field_existed_resumes_with_its_default(tmp
     written = c.model.to_dict()
     del written["scan_layers"]  # as config.json was before the field existed
     (tmp_path / "config.json").write_text(json.dumps({"model": written}))
-    train._check_same_model(epath.Path(tmp_path), c)  # the default: the same unrolled layout
+    config_lib.check_same_model(epath.Path(tmp_path), c)  # the default: the same unrolled layout
     c.model.scan_layers = True
     with pytest.raises(UserError, match=r"^config\.model\.scan_layers: True differs .* \(False\)"):
-        train._check_same_model(epath.Path(tmp_path), c)
+        config_lib.check_same_model(epath.Path(tmp_path), c)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_path):
@@ -241,7 +243,7 @@ def test_config_validation_names_the_field(field, value, message):
     section, name = field.split(".")
     c[section][name] = value
     with pytest.raises(UserError, match=message.replace(".", r"\.")):
-        train.validate(c)
+        config_lib.validate(c)
 
 
 _SLURM = {"SLURM_JOB_ID": "42", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
@@ -258,11 +260,11 @@ def _failing_initialize(error):
 def test_a_detected_cluster_that_fails_to_connect_stops_instead_of_training_alone(monkeypatch):
     for k, v in _SLURM.items():
         monkeypatch.setenv(k, v)
-    assert train.cluster_environment() == "SlurmCluster"
+    assert mesh_lib.cluster_environment() == "SlurmCluster"
     error = jax.errors.JaxRuntimeError("DEADLINE_EXCEEDED: Barrier timed out\nlong coordinator trace")
     monkeypatch.setattr(jax.distributed, "initialize", _failing_initialize(error))
     with pytest.raises(UserError) as e:
-        train.maybe_initialize_distributed(tiny.get_config().distributed)
+        mesh_lib.maybe_initialize_distributed(**tiny.get_config().distributed)
     assert "\n" not in str(e.value) and "SlurmCluster cluster was detected" in str(e.value)
     assert "DEADLINE_EXCEEDED: Barrier timed out" in str(e.value)
 
@@ -270,15 +272,15 @@ def test_a_detected_cluster_that_fails_to_connect_stops_instead_of_training_alon
 def test_auto_without_a_cluster_is_a_single_process_run(monkeypatch):
     for k in _SLURM:
         monkeypatch.delenv(k, raising=False)
-    assert train.cluster_environment() is None
+    assert mesh_lib.cluster_environment() is None
     monkeypatch.setattr(jax.distributed, "initialize", _failing_initialize(ValueError("coordinator_address should be defined.")))
-    train.maybe_initialize_distributed(tiny.get_config().distributed)  # no error: one process
+    mesh_lib.maybe_initialize_distributed(**tiny.get_config().distributed)  # no error: one process
 
 
 def test_a_validation_split_smaller_than_the_host_count_stops_at_start_up(dataset, tmp_path, monkeypatch):
     from mgpt import data as data_lib
 
-    real_open, real_resolve = data_lib.open_source, train.resolve_dataset
+    real_open, real_resolve = data_lib.open_source, data_lib.resolve_dataset
 
     def resolve_as_one_of_two_hosts(dataset_dir):
         # From here on this process believes it is one of two (the mesh and the workdir lock,
@@ -286,7 +288,7 @@ def test_a_validation_split_smaller_than_the_host_count_stops_at_start_up(datase
         monkeypatch.setattr(jax, "process_count", lambda: 2)
         return real_resolve(dataset_dir)
 
-    monkeypatch.setattr(train, "resolve_dataset", resolve_as_one_of_two_hosts)
+    monkeypatch.setattr(data_lib, "resolve_dataset", resolve_as_one_of_two_hosts)
     monkeypatch.setattr(data_lib, "open_source",
                         lambda path, split, **kw: [real_open(path, split, **kw)[0]] if split == "validation"
                         else real_open(path, split, **kw))
@@ -307,7 +309,7 @@ def test_mesh_that_does_not_divide_the_devices_is_named():
     c = tiny.get_config()
     c.mesh.fsdp = 3
     with pytest.raises(UserError, match=r"config\.mesh: .*fsdp=3.*devices"):
-        train.validate_devices(c, jax.device_count(), 1)
+        config_lib.validate_devices(c, jax.device_count(), 1)
 
 
 def test_cli_prints_one_line_for_a_bad_config(tmp_path):
@@ -343,7 +345,7 @@ _EIGHT_DEVICES = textwrap.dedent(
     import json, jax, numpy as np
     import ml_collections
     from configs import tiny, large
-    from mgpt import checkpoint as ckpt_lib, mesh as mesh_lib, train
+    from mgpt import checkpoint as ckpt_lib, config as config_lib, mesh as mesh_lib, train
     from mgpt.errors import UserError
 
     out = {}
@@ -377,13 +379,13 @@ _EIGHT_DEVICES = textwrap.dedent(
     c.train.grad_accum = 1
     c.train.batch_size = 6
     try:
-        train.validate_devices(c, 8, 1)
+        config_lib.validate_devices(c, 8, 1)
     except UserError as e:
         out["batch_error"] = str(e)
 
     big = large.get_config()
     big.train.batch_size = 8 * big.train.grad_accum  # one row per device per microbatch
-    mesh, table = train.validate_devices(big, 8, 1)
+    mesh, table = config_lib.validate_devices(big, 8, 1)
     s = train.setup(big, V, mesh, table)
     abstract = ckpt_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)
     batch = train.abstract_batch(big.train.batch_size, big.data.seq_len, s.batch_sharding)

@@ -135,7 +135,7 @@ def training_tokens(config, step: int) -> int:
 def model_from_run(name: str, workdir: str) -> tuple[Model, Vocabulary, object]:
     """(Model, its vocabulary, its config) of a trained run's latest checkpoint."""
     from mgpt import models
-    from mgpt.train import restore_model
+    from mgpt.checkpoint import restore_model
 
     model, vocab, config, step = restore_model(workdir)
     params = models.model_config(config.model, vocab.size).num_params()
@@ -145,10 +145,10 @@ def model_from_run(name: str, workdir: str) -> tuple[Model, Vocabulary, object]:
 
 def resolve_dataset(dataset_dir: str) -> pathlib.Path:
     """The dataset folder a run or --dataset_dir names (built on demand, as the trainer does)."""
-    from mgpt.train import resolve_dataset as resolve
+    from mgpt import data as data_lib
 
     try:
-        return pathlib.Path(str(resolve(dataset_dir)))
+        return pathlib.Path(str(data_lib.resolve_dataset(dataset_dir)))
     except UserError as e:  # it names config.data.dataset_dir: say which flag gave it
         raise UserError(f"--dataset_dir: {e}") from None
 
