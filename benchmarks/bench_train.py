@@ -62,7 +62,7 @@ def jax_stepper(config, vocab_size: int):
     def run(n: int) -> None:
         state = holder["state"]
         for _ in range(n):
-            state, metrics = step_fn(state, s.rest, batch)
+            state, metrics = step_fn(state, batch)
         jax.block_until_ready((state, metrics))
         holder["state"] = state
 

@@ -96,7 +96,7 @@ def train_mfu(plan: dict, vocab_size: int, on_gpu: bool) -> dict:
                 for k in ("inputs", "targets", "mask", "positions", "segment_ids")}
         start = time.perf_counter()
         try:
-            compiled = train.compile_train_step(s, c).lower(abstract, s.rest, rows).compile()
+            compiled = train.compile_train_step(s, c).lower(abstract, rows).compile()
         except Exception as e:  # XLA's out-of-memory error type differs by backend
             if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
                 raise
@@ -115,11 +115,11 @@ def train_mfu(plan: dict, vocab_size: int, on_gpu: bool) -> dict:
     batch, c, s, step = chosen
     state = jax.jit(s.init_fn, static_argnums=0, out_shardings=s.state_shardings)(0)
     data = _synthetic_batch(np.random.default_rng(0), batch, plan["seq_len"], vocab_size, s.batch_sharding)
-    state, metrics = step(state, s.rest, data)  # warm up (first run allocates)
+    state, metrics = step(state, data)  # warm up (first run allocates)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for _ in range(plan["train_steps"]):
-        state, metrics = step(state, s.rest, data)
+        state, metrics = step(state, data)
     loss = float(jax.device_get(metrics["loss"]))
     seconds = (time.perf_counter() - start) / plan["train_steps"]
     tokens_per_s = batch * plan["seq_len"] / seconds

@@ -33,6 +33,7 @@ import fcntl
 import functools
 import glob
 import importlib.util
+import inspect
 import io
 import json
 import multiprocessing
@@ -60,6 +61,9 @@ STRETCH_FACTORS = (0.95, 0.975, 1.025, 1.05)
 # each, small enough to build in about two minutes on two cores.
 DEMO_SOURCES = ("music21:bach:135,palestrina:85,ryansMammoth:80,oneills1850:80,essenFolksong:580",)
 DEMO_DIR = "data/music21_demo"  # the demo's dataset: configs/common.py trains on it, mgpt.data builds it on first use
+# The vocabulary's settings and their defaults, as data_prep.vocab.Vocabulary takes them.
+VOCAB_DEFAULTS = {name: p.default for name, p in inspect.signature(Vocabulary).parameters.items()
+                  if p.kind is p.KEYWORD_ONLY}
 
 
 def dataset_path(output_dir: str | os.PathLike) -> pathlib.Path:
@@ -117,11 +121,11 @@ def build_dataset(sources_: Sequence[str], output_dir: str | os.PathLike, **opts
 @dataclasses.dataclass
 class _Options:
     num_workers: int = 0
-    num_velocity_bins: int = 32
-    min_pitch: int = 21
-    max_pitch: int = 108
-    max_shift_steps: int = 100
-    steps_per_second: int = 100
+    num_velocity_bins: int = VOCAB_DEFAULTS["num_velocity_bins"]
+    min_pitch: int = VOCAB_DEFAULTS["min_pitch"]
+    max_pitch: int = VOCAB_DEFAULTS["max_pitch"]
+    max_shift_steps: int = VOCAB_DEFAULTS["max_shift_steps"]
+    steps_per_second: int = VOCAB_DEFAULTS["steps_per_second"]
     time_stretch: bool = False
     stretch_factors: tuple[float, ...] = STRETCH_FACTORS
     file_format: str = "array_record"
@@ -740,11 +744,12 @@ def _define_flags() -> None:
     flags.DEFINE_bool("demo", False, f"build the embedded demo subset {DEMO_SOURCES} (kept when already built)")
     flags.DEFINE_string("output_dir", None, f"folder to hold the dataset (default with --demo: {DEMO_DIR})")
     flags.DEFINE_integer("num_workers", 0, "worker processes (0: one per core)")
-    flags.DEFINE_integer("num_velocity_bins", 32, "VELOCITY bins of the vocabulary")
-    flags.DEFINE_integer("min_pitch", 21, "lowest MIDI pitch kept")
-    flags.DEFINE_integer("max_pitch", 108, "highest MIDI pitch kept")
-    flags.DEFINE_integer("max_shift_steps", 100, "longest TIME_SHIFT, in steps")
-    flags.DEFINE_integer("steps_per_second", 100, "time steps per second (100: 10 ms)")
+    v = VOCAB_DEFAULTS
+    flags.DEFINE_integer("num_velocity_bins", v["num_velocity_bins"], "VELOCITY bins of the vocabulary")
+    flags.DEFINE_integer("min_pitch", v["min_pitch"], "lowest MIDI pitch kept")
+    flags.DEFINE_integer("max_pitch", v["max_pitch"], "highest MIDI pitch kept")
+    flags.DEFINE_integer("max_shift_steps", v["max_shift_steps"], "longest TIME_SHIFT, in steps")
+    flags.DEFINE_integer("steps_per_second", v["steps_per_second"], "time steps per second (100: 10 ms)")
     flags.DEFINE_bool("time_stretch", False, "add time-stretched copies of training pieces")
     flags.DEFINE_list("stretch_factors", [str(x) for x in STRETCH_FACTORS], "tempo factors for --time_stretch")
     flags.DEFINE_enum("file_format", "array_record", ["array_record", "tfrecord"], "record file format")

@@ -421,14 +421,14 @@ def compile_for(config, slice_: Slice) -> Report:
     t, seq_len = config.train, config.data.seq_len
     abstract_state = ckpt_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)
     batch = train_lib.abstract_batch(t.batch_size, seq_len, s.batch_sharding)
-    eval_batch = train_lib.abstract_batch(t.batch_size // t.grad_accum, seq_len, s.batch_sharding)
+    eval_batch = train_lib.abstract_batch(s.microbatch, seq_len, s.batch_sharding)
 
     seconds, cpu_seconds, compiled = {}, {}, {}
     train_step = train_lib.compile_train_step(s, config)
-    step_jaxpr = jax.make_jaxpr(train_step)(abstract_state, s.rest, batch)
+    step_jaxpr = jax.make_jaxpr(train_step)(abstract_state, batch)
     for name, fn, args in (
-        ("train", train_step, (abstract_state, s.rest, batch)),
-        ("eval", train_lib.compile_eval_step(s), (abstract_state["params"], s.rest, eval_batch)),
+        ("train", train_step, (abstract_state, batch)),
+        ("eval", train_lib.compile_eval_step(s), (abstract_state["params"], eval_batch)),
     ):
         start, start_cpu = time.perf_counter(), time.process_time()
         try:

@@ -1,7 +1,7 @@
 """orbax checkpoints of a training run: `WORKDIR/checkpoints/<step>/{params, train_state, data, config, vocab}`.
 
 - params: the model weights alone, so inference and warm starts read only them;
-- train_state: optimizer state, step and rng;
+- train_state: optimizer state and step;
 - data: this host's grain iterator state (one JSON file per process);
 - config, vocab: the run's config and vocabulary as JSON, so a checkpoint is self-describing.
 
@@ -152,7 +152,7 @@ class Checkpoints:
         self.manager.reload()
 
     def save(self, step: int, state: dict, data_iter, config: dict, vocab: dict) -> None:
-        """Starts a save of `state` ({'params', 'opt_state', 'step', 'rng'}); returns before it is written."""
+        """Starts a save of `state` ({'params', 'opt_state', 'step'}); returns before it is written."""
         import grain  # here, so that the trainer imports without grain (benchmarks/gpu_check.py)
 
         args = ocp.args.Composite(
@@ -175,6 +175,10 @@ class Checkpoints:
         import grain
 
         abstract_rest = {k: v for k, v in abstract_state.items() if k != "params"}
+        if _has_unused_rng(self.directory / str(step) / "train_state"):
+            # Saved by an older mgpt, whose train state carried an rng it never read. orbax
+            # restores whole trees: it is read with the rest, then dropped.
+            abstract_rest["rng"] = jax.ShapeDtypeStruct((2,), np.uint32, sharding=abstract_rest["step"].sharding)
         items = {
             "params": ocp.args.StandardRestore(abstract_state["params"]),
             "train_state": ocp.args.StandardRestore(abstract_rest),
@@ -184,7 +188,8 @@ class Checkpoints:
         # file: the same code then serves any process count, and a position saved in another
         # layout (an older mgpt) starts the data afresh instead of failing.
         has_data = _restore_data(self.data_states(step), data_iter)
-        return {"params": out["params"], **out["train_state"]}, has_data
+        train_state = {k: v for k, v in out["train_state"].items() if k != "rng"}
+        return {"params": out["params"], **train_state}, has_data
 
     def data_states(self, step: int) -> list[dict]:
         """Every process's saved data-iterator state at `step` (any process count)."""
@@ -208,6 +213,14 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _has_unused_rng(item_dir: epath.Path) -> bool:
+    """Whether a train_state item holds the `rng` key of older mgpt runs (in orbax's tree metadata)."""
+    try:
+        return "('rng',)" in json.loads((item_dir / "_METADATA").read_text())["tree_metadata"]
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def _restore_data(states: list[dict], data_iter) -> bool:

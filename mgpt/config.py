@@ -27,6 +27,11 @@ def _check(ok: bool, field: str, why: str) -> None:
         raise UserError(f"config.{field}: {why}")
 
 
+def microbatch_size(train_cfg: ml_collections.ConfigDict) -> int:
+    """Rows in one forward pass over all hosts: config.train.batch_size / grad_accum."""
+    return train_cfg.batch_size // train_cfg.grad_accum
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Static checks, before any data or device work."""
     d, t = config.data, config.train
@@ -89,9 +94,8 @@ def validate_devices(config, mesh_devices: int, process_count: int, devices=None
     try:
         mesh_lib.mesh_shape(config.mesh, mesh_devices)
         mesh = mesh_lib.make_mesh(config.mesh, devices)
-        micro = config.train.batch_size // config.train.grad_accum
         field = "config.train.batch_size" if config.train.grad_accum == 1 else "config.train.batch_size / grad_accum"
-        mesh_lib.check_batch(mesh, table, micro, process_count, field)
+        mesh_lib.check_batch(mesh, table, microbatch_size(config.train), process_count, field)
     except ValueError as e:
         raise UserError(str(e)) from None
     return mesh, table

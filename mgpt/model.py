@@ -54,10 +54,10 @@ class ModelConfig:
     num_layers: int = 4
     num_heads: int = 4
     d_model: int = 256
-    mlp_dim: int = 1024
+    mlp_dim: int = 1024  # hidden width of the gated MLP
     max_len: int = 1024  # context length: the longest sequence the model attends over
     tied_embeddings: bool = True
-    dtype: str = "float32"  # compute dtype of matmuls/activations
+    dtype: str = "float32"  # compute dtype of matmuls/activations ('bfloat16' on GPU/TPU)
     param_dtype: str = "float32"
     remat: str = "none"  # per block: 'none' | 'full' (save nothing) | 'dots' (save matmuls)
     rope_base: float = 10_000.0

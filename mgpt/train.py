@@ -70,9 +70,9 @@ def activation_sharding(batch_sharding):
     return jax.sharding.NamedSharding(batch_sharding.mesh, spec)
 
 
-def _loss_sums(graphdef, params, rest, batch, z_loss: float, batch_sharding=None):
+def _loss_sums(graphdef, params, batch, z_loss: float, batch_sharding=None):
     """(sum of masked cross-entropy, sum of masked log(Z)^2) in nats, fp32."""
-    model = nnx.merge(graphdef, params, rest)
+    model = nnx.merge(graphdef, params)
     # Packed rows (mgpt.data) carry positions and segment ids; a batch without them is one piece per row.
     logits_BxLxV = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
                          activation_sharding=activation_sharding(batch_sharding)).astype(jnp.float32)
@@ -89,13 +89,13 @@ def make_train_step(graphdef, tx, t: ml_collections.ConfigDict, batch_sharding):
     schedule = learning_rate_schedule(t)
     accum, z_loss = t.grad_accum, t.z_loss
 
-    def train_step(state, rest, batch):
+    def train_step(state, batch):
         params = state["params"]
         # Normalise by the whole batch's target count, so accumulation changes nothing but memory.
         count = jnp.maximum(jnp.sum(batch["mask"]), 1.0)
 
         def objective(p, microbatch):
-            ce, z = _loss_sums(graphdef, p, rest, microbatch, z_loss, batch_sharding)
+            ce, z = _loss_sums(graphdef, p, microbatch, z_loss, batch_sharding)
             return (ce + z_loss * z) / count, ce
 
         grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -122,7 +122,7 @@ def make_train_step(graphdef, tx, t: ml_collections.ConfigDict, batch_sharding):
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
+        new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
         metrics = {
             "loss": loss,
             "nats_per_event": ce / count,
@@ -139,8 +139,8 @@ def make_train_step(graphdef, tx, t: ml_collections.ConfigDict, batch_sharding):
 
 
 def make_eval_step(graphdef, batch_sharding=None):
-    def eval_step(params, rest, batch):
-        ce, _ = _loss_sums(graphdef, params, rest, batch, 0.0, batch_sharding)
+    def eval_step(params, batch):
+        ce, _ = _loss_sums(graphdef, params, batch, 0.0, batch_sharding)
         return {"nats": ce, "events": jnp.sum(batch["mask"])}
 
     return eval_step
@@ -153,7 +153,6 @@ class Setup:
     mesh: jax.sharding.Mesh
     table: dict
     graphdef: Any
-    rest: Any
     abstract_state: dict
     state_shardings: dict
     batch_sharding: jax.sharding.NamedSharding
@@ -161,16 +160,16 @@ class Setup:
     init_fn: Any
     model_config: Any  # config.model as its kind's dataclass (models.KINDS)
     num_params: int
+    microbatch: int  # rows per forward pass, over all hosts (batch_size / grad_accum)
 
 
 def setup(config, vocab_size: int, mesh, table) -> Setup:
     """Abstract train state and its shardings, via jax.eval_shape over init."""
     tx = make_optimizer(config.train)
     abstract_model = models.abstract_model(config.model, vocab_size)
-    graphdef, _, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
-    if jax.tree.leaves(abstract_rest):
+    if jax.tree.leaves(nnx.state(abstract_model, nnx.Not(nnx.Param))):
         raise NotImplementedError("models with non-parameter state are not supported by the trainer")
-    rest = abstract_rest  # empty: passed to the step as an argument, never a baked-in constant
+    graphdef, _ = nnx.split(abstract_model, nnx.Param)
     model_config = models.model_config(config.model, vocab_size)
 
     def init_fn(seed):
@@ -178,21 +177,15 @@ def setup(config, vocab_size: int, mesh, table) -> Setup:
         with nnx.use_eager_sharding(False):
             model = models.build_model(config.model, vocab_size, nnx.Rngs(params=key))
         params = nnx.state(model, nnx.Param)
-        return {
-            "params": params,
-            "opt_state": tx.init(params),
-            "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.fold_in(key, 1),
-        }
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
     abstract_state = jax.eval_shape(init_fn, 0)
     state_shardings = mesh_lib.tree_shardings(abstract_state, mesh, table)
-    micro = config.train.batch_size // config.train.grad_accum
+    micro = config_lib.microbatch_size(config.train)
     return Setup(
         mesh=mesh,
         table=table,
         graphdef=graphdef,
-        rest=rest,
         abstract_state=abstract_state,
         state_shardings=state_shardings,
         batch_sharding=mesh_lib.batch_sharding(mesh, table, micro),
@@ -200,6 +193,7 @@ def setup(config, vocab_size: int, mesh, table) -> Setup:
         init_fn=init_fn,
         model_config=model_config,
         num_params=model_config.num_params(),
+        microbatch=micro,
     )
 
 
@@ -209,7 +203,7 @@ def compile_train_step(s: Setup, config):
     return jax.jit(
         step,
         # One sharding for the whole batch dict (a pytree prefix): every [batch, length] array alike.
-        in_shardings=(s.state_shardings, replicated, s.batch_sharding),
+        in_shardings=(s.state_shardings, s.batch_sharding),
         out_shardings=(s.state_shardings, replicated),
         donate_argnums=0,
         compiler_options=mesh_lib.compiler_options(mesh_lib.mesh_platform(s.mesh)),
@@ -220,7 +214,7 @@ def compile_eval_step(s: Setup):
     replicated = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
     return jax.jit(
         make_eval_step(s.graphdef, s.batch_sharding),
-        in_shardings=(s.state_shardings["params"], replicated, s.batch_sharding),
+        in_shardings=(s.state_shardings["params"], s.batch_sharding),
         out_shardings=replicated,
         compiler_options=mesh_lib.compiler_options(mesh_lib.mesh_platform(s.mesh)),
     )
@@ -369,12 +363,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
             eval_data = [
                 global_batch(b, s.batch_sharding)
                 for b in data_lib.eval_batches(
-                    val_source, vocab, seq_len=seq_len, batch_size=t.batch_size // t.grad_accum // pc,
+                    val_source, vocab, seq_len=seq_len, batch_size=s.microbatch // pc,
                     num_batches=t.eval_batches, num_packing_bins=d.num_packing_bins, process_index=pi,
                     process_count=pc,
                 )
             ]
-        sums = [eval_step(state["params"], s.rest, b) for b in eval_data]
+        sums = [eval_step(state["params"], b) for b in eval_data]
         sums = jax.device_get(sums)
         nats = float(sum(x["nats"] for x in sums))
         events = float(sum(x["events"] for x in sums))
@@ -413,7 +407,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
         with ckpt_lib.StopSignal(multi_process=pc > 1) as stop:
             while step < stop_at:
                 batch = global_batch(next(train_iter), s.batch_sharding)
-                state, metrics = train_step(state, s.rest, batch)  # dispatched; runs while we log
+                state, metrics = train_step(state, batch)  # dispatched; runs while we log
                 if pending is not None:
                     consume(*pending)
                 step += 1

@@ -125,7 +125,7 @@ def test_matmul_flops_count_each_scanned_layer_and_microbatch():
         state = ckpt_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)
         batch = train.abstract_batch(c.train.batch_size, c.data.seq_len, s.batch_sharding)
         step = train.make_train_step(s.graphdef, s.tx, c.train, s.batch_sharding)
-        flops = aot.matmul_flops(jax.make_jaxpr(step)(state, s.rest, batch))
+        flops = aot.matmul_flops(jax.make_jaxpr(step)(state, batch))
         tokens = c.train.batch_size * c.data.seq_len
         return flops / (s.model_config.flops_per_token(c.data.seq_len) * tokens)
 

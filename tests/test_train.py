@@ -97,9 +97,9 @@ def test_trainer_validation_scores_pieces_as_mgpt_evaluate_does():
     records = [{"tokens": p.tokens, "style": p.style} for p in pieces]
     batches = data_lib.eval_batches(records, vocab, seq_len=seq_len, batch_size=4, num_batches=8, num_packing_bins=4)
     assert max(len(np.unique(seg[seg > 0])) for b in batches for seg in b["segment_ids"]) > 2, "rows hold pieces"
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params = nnx.split(model, nnx.Param)
     eval_step = jax.jit(train.make_eval_step(graphdef))
-    sums = [jax.device_get(eval_step(params, rest, b)) for b in batches]
+    sums = [jax.device_get(eval_step(params, b)) for b in batches]
     packed_nats, packed_events = sum(float(x["nats"]) for x in sums), sum(float(x["events"]) for x in sums)
 
     nats, count = likelihood.model_nats(model, likelihood.windows(pieces, vocab, seq_len), seq_len, len(pieces))
@@ -140,6 +140,23 @@ def test_a_data_position_saved_in_another_layout_starts_the_data_afresh(dataset,
     c.train.max_steps_per_run = 0
     assert train.train(c, str(tmp_path))["step"] == 6
     assert "the data order starts afresh" in capsys.readouterr().out
+
+
+def test_a_checkpoint_holding_the_old_unused_rng_still_resumes(tmp_path):
+    """Runs written before the train state lost its never-read rng saved it: resume drops it."""
+    import grain
+    import jax.numpy as jnp
+
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    state = {"params": {"w": jnp.arange(3.0)}, "opt_state": {"mu": jnp.ones(3)}, "step": jnp.asarray(7, jnp.int32)}
+    checkpoints = ckpt_lib.Checkpoints(tmp_path, async_save=False)
+    data = iter(grain.MapDataset.range(4).to_iter_dataset())
+    checkpoints.save(7, {**state, "rng": jax.random.PRNGKey(0)}, data, config={}, vocab={})
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
+    restored, _ = checkpoints.restore(7, abstract, data)
+    checkpoints.close()
+    assert set(restored) == {"params", "opt_state", "step"} and int(restored["step"]) == 7
+    np.testing.assert_array_equal(restored["params"]["w"], state["params"]["w"])
 
 
 def test_restore_model_for_inference(tiny_run):
@@ -363,7 +380,7 @@ _EIGHT_DEVICES = textwrap.dedent(
         for _ in range(3):
             tok = rng.integers(2, V, (8, 65)).astype(np.int32)
             batch = {"inputs": tok[:, :-1], "targets": tok[:, 1:], "mask": (tok[:, 1:] % 7 != 0).astype(np.float32)}
-            state, m = step(state, s.rest, train.global_batch(batch, s.batch_sharding))
+            state, m = step(state, train.global_batch(batch, s.batch_sharding))
             losses.append(float(m["loss"]))
         leaves = [np.asarray(x) for x in jax.tree.leaves(state["params"])]
         specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(state["params"])})
@@ -389,7 +406,7 @@ _EIGHT_DEVICES = textwrap.dedent(
     s = train.setup(big, V, mesh, table)
     abstract = ckpt_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)
     batch = train.abstract_batch(big.train.batch_size, big.data.seq_len, s.batch_sharding)
-    compiled = train.compile_train_step(s, big).lower(abstract, s.rest, batch).compile()
+    compiled = train.compile_train_step(s, big).lower(abstract, batch).compile()
     out["large_params"] = s.num_params
     out["large_state_bytes_per_device"] = mesh_lib.bytes_per_device(s.abstract_state, s.state_shardings)
     out["large_state_bytes_total"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(s.abstract_state))
