@@ -50,7 +50,7 @@ import numpy as np
 
 from data_prep import midi, sources
 from data_prep.vocab import UNKNOWN_STYLE, Vocabulary, normalize_label
-from mgpt.errors import UserError, exit_disk_full, is_disk_full, reported
+from mgpt.errors import UserError, is_disk_full, reported
 
 DATASET_NAME = "mgpt_events"
 DATASET_VERSION = "1.0.0"
@@ -732,8 +732,8 @@ def main(argv: Sequence[str]) -> None:
     except Exception as e:
         if not is_disk_full(e):
             raise
-        exit_disk_full(f"disk full writing {output_dir}: nothing was written to {dataset_path(output_dir)} "
-                       "(a dataset there is unchanged); free some space and re-run")
+        raise SystemExit(f"disk full writing {output_dir}: nothing was written to {dataset_path(output_dir)} "
+                         "(a dataset there is unchanged); free some space and re-run") from None
     print(dataset_path(f.output_dir))
 
 

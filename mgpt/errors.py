@@ -69,10 +69,9 @@ def not_disk_full(record) -> bool:
     return NO_SPACE not in record.getMessage() and not (record.exc_info and is_disk_full(record.exc_info[1]))
 
 
-def exit_disk_full(message: str):
-    """Exits with `message` and code 1: a failure of the run, not a user's mistake. The
-    threads that keep failing on the same disk (orbax, tensorboardX's exit-time flush)
-    say nothing more."""
+def quiet_after_disk_full() -> None:
+    """Once a full disk is being reported (one line, exit code 1: a failure of the run, not a
+    user's mistake), the threads that keep failing on the same disk (orbax, tensorboardX's
+    exit-time flush) say nothing more. Called first, before that line is even put together."""
     _disk_full_reported.set()
     sys.unraisablehook = threading.excepthook = lambda *_: None
-    raise SystemExit(message) from None

@@ -30,7 +30,7 @@ from mgpt import checkpoint as ckpt_lib
 from mgpt import config as config_lib
 from mgpt import mesh as mesh_lib
 from mgpt import models, monitor
-from mgpt.errors import UserError, exit_disk_full, is_disk_full, not_disk_full, reported
+from mgpt.errors import UserError, is_disk_full, not_disk_full, quiet_after_disk_full, reported
 from mgpt.workdir_lock import WorkdirLock
 
 
@@ -468,10 +468,11 @@ def main(argv, config, workdir) -> None:
     except Exception as e:
         if not is_disk_full(e):
             raise
+        quiet_after_disk_full()
         steps = ckpt_lib.finalized_steps(ckpt_lib.checkpoint_dir(workdir))
         last = f"step {steps[-1]}" if steps else "none yet"
-        exit_disk_full(f"disk full writing {workdir}: nothing complete was lost (last complete checkpoint: {last}); "
-                       "free some space and re-run to resume")
+        raise SystemExit(f"disk full writing {workdir}: nothing complete was lost (last complete checkpoint: {last}); "
+                         "free some space and re-run to resume") from None
 
 
 def _run_command() -> None:
