@@ -11,7 +11,7 @@ first batch (worker start-up is excluded). Wall-clock rates: on a shared machine
 load lowers them.
 
 The demand is what `base` consumes at 50 % MFU on H100s: 0.5 x 989 TFLOP/s divided by
-base's training FLOPs per token (`mgpt.model.flops_per_token`, 6N + attention).
+base's training FLOPs per token (`ModelConfig.flops_per_token`, 6N + attention).
 
 Each setting also reports tokens per CPU-second of the training process and of the
 workers (their CPU time from start to exit, so a little start-up is included): on a
@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from configs import base  # noqa: E402
 from data_prep.vocab import Vocabulary  # noqa: E402
 from mgpt import data as data_lib  # noqa: E402
-from mgpt.model import ModelConfig, flops_per_token  # noqa: E402
+from mgpt.model import ModelConfig  # noqa: E402
 
 H100_BF16_PEAK = 989e12
 
@@ -111,7 +111,7 @@ def main() -> None:
                   f"CPU-second of the training process{workers_note}")
 
     model = ModelConfig.from_config(c.model, vocab.size)
-    demand = 0.5 * H100_BF16_PEAK / flops_per_token(model, c.data.seq_len)
+    demand = 0.5 * H100_BF16_PEAK / model.flops_per_token(c.data.seq_len)
     print(f"demand of base at 50% MFU: {demand:,.0f} tokens/s on one H100, {8 * demand:,.0f} on eight")
     with_workers = {w: r for w, r in rates.items() if w > 0}
     if with_workers:

@@ -51,7 +51,7 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from data_prep.vocab import Vocabulary  # noqa: E402
-from mgpt.model import GPT, ModelConfig, count_params  # noqa: E402
+from mgpt.model import GPT, ModelConfig  # noqa: E402
 from mgpt.sample import SILENT, _choose, sample_window, sampling_settings, token_tables  # noqa: E402
 
 # Fallbacks if configs/<name>.py is missing: (num_layers, num_heads, d_model, mlp_dim).
@@ -211,7 +211,7 @@ def main():
                 nocache = time_nocache(model, vocab, batch, min(a.nocache_events, a.events), a.top_k)
             hf, hf_params = (float("nan"), 0) if a.no_hf else time_hf(cfg, batch, a.events, a.top_k, threads)
             print(
-                f"{shape:6} {batch:5d} {count_params(cfg):11,d} {ours:10.0f} {nocache:9.1f} {hf:9.0f}"
+                f"{shape:6} {batch:5d} {cfg.num_params():11,d} {ours:10.0f} {nocache:9.1f} {hf:9.0f}"
                 f" {ours / nocache:9.1f}x {ours / hf:6.1f}x   (HF params {hf_params:,})",
                 flush=True,
             )

@@ -31,23 +31,18 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from mgpt import config as config_lib  # noqa: E402
 from mgpt import mesh as mesh_lib  # noqa: E402
-from mgpt import monitor  # noqa: E402
+from mgpt import models, monitor  # noqa: E402
 from mgpt import train  # noqa: E402
 
 # Batches small enough that the default run takes a few minutes on a 2-core CPU.
 CPU_DEFAULTS = {"small": (256, 16), "base": (256, 2)}
 
 
-def matmul_flops(cfg, vocab_size: int, seq_len: int) -> float:
-    """Training FLOPs/token of either model (same counting as mgpt.model.flops_per_token)."""
-    d, f, n = cfg.d_model, cfg.mlp_dim, cfg.num_layers
-    return 6.0 * (n * (4 * d * d + 3 * d * f) + d * vocab_size) + 12.0 * n * d * seq_len
-
-
 def jax_stepper(config, vocab_size: int):
     """A function running mgpt's train step once (blocking), on this machine's devices."""
-    mesh, table = train.validate_devices(config, jax.device_count(), 1)
+    mesh, table = config_lib.validate_devices(config, jax.device_count(), 1)
     s = train.setup(config, vocab_size, mesh, table)
     state = jax.jit(s.init_fn, static_argnums=0, out_shardings=s.state_shardings)(0)
     step_fn = train.compile_train_step(s, config)
@@ -67,7 +62,7 @@ def jax_stepper(config, vocab_size: int):
     def run(n: int) -> None:
         state = holder["state"]
         for _ in range(n):
-            state, metrics = step_fn(state, s.rest, batch)
+            state, metrics = step_fn(state, batch)
         jax.block_until_ready((state, metrics))
         holder["state"] = state
 
@@ -229,7 +224,8 @@ def main():
         if args.dtype or on_cpu:
             config.model.dtype = args.dtype or "float32"
         m = config.model
-        fpt = matmul_flops(m, args.vocab_size, config.data.seq_len)
+        # Both contenders are charged mgpt's count: GPT-2's MLP is sized to do the same matmuls.
+        fpt = models.model_config(m, args.vocab_size).flops_per_token(config.data.seq_len)
         tokens = config.train.batch_size * config.data.seq_len
         print(f"\n{shape}: d={m.d_model} layers={m.num_layers} heads={m.num_heads} mlp={m.mlp_dim} "
               f"seq={config.data.seq_len} batch={config.train.batch_size} {m.dtype} ({fpt / 1e6:.1f} MFLOPs/token)",

@@ -6,7 +6,7 @@
 1. Training: configs/base.py in bf16 with cuDNN attention and no remat, one microbatch per
    step, at the largest batch (rows of 2048 events) whose compiled step fits the GPU's
    memory (XLA's own memory analysis against the allocator's limit; batches double from
-   8). MFU = model FLOPs/s (mgpt.model.flops_per_token) / the GPU's datasheet bf16 peak.
+   8). MFU = model FLOPs/s (ModelConfig.flops_per_token) / the GPU's datasheet bf16 peak.
 2. Sampling: new events/s of mgpt.sample.generate_tokens (one jitted prefill +
    while_loop decode, KV cache; the rows an untrained model ends early count what they
    made) for base's dimensions in bf16 at batch 1, 16 and 64, against
@@ -39,7 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from flax import nnx  # noqa: E402
 
 from data_prep.vocab import Vocabulary  # noqa: E402
-from mgpt import monitor, train  # noqa: E402
+from mgpt import config as config_lib  # noqa: E402
+from mgpt import models, monitor, train  # noqa: E402
 from mgpt.model import GPT  # noqa: E402
 
 # (config, context, train batches to try, sampling batches, events sampled per row)
@@ -87,7 +88,7 @@ def train_mfu(plan: dict, vocab_size: int, on_gpu: bool) -> dict:
     chosen, tried = None, []
     for batch in plan["train_batches"]:
         c = _config(plan["config"], plan["seq_len"], batch, on_gpu)
-        mesh, table = train.validate_devices(c, jax.device_count(), 1)
+        mesh, table = config_lib.validate_devices(c, jax.device_count(), 1)
         s = train.setup(c, vocab_size, mesh, table)
         abstract = ckpt_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)
         rows = {k: jax.ShapeDtypeStruct((batch, plan["seq_len"]), np.float32 if k == "mask" else np.int32,
@@ -95,7 +96,7 @@ def train_mfu(plan: dict, vocab_size: int, on_gpu: bool) -> dict:
                 for k in ("inputs", "targets", "mask", "positions", "segment_ids")}
         start = time.perf_counter()
         try:
-            compiled = train.compile_train_step(s, c).lower(abstract, s.rest, rows).compile()
+            compiled = train.compile_train_step(s, c).lower(abstract, rows).compile()
         except Exception as e:  # XLA's out-of-memory error type differs by backend
             if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
                 raise
@@ -114,15 +115,15 @@ def train_mfu(plan: dict, vocab_size: int, on_gpu: bool) -> dict:
     batch, c, s, step = chosen
     state = jax.jit(s.init_fn, static_argnums=0, out_shardings=s.state_shardings)(0)
     data = _synthetic_batch(np.random.default_rng(0), batch, plan["seq_len"], vocab_size, s.batch_sharding)
-    state, metrics = step(state, s.rest, data)  # warm up (first run allocates)
+    state, metrics = step(state, data)  # warm up (first run allocates)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for _ in range(plan["train_steps"]):
-        state, metrics = step(state, s.rest, data)
+        state, metrics = step(state, data)
     loss = float(jax.device_get(metrics["loss"]))
     seconds = (time.perf_counter() - start) / plan["train_steps"]
     tokens_per_s = batch * plan["seq_len"] / seconds
-    flops_per_token = train.flops_per_token(c.model, vocab_size, plan["seq_len"], s.num_params)
+    flops_per_token = s.model_config.flops_per_token(plan["seq_len"])
     peak, peak_source = monitor.peak_flops("bfloat16")
     return {
         "config": plan["config"], "params": s.num_params, "seq_len": plan["seq_len"], "batch": batch,
@@ -135,7 +136,7 @@ def train_mfu(plan: dict, vocab_size: int, on_gpu: bool) -> dict:
 def sample_rates(plan: dict, vocab: Vocabulary, on_gpu: bool) -> list[dict]:
     c = _config(plan["config"], plan["seq_len"], 1, on_gpu)
     c.model.attention = "xla"  # decoding writes its attention out (mgpt.model.Attention.decode)
-    model = GPT(train.model_config(c.model, vocab.size), rngs=nnx.Rngs(0))
+    model = GPT(models.model_config(c.model, vocab.size), rngs=nnx.Rngs(0))
     rows = []
     for batch in plan["sample_batches"]:
         ours = _time_ours(model, vocab, batch, plan["events"])

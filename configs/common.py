@@ -1,10 +1,16 @@
 """Defaults shared by every config; each configs/<name>.py starts from `base()`.
 
-Every field is documented here once. Lengths are in events (tokens); steps are
-optimizer updates; a batch is the global batch over all hosts and devices.
+Every field is documented here once, the model's in mgpt.model.ModelConfig. Lengths are
+in events (tokens); steps are optimizer updates; a batch is the global batch over all
+hosts and devices.
 """
 
+import dataclasses
+
 import ml_collections
+
+from data_prep.build import DEMO_DIR
+from mgpt.model import ModelConfig
 
 # Logical axis -> mesh axes. 'batch' shards the data; the others place parameters
 # (and the optimizer moments, which follow their parameter).
@@ -26,7 +32,7 @@ def base() -> ml_collections.ConfigDict:
     c.init_from = ""  # warm start: a workdir (or its checkpoints/ or one step dir) to take weights from
 
     c.data = ml_collections.ConfigDict()
-    c.data.dataset_dir = "data/music21_demo"  # TFDS dir; the default is built on first use
+    c.data.dataset_dir = DEMO_DIR  # TFDS dir; the default is built on first use
     c.data.seq_len = 512  # events per training row (the model sees seq_len, predicts seq_len)
     c.data.transpose = 5  # train-time random transposition in [-transpose, +transpose] semitones
     c.data.style_dropout = 0.0  # share of training segments conditioned on STYLE:unknown (for --guidance)
@@ -37,21 +43,12 @@ def base() -> ml_collections.ConfigDict:
     c.data.shards = 0  # independent data streams of the run (0: one per process); fixed at the first start,
     # so a resume on another host count (one dividing it) replays and skips nothing
 
-    c.model = ml_collections.ConfigDict()
-    c.model.kind = "gpt"  # 'gpt' (mgpt.model.GPT) or 'lstm' (mgpt.lstm baseline)
-    c.model.num_layers = 4
-    c.model.num_heads = 4
-    c.model.d_model = 256
-    c.model.mlp_dim = 1024  # hidden width of the gated MLP
-    c.model.max_len = 512  # context length; must be >= data.seq_len
-    c.model.tied_embeddings = True
-    c.model.dtype = "float32"  # compute dtype ('bfloat16' on GPU/TPU)
-    c.model.param_dtype = "float32"
-    c.model.remat = "none"  # 'none' | 'full' | 'dots' (per block)
-    c.model.rope_base = 10_000.0
-    c.model.mlp_activation = "silu"  # 'silu' (SwiGLU) | 'gelu' (GeGLU)
-    c.model.attention = "auto"  # 'auto' | 'xla' | 'cudnn'
-    c.model.scan_layers = False  # stacked blocks run by one scan: compile time independent of depth
+    # `kind` picks the model ('gpt': mgpt.model.GPT, 'lstm': the mgpt.lstm baseline; mgpt.models.KINDS).
+    # The other fields and their defaults are mgpt.model.ModelConfig's, documented there;
+    # an LSTM reads those it has (num_layers, d_model, dtype, param_dtype).
+    c.model = ml_collections.ConfigDict({"kind": "gpt", **{f.name: f.default for f in dataclasses.fields(ModelConfig)
+                                                           if f.name != "vocab_size"}})
+    c.model.max_len = c.data.seq_len  # context length; must be >= data.seq_len
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000  # total optimizer steps; the learning-rate schedule ends here

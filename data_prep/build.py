@@ -33,6 +33,7 @@ import fcntl
 import functools
 import glob
 import importlib.util
+import inspect
 import io
 import json
 import multiprocessing
@@ -49,6 +50,7 @@ import numpy as np
 
 from data_prep import midi, sources
 from data_prep.vocab import UNKNOWN_STYLE, Vocabulary, normalize_label
+from mgpt.errors import UserError, is_disk_full, reported
 
 DATASET_NAME = "mgpt_events"
 DATASET_VERSION = "1.0.0"
@@ -58,7 +60,10 @@ STRETCH_FACTORS = (0.95, 0.975, 1.025, 1.05)
 # Renaissance polyphony, British/Irish dance tunes, German songs), about 100k events
 # each, small enough to build in about two minutes on two cores.
 DEMO_SOURCES = ("music21:bach:135,palestrina:85,ryansMammoth:80,oneills1850:80,essenFolksong:580",)
-DEMO_DIR = "data/music21_demo"
+DEMO_DIR = "data/music21_demo"  # the demo's dataset: configs/common.py trains on it, mgpt.data builds it on first use
+# The vocabulary's settings and their defaults, as data_prep.vocab.Vocabulary takes them.
+VOCAB_DEFAULTS = {name: p.default for name, p in inspect.signature(Vocabulary).parameters.items()
+                  if p.kind is p.KEYWORD_ONLY}
 
 
 def dataset_path(output_dir: str | os.PathLike) -> pathlib.Path:
@@ -105,7 +110,7 @@ def build_dataset(sources_: Sequence[str], output_dir: str | os.PathLike, **opts
     (bool), stretch_factors, file_format ('array_record' or 'tfrecord'), max_pieces
     (per source), split_percents ((90, 5, 5)), overwrite, parser ('fast' or 'note_seq'),
     progress (tqdm bar), verbose (print the summary).
-    Raises ValueError with a one-line message for bad settings or sources.
+    Raises UserError (a ValueError) with a one-line message for bad settings or sources.
     """
     o = _options(opts)  # bad settings fail at once, before any work
     _check_writable(output_dir)
@@ -116,11 +121,11 @@ def build_dataset(sources_: Sequence[str], output_dir: str | os.PathLike, **opts
 @dataclasses.dataclass
 class _Options:
     num_workers: int = 0
-    num_velocity_bins: int = 32
-    min_pitch: int = 21
-    max_pitch: int = 108
-    max_shift_steps: int = 100
-    steps_per_second: int = 100
+    num_velocity_bins: int = VOCAB_DEFAULTS["num_velocity_bins"]
+    min_pitch: int = VOCAB_DEFAULTS["min_pitch"]
+    max_pitch: int = VOCAB_DEFAULTS["max_pitch"]
+    max_shift_steps: int = VOCAB_DEFAULTS["max_shift_steps"]
+    steps_per_second: int = VOCAB_DEFAULTS["steps_per_second"]
     time_stretch: bool = False
     stretch_factors: tuple[float, ...] = STRETCH_FACTORS
     file_format: str = "array_record"
@@ -151,20 +156,23 @@ def _options(opts: dict) -> _Options:
     o.stretch_factors = tuple(float(f) for f in o.stretch_factors)
     o.split_percents = tuple(float(p) for p in o.split_percents)
     if o.file_format not in ("array_record", "tfrecord"):
-        raise ValueError(f"--file_format={o.file_format}: expected array_record or tfrecord")
+        raise UserError(f"--file_format={o.file_format}: expected array_record or tfrecord")
     if o.file_format == "tfrecord" and not _have_tensorflow():
-        raise ValueError(
+        raise UserError(
             "--file_format=tfrecord needs TensorFlow: pip install 'mgpt[tf]' (or keep the default array_record)"
         )
     if len(o.split_percents) != 3 or min(o.split_percents) < 0 or sum(o.split_percents) <= 0:
-        raise ValueError(f"--splits={o.split_percents}: expected three non-negative percents (train,validation,test)")
+        raise UserError(f"--splits={o.split_percents}: expected three non-negative percents (train,validation,test)")
     if o.time_stretch and (not o.stretch_factors or min(o.stretch_factors) <= 0):
-        raise ValueError(f"--stretch_factors={o.stretch_factors}: expected positive factors")
+        raise UserError(f"--stretch_factors={o.stretch_factors}: expected positive factors")
     if o.max_pieces is not None and o.max_pieces < 1:
-        raise ValueError(f"--max_pieces={o.max_pieces}: expected at least 1")
+        raise UserError(f"--max_pieces={o.max_pieces}: expected at least 1")
     if o.parser not in ("fast", "note_seq"):
-        raise ValueError(f"--parser={o.parser}: expected fast or note_seq")
-    o.vocab()  # raises ValueError on bad vocabulary settings, before any work
+        raise UserError(f"--parser={o.parser}: expected fast or note_seq")
+    try:  # bad vocabulary settings fail before any work
+        o.vocab()
+    except ValueError as e:  # Vocabulary's own check, which names no flag
+        raise UserError(f"vocabulary flags: {e}") from None
     if o.num_workers <= 0:
         o.num_workers = os.cpu_count() or 1
     return o
@@ -185,18 +193,7 @@ def _check_writable(output_dir) -> None:
             pass
     except OSError as e:
         reason = e.strerror or e
-        raise ValueError(f"--output_dir={output_dir}: cannot write there ({reason}); pick another dir") from None
-
-
-def _is_disk_full(e: BaseException | None) -> bool:
-    """ENOSPC anywhere in an exception's chain (TFDS and orbax wrap it in their own errors)."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
+        raise UserError(f"--output_dir={output_dir}: cannot write there ({reason}); pick another dir") from None
 
 
 @contextlib.contextmanager
@@ -332,16 +329,16 @@ def _list_all(specs: list[str], opts: _Options) -> list[sources.Item]:
 
 def _build(specs: list[str], output_dir, o: _Options) -> pathlib.Path:
     if not specs:
-        raise ValueError("--source: give at least one source (midi_dir:PATH, maestro:PATH, asap:PATH, music21:NAMES)")
+        raise UserError("--source: give at least one source (midi_dir:PATH, maestro:PATH, asap:PATH, music21:NAMES)")
     path = dataset_path(output_dir)
     _recover_swap(path)
     if path.exists() and not o.overwrite:
-        raise ValueError(
+        raise UserError(
             f"--output_dir={output_dir}: {path} already holds a dataset (pass --overwrite or pick another dir)"
         )
     items = _list_all(specs, o)
     if not items:
-        raise ValueError(f"--source={','.join(specs)}: no input files found")
+        raise UserError(f"--source={','.join(specs)}: no input files found")
     jobs = [(i, it, sources.assign_split(it, o.split_percents)) for i, it in enumerate(items)]
 
     t0 = time.time()
@@ -372,7 +369,7 @@ def _build(specs: list[str], output_dir, o: _Options) -> pathlib.Path:
         convert_s = time.time() - t0
         if not spool.splits():
             reasons = collections.Counter(s["reason"] for s in skipped).most_common(3)
-            raise ValueError(
+            raise UserError(
                 f"--source={','.join(specs)}: none of the {len(items)} inputs could be used "
                 f"(most common reasons: {'; '.join(f'{r} ({n})' for r, n in reasons)})"
             )
@@ -695,6 +692,7 @@ def _EventsBuilder(**kwargs):
 
 
 # ----------------------------------------------------------------------------- CLI
+@reported
 def main(argv: Sequence[str]) -> None:
     from absl import flags, logging
 
@@ -702,14 +700,14 @@ def main(argv: Sequence[str]) -> None:
     f = flags.FLAGS
     logging.set_verbosity(logging.WARNING)
     if f.demo == bool(f.source):
-        raise SystemExit("error: give either --demo or at least one --source")
+        raise UserError("give either --demo or at least one --source")
     output_dir = f.output_dir or DEMO_DIR
     try:
         if f.demo:  # the embedded-corpus subset the README demo trains on; reused when present
             print(ensure_dataset(output_dir, num_workers=f.num_workers, progress=True, verbose=True))
             return
         if not f.output_dir:
-            raise ValueError("--output_dir is required with --source")
+            raise UserError("--output_dir is required with --source")
         build_dataset(
             f.source,
             f.output_dir,
@@ -727,14 +725,12 @@ def main(argv: Sequence[str]) -> None:
             overwrite=f.overwrite,
             parser=f.parser,
         )
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
     except KeyboardInterrupt:
         raise SystemExit(
             f"interrupted: nothing was written to {dataset_path(output_dir)} (a dataset there is unchanged)"
         ) from None
     except Exception as e:
-        if not _is_disk_full(e):
+        if not is_disk_full(e):
             raise
         raise SystemExit(f"disk full writing {output_dir}: nothing was written to {dataset_path(output_dir)} "
                          "(a dataset there is unchanged); free some space and re-run") from None
@@ -748,11 +744,12 @@ def _define_flags() -> None:
     flags.DEFINE_bool("demo", False, f"build the embedded demo subset {DEMO_SOURCES} (kept when already built)")
     flags.DEFINE_string("output_dir", None, f"folder to hold the dataset (default with --demo: {DEMO_DIR})")
     flags.DEFINE_integer("num_workers", 0, "worker processes (0: one per core)")
-    flags.DEFINE_integer("num_velocity_bins", 32, "VELOCITY bins of the vocabulary")
-    flags.DEFINE_integer("min_pitch", 21, "lowest MIDI pitch kept")
-    flags.DEFINE_integer("max_pitch", 108, "highest MIDI pitch kept")
-    flags.DEFINE_integer("max_shift_steps", 100, "longest TIME_SHIFT, in steps")
-    flags.DEFINE_integer("steps_per_second", 100, "time steps per second (100: 10 ms)")
+    v = VOCAB_DEFAULTS
+    flags.DEFINE_integer("num_velocity_bins", v["num_velocity_bins"], "VELOCITY bins of the vocabulary")
+    flags.DEFINE_integer("min_pitch", v["min_pitch"], "lowest MIDI pitch kept")
+    flags.DEFINE_integer("max_pitch", v["max_pitch"], "highest MIDI pitch kept")
+    flags.DEFINE_integer("max_shift_steps", v["max_shift_steps"], "longest TIME_SHIFT, in steps")
+    flags.DEFINE_integer("steps_per_second", v["steps_per_second"], "time steps per second (100: 10 ms)")
     flags.DEFINE_bool("time_stretch", False, "add time-stretched copies of training pieces")
     flags.DEFINE_list("stretch_factors", [str(x) for x in STRETCH_FACTORS], "tempo factors for --time_stretch")
     flags.DEFINE_enum("file_format", "array_record", ["array_record", "tfrecord"], "record file format")

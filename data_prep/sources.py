@@ -39,6 +39,7 @@ import warnings
 from data_prep import midi
 from data_prep.notes import Notes
 from data_prep.vocab import normalize_label
+from mgpt.errors import UserError
 
 SOURCE_KINDS = ("midi_dir", "maestro", "asap", "music21")
 SPLITS = ("train", "validation", "test")
@@ -91,10 +92,10 @@ _SCORE_SUFFIXES = (".mxl", ".xml", ".musicxml", ".krn", ".abc", ".mid", ".midi")
 
 
 def split_spec(spec: str) -> tuple[str, str]:
-    """'maestro:/data/maestro' -> ('maestro', '/data/maestro'); ValueError names the spec."""
+    """'maestro:/data/maestro' -> ('maestro', '/data/maestro'); a UserError names the spec."""
     kind, sep, arg = spec.partition(":")
     if not sep or kind not in SOURCE_KINDS or not arg:
-        raise ValueError(f"--source={spec}: {_SPEC_HELP}")
+        raise UserError(f"--source={spec}: {_SPEC_HELP}")
     return kind, arg
 
 
@@ -106,7 +107,7 @@ def list_items(spec: str) -> list[Item]:
         return _list_music21(spec, arg)
     root = os.path.abspath(os.path.expanduser(arg))
     if not os.path.exists(root):
-        raise ValueError(f"--source={spec}: {root} does not exist")
+        raise UserError(f"--source={spec}: {root} does not exist")
     return lister(spec, root)
 
 
@@ -157,7 +158,7 @@ def style_label(text: str) -> str:
 # ----------------------------------------------------------------------------- midi_dir
 def _list_midi_dir(spec: str, root: str) -> list[Item]:
     if not os.path.isdir(root):
-        raise ValueError(f"--source={spec}: {root} is not a folder")
+        raise UserError(f"--source={spec}: {root} is not a folder")
     items, unreadable = [], []
     for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable.append):
         dirnames.sort()
@@ -182,14 +183,14 @@ def _list_maestro(spec: str, root: str) -> list[Item]:
             glob.glob(os.path.join(root, "maestro-v*.json"))
         )
         if not found:
-            raise ValueError(f"--source={spec}: no maestro-v*.csv or maestro-v*.json in {root}")
+            raise UserError(f"--source={spec}: no maestro-v*.csv or maestro-v*.json in {root}")
         meta = found[-1]  # the newest version when several are present
     rows = _read_metadata(spec, meta)
     items = []
     for row in rows:
         rel, split = row.get("midi_filename"), row.get("split")
         if not rel or split not in SPLITS:
-            raise ValueError(f"--source={spec}: {meta} needs midi_filename and split (train/validation/test)")
+            raise UserError(f"--source={spec}: {meta} needs midi_filename and split (train/validation/test)")
         composer = row.get("canonical_composer") or ""
         items.append(Item("maestro", root, rel, rel, rel, style_label(composer), composer, split=split))
     return items
@@ -215,19 +216,19 @@ def _read_metadata(spec: str, meta: str) -> list[dict]:
     try:
         return _read_table(meta)
     except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"--source={spec}: cannot read {meta}: {e}") from None
+        raise UserError(f"--source={spec}: cannot read {meta}: {e}") from None
 
 
 def _list_asap(spec: str, root: str) -> list[Item]:
     meta = os.path.join(root, "metadata.csv")
     if not os.path.isfile(meta):
-        raise ValueError(f"--source={spec}: no metadata.csv in {root} (expected the ASAP layout)")
+        raise UserError(f"--source={spec}: no metadata.csv in {root} (expected the ASAP layout)")
     rows = _read_metadata(spec, meta)
     items = []
     for row in rows:
         rel = row.get("midi_performance")
         if not rel:
-            raise ValueError(f"--source={spec}: {meta} has no midi_performance column")
+            raise UserError(f"--source={spec}: {meta} has no midi_performance column")
         # All performances of one score share its folder: that is the split key.
         score = row.get("folder") or row.get("midi_score") or rel
         composer = row.get("composer") or ""
@@ -252,12 +253,12 @@ def _list_music21(spec: str, arg: str) -> list[Item]:
             folder = os.path.join(root, name)
             if not name or name.startswith(("_", ".")) or not os.path.isdir(folder):
                 known = ", ".join(sorted(MUSIC21_COLLECTIONS))
-                raise ValueError(f"--source={spec}: unknown music21 collection {name!r} (known: {known})")
+                raise UserError(f"--source={spec}: unknown music21 collection {name!r} (known: {known})")
             collection = Collection((f"{name}/**/*",), style_label(name))
         try:
             limit_n = int(limit) if limit else None
         except ValueError:
-            raise ValueError(f"--source={spec}: {entry!r}: the limit after ':' must be a number") from None
+            raise UserError(f"--source={spec}: {entry!r}: the limit after ':' must be a number") from None
         found = _collection_items(root, collection)
         items.extend(sample(found, limit_n) if limit_n is not None else found)
     return items

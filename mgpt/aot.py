@@ -30,7 +30,9 @@ from ml_collections import config_flags
 
 from data_prep.vocab import Vocabulary
 from mgpt import checkpoint as ckpt_lib
-from mgpt import train as train_lib
+from mgpt import config as config_lib
+from mgpt import train as train_lib  # this command compiles the trainer's own steps
+from mgpt.errors import UserError, reported
 
 GiB = 2**30
 
@@ -55,10 +57,6 @@ CHIPS = {
     "v5p": Chip("v5p", int(95.74 * GiB), 459e12, 3, 2, "megacore", "v5p"),
     "v6e": Chip("v6e", int(31.25 * GiB), 918e12, 2, 1, "default", "v6e"),
 }
-
-
-class AotError(ValueError):
-    """A user mistake (topology name, config, missing libtpu): printed as one line, exit 2."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,13 +88,13 @@ def parse_topology(name: str) -> Slice:
     known = ", ".join(CHIPS)
     m = re.fullmatch(r"(v\d+[a-z]*)(?:-(\d+)|:(\d+(?:x\d+)+))", name.strip().lower())
     if not m or m.group(1) not in CHIPS:
-        raise AotError(f"--topology={name}: expected GENERATION-SIZE such as v5e-256, v4-32, v5p-32, v6e-8, "
+        raise UserError(f"--topology={name}: expected GENERATION-SIZE such as v5e-256, v4-32, v5p-32, v6e-8, "
                        f"or GENERATION:AxB[xC] such as v5e:2x2 (generations: {known})")
     chip = CHIPS[m.group(1)]
     if m.group(3):
         shape = tuple(int(n) for n in m.group(3).split("x"))
         if len(shape) != chip.torus_dims or min(shape) < 1:
-            raise AotError(f"--topology={name}: {chip.kind} slices have {chip.torus_dims} axes, e.g. "
+            raise UserError(f"--topology={name}: {chip.kind} slices have {chip.torus_dims} axes, e.g. "
                            f"{chip.kind}:{'x'.join(['2'] * chip.torus_dims)}")
         return Slice(name, chip, math.prod(shape), shape)
     size = int(m.group(2))
@@ -104,7 +102,7 @@ def parse_topology(name: str) -> Slice:
     smallest = math.prod(_default_shape(chip, 1))
     if rest or chips < smallest or chips & (chips - 1):
         unit = "TensorCores (2 per chip)" if chip.cores_in_name == 2 else "chips"
-        raise AotError(f"--topology={name}: the size counts {unit} and must be a power of two >= "
+        raise UserError(f"--topology={name}: the size counts {unit} and must be a power of two >= "
                        f"{smallest * chip.cores_in_name}, e.g. {chip.kind}-8")
     return Slice(name, chip, chips, _default_shape(chip, chips))
 
@@ -112,7 +110,7 @@ def parse_topology(name: str) -> Slice:
 def topology_devices(slice_: Slice) -> list:
     """The jax devices of `slice_`, from libtpu, with no TPU attached."""
     if importlib.util.find_spec("libtpu") is None:
-        raise AotError("mgpt.aot needs libtpu to compile for TPUs: pip install -e '.[tpu]'")
+        raise UserError("mgpt.aot needs libtpu to compile for TPUs: pip install -e '.[tpu]'")
     # libtpu otherwise asks the GCE metadata server which TPU this VM has, and warns at length
     # when there is none. A real TPU VM's own settings are kept.
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
@@ -130,10 +128,10 @@ def topology_devices(slice_: Slice) -> list:
         )
     except Exception as e:  # libtpu's own words for a shape it does not make
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AotError(f"--topology={slice_.name}: libtpu cannot describe {slice_.topology_name} ({first})") from None
+        raise UserError(f"--topology={slice_.name}: libtpu cannot describe {slice_.topology_name} ({first})") from None
     devices = list(topology.devices)
     if len(devices) != slice_.chips:
-        raise AotError(f"--topology={slice_.name}: libtpu gave {len(devices)} devices for {slice_.chips} chips")
+        raise UserError(f"--topology={slice_.name}: libtpu gave {len(devices)} devices for {slice_.chips} chips")
     return devices
 
 
@@ -296,7 +294,7 @@ class Report:
     eval: Memory
     flops_per_chip: float  # one train step: its matmuls, loops counted per iteration (matmul_flops)
     xla_flops_per_chip: float  # one train step, XLA's cost analysis (a loop body once)
-    estimate_per_chip: float  # one train step, 6 N_matmul + attention (mgpt.model.flops_per_token)
+    estimate_per_chip: float  # one train step, 6 N_matmul + attention (ModelConfig.flops_per_token)
     six_n_per_chip: float  # one train step, 6 x parameters x tokens
     collectives: dict
     compile_seconds: dict  # {'train', 'eval'}: wall-clock seconds
@@ -416,24 +414,21 @@ class DoesNotFit(Exception):
 def compile_for(config, slice_: Slice) -> Report:
     """Compiles the trainer's train and eval steps of `config` for `slice_`; raises DoesNotFit."""
     devices = topology_devices(slice_)
-    try:
-        train_lib.validate(config)
-        mesh, table = train_lib.validate_devices(config, len(devices), 1, devices=devices)
-    except train_lib.ConfigError as e:
-        raise AotError(str(e)) from None
+    config_lib.validate(config)
+    mesh, table = config_lib.validate_devices(config, len(devices), 1, devices=devices)
     vocab_size = _vocab_size(config)
     s = train_lib.setup(config, vocab_size, mesh, table)
     t, seq_len = config.train, config.data.seq_len
     abstract_state = ckpt_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)
     batch = train_lib.abstract_batch(t.batch_size, seq_len, s.batch_sharding)
-    eval_batch = train_lib.abstract_batch(t.batch_size // t.grad_accum, seq_len, s.batch_sharding)
+    eval_batch = train_lib.abstract_batch(s.microbatch, seq_len, s.batch_sharding)
 
     seconds, cpu_seconds, compiled = {}, {}, {}
     train_step = train_lib.compile_train_step(s, config)
-    step_jaxpr = jax.make_jaxpr(train_step)(abstract_state, s.rest, batch)
+    step_jaxpr = jax.make_jaxpr(train_step)(abstract_state, batch)
     for name, fn, args in (
-        ("train", train_step, (abstract_state, s.rest, batch)),
-        ("eval", train_lib.compile_eval_step(s), (abstract_state["params"], s.rest, eval_batch)),
+        ("train", train_step, (abstract_state, batch)),
+        ("eval", train_lib.compile_eval_step(s), (abstract_state["params"], eval_batch)),
     ):
         start, start_cpu = time.perf_counter(), time.process_time()
         try:
@@ -448,7 +443,7 @@ def compile_for(config, slice_: Slice) -> Report:
         cpu_seconds[name] = time.process_time() - start_cpu
 
     tokens = t.batch_size * seq_len
-    fpt = train_lib.flops_per_token(config.model, vocab_size, seq_len, s.num_params)
+    fpt = s.model_config.flops_per_token(seq_len)
     return Report(
         slice=slice_,
         mesh_shape=dict(mesh.shape),
@@ -481,7 +476,8 @@ def _vocab_size(config) -> int:
 
 # ----------------------------------------------------------------------------- command line
 
-# The trainer defines --config (mgpt.train); this command takes the same flag.
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/large.py.",
+                                          lock_config=True)
 _TOPOLOGY = flags.DEFINE_string(
     "topology", None, "TPU slice(s), comma-separated: v5e-256, v4-32, v5p-32, v6e-8, or v5e:2x2.")
 
@@ -491,7 +487,7 @@ def _one(config, config_name: str, topology: str) -> tuple[bool, str]:
     slice_ = parse_topology(topology)
     try:
         report = compile_for(config, slice_)
-    except AotError as e:  # the config itself does not suit this slice (e.g. the batch does not divide)
+    except UserError as e:  # the config itself does not suit this slice (e.g. the batch does not divide)
         print(e, file=sys.stderr)
         return False, f"| {config_name} | {slice_.name} | {slice_.chips} | {e} | {_gib(slice_.chip.hbm_bytes)} | no |"
     except DoesNotFit as e:
@@ -512,29 +508,25 @@ def _one(config, config_name: str, topology: str) -> tuple[bool, str]:
     return True, row
 
 
+@reported
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config, topologies = flags.FLAGS.config, [t for t in (_TOPOLOGY.value or "").split(",") if t]
+    config, topologies = _CONFIG.value, [t for t in (_TOPOLOGY.value or "").split(",") if t]
     if config is None or not topologies:
-        print("usage: python -m mgpt.aot --config=configs/large.py --topology=v5e-256[,v4-32,...] "
-              "[--config.FIELD=VALUE]", file=sys.stderr)
-        sys.exit(2)
+        raise UserError("usage: python -m mgpt.aot --config=configs/large.py --topology=v5e-256[,v4-32,...] "
+                        "[--config.FIELD=VALUE]")
     # The host compiles; the TPU is only described. Without this jax would also try to
     # open the (absent) TPU as its default backend.
     jax.config.update("jax_platforms", "cpu")
     name = os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"]))
     rows, all_fit = [], True
-    try:
-        for i, topology in enumerate(topologies):
-            if i:
-                print()
-            fits, row = _one(config, name, topology)
-            all_fit &= fits
-            rows.append(row)
-    except AotError as e:
-        print(e, file=sys.stderr)
-        sys.exit(2)
+    for i, topology in enumerate(topologies):
+        if i:
+            print()
+        fits, row = _one(config, name, topology)
+        all_fit &= fits
+        rows.append(row)
     if len(rows) > 1:  # the summary, as the README's table
         print("\n| config | slice | chips | HBM per chip (peak of train, eval) | usable | fits |\n|---|---|---|---|---|---|")
         print("\n".join(rows))

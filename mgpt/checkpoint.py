@@ -1,7 +1,7 @@
 """orbax checkpoints of a training run: `WORKDIR/checkpoints/<step>/{params, train_state, data, config, vocab}`.
 
 - params: the model weights alone, so inference and warm starts read only them;
-- train_state: optimizer state, step and rng;
+- train_state: optimizer state and step;
 - data: this host's grain iterator state (one JSON file per process);
 - config, vocab: the run's config and vocabulary as JSON, so a checkpoint is self-describing.
 
@@ -9,26 +9,34 @@ Paths may be local or gs:// (orbax and etils handle both). Only steps orbax has
 finalized are ever read (on gs:// it writes into the step directory and marks completion
 separately). A step that cannot be restored (a truncated file, a step deleted by a live
 run's rotation while we read it) is named in one line and the next newest one is used.
+
+`StopSignal` turns SIGTERM/SIGINT (a preemption, Ctrl-C) into a checkpoint at the next
+step; `restore_model` loads a run's weights for inference.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from mgpt.errors import MissingInput
 
 ITEMS = ("params", "train_state", "data", "config", "vocab")
 T = TypeVar("T")
 
 
-class CheckpointError(FileNotFoundError):
-    """No checkpoint can be used. A FileNotFoundError, so every command's one-line handler prints it."""
+class CheckpointError(MissingInput):
+    """No checkpoint can be used (printed as one line, as every UserError)."""
 
 
 def _warn(message: str) -> None:
@@ -144,7 +152,7 @@ class Checkpoints:
         self.manager.reload()
 
     def save(self, step: int, state: dict, data_iter, config: dict, vocab: dict) -> None:
-        """Starts a save of `state` ({'params', 'opt_state', 'step', 'rng'}); returns before it is written."""
+        """Starts a save of `state` ({'params', 'opt_state', 'step'}); returns before it is written."""
         import grain  # here, so that the trainer imports without grain (benchmarks/gpu_check.py)
 
         args = ocp.args.Composite(
@@ -167,6 +175,10 @@ class Checkpoints:
         import grain
 
         abstract_rest = {k: v for k, v in abstract_state.items() if k != "params"}
+        if _has_unused_rng(self.directory / str(step) / "train_state"):
+            # Saved by an older mgpt, whose train state carried an rng it never read. orbax
+            # restores whole trees: it is read with the rest, then dropped.
+            abstract_rest["rng"] = jax.ShapeDtypeStruct((2,), np.uint32, sharding=abstract_rest["step"].sharding)
         items = {
             "params": ocp.args.StandardRestore(abstract_state["params"]),
             "train_state": ocp.args.StandardRestore(abstract_rest),
@@ -176,7 +188,8 @@ class Checkpoints:
         # file: the same code then serves any process count, and a position saved in another
         # layout (an older mgpt) starts the data afresh instead of failing.
         has_data = _restore_data(self.data_states(step), data_iter)
-        return {"params": out["params"], **out["train_state"]}, has_data
+        train_state = {k: v for k, v in out["train_state"].items() if k != "rng"}
+        return {"params": out["params"], **train_state}, has_data
 
     def data_states(self, step: int) -> list[dict]:
         """Every process's saved data-iterator state at `step` (any process count)."""
@@ -202,6 +215,14 @@ class Checkpoints:
         self.manager.close()
 
 
+def _has_unused_rng(item_dir: epath.Path) -> bool:
+    """Whether a train_state item holds the `rng` key of older mgpt runs (in orbax's tree metadata)."""
+    try:
+        return "('rng',)" in json.loads((item_dir / "_METADATA").read_text())["tree_metadata"]
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def _restore_data(states: list[dict], data_iter) -> bool:
     """Sets `data_iter` from the union of the per-shard states every process saved."""
     if not states or not all(isinstance(x, dict) and "shards" in x for x in states):
@@ -222,10 +243,34 @@ def _all_processes_ok(ok: bool) -> bool:
     """Whether every process succeeded: a file damaged in one host's shard fails only that host."""
     if jax.process_count() == 1:
         return ok
-    import numpy as np
     from jax.experimental import multihost_utils
 
     return bool(np.all(multihost_utils.process_allgather(np.asarray([ok], np.int32))))
+
+
+def write_json(path: epath.Path, obj) -> None:
+    """Written whole, then renamed into place: a crash mid-write never leaves a truncated file
+    that the next run (which reads config.json and vocab.json) would stumble on."""
+    if jax.process_index() == 0:
+        temporary = path.parent / f".{path.name}.tmp"
+        temporary.write_text(json.dumps(obj, indent=1))
+        temporary.replace(path)
+
+
+def versions() -> dict:
+    """Library versions and devices of the run, stored beside its checkpoints."""
+    import importlib.metadata
+    import platform
+
+    packages = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorflow-datasets", "numpy")
+    out = {"python": platform.python_version(), "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+           "processes": jax.process_count()}
+    for name in packages:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
 
 
 def read_json_item(root: str | epath.PathLike, step: int, item: str) -> Any:
@@ -239,11 +284,11 @@ def locate(path: str | epath.PathLike, step: int | None = None) -> tuple[epath.P
     if step is None:
         steps = finalized_steps(root)
         if not steps:
-            raise FileNotFoundError(f"{path}: no checkpoints found")
+            raise MissingInput(f"{path}: no checkpoints found")
         step = steps[-1]
     folder = root / str(step)
     if not (folder / "params").exists() or not ocp.utils.is_checkpoint_finalized(folder):
-        raise FileNotFoundError(f"{path}: no complete checkpoint for step {step}")
+        raise MissingInput(f"{path}: no complete checkpoint for step {step}")
     return root, step
 
 
@@ -286,6 +331,34 @@ def restore_params(path: str | epath.PathLike, step: int | None, abstract_params
     return load_newest(path, step, lambda root, s: _restore_params_at(root, s, abstract_params))
 
 
+def restore_model(workdir: str, step: int | None = None):
+    """(model, vocab, config, step) from a run's checkpoint (the newest that restores by
+    default): weights only, for inference.
+
+    `workdir` may also be its checkpoints/ directory or one step directory. The weights
+    land on the first local device.
+    """
+    import ml_collections
+    from flax import nnx
+
+    from data_prep.vocab import Vocabulary
+    from mgpt import models
+
+    def load(root, at_step):
+        config = ml_collections.ConfigDict(read_json_item(root, at_step, "config"))
+        vocab = Vocabulary.from_json(read_json_item(root, at_step, "vocab"), origin=f"{root}/{at_step}/vocab")
+        graphdef, abstract_params, rest = nnx.split(models.abstract_model(config.model, vocab.size), nnx.Param, ...)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_params)
+        params = _restore_params_at(root, at_step, target)
+        return nnx.merge(graphdef, params, rest), vocab, config
+
+    # The newest step that restores: a damaged one, or one a live run's rotation deletes
+    # while we read it, is named in one line and the next newest is used.
+    (model, vocab, config), step = load_newest(workdir, step, load)
+    return model, vocab, config, step
+
+
 def _restore_params_at(root: epath.Path, step: int, abstract_params):
     with ocp.StandardCheckpointer() as checkpointer:
         return checkpointer.restore(root / str(step) / "params", abstract_params)
@@ -295,3 +368,47 @@ def abstract_with_shardings(abstract_tree, shardings):
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings
     )
+
+
+class StopSignal:
+    """SIGTERM/SIGINT set a flag; the loop saves and exits at the next step. A second Ctrl-C aborts.
+
+    In a multi-process run SIGTERM is left to jax's preemption service, which agrees on
+    one step at which every process saves (`reached_preemption_sync_point`).
+    """
+
+    def __init__(self, multi_process: bool):
+        self.name: str | None = None
+        self._signals = (signal.SIGINT,) if multi_process else (signal.SIGTERM, signal.SIGINT)
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self._signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def stop_requested(stop: StopSignal, step: int, log_every: int) -> str | None:
+    """The signal every process stops for at this step, or None. Same answer on all processes."""
+    if jax.process_count() == 1:
+        return stop.name
+    from jax.experimental import multihost_utils
+
+    if multihost_utils.reached_preemption_sync_point(step):
+        return "SIGTERM"
+    # Ctrl-C reaches one process: share it at log steps, a schedule every process keeps.
+    if step % log_every == 0:
+        flags_ = multihost_utils.process_allgather(np.asarray([stop.name is not None], np.int32))
+        if np.any(flags_):
+            return stop.name or "SIGINT (on another process)"
+    return None

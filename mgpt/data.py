@@ -47,14 +47,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
 
 import grain
 import numpy as np
+from etils import epath
 
 from data_prep.vocab import Vocabulary
+from mgpt.errors import MissingInput, UserError
 
 SPLITS = ("train", "validation", "test")
 
@@ -81,17 +84,132 @@ def open_source(dataset_dir: str | os.PathLike, split: str, training_only: bool 
     try:
         builder = tfds.builder_from_directory(os.fspath(dataset_dir))
     except Exception as e:  # tfds raises several types for a missing/garbled directory
-        raise FileNotFoundError(f"{dataset_dir}: not a TFDS dataset directory ({e})") from None
+        raise MissingInput(f"{dataset_dir}: not a TFDS dataset directory ({e})") from None
     if split not in builder.info.splits:  # data_prep leaves out splits with no pieces
-        raise FileNotFoundError(f"{dataset_dir}: the dataset has no {split!r} split")
+        raise MissingInput(f"{dataset_dir}: the dataset has no {split!r} split")
     if "tfrecord" in str(builder.info.file_format).lower():  # grain needs random access
-        raise FileNotFoundError(f"{dataset_dir}: a TFRecord dataset, and training reads ArrayRecord; rebuild it "
-                                "with python -m data_prep.build --file_format=array_record")
+        raise MissingInput(f"{dataset_dir}: a TFRecord dataset, and training reads ArrayRecord; rebuild it "
+                           "with python -m data_prep.build --file_format=array_record")
     if training_only:
         raw = builder.as_data_source(split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
         return _TrainingRecords(raw)
     return builder.as_data_source(split)
 
+
+def resolve_dataset(dataset_dir: str) -> epath.Path:
+    """config.data.dataset_dir -> the TFDS dataset directory (building the demo on first use)."""
+    from data_prep import build
+
+    path = epath.Path(dataset_dir)
+    if (path / "vocab.json").exists():
+        return path
+    if dataset_dir.rstrip("/") == build.DEMO_DIR or path.resolve() == epath.Path(build.DEMO_DIR).resolve():
+        import jax
+
+        if jax.process_index() == 0 and not build.is_complete(build.dataset_path(dataset_dir)):
+            print(f"building the demo dataset in {dataset_dir} (first use, a few minutes)", flush=True)
+        return epath.Path(build.ensure_dataset(dataset_dir))
+    found = _datasets_below(path) if path.is_dir() else []
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        raise UserError(f"config.data.dataset_dir={dataset_dir}: holds {len(found)} datasets "
+                        f"({', '.join(map(str, found))}); give one of them")
+    raise UserError(
+        f"config.data.dataset_dir={dataset_dir}: no dataset there (build one with python -m data_prep.build)"
+    )
+
+
+def _datasets_below(path: epath.Path) -> list[epath.Path]:
+    """Datasets one or two folders below `path`: a build's output dir holds mgpt_events/1.0.0.
+
+    Listed level by level (etils cannot glob `**` on every filesystem); a build's hidden
+    work folders and a dataset being swapped out (*.replaced) are not datasets.
+    """
+    def subdirs(folder):
+        return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+                      and not p.name.endswith(".replaced"))
+
+    def is_dataset(folder):
+        return (folder / "vocab.json").exists() and (folder / "dataset_info.json").exists()
+
+    found = []
+    for child in subdirs(path):
+        if is_dataset(child):
+            found.append(child)
+        else:
+            found.extend(grandchild for grandchild in subdirs(child) if is_dataset(grandchild))
+    return found
+
+
+def choose_vocab(dataset_path: epath.Path, workdir: epath.Path, init_from: str) -> Vocabulary:
+    """The run's vocabulary: the resumed run's, else the warm start's, else the dataset's.
+
+    A warm start keeps its own vocabulary (so its embedding rows keep their meaning);
+    the dataset's event layout must match it, while its style labels may differ
+    (labels the checkpoint doesn't know are conditioned on STYLE:unknown).
+    """
+    from mgpt import checkpoint as ckpt_lib
+
+    run_vocab_path = workdir / "vocab.json"
+    try:  # a damaged or hand-edited vocab.json is a one-line error naming the file
+        dataset_vocab = Vocabulary.load(dataset_path)
+        run_vocab = None
+        if run_vocab_path.exists():
+            text = run_vocab_path.read_text()
+            try:
+                data = json.loads(text)
+            except ValueError as e:
+                raise ValueError(f"{run_vocab_path}: not valid JSON ({e})") from None
+            run_vocab = Vocabulary.from_json(data, origin=str(run_vocab_path))
+    except ValueError as e:
+        raise UserError(f"{e}; rebuild it or restore the original") from None
+    if run_vocab is not None:
+        return _same_events(run_vocab, dataset_vocab, dataset_path, f"the run in {workdir}")
+    if init_from:
+        try:
+            root, step = ckpt_lib.locate(init_from)
+        except FileNotFoundError:
+            raise UserError(f"config.init_from={init_from}: no checkpoints there (give a run's workdir)") from None
+        vocab = Vocabulary.from_json(ckpt_lib.read_json_item(root, step, "vocab"), origin=f"{init_from} vocab")
+        return _same_events(vocab, dataset_vocab, dataset_path, f"config.init_from={init_from}")
+    return dataset_vocab
+
+
+def _same_events(vocab: Vocabulary, dataset_vocab: Vocabulary, dataset_path, owner: str) -> Vocabulary:
+    """`vocab` if every event id means the same in the dataset; style labels may differ."""
+    settings = lambda v: {k: x for k, x in v.to_json().items() if k != "tokens"}
+    ours, theirs = settings(vocab), settings(dataset_vocab)
+    differ = [f"{k}={theirs.get(k)!r} there, {ours.get(k)!r} in {owner}" for k in sorted(set(ours) | set(theirs))
+              if ours.get(k) != theirs.get(k)]
+    if not differ and vocab.tokens[:vocab.style_offset] != dataset_vocab.tokens[:dataset_vocab.style_offset]:
+        differ = ["its event tokens differ"]
+    if differ:
+        raise UserError(
+            f"config.data.dataset_dir={dataset_path}: its event vocabulary differs ({'; '.join(differ)}); "
+            "use a dataset built with the same settings"
+        )
+    return vocab
+
+
+
+def validation_source(dataset_path: epath.Path, dataset_dir: str, process_count: int, log=print):
+    """The validation split the trainer evaluates on, or None when the dataset has none (said by `log`).
+
+    Each host evaluates its own pieces: a split with fewer pieces than hosts is a UserError
+    now, at start-up, not at the first evaluation hours in."""
+    try:
+        source = open_source(dataset_path, "validation", training_only=True)
+    except FileNotFoundError as e:
+        log(f"{e}: training without validation")
+        return None
+    if len(source) < process_count:
+        raise UserError(
+            f"config.data.dataset_dir={dataset_dir}: the validation split has {len(source)} pieces, fewer "
+            f"than the {process_count} hosts, and each host evaluates its own pieces; rebuild the dataset with a "
+            "larger validation share (python -m data_prep.build --splits=TRAIN,VALIDATION,TEST)"
+        )
+    return source
 
 class _TrainingRecords:
     """A TFDS raw-bytes source -> {'tokens': int32[n], 'style': bytes} records (picklable for workers)."""

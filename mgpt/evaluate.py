@@ -49,15 +49,17 @@ import sys
 import time
 from collections.abc import Sequence
 
+from mgpt.errors import UserError, reported
 from mgpt.eval import compare, pages
 from mgpt.eval.composer import composer_study, write_composer_study
 from mgpt.eval.guidance import guidance_sweep, parse_guidances, write_guidance_sweep
-from mgpt.eval.inputs import Options, UserError, load_split, model_from_run, read_generated, resolve_dataset
+from mgpt.eval.inputs import Options, load_split, model_from_run, read_generated, resolve_dataset
 from mgpt.eval.report import evaluate
 
 
 def define_flags(fv):
-    """Flags on their own FlagValues: mgpt.train defines --workdir on absl's global FLAGS."""
+    """Flags on their own FlagValues: mgpt.generate, whose library this command uses, has
+    flags of the same names."""
     from absl import flags
 
     from mgpt import generate
@@ -155,12 +157,9 @@ def _sampling_run(f, gpt, vocab, config, dataset_dir):
 
     run = generate.Run(model=gpt.model, vocab=vocab, config=config, step=gpt.step, workdir=str(f.workdir),
                        note_seconds=generate.dataset_note_seconds({"data": {"dataset_dir": str(dataset_dir)}}))
-    try:
-        styles = generate.resolve_styles(vocab, f.style)
-        sampling = generate.Sampling(temperature=f.temperature, top_p=f.top_p, max_seconds=f.max_seconds,
-                                     max_note_seconds=f.max_note_seconds)
-    except generate.UserError as e:
-        raise UserError(str(e)) from None
+    styles = generate.resolve_styles(vocab, f.style)
+    sampling = generate.Sampling(temperature=f.temperature, top_p=f.top_p, max_seconds=f.max_seconds,
+                                 max_note_seconds=f.max_note_seconds)
     return run, styles, sampling
 
 
@@ -182,6 +181,7 @@ def _run_guidance_sweep(f, options: Options) -> str:
     return text + str(pathlib.Path(f.output_dir) / "guidance_sweep.png")
 
 
+@reported
 def main(argv: Sequence[str] | None = None) -> None:
     from absl import flags, logging
 
@@ -194,14 +194,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         rest = fv(argv)[1:]
     except flags.Error as e:
-        raise SystemExit(f"{e} (see python -m mgpt.evaluate --help)") from None
+        raise UserError(f"{e} (see python -m mgpt.evaluate --help)") from None
     logging.set_verbosity(logging.WARNING)
-    from mgpt import generate
-
-    try:
-        print(run_command(fv, rest))
-    except (UserError, generate.UserError, compare.ReportError, FileNotFoundError) as e:
-        raise SystemExit(str(e)) from None
+    print(run_command(fv, rest))
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ import numpy as np
 from data_prep import notes as notes_lib
 from data_prep.vocab import UNKNOWN_STYLE, Vocabulary, normalize_label
 from mgpt import render
+from mgpt.errors import UserError, reported
 
 UNCONDITIONAL = "unconditional"
 ALL_STYLES = "all"
@@ -62,10 +63,6 @@ FALLBACK_MAX_NOTE_SECONDS = 8.0
 DEFAULT_BATCH_SIZE = 16  # rows per device per sampler call
 DEFAULT_MAX_COPY_SECONDS = 8.0  # the copy guard: longest span a piece may share with a training piece
 DEFAULT_COPY_TRIES = 4  # draws per piece (the first and up to three re-draws) before it is marked
-
-
-class UserError(ValueError):
-    """A mistake in the flags or input files; the command line prints it as one line."""
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -345,11 +342,11 @@ def read_run_info(workdir: str, step: int | None = None) -> tuple[Vocabulary, di
 
 def load_run(workdir: str, step: int | None = None) -> Run:
     """A run's checkpoint (latest, or `step`) loaded for sampling."""
-    from mgpt.train import restore_model
+    from mgpt.checkpoint import restore_model
 
     _, config, _ = read_run_info(workdir, step)
     kind = config.get("model", {}).get("kind", "gpt")
-    if kind != "gpt":
+    if kind != "gpt":  # the sampler's KV-cache decode is mgpt.model.GPT's
         raise UserError(f"{workdir}: model.kind={kind!r}; the sampler supports 'gpt' only")
     model, vocab, config, step = restore_model(workdir, step)
     dataset = local_dataset(config)
@@ -729,8 +726,8 @@ def write_gallery(output_dir: str | os.PathLike, title: str | None = None) -> pa
 
 
 def define_flags(fv):
-    """The command's flags, on their own FlagValues `fv`: mgpt.train defines --workdir on absl's
-    global FLAGS when imported, and generate imports it."""
+    """The command's flags, on their own FlagValues `fv`: mgpt.evaluate, which imports this
+    module, defines flags of the same names for itself."""
     from absl import flags
 
     kw = {"flag_values": fv}
@@ -790,14 +787,11 @@ def run_command(f) -> pathlib.Path:
     if f.primer:
         load_primer(f.primer, vocab, f.primer_seconds)
     _check_output_dir(f.output_dir)
-    if f.distributed != "no":
-        import ml_collections
-
-        from mgpt.train import maybe_initialize_distributed
-
-        maybe_initialize_distributed(ml_collections.ConfigDict(
-            {"initialize": "auto", "coordinator_address": "", "num_processes": 0, "process_id": -1}))
     import jax
+
+    from mgpt import mesh
+
+    mesh.maybe_initialize_distributed(f.distributed)
 
     run = load_run(f.workdir, f.checkpoint_step)
     generate_corpus(
@@ -814,6 +808,7 @@ def run_command(f) -> pathlib.Path:
     return pathlib.Path(f.output_dir)
 
 
+@reported
 def main(argv: Sequence[str] | None = None) -> None:
     from absl import flags, logging
 
@@ -826,17 +821,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         rest = fv(argv)
     except flags.Error as e:
-        raise SystemExit(f"{e} (see python -m mgpt.generate --help)") from None
+        raise UserError(f"{e} (see python -m mgpt.generate --help)") from None
     if len(rest) > 1:
-        raise SystemExit(f"unexpected arguments: {rest[1:]}")
+        raise UserError(f"unexpected arguments: {rest[1:]}")
     logging.set_verbosity(logging.ERROR)  # orbax logs every file it reads, and warns that a restore is read-only
     # pydub (imported by note-seq) warns about ffmpeg, which only its audio export needs.
     warnings.filterwarnings("ignore", "Couldn't find ffmpeg", RuntimeWarning)
-    try:
-        path = run_command(fv)
-    except (UserError, FileNotFoundError, render.AudioToolsMissing) as e:
-        raise SystemExit(str(e)) from None
-    print(path)
+    print(run_command(fv))
 
 
 if __name__ == "__main__":

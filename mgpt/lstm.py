@@ -51,23 +51,21 @@ class LSTMConfig:
 
         return dataclass_from_config(cls, model_config, vocab_size)
 
+    def num_params(self) -> int:
+        """Number of parameters of `LSTMLM(self)`, from the config alone."""
+        d, v = self.d_model, self.vocab_size
+        per_layer = 2 * d * 4 * d + 4 * d  # input and recurrent kernels, gate biases
+        return v * d + self.num_layers * per_layer + d * v + v
 
-def count_params(cfg: LSTMConfig) -> int:
-    """Number of parameters of `LSTMLM(cfg)`, from the config alone."""
-    d, v = cfg.d_model, cfg.vocab_size
-    per_layer = 2 * d * 4 * d + 4 * d  # input and recurrent kernels, gate biases
-    return v * d + cfg.num_layers * per_layer + d * v + v
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward): 6 x the weights used in matmuls.
 
-
-def flops_per_token(cfg: LSTMConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward): 6 x the weights used in matmuls.
-
-    An LSTM's cost per token does not depend on the sequence length; `seq_len` is
-    accepted so the trainer calls every model kind the same way.
-    """
-    del seq_len
-    d = cfg.d_model
-    return 6.0 * (cfg.num_layers * 2 * d * 4 * d + d * cfg.vocab_size)
+        An LSTM's cost per token does not depend on the sequence length; `seq_len` is
+        accepted so the trainer calls every model kind the same way.
+        """
+        del seq_len
+        d = self.d_model
+        return 6.0 * (self.num_layers * 2 * d * 4 * d + d * self.vocab_size)
 
 
 def _param(value, axes: tuple) -> nnx.Param:

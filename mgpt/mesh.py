@@ -10,6 +10,7 @@ divide a dimension is left out for that array (e.g. a 246-token vocabulary on a
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -157,3 +158,69 @@ def bytes_per_device(abstract_tree, shardings) -> int:
         shard = sharding.shard_shape(leaf.shape)
         total += int(np.prod(shard)) * np.dtype(leaf.dtype).itemsize
     return total
+
+
+def maybe_initialize_distributed(initialize: str = "auto", coordinator_address: str = "", num_processes: int = 0,
+                                 process_id: int = -1) -> None:
+    """jax.distributed for multi-process runs: auto-detected on TPU pods / SLURM, or explicit.
+
+    `initialize` is 'auto' (when a cluster is detected), 'yes' or 'no'; the others are
+    config.distributed's fields (0 and -1: let jax find them)."""
+    from mgpt.errors import UserError
+
+    if initialize == "no" or jax.distributed.is_initialized():
+        return
+    if coordinator_address:
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes or None,
+            process_id=process_id if process_id >= 0 else None,
+        )
+        return
+    cluster = cluster_environment()
+    try:
+        jax.distributed.initialize()
+    except Exception as e:  # noqa: BLE001 - coordinator failures are JaxRuntimeError, others ValueError
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if cluster is not None:
+            # Falling back here would make every process of the job train alone, with the same
+            # seed, into the same workdir.
+            raise UserError(
+                f"config.distributed.initialize={initialize!r}: a {cluster} cluster was detected but "
+                f"jax.distributed.initialize() failed ({first_line}); fix the cluster setup, or pass "
+                "--config.distributed.initialize=no to train this process alone"
+            ) from None
+        if initialize == "yes":
+            raise UserError(f"config.distributed: jax.distributed.initialize() failed ({first_line})") from None
+        # 'auto' on a machine with no cluster environment: a single-process run.
+
+
+def cluster_environment() -> str | None:
+    """The cluster jax.distributed would detect here ('SlurmCluster', 'OmpiCluster', a Cloud TPU), or None.
+
+    Asked of jax's own detectors, so that we and `jax.distributed.initialize()` agree on
+    what counts as a cluster."""
+    from jax._src import clusters
+
+    for env in clusters.ClusterEnv._cluster_types:
+        if not env.opt_in_only_method and env.is_env_present():
+            return env.__name__
+    return None
+
+
+def use_compilation_cache(directory: str, workdir: os.PathLike) -> str | None:
+    """Points jax's persistent compilation cache at `directory` (relative to the workdir).
+
+    A restarted run (preemption, max_steps_per_run) then loads its compiled steps instead
+    of compiling them again. '' leaves jax's own setting alone. Returns the path used."""
+    if not directory:
+        return None
+    from jax.experimental.compilation_cache import compilation_cache
+
+    path = directory if "://" in directory or directory.startswith("/") else os.fspath(workdir / directory)
+    # jax keeps the path for the process: a relative one would move with the working directory.
+    path = path if "://" in path else os.path.abspath(path)
+    if jax.config.jax_compilation_cache_dir != path:
+        compilation_cache.set_cache_dir(path)
+        compilation_cache.reset_cache()  # jax opens its cache once per process, at the first compile
+    return path

@@ -54,10 +54,10 @@ class ModelConfig:
     num_layers: int = 4
     num_heads: int = 4
     d_model: int = 256
-    mlp_dim: int = 1024
+    mlp_dim: int = 1024  # hidden width of the gated MLP
     max_len: int = 1024  # context length: the longest sequence the model attends over
     tied_embeddings: bool = True
-    dtype: str = "float32"  # compute dtype of matmuls/activations
+    dtype: str = "float32"  # compute dtype of matmuls/activations ('bfloat16' on GPU/TPU)
     param_dtype: str = "float32"
     remat: str = "none"  # per block: 'none' | 'full' (save nothing) | 'dots' (save matmuls)
     rope_base: float = 10_000.0
@@ -103,6 +103,26 @@ class ModelConfig:
         """From `config.model` (ConfigDict or dict); fields not listed here (e.g. `kind`) are ignored."""
         return dataclass_from_config(cls, model_config, vocab_size)
 
+    def num_params(self) -> int:
+        """Number of parameters of `GPT(self)`, from the config alone."""
+        d, f, layers = self.d_model, self.mlp_dim, self.num_layers
+        per_block = 2 * d + 4 * d * d + 3 * d * f  # two norms, qkv + out, gated MLP
+        embeddings = self.vocab_size * d * (1 if self.tied_embeddings else 2)
+        return layers * per_block + d + embeddings
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), PaLM convention.
+
+        6 * N_matmul + 12 * num_layers * d_model * seq_len, where N_matmul counts
+        every weight used in a matmul: the blocks' projections and the output
+        (unembedding) projection, tied or not; the input embedding lookup and norm
+        scales are excluded. The attention term counts the full LxL score and
+        value matmuls (no causal halving), as PaLM's MFU does.
+        """
+        d, f = self.d_model, self.mlp_dim
+        n_matmul = self.num_layers * (4 * d * d + 3 * d * f) + d * self.vocab_size
+        return 6.0 * n_matmul + 12.0 * self.num_layers * d * seq_len
+
 
 def dataclass_from_config(cls, model_config: Mapping[str, Any] | Any, vocab_size: int):
     """`cls(vocab_size, **fields of config.model that cls has)`: one config.model serves every model kind."""
@@ -111,28 +131,6 @@ def dataclass_from_config(cls, model_config: Mapping[str, Any] | Any, vocab_size
     names = {f.name for f in dataclasses.fields(cls)} - {"vocab_size"}
     kwargs = {k: v for k, v in dict(model_config).items() if k in names}
     return cls(vocab_size=int(vocab_size), **kwargs)
-
-
-def count_params(cfg: ModelConfig) -> int:
-    """Number of parameters of `GPT(cfg)`, from the config alone."""
-    d, f, layers = cfg.d_model, cfg.mlp_dim, cfg.num_layers
-    per_block = 2 * d + 4 * d * d + 3 * d * f  # two norms, qkv + out, gated MLP
-    embeddings = cfg.vocab_size * d * (1 if cfg.tied_embeddings else 2)
-    return layers * per_block + d + embeddings
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward), PaLM convention.
-
-    6 * N_matmul + 12 * num_layers * d_model * seq_len, where N_matmul counts
-    every weight used in a matmul: the blocks' projections and the output
-    (unembedding) projection, tied or not; the input embedding lookup and norm
-    scales are excluded. The attention term counts the full LxL score and
-    value matmuls (no causal halving), as PaLM's MFU does.
-    """
-    d, f = cfg.d_model, cfg.mlp_dim
-    n_matmul = cfg.num_layers * (4 * d * d + 3 * d * f) + d * cfg.vocab_size
-    return 6.0 * n_matmul + 12.0 * cfg.num_layers * d * seq_len
 
 
 def _param(rngs: nnx.Rngs, shape, std: float, axes: tuple, dtype) -> nnx.Param:

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from data_prep import notes as notes_lib
+from mgpt.errors import UserError
 
 # Debian's GM soundfonts, smallest (fastest to load per piece) first.
 SOUNDFONT_PATHS = (
@@ -36,8 +37,9 @@ INSTALL_AUDIO = "sudo apt-get install -y fluidsynth timgm6mb-soundfont"
 SAMPLE_RATE = 44_100
 
 
-class AudioToolsMissing(RuntimeError):
-    """fluidsynth or a soundfont is not installed; the message says how to install them."""
+class AudioToolsMissing(UserError, RuntimeError):
+    """fluidsynth or a soundfont is not installed; the message says how to install them. Also a
+    RuntimeError, as every audio failure a corpus outlives (one warning per piece)."""
 
 
 # ----------------------------------------------------------------------------- MIDI

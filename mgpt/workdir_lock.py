@@ -23,10 +23,12 @@ import jax
 import numpy as np
 from etils import epath
 
+from mgpt.errors import UserError
+
 LOCK_NAME = "lock"
 
 
-class WorkdirInUse(RuntimeError):
+class WorkdirInUse(UserError):
     """Another live trainer holds the workdir; printed as one line."""
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from mgpt import aot
+from mgpt.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_libtpu = pytest.mark.skipif(
@@ -31,14 +32,14 @@ def test_slice_names_users_type_map_to_libtpu_topologies(name, chips, topology):
 
 @pytest.mark.parametrize("name", ["v3-8", "v4-12", "v4-2", "v5e", "v5e:2x2x2", "tpu-8"])
 def test_a_slice_name_that_does_not_exist_is_one_line_naming_the_flag(name):
-    with pytest.raises(aot.AotError, match=r"^--topology=") as e:
+    with pytest.raises(UserError, match=r"^--topology=") as e:
         aot.parse_topology(name)
     assert "\n" not in str(e.value)
 
 
 def test_without_libtpu_the_command_says_so_in_one_line(monkeypatch):
     monkeypatch.setattr(aot.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(aot.AotError, match=r"needs libtpu.*pip install -e '\.\[tpu\]'"):
+    with pytest.raises(UserError, match=r"needs libtpu.*pip install -e '\.\[tpu\]'"):
         aot.topology_devices(aot.parse_topology("v5e:2x2"))
 
 
@@ -112,20 +113,21 @@ def test_matmul_flops_count_each_scanned_layer_and_microbatch():
 
     from configs import tiny
     from mgpt import checkpoint as ckpt_lib
+    from mgpt import config as config_lib
     from mgpt import train
 
     def counted(**model):
         c = tiny.get_config()
         c.model.update(model)
         c.train.grad_accum = 2
-        mesh, table = train.validate_devices(c, 1, 1)
+        mesh, table = config_lib.validate_devices(c, 1, 1)
         s = train.setup(c, 100, mesh, table)
         state = ckpt_lib.abstract_with_shardings(s.abstract_state, s.state_shardings)
         batch = train.abstract_batch(c.train.batch_size, c.data.seq_len, s.batch_sharding)
         step = train.make_train_step(s.graphdef, s.tx, c.train, s.batch_sharding)
-        flops = aot.matmul_flops(jax.make_jaxpr(step)(state, s.rest, batch))
+        flops = aot.matmul_flops(jax.make_jaxpr(step)(state, batch))
         tokens = c.train.batch_size * c.data.seq_len
-        return flops / (train.flops_per_token(c.model, 100, c.data.seq_len, s.num_params) * tokens)
+        return flops / (s.model_config.flops_per_token(c.data.seq_len) * tokens)
 
     assert counted(scan_layers=True) == pytest.approx(1.0, rel=1e-9)
     assert counted(scan_layers=False) == pytest.approx(1.0, rel=1e-9)

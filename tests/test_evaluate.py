@@ -187,7 +187,7 @@ def test_lstm_gives_logits_of_every_position_and_learns_a_pattern():
 
     cfg = lstm.LSTMConfig(vocab_size=11, num_layers=2, d_model=16)
     model = nnx.jit(lambda: lstm.LSTMLM(cfg, rngs=nnx.Rngs(0)))()
-    assert lstm.count_params(cfg) == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert cfg.num_params() == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     graphdef, params = nnx.split(model, nnx.Param)
     forward = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
     tokens_BxL = np.tile(np.arange(1, 11, dtype=np.int32), (4, 3))[:, :21]
@@ -222,16 +222,16 @@ def test_lstm_gives_logits_of_every_position_and_learns_a_pattern():
 def test_lstm_config_comes_from_the_shared_config_file():
     from configs import lstm as lstm_config
     from configs import small
-    from mgpt import lstm, train
+    from mgpt import lstm, models
 
     c = lstm_config.get_config()
     assert c.model.kind == "lstm"
     # Same data and schedule as the GPT it is compared with: the same number of training tokens.
     g = small.get_config()
     assert (c.train.steps, c.train.batch_size, c.data.seq_len) == (g.train.steps, g.train.batch_size, g.data.seq_len)
-    cfg = train.model_config(c.model, vocab_size=300)
+    cfg = models.model_config(c.model, vocab_size=300)
     assert isinstance(cfg, lstm.LSTMConfig) and cfg.num_layers == 2
-    assert lstm.flops_per_token(cfg, 256) == pytest.approx(6 * (2 * 8 * cfg.d_model**2 + cfg.d_model * 300))
+    assert cfg.flops_per_token(256) == pytest.approx(6 * (2 * 8 * cfg.d_model**2 + cfg.d_model * 300))
 
 
 # ----------------------------------------------------------------------------- the report, end to end

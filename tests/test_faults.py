@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from data_prep import build, synthetic
+from mgpt.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = dict(progress=False, verbose=False)
@@ -239,14 +240,14 @@ def test_resume_refuses_in_one_line_when_no_step_restores_and_renames_nothing(ol
 
 def test_inference_falls_back_and_refuses_only_when_nothing_restores(tiny_run, tmp_path, capsys):
     from mgpt import checkpoint as ckpt_lib
-    from mgpt import generate, train
+    from mgpt import generate
 
     workdir = _copy(tiny_run[0], tmp_path / "w")
     _truncate_params(workdir / "checkpoints" / "4")
     (workdir / "checkpoints" / "2" / "config" / "metadata").write_text("{not json")
     # Step 2's config is damaged too: nothing of steps 4 and 2 restores.
     with pytest.raises(ckpt_lib.CheckpointError) as e:
-        train.restore_model(str(workdir))
+        ckpt_lib.restore_model(str(workdir))
     assert "\n" not in str(e.value) and "no checkpoint step restores" in str(e.value)
 
     _copy(tiny_run[0] / "checkpoints" / "2", tmp_path / "good2")
@@ -255,11 +256,11 @@ def test_inference_falls_back_and_refuses_only_when_nothing_restores(tiny_run, t
     shutil.rmtree(workdir / "checkpoints" / "2")
     shutil.copytree(tmp_path / "good2", workdir / "checkpoints" / "2")
     capsys.readouterr()
-    _, _, _, step = train.restore_model(str(workdir))
+    _, _, _, step = ckpt_lib.restore_model(str(workdir))
     err = capsys.readouterr().err.strip().splitlines()
     assert step == 2 and len(err) == 1 and "step 4" in err[0] and "using step 2" in err[0]
     (workdir / "checkpoints" / "4" / "vocab" / "metadata").write_text('{"tokens": 7}')  # tampered
-    assert generate.read_run_info(str(workdir))[2] == 2 and train.restore_model(str(workdir))[3] == 2
+    assert generate.read_run_info(str(workdir))[2] == 2 and ckpt_lib.restore_model(str(workdir))[3] == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "vocab" in err[0] and "using step 2" in err[0], "said once, though looked up twice"
     with pytest.raises(SystemExit) as e:  # a step asked for by name is never swapped for another
@@ -311,7 +312,7 @@ def test_a_second_trainer_stops_at_once_naming_the_first(old_dataset, tmp_path):
             cwd=ROOT, capture_output=True, text=True, timeout=120,
         )
         lines = second.stderr.strip().splitlines()
-        assert second.returncode == 1 and len(lines) == 1, second.stderr[-3000:]
+        assert second.returncode == 2 and len(lines) == 1, second.stderr[-3000:]  # a user error
         assert f"pid {holder.pid} on host {socket.gethostname()}" in lines[0] and f"--workdir={workdir}" in lines[0]
         assert not (workdir / "checkpoints").exists() and not (workdir / "config.json").exists()
     finally:
@@ -329,19 +330,19 @@ def test_a_second_trainer_stops_at_once_naming_the_first(old_dataset, tmp_path):
 
 
 def test_dataset_dir_may_be_the_build_output_dir_and_anything_else_is_one_line(old_dataset, tmp_path):
-    from mgpt import train
+    from mgpt import data as data_lib
 
-    assert train.resolve_dataset(str(old_dataset)) == build.dataset_path(old_dataset)
-    assert train.resolve_dataset(str(old_dataset / build.DATASET_NAME)) == build.dataset_path(old_dataset)
+    assert data_lib.resolve_dataset(str(old_dataset)) == build.dataset_path(old_dataset)
+    assert data_lib.resolve_dataset(str(old_dataset / build.DATASET_NAME)) == build.dataset_path(old_dataset)
     (tmp_path / "empty").mkdir()
     (tmp_path / "file").write_text("not a dataset")
     for bad in (tmp_path / "empty", tmp_path / "file", tmp_path / "missing"):
-        with pytest.raises(train.ConfigError, match=f"config.data.dataset_dir={bad}: no dataset there"):
-            train.resolve_dataset(str(bad))
+        with pytest.raises(UserError, match=f"config.data.dataset_dir={bad}: no dataset there"):
+            data_lib.resolve_dataset(str(bad))
     _copy(build.dataset_path(old_dataset), tmp_path / "two" / "a")
     _copy(build.dataset_path(old_dataset), tmp_path / "two" / "b")
-    with pytest.raises(train.ConfigError, match="holds 2 datasets"):
-        train.resolve_dataset(str(tmp_path / "two"))
+    with pytest.raises(UserError, match="holds 2 datasets"):
+        data_lib.resolve_dataset(str(tmp_path / "two"))
 
 
 def _workdir_with_dataset(tiny_run, old_dataset, tmp_path, **vocab_settings):
@@ -363,7 +364,7 @@ def test_resume_refuses_a_dataset_whose_ids_mean_other_events(tiny_run, old_data
     from mgpt import train
 
     workdir, data = _workdir_with_dataset(tiny_run, old_dataset, tmp_path, **settings)
-    with pytest.raises(train.ConfigError, match=named) as e:
+    with pytest.raises(UserError, match=named) as e:
         train.train(_tiny_config(data, steps=6), str(workdir))
     assert "\n" not in str(e.value)
 
@@ -374,11 +375,11 @@ def test_a_tampered_vocab_json_is_one_line(tiny_run, old_dataset, tmp_path):
     workdir, data = _workdir_with_dataset(tiny_run, old_dataset, tmp_path)
     vocab_json = workdir / "vocab.json"
     vocab_json.write_text(vocab_json.read_text().replace('"NOTE_ON:60"', '"NOTE_ON:61"'))
-    with pytest.raises(train.ConfigError, match=f"{vocab_json}: token list does not match") as e:
+    with pytest.raises(UserError, match=f"{vocab_json}: token list does not match") as e:
         train.train(_tiny_config(data, steps=6), str(workdir))
     assert "\n" not in str(e.value)
     vocab_json.write_text('{"tokens": [')
-    with pytest.raises(train.ConfigError, match=f"{vocab_json}: not valid JSON"):
+    with pytest.raises(UserError, match=f"{vocab_json}: not valid JSON"):
         train.train(_tiny_config(data, steps=6), str(workdir))
 
 
@@ -432,7 +433,7 @@ def test_disk_full_while_building_is_one_line(small_disk, tmp_path):
 def test_a_misspelled_config_field_names_the_closest_one(tmp_path):
     out = subprocess.run([sys.executable, "-m", "mgpt.train", "--config=configs/tiny.py", f"--workdir={tmp_path}",
                           "--config.train.stepz=3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1
+    assert out.returncode == 2  # a user error
     assert out.stderr.strip().splitlines() == [
         "--config.train.stepz: configs/tiny.py has no field train.stepz; did you mean --config.train.steps?"
     ]
@@ -462,7 +463,7 @@ def test_a_read_only_output_dir_is_one_line(tmp_path):
 def test_workdir_json_files_change_only_by_one_rename(tmp_path, monkeypatch):
     from etils import epath
 
-    from mgpt import train
+    from mgpt import checkpoint as ckpt_lib
 
     path = epath.Path(tmp_path) / "config.json"
     path.write_text('{"old": true}')
@@ -473,7 +474,7 @@ def test_workdir_json_files_change_only_by_one_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(type(path), "replace", crash_before_rename)
     monkeypatch.setattr(type(path), "rename", crash_before_rename)
     with pytest.raises(KeyboardInterrupt):
-        train._write_json(path, {"new": list(range(10_000))})
+        ckpt_lib.write_json(path, {"new": list(range(10_000))})
     assert json.loads(path.read_text()) == {"old": True}, "never truncated or half new"
 
 
@@ -510,7 +511,6 @@ def test_generation_retries_when_rotation_deletes_the_step(tiny_run, tmp_path, m
     import shutil
 
     from mgpt import checkpoint as ckpt_lib
-    from mgpt import train
 
     workdir = _copy(tiny_run[0], tmp_path / "w")
     real_read = ckpt_lib.read_json_item
@@ -521,7 +521,7 @@ def test_generation_retries_when_rotation_deletes_the_step(tiny_run, tmp_path, m
         return real_read(root, step, item)
 
     monkeypatch.setattr(ckpt_lib, "read_json_item", rotated_away)
-    _, _, _, step = train.restore_model(str(workdir))
+    _, _, _, step = ckpt_lib.restore_model(str(workdir))
     assert step == 2
     assert "using step 2" in capsys.readouterr().err
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mgpt.model import GPT, ModelConfig, count_params, flops_per_token
+from mgpt.model import GPT, ModelConfig
 
 TINY = dict(vocab_size=40, num_layers=2, num_heads=2, d_model=32, mlp_dim=64, max_len=16)
 
@@ -70,9 +70,9 @@ def test_count_params_matches_the_instantiated_model(tied):
     cfg = ModelConfig(**TINY, tied_embeddings=tied)
     model = GPT(cfg, rngs=nnx.Rngs(0))
     actual = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    assert count_params(cfg) == actual
+    assert cfg.num_params() == actual
     # Attention term grows with sequence length; the 6N part does not.
-    assert flops_per_token(cfg, 2048) - flops_per_token(cfg, 1024) == 12 * 2 * 32 * 1024
+    assert cfg.flops_per_token(2048) - cfg.flops_per_token(1024) == 12 * 2 * 32 * 1024
 
 
 def test_every_param_has_logical_axis_names_that_map_to_mesh_axes():

@@ -18,11 +18,12 @@ report.md/.html (`pages`) and two reports side by side (`compare`, its own comma
 is `python -m mgpt.evaluate`.
 """
 
+from mgpt.errors import UserError
 from mgpt.eval.coherence import coherence_by_style, coherence_section
 from mgpt.eval.composer import composer_study, write_composer_study
 from mgpt.eval.features import feature_section
 from mgpt.eval.guidance import guidance_sweep, parse_guidances, write_guidance_sweep
-from mgpt.eval.inputs import (Generated, Model, Options, Piece, UserError, jsonable, load_split, model_from_run,
+from mgpt.eval.inputs import (Generated, Model, Options, Piece, jsonable, load_split, model_from_run,
                               read_generated, resolve_dataset)
 from mgpt.eval.likelihood import likelihood_section
 from mgpt.eval.originality import originality_section

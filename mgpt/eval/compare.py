@@ -12,11 +12,8 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
+from mgpt.errors import UserError, reported
 from mgpt.eval.pages import fmt
-
-
-class ReportError(ValueError):
-    """A report file that is missing or unreadable; printed as one line."""
 
 
 def headline(report: dict) -> dict[str, float | None]:
@@ -57,9 +54,9 @@ def load_report(path: str) -> dict:
     try:
         return json.loads(p.read_text())
     except FileNotFoundError:
-        raise ReportError(f"{p}: no report.json (run python -m mgpt.evaluate --output_dir=... first)") from None
+        raise UserError(f"{p}: no report.json (run python -m mgpt.evaluate --output_dir=... first)") from None
     except json.JSONDecodeError as e:
-        raise ReportError(f"{p}: not valid JSON ({e})") from None
+        raise UserError(f"{p}: not valid JSON ({e})") from None
 
 
 def compare(path_a: str, path_b: str) -> str:
@@ -75,14 +72,12 @@ def compare(path_a: str, path_b: str) -> str:
     return "\n".join(lines)
 
 
+@reported
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv if argv is None else argv)[1:]
     if len(args) != 2:
-        raise SystemExit("usage: python -m mgpt.eval.compare RUN_A RUN_B (report folders or report.json)")
-    try:
-        print(compare(*args))
-    except ReportError as e:
-        raise SystemExit(str(e)) from None
+        raise UserError("usage: python -m mgpt.eval.compare RUN_A RUN_B (report folders or report.json)")
+    print(compare(*args))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ import numpy as np
 
 from data_prep.notes import crop
 from data_prep.vocab import UNKNOWN_STYLE, normalize_label
+from mgpt.errors import UserError
 from mgpt.eval import pages
-from mgpt.eval.inputs import Options, UserError, jsonable, load_split, model_from_run, resolve_dataset
+from mgpt.eval.inputs import Options, jsonable, load_split, model_from_run, resolve_dataset
 from mgpt.eval.likelihood import model_nats, rates, windows
 from mgpt.eval.style import fit_classifier
 

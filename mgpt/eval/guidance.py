@@ -15,9 +15,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from data_prep.vocab import Vocabulary
+from mgpt.errors import UserError
 from mgpt.eval import pages
 from mgpt.eval.features import feature_section
-from mgpt.eval.inputs import Options, Piece, UserError, jsonable, read_generated
+from mgpt.eval.inputs import Options, Piece, jsonable, read_generated
 from mgpt.eval.originality import originality_section
 from mgpt.eval.references import mean_of, references
 from mgpt.eval.style import style_section

@@ -1,7 +1,6 @@
 """What every evaluation section reads: real pieces, generated pieces, models, options.
 
-Also the evaluation's one error type and `jsonable`, which every section's dict goes
-through before it is written as JSON.
+Also `jsonable`, which every section's dict goes through before it is written as JSON.
 """
 
 from __future__ import annotations
@@ -12,17 +11,12 @@ import os
 import pathlib
 from collections.abc import Sequence
 
-import jax
 import numpy as np
-from flax import nnx
 
 from data_prep import notes as notes_lib
 from data_prep.notes import Notes
 from data_prep.vocab import UNKNOWN_STYLE, Vocabulary, normalize_label
-
-
-class UserError(ValueError):
-    """A mistake in the flags or inputs; printed as one line."""
+from mgpt.errors import UserError
 
 
 @dataclasses.dataclass
@@ -138,27 +132,24 @@ def training_tokens(config, step: int) -> int:
     return int(step) * int(config.train.batch_size) * int(config.data.seq_len)
 
 
-def count_params(model) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
-
-
 def model_from_run(name: str, workdir: str) -> tuple[Model, Vocabulary, object]:
     """(Model, its vocabulary, its config) of a trained run's latest checkpoint."""
-    from mgpt.train import restore_model
+    from mgpt import models
+    from mgpt.checkpoint import restore_model
 
     model, vocab, config, step = restore_model(workdir)
-    return Model(name, model, vocab, int(config.data.seq_len), count_params(model), training_tokens(config, step),
+    params = models.model_config(config.model, vocab.size).num_params()
+    return Model(name, model, vocab, int(config.data.seq_len), params, training_tokens(config, step),
                  step, str(workdir)), vocab, config
 
 
 def resolve_dataset(dataset_dir: str) -> pathlib.Path:
     """The dataset folder a run or --dataset_dir names (built on demand, as the trainer does)."""
-    from mgpt.train import ConfigError
-    from mgpt.train import resolve_dataset as resolve
+    from mgpt import data as data_lib
 
     try:
-        return pathlib.Path(str(resolve(dataset_dir)))
-    except ConfigError as e:
+        return pathlib.Path(str(data_lib.resolve_dataset(dataset_dir)))
+    except UserError as e:  # it names config.data.dataset_dir: say which flag gave it
         raise UserError(f"--dataset_dir: {e}") from None
 
 

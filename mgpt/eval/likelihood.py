@@ -19,7 +19,8 @@ from flax import nnx
 
 from data_prep.vocab import Vocabulary
 from mgpt import ngram as ngram_lib
-from mgpt.eval.inputs import Model, Options, Piece, UserError
+from mgpt.errors import UserError
+from mgpt.eval.inputs import Model, Options, Piece
 
 LN2 = math.log(2.0)
 

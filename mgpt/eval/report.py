@@ -16,9 +16,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from data_prep.vocab import Vocabulary
+from mgpt.errors import UserError
 from mgpt.eval.coherence import COHERENCE_TOLERANCE, coherence_section
 from mgpt.eval.features import feature_section
-from mgpt.eval.inputs import Generated, Model, Options, Piece, UserError, jsonable, valid
+from mgpt.eval.inputs import Generated, Model, Options, Piece, jsonable, valid
 from mgpt.eval.likelihood import likelihood_section
 from mgpt.eval.originality import originality_section
 from mgpt.eval.references import References, references
