@@ -137,6 +137,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     dropout = d.get("style_dropout", 0.0)
     _check(isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1,
            "data.style_dropout", f"must be a share in [0, 1), got {dropout!r}")
+    fim_rate = d.get("fim_rate", 0.0)
+    _check(isinstance(fim_rate, (int, float)) and not isinstance(fim_rate, bool) and 0 <= fim_rate <= 1,
+           "data.fim_rate", f"must be a share in [0, 1], got {fim_rate!r}")
 
     cfg = model_config(config.model, vocab_size=1)
     if hasattr(cfg, "max_len"):
@@ -677,6 +680,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
     t, d = config.train, config.data
     dataset_path = resolve_dataset(d.dataset_dir)
     vocab = choose_vocab(dataset_path, workdir, config.init_from)
+    if d.get("fim_rate", 0.0) and not vocab.fim:  # FIM rows need their marker tokens (appended: ids unchanged)
+        if (workdir / "vocab.json").exists() or config.init_from:
+            raise ConfigError("config.data.fim_rate: the resumed or warm-started model's vocabulary has no FIM "
+                              "tokens; start a new run (or set data.fim_rate=0)")
+        vocab = vocab.with_fim()
     s = setup(config, vocab.size, mesh, table)
     seq_len = d.seq_len
     fpt = flops_per_token(config.model, vocab.size, seq_len, s.num_params)
@@ -723,6 +731,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
             seed=config.seed,
             transpose=d.transpose,
             style_dropout=float(d.get("style_dropout", 0.0)),
+            fim_rate=float(d.get("fim_rate", 0.0)),
             num_packing_bins=d.num_packing_bins,
             read_threads=d.read_threads,
             prefetch=d.prefetch,
