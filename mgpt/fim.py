@@ -272,13 +272,13 @@ def close(vocab: Vocabulary, gap: Gap, events: np.ndarray) -> tuple[list[int], d
 
 
 def across(vocab: Vocabulary, ids: np.ndarray, step: int) -> np.ndarray:
-    """Notes per pitch index of the decoded piece `ids` that sound across time `step`: begun before
-    it and ending after it (start < step < end; a note ending exactly there does not cross)."""
+    """Notes per pitch index of the decoded piece `ids` that sound from time `step` on: begun at or
+    before it and ending after it (start <= step < end; a note ending exactly there has ended)."""
     notes = vocab.decode_notes(ids)
     sps = vocab.steps_per_second
     start = np.round(notes.start_s * sps).astype(np.int64)
     end = np.round(notes.end_s * sps).astype(np.int64)
-    crossing = (start < step) & (end > step)
+    crossing = (start <= step) & (end > step)
     return np.bincount(notes.pitch[crossing] - vocab.min_pitch,
                        minlength=vocab.max_pitch - vocab.min_pitch + 1).astype(np.int64)
 
@@ -286,11 +286,44 @@ def across(vocab: Vocabulary, ids: np.ndarray, step: int) -> np.ndarray:
 def dangling(vocab: Vocabulary, original: np.ndarray, joined: np.ndarray, end_step: int) -> tuple[int, int]:
     """(dangling, missing) at E of a joined piece against its original, as decoded notes.
 
-    A note dangles across E when the joined piece has it sounding across E (begun before E,
-    ending after it) and the original has no such note of that pitch there: a note begun (or
-    kept) in the middle that the suffix never closes, so it drones on into the suffix. A note
-    is missing when the original sounds across E and the joined piece does not. Both are 0
-    for a join that keeps the suffix's stated state.
+    A note dangles across E when the joined piece has it sounding at E (begun at or before E,
+    ending after it) beyond the notes of that pitch the original has sounding there: a note
+    begun (or kept) in the middle that the suffix never closes, so it drones on into the
+    suffix. A note is missing when the original sounds at E and the joined piece does not.
+    Both are 0 for a join that keeps the suffix's stated state.
     """
     have_P, want_P = across(vocab, joined, end_step), across(vocab, original, end_step)
     return int(np.maximum(have_P - want_P, 0).sum()), int(np.maximum(want_P - have_P, 0).sum())
+
+
+def kept_outside(original, joined, start_s: float, end_s: float, tol_s: float = 0.0105) -> list[int]:
+    """Indices of the original notes (data_prep.notes.Notes, seconds) that the joined piece does
+    not keep, to within tol_s (one 10 ms step plus rounding):
+
+    - a note begun before S keeps its onset; one that ends by S, or sounds through the whole
+      gap, keeps its end as well; one that ends inside the gap may end anywhere in it;
+    - a note begun at or after E keeps its onset and end;
+    - a note begun inside the gap that sounds past E keeps its end, sounding from E at the latest.
+    Notes wholly inside the gap are the middle's to replace.
+    """
+    eps = 1e-6  # classification is exact on the grid; matching allows tol_s
+    out = []
+    jp, js, je = np.asarray(joined.pitch), np.asarray(joined.start_s), np.asarray(joined.end_s)
+    for k, (p, s, e) in enumerate(zip(np.asarray(original.pitch), np.asarray(original.start_s),
+                                      np.asarray(original.end_s))):
+        same = jp == p
+        if s < start_s - eps:
+            ok = same & (np.abs(js - s) <= tol_s)
+            if e <= start_s + eps or e >= end_s - eps:
+                ok &= np.abs(je - e) <= tol_s
+            else:
+                ok &= je >= start_s - tol_s
+        elif s >= end_s - eps:
+            ok = same & (np.abs(js - s) <= tol_s) & (np.abs(je - e) <= tol_s)
+        elif e > end_s + eps:
+            ok = same & (js <= end_s + tol_s) & (np.abs(je - e) <= tol_s)
+        else:
+            continue
+        if not ok.any():
+            out.append(k)
+    return out
