@@ -6,12 +6,17 @@ body[i:j] and suffix body[j:], and rearranged as code models do (Bavarian et al.
 
     STYLE FIM_PREFIX  carried(start) prefix
           FIM_SUFFIX  gap  carried(j) suffix
-          FIM_MIDDLE  middle  FIM_END
+          FIM_MIDDLE  carried(i) middle  FIM_END
 
 - `carried(k)` is `Vocabulary.carried_state`: the one rule for what a window opening
   mid-piece states (the VELOCITY in force, a NOTE_ON per sounding note). The suffix opens
   with the state at its cut, exactly as a crop does, so its NOTE_OFFs close notes it has
   seen begin, and those carried NOTE_ONs are what the middle must leave sounding at its end.
+- The middle opens with the state carried at its own cut i, as any window opening mid-piece
+  does: what sounds when it begins is then in front of the model, not behind the whole
+  suffix. (Without it the demo model wrote middles as if nothing sounded: 30 notes per
+  middle were left for the sampler to release at E, and the middle's NLL was worse with the
+  suffix than without it.)
 - `gap` is the middle's duration as TIME_SHIFT tokens. Music, unlike code, has a clock: the
   model is told how much time the middle must fill (the sampler enforces it regardless).
 - Cuts are event boundaries right after a TIME_SHIFT, i.e. at a time step, because that
@@ -22,8 +27,8 @@ The middle is the prefix's continuation (its sounding state is the prefix's), wr
 after the suffix so that the model has read both when it writes it.
 
 Loss (data.py's `loss` flag): prefix, suffix and middle events and FIM_END are targets, as
-in a plain crop; the markers FIM_PREFIX/FIM_SUFFIX/FIM_MIDDLE, the gap and the carried state
-of the suffix are given (the sampler always writes them: predicting where a random cut falls,
+in a plain crop; the markers FIM_PREFIX/FIM_SUFFIX/FIM_MIDDLE, the gap and the carried states
+of the suffix and the middle are given (the sampler always writes them: predicting where a random cut falls,
 or chords struck before a suffix begins, would teach nothing the sampler uses).
 
 Sampling (`Gap`, `prompt`, `join`): a file's events are cut at S and E seconds; notes
@@ -71,9 +76,9 @@ def training_row(vocab: Vocabulary, style: int, body: np.ndarray, start: int, en
     """
     if not start <= i < j < end:
         raise ValueError(f"FIM cuts must satisfy start <= i < j < end, got {start}, {i}, {j}, {end}")
-    c_start, c_j = carried(body, start), carried(body, j)
+    c_start, c_i, c_j = carried(body, start), carried(body, i), carried(body, j)
     gap = gap_tokens(vocab, int(_shift_steps(vocab, body[i:j]).sum()))
-    fixed = 4 + len(c_start) + (i - start) + len(gap) + len(c_j) + (j - i) + 1  # all but the suffix's events
+    fixed = 4 + len(c_start) + (i - start) + len(gap) + len(c_j) + len(c_i) + (j - i) + 1  # all but the suffix's events
     room = seq_len + 1 - fixed
     if room < 1:
         return None
@@ -88,6 +93,7 @@ def training_row(vocab: Vocabulary, style: int, body: np.ndarray, start: int, en
         (c_j, 0),
         (suffix, 1),
         ([vocab.fim_middle_id], 0),
+        (c_i, 0),
         (body[i:j], 1),
         ([vocab.fim_end_id], 1),
     ]
@@ -99,8 +105,8 @@ def training_row(vocab: Vocabulary, style: int, body: np.ndarray, start: int, en
 def join(vocab: Vocabulary, row: np.ndarray) -> np.ndarray:
     """A FIM row -> the plain row it rearranges: STYLE, carried(start), prefix, middle, suffix.
 
-    The suffix's carried state is recognised by the rule that made it (`carried_state` of
-    what precedes it), so nothing but the row itself is needed.
+    The carried states of the middle and the suffix are recognised by the rule that made
+    them (`carried_state` of what precedes them), so nothing but the row itself is needed.
     """
     row = np.asarray(row, np.int32)
     at = {t: np.flatnonzero(row == t) for t in (vocab.fim_prefix_id, vocab.fim_suffix_id, vocab.fim_middle_id,
@@ -109,23 +115,27 @@ def join(vocab: Vocabulary, row: np.ndarray) -> np.ndarray:
         raise ValueError("not a FIM row: each marker must occur once, FIM_PREFIX right after the STYLE token")
     suf, mid, end = at[vocab.fim_suffix_id][0], at[vocab.fim_middle_id][0], at[vocab.fim_end_id][0]
     head = row[2:suf]
-    middle = row[mid + 1:end]
+    middle = _after_state(vocab, head, row[mid + 1:end], "middle")
     rest = row[suf + 1:mid]
-    steps = int(_shift_steps(vocab, middle).sum())
-    gap = gap_tokens(vocab, steps)
+    gap = gap_tokens(vocab, int(_shift_steps(vocab, middle).sum()))
     if list(rest[:len(gap)]) != gap:
         raise ValueError("FIM row: the suffix does not open with the middle's duration")
-    rest = rest[len(gap):]
     stream = np.concatenate([head, middle])
+    suffix = _after_state(vocab, stream, rest[len(gap):], "suffix")
+    return np.concatenate([row[:1], stream, suffix]).astype(np.int32)
+
+
+def _after_state(vocab: Vocabulary, stream: np.ndarray, rest: np.ndarray, part: str) -> np.ndarray:
+    """`rest` without the state carried at the end of `stream` that opens it."""
     # carried_state looks at the token after the cut (a VELOCITY there changes what is carried).
     # Tried with a plain token first: with nothing sounding the VELOCITY-led reading could
-    # otherwise mistake the carried VELOCITY for the suffix's own first event.
+    # otherwise mistake the carried VELOCITY for the part's own first event.
     for probe in (vocab.eos_id, vocab.velocity_offset):
         state = vocab.carried_state(np.concatenate([stream, [probe]]), len(stream))
         follows_velocity = len(rest) > len(state) and bool(vocab.is_velocity(rest[len(state)]))
         if list(rest[:len(state)]) == state and follows_velocity == (probe == vocab.velocity_offset):
-            return np.concatenate([row[:1], stream, rest[len(state):]]).astype(np.int32)
-    raise ValueError("FIM row: the suffix does not open with the state carried at its cut")
+            return rest[len(state):]
+    raise ValueError(f"FIM row: the {part} does not open with the state carried at its cut")
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -197,16 +207,18 @@ class Gap:
 
 
 def prompt(vocab: Vocabulary, style: int, before: np.ndarray, gap: Gap, steps_left: int, budget: int) -> list[int]:
-    """The FIM prompt ending in FIM_MIDDLE, at most `budget` tokens: STYLE FIM_PREFIX, the state carried
-    into the latest events of `before` (the prefix plus the middle so far), FIM_SUFFIX, the time
-    left, the suffix's state and its first events (EOS when the whole suffix fits).
+    """The FIM prompt, at most `budget` tokens: STYLE FIM_PREFIX, the state carried into the latest
+    events of `before` (the prefix plus the middle so far), FIM_SUFFIX, the time left, the suffix's
+    state and its first events (EOS when the whole suffix fits), FIM_MIDDLE and the state carried
+    at the end of `before`, where the middle goes on.
 
     Half the room goes to each side; a side that needs less leaves the rest to the other.
     The prefix side is cut as the sampler's windows are (`carried_state` with a limit).
     """
     before = np.asarray(before, np.int32)
     gap_ids = gap_tokens(vocab, steps_left)
-    room = budget - 4 - len(gap_ids)  # STYLE FIM_PREFIX FIM_SUFFIX ... FIM_MIDDLE
+    now = vocab.carried_state(before, len(before), limit=budget // 8)  # what sounds where the middle goes on
+    room = budget - 4 - len(gap_ids) - len(now)  # STYLE FIM_PREFIX FIM_SUFFIX ... FIM_MIDDLE
     if room < 8:
         raise ValueError(f"a FIM prompt of {budget} tokens leaves no room for the music around the gap")
     suffix = list(gap.suffix) + [vocab.eos_id]
@@ -222,7 +234,7 @@ def prompt(vocab: Vocabulary, style: int, before: np.ndarray, gap: Gap, steps_le
         prefix_room, suffix_room = room // 2, room - room // 2
     head = _tail_with_state(vocab, before, prefix_room)
     tail = state + suffix[:max(0, suffix_room - len(state))]
-    return [style, vocab.fim_prefix_id, *head, vocab.fim_suffix_id, *gap_ids, *tail, vocab.fim_middle_id]
+    return [style, vocab.fim_prefix_id, *head, vocab.fim_suffix_id, *gap_ids, *tail, vocab.fim_middle_id, *now]
 
 
 def _tail_with_state(vocab: Vocabulary, ids: np.ndarray, room: int) -> list[int]:

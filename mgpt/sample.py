@@ -85,6 +85,7 @@ def token_tables(vocab: Vocabulary) -> dict[str, jax.Array]:
         "off_pitch_V": jnp.asarray(np.where(is_off_V, ids_V - vocab.note_off_offset, num_pitches), jnp.int32),
         "note_off_P": jnp.asarray(vocab.note_off_offset + np.arange(num_pitches), jnp.int32),
         "eos_id": jnp.asarray(vocab.eos_id, jnp.int32),
+        "time_shift_offset": jnp.asarray(vocab.time_shift_offset, jnp.int32),
         "unknown_style_id": jnp.asarray(vocab.unknown_style_id, jnp.int32),
     }
 
@@ -329,8 +330,8 @@ def sample_window(
     STYLE:unknown in place of its STYLE token, in the same 2B-row cache, and events are
     drawn from `guided_logits`. None and a value trace different functions.
     fill_B / hold_BxP (infilling, mgpt/fim.py; None for plain sampling, which then traces as
-    before): a fill row must spend exactly max_steps_B: a TIME_SHIFT that would pass it and
-    EOS are masked, and the row is done as soon as its clock reaches it. hold_BxP: notes
+    before): a fill row must spend exactly max_steps_B: EOS is masked, a TIME_SHIFT that would
+    pass it is cut to land on it, and the row is done as soon as its clock reaches it. hold_BxP: notes
     per pitch the row may not release (see `note_rules`).
     Returns dict: tokens_BxW (window: prompt then new events), end_B (row b's
     window is tokens_BxW[b, :end_B[b]]), events_B, steps_B, done_B (EOS or
@@ -362,14 +363,21 @@ def sample_window(
         live_B = active(s)
         step_keys_B = jax.vmap(jax.random.fold_in)(keys_B, s.events_B)
         banned_BxV, force_B, oldest_age_B = note_rules(s.open_BxP, s.onset_BxP, s.steps_B, tables, hold_BxP)
-        if fill_B is not None:  # the middle ends exactly at E: no shift past it, no EOS before it
-            past_BxV = tables["shift_steps_V"][None, :] > (max_steps_B - s.steps_B)[:, None]
+        if fill_B is not None:  # a middle does not end before E
             eos_V = jnp.arange(banned_BxV.shape[1]) == tables["eos_id"]
-            banned_BxV = banned_BxV | (fill_B[:, None] & (past_BxV | eos_V[None, :]))
+            banned_BxV = banned_BxV | (fill_B[:, None] & eos_V[None, :])
         logits_BxV = jax.lax.cond(settings["release_share"] > 0, release_mass,
                                   lambda l, b, t, a: l.astype(jnp.float32),
                                   s.logits_BxV, banned_BxV, tables, settings["release_share"])
         token_B = _choose(logits_BxV, step_keys_B, settings, banned_BxV)
+        if fill_B is not None:
+            # A TIME_SHIFT past E becomes the one that lands on E, and the middle ends there: the
+            # model's probability of moving past E is its probability of ending the middle now.
+            # (Masking those shifts instead handed it to NOTE_ONs: near E the demo model struck
+            # note after note until it drew a shift short enough.)
+            left_B = max_steps_B - s.steps_B
+            past_B = fill_B & (tables["shift_steps_V"][token_B] > left_B)
+            token_B = jnp.where(past_B, tables["time_shift_offset"] + left_B - 1, token_B)
         token_B = apply_guard(token_B, force_B, oldest_age_B, max_note_steps_B, tables)
         new_steps_B = s.steps_B + tables["shift_steps_V"][token_B]
         stop_B = (token_B == tables["eos_id"]) | (new_steps_B > max_steps_B) | (s.events_B >= max_events_B)

@@ -55,7 +55,12 @@ def test_fim_row_round_trips_to_the_original_crop():
         # The suffix may be shortened at its end to fit the markers; nothing else changes.
         np.testing.assert_array_equal(joined, plain[: len(joined)])
         middle = tokens[list(tokens).index(vocab.fim_middle_id) + 1:]
-        assert middle[-1] == vocab.fim_end_id and loss[-len(middle):].all(), "middle and FIM_END are targets"
+        assert middle[-1] == vocab.fim_end_id and loss[-1] == 1
+        # Targets: every event of the crop once (the carried VELOCITY at its start too) and FIM_END;
+        # the markers, the gap and the carried NOTE_ONs of each part are given.
+        carried = segments.carried(body, start)
+        lead = int(bool(carried) and bool(vocab.is_velocity(carried[0])))
+        assert loss.sum() == len(joined) - 1 - len(carried) + lead + 1
         for marker in (vocab.fim_prefix_id, vocab.fim_suffix_id, vocab.fim_middle_id):
             assert loss[list(tokens).index(marker)] == 0, "markers are given"
         # The middle lasts exactly what the suffix's gap tokens say.
