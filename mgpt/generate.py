@@ -154,7 +154,7 @@ def _read_midi_notes(flag: str, path: str | os.PathLike):
     return notes.select(notes.end_s > notes.start_s)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Infill:
     """A gap [start, end) seconds to fill in a MIDI file: its events and their cut (`mgpt.fim.Gap`)."""
 
@@ -714,7 +714,9 @@ def generate_corpus(
             print(f"warning: the primer itself copies {c['seconds']:.2f} s of training piece {c['train_piece_id']}; "
                   "pieces are not re-drawn and are marked copy_over_limit", file=sys.stderr, flush=True)
     common = {
-        "settings": sampling.to_dict(),
+        # An infilled middle's length is the gap's: the continuation budget does not apply.
+        "settings": sampling.to_dict() if infill is None else {**sampling.to_dict(), "max_events": sampling.max_events,
+                                                              "max_seconds": None},
         "primer": os.fspath(primer) if primer else None,
         "primer_seconds": primer_seconds if primer else None,
         "checkpoint_step": run.step,

@@ -32,6 +32,13 @@ is drawn from l_uncond + G * (l_cond - l_uncond) and fed to both. G = 1 is plain
 sampling and runs the plain B-row function: it costs nothing extra. G = 0 samples
 exactly as a STYLE:unknown prompt would.
 
+Infilling (`gaps`, mgpt/fim.py): a row fills the gap of a piece. Its prompt is the FIM
+prompt (prefix, suffix and the time left, then the state where the middle goes on), and
+the loop makes it end exactly at the gap's end: a TIME_SHIFT that would pass E becomes the
+one that lands on E, EOS is masked, and notes the piece holds through the whole gap are
+never released. A middle that fills its window goes on in a fresh FIM prompt whose prefix
+now ends with the middle written so far.
+
 Randomness: row b's event number n (counting from the start of generation,
 across windows) is drawn with `fold_in(key(seed_b), n)`, so a seed gives the
 same piece whatever batch or position the row is in.
