@@ -387,6 +387,12 @@ class Run:
 
         check_infill_model(self.vocab, self.workdir)
         gap = infill.gap
+        window = self.model.cfg.max_len
+        try:  # the gap's length is written as TIME_SHIFTs into a prompt of half the context
+            fim.prompt(self.vocab, self.vocab.unknown_style_id, gap.prefix, gap, gap.steps, budget=window // 2)
+        except ValueError:
+            raise UserError(f"--infill_end={infill.end:g}: a {infill.end - infill.start:g} s gap is too long for this "
+                            f"model's {window}-token context; fill it in shorter gaps") from None
         rows = self.sample_ids(self.prompts(styles, gap.prefix), seeds, sampling, batch_size=batch_size,
                                devices=devices, gaps=[gap] * len(styles))
         joined, info = [], []
