@@ -36,6 +36,7 @@ def base() -> ml_collections.ConfigDict:
     c.data.seq_len = 512  # events per training row (the model sees seq_len, predicts seq_len)
     c.data.transpose = 5  # train-time random transposition in [-transpose, +transpose] semitones
     c.data.style_dropout = 0.0  # share of training segments conditioned on STYLE:unknown (for --guidance)
+    c.data.fim_rate = 0.0  # share of training segments rearranged for fill-in-the-middle (for --infill)
     c.data.num_packing_bins = 64  # rows packed at once: more bins, less padding
     c.data.read_threads = 1  # grain reader threads per host
     c.data.prefetch = 2  # batches prepared ahead of the device

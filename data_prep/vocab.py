@@ -11,10 +11,14 @@ Layout (ids are positions in `tokens`):
     TIME_SHIFT:{1..max_shift_steps}      (value in 10 ms steps by default),
     VELOCITY:{1..num_velocity_bins}      (value is the bin),
     STYLE:unknown, STYLE:{label}...      (conditioning tokens, sorted)
+    FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE, FIM_END   (only in a vocabulary made `with_fim()`)
 
 The performance events follow note-seq's `performance_lib.Performance` exactly
 (same quantisation, event order and velocity binning); tests check the two agree.
-Conditioning tokens come last so that event ids do not move when labels change.
+Conditioning tokens come after the events so that event ids do not move when labels
+change. The fill-in-the-middle markers (mgpt/fim.py) are appended after everything, so
+a model trained with them reads every other id as an older model does, and a vocab.json
+written before they existed still loads (without them).
 
 It lives in data_prep, not mgpt, because it is part of the dataset format that
 data_prep writes: mgpt reads that format, and data_prep never imports mgpt. The import
@@ -39,6 +43,8 @@ from data_prep.notes import Notes
 PAD = "PAD"
 EOS = "EOS"
 UNKNOWN_STYLE = "unknown"
+# Fill-in-the-middle markers (Bavarian et al. 2022), in this order at the end of the vocabulary.
+FIM_TOKENS = ("FIM_PREFIX", "FIM_SUFFIX", "FIM_MIDDLE", "FIM_END")
 _MIN_MIDI_VELOCITY = 1
 _MAX_MIDI_VELOCITY = 127
 
@@ -71,6 +77,7 @@ class Vocabulary:
         max_shift_steps: int = 100,
         num_velocity_bins: int = 32,
         steps_per_second: int = 100,
+        fim: bool = False,
     ):
         if not 0 <= min_pitch <= max_pitch <= 127:
             raise ValueError(f"pitch range {min_pitch}..{max_pitch} must lie within 0..127")
@@ -95,7 +102,9 @@ class Vocabulary:
         self.time_shift_offset = self.note_off_offset + num_pitches
         self.velocity_offset = self.time_shift_offset + max_shift_steps
         self.style_offset = self.velocity_offset + num_velocity_bins
-        self.size = self.style_offset + len(self.styles)
+        self.fim = bool(fim)
+        self.fim_offset = self.style_offset + len(self.styles)  # = size when there are no FIM tokens
+        self.size = self.fim_offset + (len(FIM_TOKENS) if self.fim else 0)
 
         pitches = range(min_pitch, max_pitch + 1)
         self.tokens: list[str] = (
@@ -105,6 +114,7 @@ class Vocabulary:
             + [f"TIME_SHIFT:{s}" for s in range(1, max_shift_steps + 1)]
             + [f"VELOCITY:{b}" for b in range(1, num_velocity_bins + 1)]
             + [f"STYLE:{s}" for s in self.styles]
+            + (list(FIM_TOKENS) if self.fim else [])
         )
         self._index = {t: i for i, t in enumerate(self.tokens)}
         self._velocity_bin_size = math.ceil(
@@ -137,6 +147,7 @@ class Vocabulary:
                 max_shift_steps=int(data["max_shift_steps"]),
                 num_velocity_bins=int(data["num_velocity_bins"]),
                 steps_per_second=int(data["steps_per_second"]),
+                fim=FIM_TOKENS[0] in data["tokens"],
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"{origin}: not a valid mgpt vocabulary ({e})") from None
@@ -157,6 +168,33 @@ class Vocabulary:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         return cls.from_json(data, origin=path)
+
+    def with_fim(self) -> "Vocabulary":
+        """The same vocabulary with the FIM tokens appended (every other id unchanged)."""
+        return Vocabulary(self.styles, min_pitch=self.min_pitch, max_pitch=self.max_pitch,
+                          max_shift_steps=self.max_shift_steps, num_velocity_bins=self.num_velocity_bins,
+                          steps_per_second=self.steps_per_second, fim=True)
+
+    @property
+    def fim_prefix_id(self) -> int:
+        return self._fim_id(0)
+
+    @property
+    def fim_suffix_id(self) -> int:
+        return self._fim_id(1)
+
+    @property
+    def fim_middle_id(self) -> int:
+        return self._fim_id(2)
+
+    @property
+    def fim_end_id(self) -> int:
+        return self._fim_id(3)
+
+    def _fim_id(self, k: int) -> int:
+        if not self.fim:
+            raise ValueError("this vocabulary has no FIM tokens (a model trained with data.fim_rate = 0)")
+        return self.fim_offset + k
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Vocabulary) and self.to_json() == other.to_json()
@@ -188,7 +226,7 @@ class Vocabulary:
 
     def is_style(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids)
-        return (ids >= self.style_offset) & (ids < self.size)
+        return (ids >= self.style_offset) & (ids < self.fim_offset)
 
     def is_event(self, ids: np.ndarray) -> np.ndarray:
         """True for NOTE_ON/NOTE_OFF/TIME_SHIFT/VELOCITY ids."""

@@ -55,6 +55,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     dropout = d.get("style_dropout", 0.0)
     _check(isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1,
            "data.style_dropout", f"must be a share in [0, 1), got {dropout!r}")
+    fim_rate = d.get("fim_rate", 0.0)
+    _check(isinstance(fim_rate, (int, float)) and not isinstance(fim_rate, bool) and 0 <= fim_rate <= 1,
+           "data.fim_rate", f"must be a share in [0, 1], got {fim_rate!r}")
 
     cfg = models.model_config(config.model, vocab_size=1)
     if hasattr(cfg, "max_len"):

@@ -27,6 +27,12 @@ and predicts `targets_BxL = row[:, 1:]`. Rows are built from pieces like this:
   conditioning token becomes STYLE:unknown, so the one model also learns the
   unconditional distribution that classifier-free guidance (`mgpt.sample`, `guidance`)
   mixes against. Its draw comes last from the segment's rng, so 0 leaves every row as before.
+- Fill in the middle (training split only, `fim_rate` > 0, the vocabulary `with_fim()`):
+  that share of training segments is rearranged as prefix | suffix | middle with FIM
+  marker tokens (mgpt/fim.py has the layout and which tokens are targets). Its draws come
+  after style dropout's, so 0 leaves every row as before. Validation and test segments stay
+  plain: the trainer's validation nats/event remain comparable with models trained
+  without FIM, and infilling is measured by its own script (`python -m mgpt.eval.infill`).
 
 `mask_BxL` is 1 where the target is to be predicted and 0 where it is given: PAD and
 conditioning tokens always, carried NOTE_ONs always, and in evaluation the carried
@@ -57,6 +63,7 @@ import numpy as np
 from etils import epath
 
 from data_prep.vocab import Vocabulary
+from mgpt import fim as fim_lib
 from mgpt.errors import MissingInput, UserError
 
 SPLITS = ("train", "validation", "test")
@@ -271,6 +278,21 @@ class _Segments:
             "loss": np.concatenate([[0], target, np.ones(len(piece), np.int32)]).astype(np.int32),
         }
 
+    def fim_segment(self, style: int, body: np.ndarray, start: int, end: int, rng: np.random.Generator) -> dict | None:
+        """The crop body[start:end] as a FIM row (mgpt/fim.py), cut at two time boundaries drawn
+        uniformly among those inside it; None when it has fewer than two or the row cannot fit.
+
+        The crop is the plain segment's (same start, same end), so FIM rows see the same
+        stretches of the pieces as plain ones; the suffix is shortened to fit the markers.
+        """
+        plain_end = start + self.seq_len - len(self.carried(body, start))
+        end = min(end, plain_end)
+        cuts = fim_lib.time_cuts(self.vocab, body, start + 1, end - 1)
+        if len(cuts) < 2:
+            return None
+        i, j = np.sort(rng.choice(cuts, size=2, replace=False))
+        return fim_lib.training_row(self.vocab, style, body, start, end, int(i), int(j), self.carried, self.seq_len)
+
     def consecutive(self, style: int, body: np.ndarray) -> list[dict]:
         """Segments covering every token of body exactly once, in order."""
         out, start = [], 0
@@ -316,10 +338,11 @@ def piece_segments(tokens: np.ndarray, style: str, vocab: Vocabulary, seq_len: i
 class _RandomSegment(grain.transforms.RandomMap):
     """record -> one segment of at most seq_len + 1 tokens (random transpose, crop, style dropout)."""
 
-    def __init__(self, segments: _Segments, transpose: int, style_dropout: float = 0.0):
+    def __init__(self, segments: _Segments, transpose: int, style_dropout: float = 0.0, fim_rate: float = 0.0):
         self._segments = segments
         self._transpose = transpose
         self._style_dropout = style_dropout
+        self._fim_rate = fim_rate
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict:
         semitones = int(rng.integers(-self._transpose, self._transpose + 1)) if self._transpose else 0
@@ -330,6 +353,10 @@ class _RandomSegment(grain.transforms.RandomMap):
         # Drawn last and only when on: with 0 the rng stream, hence every row, is unchanged.
         if self._style_dropout and rng.random() < self._style_dropout:
             style = self._segments.vocab.unknown_style_id
+        if self._fim_rate and rng.random() < self._fim_rate:
+            row = self._segments.fim_segment(style, body, start, end, rng)
+            if row is not None:
+                return row
         return self._segments.segment(style, body, start, predict_carried=True, end=end)
 
 
@@ -480,6 +507,7 @@ def train_dataset(
     seed: int,
     transpose: int = 0,
     style_dropout: float = 0.0,
+    fim_rate: float = 0.0,
     num_packing_bins: int = 64,
     read_threads: int = 1,
     prefetch: int = 2,
@@ -503,10 +531,15 @@ def train_dataset(
     `iter(ds)`; the iterator's state is checkpointable. Each element: inputs/targets/
     positions/segment_ids int32[B, seq_len], mask float32[B, seq_len].
     `style_dropout`: the share of segments conditioned on STYLE:unknown instead of their
-    piece's style (see the module docstring).
+    piece's style (see the module docstring). `fim_rate`: the share of segments rearranged for
+    fill-in-the-middle; the vocabulary must then have the FIM tokens (`Vocabulary.with_fim`).
     """
     if not 0 <= style_dropout < 1:
         raise ValueError(f"style_dropout must be in [0, 1), got {style_dropout}")
+    if not 0 <= fim_rate <= 1:
+        raise ValueError(f"fim_rate must be in [0, 1], got {fim_rate}")
+    if fim_rate and not vocab.fim:
+        raise ValueError("fim_rate > 0 needs a vocabulary with the FIM tokens (Vocabulary.with_fim())")
     if len(source) == 0:
         raise ValueError("the training split is empty")
     num_shards = num_shards or process_count
@@ -531,7 +564,7 @@ def train_dataset(
     for shard in range(process_index * own, (process_index + 1) * own):
         shuffle_seed, crop_seed, pack_seed = _shard_seeds(seed, shard)
         ds = grain.MapDataset.source(items)[shard::num_shards].shuffle(seed=shuffle_seed).repeat()
-        ds = ds.random_map(_RandomSegment(_Segments(vocab, seq_len), transpose, style_dropout), seed=crop_seed)
+        ds = ds.random_map(_RandomSegment(_Segments(vocab, seq_len), transpose, style_dropout, fim_rate), seed=crop_seed)
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * rows))
         ds = _pack(ds, seq_len, num_packing_bins, pack_seed, shuffle=True)
         ds = ds.batch(rows, drop_remainder=True).map(_to_model_batch)

@@ -17,6 +17,12 @@ dataset) and re-draws a piece that copies X seconds or more with a new seed, up 
 `--copy_tries` draws in all. Each manifest line records the piece's longest copied span
 (seconds, notes, training piece) and whether it is still over the limit.
 
+`--infill=FILE.mid --infill_start=S --infill_end=E` (seconds) keeps the file outside [S, E)
+and fills the gap: the model (trained with data.fim_rate > 0) reads the music before S, the
+music from E on and the gap's length, and writes a middle that lasts exactly E - S and
+leaves sounding at E just the notes the file has sounding there (mgpt/fim.py). Each sample
+is the whole joined piece; the piano roll marks the gap.
+
 Batches of `--batch_size` rows run on every local device at once (one sampler call
 per device, from host threads: pieces are independent, so no device waits for
 another). On a multi-host pod each host takes the piece indices i with
@@ -30,6 +36,7 @@ Notebook use:
     pieces = run.generate(style="bach", n=4, max_seconds=20, top_p=0.95)   # NoteSequences
     pieces = run.generate(style="bach", n=4, max_seconds=20, guidance=2.0)  # style guidance
     run.write_midi(pieces, "out/notebook")                                  # -> .mid paths
+    filled = run.infill("mine.mid", start=8.0, end=12.0, n=4, style="bach")  # NoteSequences, gap refilled
 """
 
 from __future__ import annotations
@@ -126,6 +133,77 @@ def load_primer(path: str | os.PathLike, vocab: Vocabulary, seconds: float = 0.0
             f"--primer={path}: no notes {span} in the model's pitch range {vocab.min_pitch}..{vocab.max_pitch}"
         )
     return ids
+
+
+def _read_midi_notes(flag: str, path: str | os.PathLike):
+    """The notes of a MIDI file (sustain applied, drums left out), or a UserError naming `flag`."""
+    import note_seq
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"--{flag}={path}: no such file")
+    try:
+        ns = note_seq.midi_file_to_note_sequence(path)
+    except Exception as e:  # pretty_midi/mido raise many types on corrupt files; all mean the same to a user
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--{flag}={path}: not a readable MIDI file ({reason[:200]})") from None
+    notes = notes_lib.from_sequence(ns)
+    return notes.select(notes.end_s > notes.start_s)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Infill:
+    """A gap [start, end) seconds to fill in a MIDI file: its events and their cut (`mgpt.fim.Gap`)."""
+
+    path: str
+    start: float
+    end: float
+    ids: np.ndarray = dataclasses.field(repr=False)
+    gap: object = dataclasses.field(repr=False)
+
+    def to_dict(self) -> dict:
+        return {"file": self.path, "start": self.start, "end": self.end}
+
+
+def check_infill_times(start, end) -> None:
+    """The checks that need no file: one line naming the setting."""
+    if start is None or end is None:
+        raise UserError("--infill needs --infill_start and --infill_end (seconds of the file, start < end)")
+    if not (np.isfinite(start) and start >= 0):
+        raise UserError(f"--infill_start={start}: must be a time in seconds >= 0")
+    if not (np.isfinite(end) and end > start):
+        raise UserError(f"--infill_end={end}: must be later than --infill_start={start}")
+
+
+def load_infill(path: str | os.PathLike, vocab: Vocabulary, start: float, end: float) -> Infill:
+    """A MIDI file cut for infilling at [start, end) seconds (both on the 10 ms grid of the events).
+
+    Raises UserError naming the setting: a missing or unreadable file, no notes, a gap that is
+    not inside the file's music (0 <= start < end <= its last note's end), or one too short to hold
+    a time step.
+    """
+    from mgpt import fim
+
+    check_infill_times(start, end)
+    path = os.fspath(path)
+    ids = vocab.encode_notes(*_read_midi_notes("infill", path))
+    if not vocab.is_event(ids).any():
+        raise UserError(f"--infill={path}: no notes in the model's pitch range {vocab.min_pitch}..{vocab.max_pitch}")
+    length = vocab.seconds(ids)
+    if end > length + 0.5 / vocab.steps_per_second:
+        raise UserError(f"--infill_end={end:g}: past the end of {path}, whose music ends at {length:.2f} s")
+    sps = vocab.steps_per_second
+    start_step, end_step = int(round(start * sps)), int(round(end * sps))
+    if end_step <= start_step:
+        raise UserError(f"--infill_end={end:g}: the gap from --infill_start={start:g} is shorter than one "
+                        f"{1000 // sps} ms step")
+    return Infill(path, float(start), float(end), ids, fim.Gap.cut(vocab, ids, start_step, end_step))
+
+
+def check_infill_model(vocab: Vocabulary, workdir: str) -> None:
+    if not vocab.fim:
+        raise UserError(f"--infill: the model in {workdir} has no FIM tokens (it was trained with data.fim_rate = 0 "
+                        "or before infilling existed); train one with data.fim_rate > 0, as configs/small.py does")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,11 +312,14 @@ class Run:
         *,
         batch_size: int | None = None,
         devices: Sequence | None = None,
+        gaps: Sequence | None = None,
     ) -> list[np.ndarray]:
         """prompts[i] continued with seed seeds[i] -> full rows (prompt + new events, no EOS).
 
         The rows are split evenly over `devices` (default: all local devices); each
         device runs the jitted sampler on its share, `batch_size` rows at a time.
+        With `gaps` (mgpt.fim.Gap per prompt) the new events are each gap's middle, whose
+        length the gap sets (`Sampling.max_events` still caps its events).
         """
         import jax
 
@@ -249,7 +330,8 @@ class Run:
         shares = np.array_split(np.arange(len(prompts)), len(devices))
         kwargs = dict(
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
-            greedy=sampling.greedy, guidance=sampling.guidance, batch_size=batch_size, **sampling.budget(),
+            greedy=sampling.greedy, guidance=sampling.guidance, batch_size=batch_size,
+            **(sampling.budget() if gaps is None else {"max_events": sampling.max_events}),
         )
         limits = [self.max_note_seconds(p, sampling) for p in prompts]
 
@@ -260,7 +342,8 @@ class Run:
                 return []
             model = self.model if device == home else self.replica(device)
             return generate_tokens(model, self.vocab, [prompts[i] for i in share], seeds=[int(seeds[i]) for i in share],
-                                   max_note_seconds=[limits[i] for i in share], **kwargs)
+                                   max_note_seconds=[limits[i] for i in share],
+                                   gaps=None if gaps is None else [gaps[i] for i in share], **kwargs)
 
         if len(devices) == 1:
             return run_share(devices[0], shares[0])
@@ -290,6 +373,43 @@ class Run:
         primer_ids = load_primer(primer, self.vocab, primer_seconds) if primer else None
         return self.sample_ids(self.prompts(styles, primer_ids), [seed + i for i in range(n)], Sampling(**sampling),
                                batch_size=batch_size)
+
+    def infill_rows(self, infill: Infill, styles: Sequence[str], seeds: Sequence[int], sampling: Sampling = Sampling(),
+                    *, batch_size: int | None = None, devices: Sequence | None = None
+                    ) -> tuple[list[np.ndarray], list[dict]]:
+        """One joined piece per (style, seed): STYLE + the file's events before S + a sampled middle
+        + the closing events (`mgpt.fim.close`) + the file's events from E. Also, per piece,
+        new_events (the middle's) and what the closing did (released, struck, short_steps)."""
+        from mgpt import fim
+
+        check_infill_model(self.vocab, self.workdir)
+        gap = infill.gap
+        window = self.model.cfg.max_len
+        try:  # the gap's length is written as TIME_SHIFTs into a prompt of half the context
+            fim.prompt(self.vocab, self.vocab.unknown_style_id, gap.prefix, gap, gap.steps, budget=window // 2)
+        except ValueError:
+            raise UserError(f"--infill_end={infill.end:g}: a {infill.end - infill.start:g} s gap is too long for this "
+                            f"model's {window}-token context; fill it in shorter gaps") from None
+        rows = self.sample_ids(self.prompts(styles, gap.prefix), seeds, sampling, batch_size=batch_size,
+                               devices=devices, gaps=[gap] * len(styles))
+        joined, info = [], []
+        for row in rows:
+            tail, counts = fim.close(self.vocab, gap, row[1:])
+            joined.append(np.concatenate([row, tail, gap.suffix]).astype(np.int32))
+            info.append({"new_events": int(len(row) - 1 - len(gap.prefix)), **counts})
+        return joined, info
+
+    def infill_ids(self, midi: str | os.PathLike, start: float, end: float, n: int = 1, *, seed: int = 0,
+                   style: str = UNCONDITIONAL, batch_size: int | None = None, **sampling) -> list[np.ndarray]:
+        """`n` id rows of `midi` with [start, end) seconds filled by the model; piece i uses seed `seed + i`."""
+        cycle = resolve_styles(self.vocab, style)
+        infill = load_infill(midi, self.vocab, start, end)
+        return self.infill_rows(infill, [cycle[i % len(cycle)] for i in range(n)], [seed + i for i in range(n)],
+                                Sampling(**sampling), batch_size=batch_size)[0]
+
+    def infill(self, midi: str | os.PathLike, start: float, end: float, n: int = 1, **kwargs) -> list:
+        """`n` NoteSequences of `midi` with [start, end) seconds filled (same arguments as `infill_ids`)."""
+        return [self.decode(ids) for ids in self.infill_ids(midi, start, end, n, **kwargs)]
 
     def generate(self, style: str = UNCONDITIONAL, n: int = 1, **kwargs) -> list:
         """`n` pieces as NoteSequences (same arguments as `generate_ids`)."""
@@ -517,7 +637,7 @@ def _open_manifest(path: pathlib.Path):
 
 # Fields that make a piece what it is: a re-run must agree on them to reuse it.
 _IDENTITY = ("style", "seed", "settings", "primer", "primer_seconds", "checkpoint_step", "copy_guard",
-             "max_note_seconds")
+             "max_note_seconds", "infill")
 # Settings added since manifests were first written, with the value that means "as before".
 _SETTINGS_SINCE = {"guidance": 1.0}
 _COPY_GUARD_OFF = {"max_copy_seconds": 0.0, "tries": 1}
@@ -553,6 +673,7 @@ def generate_corpus(
     devices: Sequence | None = None,
     max_copy_seconds: float = DEFAULT_MAX_COPY_SECONDS,
     copy_tries: int = DEFAULT_COPY_TRIES,
+    infill: Infill | None = None,
 ) -> list[dict]:
     """Generate this host's share of `num_samples` pieces into output_dir, resuming; returns its manifest lines.
 
@@ -580,6 +701,12 @@ def generate_corpus(
     out = pathlib.Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
+    if infill is not None and primer:
+        raise UserError("--infill and --primer cannot be combined: the file around the gap is the primer")
+    if infill is not None:
+        check_infill_model(run.vocab, run.workdir)
+        # The kept music is the user's own; searching it would re-draw pieces for what they wrote.
+        max_copy_seconds = 0.0
     primer_ids = load_primer(primer, run.vocab, primer_seconds) if primer else None
     guard = CopyGuard.for_run(run, max_copy_seconds, copy_tries) if max_copy_seconds else None
     redraw = True
@@ -590,11 +717,14 @@ def generate_corpus(
             print(f"warning: the primer itself copies {c['seconds']:.2f} s of training piece {c['train_piece_id']}; "
                   "pieces are not re-drawn and are marked copy_over_limit", file=sys.stderr, flush=True)
     common = {
-        "settings": sampling.to_dict(),
+        # An infilled middle's length is the gap's: the continuation budget does not apply.
+        "settings": sampling.to_dict() if infill is None else {**sampling.to_dict(), "max_events": sampling.max_events,
+                                                              "max_seconds": None},
         "primer": os.fspath(primer) if primer else None,
         "primer_seconds": primer_seconds if primer else None,
         "checkpoint_step": run.step,
         "copy_guard": {"max_copy_seconds": guard.max_seconds, "tries": guard.tries} if guard else _COPY_GUARD_OFF,
+        "infill": infill.to_dict() if infill is not None else None,
     }
     mine = [p for p in plan(num_samples, styles, seed) if p.index % process_count == process_index]
     # The note-length guard's limit per style, as resolved here: with the default it comes from
@@ -627,6 +757,9 @@ def generate_corpus(
     start = time.perf_counter()
 
     def sample(pieces):
+        if infill is not None:
+            return run.infill_rows(infill, [p.style for p in pieces], [p.seed for p in pieces], sampling,
+                                   batch_size=batch_size, devices=devices)
         prompts = run.prompts([p.style for p in pieces], primer_ids)
 
         def draw(indices, seeds):
@@ -646,7 +779,7 @@ def generate_corpus(
             rows, copy_fields = pending.result()
             pending = pool.submit(sample, groups[g + 1]) if g + 1 < len(groups) else None
             for p, ids, copy in zip(pieces, rows, copy_fields):
-                entry = _write_piece(run.vocab, out, p, ids, primer_ids, audio=audio, soundfont=soundfont,
+                entry = _write_piece(run.vocab, out, p, ids, primer_ids, audio=audio, soundfont=soundfont, infill=infill,
                                      extra={**common, "workdir": run.workdir, "host": process_index,
                                             "max_note_seconds": note_limit[p.style], **(copy or {})})
                 log.write(json.dumps(entry) + "\n")
@@ -685,14 +818,18 @@ def decode(vocab: Vocabulary, ids: np.ndarray):
     return render.playable(vocab.decode(ids))
 
 
-def _write_piece(vocab, out: pathlib.Path, piece: Piece, ids: np.ndarray, primer_ids, *, audio, soundfont, extra):
+def _write_piece(vocab, out: pathlib.Path, piece: Piece, ids: np.ndarray, primer_ids, *, audio, soundfont, extra,
+                 infill: Infill | None = None):
     ns = decode(vocab, ids)
     primer_len = 0 if primer_ids is None else len(primer_ids)
     primer_end_s = vocab.seconds(primer_ids) if primer_len else 0.0
     mid = render.write_midi(ns, out / f"{piece.stem}.mid")
+    gap = (infill.start, infill.end) if infill is not None else None
+    filled = f"  ·  filled {gap[0]:g}-{gap[1]:g} s" if gap else ""
     png = render.piano_roll(
-        ns, out / f"{piece.stem}.png", primer_seconds=primer_end_s,
-        title=f"{mid.name}  ·  {piece.style}  ·  seed {piece.seed}  ·  {ns.total_time:.1f} s  ·  {len(ns.notes)} notes",
+        ns, out / f"{piece.stem}.png", primer_seconds=primer_end_s, gap=gap,
+        title=f"{mid.name}  ·  {piece.style}  ·  seed {piece.seed}  ·  {ns.total_time:.1f} s  ·  {len(ns.notes)} notes"
+              f"{filled}",
     )
     wav = None
     if audio:
@@ -739,6 +876,11 @@ def define_flags(fv):
                         "A style name, a comma list (cycled over pieces), 'all' (every style) or 'unconditional'.", **kw)
     flags.DEFINE_string("primer", None, "A MIDI file to continue; it is kept at the start of every piece.", **kw)
     flags.DEFINE_float("primer_seconds", 10.0, "Seconds of the primer to keep (0 = all of it).", **kw)
+    flags.DEFINE_string("infill", None, "A MIDI file whose gap [--infill_start, --infill_end) the model fills; "
+                        "everything outside the gap is kept. Needs a model trained with data.fim_rate > 0.", **kw)
+    flags.DEFINE_float("infill_start", None, "--infill: where the gap starts, in seconds of the file.", **kw)
+    flags.DEFINE_float("infill_end", None, "--infill: where the gap ends, in seconds of the file (after the start, "
+                       "at most where its music ends).", **kw)
     flags.DEFINE_float("temperature", Sampling.temperature, "Softmax temperature (> 0).", **kw)
     flags.DEFINE_integer("top_k", 0, "Sample among the k most likely events (0 = off).", **kw)
     flags.DEFINE_float("top_p", Sampling.top_p,
@@ -773,7 +915,7 @@ def run_command(f) -> pathlib.Path:
     """The command line's work, given parsed flags `f` (anything with the flag attributes)."""
     if not f.workdir or not f.output_dir:
         raise UserError("usage: python -m mgpt.generate --workdir=RUN --output_dir=OUT [--style=NAME|all] "
-                        "[--num_samples=N] [--primer=FILE.mid] [--audio]")
+                        "[--num_samples=N] [--primer=FILE.mid | --infill=FILE.mid --infill_start=S --infill_end=E] [--audio]")
     sampling = Sampling(temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, min_p=f.min_p, greedy=f.greedy,
                         max_events=f.max_events, max_seconds=f.max_seconds, max_note_seconds=f.max_note_seconds,
                         guidance=f.guidance)
@@ -786,6 +928,15 @@ def run_command(f) -> pathlib.Path:
     styles = resolve_styles(vocab, f.style)
     if f.primer:
         load_primer(f.primer, vocab, f.primer_seconds)
+    infill = None
+    if f.infill is not None or f.infill_start is not None or f.infill_end is not None:
+        if not f.infill:
+            raise UserError("--infill_start/--infill_end need --infill=FILE.mid")
+        if f.primer:
+            raise UserError("--infill and --primer cannot be combined: the file around the gap is the primer")
+        check_infill_times(f.infill_start, f.infill_end)
+        infill = load_infill(f.infill, vocab, f.infill_start, f.infill_end)
+        check_infill_model(vocab, f.workdir)
     _check_output_dir(f.output_dir)
     import jax
 
@@ -798,6 +949,7 @@ def run_command(f) -> pathlib.Path:
         run, f.output_dir, num_samples=f.num_samples, styles=styles, seed=f.seed, sampling=sampling,
         primer=f.primer, primer_seconds=f.primer_seconds, batch_size=f.batch_size, audio=f.audio,
         soundfont=f.soundfont, progress=f.progress, max_copy_seconds=f.max_copy_seconds, copy_tries=f.copy_tries,
+        infill=infill,
     )
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils

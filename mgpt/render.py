@@ -87,31 +87,62 @@ def write_midi(ns, path: str | os.PathLike) -> pathlib.Path:
 
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    note_seq.sequence_proto_to_midi_file(playable(ns), str(path))
+    tmp = path.with_name(path.name + ".part")  # whole or absent: a resumed job trusts what it finds
+    note_seq.sequence_proto_to_midi_file(playable(ns), str(tmp))
+    os.replace(tmp, path)
     return path
 
 
 # ----------------------------------------------------------------------------- piano roll
 
 
-def piano_roll(ns, path: str | os.PathLike, *, title: str = "", primer_seconds: float = 0.0) -> pathlib.Path:
+def piano_roll(ns, path: str | os.PathLike, *, title: str = "", primer_seconds: float = 0.0,
+               gap: tuple[float, float] | None = None) -> pathlib.Path:
     """A piano-roll PNG: time (s) across, MIDI pitch up, darker = louder.
 
     A primer (the user's music the piece continues) is shaded, so the generated
-    part is easy to tell apart.
+    part is easy to tell apart; so is an infilled gap (start, end seconds).
     """
+    return piano_rolls([(ns, title)], path, primer_seconds=primer_seconds, gap=gap)
+
+
+def piano_rolls(panels, path: str | os.PathLike, *, primer_seconds: float = 0.0,
+                gap: tuple[float, float] | None = None) -> pathlib.Path:
+    """Piano rolls of [(NoteSequence, title), ...] stacked on one time axis, one PNG (e.g. before/after)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.collections import PolyCollection
     from matplotlib.figure import Figure
 
-    # Everything the file holds, drums and undamped notes included: the picture is of the file.
-    pitch, velocity, start_s, end_s = notes_lib.from_sequence(ns, apply_sustain=False, drop_drums=False)
-    total_s = max(float(end_s.max()) if len(end_s) else 0.0, 1.0)
-    fig = Figure(figsize=(10, 3), dpi=100)
+    fig = Figure(figsize=(10, 3 * len(panels)), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    # Everything the files hold, drums and undamped notes included: the picture is of the file.
+    notes = [notes_lib.from_sequence(ns, apply_sustain=False, drop_drums=False) for ns, _ in panels]
+    total_s = max([1.0] + [float(n.end_s.max()) for n in notes if len(n.end_s)])
+    pitches = np.concatenate([n.pitch for n in notes])
+    lo, hi = (int(pitches.min()), int(pitches.max())) if len(pitches) else (60, 72)
+    for k, ((_, title), note) in enumerate(zip(panels, notes)):
+        ax = fig.add_subplot(len(panels), 1, k + 1)
+        _draw_roll(ax, note, lo, hi, total_s, primer_seconds, gap)
+        if title:
+            ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")  # a killed job never leaves half a PNG under the real name
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+    return path
+
+
+def _draw_roll(ax, notes, lo: int, hi: int, total_s: float, primer_seconds: float, gap) -> None:
+    from matplotlib.collections import PolyCollection
+
+    pitch, velocity, start_s, end_s = notes
     if primer_seconds > 0:
         ax.axvspan(0, primer_seconds, color="#cfe3ff", zorder=0, label="primer")
+    if gap is not None:
+        ax.axvspan(gap[0], gap[1], color="#ffe2b8", zorder=0, label="infilled")
+        for x in gap:
+            ax.axvline(x, color="#d08000", lw=1.0, ls="--", zorder=1)
     if len(pitch):
         # One polygon per note: far faster than one patch per note for long pieces.
         verts_Nx4x2 = np.stack(
@@ -126,9 +157,6 @@ def piano_roll(ns, path: str | os.PathLike, *, title: str = "", primer_seconds: 
         shade_N = 0.35 + 0.65 * np.clip(velocity / 127.0, 0, 1)
         colors = [(0.10 * (1 - s), 0.20 * (1 - s), 0.55 + 0.3 * (1 - s), 1.0) for s in shade_N.tolist()]
         ax.add_collection(PolyCollection(verts_Nx4x2, facecolors=colors, edgecolors="none", zorder=2))
-        lo, hi = int(pitch.min()), int(pitch.max())
-    else:
-        lo, hi = 60, 72
     ax.set_xlim(0, total_s)
     ax.set_ylim(lo - 2, hi + 2)
     ax.set_xlabel("seconds")
@@ -136,13 +164,6 @@ def piano_roll(ns, path: str | os.PathLike, *, title: str = "", primer_seconds: 
     for c in range(0, 128, 12):  # octave lines at every C
         if lo - 2 <= c <= hi + 2:
             ax.axhline(c, color="#dddddd", lw=0.6, zorder=1)
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
 
 
 # ----------------------------------------------------------------------------- audio
@@ -255,7 +276,7 @@ h1{font-size:1.4rem;margin:0 0 .3rem} p.sub{color:#666;margin:0 0 1.5rem}
 a.dl{font-size:.9rem}
 """
 
-_SETTING_ORDER = ("style", "seed", "drawn_seed", "events", "seconds", "notes", "primer", "checkpoint_step")
+_SETTING_ORDER = ("style", "seed", "drawn_seed", "events", "seconds", "notes", "primer", "infill", "checkpoint_step")
 
 
 def _copy_line(e: dict) -> str | None:

@@ -32,6 +32,13 @@ is drawn from l_uncond + G * (l_cond - l_uncond) and fed to both. G = 1 is plain
 sampling and runs the plain B-row function: it costs nothing extra. G = 0 samples
 exactly as a STYLE:unknown prompt would.
 
+Infilling (`gaps`, mgpt/fim.py): a row fills the gap of a piece. Its prompt is the FIM
+prompt (prefix, suffix and the time left, then the state where the middle goes on), and
+the loop makes it end exactly at the gap's end: a TIME_SHIFT that would pass E becomes the
+one that lands on E, EOS is masked, and notes the piece holds through the whole gap are
+never released. A middle that fills its window goes on in a fresh FIM prompt whose prefix
+now ends with the middle written so far.
+
 Randomness: row b's event number n (counting from the start of generation,
 across windows) is drawn with `fold_in(key(seed_b), n)`, so a seed gives the
 same piece whatever batch or position the row is in.
@@ -85,6 +92,7 @@ def token_tables(vocab: Vocabulary) -> dict[str, jax.Array]:
         "off_pitch_V": jnp.asarray(np.where(is_off_V, ids_V - vocab.note_off_offset, num_pitches), jnp.int32),
         "note_off_P": jnp.asarray(vocab.note_off_offset + np.arange(num_pitches), jnp.int32),
         "eos_id": jnp.asarray(vocab.eos_id, jnp.int32),
+        "time_shift_offset": jnp.asarray(vocab.time_shift_offset, jnp.int32),
         "unknown_style_id": jnp.asarray(vocab.unknown_style_id, jnp.int32),
     }
 
@@ -202,7 +210,7 @@ def _choose(logits_BxV, keys_B, settings, banned):
     return jnp.where(settings["greedy"], jnp.argmax(filtered_BxV, axis=-1), sampled_B).astype(jnp.int32)
 
 
-def note_rules(open_BxP, onset_BxP, steps_B, tables):
+def note_rules(open_BxP, onset_BxP, steps_B, tables, hold_BxP=None):
     """What the sounding notes allow: (banned_BxV, force_B, oldest_age_B).
 
     banned_BxV: a NOTE_OFF of a silent pitch, and a NOTE_ON of a sounding one (the data
@@ -210,15 +218,19 @@ def note_rules(open_BxP, onset_BxP, steps_B, tables):
     model re-strikes with NOTE_OFF then NOTE_ON, which stays allowed; a unison held in
     two voices, which the data does have, comes only from the prompt and closes with two
     NOTE_OFFs). force_B: the NOTE_OFF of the longest-sounding note, oldest_age_B its age
-    in steps (-1 when nothing sounds); see `apply_guard`.
+    in steps (-1 when nothing sounds); see `apply_guard`. hold_BxP (infilling): notes per
+    pitch that must sound on (they sound through the whole gap); they are never released,
+    by the model or by the guard.
     """
     sounding_BxP = open_BxP > 0
+    releasable_BxP = sounding_BxP if hold_BxP is None else open_BxP > hold_BxP
     sounding_BxP1 = jnp.pad(sounding_BxP, ((0, 0), (0, 1)))  # column P: "not a note token"
+    releasable_BxP1 = jnp.pad(releasable_BxP, ((0, 0), (0, 1)))
     banned_on_BxV = sounding_BxP1[:, tables["on_pitch_V"]]
     is_off_V = tables["off_pitch_V"] < sounding_BxP.shape[1]
-    banned_off_BxV = is_off_V & ~sounding_BxP1[:, tables["off_pitch_V"]]
+    banned_off_BxV = is_off_V & ~releasable_BxP1[:, tables["off_pitch_V"]]
     banned_BxV = tables["banned_V"] | banned_on_BxV | banned_off_BxV
-    age_BxP = jnp.where(sounding_BxP, steps_B[:, None] - onset_BxP, -1)
+    age_BxP = jnp.where(releasable_BxP, steps_B[:, None] - onset_BxP, -1)
     oldest_B = jnp.argmax(age_BxP, axis=-1)
     return banned_BxV, tables["note_off_P"][oldest_B], jnp.max(age_BxP, axis=-1)
 
@@ -309,6 +321,8 @@ def sample_window(
     settings,
     tables,
     guidance=None,
+    hold_BxP=None,
+    fill_B=None,
 ):
     """Prefill right-padded prompts, then decode until every row is done or its window is full.
 
@@ -322,6 +336,10 @@ def sample_window(
     guidance: None (plain sampling), or a float32 scalar G: each row also runs with
     STYLE:unknown in place of its STYLE token, in the same 2B-row cache, and events are
     drawn from `guided_logits`. None and a value trace different functions.
+    fill_B / hold_BxP (infilling, mgpt/fim.py; None for plain sampling, which then traces as
+    before): a fill row must spend exactly max_steps_B: EOS is masked, a TIME_SHIFT that would
+    pass it is cut to land on it, and the row is done as soon as its clock reaches it. hold_BxP: notes
+    per pitch the row may not release (see `note_rules`).
     Returns dict: tokens_BxW (window: prompt then new events), end_B (row b's
     window is tokens_BxW[b, :end_B[b]]), events_B, steps_B, done_B (EOS or
     budget reached; a row neither done nor at end_B == W cannot occur), open_BxP, onset_BxP.
@@ -351,11 +369,22 @@ def sample_window(
     def body(s: _SamplingState) -> _SamplingState:
         live_B = active(s)
         step_keys_B = jax.vmap(jax.random.fold_in)(keys_B, s.events_B)
-        banned_BxV, force_B, oldest_age_B = note_rules(s.open_BxP, s.onset_BxP, s.steps_B, tables)
+        banned_BxV, force_B, oldest_age_B = note_rules(s.open_BxP, s.onset_BxP, s.steps_B, tables, hold_BxP)
+        if fill_B is not None:  # a middle does not end before E
+            eos_V = jnp.arange(banned_BxV.shape[1]) == tables["eos_id"]
+            banned_BxV = banned_BxV | (fill_B[:, None] & eos_V[None, :])
         logits_BxV = jax.lax.cond(settings["release_share"] > 0, release_mass,
                                   lambda l, b, t, a: l.astype(jnp.float32),
                                   s.logits_BxV, banned_BxV, tables, settings["release_share"])
         token_B = _choose(logits_BxV, step_keys_B, settings, banned_BxV)
+        if fill_B is not None:
+            # A TIME_SHIFT past E becomes the one that lands on E, and the middle ends there: the
+            # model's probability of moving past E is its probability of ending the middle now.
+            # (Masking those shifts instead handed it to NOTE_ONs: near E the demo model struck
+            # note after note until it drew a shift short enough.)
+            left_B = max_steps_B - s.steps_B
+            past_B = fill_B & (tables["shift_steps_V"][token_B] > left_B)
+            token_B = jnp.where(past_B, tables["time_shift_offset"] + left_B - 1, token_B)
         token_B = apply_guard(token_B, force_B, oldest_age_B, max_note_steps_B, tables)
         new_steps_B = s.steps_B + tables["shift_steps_V"][token_B]
         stop_B = (token_B == tables["eos_id"]) | (new_steps_B > max_steps_B) | (s.events_B >= max_events_B)
@@ -374,7 +403,8 @@ def sample_window(
             end_B=s.end_B + emit_B,
             events_B=s.events_B + emit_B,
             steps_B=jnp.where(emit_B, new_steps_B, s.steps_B),
-            done_B=s.done_B | (live_B & stop_B),
+            done_B=s.done_B | (live_B & stop_B) | (
+                False if fill_B is None else fill_B & emit_B & (new_steps_B >= max_steps_B)),
             open_BxP=open_BxP,
             onset_BxP=onset_BxP,
         )
@@ -418,8 +448,16 @@ def generate_tokens(
     release_share: float = RELEASE_SHARE,
     guidance: float = 1.0,
     batch_size: int | None = None,
+    gaps: Sequence | None = None,
 ) -> list[np.ndarray]:
     """Continue each prompt (STYLE token + optional primer events) with sampled events.
+
+    With `gaps` (one `mgpt.fim.Gap` per prompt, each prompt its STYLE token + `gap.prefix`;
+    the model's vocabulary must have the FIM tokens) each row is the middle of its gap
+    instead: the model reads the FIM prompt (prefix, suffix, time left) and writes events
+    until their TIME_SHIFTs sum to exactly `gap.steps` (see `sample_window`'s fill rows);
+    notes sounding through the whole gap are held. max_seconds is then ignored. Close the
+    result with `mgpt.fim.close`.
 
     Sampled events are always possible ones: no NOTE_OFF of a silent pitch, no NOTE_ON of
     a sounding one; `release_share` of the masked NOTE_OFFs' probability goes to the
@@ -465,6 +503,12 @@ def generate_tokens(
         raise ValueError(f"guidance must be a finite number >= 0 (1 = off), got {guidance}")
     # None selects the plain B-row trace of sample_window: G = 1 must cost nothing.
     guidance = None if guidance == 1 else jnp.asarray(guidance, jnp.float32)
+    if gaps is not None:
+        if len(gaps) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(gaps)} gaps")
+        if not vocab.fim:
+            raise ValueError("infilling needs a model trained with FIM tokens (data.fim_rate > 0)")
+        max_seconds = max(g.steps for g in gaps) / vocab.steps_per_second
     if max_events is None:
         max_events = cfg.max_len if max_seconds is None else max(1024, math.ceil(100 * max_seconds))
     max_steps = np.iinfo(np.int32).max if max_seconds is None else int(round(max_seconds * vocab.steps_per_second))
@@ -480,6 +524,7 @@ def generate_tokens(
         out += _generate_batch(
             graphdef, params, cfg.max_len, vocab, prompts[start:stop], seeds[start:stop],
             max_events, max_steps, max_note_steps[start:stop], settings, tables, guidance,
+            gaps=None if gaps is None else gaps[start:stop],
         )
     return out
 
@@ -505,8 +550,12 @@ def window_prompt(row: list[int], window: int, vocab: Vocabulary) -> list[int]:
 
 
 def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events, max_steps, max_note_steps,
-                    settings, tables, guidance):
-    """One batch through as many windows as its longest row needs (see the module docstring)."""
+                    settings, tables, guidance, gaps=None):
+    """One batch through as many windows as its longest row needs (see the module docstring).
+
+    With `gaps` each window's prompt is the FIM prompt of its row (`mgpt.fim.prompt`): the
+    middle written so far joins the prefix, so a middle longer than a window goes on in a
+    fresh one with the time it has left."""
     n = len(prompts)
     # At least 2 rows: XLA:CPU rewrites a 1-row cache scatter as a dynamic-update-slice and
     # then copies the whole cache into the attention read every step (2x slower than 2 rows).
@@ -526,8 +575,24 @@ def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events,
     onset_BxP = np.full((batch, vocab.max_pitch - vocab.min_pitch + 1), SILENT, np.int32)
     for b, p in enumerate(prompts):
         open_BxP[b], onset_BxP[b] = sounding_state(vocab, p)
+    hold_BxP = fill_B = None
+    if gaps is not None:
+        from mgpt import fim
+
+        hold_BxP = np.zeros_like(open_BxP)
+        fill_B = np.zeros(batch, bool)
+        fill_B[:n] = True
+        for b, g in enumerate(gaps):
+            hold_BxP[b], max_steps_B[b] = g.hold_P, g.steps
+
+        def window_of(b, r):
+            left = int(max_steps_B[b] - steps_B[b])
+            return fim.prompt(vocab, r[0], np.asarray(r[1:], np.int32), gaps[b], left, budget=window // 2)
+    else:
+        def window_of(b, r):
+            return window_prompt(r, window, vocab)
     while not done_B.all():
-        windows = [window_prompt(r, window, vocab) for r in rows]
+        windows = [window_of(b, r) for b, r in enumerate(rows)]
         # Prefilling a few padding tokens costs less than compiling another prompt shape.
         prompt_len = _bucket(max(len(w) for w in windows), cap=window, floor=64)
         prompt_BxP = np.zeros((batch, prompt_len), np.int32)
@@ -552,6 +617,8 @@ def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events,
             settings,
             tables,
             guidance,
+            None if hold_BxP is None else jnp.asarray(hold_BxP),
+            None if fill_B is None else jnp.asarray(fill_B),
         )
         result = jax.device_get(result)
         for b in range(n):

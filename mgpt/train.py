@@ -270,6 +270,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
     t, d = config.train, config.data
     dataset_path = data_lib.resolve_dataset(d.dataset_dir)
     vocab = data_lib.choose_vocab(dataset_path, workdir, config.init_from)
+    if d.get("fim_rate", 0.0) and not vocab.fim:  # FIM rows need their marker tokens (appended: ids unchanged)
+        if (workdir / "vocab.json").exists() or config.init_from:
+            raise UserError("config.data.fim_rate: the resumed or warm-started model's vocabulary has no FIM "
+                            "tokens; start a new run (or set data.fim_rate=0)")
+        vocab = vocab.with_fim()
     s = setup(config, vocab.size, mesh, table)
     seq_len = d.seq_len
     fpt = s.model_config.flops_per_token(seq_len)
@@ -306,6 +311,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
             seed=config.seed,
             transpose=d.transpose,
             style_dropout=float(d.get("style_dropout", 0.0)),
+            fim_rate=float(d.get("fim_rate", 0.0)),
             num_packing_bins=d.num_packing_bins,
             read_threads=d.read_threads,
             prefetch=d.prefetch,

@@ -13,7 +13,8 @@ into report.json (big_vision's evaluators, for music):
 - targets: the issue's targets read off the sections above.
 
 Beside the report: the guidance sweep (`guidance`), the one-composer study (`composer`),
-report.md/.html (`pages`) and two reports side by side (`compare`, its own command).
+report.md/.html (`pages`), two reports side by side (`compare`, its own command) and
+infilling (`infill`, its own command: `python -m mgpt.eval.infill`).
 `references` builds what generated pieces are judged against, once. The command line
 is `python -m mgpt.evaluate`.
 """
