@@ -185,7 +185,7 @@ def test_bad_infill_times_are_one_clear_line(fim_workdir, midi_file, tmp_path, f
     with pytest.raises(SystemExit, match=message) as e:
         generate.main(["mgpt.generate", f"--workdir={fim_workdir}", f"--output_dir={tmp_path}", "--noprogress",
                        f"--infill={midi_file}", *flags])
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and e.value.code == 2  # a user's mistake: exit code 2, as every command
 
 
 def test_bad_infill_file_and_old_model_are_one_clear_line(fim_workdir, midi_file, tmp_path):
