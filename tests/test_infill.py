@@ -202,3 +202,15 @@ def test_bad_infill_file_and_old_model_are_one_clear_line(fim_workdir, midi_file
     assert "\n" not in str(e.value)
     pieces = generate.load_run(old).generate("bach", n=1, max_events=20)  # it still continues music
     assert len(pieces) == 1
+
+
+def test_infill_evaluation_command_refuses_bad_settings_in_one_line(tmp_path):
+    from mgpt.eval import infill as infill_eval
+
+    for argv, message in [([], "usage: python -m mgpt.eval.infill"),
+                          ([f"--workdir={tmp_path}", f"--output_dir={tmp_path}", "--min_gap=4", "--max_gap=2"],
+                           "--min_gap/--max_gap: need 0 < min <= max"),
+                          (["--gaps_per_piece=x"], "gaps_per_piece")]:
+        with pytest.raises(SystemExit, match=message) as e:
+            infill_eval.main(["mgpt.eval.infill", *argv])
+        assert e.value.code == 2 and "\n" not in str(e.value)

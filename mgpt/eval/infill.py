@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from mgpt import fim
+from mgpt.errors import UserError, reported
 
 MIN_PROMPT = 32  # tokens of prefix + suffix context at the least
 
@@ -198,6 +199,7 @@ def write(result: dict, pieces, vocab, output_dir, figure_piece: str | None = No
     return out / "infill.md"
 
 
+@reported
 def main(argv: Sequence[str] | None = None) -> None:
     from absl import flags, logging
 
@@ -217,27 +219,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         fv(argv)
     except flags.Error as e:
-        raise SystemExit(f"{e} (see python -m mgpt.eval.infill --help)") from None
+        raise UserError(f"{e} (see python -m mgpt.eval.infill --help)") from None
     if not fv.workdir or not fv.output_dir:
-        raise SystemExit("usage: python -m mgpt.eval.infill --workdir=RUN --output_dir=OUT")
+        raise UserError("usage: python -m mgpt.eval.infill --workdir=RUN --output_dir=OUT")
     if not fv.min_gap > 0 or fv.max_gap < fv.min_gap:
-        raise SystemExit(f"--min_gap/--max_gap: need 0 < min <= max, got {fv.min_gap}, {fv.max_gap}")
+        raise UserError(f"--min_gap/--max_gap: need 0 < min <= max, got {fv.min_gap}, {fv.max_gap}")
     logging.set_verbosity(logging.ERROR)
     from mgpt import generate
     from mgpt.eval.inputs import load_split
 
-    try:
-        run = generate.load_run(fv.workdir)
-        generate.check_infill_model(run.vocab, fv.workdir)
-        dataset = fv.dataset_dir or run.dataset_dir
-        if not dataset:
-            raise generate.UserError(f"{fv.workdir}: its dataset is not on this machine; pass --dataset_dir")
-        pieces = load_split(dataset, "test")
-        result = evaluate(run, pieces, gaps_per_piece=fv.gaps_per_piece, min_gap=fv.min_gap, max_gap=fv.max_gap,
-                          margin=fv.margin, seed=fv.seed, sample=fv.sample)
-        path = write(result, pieces, run.vocab, fv.output_dir, fv.figure_piece)
-    except (generate.UserError, FileNotFoundError) as e:
-        raise SystemExit(str(e)) from None
+    run = generate.load_run(fv.workdir)
+    generate.check_infill_model(run.vocab, fv.workdir)
+    dataset = fv.dataset_dir or run.dataset_dir
+    if not dataset:
+        raise UserError(f"{fv.workdir}: its dataset is not on this machine; pass --dataset_dir")
+    pieces = load_split(dataset, "test")
+    result = evaluate(run, pieces, gaps_per_piece=fv.gaps_per_piece, min_gap=fv.min_gap, max_gap=fv.max_gap,
+                      margin=fv.margin, seed=fv.seed, sample=fv.sample)
+    path = write(result, pieces, run.vocab, fv.output_dir, fv.figure_piece)
     print(path.read_text(), end="")
     print(path)
 
