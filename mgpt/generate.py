@@ -114,18 +114,8 @@ def load_primer(path: str | os.PathLike, vocab: Vocabulary, seconds: float = 0.0
     complete music on its own and the model continues from its last event.
     Raises UserError naming the file when it is missing, unreadable or has no notes.
     """
-    import note_seq
-
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"--primer={path}: no such file")
-    try:
-        ns = note_seq.midi_file_to_note_sequence(path)
-    except Exception as e:  # pretty_midi/mido raise many types on corrupt files; all mean the same to a user
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--primer={path}: not a readable MIDI file ({reason[:200]})") from None
-    notes = notes_lib.from_sequence(ns)  # sustain applied, drums left out
-    notes = notes_lib.crop(notes.select(notes.end_s > notes.start_s), seconds if seconds and seconds > 0 else None)
+    notes = notes_lib.crop(_read_midi_notes("primer", path), seconds if seconds and seconds > 0 else None)
     ids = vocab.encode_notes(*notes)
     if not vocab.is_event(ids).any():
         span = f"in its first {seconds:g} s" if seconds else "at all"
