@@ -340,6 +340,10 @@ def _build(specs: list[str], output_dir, o: _Options) -> pathlib.Path:
     if not items:
         raise UserError(f"--source={','.join(specs)}: no input files found")
     jobs = [(i, it, sources.assign_split(it, o.split_percents)) for i, it in enumerate(items)]
+    # TFDS orders each split by a hash of the records' keys, so a key names its source by its place
+    # among the inputs, not by its folder: the same --source then gives the same records in the same
+    # order wherever it is built (music21's corpus lives inside each checkout's venv).
+    root_ids = {root: n for n, root in enumerate(dict.fromkeys(it.root for it in items))}
 
     t0 = time.time()
     os.makedirs(output_dir, exist_ok=True)
@@ -363,7 +367,7 @@ def _build(specs: list[str], output_dir, o: _Options) -> pathlib.Path:
                 )
                 continue
             for rec in r.records:
-                spool.add(split, f"{item.source}:{item.root}:{rec['piece_id']}", rec)
+                spool.add(split, f"{item.source}:{root_ids[item.root]}:{rec['piece_id']}", rec)
                 stats.add(split, rec)
         spool.close()
         convert_s = time.time() - t0

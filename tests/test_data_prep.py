@@ -57,6 +57,20 @@ def midi_dataset(midi_folder, tmp_path_factory):
     return build.build_dataset([f"midi_dir:{midi_folder}"], out, num_workers=1, progress=False, verbose=False)
 
 
+def test_the_same_files_give_the_same_records_in_the_same_order_wherever_they_lie(midi_folder, midi_dataset,
+                                                                                 tmp_path):
+    """Training reads records by index, so their order is part of the data: a copy of the input
+    folder elsewhere (another checkout, another machine) must give the same dataset."""
+    import shutil
+
+    moved = shutil.copytree(midi_folder, tmp_path / "elsewhere" / "midi")
+    other = build.build_dataset([f"midi_dir:{moved}"], tmp_path / "ds", num_workers=2, progress=False, verbose=False)
+    for split in ("train", "test"):
+        a, b = _records(midi_dataset, split), _records(other, split)
+        assert [_text(r["piece_id"]) for r in a] == [_text(r["piece_id"]) for r in b] and len(a) > 1
+        assert all(np.array_equal(x["tokens"], y["tokens"]) for x, y in zip(a, b))
+
+
 # ----------------------------------------------------------------------------- MIDI
 def test_round_trip_midi_ids_midi_keeps_every_note(tmp_path):
     vocab = Vocabulary()
