@@ -603,3 +603,35 @@ def test_resume_refuses_pieces_made_with_another_note_limit(run, tmp_path):
     generate.generate_corpus(run, tmp_path, **opts)  # same limit: resumes (nothing to do)
     with pytest.raises(generate.UserError, match="max_note_seconds"):
         generate.generate_corpus(other, tmp_path, **opts)
+
+
+def test_a_model_trained_with_style_dropout_samples_with_guidance_by_default(tmp_path):
+    """Such a model knows STYLE:unknown, so guidance is its default (DEFAULT_GUIDANCE) and the
+    manifest records the G used; any other model samples plainly (G = 1), as asking for 1 does."""
+    import ml_collections
+    from flax import nnx
+
+    from mgpt.model import GPT, ModelConfig
+
+    vocab = Vocabulary(["bach", "chopin"])
+    model = GPT(ModelConfig(vocab_size=vocab.size, num_layers=1, num_heads=2, d_model=32, mlp_dim=64, max_len=32),
+                rngs=nnx.Rngs(0))
+
+    def run(dropout):
+        config = ml_collections.ConfigDict({"data": {"style_dropout": dropout}})
+        return generate.Run(model=model, vocab=vocab, config=config)
+
+    sampling = generate.Sampling(max_events=24, max_note_seconds=0)
+    assert run(0.1).sampling(sampling).guidance == generate.DEFAULT_GUIDANCE != 1.0
+    assert run(0.0).sampling(sampling).guidance == 1.0
+    assert run(0.1).sampling(dataclasses.replace(sampling, guidance=1.0)).guidance == 1.0  # an explicit G stays
+    prompts = run(0.1).prompts(["bach", "chopin"])
+    guided = run(0.1).sample_ids(prompts, [0, 1], sampling)
+    assert all(np.array_equal(a, b) for a, b in
+               zip(guided, run(0.0).sample_ids(prompts, [0, 1], dataclasses.replace(sampling, guidance=generate.DEFAULT_GUIDANCE))))
+    plain = run(0.0).sample_ids(prompts, [0, 1], sampling)
+    assert all(np.array_equal(a, b) for a, b in
+               zip(plain, run(0.1).sample_ids(prompts, [0, 1], dataclasses.replace(sampling, guidance=1.0))))
+    entries = generate.generate_corpus(run(0.1), tmp_path, num_samples=2, styles=["bach"], sampling=sampling,
+                                       progress=False, max_copy_seconds=0)
+    assert [e["settings"]["guidance"] for e in entries] == [generate.DEFAULT_GUIDANCE] * 2
