@@ -76,6 +76,8 @@ def define_flags(fv):
     flags.DEFINE_float("max_seconds", 30.0, "Seconds of music per generated piece.", **kw)
     flags.DEFINE_float("temperature", generate.Sampling.temperature, "Sampling temperature for generation.", **kw)
     flags.DEFINE_float("top_p", generate.Sampling.top_p, "Nucleus sampling for generation (1 = off).", **kw)
+    flags.DEFINE_float("guidance", None, "Style guidance for generation (1 = off, the raw model; default: as "
+                       "mgpt.generate, 1.5 for a model trained with style dropout).", **kw)
     flags.DEFINE_float("max_note_seconds", None, "Note-length guard for generation (0 = off, the raw model; "
                        "default: from the dataset, as mgpt.generate).", **kw)
     flags.DEFINE_integer("seed", 0, "Seed for generation and every subsample.", **kw)
@@ -159,7 +161,7 @@ def _sampling_run(f, gpt, vocab, config, dataset_dir):
                        note_seconds=generate.dataset_note_seconds({"data": {"dataset_dir": str(dataset_dir)}}))
     styles = generate.resolve_styles(vocab, f.style)
     sampling = generate.Sampling(temperature=f.temperature, top_p=f.top_p, max_seconds=f.max_seconds,
-                                 max_note_seconds=f.max_note_seconds)
+                                 max_note_seconds=f.max_note_seconds, guidance=f.guidance)
     return run, styles, sampling
 
 
