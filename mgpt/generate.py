@@ -69,10 +69,10 @@ DEFAULT_MAX_EVENTS = 1024  # when neither --max_events nor --max_seconds is give
 NOTE_GUARD_PERCENTILE = "p99.5"
 FALLBACK_MAX_NOTE_SECONDS = 8.0
 DEFAULT_BATCH_SIZE = 16  # rows per device per sampler call
-# Style guidance for a model trained with style dropout (it runs every row twice). Measured on
-# three demo models (README, Results): G = 1.5 took style accuracy from 86.5 to 95.8 %, 87.5 to
-# 93.8 % and 79 to 83 %, keeping the feature overlap at 0.87-0.91x its ceiling; G = 2 gained less
-# on two of them, and G = 3 lost overlap (0.80x) and left pieces empty.
+# Style guidance for a model trained with style dropout (it runs every row twice). On four demo
+# models (README, Results) G = 1.5 took style accuracy from 79-88.5 % to 83-95.8 %, keeping the
+# feature overlap at 0.85-0.91x its ceiling; G = 2 did better on two of them (99 % on the final
+# one) and worse on two, and G = 3 lost overlap (0.80x).
 DEFAULT_GUIDANCE = 1.5
 DEFAULT_MAX_COPY_SECONDS = 8.0  # the copy guard: longest span a piece may share with a training piece
 DEFAULT_COPY_TRIES = 4  # draws per piece (the first and up to three re-draws) before it is marked
