@@ -540,7 +540,9 @@ def test_a_negative_primer_length_or_a_zero_event_budget_is_refused(tiny_run, tm
 def test_ctrl_c_during_a_build_exits_promptly_with_one_line(old_dataset, tmp_path):
     out = _copy(old_dataset, tmp_path / "out")
     before = _snapshot(out)
-    midis = _midi_folder(tmp_path / "midi", 60, first=300)
+    # Enough pieces that the workers are still converting when they are seen, even on a loaded
+    # machine (with 60, CI once saw the whole build finish before its workers were found).
+    midis = _midi_folder(tmp_path / "midi", 600, first=300)
     # A terminal's Ctrl-C reaches the whole process group: the build and its workers.
     proc = subprocess.Popen(
         [sys.executable, "-m", "data_prep.build", f"--source=midi_dir:{midis}", f"--output_dir={out}",
@@ -553,6 +555,7 @@ def test_ctrl_c_during_a_build_exits_promptly_with_one_line(old_dataset, tmp_pat
         while time.time() < deadline and len(children) < 2:
             children = [c for c in _descendants(proc.pid) if "spawn_main" in " ".join(c.cmdline())]
             time.sleep(0.05)
+        assert len(children) == 2 and proc.poll() is None, "the build's two workers were never seen running"
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     finally:
