@@ -21,7 +21,8 @@ a model trained with them reads every other id as an older model does, and a voc
 written before they existed still loads (without them).
 
 It lives in data_prep, not mgpt, because it is part of the dataset format that
-data_prep writes: mgpt reads that format, and data_prep never imports mgpt. The import
+data_prep writes: mgpt reads that format, and data_prep imports nothing of mgpt's but its
+one user-error type (mgpt.errors, which imports nothing heavy). The import
 is cheap (numpy only; note-seq when a NoteSequence is converted), and both packages
 ship together.
 """

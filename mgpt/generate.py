@@ -196,9 +196,9 @@ def load_infill(path: str | os.PathLike, vocab: Vocabulary, start: float, end: f
     return Infill(path, float(start), float(end), ids, fim.Gap.cut(vocab, ids, start_step, end_step))
 
 
-def check_infill_model(vocab: Vocabulary, workdir: str) -> None:
+def check_infill_model(vocab: Vocabulary, workdir: str, flag: str = "--infill") -> None:
     if not vocab.fim:
-        raise UserError(f"--infill: the model in {workdir} has no FIM tokens (it was trained with data.fim_rate = 0 "
+        raise UserError(f"{flag}: the model in {workdir} has no FIM tokens (it was trained with data.fim_rate = 0 "
                         "or before infilling existed); train one with data.fim_rate > 0, as configs/small.py does")
 
 
@@ -275,14 +275,16 @@ class Run:
     def default_guidance(self) -> float:
         """DEFAULT_GUIDANCE for a model trained with style dropout (it knows STYLE:unknown, the
         unconditional twin guidance needs), else 1: plain sampling."""
-        dropout = self.config.data.get("style_dropout", 0.0) if self.config is not None else 0.0
+        dropout = getattr(self.config.data, "style_dropout", 0.0) if self.config is not None else 0.0
         return DEFAULT_GUIDANCE if dropout and dropout > 0 else 1.0
 
-    def sampling(self, sampling: Sampling) -> Sampling:
-        """`sampling` with its defaults that depend on this run filled in (guidance)."""
-        if sampling.guidance is None:
-            return dataclasses.replace(sampling, guidance=self.default_guidance)
-        return sampling
+    def sampling(self, sampling: Sampling, prompts: Sequence[np.ndarray] = ()) -> Sampling:
+        """`sampling` with its defaults that depend on this run filled in: guidance, which is 1
+        when every prompt is unconditional (its twin would be itself: twice the work, same piece)."""
+        if sampling.guidance is not None:
+            return sampling
+        unconditional = len(prompts) and all(int(p[0]) == self.vocab.unknown_style_id for p in prompts)
+        return dataclasses.replace(sampling, guidance=1.0 if unconditional else self.default_guidance)
 
     def max_note_seconds(self, prompt: np.ndarray, sampling: Sampling) -> float:
         """The note-length guard for one prompt: the explicit setting, else a high percentile
@@ -338,7 +340,7 @@ class Run:
         devices = list(devices) if devices is not None else jax.local_devices()
         devices = devices[: max(1, len(prompts))]
         shares = np.array_split(np.arange(len(prompts)), len(devices))
-        sampling = self.sampling(sampling)
+        sampling = self.sampling(sampling, prompts)
         kwargs = dict(
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
             greedy=sampling.greedy, guidance=sampling.guidance, batch_size=batch_size,
@@ -719,7 +721,13 @@ def generate_corpus(
         # The kept music is the user's own; searching it would re-draw pieces for what they wrote.
         max_copy_seconds = 0.0
     primer_ids = load_primer(primer, run.vocab, primer_seconds) if primer else None
-    sampling = run.sampling(sampling)  # the manifest records the guidance used, not "default"
+    manifest = out / manifest_name(process_index, process_count)
+    done = {e["index"]: e for e in render.read_manifest(manifest)}
+    if sampling.guidance is None and done:  # resumed with the default: keep the G the corpus began with
+        first = next(iter(done.values()))
+        sampling = dataclasses.replace(sampling, guidance={**_SETTINGS_SINCE, **(first.get("settings") or {})}["guidance"])
+    # The manifest records the guidance used, not "default".
+    sampling = run.sampling(sampling, [np.asarray([style_token(run.vocab, s)]) for s in styles])
     guard = CopyGuard.for_run(run, max_copy_seconds, copy_tries) if max_copy_seconds else None
     redraw = True
     if guard and primer_ids is not None:
@@ -744,8 +752,6 @@ def generate_corpus(
     # tell two corpora apart. It is checked on resume and recorded on every manifest line.
     note_limit = {s: round(run.max_note_seconds(np.asarray([style_token(run.vocab, s)]), sampling), 3)
                   for s in set(styles)}
-    manifest = out / manifest_name(process_index, process_count)
-    done = {e["index"]: e for e in render.read_manifest(manifest)}
     for p in mine:
         if p.index in done:
             _check_same(done[p.index], {"style": p.style, "seed": p.seed, "max_note_seconds": note_limit[p.style],

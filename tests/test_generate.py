@@ -635,3 +635,12 @@ def test_a_model_trained_with_style_dropout_samples_with_guidance_by_default(tmp
     entries = generate.generate_corpus(run(0.1), tmp_path, num_samples=2, styles=["bach"], sampling=sampling,
                                        progress=False, max_copy_seconds=0)
     assert [e["settings"]["guidance"] for e in entries] == [generate.DEFAULT_GUIDANCE] * 2
+    # Unconditional pieces have no style to guide towards: plain sampling, recorded as such.
+    assert run(0.1).sampling(sampling, run(0.1).prompts(["unconditional"] * 2)).guidance == 1.0
+    # A corpus begun with G = 1 (before guidance was the default) resumes with the default flags.
+    old = tmp_path / "old"
+    plain_entries = generate.generate_corpus(run(0.1), old, num_samples=1, styles=["bach"], seed=5, progress=False,
+                                             sampling=dataclasses.replace(sampling, guidance=1.0), max_copy_seconds=0)
+    resumed = generate.generate_corpus(run(0.1), old, num_samples=2, styles=["bach"], seed=5, sampling=sampling,
+                                       progress=False, max_copy_seconds=0)
+    assert [e["settings"]["guidance"] for e in resumed] == [1.0, 1.0] and resumed[0] == plain_entries[0]

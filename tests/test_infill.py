@@ -204,13 +204,17 @@ def test_bad_infill_file_and_old_model_are_one_clear_line(fim_workdir, midi_file
     assert len(pieces) == 1
 
 
-def test_infill_evaluation_command_refuses_bad_settings_in_one_line(tmp_path):
+def test_infill_evaluation_command_refuses_bad_settings_in_one_line(tmp_path, capsys):
     from mgpt.eval import infill as infill_eval
 
     for argv, message in [([], "usage: python -m mgpt.eval.infill"),
                           ([f"--workdir={tmp_path}", f"--output_dir={tmp_path}", "--min_gap=4", "--max_gap=2"],
                            "--min_gap/--max_gap: need 0 < min <= max"),
+                          ([f"--workdir={tmp_path}", f"--output_dir={tmp_path}", "--gaps_per_piece=0"],
+                           "--gaps_per_piece must be >= 1"),
                           (["--gaps_per_piece=x"], "gaps_per_piece")]:
         with pytest.raises(SystemExit, match=message) as e:
             infill_eval.main(["mgpt.eval.infill", *argv])
         assert e.value.code == 2 and "\n" not in str(e.value)
+    infill_eval.main(["mgpt.eval.infill", "--help"])  # prints the usage and the flags, and returns
+    assert "--gaps_per_piece" in capsys.readouterr().out

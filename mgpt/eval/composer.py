@@ -64,13 +64,14 @@ def composer_study(
     if clf is not None:
         real_pred = clf.predict([crop(vocab.decode_notes(p.tokens), options.crop_seconds) for p in mine])
         result["real_test_classified_as_composer"] = float(np.mean([p == style for p in real_pred]))
-    for name, (m, v, wd) in {"before": (base_model, vocab, base_workdir), "after": (ft_model, ft_vocab, finetuned_workdir)}.items():
+    for name, (m, v, wd, config) in {"before": (base_model, vocab, base_workdir, base_config),
+                                     "after": (ft_model, ft_vocab, finetuned_workdir, ft_config)}.items():
         log(f"composer study: {name} ({wd})")
         w = windows(mine, v, m.seq_len)
         nats, count = model_nats(m.model, w, m.seq_len, len(mine), options.batch_size)
         w_o = windows(others, v, m.seq_len)
         nats_o, count_o = model_nats(m.model, w_o, m.seq_len, len(others), options.batch_size) if others else (np.zeros(0), np.zeros(0, int))
-        run = generate.Run(model=m.model, vocab=v, step=m.step or 0, workdir=wd)
+        run = generate.Run(model=m.model, vocab=v, config=config, step=m.step or 0, workdir=wd)
         rows = run.generate_ids(style if style in run.styles else "unconditional", num_samples, seed=options.seed,
                                 max_seconds=max_seconds)
         pred = clf.predict([crop(v.decode_notes(r), options.crop_seconds) for r in rows]) if clf is not None else None

@@ -114,8 +114,8 @@ def evaluate(run, pieces, *, gaps_per_piece: int = 2, min_gap: float = 2.0, max_
     out["per_style"] = by_style
     if sample:
         log(f"infill: sampling one middle per gap ({len(gaps)})")
-        sampling = Sampling()
         prompts = [np.concatenate([[style], g.prefix]).astype(np.int32) for _, _, _, style, g in gaps]
+        sampling = run.sampling(Sampling(), prompts)  # the defaults as resolved, so the report says the G used
         rows = run.sample_ids(prompts, [seed + k for k in range(len(gaps))], sampling, batch_size=batch_size,
                               gaps=[g for *_, g in gaps])
         joined_rows, stats = [], {"dangling": 0, "missing": 0, "not_kept": 0, "notes_checked": 0,
@@ -216,6 +216,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     flags.DEFINE_bool("sample", True, "Also sample a middle per gap and check the joined pieces.", **kw)
     flags.DEFINE_string("figure_piece", None, "piece_id of the before/after figure (default: first Bach gap).", **kw)
     argv = list(sys.argv if argv is None else argv)
+    if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
+        print("\n\n".join(__doc__.split("\n\n")[:2]) + "\n\nFlags:\n" + fv.get_help(include_special_flags=False))
+        return
     try:
         fv(argv)
     except flags.Error as e:
@@ -224,12 +227,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise UserError("usage: python -m mgpt.eval.infill --workdir=RUN --output_dir=OUT")
     if not fv.min_gap > 0 or fv.max_gap < fv.min_gap:
         raise UserError(f"--min_gap/--max_gap: need 0 < min <= max, got {fv.min_gap}, {fv.max_gap}")
+    if fv.gaps_per_piece < 1:
+        raise UserError(f"--gaps_per_piece must be >= 1, got {fv.gaps_per_piece}")
+    if not fv.margin >= 0:
+        raise UserError(f"--margin must be >= 0 seconds, got {fv.margin}")
     logging.set_verbosity(logging.ERROR)
     from mgpt import generate
     from mgpt.eval.inputs import load_split
 
     run = generate.load_run(fv.workdir)
-    generate.check_infill_model(run.vocab, fv.workdir)
+    generate.check_infill_model(run.vocab, fv.workdir, flag="--workdir")
     dataset = fv.dataset_dir or run.dataset_dir
     if not dataset:
         raise UserError(f"{fv.workdir}: its dataset is not on this machine; pass --dataset_dir")
