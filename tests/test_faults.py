@@ -548,6 +548,9 @@ def test_ctrl_c_during_a_build_exits_promptly_with_one_line(old_dataset, tmp_pat
         [sys.executable, "-m", "data_prep.build", f"--source=midi_dir:{midis}", f"--output_dir={out}",
          "--num_workers=2", "--overwrite"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        # As at a terminal: a runner started in the background (`cmd &` in a script) hands its
+        # children SIGINT ignored, and a build rightly keeps ignoring it then.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     children = []
     try:
