@@ -145,26 +145,30 @@ def _alive(process):
         return False
 
 
+def _build_until_its_workers_run(midis, out, **popen):
+    """Starts a 2-worker `data_prep.build` of `midis` into `out` and waits (up to 60 s, while it
+    runs) until both workers are seen: (the build's Popen, its two worker processes)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data_prep.build", f"--source=midi_dir:{midis}", f"--output_dir={out}",
+         "--num_workers=2", "--overwrite"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, **popen,
+    )
+    workers, deadline = [], time.time() + 60
+    while time.time() < deadline and len(workers) < 2 and proc.poll() is None:
+        workers = [c for c in _descendants(proc.pid) if "spawn_main" in " ".join(c.cmdline())]
+        time.sleep(0.05)
+    return proc, workers
+
+
 def test_kill_9_of_a_build_takes_its_workers_along(old_dataset, tmp_path):
     out = _copy(old_dataset, tmp_path / "out")
     before = _snapshot(out)
     midis = _midi_folder(tmp_path / "midi", 60, first=200)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "data_prep.build", f"--source=midi_dir:{midis}", f"--output_dir={out}",
-         "--num_workers=2", "--overwrite"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    proc, workers = _build_until_its_workers_run(midis, out, stderr=subprocess.DEVNULL)
     children = []
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            children = _descendants(proc.pid)
-            workers = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
-            if len(workers) >= 2:
-                break
-            assert proc.poll() is None, "the build ended before its workers could be seen"
-            time.sleep(0.05)
-        assert len(workers) >= 2
+        children = _descendants(proc.pid)
+        assert len(workers) >= 2, "the build ended before its workers could be seen"
         proc.send_signal(signal.SIGKILL)  # as the OOM killer would
         proc.wait(timeout=10)
         deadline = time.time() + 15
@@ -544,20 +548,13 @@ def test_ctrl_c_during_a_build_exits_promptly_with_one_line(old_dataset, tmp_pat
     # machine (with 60, CI once saw the whole build finish before its workers were found).
     midis = _midi_folder(tmp_path / "midi", 600, first=300)
     # A terminal's Ctrl-C reaches the whole process group: the build and its workers.
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "data_prep.build", f"--source=midi_dir:{midis}", f"--output_dir={out}",
-         "--num_workers=2", "--overwrite"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    proc, children = _build_until_its_workers_run(
+        midis, out, stderr=subprocess.PIPE, text=True, start_new_session=True,
         # As at a terminal: a runner started in the background (`cmd &` in a script) hands its
         # children SIGINT ignored, and a build rightly keeps ignoring it then.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    children = []
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline and len(children) < 2:
-            children = [c for c in _descendants(proc.pid) if "spawn_main" in " ".join(c.cmdline())]
-            time.sleep(0.05)
         assert len(children) == 2 and proc.poll() is None, "the build's two workers were never seen running"
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=30)
