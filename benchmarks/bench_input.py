@@ -16,8 +16,9 @@ base's training FLOPs per token (`ModelConfig.flops_per_token`, 6N + attention).
 Each setting also reports tokens per CPU-second of the training process and of the
 workers (their CPU time from start to exit, so a little start-up is included): on a
 machine shared with other work these say what a worker delivers with a core to itself.
-The last line reads `input pipeline: N tokens/s per worker process`, N being the best
-tokens per worker CPU-second over the settings with workers.
+The last line reads `input pipeline: N tokens/s per worker process (...)`, N being the
+best tokens per worker CPU-second over the settings with workers; the parenthesis says so,
+and gives the best wall-clock rate per worker beside it.
 """
 
 from __future__ import annotations
@@ -118,9 +119,11 @@ def main() -> None:
         # A worker that has a core to itself delivers its tokens per CPU-second; on a busy
         # machine the wall-clock rate over worker count is lower, and is shown beside it.
         best = max(with_workers, key=lambda w: per_cpu[w])
-        print(f"wall clock: {max(r / w for w, r in with_workers.items()):,.0f} tokens/s per worker at best; "
+        wall = max(r / w for w, r in with_workers.items())
+        print(f"wall clock: {wall:,.0f} tokens/s per worker at best; "
               f"{os.getloadavg()[0]:.1f} load average over {os.cpu_count()} cores")
-        print(f"input pipeline: {per_cpu[best]:,.0f} tokens/s per worker process")
+        print(f"input pipeline: {per_cpu[best]:,.0f} tokens/s per worker process "
+              f"(per worker CPU-second, {best} workers; wall clock {wall:,.0f} per worker)")
 
 
 if __name__ == "__main__":

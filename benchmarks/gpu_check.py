@@ -3,6 +3,8 @@
     python benchmarks/gpu_check.py --out=gpu_check.json     # on one H100 / H200
     python benchmarks/gpu_check.py --dry-run                 # CPU, tiny shapes, the same code path
 
+0. Packed pieces: a piece packed behind another scores as if alone with this backend's
+   attention (cuDNN's, given the segment mask as a bias), in bf16.
 1. Training: configs/base.py in bf16 with cuDNN attention and no remat, one microbatch per
    step, at the largest batch (rows of 2048 events) whose compiled step fits the GPU's
    memory (XLA's own memory analysis against the allocator's limit; batches double from
@@ -45,8 +47,9 @@ from mgpt.model import GPT  # noqa: E402
 
 # (config, context, train batches to try, sampling batches, events sampled per row)
 FULL = dict(config="base", seq_len=2048, train_batches=(8, 16, 32, 64, 128, 256), sample_batches=(1, 16, 64),
-            events=512, train_steps=10)
-DRY = dict(config="tiny", seq_len=64, train_batches=(2, 4), sample_batches=(1, 2), events=16, train_steps=2)
+            events=512, train_steps=10, packed=(768, 1280))
+DRY = dict(config="tiny", seq_len=64, train_batches=(2, 4), sample_batches=(1, 2), events=16, train_steps=2,
+           packed=(16, 48))
 
 
 def _config(name: str, seq_len: int, batch: int, on_gpu: bool):
@@ -133,6 +136,30 @@ def train_mfu(plan: dict, vocab_size: int, on_gpu: bool) -> dict:
     }
 
 
+def packed_alone(plan: dict, vocab_size: int, on_gpu: bool) -> dict:
+    """Does a packed piece score as if alone on this backend's attention (cuDNN on a GPU)?
+
+    One row holds two random pieces back to back, with segment ids and positions as
+    mgpt.data packs them; the second piece's logits are compared with the same piece run
+    alone, and with the row run without segment ids (the second piece then reads the
+    first). In bf16 the packed-vs-alone gap should be rounding, far below the unmasked one.
+    """
+    c = _config(plan["config"], plan["seq_len"], 1, on_gpu)
+    model = GPT(models.model_config(c.model, vocab_size), rngs=nnx.Rngs(0))
+    first, second = (np.random.default_rng(i).integers(2, vocab_size, n) for i, n in enumerate(plan["packed"]))
+    tokens_1xL = jnp.asarray(np.concatenate([first, second])[None], jnp.int32)
+    positions_1xL = jnp.asarray(np.concatenate([np.arange(len(first)), np.arange(len(second))])[None], jnp.int32)
+    segment_ids_1xL = jnp.asarray(np.repeat([1, 2], [len(first), len(second)])[None], jnp.int32)
+    forward = nnx.jit(lambda m, *a: m(*a).astype(jnp.float32))
+    packed_LxV = forward(model, tokens_1xL, positions_1xL, segment_ids_1xL)[0, len(first):]
+    alone_LxV = forward(model, jnp.asarray(second[None], jnp.int32))[0]
+    unmasked_LxV = forward(model, tokens_1xL)[0, len(first):]
+    gap, leak = float(jnp.abs(packed_LxV - alone_LxV).max()), float(jnp.abs(unmasked_LxV - alone_LxV).max())
+    return {"attention": c.model.attention, "dtype": c.model.dtype, "pieces": list(plan["packed"]),
+            "max_logit_gap_packed_vs_alone": gap, "max_logit_gap_without_segment_ids": leak,
+            "scores_as_if_alone": bool(gap < 0.1 * leak)}
+
+
 def sample_rates(plan: dict, vocab: Vocabulary, on_gpu: bool) -> list[dict]:
     c = _config(plan["config"], plan["seq_len"], 1, on_gpu)
     c.model.attention = "xla"  # decoding writes its attention out (mgpt.model.Attention.decode)
@@ -210,6 +237,7 @@ def main(argv=None) -> dict:
     result = {
         "device": jax.devices()[0].device_kind, "dry_run": a.dry_run, "jax": jax.__version__,
         "python": platform.python_version(), "vocab_size": vocab.size,
+        "packed": packed_alone(plan, vocab.size, on_gpu),
         "train": train_mfu(plan, vocab.size, on_gpu),
         "sampling": sample_rates(plan, vocab, on_gpu),
     }
@@ -217,8 +245,12 @@ def main(argv=None) -> dict:
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)
 
-    t = result["train"]
+    t, k = result["train"], result["packed"]
     print(f"{result['device']}, jax {result['jax']}{' (dry run: CPU, tiny shapes)' if a.dry_run else ''}")
+    print(f"packed pieces ({k['attention']} attention, {k['dtype']}, {k['pieces']} events): max logit gap "
+          f"{k['max_logit_gap_packed_vs_alone']:.3g} against the piece alone, "
+          f"{k['max_logit_gap_without_segment_ids']:.3g} without segment ids: "
+          f"{'scores as if alone' if k['scores_as_if_alone'] else 'LEAKS ACROSS PIECES'}")
     if "error" in t:
         print(f"train: {t['error']} ({t['tried']})")
     else:
