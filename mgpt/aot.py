@@ -466,11 +466,12 @@ def _vocab_size(config) -> int:
     """The dataset's vocabulary size when its vocab.json is here, else the default vocabulary's.
 
     Compiling needs no data; the vocabulary only sizes the embedding."""
+    from mgpt import data as data_lib
+
     path = epath.Path(config.data.dataset_dir)
-    found = [path / "vocab.json"] if (path / "vocab.json").exists() else sorted(path.glob("**/vocab.json")) \
-        if path.exists() else []
+    found = [path] if (path / "vocab.json").exists() else data_lib.datasets_below(path) if path.is_dir() else []
     if len(found) == 1:
-        return Vocabulary.load(found[0].parent).size
+        return Vocabulary.load(found[0]).size
     return Vocabulary().size
 
 
@@ -516,6 +517,8 @@ def main(argv) -> None:
     if config is None or not topologies:
         raise UserError("usage: python -m mgpt.aot --config=configs/large.py --topology=v5e-256[,v4-32,...] "
                         "[--config.FIELD=VALUE]")
+    if importlib.util.find_spec("libtpu") is None:  # once, before any slice: exit 2, a user's setup
+        raise UserError("mgpt.aot needs libtpu to compile for TPUs: pip install -e '.[tpu]'")
     # The host compiles; the TPU is only described. Without this jax would also try to
     # open the (absent) TPU as its default backend.
     jax.config.update("jax_platforms", "cpu")

@@ -116,7 +116,7 @@ def resolve_dataset(dataset_dir: str) -> epath.Path:
         if jax.process_index() == 0 and not build.is_complete(build.dataset_path(dataset_dir)):
             print(f"building the demo dataset in {dataset_dir} (first use, a few minutes)", flush=True)
         return epath.Path(build.ensure_dataset(dataset_dir))
-    found = _datasets_below(path) if path.is_dir() else []
+    found = datasets_below(path) if path.is_dir() else []
     if len(found) == 1:
         return found[0]
     if len(found) > 1:
@@ -127,7 +127,7 @@ def resolve_dataset(dataset_dir: str) -> epath.Path:
     )
 
 
-def _datasets_below(path: epath.Path) -> list[epath.Path]:
+def datasets_below(path: epath.Path) -> list[epath.Path]:
     """Datasets one or two folders below `path`: a build's output dir holds mgpt_events/1.0.0.
 
     Listed level by level (etils cannot glob `**` on every filesystem); a build's hidden

@@ -43,6 +43,38 @@ def test_without_libtpu_the_command_says_so_in_one_line(monkeypatch):
         aot.topology_devices(aot.parse_topology("v5e:2x2"))
 
 
+def test_without_libtpu_the_command_exits_2_with_one_line_for_all_slices():
+    hide_libtpu = (  # None in sys.modules: find_spec answers None and import fails, as without the wheel
+        "import runpy, sys\n"
+        "sys.modules['libtpu'] = None\n"
+        "sys.argv = ['mgpt.aot', *sys.argv[1:]]\n"
+        "runpy.run_module('mgpt.aot', run_name='__main__', alter_sys=True)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", hide_libtpu, "--config=configs/tiny.py", "--topology=v5e:2x2,v4-8"],
+                       cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert r.stderr.strip().splitlines() == ["mgpt.aot needs libtpu to compile for TPUs: pip install -e '.[tpu]'"]
+
+
+def test_the_vocabulary_comes_from_a_build_output_dir_as_the_trainer_finds_it(tmp_path):
+    """`make demo` leaves data/music21_demo (a build's output dir, no vocab.json at its top):
+    sizing the embedding from it must not glob `**` (etils refuses), and must find the dataset."""
+    from data_prep.vocab import Vocabulary
+    from configs import tiny
+
+    dataset = tmp_path / "out" / "mgpt_events" / "1.0.0"
+    dataset.mkdir(parents=True)
+    vocab = Vocabulary(num_velocity_bins=16)
+    vocab.save(dataset / "vocab.json")
+    (dataset / "dataset_info.json").write_text("{}")
+    c = tiny.get_config()
+    c.data.dataset_dir = str(tmp_path / "out")
+    assert aot._vocab_size(c) == vocab.size != Vocabulary().size
+    c.data.dataset_dir = str(tmp_path / "nothing here")
+    assert aot._vocab_size(c) == Vocabulary().size  # compiling needs no data
+
+
 _HLO = """HloModule jit_step
 
 %body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
