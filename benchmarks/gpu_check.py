@@ -83,13 +83,19 @@ def _memory_limit() -> int | None:
     return stats.get("bytes_limit")
 
 
-def train_mfu(plan: dict, vocab_size: int, on_gpu: bool) -> dict:
-    """Largest fitting batch, then tokens/s and MFU of the trainer's own step."""
+def train_mfu(plan: dict, vocab_size: int, on_gpu: bool, search_until: float = float("inf")) -> dict:
+    """Largest fitting batch, then tokens/s and MFU of the trainer's own step.
+
+    The batch search stops at the first batch that does not fit, or once time.perf_counter()
+    passes `search_until` (each try compiles the step), keeping the largest that fitted."""
     from mgpt import checkpoint as ckpt_lib
 
     limit = _memory_limit()
     chosen, tried = None, []
     for batch in plan["train_batches"]:
+        if chosen is not None and time.perf_counter() > search_until:
+            tried.append({"batch": batch, "fits": None, "why": "not tried: the check's time budget"})
+            break
         c = _config(plan["config"], plan["seq_len"], batch, on_gpu)
         mesh, table = config_lib.validate_devices(c, jax.device_count(), 1)
         s = train.setup(c, vocab_size, mesh, table)
@@ -160,12 +166,16 @@ def packed_alone(plan: dict, vocab_size: int, on_gpu: bool) -> dict:
             "scores_as_if_alone": bool(gap < 0.1 * leak)}
 
 
-def sample_rates(plan: dict, vocab: Vocabulary, on_gpu: bool) -> list[dict]:
+def sample_rates(plan: dict, vocab: Vocabulary, on_gpu: bool, deadline: float = float("inf")) -> list[dict]:
     c = _config(plan["config"], plan["seq_len"], 1, on_gpu)
     c.model.attention = "xla"  # decoding writes its attention out (mgpt.model.Attention.decode)
     model = GPT(models.model_config(c.model, vocab.size), rngs=nnx.Rngs(0))
     rows = []
     for batch in plan["sample_batches"]:
+        if rows and time.perf_counter() > deadline:
+            rows.append({"batch": batch, "events": plan["events"], "ours_events_per_s": None,
+                         "hf_events_per_s": None, "hf_params": "not measured: the check's time budget"})
+            continue
         ours = _time_ours(model, vocab, batch, plan["events"])
         hf, hf_params = _time_hf(model.cfg, batch, plan["events"], on_gpu)
         rows.append({"batch": batch, "events": plan["events"], "ours_events_per_s": ours,
@@ -227,6 +237,9 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: checks the code path, not the GPU")
     p.add_argument("--out", default="gpu_check.json", help="the JSON file written")
+    p.add_argument("--budget_s", type=float, default=420.0,
+                   help="seconds the check may take: the train batch search stops at 40 %% of it, and sampling "
+                        "batches past it are skipped and marked so (the device loan allows 8 minutes)")
     a = p.parse_args(argv)
     on_gpu = jax.default_backend() == "gpu"
     if not on_gpu and not a.dry_run:
@@ -238,8 +251,8 @@ def main(argv=None) -> dict:
         "device": jax.devices()[0].device_kind, "dry_run": a.dry_run, "jax": jax.__version__,
         "python": platform.python_version(), "vocab_size": vocab.size,
         "packed": packed_alone(plan, vocab.size, on_gpu),
-        "train": train_mfu(plan, vocab.size, on_gpu),
-        "sampling": sample_rates(plan, vocab, on_gpu),
+        "train": train_mfu(plan, vocab.size, on_gpu, search_until=start + 0.4 * a.budget_s),
+        "sampling": sample_rates(plan, vocab, on_gpu, deadline=start + a.budget_s),
     }
     result["seconds"] = time.perf_counter() - start
     with open(a.out, "w") as f:
@@ -261,6 +274,9 @@ def main(argv=None) -> dict:
     print(f"{'batch':>5} {'ours ev/s':>11} {'HF GPT-2 ev/s':>14} {'ours / HF':>10}")
     for r in result["sampling"]:
         ours, hf = r["ours_events_per_s"], r["hf_events_per_s"]
+        if ours is None:
+            print(f"{r['batch']:>5} {'-':>11} {'-':>14} {r['hf_params']}")
+            continue
         versus = f"{ours / hf:.1f}x" if hf else r["hf_params"]  # without torch: why not measured
         print(f"{r['batch']:>5} {ours:>11,.0f} {f'{hf:,.0f}' if hf else '-':>14} {versus:>10}")
     print(f"wrote {a.out} ({result['seconds']:.0f} s)")

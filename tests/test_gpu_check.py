@@ -43,3 +43,19 @@ def test_dry_run_trains_and_samples_without_the_data_libraries(tmp_path):
     k = result["packed"]
     assert k["scores_as_if_alone"] and k["max_logit_gap_without_segment_ids"] > 0.5, k
     assert "scores as if alone" in r.stdout
+
+
+def test_the_time_budget_stops_the_batch_search_and_skips_late_sampling(tmp_path):
+    """A device loan is 8 minutes: past its budget the check keeps what it measured and says what it skipped."""
+    out = tmp_path / "gpu_check.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+    r = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--budget_s=0", f"--out={out}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    t = result["train"]
+    assert t["batch"] == 2 and t["tokens_per_s"] > 0, "the first batch that fits is still measured"
+    assert t["tried"][-1] == {"batch": 4, "fits": None, "why": "not tried: the check's time budget"}
+    first, second = result["sampling"]
+    assert first["ours_events_per_s"] > 0 and second["ours_events_per_s"] is None
+    assert "time budget" in second["hf_params"] and "time budget" in r.stdout
