@@ -1,4 +1,6 @@
-"""Large: ~820M parameters, for TPU pod slices (v4-32 and up) or multi-GPU hosts.
+"""Large: ~820M parameters, for TPU pod slices (v4-32, v5p-32, v5e-64 and up) or multi-GPU hosts.
+
+Not v5e-16: its 16 GiB chips are 0.6 GiB short (`python -m mgpt.aot`; tpu/README.md).
 
 Parameters and optimizer state are sharded over all devices (fsdp=-1). Blocks are
 scanned (compile time independent of depth) and fully rematerialised, and each step
