@@ -194,6 +194,9 @@ def main():
     p.add_argument("--vocab_size", type=int, default=313)
     p.add_argument("--dtype", default="", help="compute dtype override (default float32 on CPU, config's elsewhere)")
     p.add_argument("--no_torch", action="store_true")
+    p.add_argument("--scan_ab", action="store_true",
+                   help="also time the step with the blocks scanned (model.scan_layers flipped), interleaved with "
+                        "the config's own layout: where does unrolling win?")
     p.add_argument("--no_floor", action="store_true", help="skip the matmuls-only ceiling (see matmul_floor_stepper)")
     args = p.parse_args()
 
@@ -231,6 +234,11 @@ def main():
               f"seq={config.data.seq_len} batch={config.train.batch_size} {m.dtype} ({fpt / 1e6:.1f} MFLOPs/token)",
               flush=True)
         runners = {"mgpt (JAX)": jax_stepper(config, args.vocab_size)}
+        if args.scan_ab:
+            flipped = config.copy_and_resolve_references()
+            flipped.model.scan_layers = not config.model.scan_layers
+            runners[f"mgpt {'scanned' if flipped.model.scan_layers else 'unrolled'} (JAX)"] = jax_stepper(
+                flipped, args.vocab_size)
         if not args.no_torch:
             runners["HF GPT-2 (PyTorch)"] = torch_stepper(config, args.vocab_size, threads)
         if not args.no_floor:
