@@ -263,6 +263,8 @@ def test_inference_falls_back_and_refuses_only_when_nothing_restores(tiny_run, t
     _, _, _, step = ckpt_lib.restore_model(str(workdir))
     err = capsys.readouterr().err.strip().splitlines()
     assert step == 2 and len(err) == 1 and "step 4" in err[0] and "using step 2" in err[0]
+    # The reason is tensorstore's wrapped error, not its spec ("See full TensorStore details: <bound method …").
+    assert "Requested byte range" in err[0] and "TensorStore details" not in err[0] and "pybind" not in err[0]
     (workdir / "checkpoints" / "4" / "vocab" / "metadata").write_text('{"tokens": 7}')  # tampered
     assert generate.read_run_info(str(workdir))[2] == 2 and ckpt_lib.restore_model(str(workdir))[3] == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -528,6 +530,30 @@ def test_generation_retries_when_rotation_deletes_the_step(tiny_run, tmp_path, m
     _, _, _, step = ckpt_lib.restore_model(str(workdir))
     assert step == 2
     assert "using step 2" in capsys.readouterr().err
+
+
+def test_generation_takes_the_newer_step_when_rotation_keeps_one(tiny_run, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from mgpt import checkpoint as ckpt_lib
+
+    workdir = _copy(tiny_run[0], tmp_path / "w")
+    checkpoints = workdir / "checkpoints"
+    shutil.rmtree(checkpoints / "2")  # keep_checkpoints=1: step 4 is the only one
+    real_read = ckpt_lib.read_json_item
+
+    def saved_and_rotated(root, step, item):  # the live run saves step 6, then rotation deletes step 4
+        if step == 4 and (checkpoints / "4").exists():
+            shutil.copytree(checkpoints / "4", checkpoints / "6")
+            shutil.rmtree(checkpoints / "4")
+        return real_read(root, step, item)
+
+    monkeypatch.setattr(ckpt_lib, "read_json_item", saved_and_rotated)
+    capsys.readouterr()
+    _, _, _, step = ckpt_lib.restore_model(str(workdir))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert step == 6
+    assert len(err) == 1 and "step 4" in err[0] and "using step 6" in err[0], err
 
 
 def test_a_negative_primer_length_or_a_zero_event_budget_is_refused(tiny_run, tmp_path):
