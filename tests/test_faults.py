@@ -332,6 +332,28 @@ def test_a_second_trainer_stops_at_once_naming_the_first(old_dataset, tmp_path):
         pass
 
 
+def test_a_workdir_that_cannot_be_created_or_locked_is_one_line(old_dataset, tmp_path, capsys):
+    from mgpt import train
+    from mgpt.errors import reported
+    from mgpt.workdir_lock import WorkdirLock
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    config = _tiny_config(build.dataset_path(old_dataset))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # as `python -m mgpt.train --workdir=a_file/w` runs it
+        reported(train.main)(["train"], config, str(blocker / "w"))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"--workdir={blocker}/w: cannot write there (Not a directory: {blocker}/w); pick another --workdir"
+    ]
+    workdir = tmp_path / "w"
+    (workdir / "lock").mkdir(parents=True)  # a lock file that cannot be opened (root ignores read-only modes)
+    with pytest.raises(UserError, match=f"--workdir={workdir}: cannot write there .*{workdir}/lock") as e:
+        WorkdirLock(workdir).__enter__()
+    assert "\n" not in str(e.value)
+
+
 # ----------------------------------------------------------------------------- D4, D5: dataset and vocabulary
 
 
