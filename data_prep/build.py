@@ -466,6 +466,22 @@ def _recover_swap(path: pathlib.Path) -> None:
             os.rename(aside, path)
 
 
+def recover_swap(path: str | os.PathLike) -> None:
+    """For a reader of the dataset at PATH: where a build was killed between `_swap_in`'s two
+    renames, the old dataset is put back from PATH.replaced (under the build lock, so that a
+    live build's swap is never undone), as the next build would."""
+    path = pathlib.Path(path)
+    aside = path.with_name(path.name + ".replaced")
+    if not aside.exists():
+        return
+    try:
+        with _build_lock(path.parent.parent):
+            _recover_swap(path)
+    except OSError as e:
+        raise UserError(f"{aside}: a killed build left the dataset here and it cannot be put back "
+                        f"({e.strerror or e}); rename it to {path}") from None
+
+
 def _run_jobs(jobs, o: _Options):
     """Yield _Results as pieces finish, with a tqdm bar; in-process for one worker."""
     from tqdm import tqdm

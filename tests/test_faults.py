@@ -104,7 +104,13 @@ def test_a_build_killed_between_two_renames_puts_the_old_dataset_back(old_datase
         build.build_dataset([f"midi_dir:{_midi_folder(tmp_path / 'new', 4)}"], out, num_workers=1, overwrite=True,
                             **QUIET)
     monkeypatch.setattr(build.os, "rename", real_rename)
-    with pytest.raises(ValueError, match="already holds a dataset"):  # the next build first restores it
+    from mgpt import data as data_lib
+
+    # The old dataset is at *.replaced now; training (or the next build) first puts it back.
+    assert data_lib.resolve_dataset(str(build.dataset_path(out))) == build.dataset_path(out)
+    assert _snapshot(out) == before and _loads(out) > 0
+    assert not build.dataset_path(out).with_name("1.0.0.replaced").exists()
+    with pytest.raises(ValueError, match="already holds a dataset"):
         build.build_dataset([f"midi_dir:{tmp_path / 'new'}"], out, num_workers=1, **QUIET)
     assert _snapshot(out) == before
 
