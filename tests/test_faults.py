@@ -166,7 +166,8 @@ def _build_until_its_workers_run(midis, out, **popen):
     return proc, workers
 
 
-def test_kill_9_of_a_build_takes_its_workers_along(old_dataset, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_killing_a_build_takes_its_workers_along(old_dataset, tmp_path, sig):
     out = _copy(old_dataset, tmp_path / "out")
     before = _snapshot(out)
     midis = _midi_folder(tmp_path / "midi", 60, first=200)
@@ -175,7 +176,7 @@ def test_kill_9_of_a_build_takes_its_workers_along(old_dataset, tmp_path):
     try:
         children = _descendants(proc.pid)
         assert len(workers) >= 2, "the build ended before its workers could be seen"
-        proc.send_signal(signal.SIGKILL)  # as the OOM killer would
+        proc.send_signal(sig)  # as the OOM killer (SIGKILL) or a job scheduler (SIGTERM) would
         proc.wait(timeout=10)
         deadline = time.time() + 15
         while time.time() < deadline and any(_alive(c) for c in children):
