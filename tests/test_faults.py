@@ -391,16 +391,22 @@ def _workdir_with_dataset(tiny_run, old_dataset, tmp_path, **vocab_settings):
     return workdir, build.dataset_path(data)
 
 
-@pytest.mark.parametrize("settings, named", [
-    (dict(num_velocity_bins=16), "num_velocity_bins=16 there, 32 in the run"),
-    (dict(steps_per_second=50), "steps_per_second=50 there, 100 in the run"),
-])
-def test_resume_refuses_a_dataset_whose_ids_mean_other_events(tiny_run, old_dataset, tmp_path, settings, named):
+@pytest.mark.parametrize("settings, warm_start, named", [
+    (dict(num_velocity_bins=16), False, "num_velocity_bins=16 there, 32 in the run"),
+    (dict(steps_per_second=50), False, "steps_per_second=50 there, 100 in the run"),
+    (dict(num_velocity_bins=16), True, "num_velocity_bins=16 there, 32 in config.init_from="),
+], ids=["resume-velocity", "resume-steps", "warm-start"])
+def test_resume_or_warm_start_refuses_a_dataset_whose_ids_mean_other_events(tiny_run, old_dataset, tmp_path, settings,
+                                                                             warm_start, named):
     from mgpt import train
 
     workdir, data = _workdir_with_dataset(tiny_run, old_dataset, tmp_path, **settings)
+    config = _tiny_config(data, steps=6)
+    if warm_start:  # a fresh run that starts from the tiny run's weights
+        config.init_from = str(workdir)
+        workdir = tmp_path / "fresh"
     with pytest.raises(UserError, match=named) as e:
-        train.train(_tiny_config(data, steps=6), str(workdir))
+        train.train(config, str(workdir))
     assert "\n" not in str(e.value)
 
 
