@@ -600,6 +600,11 @@ def test_a_negative_primer_length_or_a_zero_event_budget_is_refused(tiny_run, tm
             generate.main(["generate", f"--workdir={tiny_run[0]}", f"--output_dir={tmp_path}/out", "--num_samples=1",
                            "--noprogress", flag])
     assert not (tmp_path / "out").exists()
+    primer = tmp_path / "primer.mid"
+    primer.write_bytes(synthetic.piano_midi(0, num_notes=40))
+    run = generate.load_run(str(tiny_run[0]))
+    with pytest.raises(UserError, match=r"^--primer_seconds must be >= 0 \(0 keeps all of the primer\), got -1$"):
+        run.generate_ids(primer=primer, primer_seconds=-1, max_events=4)  # the Python API, as the command line
 
 
 def test_ctrl_c_during_a_build_exits_promptly_with_one_line(old_dataset, tmp_path):
