@@ -546,6 +546,10 @@ def test_a_huge_file_is_skipped_with_its_real_size(tmp_path):
     item = sources.Item("midi_dir", str(tmp_path), "big.mid", "big.mid", "big.mid")
     with pytest.raises(midi.SkipPiece, match=r"file too large \(47\.7 MiB > 16 MiB\)"):
         sources.load(item)
+    with open(big, "r+b") as f:
+        f.truncate(16 * 2**20 + 1)  # just over: in MiB both figures would read 16.0
+    with pytest.raises(midi.SkipPiece, match=r"file too large \(16,777,217 bytes > 16,777,216 bytes\)"):
+        sources.load(item)
 
 
 def test_generation_retries_when_rotation_deletes_the_step(tiny_run, tmp_path, monkeypatch, capsys):
