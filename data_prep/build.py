@@ -328,6 +328,19 @@ def _list_all(specs: list[str], opts: _Options) -> list[sources.Item]:
 
 
 def _build(specs: list[str], output_dir, o: _Options) -> pathlib.Path:
+    """`_build_steps`; a KeyboardInterrupt that comes once the new dataset is in place (while the
+    work folders are removed or the summary printed) carries `.written`, its PATH, so that the
+    one line `main` prints says so instead of "nothing was written"."""
+    written: list[pathlib.Path] = []
+    try:
+        return _build_steps(specs, output_dir, o, written)
+    except KeyboardInterrupt as e:
+        if written:
+            e.written = written[0]
+        raise
+
+
+def _build_steps(specs: list[str], output_dir, o: _Options, written: list) -> pathlib.Path:
     if not specs:
         raise UserError("--source: give at least one source (midi_dir:PATH, maestro:PATH, asap:PATH, music21:NAMES)")
     path = dataset_path(output_dir)
@@ -397,6 +410,7 @@ def _build(specs: list[str], output_dir, o: _Options) -> pathlib.Path:
             print(f"writing {sum(spool.counts.values()):,} records as {o.file_format} ...", file=sys.stderr, flush=True)
         _write_tfds(pathlib.Path(staging), spool, extra, o)
         _swap_in(dataset_path(staging), path)
+        written.append(path)
     finally:
         if results is not None:
             results.close()
@@ -745,7 +759,9 @@ def main(argv: Sequence[str]) -> None:
             overwrite=f.overwrite,
             parser=f.parser,
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if getattr(e, "written", None):  # after the swap: the new dataset is complete
+            raise SystemExit(f"interrupted after the new dataset was complete: {e.written} holds it") from None
         raise SystemExit(
             f"interrupted: nothing was written to {dataset_path(output_dir)} (a dataset there is unchanged)"
         ) from None

@@ -191,6 +191,30 @@ def test_killing_a_build_takes_its_workers_along(old_dataset, tmp_path, sig):
     assert _snapshot(out) == before
 
 
+_INTERRUPT_AFTER_THE_SWAP = (
+    "import sys\n"
+    "from absl import app\n"
+    "from data_prep import build\n"
+    "def ctrl_c(*args):\n"
+    "    raise KeyboardInterrupt\n"
+    "build._print_summary = ctrl_c  # Ctrl-C while the summary prints: the new dataset is in place\n"
+    "build._define_flags()\n"
+    "app.run(build.main, argv=sys.argv)\n"
+)
+
+
+def test_ctrl_c_after_the_swap_says_the_new_dataset_is_written(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", _INTERRUPT_AFTER_THE_SWAP, f"--source=midi_dir:"
+                           f"{_midi_folder(tmp_path / 'midi', 2)}", f"--output_dir={out}", "--num_workers=1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "converting" not in line
+             and not line.startswith("writing ")]
+    assert proc.returncode == 1
+    assert lines == [f"interrupted after the new dataset was complete: {build.dataset_path(out)} holds it"], proc.stderr
+    assert build.is_complete(build.dataset_path(out))
+
+
 # ----------------------------------------------------------------------------- D2 and half-written steps
 
 
