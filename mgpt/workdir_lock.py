@@ -8,8 +8,9 @@ different files of the same name.
 
 On a pod only process 0 creates the workdir and takes the lock (one lock per run, not per
 host) and tells the others whether it got it; a workdir it cannot create or lock (under a
-file, read-only) is one line on every process, not a traceback on one and a hang on the rest. Local and NFS workdirs are locked; object stores (gs://) have
-no locks, so there the user must keep to one trainer per workdir (README).
+file, read-only) is one line on every process, not a traceback on one and a hang on the rest.
+Local and NFS workdirs are locked; object stores (gs://) have no locks, so there the user
+must keep to one trainer per workdir (README).
 """
 
 from __future__ import annotations
