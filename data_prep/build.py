@@ -328,6 +328,19 @@ def _list_all(specs: list[str], opts: _Options) -> list[sources.Item]:
 
 
 def _build(specs: list[str], output_dir, o: _Options) -> pathlib.Path:
+    """`_build_steps`; a KeyboardInterrupt that comes once the new dataset is in place (while the
+    work folders are removed or the summary printed) carries `.written`, its PATH, so that the
+    one line `main` prints says so instead of "nothing was written"."""
+    written: list[pathlib.Path] = []
+    try:
+        return _build_steps(specs, output_dir, o, written)
+    except KeyboardInterrupt as e:
+        if written:
+            e.written = written[0]
+        raise
+
+
+def _build_steps(specs: list[str], output_dir, o: _Options, written: list) -> pathlib.Path:
     if not specs:
         raise UserError("--source: give at least one source (midi_dir:PATH, maestro:PATH, asap:PATH, music21:NAMES)")
     path = dataset_path(output_dir)
@@ -397,6 +410,7 @@ def _build(specs: list[str], output_dir, o: _Options) -> pathlib.Path:
             print(f"writing {sum(spool.counts.values()):,} records as {o.file_format} ...", file=sys.stderr, flush=True)
         _write_tfds(pathlib.Path(staging), spool, extra, o)
         _swap_in(dataset_path(staging), path)
+        written.append(path)
     finally:
         if results is not None:
             results.close()
@@ -464,6 +478,22 @@ def _recover_swap(path: pathlib.Path) -> None:
             shutil.rmtree(aside, ignore_errors=True)
         else:
             os.rename(aside, path)
+
+
+def recover_swap(path: str | os.PathLike) -> None:
+    """For a reader of the dataset at PATH: where a build was killed between `_swap_in`'s two
+    renames, the old dataset is put back from PATH.replaced (under the build lock, so that a
+    live build's swap is never undone), as the next build would."""
+    path = pathlib.Path(path)
+    aside = path.with_name(path.name + ".replaced")
+    if not aside.exists():
+        return
+    try:
+        with _build_lock(path.parent.parent):
+            _recover_swap(path)
+    except OSError as e:
+        raise UserError(f"{aside}: a killed build left the dataset here and it cannot be put back "
+                        f"({e.strerror or e}); rename it to {path}") from None
 
 
 def _run_jobs(jobs, o: _Options):
@@ -729,7 +759,9 @@ def main(argv: Sequence[str]) -> None:
             overwrite=f.overwrite,
             parser=f.parser,
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if getattr(e, "written", None):  # after the swap: the new dataset is complete
+            raise SystemExit(f"interrupted after the new dataset was complete: {e.written} holds it") from None
         raise SystemExit(
             f"interrupted: nothing was written to {dataset_path(output_dir)} (a dataset there is unchanged)"
         ) from None

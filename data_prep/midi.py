@@ -29,12 +29,20 @@ class SkipPiece(Exception):
     """An input that cannot be used; str(e) is the one-line reason for skipped.jsonl."""
 
 
+def too_large(size: int, limit: int) -> str:
+    """"file too large (47.7 MiB > 16 MiB)"; in bytes when the MiB figures would read the same."""
+    size_mib, limit_mib = f"{size / 2**20:.1f}", f"{limit / 2**20:.1f}"
+    if float(size_mib) <= float(limit_mib):  # 16 MiB + 1 byte would read "16.0 MiB > 16 MiB"
+        return f"file too large ({size:,} bytes > {limit:,} bytes)"
+    return f"file too large ({size_mib} MiB > {limit_mib.removesuffix('.0')} MiB)"
+
+
 def check_header(data: bytes, *, max_file_bytes: int = MAX_FILE_BYTES) -> None:
     """Cheap checks that name the common kinds of junk before any parser sees them."""
     if len(data) == 0:
         raise SkipPiece("empty file")
     if len(data) > max_file_bytes:
-        raise SkipPiece(f"file too large ({len(data) / 2**20:.1f} MiB > {max_file_bytes / 2**20:.0f} MiB)")
+        raise SkipPiece(too_large(len(data), max_file_bytes))
     if data[:4] != b"MThd" or len(data) < 14:
         raise SkipPiece("not a MIDI file (no MThd header)")
     division = int.from_bytes(data[12:14], "big")

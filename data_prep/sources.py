@@ -125,7 +125,7 @@ def load(item: Item, **read_opts) -> tuple[Notes, str]:
             with open(full, "rb") as f:
                 size = os.fstat(f.fileno()).st_size  # the real size: only limit + 1 bytes are read
                 if size > limit:
-                    raise midi.SkipPiece(f"file too large ({size / 2**20:.1f} MiB > {limit / 2**20:.0f} MiB)")
+                    raise midi.SkipPiece(midi.too_large(size, limit))
                 data = f.read(limit + 1)
         except OSError as e:
             raise midi.SkipPiece(f"cannot read: {e.strerror or e}") from None

@@ -43,13 +43,24 @@ def _warn(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _reason(e: BaseException) -> str:
+def _reason(e: BaseException, limit: int = 160) -> str:
     """An exception as a short phrase for a one-line message (orbax's are often many lines)."""
     if getattr(e, "reason", None):  # a CheckpointError of a nested load_newest: its cause, not its wording
         return e.reason
     text = str(e).strip()
     first = text.splitlines()[0] if text else type(e).__name__
-    return f"{type(e).__name__}: {first[:160]}"
+    noise = first.find(_TENSORSTORE_NOISE)
+    if noise >= 0:
+        # tensorstore's "See full TensorStore details: <bound method pybind11…" is its spec, not a
+        # reason; the error it wraps says what is wrong (a byte range past a truncated file's end).
+        cause = e.__cause__ or e.__context__
+        if cause is not None and str(cause).strip():
+            return _reason(cause, limit=320)
+        first = first[:noise].strip()
+    return f"{type(e).__name__}: {first[:limit]}"
+
+
+_TENSORSTORE_NOISE = "See full TensorStore details"
 
 
 def finalized_steps(root: str | epath.PathLike) -> list[int]:
@@ -63,8 +74,8 @@ _warned: set[str] = set()
 
 def _fallback_message(root, bad: list[tuple[int, str]], used: int) -> str:
     steps = ", ".join(str(s) for s, _ in bad)
-    return (f"checkpoint step {steps} in {root} cannot be restored ({bad[0][1]}); "
-            f"using step {used}, the newest that restores")
+    newest = "the newest that restores" if used < bad[0][0] else "saved since"
+    return f"checkpoint step {steps} in {root} cannot be restored ({bad[0][1]}); using step {used}, {newest}"
 
 
 def absolute(path: str | epath.PathLike) -> epath.Path:
@@ -292,13 +303,18 @@ def locate(path: str | epath.PathLike, step: int | None = None) -> tuple[epath.P
     return root, step
 
 
+MAX_TRIES = 16  # steps load_newest tries before it gives up (a live run may keep saving new ones)
+
+
 def load_newest(path: str | epath.PathLike, step: int | None, load: Callable[[epath.Path, int], T],
                 warn: Callable[[str], None] = _warn) -> tuple[T, int]:
     """(load(root, step), step) for a workdir / checkpoints dir / step dir.
 
     With no step given (neither here nor in the path), the newest finalized step that
     loads: one that fails (damaged, or deleted by a live run's rotation since it was
-    listed) is named in one line by `warn` and the next newest is tried. A step that was
+    listed) is named in one line by `warn` and the newest step not yet tried is, listed
+    again each time: when rotation deleted the step because a newer one was saved, that
+    newer one is used. At most MAX_TRIES steps are tried. A step that was
     asked for is never swapped for another. CheckpointError when nothing loads.
     """
     root, chosen = locate(path, step)
@@ -310,12 +326,16 @@ def load_newest(path: str | epath.PathLike, step: int | None, load: Callable[[ep
             error = CheckpointError(f"{root}/{chosen}: cannot be restored ({reason}); pick another step")
             error.reason = reason
             raise error from None
-    bad = []
-    for candidate in [chosen] + [s for s in reversed(finalized_steps(root)) if s < chosen]:
+    bad, tried, candidate = [], set(), chosen
+    while candidate is not None and len(tried) < MAX_TRIES:
+        tried.add(candidate)
         try:
             out = load(root, candidate)
         except Exception as e:  # noqa: BLE001 - orbax, tensorstore and json raise many types for a damaged step
             bad.append((candidate, _reason(e)))
+            # Listed again: a live run may have saved a newer step while rotation deleted this one.
+            rest = [s for s in finalized_steps(root) if s not in tried]
+            candidate = rest[-1] if rest else None
             continue
         message = _fallback_message(root, bad, candidate) if bad else None
         if message and message not in _warned:  # generate looks twice (flags, then weights): say it once

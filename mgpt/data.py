@@ -108,6 +108,9 @@ def resolve_dataset(dataset_dir: str) -> epath.Path:
     from data_prep import build
 
     path = epath.Path(dataset_dir)
+    if "://" not in dataset_dir:  # a build killed mid-swap left the dataset at *.replaced: put it back
+        build.recover_swap(path)  # dataset_dir is the dataset itself
+        build.recover_swap(build.dataset_path(path))  # or the build's output dir
     if (path / "vocab.json").exists():
         return path
     if dataset_dir.rstrip("/") == build.DEMO_DIR or path.resolve() == epath.Path(build.DEMO_DIR).resolve():

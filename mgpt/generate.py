@@ -114,14 +114,16 @@ def style_token(vocab: Vocabulary, style: str) -> int:
 
 
 def load_primer(path: str | os.PathLike, vocab: Vocabulary, seconds: float = 0.0) -> np.ndarray:
-    """The first `seconds` of a MIDI file (0 = all of it) as event ids, sustain pedal applied.
+    """The first `seconds` of a MIDI file (0 = all of it) as event ids, sustain pedal applied;
+    a negative `seconds` is a UserError, as `--primer_seconds<0` is.
 
     Notes still sounding at the cut are shortened to end there, so the primer is
     complete music on its own and the model continues from its last event.
     Raises UserError naming the file when it is missing, unreadable or has no notes.
     """
+    _check_primer_seconds(seconds)
     path = os.fspath(path)
-    notes = notes_lib.crop(_read_midi_notes("primer", path), seconds if seconds and seconds > 0 else None)
+    notes = notes_lib.crop(_read_midi_notes("primer", path), seconds or None)
     ids = vocab.encode_notes(*notes)
     if not vocab.is_event(ids).any():
         span = f"in its first {seconds:g} s" if seconds else "at all"
@@ -381,6 +383,7 @@ class Run:
         Piece i uses seed `seed + i`. Sampling keywords: temperature, top_k, top_p,
         min_p, greedy, max_events, max_seconds, max_note_seconds, guidance (see `Sampling`).
         """
+        _check_primer_seconds(primer_seconds)  # refused with or without a primer, as on the command line
         cycle = resolve_styles(self.vocab, style)
         styles = [cycle[i % len(cycle)] for i in range(n)]
         primer_ids = load_primer(primer, self.vocab, primer_seconds) if primer else None

@@ -257,9 +257,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
     mesh_lib.maybe_initialize_distributed(**config.distributed)
     mesh, table = config_lib.validate_devices(config, jax.device_count(), jax.process_count())
     workdir = epath.Path(workdir)
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-    held.enter_context(WorkdirLock(workdir))  # before anything in the workdir is read or written
+    # Creates the workdir and locks it, before anything in it is read or written.
+    held.enter_context(WorkdirLock(workdir))
     config_lib.check_same_model(workdir, config)
     mesh_lib.use_compilation_cache(config.train.compilation_cache, workdir)
 

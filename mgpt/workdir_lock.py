@@ -6,9 +6,11 @@ names the holder (host, pid, start time) for the one line a second trainer print
 left in place after the run, because removing it would let two trainers lock two
 different files of the same name.
 
-On a pod only process 0 takes the lock (one lock per run, not per host) and tells the
-others whether it got it. Local and NFS workdirs are locked; object stores (gs://) have
-no locks, so there the user must keep to one trainer per workdir (README).
+On a pod only process 0 creates the workdir and takes the lock (one lock per run, not per
+host) and tells the others whether it got it; a workdir it cannot create or lock (under a
+file, read-only) is one line on every process, not a traceback on one and a hang on the rest.
+Local and NFS workdirs are locked; object stores (gs://) have no locks, so there the user
+must keep to one trainer per workdir (README).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ class WorkdirInUse(UserError):
 
 
 class WorkdirLock:
-    """`with WorkdirLock(workdir):` holds the workdir's lock, or raises WorkdirInUse at once."""
+    """`with WorkdirLock(workdir):` creates the workdir and holds its lock, or raises at once:
+    WorkdirInUse when another trainer holds it, UserError when it cannot be written."""
 
     def __init__(self, workdir: str | os.PathLike):
         self.workdir = epath.Path(workdir)
@@ -41,17 +44,25 @@ class WorkdirLock:
 
     def __enter__(self) -> "WorkdirLock":
         error = None
-        if jax.process_index() == 0 and "://" not in os.fspath(self.workdir):
+        if jax.process_index() == 0:
             try:
-                self._acquire()
+                self.workdir.mkdir(parents=True, exist_ok=True)
+                if "://" not in os.fspath(self.workdir):
+                    self._acquire()
             except WorkdirInUse as e:
                 error = e
+            except OSError as e:  # under a file, read-only, a lock file that cannot be opened
+                error = UserError(f"--workdir={self.workdir}: cannot write there ({_why(e)}); pick another --workdir")
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
-            ok = multihost_utils.broadcast_one_to_all(np.asarray(error is None, np.int32))
-            if not bool(ok) and error is None:
-                error = WorkdirInUse(f"--workdir={self.workdir}: in use by another trainer (process 0 names it)")
+            # Every process learns process 0's outcome, or the others would wait for it forever.
+            outcome = 0 if error is None else 1 if isinstance(error, WorkdirInUse) else 2
+            outcome = int(multihost_utils.broadcast_one_to_all(np.asarray(outcome, np.int32)))
+            if outcome and error is None:
+                error = (WorkdirInUse(f"--workdir={self.workdir}: in use by another trainer (process 0 names it)")
+                         if outcome == 1 else
+                         UserError(f"--workdir={self.workdir}: cannot write there (process 0 says why)"))
         if error is not None:
             self.__exit__()
             raise error
@@ -84,6 +95,11 @@ class WorkdirLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def _why(e: OSError) -> str:
+    where = f": {e.filename}" if e.filename else ""
+    return f"{e.strerror}{where}" if e.strerror else str(e)
 
 
 def _read_holder(fd: int) -> dict:

@@ -104,7 +104,13 @@ def test_a_build_killed_between_two_renames_puts_the_old_dataset_back(old_datase
         build.build_dataset([f"midi_dir:{_midi_folder(tmp_path / 'new', 4)}"], out, num_workers=1, overwrite=True,
                             **QUIET)
     monkeypatch.setattr(build.os, "rename", real_rename)
-    with pytest.raises(ValueError, match="already holds a dataset"):  # the next build first restores it
+    from mgpt import data as data_lib
+
+    # The old dataset is at *.replaced now; training (or the next build) first puts it back.
+    assert data_lib.resolve_dataset(str(build.dataset_path(out))) == build.dataset_path(out)
+    assert _snapshot(out) == before and _loads(out) > 0
+    assert not build.dataset_path(out).with_name("1.0.0.replaced").exists()
+    with pytest.raises(ValueError, match="already holds a dataset"):
         build.build_dataset([f"midi_dir:{tmp_path / 'new'}"], out, num_workers=1, **QUIET)
     assert _snapshot(out) == before
 
@@ -160,7 +166,8 @@ def _build_until_its_workers_run(midis, out, **popen):
     return proc, workers
 
 
-def test_kill_9_of_a_build_takes_its_workers_along(old_dataset, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_killing_a_build_takes_its_workers_along(old_dataset, tmp_path, sig):
     out = _copy(old_dataset, tmp_path / "out")
     before = _snapshot(out)
     midis = _midi_folder(tmp_path / "midi", 60, first=200)
@@ -169,7 +176,7 @@ def test_kill_9_of_a_build_takes_its_workers_along(old_dataset, tmp_path):
     try:
         children = _descendants(proc.pid)
         assert len(workers) >= 2, "the build ended before its workers could be seen"
-        proc.send_signal(signal.SIGKILL)  # as the OOM killer would
+        proc.send_signal(sig)  # as the OOM killer (SIGKILL) or a job scheduler (SIGTERM) would
         proc.wait(timeout=10)
         deadline = time.time() + 15
         while time.time() < deadline and any(_alive(c) for c in children):
@@ -182,6 +189,30 @@ def test_kill_9_of_a_build_takes_its_workers_along(old_dataset, tmp_path):
             except psutil.NoSuchProcess:
                 pass
     assert _snapshot(out) == before
+
+
+_INTERRUPT_AFTER_THE_SWAP = (
+    "import sys\n"
+    "from absl import app\n"
+    "from data_prep import build\n"
+    "def ctrl_c(*args):\n"
+    "    raise KeyboardInterrupt\n"
+    "build._print_summary = ctrl_c  # Ctrl-C while the summary prints: the new dataset is in place\n"
+    "build._define_flags()\n"
+    "app.run(build.main, argv=sys.argv)\n"
+)
+
+
+def test_ctrl_c_after_the_swap_says_the_new_dataset_is_written(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", _INTERRUPT_AFTER_THE_SWAP, f"--source=midi_dir:"
+                           f"{_midi_folder(tmp_path / 'midi', 2)}", f"--output_dir={out}", "--num_workers=1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "converting" not in line
+             and not line.startswith("writing ")]
+    assert proc.returncode == 1
+    assert lines == [f"interrupted after the new dataset was complete: {build.dataset_path(out)} holds it"], proc.stderr
+    assert build.is_complete(build.dataset_path(out))
 
 
 # ----------------------------------------------------------------------------- D2 and half-written steps
@@ -263,6 +294,8 @@ def test_inference_falls_back_and_refuses_only_when_nothing_restores(tiny_run, t
     _, _, _, step = ckpt_lib.restore_model(str(workdir))
     err = capsys.readouterr().err.strip().splitlines()
     assert step == 2 and len(err) == 1 and "step 4" in err[0] and "using step 2" in err[0]
+    # The reason is tensorstore's wrapped error, not its spec ("See full TensorStore details: <bound method …").
+    assert "Requested byte range" in err[0] and "TensorStore details" not in err[0] and "pybind" not in err[0]
     (workdir / "checkpoints" / "4" / "vocab" / "metadata").write_text('{"tokens": 7}')  # tampered
     assert generate.read_run_info(str(workdir))[2] == 2 and ckpt_lib.restore_model(str(workdir))[3] == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -330,6 +363,28 @@ def test_a_second_trainer_stops_at_once_naming_the_first(old_dataset, tmp_path):
         pass
 
 
+def test_a_workdir_that_cannot_be_created_or_locked_is_one_line(old_dataset, tmp_path, capsys):
+    from mgpt import train
+    from mgpt.errors import reported
+    from mgpt.workdir_lock import WorkdirLock
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    config = _tiny_config(build.dataset_path(old_dataset))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # as `python -m mgpt.train --workdir=a_file/w` runs it
+        reported(train.main)(["train"], config, str(blocker / "w"))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"--workdir={blocker}/w: cannot write there (Not a directory: {blocker}/w); pick another --workdir"
+    ]
+    workdir = tmp_path / "w"
+    (workdir / "lock").mkdir(parents=True)  # a lock file that cannot be opened (root ignores read-only modes)
+    with pytest.raises(UserError, match=f"--workdir={workdir}: cannot write there .*{workdir}/lock") as e:
+        WorkdirLock(workdir).__enter__()
+    assert "\n" not in str(e.value)
+
+
 # ----------------------------------------------------------------------------- D4, D5: dataset and vocabulary
 
 
@@ -360,16 +415,22 @@ def _workdir_with_dataset(tiny_run, old_dataset, tmp_path, **vocab_settings):
     return workdir, build.dataset_path(data)
 
 
-@pytest.mark.parametrize("settings, named", [
-    (dict(num_velocity_bins=16), "num_velocity_bins=16 there, 32 in the run"),
-    (dict(steps_per_second=50), "steps_per_second=50 there, 100 in the run"),
-])
-def test_resume_refuses_a_dataset_whose_ids_mean_other_events(tiny_run, old_dataset, tmp_path, settings, named):
+@pytest.mark.parametrize("settings, warm_start, named", [
+    (dict(num_velocity_bins=16), False, "num_velocity_bins=16 there, 32 in the run"),
+    (dict(steps_per_second=50), False, "steps_per_second=50 there, 100 in the run"),
+    (dict(num_velocity_bins=16), True, "num_velocity_bins=16 there, 32 in config.init_from="),
+], ids=["resume-velocity", "resume-steps", "warm-start"])
+def test_resume_or_warm_start_refuses_a_dataset_whose_ids_mean_other_events(tiny_run, old_dataset, tmp_path, settings,
+                                                                             warm_start, named):
     from mgpt import train
 
     workdir, data = _workdir_with_dataset(tiny_run, old_dataset, tmp_path, **settings)
+    config = _tiny_config(data, steps=6)
+    if warm_start:  # a fresh run that starts from the tiny run's weights
+        config.init_from = str(workdir)
+        workdir = tmp_path / "fresh"
     with pytest.raises(UserError, match=named) as e:
-        train.train(_tiny_config(data, steps=6), str(workdir))
+        train.train(config, str(workdir))
     assert "\n" not in str(e.value)
 
 
@@ -509,6 +570,10 @@ def test_a_huge_file_is_skipped_with_its_real_size(tmp_path):
     item = sources.Item("midi_dir", str(tmp_path), "big.mid", "big.mid", "big.mid")
     with pytest.raises(midi.SkipPiece, match=r"file too large \(47\.7 MiB > 16 MiB\)"):
         sources.load(item)
+    with open(big, "r+b") as f:
+        f.truncate(16 * 2**20 + 1)  # just over: in MiB both figures would read 16.0
+    with pytest.raises(midi.SkipPiece, match=r"file too large \(16,777,217 bytes > 16,777,216 bytes\)"):
+        sources.load(item)
 
 
 def test_generation_retries_when_rotation_deletes_the_step(tiny_run, tmp_path, monkeypatch, capsys):
@@ -530,6 +595,30 @@ def test_generation_retries_when_rotation_deletes_the_step(tiny_run, tmp_path, m
     assert "using step 2" in capsys.readouterr().err
 
 
+def test_generation_takes_the_newer_step_when_rotation_keeps_one(tiny_run, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from mgpt import checkpoint as ckpt_lib
+
+    workdir = _copy(tiny_run[0], tmp_path / "w")
+    checkpoints = workdir / "checkpoints"
+    shutil.rmtree(checkpoints / "2")  # keep_checkpoints=1: step 4 is the only one
+    real_read = ckpt_lib.read_json_item
+
+    def saved_and_rotated(root, step, item):  # the live run saves step 6, then rotation deletes step 4
+        if step == 4 and (checkpoints / "4").exists():
+            shutil.copytree(checkpoints / "4", checkpoints / "6")
+            shutil.rmtree(checkpoints / "4")
+        return real_read(root, step, item)
+
+    monkeypatch.setattr(ckpt_lib, "read_json_item", saved_and_rotated)
+    capsys.readouterr()
+    _, _, _, step = ckpt_lib.restore_model(str(workdir))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert step == 6
+    assert len(err) == 1 and "step 4" in err[0] and "using step 6" in err[0], err
+
+
 def test_a_negative_primer_length_or_a_zero_event_budget_is_refused(tiny_run, tmp_path):
     from mgpt import generate
 
@@ -539,6 +628,11 @@ def test_a_negative_primer_length_or_a_zero_event_budget_is_refused(tiny_run, tm
             generate.main(["generate", f"--workdir={tiny_run[0]}", f"--output_dir={tmp_path}/out", "--num_samples=1",
                            "--noprogress", flag])
     assert not (tmp_path / "out").exists()
+    primer = tmp_path / "primer.mid"
+    primer.write_bytes(synthetic.piano_midi(0, num_notes=40))
+    run = generate.load_run(str(tiny_run[0]))
+    with pytest.raises(UserError, match=r"^--primer_seconds must be >= 0 \(0 keeps all of the primer\), got -1$"):
+        run.generate_ids(primer=primer, primer_seconds=-1, max_events=4)  # the Python API, as the command line
 
 
 def test_ctrl_c_during_a_build_exits_promptly_with_one_line(old_dataset, tmp_path):
