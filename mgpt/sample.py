@@ -22,8 +22,8 @@ step at which a sounding note began (`onset_BxP`) and how many notes of it sound
 (`open_BxP`; a unison struck twice is two), inside the jitted loop. A
 NOTE_OFF of a silent pitch and a NOTE_ON of a sounding one are masked, so every
 sampled event is possible. The note-length guard (`max_note_seconds` per row,
-0 = off) emits a note's NOTE_OFF in place of any event that would let it sound
-longer than that.
+0 = off) emits a note's NOTE_OFF in place of the first event after it has sounded
+that long.
 
 Classifier-free style guidance (`guidance` G != 1): every row runs twice in the same
 loop, as rows b and B + b of one 2B-row batch and KV cache: once with its prompt, once
@@ -260,12 +260,15 @@ def release_mass(logits_BxV, banned_BxV, tables, share):
 
 
 def apply_guard(token_B, force_B, oldest_age_B, max_note_steps_B, tables):
-    """The note-length guard: when the chosen token would let the longest-sounding note pass
-    max_note_steps (a TIME_SHIFT past it, or any token once it is there), that note's
-    NOTE_OFF is emitted instead. So no note sounds longer than the limit. 0 = off."""
-    after_B = oldest_age_B + tables["shift_steps_V"][token_B]
-    overdue_B = (max_note_steps_B > 0) & (oldest_age_B >= 0) & (
-        (after_B > max_note_steps_B) | (oldest_age_B >= max_note_steps_B))
+    """The note-length guard: once the longest-sounding note has sounded max_note_steps, its
+    NOTE_OFF is emitted in place of the next event. 0 = off.
+
+    So a note ends at the first event at or past the limit: it may outlast the limit by the
+    TIME_SHIFT that carried it there, and is never cut before it. An earlier guard also
+    replaced the TIME_SHIFT that would carry a note past the limit, which ended notes a beat
+    early, where the model had not chosen to change anything; the model then struck them
+    again, and Bach pieces thickened to 5.7 notes per onset against 3.1 unguarded."""
+    overdue_B = (max_note_steps_B > 0) & (oldest_age_B >= 0) & (oldest_age_B >= max_note_steps_B)
     return jnp.where(overdue_B, force_B, token_B)
 
 

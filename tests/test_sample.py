@@ -227,20 +227,28 @@ def test_sampler_never_plays_an_impossible_event_over_many_seeds(model):
         assert _sounding_violations(r) == (0, 0)
 
 
-def test_note_length_guard_closes_notes_at_the_limit():
-    # NOTE_OFF is never chosen: only the guard can end a note.
+@pytest.mark.parametrize("shift_steps, limit_s", [(7, 0.5), (25, 0.6)])
+def test_note_length_guard_closes_notes_at_the_first_event_past_the_limit(shift_steps, limit_s):
+    # NOTE_OFF is never chosen: only the guard can end a note. Time moves in steps of one
+    # shift, so a note that has sounded limit_s is closed by the next event: it lasts the
+    # first whole number of shifts >= the limit. A guard that also replaced the shift that
+    # would carry a note past the limit closed it one shift early (0.49 s and 0.5 s here),
+    # where the model had changed nothing, and the demo model then struck it again.
     pref_V = np.zeros(VOCAB.size)
     pref_V[VOCAB.note_off_offset : VOCAB.time_shift_offset] = -100.0
     pref_V[VOCAB.eos_id] = -100.0
-    pref_V[_shift(7)] = 5.0
-    pref_V[_on(60)] = pref_V[_on(67)] = 5.0
+    pref_V[_shift(shift_steps)] = 30.0  # far above every other event: only this shift moves time
+    pref_V[_on(60)] = pref_V[_on(67)] = 30.0
     prompts = [np.array([STYLE, VOCAB.velocity_offset + 10])] * 3
     guarded = generate_tokens(_fixed_model(pref_V), VOCAB, prompts, seeds=range(3), max_seconds=6.0,
-                              max_note_seconds=0.5)
+                              max_note_seconds=limit_s)
+    expected_s = np.ceil(limit_s * VOCAB.steps_per_second / shift_steps) * shift_steps / VOCAB.steps_per_second
     for r in guarded:
         _, _, start_s, end_s = VOCAB.decode_notes(r.tolist())
         closed = [t for t in r.tolist() if VOCAB.note_off_offset <= t < VOCAB.time_shift_offset]
-        assert len(closed) >= 4 and np.all(end_s - start_s <= 0.5 + 1e-9)
+        ended_s = (end_s - start_s)[end_s < end_s.max()]  # the last notes may be cut by the piece's end
+        assert len(closed) >= 4 and len(ended_s) >= 4
+        np.testing.assert_allclose(ended_s, expected_s, atol=1e-6)
     raw = generate_tokens(_fixed_model(pref_V), VOCAB, prompts, seeds=range(3), max_seconds=6.0,
                           max_note_seconds=0)
     assert all(not any(VOCAB.note_off_offset <= t < VOCAB.time_shift_offset for t in r.tolist()) for r in raw)
@@ -371,8 +379,8 @@ def test_a_tiny_positive_note_limit_still_guards():
     pref_V = np.zeros(VOCAB.size)
     pref_V[VOCAB.note_off_offset : VOCAB.time_shift_offset] = -100.0
     pref_V[VOCAB.eos_id] = -100.0
-    pref_V[_shift(1)] = 5.0
-    pref_V[_on(60)] = 5.0
+    pref_V[_shift(1)] = 30.0  # far above every other event: a longer shift could end the piece first
+    pref_V[_on(60)] = 30.0
     (row,) = generate_tokens(_fixed_model(pref_V), VOCAB, [np.array([STYLE])], seeds=[0], max_seconds=1.0,
                              max_note_seconds=0.001)
     assert any(VOCAB.note_off_offset <= t < VOCAB.time_shift_offset for t in row.tolist())
