@@ -195,8 +195,8 @@ def main():
     p.add_argument("--dtype", default="", help="compute dtype override (default float32 on CPU, config's elsewhere)")
     p.add_argument("--no_torch", action="store_true")
     p.add_argument("--scan_ab", action="store_true",
-                   help="also time the step with the blocks scanned (model.scan_layers flipped), interleaved with "
-                        "the config's own layout: where does unrolling win?")
+                   help="also time the step with model.scan_layers flipped (scanned for small, unrolled for base "
+                        "and large), interleaved with the config's own layout: where does unrolling win?")
     p.add_argument("--no_floor", action="store_true", help="skip the matmuls-only ceiling (see matmul_floor_stepper)")
     args = p.parse_args()
 

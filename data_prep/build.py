@@ -409,8 +409,10 @@ def _build_steps(specs: list[str], output_dir, o: _Options, written: list) -> pa
         if o.progress:
             print(f"writing {sum(spool.counts.values()):,} records as {o.file_format} ...", file=sys.stderr, flush=True)
         _write_tfds(pathlib.Path(staging), spool, extra, o)
-        _swap_in(dataset_path(staging), path)
-        written.append(path)
+        old = _swap_in(dataset_path(staging), path)
+        written.append(path)  # from here an interrupt finds the new dataset complete
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         if results is not None:
             results.close()
@@ -450,8 +452,10 @@ def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
     raise OSError(err, os.strerror(err), os.fspath(a))
 
 
-def _swap_in(new: pathlib.Path, path: pathlib.Path) -> None:
-    """Put the complete dataset `new` at `path`, replacing any old one, by one rename.
+def _swap_in(new: pathlib.Path, path: pathlib.Path) -> pathlib.Path | None:
+    """Put the complete dataset `new` at `path`, replacing any old one, by one rename; returns
+    the folder now holding the old dataset (None if there was none), for the caller to delete
+    once it has noted that the new one is in place.
 
     Until that rename, readers and a killed build see the old dataset whole. Where the
     filesystem cannot exchange two folders, the old one is first renamed aside to
@@ -460,14 +464,14 @@ def _swap_in(new: pathlib.Path, path: pathlib.Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         os.rename(new, path)
-    elif _exchange(new, path):
-        shutil.rmtree(new, ignore_errors=True)  # `new` now holds the old dataset
-    else:
-        aside = path.with_name(path.name + ".replaced")
-        shutil.rmtree(aside, ignore_errors=True)
-        os.rename(path, aside)
-        os.rename(new, path)
-        shutil.rmtree(aside, ignore_errors=True)
+        return None
+    if _exchange(new, path):
+        return new  # `new` now holds the old dataset
+    aside = path.with_name(path.name + ".replaced")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.rename(path, aside)
+    os.rename(new, path)
+    return aside
 
 
 def _recover_swap(path: pathlib.Path) -> None:
@@ -483,10 +487,13 @@ def _recover_swap(path: pathlib.Path) -> None:
 def recover_swap(path: str | os.PathLike) -> None:
     """For a reader of the dataset at PATH: where a build was killed between `_swap_in`'s two
     renames, the old dataset is put back from PATH.replaced (under the build lock, so that a
-    live build's swap is never undone), as the next build would."""
-    path = pathlib.Path(path)
+    live build's swap is never undone), as the next build would. Where PATH is there, a
+    leftover PATH.replaced is only old data: it is left for the next build to remove."""
+    path = pathlib.Path(os.path.abspath(path))  # '.' and './' have a name once absolute
+    if not path.name:  # the filesystem root: nothing can sit beside it
+        return
     aside = path.with_name(path.name + ".replaced")
-    if not aside.exists():
+    if not aside.exists() or path.exists():
         return
     try:
         with _build_lock(path.parent.parent):

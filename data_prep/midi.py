@@ -32,7 +32,7 @@ class SkipPiece(Exception):
 def too_large(size: int, limit: int) -> str:
     """"file too large (47.7 MiB > 16 MiB)"; in bytes when the MiB figures would read the same."""
     size_mib, limit_mib = f"{size / 2**20:.1f}", f"{limit / 2**20:.1f}"
-    if float(size_mib) <= float(limit_mib):  # 16 MiB + 1 byte would read "16.0 MiB > 16 MiB"
+    if float(size_mib) <= float(limit_mib) or limit < 2**20:  # 16 MiB + 1 byte would read "16.0 MiB > 16 MiB"
         return f"file too large ({size:,} bytes > {limit:,} bytes)"
     return f"file too large ({size_mib} MiB > {limit_mib.removesuffix('.0')} MiB)"
 

@@ -334,7 +334,10 @@ def load_newest(path: str | epath.PathLike, step: int | None, load: Callable[[ep
         except Exception as e:  # noqa: BLE001 - orbax, tensorstore and json raise many types for a damaged step
             bad.append((candidate, _reason(e)))
             # Listed again: a live run may have saved a newer step while rotation deleted this one.
-            rest = [s for s in finalized_steps(root) if s not in tried]
+            try:
+                rest = [s for s in finalized_steps(root) if s not in tried]
+            except (OSError, ValueError):  # the checkpoints folder itself went away
+                rest = []
             candidate = rest[-1] if rest else None
             continue
         message = _fallback_message(root, bad, candidate) if bad else None
@@ -342,7 +345,8 @@ def load_newest(path: str | epath.PathLike, step: int | None, load: Callable[[ep
             _warned.add(message)
             warn(message)
         return out, candidate
-    raise CheckpointError(f"{root}: no checkpoint step restores (step {bad[0][0]}: {bad[0][1]})")
+    more = "" if candidate is None else f"; gave up after {MAX_TRIES} steps, older ones untried"
+    raise CheckpointError(f"{root}: no checkpoint step restores (step {bad[0][0]}: {bad[0][1]}){more}")
 
 
 def restore_params(path: str | epath.PathLike, step: int | None, abstract_params) -> tuple[Any, int]:

@@ -814,8 +814,8 @@ def generate_corpus(
     return sorted(written, key=lambda e: e["index"])
 
 
-def _check_primer_seconds(seconds: float) -> None:
-    if not seconds >= 0:
+def _check_primer_seconds(seconds: float | None) -> None:
+    if seconds is not None and not seconds >= 0:  # None, as 0, keeps all of the primer
         raise UserError(f"--primer_seconds must be >= 0 (0 keeps all of the primer), got {seconds}")
 
 
@@ -914,7 +914,7 @@ def define_flags(fv):
     flags.DEFINE_float("max_seconds", None,
                        "Seconds of new music per piece (with --max_events: whichever ends first).", **kw)
     flags.DEFINE_float("max_note_seconds", None,
-                       f"Close any note that has sounded this long (0 = off; default: the {NOTE_GUARD_PERCENTILE} "
+                       f"Close any note that has sounded this long, at the next event (0 = off; default: the {NOTE_GUARD_PERCENTILE} "
                        "note length of the style's training pieces, from the dataset's build.json).", **kw)
     flags.DEFINE_float("guidance", None, "Classifier-free style guidance G >= 0: l_uncond + G (l_cond - l_uncond); "
                        f"1 = off. Default: {DEFAULT_GUIDANCE:g} for a model trained with data.style_dropout > 0 "

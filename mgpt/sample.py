@@ -259,7 +259,7 @@ def release_mass(logits_BxV, banned_BxV, tables, share):
     return jnp.where(valid_off_BxV, logp_BxV + boost_B[:, None], logp_BxV)
 
 
-def apply_guard(token_B, force_B, oldest_age_B, max_note_steps_B, tables):
+def apply_guard(token_B, force_B, oldest_age_B, max_note_steps_B):
     """The note-length guard: once the longest-sounding note has sounded max_note_steps, its
     NOTE_OFF is emitted in place of the next event. 0 = off.
 
@@ -388,7 +388,7 @@ def sample_window(
             left_B = max_steps_B - s.steps_B
             past_B = fill_B & (tables["shift_steps_V"][token_B] > left_B)
             token_B = jnp.where(past_B, tables["time_shift_offset"] + left_B - 1, token_B)
-        token_B = apply_guard(token_B, force_B, oldest_age_B, max_note_steps_B, tables)
+        token_B = apply_guard(token_B, force_B, oldest_age_B, max_note_steps_B)
         new_steps_B = s.steps_B + tables["shift_steps_V"][token_B]
         stop_B = (token_B == tables["eos_id"]) | (new_steps_B > max_steps_B) | (s.events_B >= max_events_B)
         emit_B = live_B & ~stop_B

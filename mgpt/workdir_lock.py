@@ -53,6 +53,8 @@ class WorkdirLock:
                 error = e
             except OSError as e:  # under a file, read-only, a lock file that cannot be opened
                 error = UserError(f"--workdir={self.workdir}: cannot write there ({_why(e)}); pick another --workdir")
+            except Exception as e:  # noqa: BLE001 - an object store's own errors: still one line, on every host
+                error = UserError(f"--workdir={self.workdir}: cannot create it ({type(e).__name__}: {e})"[:400])
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -86,9 +88,9 @@ class WorkdirLock:
             "pid": os.getpid(),
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
+        self._fd = fd  # held from here: __exit__ releases it even if naming the holder fails
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-        self._fd = fd
 
     def __exit__(self, *exc) -> None:
         if self._fd is not None:

@@ -203,11 +203,34 @@ _INTERRUPT_AFTER_THE_SWAP = (
 )
 
 
-def test_ctrl_c_after_the_swap_says_the_new_dataset_is_written(tmp_path):
+_INTERRUPT_WHILE_DELETING_THE_OLD = (
+    "import shutil, sys\n"
+    "from absl import app\n"
+    "from data_prep import build\n"
+    "swap, rmtree, old = build._swap_in, shutil.rmtree, []\n"
+    "def swap_in(new, path):\n"
+    "    old.append(swap(new, path))\n"
+    "    return old[-1]\n"
+    "def rmtree_old(p, *a, **k):\n"
+    "    if old and p == old[-1]:\n"
+    "        raise KeyboardInterrupt  # Ctrl-C while the replaced dataset is deleted\n"
+    "    return rmtree(p, *a, **k)\n"
+    "build._swap_in, build.shutil.rmtree = swap_in, rmtree_old\n"
+    "build._define_flags()\n"
+    "app.run(build.main, argv=sys.argv)\n"
+)
+
+
+@pytest.mark.parametrize("when", ["summary", "deleting the old dataset"])
+def test_ctrl_c_after_the_swap_says_the_new_dataset_is_written(tmp_path, when):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-c", _INTERRUPT_AFTER_THE_SWAP, f"--source=midi_dir:"
-                           f"{_midi_folder(tmp_path / 'midi', 2)}", f"--output_dir={out}", "--num_workers=1"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    midi = _midi_folder(tmp_path / "midi", 2)
+    script, overwrite = _INTERRUPT_AFTER_THE_SWAP, []
+    if when == "deleting the old dataset":
+        build.build_dataset([f"midi_dir:{midi}"], str(out), num_workers=1, progress=False, verbose=False)
+        script, overwrite = _INTERRUPT_WHILE_DELETING_THE_OLD, ["--overwrite"]
+    proc = subprocess.run([sys.executable, "-c", script, f"--source=midi_dir:{midi}", f"--output_dir={out}",
+                           "--num_workers=1", *overwrite], cwd=ROOT, capture_output=True, text=True, timeout=120)
     lines = [line for line in proc.stderr.splitlines() if line.strip() and "converting" not in line
              and not line.startswith("writing ")]
     assert proc.returncode == 1
@@ -402,6 +425,16 @@ def test_dataset_dir_may_be_the_build_output_dir_and_anything_else_is_one_line(o
     _copy(build.dataset_path(old_dataset), tmp_path / "two" / "b")
     with pytest.raises(UserError, match="holds 2 datasets"):
         data_lib.resolve_dataset(str(tmp_path / "two"))
+    # '.' (a folder of datasets, or not) is a name like any other, not a traceback.
+    with pytest.raises(UserError, match="holds 2 datasets"):
+        data_lib.resolve_dataset(str(tmp_path / "two" / "."))
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path / "empty")
+        with pytest.raises(UserError, match=r"config.data.dataset_dir=\.: no dataset there"):
+            data_lib.resolve_dataset(".")
+    finally:
+        os.chdir(cwd)
 
 
 def _workdir_with_dataset(tiny_run, old_dataset, tmp_path, **vocab_settings):

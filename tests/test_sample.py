@@ -227,8 +227,8 @@ def test_sampler_never_plays_an_impossible_event_over_many_seeds(model):
         assert _sounding_violations(r) == (0, 0)
 
 
-@pytest.mark.parametrize("shift_steps, limit_s", [(7, 0.5), (25, 0.6)])
-def test_note_length_guard_closes_notes_at_the_first_event_past_the_limit(shift_steps, limit_s):
+@pytest.mark.parametrize("shift_steps, limit_s", [(7, 0.5), (25, 0.6), (10, 0.5)])
+def test_note_length_guard_closes_notes_at_the_first_event_at_or_past_the_limit(shift_steps, limit_s):
     # NOTE_OFF is never chosen: only the guard can end a note. Time moves in steps of one
     # shift, so a note that has sounded limit_s is closed by the next event: it lasts the
     # first whole number of shifts >= the limit. A guard that also replaced the shift that
