@@ -1,9 +1,9 @@
-"""Small: the CPU demo. About 9 minutes on 2 free CPU cores, install included (~6,500 tokens/s,
-2.9 M training tokens, ~8 passes over the demo corpus); validation ends near 1.18 nats/event.
+"""Small: the CPU demo. About 9.5 minutes on 2 free CPU cores, install included (~6,500 tokens/s,
+2.95 M training tokens, ~8 passes over the demo corpus); validation ends near 1.18 nats/event.
 
-720 steps, not 480: on the same data and seed, validation 1.184 against 1.282, and at the default
-sampling settings British/Irish folk notes 0.90x the test pieces' length against 0.72x, Bach
-polyphony 0.80x against 0.84x, feature overlap 0.906x the ceiling against 0.849x (README, Results),
+720 steps, not 480: on the same data and seed, validation 1.184 against 1.282; at the default sampling
+settings, both sampled with the earlier note-length guard, British/Irish folk notes 0.90x the test
+pieces' length against 0.72x and feature overlap 0.906x the ceiling against 0.849x (README, Results),
 for about 2.5 minutes more. (480 had replaced 360 the same way: validation 1.29-1.30 against 1.35-1.39.)
 """
 
