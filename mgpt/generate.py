@@ -914,8 +914,9 @@ def define_flags(fv):
     flags.DEFINE_float("max_seconds", None,
                        "Seconds of new music per piece (with --max_events: whichever ends first).", **kw)
     flags.DEFINE_float("max_note_seconds", None,
-                       f"Close any note that has sounded this long, at the next event (0 = off; default: the {NOTE_GUARD_PERCENTILE} "
-                       "note length of the style's training pieces, from the dataset's build.json).", **kw)
+                       "Close any note that has sounded this long, at the next event (0 = off; default: the "
+                       f"{NOTE_GUARD_PERCENTILE} note length of the style's training pieces, from the dataset's "
+                       "build.json).", **kw)
     flags.DEFINE_float("guidance", None, "Classifier-free style guidance G >= 0: l_uncond + G (l_cond - l_uncond); "
                        f"1 = off. Default: {DEFAULT_GUIDANCE:g} for a model trained with data.style_dropout > 0 "
                        "(configs/small.py), else 1.", **kw)
