@@ -1,4 +1,4 @@
-"""Small: the CPU demo. About 9.5 minutes on 2 free CPU cores, install included (~6,500 tokens/s,
+"""Small: the CPU demo. About 10 minutes on 2 free CPU cores, install included (~6,500 tokens/s,
 2.95 M training tokens, ~8 passes over the demo corpus); validation ends near 1.18 nats/event.
 
 720 steps, not 480: on the same data and seed, validation 1.184 against 1.282; at the default sampling
