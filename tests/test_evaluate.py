@@ -350,6 +350,12 @@ def test_coherence_flags_a_style_whose_notes_drone():
     assert "onset_polyphony" in bach["off"] and bach["train"]["pieces"] == 3
     assert bach["ratio_to_train"]["onset_polyphony"] == pytest.approx(1.0)
     assert bach["test_vs_train"]["onset_polyphony"] > 1.25
+    # The same rule applied to the real train pieces says the flag is the split's...
+    assert "onset_polyphony" in bach["train_off"] and thick["flagged_for_train"] == ["bach"]
+    # ...and stays quiet when the test pieces are like the train ones and only the model drones.
+    drone = ev.coherence_by_style([("bach", chorale(4.5))] * 2, real, 30.0, train=real)
+    assert drone["flagged_styles"] == ["bach"] and drone["flagged_for_train"] == []
+    assert drone["per_style"]["bach"]["train_off"] == []
 
 
 def test_guidance_sweep_reports_each_value_with_the_reports_own_sections(tmp_path):

@@ -30,7 +30,9 @@ def coherence_by_style(generated: Sequence[tuple[str, Notes]], real: Sequence[tu
     With `train` pieces, each style also gets the train split's means and the generated/train
     ratios. The flag stays against the test pieces; the train figures say whether a flag is
     the model's or the test split's: a style's few test pieces can themselves be off its train
-    split by more than the tolerance (`test_vs_train`).
+    split by more than the tolerance (`test_vs_train`). `train_off` is the same rule applied to
+    the real train pieces in place of the generated ones, a ceiling as train-vs-test is for the
+    feature overlap: a flag that real pieces of the style also raise is the split's.
     """
 
     def means(pairs, style):
@@ -41,25 +43,29 @@ def coherence_by_style(generated: Sequence[tuple[str, Notes]], real: Sequence[tu
     def ratios(a, b):
         return {k: a[k] / b[k] if a[k] is not None and b[k] else None for k in ("onset_polyphony", "mean_note_s")}
 
+    def off(a, r):  # what is off in a (generated or train means) against the real test pieces r
+        out = [k for k, v in ratios(a, r).items() if v is None or abs(v - 1) > COHERENCE_TOLERANCE]
+        return out + (["share_notes_ge_4s"] if a["share_notes_ge_4s"] > r["share_notes_ge_4s"] + LONG_NOTE_SLACK
+                      else [])
+
     per_style = {}
     for style in sorted({s for s, _ in generated} & {s for s, _ in real}):
         g, r = means(generated, style), means(real, style)
         if not g["pieces"] or not r["pieces"]:
             continue
-        ratio = ratios(g, r)
-        off = [k for k, v in ratio.items() if v is None or abs(v - 1) > COHERENCE_TOLERANCE]
-        if g["share_notes_ge_4s"] > r["share_notes_ge_4s"] + LONG_NOTE_SLACK:
-            off.append("share_notes_ge_4s")
-        per_style[style] = {"generated": g, "real": r, "ratio": ratio, "off": off}
+        per_style[style] = {"generated": g, "real": r, "ratio": ratios(g, r), "off": off(g, r)}
         t = means(train, style)
         if t["pieces"]:
-            per_style[style].update(train=t, ratio_to_train=ratios(g, t), test_vs_train=ratios(r, t))
+            per_style[style].update(train=t, ratio_to_train=ratios(g, t), test_vs_train=ratios(r, t),
+                                    train_off=off(t, r))
     return {
         "crop_seconds": crop_seconds,
         "tolerance": COHERENCE_TOLERANCE,
         "long_note_slack": LONG_NOTE_SLACK,
         "per_style": per_style,
         "flagged_styles": [s for s, v in per_style.items() if v["off"]],
+        # Flags the real train pieces raise too: no model of the style could clear them on this split.
+        "flagged_for_train": [s for s, v in per_style.items() if v.get("train_off")],
     }
 
 
