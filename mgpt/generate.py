@@ -272,6 +272,7 @@ class Run:
     note_seconds: dict = dataclasses.field(default_factory=dict)  # build.json's per-style note lengths
     dataset_dir: str | None = None  # the training dataset when it is on this machine (the copy guard's)
     _replicas: dict = dataclasses.field(default_factory=dict, repr=False)
+    _guard_fallbacks: set = dataclasses.field(default_factory=set, repr=False, init=False)  # styles warned about
 
     @property
     def default_guidance(self) -> float:
@@ -294,8 +295,16 @@ class Run:
         if sampling.max_note_seconds is not None:
             return float(sampling.max_note_seconds)
         style = self.vocab.token_of(int(prompt[0])).split(":", 1)[1]
-        row = self.note_seconds.get(style if style != UNKNOWN_STYLE else "all") or self.note_seconds.get("all")
-        return float(row[NOTE_GUARD_PERCENTILE]) if row else FALLBACK_MAX_NOTE_SECONDS
+        for row in (self.note_seconds.get(style if style != UNKNOWN_STYLE else "all"), self.note_seconds.get("all")):
+            if isinstance(row, dict) and isinstance(row.get(NOTE_GUARD_PERCENTILE), (int, float)):
+                return float(row[NOTE_GUARD_PERCENTILE])
+        if style not in self._guard_fallbacks:  # said once per style, not once per piece
+            self._guard_fallbacks.add(style)
+            print(f"warning: the note-length guard for style {style!r} is {FALLBACK_MAX_NOTE_SECONDS:g} s: the run's "
+                  "training dataset (config.data.dataset_dir) is not on this machine or its build.json has no "
+                  f"{NOTE_GUARD_PERCENTILE} note length for it; pass --max_note_seconds to set it",
+                  file=sys.stderr, flush=True)
+        return FALLBACK_MAX_NOTE_SECONDS
 
     @property
     def styles(self) -> list[str]:

@@ -290,7 +290,7 @@ def tiny_report(tmp_path_factory):
 
 def test_report_json_has_every_section(tiny_report):
     out, report = tiny_report
-    for section in ("meta", "likelihood", "features", "style", "originality", "validity", "targets"):
+    for section in ("meta", "likelihood", "features", "coherence", "style", "originality", "validity", "targets"):
         assert section in report, section
     models = report["likelihood"]["models"]
     assert set(models) == {"gpt", "lstm", "ngram3"}
@@ -305,7 +305,10 @@ def test_report_json_has_every_section(tiny_report):
     assert (report["validity"]["files"], report["validity"]["valid"], report["validity"]["share"]) == (4, 3, 0.75)
     assert report["validity"]["invalid_files"] == ["00003_hymn.mid"]
     assert report["originality"]["generated"]["flagged_files"] == ["00002_jig.mid"]
-    assert {t["target"].split(" ")[0] for t in report["targets"]} >= {"GPT", "style", "no", "mean", "100%"}
+    assert {t["target"].split(" ")[0] for t in report["targets"]} >= {"GPT", "style", "no", "mean", "100%", "every"}
+    assert set(report["coherence"]["per_style"]) <= {"hymn", "jig"} and report["coherence"]["per_style"]
+    for v in report["coherence"]["per_style"].values():  # the real train pieces are judged beside the model
+        assert v["train"]["pieces"] > 0 and isinstance(v["train_off"], list)
     for name in ("report.md", "report.html", "style_confusion.png", "feature_polyphony.png"):
         assert (out / name).is_file(), name
     page = (out / "report.html").read_text()
@@ -353,6 +356,15 @@ def test_coherence_flags_a_style_whose_notes_drone():
     # The same rule applied to the real train pieces says the flag is the split's...
     assert "onset_polyphony" in bach["train_off"] and thick["flagged_for_train"] == ["bach"]
     # ...and stays quiet when the test pieces are like the train ones and only the model drones.
+    # The 25 % tolerance itself, on a one-voice line (a note a second): 1.2x the real note length
+    # passes, 1.3x is off.
+    def line(hold):
+        starts = np.arange(20) * 1.0
+        return np.full(20, 60), np.full(20, 80), starts, starts + hold
+
+    assert ev.coherence_by_style([("folk", line(0.6))], [("folk", line(0.5))], 30.0)["flagged_styles"] == []
+    long = ev.coherence_by_style([("folk", line(0.65))], [("folk", line(0.5))], 30.0)
+    assert long["per_style"]["folk"]["off"] == ["mean_note_s"]
     drone = ev.coherence_by_style([("bach", chorale(4.5))] * 2, real, 30.0, train=real)
     assert drone["flagged_styles"] == ["bach"] and drone["flagged_for_train"] == []
     assert drone["per_style"]["bach"]["train_off"] == []

@@ -478,7 +478,7 @@ def test_gallery_loads_in_headless_chromium_and_shows_every_image(cli_output):
     assert all(s > 0 for s in audio.values()), loaded
 
 
-def test_note_length_guard_defaults_to_the_styles_training_notes(run):
+def test_note_length_guard_defaults_to_the_styles_training_notes(run, capsys):
     table = {"all": {generate.NOTE_GUARD_PERCENTILE: 3.0}, STYLES[0]: {generate.NOTE_GUARD_PERCENTILE: 1.5}}
     guarded = dataclasses.replace(run, note_seconds=table)
     bach = np.asarray([guarded.vocab.style_id(STYLES[0])])
@@ -489,7 +489,16 @@ def test_note_length_guard_defaults_to_the_styles_training_notes(run):
     assert guarded.max_note_seconds(other, default) == 3.0  # a style without a row takes 'all'
     assert guarded.max_note_seconds(unconditional, default) == 3.0
     assert guarded.max_note_seconds(bach, generate.Sampling(max_note_seconds=0)) == 0.0  # off
-    assert dataclasses.replace(run, note_seconds={}).max_note_seconds(bach, default) == generate.FALLBACK_MAX_NOTE_SECONDS
+    # No table (the dataset is not on this machine): the fallback, said once per style, not per piece.
+    capsys.readouterr()
+    bare = dataclasses.replace(run, note_seconds={})
+    assert bare.max_note_seconds(bach, default) == generate.FALLBACK_MAX_NOTE_SECONDS
+    assert bare.max_note_seconds(bach, default) == generate.FALLBACK_MAX_NOTE_SECONDS
+    said = [line for line in capsys.readouterr().err.splitlines() if "note-length guard" in line]
+    assert len(said) == 1 and STYLES[0] in said[0] and "--max_note_seconds" in said[0]
+    # A hand-edited or older build.json whose row lacks the percentile falls back instead of a KeyError.
+    odd = dataclasses.replace(run, note_seconds={STYLES[0]: {"p50": 0.4}, "all": {"p50": 0.5}})
+    assert odd.max_note_seconds(bach, default) == generate.FALLBACK_MAX_NOTE_SECONDS
     with pytest.raises(generate.UserError, match="--max_note_seconds"):
         generate.Sampling(max_note_seconds=-1)
 

@@ -215,6 +215,14 @@ def test_sampler_never_plays_an_impossible_event():
     for r in rows:
         assert _sounding_violations(r) == (0, 0)
         assert _off(60) in r.tolist()  # the primer's note is the one NOTE_OFF it may play first
+    # Re-striking a held key preferred above all else, and no NOTE_OFF mass handed to the sounding
+    # notes (release_share=0): only the NOTE_ON mask keeps 60 and 64 from being struck again.
+    pref_V[_on(60)] = pref_V[_on(64)] = 12.0
+    rows = generate_tokens(_fixed_model(pref_V), VOCAB, [primer] * 4, seeds=range(4), max_events=40,
+                           max_note_seconds=0, release_share=0.0)
+    for r in rows:
+        assert _sounding_violations(r) == (0, 0)
+        assert r.tolist().count(_on(64)) >= 2  # struck, released, struck again: the test sees re-strikes
 
 
 def test_sampler_never_plays_an_impossible_event_over_many_seeds(model):
