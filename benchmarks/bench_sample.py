@@ -52,7 +52,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from data_prep.vocab import Vocabulary  # noqa: E402
 from mgpt.model import GPT, ModelConfig  # noqa: E402
-from mgpt.sample import SILENT, _choose, sample_window, sampling_settings, token_tables  # noqa: E402
+from mgpt.sample import SILENT, RowLimits, RowState, _choose, sample_window, sampling_settings, token_tables  # noqa: E402
 
 # Fallbacks if configs/<name>.py is missing: (num_layers, num_heads, d_model, mlp_dim).
 _SHAPES = {"small": (4, 4, 192, 512), "base": (12, 12, 768, 2560)}
@@ -81,23 +81,24 @@ def time_ours(model, vocab, batch, events, top_k, repeats):
     graphdef, params = nnx.split(model)
     style = vocab.style_id("unknown")
     rows = max(batch, 2)  # as generate_tokens does: one row is padded to two, the spare one done
+    num_pitches = vocab.max_pitch - vocab.min_pitch + 1
+    state = RowState(  # nothing sounds; the spare row is done
+        events_B=jnp.zeros(rows, jnp.int32), steps_B=jnp.zeros(rows, jnp.int32), done_B=jnp.arange(rows) >= batch,
+        open_BxP=jnp.zeros((rows, num_pitches), jnp.int32), onset_BxP=jnp.full((rows, num_pitches), SILENT, jnp.int32))
+    limits = RowLimits(  # max_note_steps_B 0: the guard costs the same whatever its limit
+        max_events_B=jnp.full(rows, events, jnp.int32), max_steps_B=jnp.full(rows, np.iinfo(np.int32).max, jnp.int32),
+        max_note_steps_B=jnp.zeros(rows, jnp.int32))
     args = (
         jnp.full((rows, 1), style, jnp.int32),  # prompt_BxP
         jnp.ones(rows, jnp.int32),  # lengths_B
         jnp.arange(rows, dtype=jnp.uint32),  # seeds_B
-        jnp.zeros(rows, jnp.int32),
-        jnp.zeros(rows, jnp.int32),
-        jnp.arange(rows) >= batch,  # done_B
-        jnp.zeros((rows, vocab.max_pitch - vocab.min_pitch + 1), jnp.int32),  # open_BxP: nothing sounds
-        jnp.full((rows, vocab.max_pitch - vocab.min_pitch + 1), SILENT, jnp.int32),  # onset_BxP
-        jnp.full(rows, events, jnp.int32),
-        jnp.full(rows, np.iinfo(np.int32).max, jnp.int32),
-        jnp.zeros(rows, jnp.int32),  # max_note_steps_B: the guard costs the same whatever its limit
+        state,
+        limits,
         sampling_settings(top_k=top_k),
         _bench_vocab(vocab),
     )
-    out = jax.block_until_ready(sample_window(graphdef, params, *args))  # compile
-    assert int(out["end_B"][:batch].min()) == 1 + events, out["end_B"]
+    _, end_B, _ = jax.block_until_ready(sample_window(graphdef, params, *args))  # compile
+    assert int(end_B[:batch].min()) == 1 + events, end_B
     best = np.inf
     for _ in range(repeats):
         t = time.perf_counter()

@@ -17,7 +17,8 @@ W/2 tokens in all, re-prefilled at positions 0..W/2-1: exactly the shape of the
 mid-piece crops the model was trained on (mgpt/data.py). A Python loop runs once
 per window, never per token.
 
-What sounds: the loop state (`_SamplingState`) tracks per row and pitch the time
+What sounds: the loop state (`_SamplingState`, whose `RowState` is what each row carries
+from window to window; `RowLimits` holds its budgets) tracks per row and pitch the time
 step at which a sounding note began (`onset_BxP`) and how many notes of it sound
 (`open_BxP`; a unison struck twice is two), inside the jitted loop. A
 NOTE_OFF of a silent pitch and a NOTE_ON of a sounding one are masked, so every
@@ -285,94 +286,111 @@ def guided_logits(logits_RxV, guidance):
 
 
 @flax.struct.dataclass
+class RowState:
+    """What each row carries from one window to the next (B rows).
+
+    events_B / steps_B: new events and their TIME_SHIFT steps so far, across windows.
+    done_B: the row is finished (EOS or a budget), or is batch padding; it is left untouched.
+    open_BxP: notes sounding per pitch; onset_BxP: the time step (on the steps_B clock) of the
+    latest NOTE_ON of a sounding pitch, or SILENT. The sampler's own record of what sounds.
+    """
+
+    events_B: jax.Array
+    steps_B: jax.Array
+    done_B: jax.Array
+    open_BxP: jax.Array
+    onset_BxP: jax.Array
+
+    @classmethod
+    def start(cls, vocab: Vocabulary, prompts: Sequence[Sequence[int]], batch: int) -> "RowState":
+        """Nothing emitted yet; the notes sounding at each prompt's end (`sounding_state`).
+        Rows from len(prompts) to batch are padding, done from the start."""
+        num_pitches = vocab.max_pitch - vocab.min_pitch + 1
+        open_BxP = np.zeros((batch, num_pitches), np.int32)
+        onset_BxP = np.full((batch, num_pitches), SILENT, np.int32)
+        for b, p in enumerate(prompts):
+            open_BxP[b], onset_BxP[b] = sounding_state(vocab, p)
+        return cls(events_B=np.zeros(batch, np.int32), steps_B=np.zeros(batch, np.int32),
+                   done_B=np.arange(batch) >= len(prompts), open_BxP=open_BxP, onset_BxP=onset_BxP)
+
+
+@flax.struct.dataclass
+class RowLimits:
+    """Each row's budgets and constraints, fixed for the whole piece (B rows).
+
+    max_events_B / max_steps_B: budgets for RowState's events_B / steps_B totals.
+    max_note_steps_B: the note-length guard (0 = off; `apply_guard`).
+    fill_B / hold_BxP (infilling, mgpt/fim.py; None for plain sampling, which then traces as
+    before): a fill row must spend exactly max_steps_B: EOS is masked, a TIME_SHIFT that would
+    pass it is cut to land on it, and the row is done as soon as its clock reaches it.
+    hold_BxP: notes per pitch the row may not release (see `note_rules`).
+    """
+
+    max_events_B: jax.Array
+    max_steps_B: jax.Array
+    max_note_steps_B: jax.Array
+    fill_B: jax.Array | None = None
+    hold_BxP: jax.Array | None = None
+
+
+@flax.struct.dataclass
 class _SamplingState:
-    """The decode loop's state: one window of tokens, its KV cache, and per-row counters.
+    """The decode loop's state: one window of tokens, its KV cache, the next logits, and the rows.
 
     Under guidance the cache holds 2B rows (see `guided_logits`); everything else B.
-
-    open_BxP counts the notes sounding per pitch, and onset_BxP holds the time step (on the
-    steps_B clock) of the latest NOTE_ON of a sounding pitch, or SILENT: the sampler's own
-    record of what is sounding.
     """
 
     tokens_BxW: jax.Array
     cache: list
     logits_BxV: jax.Array
     end_B: jax.Array  # row b's window is tokens_BxW[b, :end_B[b]]
-    events_B: jax.Array  # new events emitted so far (across windows)
-    steps_B: jax.Array  # TIME_SHIFT steps of the new events so far
-    done_B: jax.Array
-    open_BxP: jax.Array
-    onset_BxP: jax.Array
+    rows: RowState
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def sample_window(
-    graphdef,
-    params,
-    prompt_BxP,
-    lengths_B,
-    seeds_B,
-    events_B,
-    steps_B,
-    done_B,
-    open_BxP,
-    onset_BxP,
-    max_events_B,
-    max_steps_B,
-    max_note_steps_B,
-    settings,
-    tables,
-    guidance=None,
-    hold_BxP=None,
-    fill_B=None,
-):
+def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowState, limits: RowLimits, settings,
+                  tables, guidance=None):
     """Prefill right-padded prompts, then decode until every row is done or its window is full.
 
     graphdef/params: `nnx.split(model)` (graphdef static, params traced).
     prompt_BxP: int32 ids, row b valid up to lengths_B[b] (1 <= length <= P <= W).
-    seeds_B: uint32. events_B/steps_B: new events / TIME_SHIFT steps emitted by
-    earlier windows; max_events_B/max_steps_B: the budgets for those totals.
-    open_BxP/onset_BxP: the sounding notes at the end of each prompt (`sounding_state`,
-    onsets on the steps_B clock). max_note_steps_B: the note-length guard per row (0 = off).
-    done_B: rows to leave untouched (finished, or batch padding).
+    seeds_B: uint32. rows: the state earlier windows left (`RowState`; its open_BxP/onset_BxP
+    are the notes sounding at the end of each prompt). limits: `RowLimits`.
     guidance: None (plain sampling), or a float32 scalar G: each row also runs with
     STYLE:unknown in place of its STYLE token, in the same 2B-row cache, and events are
     drawn from `guided_logits`. None and a value trace different functions.
-    fill_B / hold_BxP (infilling, mgpt/fim.py; None for plain sampling, which then traces as
-    before): a fill row must spend exactly max_steps_B: EOS is masked, a TIME_SHIFT that would
-    pass it is cut to land on it, and the row is done as soon as its clock reaches it. hold_BxP: notes
-    per pitch the row may not release (see `note_rules`).
-    Returns dict: tokens_BxW (window: prompt then new events), end_B (row b's
-    window is tokens_BxW[b, :end_B[b]]), events_B, steps_B, done_B (EOS or
-    budget reached; a row neither done nor at end_B == W cannot occur), open_BxP, onset_BxP.
+    Returns (tokens_BxW, end_B, rows): the window (prompt then new events; row b's is
+    tokens_BxW[b, :end_B[b]]) and the rows' state after it. A row is done at EOS or a
+    budget; a row neither done nor at end_B == W cannot occur.
     """
     model = nnx.merge(graphdef, params)
     batch, prompt_len = prompt_BxP.shape
     window = model.cfg.max_len
     keys_B = jax.vmap(jax.random.key)(seeds_B)
+    fill_B, hold_BxP = limits.fill_B, limits.hold_BxP
 
     # R model rows: B, or 2B under guidance (row B + b: row b with STYLE:unknown).
     twin = (lambda x_B: x_B) if guidance is None else (lambda x_B: jnp.concatenate([x_B, x_B]))
     prompt_RxP = prompt_BxP if guidance is None else jnp.concatenate(
         [prompt_BxP, prompt_BxP.at[:, 0].set(tables["unknown_style_id"])])
-    rows = prompt_RxP.shape[0]
-    cache = model.init_cache(rows, window)
-    positions_RxP = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (rows, prompt_len))
+    model_rows = prompt_RxP.shape[0]
+    cache = model.init_cache(model_rows, window)
+    positions_RxP = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (model_rows, prompt_len))
     logits_RxPxV, cache = model.decode(prompt_RxP, positions_RxP, cache)
     logits_RxV = jnp.take_along_axis(logits_RxPxV, twin(lengths_B - 1)[:, None, None], axis=1)[:, 0]
     logits_BxV = guided_logits(logits_RxV, guidance)
     tokens_BxW = jnp.zeros((batch, window), jnp.int32).at[:, :prompt_len].set(prompt_BxP)
     rows_B = jnp.arange(batch)
-    num_pitches = onset_BxP.shape[1]
+    num_pitches = rows.onset_BxP.shape[1]
 
     def active(s: _SamplingState):
-        return ~s.done_B & (s.end_B < window)
+        return ~s.rows.done_B & (s.end_B < window)
 
     def body(s: _SamplingState) -> _SamplingState:
+        r = s.rows
         live_B = active(s)
-        step_keys_B = jax.vmap(jax.random.fold_in)(keys_B, s.events_B)
-        banned_BxV, force_B, oldest_age_B = note_rules(s.open_BxP, s.onset_BxP, s.steps_B, tables, hold_BxP)
+        step_keys_B = jax.vmap(jax.random.fold_in)(keys_B, r.events_B)
+        banned_BxV, force_B, oldest_age_B = note_rules(r.open_BxP, r.onset_BxP, r.steps_B, tables, hold_BxP)
         if fill_B is not None:  # a middle does not end before E
             eos_V = jnp.arange(banned_BxV.shape[1]) == tables["eos_id"]
             banned_BxV = banned_BxV | (fill_B[:, None] & eos_V[None, :])
@@ -385,47 +403,47 @@ def sample_window(
             # model's probability of moving past E is its probability of ending the middle now.
             # (Masking those shifts instead handed it to NOTE_ONs: near E the demo model struck
             # note after note until it drew a shift short enough.)
-            left_B = max_steps_B - s.steps_B
+            left_B = limits.max_steps_B - r.steps_B
             past_B = fill_B & (tables["shift_steps_V"][token_B] > left_B)
             token_B = jnp.where(past_B, tables["time_shift_offset"] + left_B - 1, token_B)
-        token_B = apply_guard(token_B, force_B, oldest_age_B, max_note_steps_B)
-        new_steps_B = s.steps_B + tables["shift_steps_V"][token_B]
-        stop_B = (token_B == tables["eos_id"]) | (new_steps_B > max_steps_B) | (s.events_B >= max_events_B)
+        token_B = apply_guard(token_B, force_B, oldest_age_B, limits.max_note_steps_B)
+        new_steps_B = r.steps_B + tables["shift_steps_V"][token_B]
+        stop_B = ((token_B == tables["eos_id"]) | (new_steps_B > limits.max_steps_B)
+                  | (r.events_B >= limits.max_events_B))
         emit_B = live_B & ~stop_B
         # Rows that do not emit write out of bounds, which mode='drop' discards.
         tokens_BxW = s.tokens_BxW.at[rows_B, jnp.where(emit_B, s.end_B, window)].set(token_B, mode="drop")
         logits_Rx1xV, cache = model.decode(twin(token_B)[:, None], twin(s.end_B)[:, None], s.cache)
         struck_BxP = emit_B[:, None] & (tables["on_pitch_V"][token_B][:, None] == jnp.arange(num_pitches))
         released_BxP = emit_B[:, None] & (tables["off_pitch_V"][token_B][:, None] == jnp.arange(num_pitches))
-        open_BxP = s.open_BxP + struck_BxP.astype(jnp.int32) - released_BxP.astype(jnp.int32)
-        onset_BxP = jnp.where(struck_BxP, s.steps_B[:, None], jnp.where(open_BxP == 0, SILENT, s.onset_BxP))
+        open_BxP = r.open_BxP + struck_BxP.astype(jnp.int32) - released_BxP.astype(jnp.int32)
+        onset_BxP = jnp.where(struck_BxP, r.steps_B[:, None], jnp.where(open_BxP == 0, SILENT, r.onset_BxP))
+        filled_B = False if fill_B is None else fill_B & emit_B & (new_steps_B >= limits.max_steps_B)
         return _SamplingState(
             tokens_BxW=tokens_BxW,
             cache=cache,
             logits_BxV=guided_logits(logits_Rx1xV[:, 0], guidance),
             end_B=s.end_B + emit_B,
-            events_B=s.events_B + emit_B,
-            steps_B=jnp.where(emit_B, new_steps_B, s.steps_B),
-            done_B=s.done_B | (live_B & stop_B) | (
-                False if fill_B is None else fill_B & emit_B & (new_steps_B >= max_steps_B)),
-            open_BxP=open_BxP,
-            onset_BxP=onset_BxP,
+            rows=RowState(
+                events_B=r.events_B + emit_B,
+                steps_B=jnp.where(emit_B, new_steps_B, r.steps_B),
+                done_B=r.done_B | (live_B & stop_B) | filled_B,
+                open_BxP=open_BxP,
+                onset_BxP=onset_BxP,
+            ),
         )
 
+    as_int32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
     state = _SamplingState(
         tokens_BxW=tokens_BxW,
         cache=cache,
         logits_BxV=logits_BxV,
-        end_B=lengths_B.astype(jnp.int32),
-        events_B=events_B.astype(jnp.int32),
-        steps_B=steps_B.astype(jnp.int32),
-        done_B=done_B,
-        open_BxP=open_BxP.astype(jnp.int32),
-        onset_BxP=onset_BxP.astype(jnp.int32),
+        end_B=as_int32(lengths_B),
+        rows=RowState(events_B=as_int32(rows.events_B), steps_B=as_int32(rows.steps_B), done_B=rows.done_B,
+                      open_BxP=as_int32(rows.open_BxP), onset_BxP=as_int32(rows.onset_BxP)),
     )
     state = jax.lax.while_loop(lambda s: jnp.any(active(s)), body, state)
-    return {k: getattr(state, k) for k in ("tokens_BxW", "end_B", "events_B", "steps_B", "done_B", "open_BxP",
-                                         "onset_BxP")}
+    return state.tokens_BxW, state.end_B, state.rows
 
 
 def _bucket(n: int, cap: int | None = None, floor: int = 1) -> int:
@@ -563,39 +581,34 @@ def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events,
     # At least 2 rows: XLA:CPU rewrites a 1-row cache scatter as a dynamic-update-slice and
     # then copies the whole cache into the attention read every step (2x slower than 2 rows).
     batch = _bucket(n, floor=2)
-    rows = [list(p) for p in prompts]
-    events_B = np.zeros(batch, np.int32)
-    steps_B = np.zeros(batch, np.int32)
-    done_B = np.arange(batch) >= n  # batch padding rows never run
-    done_B[:n] |= max_events == 0
+    pieces = [list(p) for p in prompts]
+    state = RowState.start(vocab, prompts, batch)
+    state = state.replace(done_B=state.done_B | (max_events == 0))
     seeds_B = np.zeros(batch, np.uint32)
     seeds_B[:n] = np.asarray(seeds, np.uint64).astype(np.uint32)
-    max_events_B = np.full(batch, max_events, np.int32)
     max_steps_B = np.full(batch, max_steps, np.int32)
     max_note_steps_B = np.zeros(batch, np.int32)
     max_note_steps_B[:n] = max_note_steps
-    open_BxP = np.zeros((batch, vocab.max_pitch - vocab.min_pitch + 1), np.int32)
-    onset_BxP = np.full((batch, vocab.max_pitch - vocab.min_pitch + 1), SILENT, np.int32)
-    for b, p in enumerate(prompts):
-        open_BxP[b], onset_BxP[b] = sounding_state(vocab, p)
     hold_BxP = fill_B = None
     if gaps is not None:
         from mgpt import fim
 
-        hold_BxP = np.zeros_like(open_BxP)
-        fill_B = np.zeros(batch, bool)
-        fill_B[:n] = True
+        hold_BxP = np.zeros_like(state.open_BxP)
+        fill_B = np.arange(batch) < n
         for b, g in enumerate(gaps):
             hold_BxP[b], max_steps_B[b] = g.hold_P, g.steps
 
         def window_of(b, r):
-            left = int(max_steps_B[b] - steps_B[b])
+            left = int(max_steps_B[b] - state.steps_B[b])
             return fim.prompt(vocab, r[0], np.asarray(r[1:], np.int32), gaps[b], left, budget=window // 2)
     else:
         def window_of(b, r):
             return window_prompt(r, window, vocab)
-    while not done_B.all():
-        windows = [window_of(b, r) for b, r in enumerate(rows)]
+    limits = jax.tree.map(jnp.asarray, RowLimits(max_events_B=np.full(batch, max_events, np.int32),
+                                                 max_steps_B=max_steps_B, max_note_steps_B=max_note_steps_B,
+                                                 fill_B=fill_B, hold_BxP=hold_BxP))
+    while not np.all(state.done_B):
+        windows = [window_of(b, r) for b, r in enumerate(pieces)]
         # Prefilling a few padding tokens costs less than compiling another prompt shape.
         prompt_len = _bucket(max(len(w) for w in windows), cap=window, floor=64)
         prompt_BxP = np.zeros((batch, prompt_len), np.int32)
@@ -603,31 +616,11 @@ def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events,
         for b, w in enumerate(windows):
             prompt_BxP[b, : len(w)] = w
             lengths_B[b] = len(w)
-        result = sample_window(
-            graphdef,
-            params,
-            jnp.asarray(prompt_BxP),
-            jnp.asarray(lengths_B),
-            jnp.asarray(seeds_B),
-            jnp.asarray(events_B),
-            jnp.asarray(steps_B),
-            jnp.asarray(done_B),
-            jnp.asarray(open_BxP),
-            jnp.asarray(onset_BxP),
-            jnp.asarray(max_events_B),
-            jnp.asarray(max_steps_B),
-            jnp.asarray(max_note_steps_B),
-            settings,
-            tables,
-            guidance,
-            None if hold_BxP is None else jnp.asarray(hold_BxP),
-            None if fill_B is None else jnp.asarray(fill_B),
-        )
-        result = jax.device_get(result)
+        tokens_BxW, end_B, new_state = jax.device_get(sample_window(
+            graphdef, params, jnp.asarray(prompt_BxP), jnp.asarray(lengths_B), jnp.asarray(seeds_B),
+            jax.tree.map(jnp.asarray, state), limits, settings, tables, guidance))
         for b in range(n):
-            if not done_B[b]:
-                rows[b].extend(result["tokens_BxW"][b, lengths_B[b] : result["end_B"][b]].tolist())
-        events_B, steps_B = result["events_B"], result["steps_B"]
-        open_BxP, onset_BxP = result["open_BxP"], result["onset_BxP"]
-        done_B = np.array(result["done_B"])
-    return [np.asarray(r, np.int32) for r in rows]
+            if not state.done_B[b]:
+                pieces[b].extend(tokens_BxW[b, lengths_B[b] : end_B[b]].tolist())
+        state = new_state
+    return [np.asarray(r, np.int32) for r in pieces]
