@@ -157,8 +157,12 @@ def _sampling_run(f, gpt, vocab, config, dataset_dir):
     """(generate.Run, styles, Sampling) from the flags, for the pieces this command generates."""
     from mgpt import generate
 
+    # The guard's default is the training data's, as mgpt.generate's: the evaluation dataset's only
+    # when the run's own is not on this machine.
+    note_seconds = (generate.dataset_note_seconds(config)
+                    or generate.dataset_note_seconds({"data": {"dataset_dir": str(dataset_dir)}}))
     run = generate.Run(model=gpt.model, vocab=vocab, config=config, step=gpt.step, workdir=str(f.workdir),
-                       note_seconds=generate.dataset_note_seconds({"data": {"dataset_dir": str(dataset_dir)}}))
+                       note_seconds=note_seconds)
     styles = generate.resolve_styles(vocab, f.style)
     sampling = generate.Sampling(temperature=f.temperature, top_p=f.top_p, max_seconds=f.max_seconds,
                                  max_note_seconds=f.max_note_seconds, guidance=f.guidance)

@@ -453,3 +453,27 @@ def test_composer_study_on_a_one_style_dataset_measures_nll_without_a_classifier
         assert result[name]["composer_test"]["nats_per_event"] > 0
         assert result[name]["classified_as_composer"] is None
     assert "no style classifier was fitted" in study.write_composer_study(result, tmp_path / "out")
+
+
+def test_evaluation_guards_notes_by_the_training_data_not_the_evaluated_dataset(tmp_path):
+    import json
+    import types
+
+    import ml_collections
+
+    from data_prep.vocab import Vocabulary
+    from mgpt import evaluate as E
+
+    for name, p995 in (("train_ds", 1.9), ("other_ds", 6.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "build.json").write_text(json.dumps({"note_seconds": {"all": {"p99.5": p995}}}))
+    config = ml_collections.ConfigDict({"data": {"dataset_dir": str(tmp_path / "train_ds"), "style_dropout": 0.0}})
+    vocab = Vocabulary(["hymn"])
+    flags = types.SimpleNamespace(workdir="run", style="all", temperature=0.9, top_p=0.95, max_seconds=30.0,
+                                  max_note_seconds=None, guidance=None)
+    gpt = types.SimpleNamespace(model=None, step=1)
+    run, _, _ = E._sampling_run(flags, gpt, vocab, config, tmp_path / "other_ds")
+    assert run.note_seconds["all"]["p99.5"] == 1.9
+    config.data.dataset_dir = str(tmp_path / "gone")  # the training data is not on this machine
+    run, _, _ = E._sampling_run(flags, gpt, vocab, config, tmp_path / "other_ds")
+    assert run.note_seconds["all"]["p99.5"] == 6.0
