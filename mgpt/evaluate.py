@@ -158,7 +158,7 @@ def _sampling_run(f, gpt, vocab, config, dataset_dir):
     from mgpt import generate
 
     # The guard's default is the training data's, as mgpt.generate's: the evaluation dataset's only
-    # when the run's own is not on this machine.
+    # when the run's own is not on this machine or has no note-length table.
     note_seconds = (generate.dataset_note_seconds(config)
                     or generate.dataset_note_seconds({"data": {"dataset_dir": str(dataset_dir)}}))
     run = generate.Run(model=gpt.model, vocab=vocab, config=config, step=gpt.step, workdir=str(f.workdir),

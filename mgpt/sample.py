@@ -304,7 +304,8 @@ class RowState:
     @classmethod
     def start(cls, vocab: Vocabulary, prompts: Sequence[Sequence[int]], batch: int) -> "RowState":
         """Nothing emitted yet; the notes sounding at each prompt's end (`sounding_state`).
-        Rows from len(prompts) to batch are padding, done from the start."""
+        Rows from len(prompts) to batch are padding, done from the start. Host (numpy) arrays:
+        `sample_window` takes them as they are."""
         num_pitches = vocab.max_pitch - vocab.min_pitch + 1
         open_BxP = np.zeros((batch, num_pitches), np.int32)
         onset_BxP = np.full((batch, num_pitches), SILENT, np.int32)
@@ -433,14 +434,14 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
             ),
         )
 
-    as_int32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
     state = _SamplingState(
         tokens_BxW=tokens_BxW,
         cache=cache,
         logits_BxV=logits_BxV,
-        end_B=as_int32(lengths_B),
-        rows=RowState(events_B=as_int32(rows.events_B), steps_B=as_int32(rows.steps_B), done_B=rows.done_B,
-                      open_BxP=as_int32(rows.open_BxP), onset_BxP=as_int32(rows.onset_BxP)),
+        end_B=jnp.asarray(lengths_B, jnp.int32),
+        rows=RowState(events_B=jnp.asarray(rows.events_B, jnp.int32), steps_B=jnp.asarray(rows.steps_B, jnp.int32),
+                      done_B=jnp.asarray(rows.done_B, bool), open_BxP=jnp.asarray(rows.open_BxP, jnp.int32),
+                      onset_BxP=jnp.asarray(rows.onset_BxP, jnp.int32)),
     )
     state = jax.lax.while_loop(lambda s: jnp.any(active(s)), body, state)
     return state.tokens_BxW, state.end_B, state.rows

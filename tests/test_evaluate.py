@@ -365,7 +365,7 @@ def test_coherence_flags_a_style_whose_notes_drone():
     assert ev.coherence_by_style([("folk", line(0.6))], [("folk", line(0.5))], 30.0)["flagged_styles"] == []
     long = ev.coherence_by_style([("folk", line(0.65))], [("folk", line(0.5))], 30.0)
     assert long["per_style"]["folk"]["off"] == ["mean_note_s"]
-    drone = ev.coherence_by_style([("bach", chorale(4.5))] * 2, real, 30.0, train=real)
+    drone = ev.coherence_by_style([("bach", chorale(4.5))] * 2, real, 30.0, train=[("bach", chorale(0.45))] * 3)
     assert drone["flagged_styles"] == ["bach"] and drone["flagged_for_train"] == []
     assert drone["per_style"]["bach"]["train_off"] == []
 

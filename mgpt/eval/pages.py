@@ -74,7 +74,8 @@ def report_tables(report: dict) -> list[tuple[str, str, list[str], list[list], l
             rows.append([style, f"{g['pieces']} / {r['pieces']} / {t.get('pieces', '-')}", r["onset_polyphony"],
                          t.get("onset_polyphony"), g["onset_polyphony"], r["mean_note_s"], t.get("mean_note_s"),
                          g["mean_note_s"], r["share_notes_ge_4s"], t.get("share_notes_ge_4s"), g["share_notes_ge_4s"],
-                         ", ".join(v["off"]) or "ok", ", ".join(v.get("train_off", [])) or "ok"])
+                         ", ".join(v["off"]) or "ok",
+                         (", ".join(v["train_off"]) or "ok") if "train_off" in v else "-"])
         out.append(("Notes that hold together",
                     f"Per style, means over pieces (first {co['crop_seconds']:g} s): notes sounding at each onset, "
                     "mean note length and the share of notes >= 4 s: real test, real train and generated. A style "

@@ -116,7 +116,7 @@ def targets(report: dict) -> list[dict]:
                 "notes >= 4 s at most the real share + 3 points")
         split_flags = report["coherence"].get("flagged_for_train")
         if split_flags:  # said beside the verdict, which stays the test pieces'
-            name += f" (real train pieces fail it too: {', '.join(split_flags)})"
+            name += f" (real train pieces fail it for: {', '.join(split_flags)})"
         out.append({"target": name, "value": worst, "goal": COHERENCE_TOLERANCE,
                     "met": not report["coherence"]["flagged_styles"], "flagged_for_train": split_flags or []})
     st = report.get("style", {})
