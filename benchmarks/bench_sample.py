@@ -52,7 +52,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from data_prep.vocab import Vocabulary  # noqa: E402
 from mgpt.model import GPT, ModelConfig  # noqa: E402
-from mgpt.sample import SILENT, RowLimits, RowState, _choose, sample_window, sampling_settings, token_tables  # noqa: E402
+from mgpt.sample import (  # noqa: E402
+    SILENT, RowLimits, RowState, _choose, sample_window, sampling_settings, token_tables,
+)
 
 # Fallbacks if configs/<name>.py is missing: (num_layers, num_heads, d_model, mlp_dim).
 _SHAPES = {"small": (4, 4, 192, 512), "base": (12, 12, 768, 2560)}
