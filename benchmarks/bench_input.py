@@ -37,8 +37,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from configs import base  # noqa: E402
 from data_prep.vocab import Vocabulary  # noqa: E402
-from mgpt import data as data_lib  # noqa: E402
-from mgpt.model import ModelConfig  # noqa: E402
+from mgpt.train import data as data_lib  # noqa: E402
+from mgpt.model.gpt import ModelConfig  # noqa: E402
 
 H100_BF16_PEAK = 989e12
 

@@ -51,8 +51,8 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from data_prep.vocab import Vocabulary  # noqa: E402
-from mgpt.model import GPT, ModelConfig  # noqa: E402
-from mgpt.sample import (  # noqa: E402
+from mgpt.model.gpt import GPT, ModelConfig  # noqa: E402
+from mgpt.sample.sampler import (  # noqa: E402
     SILENT, RowLimits, RowState, _choose, sample_window, sampling_settings, token_tables,
 )
 

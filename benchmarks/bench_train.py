@@ -31,10 +31,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from mgpt import config as config_lib  # noqa: E402
-from mgpt import mesh as mesh_lib  # noqa: E402
-from mgpt import models, monitor  # noqa: E402
-from mgpt import train  # noqa: E402
+from mgpt.train import config as config_lib  # noqa: E402
+from mgpt.train import mesh as mesh_lib  # noqa: E402
+from mgpt.model import kinds as models  # noqa: E402
+from mgpt.train import monitor  # noqa: E402
+from mgpt.train import loop as train  # noqa: E402
 
 # Batches small enough that the default run takes a few minutes on a 2-core CPU.
 CPU_DEFAULTS = {"small": (256, 16), "base": (256, 2)}

@@ -41,9 +41,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from flax import nnx  # noqa: E402
 
 from data_prep.vocab import Vocabulary  # noqa: E402
-from mgpt import config as config_lib  # noqa: E402
-from mgpt import models, monitor, train  # noqa: E402
-from mgpt.model import GPT  # noqa: E402
+from mgpt.train import config as config_lib  # noqa: E402
+from mgpt.model import kinds as models  # noqa: E402
+from mgpt.train import monitor  # noqa: E402
+from mgpt.train import loop as train  # noqa: E402
+from mgpt.model.gpt import GPT  # noqa: E402
 
 # (config, context, train batches to try, sampling batches, events sampled per row)
 FULL = dict(config="base", seq_len=2048, train_batches=(8, 16, 32, 64, 128, 256), sample_batches=(1, 16, 64),
@@ -88,7 +90,7 @@ def train_mfu(plan: dict, vocab_size: int, on_gpu: bool, search_until: float = f
 
     The batch search stops at the first batch that does not fit, or once time.perf_counter()
     passes `search_until` (each try compiles the step), keeping the largest that fitted."""
-    from mgpt import checkpoint as ckpt_lib
+    from mgpt.train import checkpoint as ckpt_lib
 
     limit = _memory_limit()
     chosen, tried = None, []
@@ -194,7 +196,7 @@ def sample_rates(plan: dict, vocab: Vocabulary, on_gpu: bool, deadline: float = 
 
 def _time_ours(model, vocab: Vocabulary, batch: int, events: int) -> float:
     """New events/s of mgpt.sample.generate_tokens, the sampler mgpt.generate runs (top-k 32)."""
-    from mgpt.sample import generate_tokens
+    from mgpt.sample.sampler import generate_tokens
 
     prompts = [np.asarray([vocab.unknown_style_id], np.int32)] * batch
 

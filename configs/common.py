@@ -10,7 +10,7 @@ import dataclasses
 import ml_collections
 
 from data_prep.build import DEMO_DIR
-from mgpt.model import ModelConfig
+from mgpt.model.gpt import ModelConfig
 
 # Logical axis -> mesh axes. 'batch' shards the data; the others place parameters
 # (and the optimizer moments, which follow their parameter).

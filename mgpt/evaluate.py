@@ -62,7 +62,7 @@ def define_flags(fv):
     flags of the same names."""
     from absl import flags
 
-    from mgpt import generate
+    from mgpt.sample import run as sample_run
 
     kw = {"flag_values": fv}
     flags.DEFINE_string("workdir", None, "The GPT run to evaluate.", **kw)
@@ -74,8 +74,8 @@ def define_flags(fv):
     flags.DEFINE_integer("num_samples", 24, "Pieces to generate (styles cycle over them).", **kw)
     flags.DEFINE_string("style", "all", "Styles to generate: a name, a comma list, 'all' or 'unconditional'.", **kw)
     flags.DEFINE_float("max_seconds", 30.0, "Seconds of music per generated piece.", **kw)
-    flags.DEFINE_float("temperature", generate.Sampling.temperature, "Sampling temperature for generation.", **kw)
-    flags.DEFINE_float("top_p", generate.Sampling.top_p, "Nucleus sampling for generation (1 = off).", **kw)
+    flags.DEFINE_float("temperature", sample_run.Sampling.temperature, "Sampling temperature for generation.", **kw)
+    flags.DEFINE_float("top_p", sample_run.Sampling.top_p, "Nucleus sampling for generation (1 = off).", **kw)
     flags.DEFINE_float("guidance", None, "Style guidance for generation (1 = off, the raw model; default: as "
                        "mgpt.generate, 1.5 for a model trained with style dropout).", **kw)
     flags.DEFINE_float("max_note_seconds", None, "Note-length guard for generation (0 = off, the raw model; "
@@ -95,7 +95,8 @@ def define_flags(fv):
 
 
 def run_command(f, rest: Sequence[str]) -> str:
-    from mgpt import generate
+    from mgpt import render
+    from mgpt.sample import corpus
 
     if f.compare:
         if len(rest) != 2:
@@ -118,7 +119,7 @@ def run_command(f, rest: Sequence[str]) -> str:
 
     if f.guidance_sweep is not None:
         return _run_guidance_sweep(f, options)
-    if f.generated_dir and not generate.read_all_manifests(f.generated_dir):  # fail before loading anything
+    if f.generated_dir and not render.read_all_manifests(f.generated_dir):  # fail before loading anything
         raise UserError(f"--generated_dir={f.generated_dir}: no manifest.jsonl with pieces there")
     start = time.perf_counter()
     gpt, vocab, config = model_from_run("gpt", f.workdir)
@@ -138,9 +139,9 @@ def run_command(f, rest: Sequence[str]) -> str:
         run, styles, sampling = _sampling_run(f, gpt, vocab, config, dataset_dir)
         print(f"generating {f.num_samples} pieces into {generated_dir}", flush=True)
         # The copy guard stays off: the report measures what the model copies by itself.
-        generate.generate_corpus(run, generated_dir, num_samples=f.num_samples, styles=styles, seed=f.seed,
+        corpus.generate_corpus(run, generated_dir, num_samples=f.num_samples, styles=styles, seed=f.seed,
                                  sampling=sampling, progress=f.progress, max_copy_seconds=0)
-        generate.write_gallery(generated_dir)
+        render.write_folder_gallery(generated_dir)
     generated = read_generated(generated_dir, vocab)
 
     report = evaluate(vocab=vocab, train=train, test=test, generated=generated, models=models, options=options,
@@ -154,23 +155,22 @@ def run_command(f, rest: Sequence[str]) -> str:
 
 
 def _sampling_run(f, gpt, vocab, config, dataset_dir):
-    """(generate.Run, styles, Sampling) from the flags, for the pieces this command generates."""
-    from mgpt import generate
+    """(sample_run.Run, styles, Sampling) from the flags, for the pieces this command generates."""
+    from mgpt.sample import run as sample_run
 
     # The guard's default is the training data's, as mgpt.generate's: the evaluation dataset's only
     # when the run's own is not on this machine or has no note-length table.
-    note_seconds = (generate.dataset_note_seconds(config)
-                    or generate.dataset_note_seconds({"data": {"dataset_dir": str(dataset_dir)}}))
-    run = generate.Run(model=gpt.model, vocab=vocab, config=config, step=gpt.step, workdir=str(f.workdir),
+    note_seconds = (sample_run.dataset_note_seconds(config)
+                    or sample_run.dataset_note_seconds({"data": {"dataset_dir": str(dataset_dir)}}))
+    run = sample_run.Run(model=gpt.model, vocab=vocab, config=config, step=gpt.step, workdir=str(f.workdir),
                        note_seconds=note_seconds)
-    styles = generate.resolve_styles(vocab, f.style)
-    sampling = generate.Sampling(temperature=f.temperature, top_p=f.top_p, max_seconds=f.max_seconds,
+    styles = sample_run.resolve_styles(vocab, f.style)
+    sampling = sample_run.Sampling(temperature=f.temperature, top_p=f.top_p, max_seconds=f.max_seconds,
                                  max_note_seconds=f.max_note_seconds, guidance=f.guidance)
     return run, styles, sampling
 
 
 def _run_guidance_sweep(f, options: Options) -> str:
-    from mgpt import generate
 
     guidances = parse_guidances(f.guidance_sweep)
     if f.generated_dir:

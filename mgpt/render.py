@@ -364,3 +364,18 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return entries
+
+
+def read_all_manifests(output_dir: str | os.PathLike) -> list[dict]:
+    """Every host's manifest lines, one per piece index, in index order."""
+    by_index = {}
+    for path in sorted(pathlib.Path(output_dir).glob("manifest*.jsonl")):
+        for entry in read_manifest(path):
+            by_index.setdefault(entry["index"], entry)
+    return [by_index[i] for i in sorted(by_index)]
+
+
+def write_folder_gallery(output_dir: str | os.PathLike, title: str | None = None) -> pathlib.Path:
+    """index.html over every manifest shard in output_dir (a mgpt.generate folder)."""
+    entries = read_all_manifests(output_dir)
+    return write_gallery(output_dir, entries, title=title or f"mgpt: {len(entries)} generated pieces")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mgpt import aot
+from mgpt.train import aot
 from mgpt.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,9 +144,9 @@ def test_matmul_flops_count_each_scanned_layer_and_microbatch():
     import jax
 
     from configs import tiny
-    from mgpt import checkpoint as ckpt_lib
-    from mgpt import config as config_lib
-    from mgpt import train
+    from mgpt.train import checkpoint as ckpt_lib
+    from mgpt.train import config as config_lib
+    from mgpt.train import loop as train
 
     def counted(**model):
         c = tiny.get_config()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from data_prep.vocab import Vocabulary
-from mgpt import data
+from mgpt.train import data
 
 VOCAB = Vocabulary(["bach", "folk"])
 SEQ = 64

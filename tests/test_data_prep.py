@@ -500,7 +500,7 @@ def test_tfrecord_dataset_reads_back_with_tf_data(midi_folder, tmp_path):
 
     assert len(list(tfds.builder_from_directory(path).as_dataset(split="train"))) == len(records)
     # Training reads ArrayRecord only (random access): one line says so.
-    from mgpt import data as data_lib
+    from mgpt.train import data as data_lib
 
     with pytest.raises(FileNotFoundError, match="a TFRecord dataset, and training reads ArrayRecord"):
         data_lib.open_source(path, "train")

@@ -5,10 +5,11 @@ import math
 import numpy as np
 import pytest
 
-from mgpt import features as F
-from mgpt import ngram, originality
+from mgpt.music import features as F
+from mgpt.music import ngram
+from mgpt.music import originality
 from mgpt import eval as ev
-from mgpt import style_classifier as sc
+from mgpt.music import style_classifier as sc
 
 
 def notes_of(rows):
@@ -183,7 +184,7 @@ def test_lstm_gives_logits_of_every_position_and_learns_a_pattern():
     import optax
     from flax import nnx
 
-    from mgpt import lstm
+    from mgpt.model import lstm
 
     cfg = lstm.LSTMConfig(vocab_size=11, num_layers=2, d_model=16)
     model = nnx.jit(lambda: lstm.LSTMLM(cfg, rngs=nnx.Rngs(0)))()
@@ -222,7 +223,8 @@ def test_lstm_gives_logits_of_every_position_and_learns_a_pattern():
 def test_lstm_config_comes_from_the_shared_config_file():
     from configs import lstm as lstm_config
     from configs import small
-    from mgpt import lstm, models
+    from mgpt.model import lstm
+    from mgpt.model import kinds as models
 
     c = lstm_config.get_config()
     assert c.model.kind == "lstm"
@@ -247,7 +249,7 @@ def tiny_report(tmp_path_factory):
 
     from data_prep.vocab import Vocabulary
     from mgpt import eval as E
-    from mgpt import lstm
+    from mgpt.model import lstm
     from mgpt.model import GPT, ModelConfig
 
     rng = np.random.default_rng(0)

@@ -104,7 +104,7 @@ def test_a_build_killed_between_two_renames_puts_the_old_dataset_back(old_datase
         build.build_dataset([f"midi_dir:{_midi_folder(tmp_path / 'new', 4)}"], out, num_workers=1, overwrite=True,
                             **QUIET)
     monkeypatch.setattr(build.os, "rename", real_rename)
-    from mgpt import data as data_lib
+    from mgpt.train import data as data_lib
 
     # The old dataset is at *.replaced now; training (or the next build) first puts it back.
     assert data_lib.resolve_dataset(str(build.dataset_path(out))) == build.dataset_path(out)
@@ -254,7 +254,7 @@ def _tiny_config(dataset_dir, **train):
 @pytest.fixture(scope="module")
 def tiny_run(old_dataset, tmp_path_factory):
     """A 4-step tiny run with checkpoints at steps 2 and 4."""
-    from mgpt import train
+    from mgpt.train import loop as train
 
     workdir = tmp_path_factory.mktemp("run") / "w"
     result = train.train(_tiny_config(build.dataset_path(old_dataset)), str(workdir))
@@ -269,7 +269,7 @@ def _truncate_params(step_dir):
 
 
 def test_resume_falls_back_to_the_newest_step_that_restores(old_dataset, tiny_run, tmp_path, capsys):
-    from mgpt import train
+    from mgpt.train import loop as train
 
     workdir = _copy(tiny_run[0], tmp_path / "w")
     _truncate_params(workdir / "checkpoints" / "4")
@@ -284,8 +284,8 @@ def test_resume_falls_back_to_the_newest_step_that_restores(old_dataset, tiny_ru
 
 
 def test_resume_refuses_in_one_line_when_no_step_restores_and_renames_nothing(old_dataset, tiny_run, tmp_path):
-    from mgpt import checkpoint as ckpt_lib
-    from mgpt import train
+    from mgpt.train import checkpoint as ckpt_lib
+    from mgpt.train import loop as train
 
     workdir = _copy(tiny_run[0], tmp_path / "w")
     for step in ("2", "4"):
@@ -297,7 +297,7 @@ def test_resume_refuses_in_one_line_when_no_step_restores_and_renames_nothing(ol
 
 
 def test_inference_falls_back_and_refuses_only_when_nothing_restores(tiny_run, tmp_path, capsys):
-    from mgpt import checkpoint as ckpt_lib
+    from mgpt.train import checkpoint as ckpt_lib
     from mgpt import generate
 
     workdir = _copy(tiny_run[0], tmp_path / "w")
@@ -334,7 +334,7 @@ def test_a_step_orbax_has_not_finalized_is_never_read(tiny_run, tmp_path, monkey
     # Treat a local folder as such a bucket: step 4 has no commit file (a live or killed save).
     from orbax.checkpoint._src.path import gcs_utils
 
-    from mgpt import checkpoint as ckpt_lib
+    from mgpt.train import checkpoint as ckpt_lib
 
     workdir = _copy(tiny_run[0], tmp_path / "w")
     (workdir / "checkpoints" / "4" / "commit_success.txt").unlink()
@@ -358,7 +358,7 @@ _HOLD_LOCK = (
 def test_a_second_trainer_stops_at_once_naming_the_first(old_dataset, tmp_path):
     import socket
 
-    from mgpt.workdir_lock import WorkdirLock
+    from mgpt.train.workdir_lock import WorkdirLock
 
     workdir = tmp_path / "w"
     workdir.mkdir()
@@ -387,9 +387,9 @@ def test_a_second_trainer_stops_at_once_naming_the_first(old_dataset, tmp_path):
 
 
 def test_a_workdir_that_cannot_be_created_or_locked_is_one_line(old_dataset, tmp_path, capsys):
-    from mgpt import train
+    from mgpt.train import loop as train
     from mgpt.errors import reported
-    from mgpt.workdir_lock import WorkdirLock
+    from mgpt.train.workdir_lock import WorkdirLock
 
     blocker = tmp_path / "a_file"
     blocker.write_text("")
@@ -412,7 +412,7 @@ def test_a_workdir_that_cannot_be_created_or_locked_is_one_line(old_dataset, tmp
 
 
 def test_dataset_dir_may_be_the_build_output_dir_and_anything_else_is_one_line(old_dataset, tmp_path):
-    from mgpt import data as data_lib
+    from mgpt.train import data as data_lib
 
     assert data_lib.resolve_dataset(str(old_dataset)) == build.dataset_path(old_dataset)
     assert data_lib.resolve_dataset(str(old_dataset / build.DATASET_NAME)) == build.dataset_path(old_dataset)
@@ -455,7 +455,7 @@ def _workdir_with_dataset(tiny_run, old_dataset, tmp_path, **vocab_settings):
 ], ids=["resume-velocity", "resume-steps", "warm-start"])
 def test_resume_or_warm_start_refuses_a_dataset_whose_ids_mean_other_events(tiny_run, old_dataset, tmp_path, settings,
                                                                              warm_start, named):
-    from mgpt import train
+    from mgpt.train import loop as train
 
     workdir, data = _workdir_with_dataset(tiny_run, old_dataset, tmp_path, **settings)
     config = _tiny_config(data, steps=6)
@@ -468,7 +468,7 @@ def test_resume_or_warm_start_refuses_a_dataset_whose_ids_mean_other_events(tiny
 
 
 def test_a_tampered_vocab_json_is_one_line(tiny_run, old_dataset, tmp_path):
-    from mgpt import train
+    from mgpt.train import loop as train
 
     workdir, data = _workdir_with_dataset(tiny_run, old_dataset, tmp_path)
     vocab_json = workdir / "vocab.json"
@@ -497,7 +497,7 @@ def small_disk(tmp_path):
 
 
 def test_disk_full_while_training_is_one_line_and_keeps_the_last_checkpoint(old_dataset, small_disk):
-    from mgpt import checkpoint as ckpt_lib
+    from mgpt.train import checkpoint as ckpt_lib
 
     workdir = small_disk / "w"  # params + AdamW state are 1.2 MiB a step: the second save fills the disk
     out = subprocess.run(
@@ -561,7 +561,7 @@ def test_a_read_only_output_dir_is_one_line(tmp_path):
 def test_workdir_json_files_change_only_by_one_rename(tmp_path, monkeypatch):
     from etils import epath
 
-    from mgpt import checkpoint as ckpt_lib
+    from mgpt.train import checkpoint as ckpt_lib
 
     path = epath.Path(tmp_path) / "config.json"
     path.write_text('{"old": true}')
@@ -612,7 +612,7 @@ def test_a_huge_file_is_skipped_with_its_real_size(tmp_path):
 def test_generation_retries_when_rotation_deletes_the_step(tiny_run, tmp_path, monkeypatch, capsys):
     import shutil
 
-    from mgpt import checkpoint as ckpt_lib
+    from mgpt.train import checkpoint as ckpt_lib
 
     workdir = _copy(tiny_run[0], tmp_path / "w")
     real_read = ckpt_lib.read_json_item
@@ -631,7 +631,7 @@ def test_generation_retries_when_rotation_deletes_the_step(tiny_run, tmp_path, m
 def test_generation_takes_the_newer_step_when_rotation_keeps_one(tiny_run, tmp_path, monkeypatch, capsys):
     import shutil
 
-    from mgpt import checkpoint as ckpt_lib
+    from mgpt.train import checkpoint as ckpt_lib
 
     workdir = _copy(tiny_run[0], tmp_path / "w")
     checkpoints = workdir / "checkpoints"

@@ -19,7 +19,9 @@ import pretty_midi
 import pytest
 
 from data_prep.vocab import Vocabulary
-from mgpt import generate, render
+from mgpt import generate
+from mgpt import render
+from mgpt.sample import corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STYLES = ["bach", "chopin", "folk"]
@@ -33,7 +35,7 @@ def _save_checkpoint(workdir, vocab, step=7):
     from flax import nnx
 
     from configs import tiny
-    from mgpt import checkpoint as ckpt_lib
+    from mgpt.train import checkpoint as ckpt_lib
     from mgpt.model import GPT, ModelConfig
 
     config = tiny.get_config()
@@ -252,10 +254,10 @@ def test_killed_batch_generation_resumes_without_duplicates(run, tmp_path, monke
             raise KeyboardInterrupt
         return entry
 
-    monkeypatch.setattr(generate, "_write_piece", write_then_die)
+    monkeypatch.setattr(corpus, "_write_piece", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         generate.generate_corpus(run, out, **opts)
-    monkeypatch.setattr(generate, "_write_piece", real_write)
+    monkeypatch.setattr(corpus, "_write_piece", real_write)
     with open(out / "manifest.jsonl", "a") as f:
         f.write('{"index": 3, "file": "00003_fo')  # and a line cut short mid-write
     assert [e["index"] for e in render.read_manifest(out / "manifest.jsonl")] == [0, 1, 2]
@@ -510,7 +512,7 @@ def test_note_length_guard_defaults_to_the_styles_training_notes(run, capsys):
 def train_set(tmp_path_factory):
     """A small dataset (every piece in train) and one of its pieces to plant: (dataset path, tokens, piece id)."""
     from data_prep import build, synthetic
-    from mgpt import data as data_lib
+    from mgpt.train import data as data_lib
 
     folder = tmp_path_factory.mktemp("train_midi")
     for seed in range(6):
@@ -585,7 +587,7 @@ def test_copy_guard_marks_a_piece_that_copies_on_every_try(run, train_set, tmp_p
 
 
 def test_copy_index_is_built_once_and_cached_beside_the_dataset(run, train_set, monkeypatch):
-    from mgpt import originality
+    from mgpt.music import originality
 
     dataset, planted, planted_id = train_set
     (dataset / originality.INDEX_FILE).unlink(missing_ok=True)

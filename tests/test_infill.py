@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 
 from data_prep.vocab import FIM_TOKENS, Vocabulary
-from mgpt import data, fim, generate, render
+from mgpt.train import data
+from mgpt.sample import fim
+from mgpt import generate
+from mgpt import render
 
 STYLES = ["bach", "folk"]
 
@@ -94,7 +97,7 @@ def _save_run(workdir, vocab):
     from flax import nnx
 
     from configs import tiny
-    from mgpt import checkpoint as ckpt_lib
+    from mgpt.train import checkpoint as ckpt_lib
     from mgpt.model import GPT, ModelConfig
 
     config = tiny.get_config()

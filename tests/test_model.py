@@ -48,7 +48,7 @@ def _pack(*pieces):
 
 @pytest.mark.parametrize("kind", ["gpt", "lstm"])
 def test_packed_piece_scores_as_if_alone(kind):
-    from mgpt import lstm
+    from mgpt.model import lstm
 
     if kind == "gpt":
         model = GPT(ModelConfig(**TINY), rngs=nnx.Rngs(0))
@@ -183,7 +183,7 @@ def test_scanned_params_carry_a_leading_layers_axis_that_is_never_sharded():
     assert qkv.shape == (TINY["num_layers"], 32, 3, 2, 16)
     assert qkv.get_metadata()["out_sharding"] == ("layers", "embed", None, "heads", "kv")
     from configs import common
-    from mgpt import mesh as mesh_lib
+    from mgpt.train import mesh as mesh_lib
 
     assert mesh_lib.rule_table(common.DEFAULT_RULES)["layers"] == ()
 

@@ -4,7 +4,7 @@ import types
 
 import pytest
 
-from mgpt import monitor
+from mgpt.train import monitor
 
 
 @pytest.mark.parametrize(

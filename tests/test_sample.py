@@ -6,8 +6,8 @@ from flax import nnx
 
 from data_prep.vocab import Vocabulary
 from mgpt.model import GPT, ModelConfig
-import mgpt.sample as sample_lib
-from mgpt.sample import _choose, filter_logits, generate_tokens, sampling_settings, window_prompt
+import mgpt.sample.sampler as sample_lib
+from mgpt.sample.sampler import _choose, filter_logits, generate_tokens, sampling_settings, window_prompt
 
 VOCAB = Vocabulary(["bach", "chopin"])
 CFG = ModelConfig(
@@ -313,7 +313,7 @@ def test_release_share_hands_masked_note_off_mass_to_sounding_notes():
 
 
 def test_guidance_one_is_the_plain_sampler_byte_for_byte_and_compiles_nothing_new(model):
-    from mgpt.sample import sample_window
+    from mgpt.sample.sampler import sample_window
 
     prompts = [np.array([STYLE]), np.array([VOCAB.style_id("chopin"), *_ids(VOCAB.note_on_offset + 30, 3)])]
     kw = dict(seeds=[3, 4], max_events=3 * CFG.max_len, top_p=0.95)  # several windows
@@ -347,7 +347,7 @@ def test_guidance_zero_samples_exactly_as_the_unknown_style_in_every_window(mode
 def test_guided_event_is_the_argmax_of_the_mixed_logits(model):
     # First event, greedy: argmax over allowed tokens of l_uncond + G (l_cond - l_uncond), with the
     # two logit rows taken from a plain forward pass of each prompt.
-    from mgpt.sample import note_rules, token_tables
+    from mgpt.sample.sampler import note_rules, token_tables
 
     tables = token_tables(VOCAB)
     num_pitches = VOCAB.max_pitch - VOCAB.min_pitch + 1

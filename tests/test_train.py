@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from mgpt import checkpoint as ckpt_lib
-from mgpt import config as config_lib
-from mgpt import mesh as mesh_lib
-from mgpt import train
+from mgpt.train import checkpoint as ckpt_lib
+from mgpt.train import config as config_lib
+from mgpt.train import mesh as mesh_lib
+from mgpt.train import loop as train
 from mgpt.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,7 +82,7 @@ def test_trainer_validation_scores_pieces_as_mgpt_evaluate_does():
     from flax import nnx
 
     from data_prep.vocab import Vocabulary
-    from mgpt import data as data_lib
+    from mgpt.train import data as data_lib
     from mgpt.eval import inputs, likelihood
     from mgpt.model import GPT, ModelConfig
 
@@ -121,7 +121,7 @@ def test_resume_is_bitwise_identical_with_worker_processes(dataset, tmp_path):
 
 
 def test_training_records_hold_only_tokens_and_style_as_tfds_decodes_them(dataset):
-    from mgpt import data as data_lib
+    from mgpt.train import data as data_lib
 
     lean, full = (data_lib.open_source(dataset, "train", training_only=t) for t in (True, False))
     assert len(lean) == len(full) > 0
@@ -295,7 +295,7 @@ def test_auto_without_a_cluster_is_a_single_process_run(monkeypatch):
 
 
 def test_a_validation_split_smaller_than_the_host_count_stops_at_start_up(dataset, tmp_path, monkeypatch):
-    from mgpt import data as data_lib
+    from mgpt.train import data as data_lib
 
     real_open, real_resolve = data_lib.open_source, data_lib.resolve_dataset
 
@@ -362,7 +362,10 @@ _EIGHT_DEVICES = textwrap.dedent(
     import json, jax, numpy as np
     import ml_collections
     from configs import tiny, large
-    from mgpt import checkpoint as ckpt_lib, config as config_lib, mesh as mesh_lib, train
+    from mgpt.train import checkpoint as ckpt_lib
+    from mgpt.train import config as config_lib
+    from mgpt.train import mesh as mesh_lib
+    from mgpt.train import loop as train
     from mgpt.errors import UserError
 
     out = {}
@@ -505,7 +508,7 @@ _ELASTIC = textwrap.dedent(
     """
     import json, sys
     from configs import tiny
-    from mgpt import train
+    from mgpt.train import loop as train
 
     dataset, workdir, data, fsdp, max_steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     c = tiny.get_config()

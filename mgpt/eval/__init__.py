@@ -22,15 +22,15 @@ is `python -m mgpt.evaluate`.
 from mgpt.errors import UserError
 from mgpt.eval.coherence import coherence_by_style, coherence_section
 from mgpt.eval.composer import composer_study, write_composer_study
-from mgpt.eval.features import feature_section
+from mgpt.eval.features_section import feature_section
 from mgpt.eval.guidance import guidance_sweep, parse_guidances, write_guidance_sweep
 from mgpt.eval.inputs import (Generated, Model, Options, Piece, jsonable, load_split, model_from_run,
                               read_generated, resolve_dataset)
 from mgpt.eval.likelihood import likelihood_section
-from mgpt.eval.originality import originality_section
-from mgpt.eval.references import References, references
+from mgpt.eval.originality_section import originality_section
+from mgpt.eval.references import References, fit_classifier, references
 from mgpt.eval.report import SECTIONS, evaluate, targets
-from mgpt.eval.style import fit_classifier, style_section
+from mgpt.eval.style_section import style_section
 
 __all__ = [
     "SECTIONS", "Generated", "Model", "Options", "Piece", "References", "UserError", "coherence_by_style",

@@ -13,7 +13,7 @@ import numpy as np
 
 from data_prep.notes import Notes, crop
 from data_prep.vocab import normalize_label
-from mgpt import features as F
+from mgpt.music import features as F
 from mgpt.eval.inputs import Generated, Options, valid
 from mgpt.eval.references import References
 

@@ -18,7 +18,7 @@ from mgpt.errors import UserError
 from mgpt.eval import pages
 from mgpt.eval.inputs import Options, jsonable, load_split, model_from_run, resolve_dataset
 from mgpt.eval.likelihood import model_nats, rates, windows
-from mgpt.eval.style import fit_classifier
+from mgpt.eval.references import fit_classifier
 
 
 def composer_study(
@@ -39,7 +39,7 @@ def composer_study(
     that style; the classifier (trained on the base run's dataset, all styles)
     says which style each piece sounds like.
     """
-    from mgpt import generate
+    from mgpt.sample.run import Run
 
     target = normalize_label(composer)
     base_model, vocab, base_config = model_from_run("base", base_workdir)
@@ -71,7 +71,7 @@ def composer_study(
         nats, count = model_nats(m.model, w, m.seq_len, len(mine), options.batch_size)
         w_o = windows(others, v, m.seq_len)
         nats_o, count_o = model_nats(m.model, w_o, m.seq_len, len(others), options.batch_size) if others else (np.zeros(0), np.zeros(0, int))
-        run = generate.Run(model=m.model, vocab=v, config=config, step=m.step or 0, workdir=wd)
+        run = Run(model=m.model, vocab=v, config=config, step=m.step or 0, workdir=wd)
         rows = run.generate_ids(style if style in run.styles else "unconditional", num_samples, seed=options.seed,
                                 max_seconds=max_seconds)
         pred = clf.predict([crop(v.decode_notes(r), options.crop_seconds) for r in rows]) if clf is not None else None

@@ -17,11 +17,11 @@ import numpy as np
 from data_prep.vocab import Vocabulary
 from mgpt.errors import UserError
 from mgpt.eval import pages
-from mgpt.eval.features import feature_section
+from mgpt.eval.features_section import feature_section
 from mgpt.eval.inputs import Options, Piece, jsonable, read_generated
-from mgpt.eval.originality import originality_section
+from mgpt.eval.originality_section import originality_section
 from mgpt.eval.references import mean_of, references
-from mgpt.eval.style import style_section
+from mgpt.eval.style_section import style_section
 
 
 def parse_guidances(spec: str) -> list[float]:
@@ -53,7 +53,8 @@ def guidance_sweep(
     `num_samples` pieces generated with G (into output_dir/guidance_G), plus a plot of accuracy
     against overlap. The figures come from the report's own sections (`references` once, then
     `style_section`, `feature_section` and `originality_section` per G)."""
-    from mgpt import generate
+    from mgpt import render
+    from mgpt.sample import corpus
 
     o = options
     out_dir = pathlib.Path(output_dir)
@@ -66,10 +67,10 @@ def guidance_sweep(
     for g in guidances:
         folder = out_dir / f"guidance_{g:g}"
         log(f"guidance {g:g}: generating {num_samples} pieces into {folder}")
-        generate.generate_corpus(run, folder, num_samples=num_samples, styles=styles, seed=o.seed,
+        corpus.generate_corpus(run, folder, num_samples=num_samples, styles=styles, seed=o.seed,
                                  sampling=dataclasses.replace(sampling, guidance=float(g)), progress=progress,
                                  max_copy_seconds=0)  # measure the model, not the guard
-        generate.write_gallery(folder)
+        render.write_folder_gallery(folder)
         valid = [p for p in read_generated(folder, vocab) if p.valid]
         style = style_section(refs, valid, o, None)
         real_accuracy = style.get("real_test", {}).get("accuracy")

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mgpt import fim
+from mgpt.sample import fim
 from mgpt.errors import UserError, reported
 
 MIN_PROMPT = 32  # tokens of prefix + suffix context at the least
@@ -67,7 +67,7 @@ def scoring_rows(vocab, style: int, gap: fim.Gap, window: int):
 def evaluate(run, pieces, *, gaps_per_piece: int = 2, min_gap: float = 2.0, max_gap: float = 8.0,
              margin: float = 1.0, seed: int = 0, batch_size: int = 16, sample: bool = True, log=print) -> dict:
     from mgpt.eval.likelihood import model_nats
-    from mgpt.generate import Sampling
+    from mgpt.sample.run import Sampling
 
     vocab = run.vocab
     if not vocab.fim:
@@ -232,11 +232,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not fv.margin >= 0:
         raise UserError(f"--margin must be >= 0 seconds, got {fv.margin}")
     logging.set_verbosity(logging.ERROR)
-    from mgpt import generate
+    from mgpt.sample import run as run_lib
     from mgpt.eval.inputs import load_split
 
-    run = generate.load_run(fv.workdir)
-    generate.check_infill_model(run.vocab, fv.workdir, flag="--workdir")
+    run = run_lib.load_run(fv.workdir)
+    run_lib.check_infill_model(run.vocab, fv.workdir, flag="--workdir")
     dataset = fv.dataset_dir or run.dataset_dir
     if not dataset:
         raise UserError(f"{fv.workdir}: its dataset is not on this machine; pass --dataset_dir")

@@ -35,7 +35,7 @@ class Piece:
 
 def load_split(dataset_dir: str | os.PathLike, split: str) -> list[Piece]:
     """Every piece of one split of a data_prep dataset."""
-    from mgpt import data as data_lib
+    from mgpt.train import data as data_lib
 
     source = data_lib.open_source(dataset_dir, split)
     pieces = []
@@ -82,10 +82,10 @@ def read_generated(generated_dir: str | os.PathLike, vocab: Vocabulary) -> list[
     """
     import note_seq
 
-    from mgpt import generate
+    from mgpt import render
 
     generated_dir = pathlib.Path(generated_dir)
-    entries = generate.read_all_manifests(generated_dir)
+    entries = render.read_all_manifests(generated_dir)
     if not entries:
         raise UserError(f"--generated_dir={generated_dir}: no manifest.jsonl with pieces there")
     out = []
@@ -134,8 +134,8 @@ def training_tokens(config, step: int) -> int:
 
 def model_from_run(name: str, workdir: str) -> tuple[Model, Vocabulary, object]:
     """(Model, its vocabulary, its config) of a trained run's latest checkpoint."""
-    from mgpt import models
-    from mgpt.checkpoint import restore_model
+    from mgpt.model import kinds as models
+    from mgpt.train.checkpoint import restore_model
 
     model, vocab, config, step = restore_model(workdir)
     params = models.model_config(config.model, vocab.size).num_params()
@@ -145,7 +145,7 @@ def model_from_run(name: str, workdir: str) -> tuple[Model, Vocabulary, object]:
 
 def resolve_dataset(dataset_dir: str) -> pathlib.Path:
     """The dataset folder a run or --dataset_dir names (built on demand, as the trainer does)."""
-    from mgpt import data as data_lib
+    from mgpt.train import data as data_lib
 
     try:
         return pathlib.Path(str(data_lib.resolve_dataset(dataset_dir)))

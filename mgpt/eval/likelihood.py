@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from data_prep.vocab import Vocabulary
-from mgpt import ngram as ngram_lib
+from mgpt.music import ngram as ngram_lib
 from mgpt.errors import UserError
 from mgpt.eval.inputs import Model, Options, Piece
 
@@ -32,7 +32,7 @@ def windows(pieces: Sequence[Piece], vocab: Vocabulary, seq_len: int) -> list[tu
     piece's conditioning token, plus the state carried when it starts mid-piece (the
     VELOCITY in force and the notes still sounding); those are given, never predicted. `predicted` is a bool per token.
     """
-    from mgpt import data as data_lib
+    from mgpt.train import data as data_lib
 
     out = []
     for i, p in enumerate(pieces):

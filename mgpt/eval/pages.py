@@ -11,7 +11,7 @@ import json
 import os
 import pathlib
 
-from mgpt import features as F
+from mgpt.music import features as F
 
 
 def fmt(v, digits=3) -> str:

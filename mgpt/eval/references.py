@@ -12,12 +12,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from data_prep.notes import crop
+from data_prep.notes import Notes, crop
 from data_prep.vocab import UNKNOWN_STYLE, Vocabulary
-from mgpt import features as F
-from mgpt import originality as orig
-from mgpt.eval.inputs import Options, Piece
-from mgpt.eval.style import fit_classifier
+from mgpt.music import features as F
+from mgpt.music import originality as orig
+from mgpt.eval.inputs import Options, Piece, window_crop
+from mgpt.music import style_classifier as sc
 
 
 @dataclasses.dataclass
@@ -91,3 +91,10 @@ def references(vocab: Vocabulary, train: Sequence[Piece], test: Sequence[Piece],
 def mean_of(cmp: dict, key: str) -> float:
     vals = [v[key] for v in cmp.values() if v.get(key) is not None and np.isfinite(v[key])]
     return float(np.mean(vals)) if vals else float("nan")
+
+
+def fit_classifier(labelled: Sequence[tuple[Notes, str]], o: Options, rng: np.random.Generator) -> sc.StyleClassifier:
+    """The style classifier on (notes, style) pairs: each piece's first o.crop_seconds, and again
+    as a random window of that length (rng), so that it does not learn only how pieces begin."""
+    x = [crop(n, o.crop_seconds) for n, _ in labelled] + [window_crop(n, o.crop_seconds, rng) for n, _ in labelled]
+    return sc.StyleClassifier(seed=o.seed).fit(x, [s for _, s in labelled] * 2)

@@ -18,12 +18,12 @@ import numpy as np
 from data_prep.vocab import Vocabulary
 from mgpt.errors import UserError
 from mgpt.eval.coherence import COHERENCE_TOLERANCE, coherence_section
-from mgpt.eval.features import feature_section
+from mgpt.eval.features_section import feature_section
 from mgpt.eval.inputs import Generated, Model, Options, Piece, jsonable, valid
 from mgpt.eval.likelihood import likelihood_section
-from mgpt.eval.originality import originality_section
+from mgpt.eval.originality_section import originality_section
 from mgpt.eval.references import References, references
-from mgpt.eval.style import style_section
+from mgpt.eval.style_section import style_section
 
 
 def validity_section(refs: References, generated: Sequence[Generated], o: Options,

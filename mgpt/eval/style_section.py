@@ -1,6 +1,7 @@
 """Style section: does a generated piece sound like the style it was conditioned on?
 
-A logistic-regression classifier (mgpt.style_classifier) trained on the real train
+A logistic-regression classifier (mgpt.music.style_classifier, fitted by
+mgpt.eval.references.fit_classifier) trained on the real train
 split judges real test pieces (its ceiling) and generated pieces.
 """
 
@@ -8,24 +9,12 @@ from __future__ import annotations
 
 import pathlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-import numpy as np
-
-from data_prep.notes import Notes, crop
+from data_prep.notes import crop
 from data_prep.vocab import normalize_label
-from mgpt import style_classifier as sc
-from mgpt.eval.inputs import Generated, Options, valid, window_crop
-
-if TYPE_CHECKING:  # only for annotations: references.py imports this module for fit_classifier
-    from mgpt.eval.references import References
-
-
-def fit_classifier(labelled: Sequence[tuple[Notes, str]], o: Options, rng: np.random.Generator) -> sc.StyleClassifier:
-    """The style classifier on (notes, style) pairs: each piece's first o.crop_seconds, and again
-    as a random window of that length (rng), so that it does not learn only how pieces begin."""
-    x = [crop(n, o.crop_seconds) for n, _ in labelled] + [window_crop(n, o.crop_seconds, rng) for n, _ in labelled]
-    return sc.StyleClassifier(seed=o.seed).fit(x, [s for _, s in labelled] * 2)
+from mgpt.music import style_classifier as sc
+from mgpt.eval.inputs import Generated, Options, valid
+from mgpt.eval.references import References
 
 
 def style_section(refs: References, generated: Sequence[Generated], o: Options,

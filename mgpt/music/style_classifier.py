@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mgpt import features as F
+from mgpt.music import features as F
 from data_prep.notes import Notes
 
 _MAX_INTERVAL = 12  # interval unigrams over -12..12 (clipped)

@@ -29,9 +29,9 @@ from etils import epath
 from ml_collections import config_flags
 
 from data_prep.vocab import Vocabulary
-from mgpt import checkpoint as ckpt_lib
-from mgpt import config as config_lib
-from mgpt import train as train_lib  # this command compiles the trainer's own steps
+from mgpt.train import checkpoint as ckpt_lib
+from mgpt.train import config as config_lib
+from mgpt.train import loop as train_lib  # this command compiles the trainer's own steps
 from mgpt.errors import UserError, reported
 
 GiB = 2**30
@@ -466,7 +466,7 @@ def _vocab_size(config) -> int:
     """The dataset's vocabulary size when its vocab.json is here, else the default vocabulary's.
 
     Compiling needs no data; the vocabulary only sizes the embedding."""
-    from mgpt import data as data_lib
+    from mgpt.train import data as data_lib
 
     path = epath.Path(config.data.dataset_dir)
     found = [path] if (path / "vocab.json").exists() else data_lib.datasets_below(path) if path.is_dir() else []

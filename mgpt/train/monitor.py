@@ -55,7 +55,7 @@ def measure_matmul_flops(dtype: str = "float32", n: int = 1024, seconds: float =
     so the peak holds whichever of the two a jaxlib makes faster (in jaxlib 0.10.2 they
     measured alike at n = 1024).
     """
-    from mgpt import mesh as mesh_lib  # mesh imports flax; keep this module light
+    from mgpt.train import mesh as mesh_lib  # mesh imports flax; keep this module light
 
     a = jnp.ones((n, n), dtype)
     train_options = mesh_lib.compiler_options()

@@ -242,7 +242,7 @@ def training_index(dataset_path: str | os.PathLike, vocab) -> tuple[CopyIndex, l
                 return CopyIndex.from_arrays(z), [str(x) for x in z["piece_ids"]]
     except (OSError, KeyError, ValueError):  # absent, cut short or from another format: rebuild
         pass
-    from mgpt import data as data_lib
+    from mgpt.train import data as data_lib
 
     source = data_lib.open_source(dataset_path, "train")
     notes, piece_ids = [], []

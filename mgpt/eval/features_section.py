@@ -10,7 +10,7 @@ import pathlib
 from collections.abc import Sequence
 
 from data_prep.notes import crop
-from mgpt import features as F
+from mgpt.music import features as F
 from mgpt.eval.inputs import Generated, Options, valid
 from mgpt.eval.references import References, mean_of
 

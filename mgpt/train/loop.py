@@ -26,12 +26,13 @@ import optax
 from etils import epath
 from flax import nnx
 
-from mgpt import checkpoint as ckpt_lib
-from mgpt import config as config_lib
-from mgpt import mesh as mesh_lib
-from mgpt import models, monitor
+from mgpt.train import checkpoint as ckpt_lib
+from mgpt.train import config as config_lib
+from mgpt.train import mesh as mesh_lib
+from mgpt.model import kinds as models
+from mgpt.train import monitor
 from mgpt.errors import UserError, is_disk_full, not_disk_full, quiet_after_disk_full, quiet_dead_event_loop, reported
-from mgpt.workdir_lock import WorkdirLock
+from mgpt.train.workdir_lock import WorkdirLock
 
 
 class NonFiniteLoss(RuntimeError):
@@ -222,7 +223,7 @@ def compile_eval_step(s: Setup):
 
 def abstract_batch(rows: int, seq_len: int, sharding) -> dict:
     """The batch the train and eval steps take (mgpt.data), as shapes: for compiling ahead of time."""
-    from mgpt import data as data_lib
+    from mgpt.train import data as data_lib
 
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
             for k, (shape, dtype) in data_lib.batch_shapes(rows, seq_len).items()}
@@ -264,7 +265,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
 
     # The input pipeline (grain) is imported here, not with the module: the model and the
     # train step import without it (benchmarks/gpu_check.py feeds synthetic rows).
-    from mgpt import data as data_lib
+    from mgpt.train import data as data_lib
 
     t, d = config.train, config.data
     dataset_path = data_lib.resolve_dataset(d.dataset_dir)
@@ -479,20 +480,3 @@ def main(argv, config, workdir) -> None:
         last = f"step {steps[-1]}" if steps else "none yet"
         raise SystemExit(f"disk full writing {workdir}: nothing complete was lost (last complete checkpoint: {last}); "
                          "free some space and re-run to resume") from None
-
-
-def _run_command() -> None:
-    """The absl command: its flags exist only here, so importing mgpt.train defines none."""
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config = config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/tiny.py.",
-                                             lock_config=True)
-    workdir = flags.DEFINE_string("workdir", None, "Where checkpoints, config.json, vocab.json and TensorBoard logs go.")
-
-    app.run(reported(lambda argv: main(argv, config.value, workdir.value)),
-            flags_parser=reported(config_lib.parse_flags))
-
-
-if __name__ == "__main__":
-    _run_command()

@@ -10,7 +10,8 @@ from __future__ import annotations
 import ml_collections
 from flax import nnx
 
-from mgpt import lstm, model
+from mgpt.model import lstm
+from mgpt.model import gpt as model
 from mgpt.errors import UserError
 
 KINDS = {

@@ -366,7 +366,7 @@ def restore_model(workdir: str, step: int | None = None):
     from flax import nnx
 
     from data_prep.vocab import Vocabulary
-    from mgpt import models
+    from mgpt.model import kinds as models
 
     def load(root, at_step):
         config = ml_collections.ConfigDict(read_json_item(root, at_step, "config"))

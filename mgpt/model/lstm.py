@@ -47,7 +47,7 @@ class LSTMConfig:
     @classmethod
     def from_config(cls, model_config: Mapping[str, Any] | Any, vocab_size: int) -> "LSTMConfig":
         """From `config.model`; GPT-only fields there (num_heads, mlp_dim, ...) are ignored."""
-        from mgpt.model import dataclass_from_config
+        from mgpt.model.gpt import dataclass_from_config
 
         return dataclass_from_config(cls, model_config, vocab_size)
 

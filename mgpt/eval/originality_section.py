@@ -11,7 +11,7 @@ import pathlib
 from collections.abc import Sequence
 
 from data_prep.notes import crop
-from mgpt import originality as orig
+from mgpt.music import originality as orig
 from mgpt.eval.inputs import Generated, Options, valid
 from mgpt.eval.references import References
 

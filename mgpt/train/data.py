@@ -63,7 +63,7 @@ import numpy as np
 from etils import epath
 
 from data_prep.vocab import Vocabulary
-from mgpt import fim as fim_lib
+from mgpt.sample import fim as fim_lib
 from mgpt.errors import MissingInput, UserError
 
 SPLITS = ("train", "validation", "test")
@@ -159,7 +159,7 @@ def choose_vocab(dataset_path: epath.Path, workdir: epath.Path, init_from: str) 
     the dataset's event layout must match it, while its style labels may differ
     (labels the checkpoint doesn't know are conditioned on STYLE:unknown).
     """
-    from mgpt import checkpoint as ckpt_lib
+    from mgpt.train import checkpoint as ckpt_lib
 
     run_vocab_path = workdir / "vocab.json"
     try:  # a damaged or hand-edited vocab.json is a one-line error naming the file

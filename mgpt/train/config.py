@@ -16,9 +16,9 @@ import ml_collections
 from etils import epath
 from flax import nnx
 
-from mgpt import checkpoint as ckpt_lib
-from mgpt import mesh as mesh_lib
-from mgpt import models
+from mgpt.train import checkpoint as ckpt_lib
+from mgpt.train import mesh as mesh_lib
+from mgpt.model import kinds as models
 from mgpt.errors import UserError
 
 

@@ -63,7 +63,7 @@ import flax
 from flax import nnx
 
 from data_prep.vocab import Vocabulary
-from mgpt.model import GPT
+from mgpt.model.gpt import GPT
 
 
 SILENT = np.iinfo(np.int32).max  # onset_BxP value of a pitch that is not sounding
@@ -592,7 +592,7 @@ def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events,
     max_note_steps_B[:n] = max_note_steps
     hold_BxP = fill_B = None
     if gaps is not None:
-        from mgpt import fim
+        from mgpt.sample import fim
 
         hold_BxP = np.zeros_like(state.open_BxP)
         fill_B = np.arange(batch) < n

@@ -1,0 +1,518 @@
+"""The `Run` API a notebook uses, and the reading of a command's inputs (primer, infill, styles).
+
+    from mgpt.sample.run import load_run
+    run = load_run("runs/demo")
+    pieces = run.generate(style="bach", n=4, max_seconds=20, top_p=0.95)   # NoteSequences
+    pieces = run.generate(style="bach", n=4, max_seconds=20, guidance=2.0)  # style guidance
+    run.write_midi(pieces, "out/notebook")                                  # -> .mid paths
+    filled = run.infill("mine.mid", start=8.0, end=12.0, n=4, style="bach")  # NoteSequences, gap refilled
+
+`guidance=G` strengthens the requested style by classifier-free guidance (mgpt.sample.sampler;
+the model must have been trained with data.style_dropout > 0, and such a model samples with
+G = 1.5 unless told otherwise; G = 1 is plain sampling).
+
+`infill(FILE.mid, start=S, end=E)` (seconds) keeps the file outside [S, E) and fills the gap:
+the model (trained with data.fim_rate > 0) reads the music before S, the music from E on and
+the gap's length, and writes a middle that lasts exactly E - S and leaves sounding at E just the
+notes the file has sounding there (mgpt/sample/fim.py). Each sample is the whole joined piece.
+
+Whole corpora (manifests, resume, the copy guard) are mgpt.sample.corpus; the command line is
+mgpt.generate.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from data_prep import notes as notes_lib
+from data_prep.vocab import UNKNOWN_STYLE, Vocabulary, normalize_label
+from mgpt import render
+from mgpt.errors import UserError
+
+UNCONDITIONAL = "unconditional"
+ALL_STYLES = "all"
+DEFAULT_MAX_EVENTS = 1024  # when neither --max_events nor --max_seconds is given
+# The note-length guard's default: this percentile of the requested style's note lengths in
+# the training data (build.json's note_seconds). 99.5 cuts only notes longer than nearly
+# all real ones; FALLBACK_MAX_NOTE_SECONDS serves a run whose dataset has no such table.
+NOTE_GUARD_PERCENTILE = "p99.5"
+FALLBACK_MAX_NOTE_SECONDS = 8.0
+# Style guidance for a model trained with style dropout (it runs every row twice). On four demo
+# models (README, Results) G = 1.5 took style accuracy from 79-88.5 % to 83-95.8 %, keeping the
+# feature overlap at 0.85-0.91x its ceiling; G = 2 did better on two of them (99 % on the final
+# one) and worse on two, and G = 3 lost overlap (0.80x).
+DEFAULT_GUIDANCE = 1.5
+
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def resolve_styles(vocab: Vocabulary, spec: str) -> list[str]:
+    """'--style' -> the style cycle: a name, a comma list, 'all' (every known style) or 'unconditional'.
+
+    Names are normalised like dataset labels ('J.S. Bach' -> 'j_s_bach'). Returns
+    style names, with 'unconditional' meaning the STYLE:unknown token.
+    """
+    known = [s for s in vocab.styles if s != UNKNOWN_STYLE]
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise UserError(f"--style is empty; known styles: {_style_help(known)}")
+    out: list[str] = []
+    for name in names:
+        if name.lower() == ALL_STYLES:
+            out.extend(known or [UNCONDITIONAL])
+        elif name.lower() in (UNCONDITIONAL, UNKNOWN_STYLE, "none"):
+            out.append(UNCONDITIONAL)
+        elif normalize_label(name) in known:
+            out.append(normalize_label(name))
+        else:
+            raise UserError(f"--style={name}: not a style of this model; known styles: {_style_help(known)}")
+    return out
+
+
+def _style_help(known: Sequence[str]) -> str:
+    listed = ", ".join(known) if known else "(none: the model was trained without labels)"
+    return f"{listed} (or {UNCONDITIONAL}, or {ALL_STYLES})"
+
+
+def style_token(vocab: Vocabulary, style: str) -> int:
+    return vocab.unknown_style_id if style == UNCONDITIONAL else vocab.style_id(style)
+
+
+def load_primer(path: str | os.PathLike, vocab: Vocabulary, seconds: float = 0.0) -> np.ndarray:
+    """The first `seconds` of a MIDI file (0 = all of it) as event ids, sustain pedal applied;
+    a negative `seconds` is a UserError, as `--primer_seconds<0` is.
+
+    Notes still sounding at the cut are shortened to end there, so the primer is
+    complete music on its own and the model continues from its last event.
+    Raises UserError naming the file when it is missing, unreadable or has no notes.
+    """
+    _check_primer_seconds(seconds)
+    path = os.fspath(path)
+    notes = notes_lib.crop(_read_midi_notes("primer", path), seconds or None)
+    ids = vocab.encode_notes(*notes)
+    if not vocab.is_event(ids).any():
+        span = f"in its first {seconds:g} s" if seconds else "at all"
+        raise UserError(
+            f"--primer={path}: no notes {span} in the model's pitch range {vocab.min_pitch}..{vocab.max_pitch}"
+        )
+    return ids
+
+
+def _read_midi_notes(flag: str, path: str | os.PathLike):
+    """The notes of a MIDI file (sustain applied, drums left out), or a UserError naming `flag`."""
+    import note_seq
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"--{flag}={path}: no such file")
+    try:
+        ns = note_seq.midi_file_to_note_sequence(path)
+    except Exception as e:  # pretty_midi/mido raise many types on corrupt files; all mean the same to a user
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--{flag}={path}: not a readable MIDI file ({reason[:200]})") from None
+    notes = notes_lib.from_sequence(ns)
+    return notes.select(notes.end_s > notes.start_s)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Infill:
+    """A gap [start, end) seconds to fill in a MIDI file: its events and their cut (`mgpt.fim.Gap`)."""
+
+    path: str
+    start: float
+    end: float
+    ids: np.ndarray = dataclasses.field(repr=False)
+    gap: object = dataclasses.field(repr=False)
+
+    def to_dict(self) -> dict:
+        return {"file": self.path, "start": self.start, "end": self.end}
+
+
+def check_infill_times(start, end) -> None:
+    """The checks that need no file: one line naming the setting."""
+    if start is None or end is None:
+        raise UserError("--infill needs --infill_start and --infill_end (seconds of the file, start < end)")
+    if not (np.isfinite(start) and start >= 0):
+        raise UserError(f"--infill_start={start}: must be a time in seconds >= 0")
+    if not (np.isfinite(end) and end > start):
+        raise UserError(f"--infill_end={end}: must be later than --infill_start={start}")
+
+
+def load_infill(path: str | os.PathLike, vocab: Vocabulary, start: float, end: float) -> Infill:
+    """A MIDI file cut for infilling at [start, end) seconds (both on the 10 ms grid of the events).
+
+    Raises UserError naming the setting: a missing or unreadable file, no notes, a gap that is
+    not inside the file's music (0 <= start < end <= its last note's end), or one too short to hold
+    a time step.
+    """
+    from mgpt.sample import fim
+
+    check_infill_times(start, end)
+    path = os.fspath(path)
+    ids = vocab.encode_notes(*_read_midi_notes("infill", path))
+    if not vocab.is_event(ids).any():
+        raise UserError(f"--infill={path}: no notes in the model's pitch range {vocab.min_pitch}..{vocab.max_pitch}")
+    length = vocab.seconds(ids)
+    if end > length + 0.5 / vocab.steps_per_second:
+        raise UserError(f"--infill_end={end:g}: past the end of {path}, whose music ends at {length:.2f} s")
+    sps = vocab.steps_per_second
+    start_step, end_step = int(round(start * sps)), int(round(end * sps))
+    if end_step <= start_step:
+        raise UserError(f"--infill_end={end:g}: the gap from --infill_start={start:g} is shorter than one "
+                        f"{1000 // sps} ms step")
+    return Infill(path, float(start), float(end), ids, fim.Gap.cut(vocab, ids, start_step, end_step))
+
+
+def check_infill_model(vocab: Vocabulary, workdir: str, flag: str = "--infill") -> None:
+    if not vocab.fim:
+        raise UserError(f"{flag}: the model in {workdir} has no FIM tokens (it was trained with data.fim_rate = 0 "
+                        "or before infilling existed); train one with data.fim_rate > 0, as configs/small.py does")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """Sampling controls and the length budget (new events and/or seconds of new music).
+
+    The defaults (temperature 0.9, top-p 0.95) were chosen with `mgpt.evaluate` on the
+    demo model: against plain sampling they raised the share of pieces classified as
+    their requested style from 73 % to 85-91 % and the musical-feature overlap with real
+    pieces from 0.71x to 0.85-0.92x the real-vs-real ceiling (README, Evaluating).
+    """
+
+    temperature: float = 0.9
+    top_k: int = 0
+    top_p: float = 0.95
+    min_p: float = 0.0
+    greedy: bool = False
+    max_events: int | None = None
+    max_seconds: float | None = None
+    max_note_seconds: float | None = None  # the note-length guard: None = from the data, 0 = off
+    guidance: float | None = None  # style guidance G (1 = off; None = the run's default, `Run.sampling`)
+
+    def __post_init__(self):
+        from mgpt.sample.sampler import sampling_settings
+
+        try:
+            sampling_settings(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                              greedy=self.greedy)
+        except ValueError as e:
+            raise UserError(f"--{e}") from None
+        # A zero budget writes pieces with no new music: refused rather than done silently.
+        if self.max_events is not None and self.max_events < 1:
+            raise UserError(f"--max_events must be >= 1, got {self.max_events}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise UserError(f"--max_seconds must be > 0, got {self.max_seconds}")
+        if self.max_note_seconds is not None and not self.max_note_seconds >= 0:
+            raise UserError(f"--max_note_seconds must be >= 0 (0 = off), got {self.max_note_seconds}")
+        if self.guidance is not None:
+            try:
+                guidance_ok = np.isfinite(float(self.guidance)) and float(self.guidance) >= 0
+            except (TypeError, ValueError):
+                guidance_ok = False
+            if not guidance_ok:
+                raise UserError(f"--guidance must be a number >= 0 (1 = off), got {self.guidance!r}")
+            object.__setattr__(self, "guidance", float(self.guidance))  # a plain float for the manifest's JSON
+
+    def budget(self) -> dict:
+        if self.max_events is None and self.max_seconds is None:
+            return {"max_events": DEFAULT_MAX_EVENTS, "max_seconds": None}
+        return {"max_events": self.max_events, "max_seconds": self.max_seconds}
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), **self.budget()}
+
+
+# ----------------------------------------------------------------------------- a loaded run
+
+
+@dataclasses.dataclass
+class Run:
+    """A trained model ready to sample: `load_run(workdir)`; then `generate` / `write_midi`."""
+
+    model: object
+    vocab: Vocabulary
+    config: object = None
+    step: int = 0
+    workdir: str = ""
+    note_seconds: dict = dataclasses.field(default_factory=dict)  # build.json's per-style note lengths
+    dataset_dir: str | None = None  # the training dataset when it is on this machine (the copy guard's)
+    _replicas: dict = dataclasses.field(default_factory=dict, repr=False)
+    _guard_fallbacks: set = dataclasses.field(default_factory=set, repr=False, init=False)  # styles warned about
+
+    @property
+    def default_guidance(self) -> float:
+        """DEFAULT_GUIDANCE for a model trained with style dropout (it knows STYLE:unknown, the
+        unconditional twin guidance needs), else 1: plain sampling."""
+        dropout = getattr(self.config.data, "style_dropout", 0.0) if self.config is not None else 0.0
+        return DEFAULT_GUIDANCE if dropout and dropout > 0 else 1.0
+
+    def sampling(self, sampling: Sampling, prompts: Sequence[np.ndarray] = ()) -> Sampling:
+        """`sampling` with its defaults that depend on this run filled in: guidance, which is 1
+        when every prompt is unconditional (its twin would be itself: twice the work, same piece)."""
+        if sampling.guidance is not None:
+            return sampling
+        unconditional = len(prompts) and all(int(p[0]) == self.vocab.unknown_style_id for p in prompts)
+        return dataclasses.replace(sampling, guidance=1.0 if unconditional else self.default_guidance)
+
+    def max_note_seconds(self, prompt: np.ndarray, sampling: Sampling) -> float:
+        """The note-length guard for one prompt: the explicit setting, else a high percentile
+        (NOTE_GUARD_PERCENTILE) of its style's training notes ('all' when unconditional)."""
+        if sampling.max_note_seconds is not None:
+            return float(sampling.max_note_seconds)
+        style = self.vocab.token_of(int(prompt[0])).split(":", 1)[1]
+        for row in (self.note_seconds.get(style if style != UNKNOWN_STYLE else "all"), self.note_seconds.get("all")):
+            if isinstance(row, dict) and isinstance(row.get(NOTE_GUARD_PERCENTILE), (int, float)):
+                return float(row[NOTE_GUARD_PERCENTILE])
+        if style not in self._guard_fallbacks:  # said once per style, not once per piece
+            self._guard_fallbacks.add(style)
+            print(f"warning: the note-length guard for style {style!r} is {FALLBACK_MAX_NOTE_SECONDS:g} s: the run's "
+                  "training dataset (config.data.dataset_dir) is not on this machine or its build.json has no "
+                  f"{NOTE_GUARD_PERCENTILE} note length for it; pass --max_note_seconds to set it",
+                  file=sys.stderr, flush=True)
+        return FALLBACK_MAX_NOTE_SECONDS
+
+    @property
+    def styles(self) -> list[str]:
+        """Styles this model knows (pass one as `style=`; 'unconditional' is always allowed)."""
+        return [s for s in self.vocab.styles if s != UNKNOWN_STYLE]
+
+    def prompts(self, styles: Sequence[str], primer_ids: np.ndarray | None = None) -> list[np.ndarray]:
+        """One prompt per style: its STYLE token, then the primer events (if any)."""
+        primer = np.zeros((0,), np.int32) if primer_ids is None else np.asarray(primer_ids, np.int32)
+        return [np.concatenate([[style_token(self.vocab, s)], primer]).astype(np.int32) for s in styles]
+
+    def replica(self, device):
+        """The model with its weights on `device` (copied once, then cached)."""
+        import jax
+        from flax import nnx
+
+        key = device.id
+        if key not in self._replicas:
+            graphdef, state = nnx.split(self.model)
+            self._replicas[key] = nnx.merge(graphdef, jax.device_put(state, device))
+        return self._replicas[key]
+
+    def sample_ids(
+        self,
+        prompts: Sequence[np.ndarray],
+        seeds: Sequence[int],
+        sampling: Sampling = Sampling(),
+        *,
+        batch_size: int | None = None,
+        devices: Sequence | None = None,
+        gaps: Sequence | None = None,
+    ) -> list[np.ndarray]:
+        """prompts[i] continued with seed seeds[i] -> full rows (prompt + new events, no EOS).
+
+        The rows are split evenly over `devices` (default: all local devices); each
+        device runs the jitted sampler on its share, `batch_size` rows at a time.
+        With `gaps` (mgpt.fim.Gap per prompt) the new events are each gap's middle, whose
+        length the gap sets (`Sampling.max_events` still caps its events).
+        """
+        import jax
+
+        from mgpt.sample.sampler import generate_tokens
+
+        devices = list(devices) if devices is not None else jax.local_devices()
+        devices = devices[: max(1, len(prompts))]
+        shares = np.array_split(np.arange(len(prompts)), len(devices))
+        sampling = self.sampling(sampling, prompts)
+        kwargs = dict(
+            temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
+            greedy=sampling.greedy, guidance=sampling.guidance, batch_size=batch_size,
+            **(sampling.budget() if gaps is None else {"max_events": sampling.max_events}),
+        )
+        limits = [self.max_note_seconds(p, sampling) for p in prompts]
+
+        home = _device_of(self.model)
+
+        def run_share(device, share):
+            if not len(share):
+                return []
+            model = self.model if device == home else self.replica(device)
+            return generate_tokens(model, self.vocab, [prompts[i] for i in share], seeds=[int(seeds[i]) for i in share],
+                                   max_note_seconds=[limits[i] for i in share],
+                                   gaps=None if gaps is None else [gaps[i] for i in share], **kwargs)
+
+        if len(devices) == 1:
+            return run_share(devices[0], shares[0])
+        # One host thread per device: dispatch releases the GIL, so all devices decode at once.
+        with concurrent.futures.ThreadPoolExecutor(len(devices)) as pool:
+            parts = list(pool.map(run_share, devices, shares))
+        return [row for part in parts for row in part]
+
+    def generate_ids(
+        self,
+        style: str = UNCONDITIONAL,
+        n: int = 1,
+        *,
+        seed: int = 0,
+        primer: str | os.PathLike | None = None,
+        primer_seconds: float = 0.0,
+        batch_size: int | None = None,
+        **sampling,
+    ) -> list[np.ndarray]:
+        """`n` id rows (STYLE token + primer + new events). `style` may be a name, a comma list or 'all'.
+
+        Piece i uses seed `seed + i`. Sampling keywords: temperature, top_k, top_p,
+        min_p, greedy, max_events, max_seconds, max_note_seconds, guidance (see `Sampling`).
+        """
+        _check_primer_seconds(primer_seconds)  # refused with or without a primer, as on the command line
+        cycle = resolve_styles(self.vocab, style)
+        styles = [cycle[i % len(cycle)] for i in range(n)]
+        primer_ids = load_primer(primer, self.vocab, primer_seconds) if primer else None
+        return self.sample_ids(self.prompts(styles, primer_ids), [seed + i for i in range(n)], Sampling(**sampling),
+                               batch_size=batch_size)
+
+    def infill_rows(self, infill: Infill, styles: Sequence[str], seeds: Sequence[int], sampling: Sampling = Sampling(),
+                    *, batch_size: int | None = None, devices: Sequence | None = None
+                    ) -> tuple[list[np.ndarray], list[dict]]:
+        """One joined piece per (style, seed): STYLE + the file's events before S + a sampled middle
+        + the closing events (`mgpt.fim.close`) + the file's events from E. Also, per piece,
+        new_events (the middle's) and what the closing did (released, struck, short_steps)."""
+        from mgpt.sample import fim
+
+        check_infill_model(self.vocab, self.workdir)
+        gap = infill.gap
+        window = self.model.cfg.max_len
+        try:  # the gap's length is written as TIME_SHIFTs into a prompt of half the context
+            fim.prompt(self.vocab, self.vocab.unknown_style_id, gap.prefix, gap, gap.steps, budget=window // 2)
+        except ValueError:
+            raise UserError(f"--infill_end={infill.end:g}: a {infill.end - infill.start:g} s gap is too long for this "
+                            f"model's {window}-token context; fill it in shorter gaps") from None
+        rows = self.sample_ids(self.prompts(styles, gap.prefix), seeds, sampling, batch_size=batch_size,
+                               devices=devices, gaps=[gap] * len(styles))
+        joined, info = [], []
+        for row in rows:
+            tail, counts = fim.close(self.vocab, gap, row[1:])
+            joined.append(np.concatenate([row, tail, gap.suffix]).astype(np.int32))
+            info.append({"new_events": int(len(row) - 1 - len(gap.prefix)), **counts})
+        return joined, info
+
+    def infill_ids(self, midi: str | os.PathLike, start: float, end: float, n: int = 1, *, seed: int = 0,
+                   style: str = UNCONDITIONAL, batch_size: int | None = None, **sampling) -> list[np.ndarray]:
+        """`n` id rows of `midi` with [start, end) seconds filled by the model; piece i uses seed `seed + i`."""
+        cycle = resolve_styles(self.vocab, style)
+        infill = load_infill(midi, self.vocab, start, end)
+        return self.infill_rows(infill, [cycle[i % len(cycle)] for i in range(n)], [seed + i for i in range(n)],
+                                Sampling(**sampling), batch_size=batch_size)[0]
+
+    def infill(self, midi: str | os.PathLike, start: float, end: float, n: int = 1, **kwargs) -> list:
+        """`n` NoteSequences of `midi` with [start, end) seconds filled (same arguments as `infill_ids`)."""
+        return [self.decode(ids) for ids in self.infill_ids(midi, start, end, n, **kwargs)]
+
+    def generate(self, style: str = UNCONDITIONAL, n: int = 1, **kwargs) -> list:
+        """`n` pieces as NoteSequences (same arguments as `generate_ids`)."""
+        return [self.decode(ids) for ids in self.generate_ids(style, n, **kwargs)]
+
+    def decode(self, ids: np.ndarray):
+        """Id row -> NoteSequence, exactly as it is written to MIDI (see render.playable)."""
+        return decode(self.vocab, ids)
+
+    def write_midi(self, pieces, output_dir: str | os.PathLike, *, prefix: str = "piece", images: bool = False,
+                   audio: bool = False, soundfont: str | None = None) -> list[pathlib.Path]:
+        """NoteSequences (or id rows) -> `output_dir/{prefix}_{i:03d}.mid` (+ .png, + .wav). Returns the .mid paths."""
+        if not isinstance(pieces, (list, tuple)):
+            pieces = [pieces]
+        if audio:
+            render.find_audio_tools(soundfont)
+        paths = []
+        for i, piece in enumerate(pieces):
+            ns = piece if hasattr(piece, "notes") else self.decode(piece)
+            path = render.write_midi(ns, pathlib.Path(output_dir) / f"{prefix}_{i:03d}.mid")
+            if images:
+                render.piano_roll(ns, path.with_suffix(".png"), title=path.name)
+            if audio:
+                render.render_audio(path, path.with_suffix(".wav"), soundfont=soundfont)
+            paths.append(path)
+        return paths
+
+
+def _device_of(model):
+    import jax
+    from flax import nnx
+
+    leaves = jax.tree.leaves(nnx.state(model))
+    devices = leaves[0].devices() if leaves else set()
+    return next(iter(devices)) if len(devices) == 1 else None
+
+
+def read_run_info(workdir: str, step: int | None = None) -> tuple[Vocabulary, dict, int]:
+    """(vocab, config dict, step) of a checkpoint without loading weights (fast; for checking flags)."""
+    from mgpt.train import checkpoint as ckpt_lib
+
+    def load(root, at_step):
+        config = ckpt_lib.read_json_item(root, at_step, "config")
+        vocab = Vocabulary.from_json(ckpt_lib.read_json_item(root, at_step, "vocab"), origin=f"{root}/{at_step}/vocab")
+        return vocab, config
+
+    (vocab, config), step = ckpt_lib.load_newest(workdir, step, load)
+    return vocab, config, step
+
+
+def load_run(workdir: str, step: int | None = None) -> Run:
+    """A run's checkpoint (latest, or `step`) loaded for sampling."""
+    from mgpt.train.checkpoint import restore_model
+
+    _, config, _ = read_run_info(workdir, step)
+    kind = config.get("model", {}).get("kind", "gpt")
+    if kind != "gpt":  # the sampler's KV-cache decode is mgpt.model.GPT's
+        raise UserError(f"{workdir}: model.kind={kind!r}; the sampler supports 'gpt' only")
+    model, vocab, config, step = restore_model(workdir, step)
+    dataset = local_dataset(config)
+    return Run(model=model, vocab=vocab, config=config, step=step, workdir=str(workdir),
+               note_seconds=dataset_note_seconds(config), dataset_dir=os.fspath(dataset) if dataset else None)
+
+
+def local_dataset(config) -> pathlib.Path | None:
+    """The run's dataset folder (the one holding vocab.json) when it is on this machine, else None.
+
+    Never builds one: a sampler must not start a dataset build.
+    """
+    from data_prep.build import dataset_path
+
+    dataset_dir = str((config.get("data") or {}).get("dataset_dir") or "")
+    for folder in ((dataset_dir, os.fspath(dataset_path(dataset_dir))) if dataset_dir else ()):
+        if os.path.isfile(os.path.join(folder, "vocab.json")):
+            return pathlib.Path(folder)
+    return None
+
+
+def dataset_note_seconds(config) -> dict:
+    """The per-style note-length table of the run's dataset (build.json), or {} when the dataset
+    is not here or predates the table (the guard then falls back to FALLBACK_MAX_NOTE_SECONDS)."""
+    from data_prep.build import dataset_path
+
+    dataset_dir = str((config.get("data") or {}).get("dataset_dir") or "")
+    for folder in ((dataset_dir, os.fspath(dataset_path(dataset_dir))) if dataset_dir else ()):
+        try:
+            with open(os.path.join(folder, "build.json")) as f:
+                return dict(json.load(f).get("note_seconds") or {})
+        except (OSError, ValueError, AttributeError):
+            continue
+    return {}
+
+
+def _check_primer_seconds(seconds: float | None) -> None:
+    if seconds is not None and not seconds >= 0:  # None, as 0, keeps all of the primer
+        raise UserError(f"--primer_seconds must be >= 0 (0 keeps all of the primer), got {seconds}")
+
+
+def decode(vocab: Vocabulary, ids: np.ndarray):
+    """Any id row -> a NoteSequence that plays the same in every MIDI player (see render.playable).
+
+    Nothing is cut here: note lengths are the sampler's business (its note-length guard,
+    `Sampling.max_note_seconds`), so that pieces sampled with the guard off show the raw model.
+    """
+    return render.playable(vocab.decode(ids))
+
