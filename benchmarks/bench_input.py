@@ -3,7 +3,7 @@
     python benchmarks/bench_input.py                                  # a generated piano dataset, base shapes
     python benchmarks/bench_input.py --dataset_dir=data/maestro/mgpt_events/1.0.0 --workers=0,1,2,4,8
 
-The pipeline is the trainer's own (`mgpt.data.train_dataset`: read, decode, transpose,
+The pipeline is the trainer's own (`mgpt.train.data.train_dataset`: read, decode, transpose,
 (piece, chunk) crop, pack, batch) at the `base` shapes (seq_len 2048, batch 128 rows on
 this host), with `data.workers` = 0 (everything in this process), 1 and 2 grain worker
 processes. Tokens are batch rows x seq_len; each setting runs for --seconds after its

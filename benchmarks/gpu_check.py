@@ -68,7 +68,7 @@ def _config(name: str, seq_len: int, batch: int, on_gpu: bool):
 
 
 def _synthetic_batch(rng, batch: int, seq_len: int, vocab_size: int, sharding) -> dict:
-    """Random event rows, one piece per row, laid out as mgpt.data's batches."""
+    """Random event rows, one piece per row, laid out as mgpt.train.data's batches."""
     tokens = rng.integers(2, vocab_size, (batch, seq_len + 1)).astype(np.int32)
     rows = {
         "inputs": tokens[:, :-1],
@@ -148,7 +148,7 @@ def packed_alone(plan: dict, vocab_size: int, on_gpu: bool) -> dict:
     """Does a packed piece score as if alone on this backend's attention (cuDNN on a GPU)?
 
     One row holds two random pieces back to back, with segment ids and positions as
-    mgpt.data packs them; the second piece's logits are compared with the same piece run
+    mgpt.train.data packs them; the second piece's logits are compared with the same piece run
     alone, and with the row run without segment ids (the second piece then reads the
     first). In bf16 the packed-vs-alone gap should be rounding, far below the unmasked one.
     """

@@ -44,7 +44,7 @@ def base() -> ml_collections.ConfigDict:
     c.data.shards = 0  # independent data streams of the run (0: one per process); fixed at the first start,
     # so a resume on another host count (one dividing it) replays and skips nothing
 
-    # `kind` picks the model ('gpt': mgpt.model.GPT, 'lstm': the mgpt.lstm baseline; mgpt.models.KINDS).
+    # `kind` picks the model ('gpt': mgpt.model.GPT, 'lstm': the mgpt.model.lstm baseline; mgpt.model.kinds.KINDS).
     # The other fields and their defaults are mgpt.model.ModelConfig's, documented there;
     # an LSTM reads those it has (num_layers, d_model, dtype, param_dtype).
     c.model = ml_collections.ConfigDict({"kind": "gpt", **{f.name: f.default for f in dataclasses.fields(ModelConfig)

@@ -60,7 +60,7 @@ STRETCH_FACTORS = (0.95, 0.975, 1.025, 1.05)
 # Renaissance polyphony, British/Irish dance tunes, German songs), about 100k events
 # each, small enough to build in about two minutes on two cores.
 DEMO_SOURCES = ("music21:bach:135,palestrina:85,ryansMammoth:80,oneills1850:80,essenFolksong:580",)
-DEMO_DIR = "data/music21_demo"  # the demo's dataset: configs/common.py trains on it, mgpt.data builds it on first use
+DEMO_DIR = "data/music21_demo"  # the demo's dataset: configs/common.py trains on it, mgpt.train.data builds it on first use
 # The vocabulary's settings and their defaults, as data_prep.vocab.Vocabulary takes them.
 VOCAB_DEFAULTS = {name: p.default for name, p in inspect.signature(Vocabulary).parameters.items()
                   if p.kind is p.KEYWORD_ONLY}

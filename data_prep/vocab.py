@@ -16,7 +16,7 @@ Layout (ids are positions in `tokens`):
 The performance events follow note-seq's `performance_lib.Performance` exactly
 (same quantisation, event order and velocity binning); tests check the two agree.
 Conditioning tokens come after the events so that event ids do not move when labels
-change. The fill-in-the-middle markers (mgpt/fim.py) are appended after everything, so
+change. The fill-in-the-middle markers (mgpt/sample/fim.py) are appended after everything, so
 a model trained with them reads every other id as an older model does, and a vocab.json
 written before they existed still loads (without them).
 

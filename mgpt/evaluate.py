@@ -17,11 +17,11 @@ Both write OUTPUT_DIR/report.json (every figure), report.md (tables), report.htm
   piece's conditioning token, exactly like the trainer's eval), overall and per
   style, for the GPT, an interpolated Kneser-Ney n-gram fitted on the train split
   and, with --lstm_workdir, an LSTM trained by the same trainer.
-- features: per-piece musical statistics (mgpt.features) of generated pieces vs
+- features: per-piece musical statistics (mgpt.music.features) of generated pieces vs
   real test pieces (overlap area and KL, Yang & Lerch 2018), with train-vs-test as
   the ceiling, and a PNG per feature. Every piece is cut to its first
   --crop_seconds so that lengths match.
-- style: a logistic-regression style classifier (mgpt.style_classifier) trained on
+- style: a logistic-regression style classifier (mgpt.music.style_classifier) trained on
   the real train split; its accuracy on real test pieces (the ceiling) and on
   generated pieces against the style each was conditioned on; confusion matrices.
 - originality: per generated piece the longest span copied from a training piece

@@ -1,4 +1,4 @@
-"""The grain input pipeline (mgpt/data.py): what a training row looks like."""
+"""The grain input pipeline (mgpt/train/data.py): what a training row looks like."""
 
 import numpy as np
 import pytest

@@ -348,7 +348,7 @@ def test_a_step_orbax_has_not_finalized_is_never_read(tiny_run, tmp_path, monkey
 
 _HOLD_LOCK = (
     "import sys, time\n"
-    "from mgpt.workdir_lock import WorkdirLock\n"
+    "from mgpt.train.workdir_lock import WorkdirLock\n"
     "WorkdirLock(sys.argv[1]).__enter__()\n"
     "print('locked', flush=True)\n"
     "time.sleep(600)\n"

@@ -1,4 +1,4 @@
-"""Fill-in-the-middle (mgpt/fim.py, data.py's FIM rows, the sampler's fill rows, mgpt.generate --infill)."""
+"""Fill-in-the-middle (mgpt/sample/fim.py, data.py's FIM rows, the sampler's fill rows, mgpt.generate --infill)."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""Training telemetry (mgpt/monitor.py): the peak FLOP/s that MFU divides by."""
+"""Training telemetry (mgpt/train/monitor.py): the peak FLOP/s that MFU divides by."""
 
 import types
 

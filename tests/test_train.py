@@ -1,4 +1,4 @@
-"""Training (mgpt/train.py): learning, sharding, resume, preemption, multi-host, configs."""
+"""Training (mgpt/train/loop.py): learning, sharding, resume, preemption, multi-host, configs."""
 
 import json
 import os

@@ -1,7 +1,7 @@
 """Coherence section: do generated notes hold together as the real ones of their style do?
 
 Per style, polyphony at onsets, mean note length and the share of notes of 4 s or
-more (mgpt.features.note_coherence), generated against real test pieces.
+more (mgpt.music.features.note_coherence), generated against real test pieces.
 """
 
 from __future__ import annotations

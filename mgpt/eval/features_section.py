@@ -1,6 +1,6 @@
 """Features section: musical statistics of generated vs real test pieces (Yang & Lerch 2018).
 
-Overlap area and KL per feature (mgpt.features), with train-vs-test as the ceiling,
+Overlap area and KL per feature (mgpt.music.features), with train-vs-test as the ceiling,
 and a PNG per feature. Every piece is cut to its first crop_seconds so that lengths match.
 """
 

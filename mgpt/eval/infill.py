@@ -7,13 +7,13 @@ of `--min_gap`..`--max_gap` seconds (uniform, on the 10 ms grid), at least `--ma
 seconds from either end, drawn from a seed of its own. For each gap:
 
 - likelihood: the nats per event of the real middle (its events, not FIM_END) given the
-  prefix and the suffix (the FIM prompt `mgpt.fim.prompt`, exactly what the sampler reads),
+  prefix and the suffix (the FIM prompt `mgpt.sample.fim.prompt`, exactly what the sampler reads),
   and given the same prefix tokens only (a plain continuation row: STYLE + the same prefix
   part). The suffix helps when the first is lower. A gap whose middle leaves less than
   `MIN_PROMPT` tokens of the model's context for the prompt is skipped and counted;
-- sampling: one middle per gap with the default settings, joined (`mgpt.fim.close`), then:
-  notes dangling across E (`mgpt.fim.dangling`), notes outside the gap not kept within
-  10 ms (`mgpt.fim.kept_outside`), and how often the model's own middle left E in another
+- sampling: one middle per gap with the default settings, joined (`mgpt.sample.fim.close`), then:
+  notes dangling across E (`mgpt.sample.fim.dangling`), notes outside the gap not kept within
+  10 ms (`mgpt.sample.fim.kept_outside`), and how often the model's own middle left E in another
   state than the suffix states (the notes the sampler had to release or strike there).
 
 Writes infill.json (every figure, per gap too), infill.md, and before_after.png: the first

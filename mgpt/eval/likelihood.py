@@ -28,7 +28,7 @@ LN2 = math.log(2.0)
 def windows(pieces: Sequence[Piece], vocab: Vocabulary, seq_len: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
     """(piece index, tokens, predicted) windows covering each piece's events + EOS once.
 
-    The trainer's own eval cut (`mgpt.data.piece_segments`): each window starts with the
+    The trainer's own eval cut (`mgpt.train.data.piece_segments`): each window starts with the
     piece's conditioning token, plus the state carried when it starts mid-piece (the
     VELOCITY in force and the notes still sounding); those are given, never predicted. `predicted` is a bool per token.
     """

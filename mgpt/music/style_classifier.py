@@ -5,7 +5,7 @@ its accuracy on the real test split is the ceiling, and its accuracy on generate
 pieces (against the style each was conditioned on) says whether conditioning works.
 
 Features of a piece (`style_vector`): the scalar and histogram features of
-`mgpt.features`, the octave histogram, and n-gram histograms of pitch classes
+`mgpt.music.features`, the octave histogram, and n-gram histograms of pitch classes
 (bigrams) and melodic intervals (unigrams, bigrams) between successive notes in
 (onset, pitch) order. Histograms are normalised, so piece length does not matter.
 Training pieces are also added transposed (random shift within +-transpose), as the

@@ -66,7 +66,7 @@ def redraw_seed(seed: int, attempt: int) -> int:
 class CopyGuard:
     """Re-draws pieces that copy `max_seconds` or more of a training piece (see the module docstring)."""
 
-    index: object  # mgpt.originality.CopyIndex over the train split
+    index: object  # mgpt.music.originality.CopyIndex over the train split
     piece_ids: list
     vocab: Vocabulary
     max_seconds: float

@@ -126,7 +126,7 @@ def _read_midi_notes(flag: str, path: str | os.PathLike):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Infill:
-    """A gap [start, end) seconds to fill in a MIDI file: its events and their cut (`mgpt.fim.Gap`)."""
+    """A gap [start, end) seconds to fill in a MIDI file: its events and their cut (`mgpt.sample.fim.Gap`)."""
 
     path: str
     start: float
@@ -316,7 +316,7 @@ class Run:
 
         The rows are split evenly over `devices` (default: all local devices); each
         device runs the jitted sampler on its share, `batch_size` rows at a time.
-        With `gaps` (mgpt.fim.Gap per prompt) the new events are each gap's middle, whose
+        With `gaps` (mgpt.sample.fim.Gap per prompt) the new events are each gap's middle, whose
         length the gap sets (`Sampling.max_events` still caps its events).
         """
         import jax
@@ -378,7 +378,7 @@ class Run:
                     *, batch_size: int | None = None, devices: Sequence | None = None
                     ) -> tuple[list[np.ndarray], list[dict]]:
         """One joined piece per (style, seed): STYLE + the file's events before S + a sampled middle
-        + the closing events (`mgpt.fim.close`) + the file's events from E. Also, per piece,
+        + the closing events (`mgpt.sample.fim.close`) + the file's events from E. Also, per piece,
         new_events (the middle's) and what the closing did (released, struck, short_steps)."""
         from mgpt.sample import fim
 

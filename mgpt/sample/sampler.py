@@ -14,7 +14,7 @@ unfinished row restarts from a fresh window made of its conditioning (STYLE)
 token, the state carried at the cut (`Vocabulary.carried_state`: the VELOCITY in
 force and a NOTE_ON for each note still sounding) and its most recent events,
 W/2 tokens in all, re-prefilled at positions 0..W/2-1: exactly the shape of the
-mid-piece crops the model was trained on (mgpt/data.py). A Python loop runs once
+mid-piece crops the model was trained on (mgpt/train/data.py). A Python loop runs once
 per window, never per token.
 
 What sounds: the loop state (`_SamplingState`, whose `RowState` is what each row carries
@@ -33,7 +33,7 @@ is drawn from l_uncond + G * (l_cond - l_uncond) and fed to both. G = 1 is plain
 sampling and runs the plain B-row function: it costs nothing extra. G = 0 samples
 exactly as a STYLE:unknown prompt would.
 
-Infilling (`gaps`, mgpt/fim.py): a row fills the gap of a piece. Its prompt is the FIM
+Infilling (`gaps`, mgpt/sample/fim.py): a row fills the gap of a piece. Its prompt is the FIM
 prompt (prefix, suffix and the time left, then the state where the middle goes on), and
 the loop makes it end exactly at the gap's end: a TIME_SHIFT that would pass E becomes the
 one that lands on E, EOS is masked, and notes the piece holds through the whole gap are
@@ -321,7 +321,7 @@ class RowLimits:
 
     max_events_B / max_steps_B: budgets for RowState's events_B / steps_B totals.
     max_note_steps_B: the note-length guard (0 = off; `apply_guard`).
-    fill_B / hold_BxP (infilling, mgpt/fim.py; None for plain sampling, which then traces as
+    fill_B / hold_BxP (infilling, mgpt/sample/fim.py; None for plain sampling, which then traces as
     before): a fill row must spend exactly max_steps_B: EOS is masked, a TIME_SHIFT that would
     pass it is cut to land on it, and the row is done as soon as its clock reaches it.
     hold_BxP: notes per pitch the row may not release (see `note_rules`).
@@ -474,12 +474,12 @@ def generate_tokens(
 ) -> list[np.ndarray]:
     """Continue each prompt (STYLE token + optional primer events) with sampled events.
 
-    With `gaps` (one `mgpt.fim.Gap` per prompt, each prompt its STYLE token + `gap.prefix`;
+    With `gaps` (one `mgpt.sample.fim.Gap` per prompt, each prompt its STYLE token + `gap.prefix`;
     the model's vocabulary must have the FIM tokens) each row is the middle of its gap
     instead: the model reads the FIM prompt (prefix, suffix, time left) and writes events
     until their TIME_SHIFTs sum to exactly `gap.steps` (see `sample_window`'s fill rows);
     notes sounding through the whole gap are held. max_seconds is then ignored. Close the
-    result with `mgpt.fim.close`.
+    result with `mgpt.sample.fim.close`.
 
     Sampled events are always possible ones: no NOTE_OFF of a silent pitch, no NOTE_ON of
     a sounding one; `release_share` of the masked NOTE_OFFs' probability goes to the
@@ -575,7 +575,7 @@ def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events,
                     settings, tables, guidance, gaps=None):
     """One batch through as many windows as its longest row needs (see the module docstring).
 
-    With `gaps` each window's prompt is the FIM prompt of its row (`mgpt.fim.prompt`): the
+    With `gaps` each window's prompt is the FIM prompt of its row (`mgpt.sample.fim.prompt`): the
     middle written so far joins the prefix, so a middle longer than a window goes on in a
     fresh one with the time it has left."""
     n = len(prompts)

@@ -181,7 +181,7 @@ class Checkpoints:
         Arrays are placed by abstract_state's shardings (orbax reshards if the mesh changed);
         the iterator is moved to where that step left it. The data position is saved per
         process; on a different number of processes each one is given the union of the
-        saved positions (mgpt.data's per-shard state), from which it takes its own shards.
+        saved positions (mgpt.train.data's per-shard state), from which it takes its own shards.
         """
         import grain
 

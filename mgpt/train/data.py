@@ -29,7 +29,7 @@ and predicts `targets_BxL = row[:, 1:]`. Rows are built from pieces like this:
   mixes against. Its draw comes last from the segment's rng, so 0 leaves every row as before.
 - Fill in the middle (training split only, `fim_rate` > 0, the vocabulary `with_fim()`):
   that share of training segments is rearranged as prefix | suffix | middle with FIM
-  marker tokens (mgpt/fim.py has the layout and which tokens are targets). Its draws come
+  marker tokens (mgpt/sample/fim.py has the layout and which tokens are targets). Its draws come
   after style dropout's, so 0 leaves every row as before. Validation and test segments stay
   plain: the trainer's validation nats/event remain comparable with models trained
   without FIM, and infilling is measured by its own script (`python -m mgpt.eval.infill`).
@@ -44,7 +44,7 @@ flag as a `loss` feature through packing.
 tokens the model reads.
 
 Iterators are grain `DatasetIterator`s: `get_state()` / `set_state()` make the
-training position part of a checkpoint (see mgpt/train.py). The training stream is cut
+training position part of a checkpoint (see mgpt/train/loop.py). The training stream is cut
 into data shards with their own seeds (see `train_dataset`), so that neither the hosts'
 randomness nor the saved position depends on the host count.
 """
@@ -282,7 +282,7 @@ class _Segments:
         }
 
     def fim_segment(self, style: int, body: np.ndarray, start: int, end: int, rng: np.random.Generator) -> dict | None:
-        """The crop body[start:end] as a FIM row (mgpt/fim.py), cut at two time boundaries drawn
+        """The crop body[start:end] as a FIM row (mgpt/sample/fim.py), cut at two time boundaries drawn
         uniformly among those inside it; None when it has fewer than two or the row cannot fit.
 
         The crop is the plain segment's (same start, same end), so FIM rows see the same

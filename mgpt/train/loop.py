@@ -8,7 +8,7 @@ One jitted train step: AdamW (warmup + cosine, global-norm clip), optional in-st
 gradient accumulation, in/out shardings derived with `jax.eval_shape` over init and
 the logical-axis rule table `config.mesh.rules`, donated state.
 
-Inference code loads a trained model with `mgpt.checkpoint.restore_model(workdir)`.
+Inference code loads a trained model with `mgpt.train.checkpoint.restore_model(workdir)`.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def activation_sharding(batch_sharding):
 def _loss_sums(graphdef, params, batch, z_loss: float, batch_sharding=None):
     """(sum of masked cross-entropy, sum of masked log(Z)^2) in nats, fp32."""
     model = nnx.merge(graphdef, params)
-    # Packed rows (mgpt.data) carry positions and segment ids; a batch without them is one piece per row.
+    # Packed rows (mgpt.train.data) carry positions and segment ids; a batch without them is one piece per row.
     logits_BxLxV = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
                          activation_sharding=activation_sharding(batch_sharding)).astype(jnp.float32)
     log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
@@ -222,7 +222,7 @@ def compile_eval_step(s: Setup):
 
 
 def abstract_batch(rows: int, seq_len: int, sharding) -> dict:
-    """The batch the train and eval steps take (mgpt.data), as shapes: for compiling ahead of time."""
+    """The batch the train and eval steps take (mgpt.train.data), as shapes: for compiling ahead of time."""
     from mgpt.train import data as data_lib
 
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)

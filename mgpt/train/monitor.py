@@ -51,7 +51,7 @@ def measure_matmul_flops(dtype: str = "float32", n: int = 1024, seconds: float =
 
     The best of several short bursts, so that a moment of load from other processes
     does not lower the peak (and inflate MFU). On CPU it is also the better of XLA's
-    default matmul and the one the train step compiles with (mgpt.mesh.compiler_options),
+    default matmul and the one the train step compiles with (mgpt.train.mesh.compiler_options),
     so the peak holds whichever of the two a jaxlib makes faster (in jaxlib 0.10.2 they
     measured alike at n = 1024).
     """
