@@ -17,6 +17,12 @@ report.md/.html (`pages`), two reports side by side (`compare`, its own command)
 infilling (`infill`, its own command: `python -m mgpt.eval.infill`).
 `references` builds what generated pieces are judged against, once. The command line
 is `python -m mgpt.evaluate`.
+
+Report sections only: the analysis they report on is the library in mgpt.music (so a section's
+file is `features_section.py` beside `mgpt/music/features.py`). Code here may import mgpt.music,
+mgpt.sample.run and .corpus (to generate pieces), mgpt.train.checkpoint and mgpt.train.data
+(to load a model and a split), mgpt.render, data_prep and mgpt.errors; never the training loop
+or a command.
 """
 
 from mgpt.errors import UserError
