@@ -259,3 +259,26 @@ def test_every_documented_command_names_flags_that_exist():
             elif name not in known and not (name.startswith("no") and name[2:] in known):
                 problems.append(f"{where}: python -m {module} {arg}: no such flag")
     assert problems == []
+
+
+# ----------------------------------------------------------------------------- old import paths
+
+
+def test_old_import_paths_that_notebooks_use_still_work():
+    from mgpt import aot, train
+    from mgpt.generate import Run, Sampling, generate_corpus, load_run
+    from mgpt.model import GPT, ModelConfig
+    from mgpt.sample import generate_tokens, sampling_settings
+    from mgpt.sample import run as run_lib
+    from mgpt.sample import corpus, sampler
+    from mgpt.train import aot as aot_lib
+    from mgpt.train import loop
+
+    assert (Run, Sampling, load_run) == (run_lib.Run, run_lib.Sampling, run_lib.load_run)
+    assert generate_corpus is corpus.generate_corpus
+    assert (generate_tokens, sampling_settings) == (sampler.generate_tokens, sampler.sampling_settings)
+    assert (train.train, train.make_train_step) == (loop.train, loop.make_train_step)
+    assert aot.parse_topology is aot_lib.parse_topology
+    assert GPT.__module__ == "mgpt.model.gpt" and ModelConfig.__module__ == "mgpt.model.gpt"
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        train.no_such_name
