@@ -363,7 +363,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
     start_step = step
     stop_at = t.steps if not t.max_steps_per_run else min(t.steps, step + t.max_steps_per_run)
     tokens_per_step = t.batch_size * seq_len
-    result = {"step": step, "losses": {}, "events": {}, "eval": {}, "stopped_by": None}
+    result = {"step": step, "losses": {}, "events": {}, "eval": {}, "stopped_by": None, "num_params": s.num_params,
+              "flops_per_token": fpt}
     saved_step = latest
 
     def save(at_step):
