@@ -131,6 +131,7 @@ def run_command(f, rest: Sequence[str]) -> str:
         models.append(lstm)
     dataset_dir = resolve_dataset(f.dataset_dir or config.data.dataset_dir)
     train, test = load_split(dataset_dir, "train"), load_split(dataset_dir, "test")
+    validation = load_split(dataset_dir, "validation")
 
     if f.generated_dir:
         generated_dir = pathlib.Path(f.generated_dir)
@@ -144,8 +145,8 @@ def run_command(f, rest: Sequence[str]) -> str:
         render.write_folder_gallery(generated_dir)
     generated = read_generated(generated_dir, vocab)
 
-    report = evaluate(vocab=vocab, train=train, test=test, generated=generated, models=models, options=options,
-                      output_dir=f.output_dir)
+    report = evaluate(vocab=vocab, train=train, test=test, validation=validation, generated=generated, models=models,
+                      options=options, output_dir=f.output_dir)
     report["meta"].update(workdir=str(f.workdir), step=gpt.step, dataset_dir=str(dataset_dir),
                           generated_dir=str(generated_dir), lstm_workdir=f.lstm_workdir,
                           total_seconds=time.perf_counter() - start)

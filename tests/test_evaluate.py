@@ -283,7 +283,7 @@ def tiny_report(tmp_path_factory):
     generated = E.read_generated(gen_dir, vocab)
     report = E.evaluate(vocab=vocab, train=train, test=test, generated=generated, models=models,
                         options=E.Options(ngram_order=3, crop_seconds=20.0, copy_threshold_s=5.0),
-                        output_dir=out, log=lambda *a: None)
+                        output_dir=out, log=lambda *a: None, validation=test[:2])
     from mgpt.eval import pages as report_lib
 
     report_lib.write_report(report, out, gen_dir)
@@ -308,6 +308,15 @@ def test_report_json_has_every_section(tiny_report):
     assert report["validity"]["invalid_files"] == ["00003_hymn.mid"]
     assert report["originality"]["generated"]["flagged_files"] == ["00002_jig.mid"]
     assert {t["target"].split(" ")[0] for t in report["targets"]} >= {"GPT", "style", "no", "mean", "100%", "every"}
+    lstm_targets = [t["target"] for t in report["targets"] if "LSTM" in t["target"]]
+    assert [t.split(" on ")[1].split(" at ")[0] for t in lstm_targets] == ["validation", "test without the outlier",
+                                                                           "test"]
+    for m in (models["gpt"], models["lstm"]):  # validation, the outlier apart, and the worst pieces
+        assert m["validation"]["events"] > 0 and m["without_outlier"]["events"] + m["outlier"]["events"] == m["events"]
+        assert len(m["worst_pieces"]) == 5
+        rates = [w["nats_per_event"] for w in m["worst_pieces"]]
+        assert rates == sorted(rates, reverse=True)
+    assert report["likelihood"]["outlier"]["piece_id"].startswith(("hymn", "jig"))
     assert set(report["coherence"]["per_style"]) <= {"hymn", "jig"} and report["coherence"]["per_style"]
     for v in report["coherence"]["per_style"].values():  # the real train pieces are judged beside the model
         assert v["train"]["pieces"] > 0 and isinstance(v["train_off"], list)
@@ -315,6 +324,20 @@ def test_report_json_has_every_section(tiny_report):
         assert (out / name).is_file(), name
     page = (out / "report.html").read_text()
     assert "index.html" in page and "feature_polyphony.png" in page and "Originality" in page
+
+
+def test_the_outlier_is_the_piece_holding_most_ngram_nats_and_every_model_drops_it():
+    from mgpt.eval.likelihood import _scores, outlier_index, worst_pieces
+
+    pieces = [ev.Piece(np.zeros(3, np.int32), "hymn", "", f"p{i}") for i in range(4)]
+    count = np.array([100, 100, 800, 100])
+    ngram_nats = np.array([200.0, 210.0, 2400.0, 190.0])  # p2: long and badly predicted
+    assert outlier_index(ngram_nats) == 2
+    model_nats = np.array([100.0, 150.0, 1600.0, 90.0])
+    s = _scores(model_nats, count, pieces, outlier_index(ngram_nats))
+    assert s["without_outlier"]["nats_per_event"] == pytest.approx(340.0 / 300)
+    assert s["outlier"]["nats_per_event"] == pytest.approx(2.0)
+    assert [w["piece_id"] for w in worst_pieces(model_nats, count, pieces, n=2)] == ["p2", "p1"]
 
 
 def test_compare_prints_two_reports_side_by_side(tiny_report, tmp_path, capsys):

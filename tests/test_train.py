@@ -180,6 +180,26 @@ def test_warm_start_takes_weights_not_optimizer_state(dataset, tiny_run, tmp_pat
     assert tuned["losses"][1] < first_pretrained - 1.0, "starts from the trained weights"
 
 
+def test_a_run_with_tied_embeddings_still_loads_generates_and_resumes(dataset, tmp_path):
+    """Runs written before the output was untied hold tied_embeddings=True in config.json."""
+    from mgpt.sample import sampler as sample
+
+    c = _config(dataset, steps=6, warmup_steps=1, eval_every=0, checkpoint_every=3, max_steps_per_run=3)
+    c.model.tied_embeddings = True
+    first = train.train(c, str(tmp_path))
+    assert first["step"] == 3
+    model, vocab, _, step = ckpt_lib.restore_model(str(tmp_path))
+    assert step == 3 and not hasattr(model, "unembed")
+    rows = sample.generate_tokens(model, vocab, [np.array([vocab.style_id(None)], np.int32)], seeds=[0], max_events=8)
+    assert len(rows[0]) > 1
+    today = _config(dataset, steps=6, warmup_steps=1, eval_every=0, checkpoint_every=3)
+    with pytest.raises(UserError, match=r"config\.model\.tied_embeddings: False differs .*"
+                                        r"resume it with --config\.model\.tied_embeddings=True"):
+        train.train(today, str(tmp_path))
+    today.model.tied_embeddings = True
+    assert train.train(today, str(tmp_path))["step"] == 6
+
+
 def test_warm_start_from_a_different_model_names_the_fields(dataset, tiny_run, tmp_path):
     workdir, _ = tiny_run
     c = _config(dataset)

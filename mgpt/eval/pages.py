@@ -33,11 +33,25 @@ def report_tables(report: dict) -> list[tuple[str, str, list[str], list[list], l
     out = []
     lik = report["likelihood"]
     models = lik["models"]
-    rows = [[name, m.get("params"), m.get("tokens_seen"), m["nats_per_event"], m["bits_per_event"], m["perplexity"]]
+    out_piece = lik.get("outlier")
+    rows = [[name, m.get("params"), m.get("tokens_seen"), m.get("validation", {}).get("nats_per_event"),
+             m["nats_per_event"], m.get("without_outlier", {}).get("nats_per_event"),
+             m.get("outlier", {}).get("nats_per_event"), m["bits_per_event"], m["perplexity"]]
             for name, m in models.items()]
-    out.append(("Likelihood", f"Test split: {lik['pieces']} pieces, {next(iter(models.values()))['events']:,} "
-                "events (incl. EOS), no transposition. n-gram 'training tokens' = train-split tokens it counted.",
-                ["model", "params", "training tokens", "nats/event", "bits/event", "perplexity"], rows, []))
+    caption = (f"Test split: {lik['pieces']} pieces, {next(iter(models.values()))['events']:,} events (incl. EOS), "
+               "no transposition. n-gram 'training tokens' = train-split tokens it counted.")
+    if out_piece:
+        caption += (f" The outlier, chosen by the n-gram (the test piece holding most of its nats): "
+                    f"{out_piece['piece_id']} ({out_piece['style']}, {out_piece['share_of_events']:.0%} of the "
+                    f"split's events).")
+    out.append(("Likelihood", caption,
+                ["model", "params", "training tokens", "validation nats/event", "test nats/event",
+                 "test without outlier", "outlier", "test bits/event", "test perplexity"], rows, []))
+    rows = [[name, w["piece_id"], w["style"], w["events"], w["share_of_events"], w["nats_per_event"]]
+            for name, m in models.items() for w in m.get("worst_pieces", [])]
+    if rows:
+        out.append(("Worst test pieces", "Each model's five test pieces with the highest nats/event.",
+                    ["model", "piece", "style", "events", "share of events", "nats/event"], rows, []))
     styles = sorted({s for m in models.values() for s in m["per_style"]})
     rows = []
     for s in styles:

@@ -56,7 +56,13 @@ class ModelConfig:
     d_model: int = 256
     mlp_dim: int = 1024  # hidden width of the gated MLP
     max_len: int = 1024  # context length: the longest sequence the model attends over
-    tied_embeddings: bool = True
+    # Untied by default: a tied table at the scale the input needs makes every step-0 logit
+    # favour the current token (11.9 nats/event at step 0 against ln V = 5.8), and it then
+    # moves slowly under AdamW. Checkpoints written with True keep loading as tied.
+    tied_embeddings: bool = False
+    # Dropout rate on the embedding, the attention probabilities and each residual branch, in
+    # training only (the train step passes a key; evaluation and sampling never do). 0 = off.
+    dropout: float = 0.0
     dtype: str = "float32"  # compute dtype of matmuls/activations ('bfloat16' on GPU/TPU)
     param_dtype: str = "float32"
     remat: str = "none"  # per block: 'none' | 'full' (save nothing) | 'dots' (save matmuls)
@@ -93,6 +99,8 @@ class ModelConfig:
         )
         check(self.attention in _ATTENTION, "attention", f"must be one of {_ATTENTION}, got {self.attention!r}")
         check(isinstance(self.scan_layers, bool), "scan_layers", f"must be True or False, got {self.scan_layers!r}")
+        check(isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool) and 0 <= self.dropout < 1,
+              "dropout", f"must be in [0, 1), got {self.dropout!r}")
 
     @property
     def head_dim(self) -> int:
@@ -164,6 +172,25 @@ def _rope(x_BxLxNxK, positions_BxL, base: float):
     return out.astype(x_BxLxNxK.dtype)
 
 
+def apply_dropout(x, rate: float, key):
+    """Inverted dropout: zeros a share `rate` of x and scales the rest by 1 / (1 - rate)."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _attention_with_dropout(q_BxLxNxK, k_BxLxNxK, v_BxLxNxK, same_Bx1xLxL, rate: float, key):
+    """Causal attention with dropout on the probabilities; BxLxNxK in and out."""
+    length = q_BxLxNxK.shape[1]
+    scale = jnp.asarray(q_BxLxNxK.shape[-1] ** -0.5, q_BxLxNxK.dtype)
+    scores_BxNxLxL = jnp.einsum("blnk,bmnk->bnlm", q_BxLxNxK * scale, k_BxLxNxK, preferred_element_type=jnp.float32)
+    visible_Bx1xLxL = jnp.tril(jnp.ones((length, length), bool))[None, None]
+    if same_Bx1xLxL is not None:
+        visible_Bx1xLxL = visible_Bx1xLxL & same_Bx1xLxL
+    scores_BxNxLxL = jnp.where(visible_Bx1xLxL, scores_BxNxLxL, -jnp.inf)
+    probs_BxNxLxL = apply_dropout(jax.nn.softmax(scores_BxNxLxL, axis=-1), rate, key).astype(v_BxLxNxK.dtype)
+    return jnp.einsum("bnlm,bmnk->blnk", probs_BxNxLxL, v_BxLxNxK)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, n, k = cfg.d_model, cfg.num_heads, cfg.head_dim
@@ -191,14 +218,17 @@ class Attention(nnx.Module):
             q, k, v = (jnp.einsum("bld,dnk->blnk", x_BxLxD, w_Dx3xNxK[:, i]) for i in range(3))
         return _rope(q, positions_BxL, self.cfg.rope_base), _rope(k, positions_BxL, self.cfg.rope_base), v
 
-    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None):
+    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None, dropout_key=None):
         q, k, v = self._project(x_BxLxD, positions_BxL, fused=False)
         same_Bx1xLxL = None
         if segment_ids_BxL is not None:  # packed pieces: a query sees only keys of its own piece
             same_Bx1xLxL = (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])[:, None]
-        o_BxLxNxK = jax.nn.dot_product_attention(
-            q, k, v, mask=same_Bx1xLxL, is_causal=True, implementation=self._implementation()
-        )
+        if dropout_key is None:
+            o_BxLxNxK = jax.nn.dot_product_attention(
+                q, k, v, mask=same_Bx1xLxL, is_causal=True, implementation=self._implementation()
+            )
+        else:  # dot_product_attention has no dropout on its probabilities: written out for training
+            o_BxLxNxK = _attention_with_dropout(q, k, v, same_Bx1xLxL, self.cfg.dropout, dropout_key)
         return jnp.einsum("blnk,nkd->bld", o_BxLxNxK, self.out[...].astype(self.cfg.dtype))
 
     def decode(self, x_BxTxD, positions_BxT, cache: dict[str, jax.Array]):
@@ -249,9 +279,15 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None):
-        x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL)
-        return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None, dropout_key=None):
+        if dropout_key is None:
+            x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL)
+            return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD))
+        rate = self.attn.cfg.dropout
+        probs_key, attn_key, mlp_key = jax.random.split(dropout_key, 3)
+        a_BxLxD = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL, probs_key)
+        x_BxLxD = x_BxLxD + apply_dropout(a_BxLxD, rate, attn_key)
+        return x_BxLxD + apply_dropout(self.mlp(self.mlp_norm(x_BxLxD)), rate, mlp_key)
 
     def decode(self, x_BxTxD, positions_BxT, cache):
         a_BxTxD, cache = self.attn.decode(self.attn_norm(x_BxTxD), positions_BxT, cache)
@@ -259,8 +295,8 @@ class Block(nnx.Module):
         return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), cache
 
 
-def _block_call(block: Block, x_BxLxD, positions_BxL, segment_ids_BxL):
-    return block(x_BxLxD, positions_BxL, segment_ids_BxL)
+def _block_call(block: Block, x_BxLxD, positions_BxL, segment_ids_BxL, dropout_key=None):
+    return block(x_BxLxD, positions_BxL, segment_ids_BxL, dropout_key)
 
 
 LAYERS_AXIS = "layers"  # logical name of the stacked blocks' leading axis; no rule shards it
@@ -290,8 +326,12 @@ class GPT(nnx.Module):
             self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg)
         if not cfg.tied_embeddings:
+            # std d^-1/2 / 2: logits start with std 1/2 against the unit-RMS normalised stream,
+            # so the step-0 loss is ln V + 1/8 (a uniform guess, near enough), not ln V + 1/2.
+            # Measured on configs/small.py (train loss at step 100): this 1.712, d^-1/2 1.740,
+            # 1/d 2.139; shrinking the readout further slows the start.
             self.unembed = _param(
-                rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model**-0.5, ("embed", "vocab"), cfg.param_dtype
+                rngs, (cfg.d_model, cfg.vocab_size), 0.5 * cfg.d_model**-0.5, ("embed", "vocab"), cfg.param_dtype
             )
 
     def _embed(self, tokens_BxL):
@@ -308,13 +348,16 @@ class GPT(nnx.Module):
             "bld,dv->blv", h_BxLxD, w_DxV.astype(self.cfg.dtype), preferred_element_type=jnp.float32
         )
 
-    def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *, activation_sharding=None):
+    def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *, activation_sharding=None,
+                 dropout_key=None):
         """Full causal forward; float32 logits_BxLxV.
 
         positions default to 0..L-1; with `segment_ids_BxL` (packed rows) a token attends
         only to earlier tokens of the same segment, and positions should restart at 0 in
         each segment (as grain's packer gives them). `activation_sharding` (a Sharding of
         the BxLxD residual stream, from the trainer) pins it at every block boundary.
+        `dropout_key` (training only) turns on `cfg.dropout`; without it the forward is
+        deterministic, as evaluation and sampling need.
         """
         b, length = tokens_BxL.shape
         if positions_BxL is None:
@@ -329,23 +372,40 @@ class GPT(nnx.Module):
             # (over D) instead: large on v5e-256 then needed 397 GiB of temporaries per chip.
             unconstrained_fn = block_fn
 
-            def block_fn(block, x_BxLxD, positions_BxL, segment_ids_BxL):
+            def block_fn(block, x_BxLxD, positions_BxL, segment_ids_BxL, dropout_key=None):
                 x_BxLxD = jax.lax.with_sharding_constraint(x_BxLxD, activation_sharding)
-                out_BxLxD = unconstrained_fn(block, x_BxLxD, positions_BxL, segment_ids_BxL)
+                out_BxLxD = unconstrained_fn(block, x_BxLxD, positions_BxL, segment_ids_BxL, dropout_key)
                 return jax.lax.with_sharding_constraint(out_BxLxD, activation_sharding)
 
         x_BxLxD = self._embed(tokens_BxL)
+        if dropout_key is not None and self.cfg.dropout == 0:
+            dropout_key = None  # off: exactly the deterministic forward
+        layer_keys = None
+        if dropout_key is not None:
+            embed_key, dropout_key = jax.random.split(dropout_key)
+            x_BxLxD = apply_dropout(x_BxLxD, self.cfg.dropout, embed_key)
+            layer_keys = jax.random.split(dropout_key, self.cfg.num_layers)
         if self.cfg.scan_layers:
+            if layer_keys is None:
 
-            @nnx.scan(in_axes=(nnx.Carry, 0, None, None), out_axes=nnx.Carry,
-                      transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
-            def run_blocks(x_BxLxD, block, positions_BxL, segment_ids_BxL):
-                return block_fn(block, x_BxLxD, positions_BxL, segment_ids_BxL)
+                @nnx.scan(in_axes=(nnx.Carry, 0, None, None), out_axes=nnx.Carry,
+                          transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+                def run_blocks(x_BxLxD, block, positions_BxL, segment_ids_BxL):
+                    return block_fn(block, x_BxLxD, positions_BxL, segment_ids_BxL)
 
-            x_BxLxD = run_blocks(x_BxLxD, self.blocks, positions_BxL, segment_ids_BxL)
+                x_BxLxD = run_blocks(x_BxLxD, self.blocks, positions_BxL, segment_ids_BxL)
+            else:
+
+                @nnx.scan(in_axes=(nnx.Carry, 0, None, None, 0), out_axes=nnx.Carry,
+                          transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+                def run_blocks_dropout(x_BxLxD, block, positions_BxL, segment_ids_BxL, key):
+                    return block_fn(block, x_BxLxD, positions_BxL, segment_ids_BxL, key)
+
+                x_BxLxD = run_blocks_dropout(x_BxLxD, self.blocks, positions_BxL, segment_ids_BxL, layer_keys)
         else:
-            for block in self.blocks:
-                x_BxLxD = block_fn(block, x_BxLxD, positions_BxL, segment_ids_BxL)
+            for i, block in enumerate(self.blocks):
+                key = None if layer_keys is None else layer_keys[i]
+                x_BxLxD = block_fn(block, x_BxLxD, positions_BxL, segment_ids_BxL, key)
         return self._logits(x_BxLxD)
 
     def layers(self) -> list[Block]:

@@ -34,6 +34,7 @@ class LSTMConfig:
     d_model: int = 320
     dtype: str = "float32"  # compute dtype of the matmuls; the cell state stays fp32
     param_dtype: str = "float32"
+    dropout: float = 0.0  # on the embedding and each layer's output, in training only (as the GPT's)
 
     def __post_init__(self):
         for f in ("vocab_size", "num_layers", "d_model"):
@@ -43,6 +44,8 @@ class LSTMConfig:
         for f in ("dtype", "param_dtype"):
             if getattr(self, f) not in _DTYPES:
                 raise ValueError(f"model.{f}: must be one of {_DTYPES}, got {getattr(self, f)!r}")
+        if not (isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool) and 0 <= self.dropout < 1):
+            raise ValueError(f"model.dropout: must be in [0, 1), got {self.dropout!r}")
 
     @classmethod
     def from_config(cls, model_config: Mapping[str, Any] | Any, vocab_size: int) -> "LSTMConfig":
@@ -129,19 +132,29 @@ class LSTMLM(nnx.Module):
         self.out = _param(jax.random.normal(rngs.params(), (d, v), pdt) * d**-0.5, ("embed", "vocab"))
         self.out_bias = _param(jnp.zeros((v,), pdt), ("vocab",))
 
-    def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *, activation_sharding=None):
+    def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, *, activation_sharding=None,
+                 dropout_key=None):
         """float32 logits_BxLxV. Positions are implicit in the recurrence; a change of
         segment id (packed rows) restarts the state. `activation_sharding`: of the BxLxD
-        activations, as for mgpt.model.GPT."""
+        activations, and `dropout_key` (training only), as for mgpt.model.GPT."""
+        from mgpt.model.gpt import apply_dropout
+
+        keys = None
+        if dropout_key is not None and self.cfg.dropout > 0:
+            keys = list(jax.random.split(dropout_key, len(self.layers) + 1))
         del positions_BxL
         start_BxL = None
         if segment_ids_BxL is not None:
             start_BxL = jnp.pad(segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1], ((0, 0), (1, 0)))
         x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(self.cfg.dtype)
+        if keys:
+            x_BxLxD = apply_dropout(x_BxLxD, self.cfg.dropout, keys.pop())
         for layer in self.layers:
             if activation_sharding is not None:
                 x_BxLxD = jax.lax.with_sharding_constraint(x_BxLxD, activation_sharding)
             x_BxLxD = layer(x_BxLxD, start_BxL)
+            if keys:
+                x_BxLxD = apply_dropout(x_BxLxD, self.cfg.dropout, keys.pop())
         logits_BxLxV = jnp.einsum(
             "bld,dv->blv", x_BxLxD, self.out[...].astype(self.cfg.dtype), preferred_element_type=jnp.float32
         )

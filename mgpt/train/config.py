@@ -118,7 +118,8 @@ def check_same_model(workdir: epath.Path, config) -> None:
     if diff:
         raise UserError(
             f"config.model.{diff[0]}: {now.get(diff[0])!r} differs from the run in {workdir} "
-            f"({saved.get(diff[0])!r}); use a new --workdir"
+            f"({saved.get(diff[0])!r}); resume it with --config.model.{diff[0]}={saved.get(diff[0])!r}, "
+            f"or use a new --workdir"
         )
 
 

@@ -71,12 +71,14 @@ def activation_sharding(batch_sharding):
     return jax.sharding.NamedSharding(batch_sharding.mesh, spec)
 
 
-def _loss_sums(graphdef, params, batch, z_loss: float, batch_sharding=None):
-    """(sum of masked cross-entropy, sum of masked log(Z)^2) in nats, fp32."""
+def _loss_sums(graphdef, params, batch, z_loss: float, batch_sharding=None, dropout_key=None):
+    """(sum of masked cross-entropy, sum of masked log(Z)^2) in nats, fp32. `dropout_key`
+    (training only) turns on the model's dropout."""
     model = nnx.merge(graphdef, params)
     # Packed rows (mgpt.train.data) carry positions and segment ids; a batch without them is one piece per row.
+    extra = {} if dropout_key is None else {"dropout_key": dropout_key}
     logits_BxLxV = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
-                         activation_sharding=activation_sharding(batch_sharding)).astype(jnp.float32)
+                         activation_sharding=activation_sharding(batch_sharding), **extra).astype(jnp.float32)
     log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
     target_logit_BxL = jnp.take_along_axis(logits_BxLxV, batch["targets"][..., None], axis=-1)[..., 0]
     mask_BxL = batch["mask"]
@@ -85,8 +87,11 @@ def _loss_sums(graphdef, params, batch, z_loss: float, batch_sharding=None):
     return ce, z
 
 
-def make_train_step(graphdef, tx, t: ml_collections.ConfigDict, batch_sharding):
-    """state, batch -> state, metrics. Pure; jit it with shardings (see `compile_train_step`)."""
+def make_train_step(graphdef, tx, t: ml_collections.ConfigDict, batch_sharding, dropout_seed: int | None = None):
+    """state, batch -> state, metrics. Pure; jit it with shardings (see `compile_train_step`).
+
+    With `dropout_seed` (a model with dropout > 0), step s draws its dropout masks from
+    fold_in(PRNGKey(dropout_seed), s), so a resumed run draws the same masks."""
     schedule = learning_rate_schedule(t)
     accum, z_loss = t.grad_accum, t.z_loss
 
@@ -94,14 +99,17 @@ def make_train_step(graphdef, tx, t: ml_collections.ConfigDict, batch_sharding):
         params = state["params"]
         # Normalise by the whole batch's target count, so accumulation changes nothing but memory.
         count = jnp.maximum(jnp.sum(batch["mask"]), 1.0)
+        step_key = None
+        if dropout_seed is not None:
+            step_key = jax.random.fold_in(jax.random.PRNGKey(dropout_seed), state["step"])
 
-        def objective(p, microbatch):
-            ce, z = _loss_sums(graphdef, p, microbatch, z_loss, batch_sharding)
+        def objective(p, microbatch, key=None):
+            ce, z = _loss_sums(graphdef, p, microbatch, z_loss, batch_sharding, key)
             return (ce + z_loss * z) / count, ce
 
         grad_fn = jax.value_and_grad(objective, has_aux=True)
         if accum == 1:
-            (loss, ce), grads = grad_fn(params, batch)
+            (loss, ce), grads = grad_fn(params, batch, step_key)
         else:
             # Row r goes to microbatch r % accum: every microbatch stays spread over the batch shards.
             def split(x_BxL):
@@ -112,13 +120,15 @@ def make_train_step(graphdef, tx, t: ml_collections.ConfigDict, batch_sharding):
 
             micro = jax.tree.map(split, batch)
 
-            def body(carry, microbatch):
-                (loss_i, ce_i), g_i = grad_fn(params, microbatch)
+            def body(carry, xs):
+                microbatch, i = xs
+                key = None if step_key is None else jax.random.fold_in(step_key, i)
+                (loss_i, ce_i), g_i = grad_fn(params, microbatch, key)
                 g, loss, ce = carry
                 return (jax.tree.map(jnp.add, g, g_i), loss + loss_i, ce + ce_i), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)
-            (grads, loss, ce), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), micro)
+            (grads, loss, ce), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), (micro, jnp.arange(accum)))
 
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -200,7 +210,9 @@ def setup(config, vocab_size: int, mesh, table) -> Setup:
 
 def compile_train_step(s: Setup, config):
     replicated = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec())
-    step = make_train_step(s.graphdef, s.tx, config.train, s.batch_sharding)
+    # Dropout masks get their own stream, derived from the run's seed.
+    dropout_seed = config.seed + 1 if getattr(s.model_config, "dropout", 0) > 0 else None
+    step = make_train_step(s.graphdef, s.tx, config.train, s.batch_sharding, dropout_seed)
     return jax.jit(
         step,
         # One sharding for the whole batch dict (a pytree prefix): every [batch, length] array alike.
@@ -352,7 +364,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
     start_step = step
     stop_at = t.steps if not t.max_steps_per_run else min(t.steps, step + t.max_steps_per_run)
     tokens_per_step = t.batch_size * seq_len
-    result = {"step": step, "losses": {}, "events": {}, "eval": {}, "stopped_by": None}
+    result = {"step": step, "losses": {}, "events": {}, "eval": {}, "stopped_by": None, "num_params": s.num_params,
+              "flops_per_token": fpt}
     saved_step = latest
 
     def save(at_step):

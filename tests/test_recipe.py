@@ -1,0 +1,129 @@
+"""The training recipe: where every model starts, and what dropout may and may not change."""
+
+import functools
+import importlib
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from mgpt.model import kinds as models
+from mgpt.train import loop as train
+from mgpt.model import GPT, ModelConfig
+
+VOCAB_SIZE = 320  # about the demo vocabulary's size (ln 320 = 5.77)
+
+
+def _config(spec: str) -> ml_collections.ConfigDict:
+    name, _, arg = spec.partition(":")
+    module = importlib.import_module(f"configs.{name}")
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def _step0_loss(model_cfg: ml_collections.ConfigDict, seed: int = 0) -> float:
+    model = models.build_model(model_cfg, VOCAB_SIZE, nnx.Rngs(params=jax.random.PRNGKey(seed)))
+    tokens_BxL = jax.random.randint(jax.random.PRNGKey(seed + 1), (2, 33), 0, VOCAB_SIZE)
+    logits_BxLxV = model(tokens_BxL[:, :-1]).astype(jnp.float32)
+    log_p_BxLxV = jax.nn.log_softmax(logits_BxLxV, axis=-1)
+    return -float(jnp.mean(jnp.take_along_axis(log_p_BxLxV, tokens_BxL[:, 1:, None], axis=-1)))
+
+
+@pytest.mark.parametrize("spec", ["tiny", "small", "base", "large", "lstm:tiny", "lstm:small", "lstm:base",
+                                  "lstm:large"])
+def test_step0_loss_is_a_uniform_guess_for_every_config(spec):
+    """A model starts at ln V (+-0.2): no token is favoured before training, the current one included.
+
+    Each config's own widths, heads, dtype and vocabulary-sized output; depth is cut to at most
+    two layers so `large` fits a test (the output's scale does not depend on depth: the final
+    norm sets the stream to unit RMS whatever came before)."""
+    model_cfg = _config(spec).model
+    model_cfg.num_layers = min(model_cfg.num_layers, 2)
+    if model_cfg.get("kind", "gpt") == "lstm" and model_cfg.d_model > 2048:
+        model_cfg.num_layers = 1
+    for seed in (0, 1):
+        loss = _step0_loss(model_cfg, seed)
+        assert abs(loss - math.log(VOCAB_SIZE)) <= 0.2, f"{spec}: step-0 loss {loss:.3f}, ln V {math.log(VOCAB_SIZE):.3f}"
+
+
+def test_a_tied_model_still_builds_as_it_was_written():
+    """Checkpoints written before untying hold tied_embeddings=True: that model keeps its one table."""
+    cfg = ModelConfig(vocab_size=40, num_layers=1, num_heads=2, d_model=32, mlp_dim=64, max_len=16,
+                      tied_embeddings=True)
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    assert not hasattr(model, "unembed")
+    assert cfg.num_params() == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+TINY = dict(vocab_size=40, num_layers=2, num_heads=2, d_model=32, mlp_dim=64, max_len=16)
+
+
+def _batch(seed=0, b=4, length=16):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(2, TINY["vocab_size"], (b, length + 1)).astype(np.int32)
+    segment_ids = np.ones((b, length), np.int32)
+    segment_ids[:, length // 2:] = 2  # two packed pieces per row
+    positions = np.concatenate([np.arange(length // 2), np.arange(length - length // 2)])[None].repeat(b, 0)
+    return {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:]),
+            "mask": jnp.ones((b, length), jnp.float32), "positions": jnp.asarray(positions, jnp.int32),
+            "segment_ids": jnp.asarray(segment_ids)}
+
+
+def _train_state(cfg, tx):
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+@functools.lru_cache(maxsize=None)
+def _two_steps(cfg, dropout_seed):
+    t = ml_collections.ConfigDict(dict(learning_rate=1e-2, warmup_steps=0, steps=10, min_lr_ratio=0.1,
+                                       weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0, grad_accum=1,
+                                       z_loss=0.0))
+    tx = train.make_optimizer(t)
+    graphdef, state = _train_state(cfg, tx)
+    step = jax.jit(train.make_train_step(graphdef, tx, t, None, dropout_seed))
+    losses = []
+    for s in range(2):
+        state, metrics = step(state, _batch(s))
+        losses.append(float(metrics["loss"]))
+    return graphdef, state, losses
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_dropout_off_trains_bit_for_bit_as_without_it(scan_layers):
+    cfg = ModelConfig(**TINY, scan_layers=scan_layers)
+    _, plain, plain_losses = _two_steps(cfg, None)
+    _, keyed, keyed_losses = _two_steps(cfg, 7)  # a key, but dropout 0: ignored
+    assert plain_losses == keyed_losses
+    for a, b in zip(jax.tree.leaves(plain["params"]), jax.tree.leaves(keyed["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_dropout_changes_training_but_not_evaluation_or_sampling(scan_layers):
+    cfg = ModelConfig(**TINY, scan_layers=scan_layers, dropout=0.1)
+    _, _, off_losses = _two_steps(ModelConfig(**TINY, scan_layers=scan_layers), None)
+    graphdef, state, on_losses = _two_steps(cfg, 7)
+    _, _, again_losses = _two_steps(cfg, 7)
+    assert on_losses != off_losses, "dropout draws masks in training"
+    assert on_losses == again_losses, "the same seed draws the same masks"
+    model = nnx.merge(graphdef, state["params"])
+    batch = _batch(5)
+    # Evaluation and sampling call the model without a key: deterministic, and equal to the same
+    # weights built with dropout 0.
+    plain = nnx.merge(nnx.split(GPT(ModelConfig(**TINY, scan_layers=scan_layers), rngs=nnx.Rngs(0)),
+                                nnx.Param)[0], state["params"])
+    np.testing.assert_array_equal(np.asarray(model(batch["inputs"])), np.asarray(model(batch["inputs"])))
+    np.testing.assert_array_equal(np.asarray(model(batch["inputs"])), np.asarray(plain(batch["inputs"])))
+    cache = model.init_cache(4, 16)
+    positions = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (4, 16))
+    decoded, _ = model.decode(batch["inputs"], positions, cache)
+    np.testing.assert_allclose(np.asarray(decoded), np.asarray(model(batch["inputs"])), atol=2e-4)
+    eval_step = jax.jit(train.make_eval_step(graphdef))
+    np.testing.assert_array_equal(np.asarray(eval_step(state["params"], batch)["nats"]),
+                                  np.asarray(jax.jit(train.make_eval_step(nnx.split(plain, nnx.Param)[0]))(
+                                      state["params"], batch)["nats"]))
