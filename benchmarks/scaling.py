@@ -35,7 +35,8 @@ SIZES = {
 }
 
 
-def size_config(name: str, steps: int, dataset_dir: str | None = None, seed: int = 0):
+def size_config(name: str, steps: int, dataset_dir: str | None = None, seed: int = 0, batch_size: int = 0,
+                seq_len: int = 0):
     from configs import small
 
     num_layers, num_heads, d_model, mlp_dim = SIZES[name]
@@ -43,6 +44,10 @@ def size_config(name: str, steps: int, dataset_dir: str | None = None, seed: int
     c.seed = seed
     if dataset_dir:
         c.data.dataset_dir = dataset_dir
+    if batch_size:
+        c.train.batch_size = batch_size
+    if seq_len:
+        c.data.seq_len = c.model.max_len = seq_len
     c.model.update(num_layers=num_layers, num_heads=num_heads, d_model=d_model, mlp_dim=mlp_dim)
     # The schedule keeps its shape: warmup as the same share of the run.
     warmup = max(1, round(c.train.warmup_steps * steps / c.train.steps))
@@ -51,11 +56,12 @@ def size_config(name: str, steps: int, dataset_dir: str | None = None, seed: int
     return c
 
 
-def train_size(name: str, out: str, steps: int, dataset_dir: str | None, seed: int) -> dict:
+def train_size(name: str, out: str, steps: int, dataset_dir: str | None, seed: int, batch_size: int = 0,
+               seq_len: int = 0) -> dict:
     """Trains (or reads back) one size; {'params', 'flops', 'tokens', 'val', 'seconds'}."""
     from mgpt.train import loop as train
 
-    c = size_config(name, steps, dataset_dir, seed)
+    c = size_config(name, steps, dataset_dir, seed, batch_size, seq_len)
     workdir = os.path.join(out, name)
     result_path = os.path.join(workdir, "scaling.json")
     if os.path.exists(result_path):
@@ -116,9 +122,11 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/scaling", help="folder for one run per size (resumable)")
     p.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, from {','.join(SIZES)}")
-    p.add_argument("--steps", type=int, default=240, help="optimizer steps per size (equal tokens for all)")
+    p.add_argument("--steps", type=int, default=160, help="optimizer steps per size (equal tokens for all)")
     p.add_argument("--dataset_dir", default=None, help="default: configs/small.py's (the demo corpus)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=0, help="rows per step (default: configs/small.py's)")
+    p.add_argument("--seq_len", type=int, default=0, help="events per row (default: configs/small.py's)")
     p.add_argument("--plot", default=None, help="write the plot here (e.g. docs/scaling.png)")
     a = p.parse_args(argv)
     names = [s for s in a.sizes.split(",") if s]
@@ -128,7 +136,7 @@ def main(argv=None) -> None:
     names.sort(key=list(SIZES).index)
     results = []
     for name in names:
-        r = train_size(name, a.out, a.steps, a.dataset_dir, a.seed)
+        r = train_size(name, a.out, a.steps, a.dataset_dir, a.seed, a.batch_size, a.seq_len)
         results.append(r)
         print(f"{name:>3}: {r['params'] / 1e6:6.2f} M params, {r['flops']:.2e} FLOPs, validation {r['val']:.4f} "
               f"nats/event ({r['seconds']:.0f} s)", flush=True)
