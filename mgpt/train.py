@@ -228,6 +228,60 @@ def abstract_batch(rows: int, seq_len: int, sharding) -> dict:
             for k, (shape, dtype) in data_lib.batch_shapes(rows, seq_len).items()}
 
 
+def activation_bytes_per_row(s: Setup, seq_len: int) -> int:
+    """Bytes the backward pass keeps per batch row of `seq_len` events: jax's residuals of the
+    loss (what remat leaves saved, the logits included), traced abstractly. Taken as the
+    difference between two rows and one, so the weights the residuals also hold cancel out.
+    A lower bound of the step's activation memory: XLA's temporaries come on top."""
+    def kept(rows: int) -> int:
+        batch = abstract_batch(rows, seq_len, None)
+
+        def residuals(params, batch):
+            return jax.vjp(lambda p: _loss_sums(s.graphdef, p, batch, 0.0)[0], params)[1]
+
+        leaves = jax.tree.leaves(jax.eval_shape(residuals, s.abstract_state["params"], batch))
+        return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves)
+
+    return max(kept(2) - kept(1), 0)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def check_memory(s: Setup, config, seq_len: int) -> None:
+    """Refuses, before anything is allocated, a model or batch that cannot fit one device.
+
+    Weights and optimizer state alone, then a train step's lower bound (those, the gradients
+    and the activations kept for the backward pass), against the device's memory limit
+    (host RAM on a CPU). Without the check such a run sits for minutes initialising, or
+    grows until the machine runs out of memory."""
+    limit, what = mesh_lib.memory_limit()
+    if limit is None:
+        return
+    state = mesh_lib.bytes_per_device(s.abstract_state, s.state_shardings)
+    if state > limit:
+        raise UserError(
+            f"config.model: {s.num_params:,} parameters need {_size(state)} per device for weights and optimizer "
+            f"state, more than the {_size(limit)} of {what}; use a smaller model (d_model, num_layers, mlp_dim) "
+            "or shard it over more devices (config.mesh.fsdp)")
+    grads = mesh_lib.bytes_per_device(s.abstract_state["params"], s.state_shardings["params"])
+    rows = s.batch_sharding.shard_shape((s.microbatch, seq_len))[0]
+    per_row = activation_bytes_per_row(s, seq_len)
+    need = state + grads + rows * per_row
+    if need > limit:
+        t = config.train
+        raise UserError(
+            f"config.train.batch_size={t.batch_size}: a train step needs at least {_size(need)} per device "
+            f"({rows:,} rows x {_size(per_row)} of activations kept for the backward pass, plus "
+            f"{_size(state + grads)} of weights, gradients and optimizer state), more than the {_size(limit)} of "
+            f"{what}; lower config.train.batch_size, raise config.train.grad_accum or set config.model.remat=full")
+
+
 def global_batch(local: dict, sharding) -> dict:
     """This host's rows -> global arrays laid out by `sharding`."""
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
@@ -276,6 +330,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
         vocab = vocab.with_fim()
     s = setup(config, vocab.size, mesh, table)
     seq_len = d.seq_len
+    check_memory(s, config, seq_len)
     fpt = s.model_config.flops_per_token(seq_len)
     state_bytes = mesh_lib.bytes_per_device(s.abstract_state, s.state_shardings)
     _print0(

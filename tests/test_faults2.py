@@ -147,3 +147,70 @@ def test_a_second_ctrl_c_ends_a_build_stuck_after_its_last_line(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+# ----------------------------------------------------------------------------- H2, H3: what cannot fit
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A complete 12-piece dataset (train, validation and test splits)."""
+    base = tmp_path_factory.mktemp("data")
+    midis = _midi_folder(base / "midi", 12)
+    return build.build_dataset([f"midi_dir:{midis}"], base / "out", num_workers=1, progress=False, verbose=False)
+
+
+def _tiny_config(dataset_dir, **train):
+    from configs import tiny
+
+    c = tiny.get_config()
+    c.data.dataset_dir = str(dataset_dir)
+    c.train.update(dict(steps=4, checkpoint_every=2, eval_every=0, log_every=2, warmup_steps=1, keep_checkpoints=3))
+    c.train.update(train)
+    return c
+
+
+@pytest.mark.timeout(180)
+def test_a_model_too_large_for_the_device_is_refused_before_initialising(dataset, tmp_path):
+    from mgpt import train
+    from mgpt.errors import UserError
+
+    config = _tiny_config(dataset)
+    config.model.d_model = 200_000  # 3.5 TiB of weights and AdamW state
+    start = time.perf_counter()
+    with pytest.raises(UserError, match=r"^config\.model: 320,216,800,000 parameters need 3\.5 TiB per device .* "
+                                        r"more than the [\d.,]+ [GMT]iB of (host RAM|the container)") as e:
+        train.train(config, str(tmp_path / "w"))
+    assert "\n" not in str(e.value) and time.perf_counter() - start < 60
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+@pytest.mark.timeout(180)
+def test_a_batch_too_large_for_the_device_is_refused_before_training(dataset, tmp_path):
+    from mgpt import train
+    from mgpt.errors import UserError
+
+    with pytest.raises(UserError, match=r"^config\.train\.batch_size=100000000: a train step needs at least "
+                                        r"[\d.,]+ TiB per device \(100,000,000 rows x .* of activations") as e:
+        train.train(_tiny_config(dataset, batch_size=100_000_000), str(tmp_path / "w"))
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_the_activation_estimate_grows_with_the_context_and_shrinks_with_remat():
+    import jax
+
+    from configs import tiny
+    from mgpt import config as config_lib
+    from mgpt import train
+
+    def per_row(seq_len, remat="none"):
+        c = tiny.get_config()
+        c.model.update(max_len=256, remat=remat)
+        mesh, table = config_lib.validate_devices(c, jax.device_count(), 1)
+        return train.activation_bytes_per_row(train.setup(c, 250, mesh, table), seq_len)
+
+    short, long_ = per_row(64), per_row(128)
+    # Logits alone are 4 bytes x 250 ids per event; attention scores grow with the square.
+    assert short > 64 * 250 * 4 and long_ > 2 * short
+    assert per_row(128, remat="full") < long_ / 2
