@@ -142,6 +142,13 @@ def parse_flags(argv):
 
     try:
         return flags.FLAGS(argv)
+    except flags.IllegalFlagValueError as e:  # --config.train.steps=abc: the field's type is the config's
+        text = str(e)
+        if text.startswith("flag "):
+            flag, _, why = text[len("flag "):].partition(": ")
+            kind = "an integer" if "int()" in why else "a number" if "float" in why else None
+            text = f"{flag}: must be {kind}" if kind else f"{flag}: {why}"
+        raise UserError(text) from None
     except (AttributeError, KeyError):  # how ml_collections reports --config.a.b for a missing field
         try:
             message = unknown_override(argv)

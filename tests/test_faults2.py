@@ -214,3 +214,18 @@ def test_the_activation_estimate_grows_with_the_context_and_shrinks_with_remat()
     # Logits alone are 4 bytes x 250 ids per event; attention scores grow with the square.
     assert short > 64 * 250 * 4 and long_ > 2 * short
     assert per_row(128, remat="full") < long_ / 2
+
+
+# ----------------------------------------------------------------------------- T1: values of the wrong type
+
+
+@pytest.mark.parametrize("flag, line", [
+    ("--config.train.steps=abc", "--config.train.steps=abc: must be an integer"),
+    ("--config.train.steps=2.5", "--config.train.steps=2.5: must be an integer"),
+    ("--config.train.learning_rate=fast", "--config.train.learning_rate=fast: must be a number"),
+])
+def test_a_config_value_of_the_wrong_type_is_one_line(tmp_path, flag, line):
+    out = subprocess.run([sys.executable, "-m", "mgpt.train", "--config=configs/tiny.py", f"--workdir={tmp_path}/w",
+                          flag], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [line], out.stderr[-2000:]
+    assert not (tmp_path / "w").exists()
