@@ -125,7 +125,11 @@ def check_same_model(workdir: epath.Path, config) -> None:
 def check_warm_start(config, vocab_size: int, abstract_params) -> None:
     """One line naming the model fields that differ when init_from's weights don't fit config.model."""
     root, step = ckpt_lib.locate(config.init_from)
-    source = ml_collections.ConfigDict(ckpt_lib.read_json_item(root, step, "config")).model
+    try:
+        source = ml_collections.ConfigDict(ckpt_lib.read_json_item(root, step, "config")).model
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"config.init_from={config.init_from}: checkpoint step {step} has no readable config item "
+                        f"({type(e).__name__}: {e}); give a complete run's workdir") from None
     source_params = nnx.state(models.abstract_model(source, vocab_size), nnx.Param)
     shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)
     same_tree = jax.tree.structure(source_params) == jax.tree.structure(abstract_params)

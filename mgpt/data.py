@@ -179,9 +179,14 @@ def choose_vocab(dataset_path: epath.Path, workdir: epath.Path, init_from: str) 
     if init_from:
         try:
             root, step = ckpt_lib.locate(init_from)
-        except FileNotFoundError:
+        except OSError:  # missing, or a file (NotADirectoryError)
             raise UserError(f"config.init_from={init_from}: no checkpoints there (give a run's workdir)") from None
-        vocab = Vocabulary.from_json(ckpt_lib.read_json_item(root, step, "vocab"), origin=f"{init_from} vocab")
+        try:
+            vocab = Vocabulary.from_json(ckpt_lib.read_json_item(root, step, "vocab"), origin=f"{init_from} vocab")
+        except (OSError, ValueError) as e:
+            why = f"no vocab item ({e.strerror})" if isinstance(e, OSError) else f"its vocab item is damaged ({e})"
+            raise UserError(f"config.init_from={init_from}: checkpoint step {step} has {why}; "
+                            "give a complete run's workdir") from None
         return _same_events(vocab, dataset_vocab, dataset_path, f"config.init_from={init_from}")
     return dataset_vocab
 

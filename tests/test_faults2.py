@@ -229,3 +229,49 @@ def test_a_config_value_of_the_wrong_type_is_one_line(tmp_path, flag, line):
                           flag], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [line], out.stderr[-2000:]
     assert not (tmp_path / "w").exists()
+
+
+# ----------------------------------------------------------------------------- T2: a bad config.init_from
+
+
+@pytest.fixture(scope="module")
+def tiny_run(dataset, tmp_path_factory):
+    """A 4-step tiny run with checkpoints at steps 2 and 4."""
+    from mgpt import train
+
+    workdir = tmp_path_factory.mktemp("run") / "w"
+    train.train(_tiny_config(dataset), str(workdir))
+    return workdir
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("damage, named", [
+    ("a file", "no checkpoints there"),
+    ("no vocab item", "checkpoint step 4 has no vocab item"),
+    ("no config item", "checkpoint step 4 has no readable config item"),
+])
+def test_a_bad_init_from_is_one_line(dataset, tiny_run, tmp_path, damage, named):
+    import shutil
+
+    from mgpt import train
+    from mgpt.errors import UserError
+
+    source = tmp_path / "a_file"
+    if damage == "a file":
+        source.write_text("not a run")
+    else:
+        source = _copy(tiny_run, tmp_path / "source")
+        shutil.rmtree(source / "checkpoints" / "2")
+        shutil.rmtree(source / "checkpoints" / "4" / ("vocab" if damage == "no vocab item" else "config"))
+    config = _tiny_config(dataset)
+    config.init_from = str(source)
+    with pytest.raises(UserError, match=f"^config.init_from={source}: {named}") as e:
+        train.train(config, str(tmp_path / "fresh"))
+    assert "\n" not in str(e.value)
+    assert not list((tmp_path / "fresh").glob("checkpoints/*")) and not (tmp_path / "fresh" / "config.json").exists()
