@@ -106,6 +106,7 @@ def run_command(f, rest: Sequence[str]) -> str:
     if not f.workdir or not f.output_dir:
         raise UserError("usage: python -m mgpt.evaluate --workdir=RUN --output_dir=OUT [--generated_dir=DIR | "
                         "--num_samples=N --style=all] [--lstm_workdir=RUN]")
+    generate.check_output_dir(f.output_dir)  # before any model is loaded or piece generated
     options = Options(ngram_order=f.ngram_order, crop_seconds=f.crop_seconds, copy_threshold_s=f.copy_threshold_s,
                       max_train_notes=f.max_train_notes, seed=f.seed)
     if f.finetuned_workdir or f.composer:

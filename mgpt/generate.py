@@ -828,7 +828,7 @@ def _check_primer_seconds(seconds: float | None) -> None:
         raise UserError(f"--primer_seconds must be >= 0 (0 keeps all of the primer), got {seconds}")
 
 
-def _check_output_dir(output_dir) -> None:
+def check_output_dir(output_dir) -> None:
     """A one-line error before the weights are loaded when output_dir cannot be made or written."""
     try:
         pathlib.Path(output_dir).mkdir(parents=True, exist_ok=True)
@@ -969,7 +969,7 @@ def run_command(f) -> pathlib.Path:
         check_infill_times(f.infill_start, f.infill_end)
         infill = load_infill(f.infill, vocab, f.infill_start, f.infill_end)
         check_infill_model(vocab, f.workdir)
-    _check_output_dir(f.output_dir)
+    check_output_dir(f.output_dir)
     import jax
 
     from mgpt import mesh

@@ -275,3 +275,40 @@ def test_a_bad_init_from_is_one_line(dataset, tiny_run, tmp_path, damage, named)
         train.train(config, str(tmp_path / "fresh"))
     assert "\n" not in str(e.value)
     assert not list((tmp_path / "fresh").glob("checkpoints/*")) and not (tmp_path / "fresh" / "config.json").exists()
+
+
+# ----------------------------------------------------------------------------- T3, T4: evaluation's inputs and outputs
+
+
+def test_evaluate_into_a_folder_it_cannot_write_is_one_line(tiny_run, tmp_path, capsys):
+    from mgpt import evaluate
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["evaluate", f"--workdir={tiny_run}", f"--output_dir={blocker}/out", "--num_samples=1",
+                       "--noprogress"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"--output_dir={blocker}/out: cannot write there (Not a directory); pick another dir"]
+
+
+@pytest.mark.parametrize("content, named", [
+    (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "not a text file"),
+    (b"{}", "not a complete report of mgpt.evaluate (no 'likelihood')"),
+    (b"[1, 2, 3]", "holds a JSON list, not a report"),
+    (b'{"likelihood": 3}', "not a complete report of mgpt.evaluate (TypeError"),
+])
+def test_comparing_a_malformed_report_is_one_line(tmp_path, capsys, content, named):
+    from mgpt import evaluate
+    from mgpt.eval import compare
+
+    bad = tmp_path / "bad" / "report.json"
+    bad.parent.mkdir()
+    bad.write_bytes(content)
+    for main, argv in [(compare.main, ["compare", str(bad.parent), str(bad)]),
+                       (evaluate.main, ["evaluate", "--compare", str(bad.parent), str(bad)])]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.splitlines()
+        assert e.value.code == 2 and len(err) == 1 and named in err[0] and str(bad) in err[0], err
