@@ -191,7 +191,18 @@ def choose_vocab(dataset_path: epath.Path, workdir: epath.Path, init_from: str) 
     return dataset_vocab
 
 
-def _same_events(vocab: Vocabulary, dataset_vocab: Vocabulary, dataset_path, owner: str) -> Vocabulary:
+def check_same_events(vocab: Vocabulary, dataset_path, owner: str, field: str = "config.data.dataset_dir") -> None:
+    """A UserError naming `field` unless every event id of `vocab` (a model's, `owner`'s)
+    means the same in the dataset at `dataset_path`; style labels may differ."""
+    try:
+        dataset_vocab = Vocabulary.load(dataset_path)
+    except ValueError as e:
+        raise UserError(f"{e}; rebuild it or restore the original") from None
+    _same_events(vocab, dataset_vocab, dataset_path, owner, field)
+
+
+def _same_events(vocab: Vocabulary, dataset_vocab: Vocabulary, dataset_path, owner: str,
+                 field: str = "config.data.dataset_dir") -> Vocabulary:
     """`vocab` if every event id means the same in the dataset; style labels may differ."""
     settings = lambda v: {k: x for k, x in v.to_json().items() if k != "tokens"}
     ours, theirs = settings(vocab), settings(dataset_vocab)
@@ -201,7 +212,7 @@ def _same_events(vocab: Vocabulary, dataset_vocab: Vocabulary, dataset_path, own
         differ = ["its event tokens differ"]
     if differ:
         raise UserError(
-            f"config.data.dataset_dir={dataset_path}: its event vocabulary differs ({'; '.join(differ)}); "
+            f"{field}={dataset_path}: its event vocabulary differs ({'; '.join(differ)}); "
             "use a dataset built with the same settings"
         )
     return vocab

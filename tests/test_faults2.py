@@ -312,3 +312,47 @@ def test_comparing_a_malformed_report_is_one_line(tmp_path, capsys, content, nam
             main(argv)
         err = capsys.readouterr().err.splitlines()
         assert e.value.code == 2 and len(err) == 1 and named in err[0] and str(bad) in err[0], err
+
+
+def _generated(tiny_run, tmp_path):
+    from mgpt import generate
+
+    out = tmp_path / "generated"
+    generate.main(["generate", f"--workdir={tiny_run}", f"--output_dir={out}", "--num_samples=2", "--max_events=16",
+                   "--noprogress"])
+    return out
+
+
+def test_evaluate_with_no_readable_generated_piece_is_one_line(tiny_run, tmp_path, capsys):
+    from mgpt import evaluate
+
+    generated = _generated(tiny_run, tmp_path)
+    for mid in generated.glob("*.mid"):
+        mid.write_bytes(b"MThd\x00\x00")  # cut short: no piece parses
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["evaluate", f"--workdir={tiny_run}", f"--output_dir={tmp_path}/eval",
+                       f"--generated_dir={generated}"])
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and err == [
+        f"--generated_dir={generated}: none of the 2 pieces its manifest lists is a readable MIDI file with notes; "
+        "regenerate them (python -m mgpt.generate)"]
+
+
+# ----------------------------------------------------------------------------- W1: evaluation's vocabulary
+
+
+def test_evaluate_refuses_a_dataset_whose_ids_mean_other_events(tiny_run, tmp_path, capsys):
+    from mgpt import evaluate
+
+    other = build.build_dataset([f"midi_dir:{_midi_folder(tmp_path / 'midi', 12)}"], tmp_path / "other",
+                                num_workers=1, max_shift_steps=50, progress=False, verbose=False)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["evaluate", f"--workdir={tiny_run}", f"--output_dir={tmp_path}/eval", f"--dataset_dir={other}",
+                       "--num_samples=1", "--noprogress"])
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"--dataset_dir={other}: its event vocabulary differs (max_shift_steps=50 there, 100 in "
+                             f"the model in {tiny_run}")
+    assert not (tmp_path / "eval" / "generated").exists(), "refused before generating anything"
