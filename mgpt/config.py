@@ -112,7 +112,15 @@ def check_same_model(workdir: epath.Path, config) -> None:
     # A field added since the run was written (e.g. scan_layers) had its default then.
     fields = dataclasses.fields(type(models.model_config(config.model, vocab_size=1)))
     defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
-    saved = {**defaults, **json.loads(path.read_text()).get("model", {})}
+    try:
+        saved_config = json.loads(path.read_text())
+        saved_model = saved_config.get("model", {})
+        if not isinstance(saved_model, dict):
+            raise ValueError(f"its 'model' is a {type(saved_model).__name__}")
+    except (ValueError, AttributeError) as e:  # truncated, empty or hand-edited
+        raise UserError(f"{path}: not a run config ({e}); every checkpoint keeps a copy of it "
+                        f"(checkpoints/STEP/config/metadata): copy the newest over it, or use a new --workdir") from None
+    saved = {**defaults, **saved_model}
     now = {**defaults, **json.loads(json.dumps(config.model.to_dict()))}
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if diff:

@@ -356,3 +356,19 @@ def test_evaluate_refuses_a_dataset_whose_ids_mean_other_events(tiny_run, tmp_pa
     assert err[0].startswith(f"--dataset_dir={other}: its event vocabulary differs (max_shift_steps=50 there, 100 in "
                              f"the model in {tiny_run}")
     assert not (tmp_path / "eval" / "generated").exists(), "refused before generating anything"
+
+
+# ----------------------------------------------------------------------------- T7: a damaged config.json
+
+
+@pytest.mark.parametrize("content", ["", '{"model": {"d_mod', "[1, 2]"], ids=["empty", "truncated", "a list"])
+def test_a_damaged_config_json_in_the_run_is_one_line(dataset, tiny_run, tmp_path, content):
+    from mgpt import train
+    from mgpt.errors import UserError
+
+    workdir = _copy(tiny_run, tmp_path / "w")
+    (workdir / "config.json").write_text(content)
+    with pytest.raises(UserError, match=f"^{workdir}/config.json: not a run config .*copy the newest over it") as e:
+        train.train(_tiny_config(dataset, steps=6), str(workdir))
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
