@@ -97,10 +97,35 @@ def open_source(dataset_dir: str | os.PathLike, split: str, training_only: bool 
     if "tfrecord" in str(builder.info.file_format).lower():  # grain needs random access
         raise MissingInput(f"{dataset_dir}: a TFRecord dataset, and training reads ArrayRecord; rebuild it "
                            "with python -m data_prep.build --file_format=array_record")
+    _check_shards(builder.info.splits[split], dataset_dir, split)
     if training_only:
         raw = builder.as_data_source(split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
         return _TrainingRecords(raw)
     return builder.as_data_source(split)
+
+
+def _check_shards(split_info, dataset_dir, split: str) -> None:
+    """Every record file of the split holds the records the dataset's metadata counts.
+
+    Reads only each file's footer (its index), so a whole dataset is checked in moments at
+    start-up, not when a truncated or emptied shard is first read: for a validation shard,
+    hours later at the first evaluation."""
+    from array_record.python import array_record_module
+
+    for path, expected in zip(split_info.filepaths, split_info.shard_lengths):
+        try:
+            reader = array_record_module.ArrayRecordReader(os.fspath(path))
+            try:
+                found = reader.num_records()
+            finally:
+                reader.close()
+        except Exception as e:  # noqa: BLE001 - riegeli reports damage as several types
+            found, why = None, str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        else:
+            why = f"{found:,} of its {expected:,} records"
+        if found != expected:
+            raise UserError(f"{dataset_dir}: the {split} shard {path} is damaged or truncated ({why}); "
+                               "rebuild the dataset (python -m data_prep.build ... --overwrite)")
 
 
 def resolve_dataset(dataset_dir: str) -> epath.Path:

@@ -375,6 +375,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
             process_count=pc,
         )
     except ValueError as e:
+        if isinstance(e, UserError):  # a damaged shard: its own line
+            raise
         fixed = " (fixed by the run's first start)" if saved_shards else ""
         raise UserError(f"config.data.shards={num_shards}{fixed}, dataset {d.dataset_dir}: {e}") from None
     train_iter = iter(train_ds)
@@ -480,7 +482,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
                     consume(*pending)  # only a state whose step was finite is saved or evaluated
                     pending = None
                 if eval_due:
-                    evaluate(step)
+                    try:
+                        evaluate(step)
+                    except Exception as e:
+                        save(step)  # the steps trained so far are not lost to a failed evaluation
+                        ckpts.wait()
+                        e.add_note(f"evaluation at step {step} failed; checkpoint {ckpts.directory}/{step} was "
+                                   "saved first: re-run to resume from it")
+                        raise
                 if checkpoint_due:
                     save(step)
                 if eval_due or checkpoint_due:  # tokens/s measures training, not these pauses

@@ -157,7 +157,8 @@ def dataset(tmp_path_factory):
     """A complete 12-piece dataset (train, validation and test splits)."""
     base = tmp_path_factory.mktemp("data")
     midis = _midi_folder(base / "midi", 12)
-    return build.build_dataset([f"midi_dir:{midis}"], base / "out", num_workers=1, progress=False, verbose=False)
+    return build.build_dataset([f"midi_dir:{midis}"], base / "out", num_workers=1, split_percents=(60, 20, 20),
+                               progress=False, verbose=False)
 
 
 def _tiny_config(dataset_dir, **train):
@@ -372,3 +373,37 @@ def test_a_damaged_config_json_in_the_run_is_one_line(dataset, tiny_run, tmp_pat
         train.train(_tiny_config(dataset, steps=6), str(workdir))
     assert "\n" not in str(e.value)
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
+
+
+# ----------------------------------------------------------------------------- T6: damaged shards
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_a_damaged_shard_is_one_line_at_start_up(dataset, tmp_path, split, damage):
+    from mgpt import train
+    from mgpt.errors import UserError
+
+    data = _copy(dataset, tmp_path / "data")
+    shard = next(data.glob(f"*-{split}.array_record-*"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2] if damage == "truncated" else b"")
+    with pytest.raises(UserError, match=f"the {split} shard {shard} is damaged or truncated") as e:
+        train.train(_tiny_config(data, eval_every=2), str(tmp_path / "w"))
+    assert "\n" not in str(e.value)
+    assert not list((tmp_path / "w").glob("checkpoints/*")), "refused before training"
+
+
+def test_a_failed_evaluation_saves_a_checkpoint_before_it_stops(dataset, tmp_path, monkeypatch):
+    from mgpt import checkpoint as ckpt_lib
+    from mgpt import data as data_lib
+    from mgpt import train
+
+    def unreadable(*args, **kwargs):
+        raise IndexError("list index out of range")  # what a shard damaged after start-up gives
+
+    monkeypatch.setattr(data_lib, "eval_batches", unreadable)
+    workdir = tmp_path / "w"
+    with pytest.raises(IndexError) as e:
+        train.train(_tiny_config(dataset, eval_every=3, checkpoint_every=100, steps=6), str(workdir))
+    assert ckpt_lib.finalized_steps(workdir / "checkpoints") == [3], "the three trained steps are kept"
+    assert any("checkpoint" in note and "/3 was saved first" in note for note in e.value.__notes__)
