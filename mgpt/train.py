@@ -446,7 +446,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
         )
 
     log = monitor.TrainLog(writer, total_steps=t.steps, log_every=t.log_every, tokens_per_step=tokens_per_step,
-                           flops_per_token=fpt, peak_flops=peak)
+                           flops_per_token=fpt, peak_flops=peak, peak_measured=peak_source.startswith("measured"))
 
     def consume(at_step, metrics):
         """Host side of step `at_step`: the finite check, then logging."""

@@ -407,3 +407,30 @@ def test_a_failed_evaluation_saves_a_checkpoint_before_it_stops(dataset, tmp_pat
         train.train(_tiny_config(dataset, eval_every=3, checkpoint_every=100, steps=6), str(workdir))
     assert ckpt_lib.finalized_steps(workdir / "checkpoints") == [3], "the three trained steps are kept"
     assert any("checkpoint" in note and "/3 was saved first" in note for note in e.value.__notes__)
+
+
+# ----------------------------------------------------------------------------- W2: MFU never above 100 %
+
+
+def test_mfu_never_reads_above_100_percent_when_the_peak_was_measured_on_busy_cores(capsys):
+    import re
+
+    from mgpt import monitor
+
+    metrics = dict(loss=1.0, nats_per_event=1.0, events=10.0, grad_norm=1.0, param_norm=1.0, lr=1e-3)
+    log = monitor.TrainLog(monitor.MetricWriter(None), total_steps=10, log_every=1, tokens_per_step=1000,
+                           flops_per_token=1e6, peak_flops=1e6, peak_measured=True)  # a peak measured far too low
+    for step, pause in enumerate([0.0, 0.01, 0.01, 0.2]):
+        time.sleep(pause)
+        log.add(step, metrics)
+    out = capsys.readouterr().out
+    mfu = [float(x) for x in re.findall(r"MFU ([\d.]+)%", out)]
+    assert len(mfu) == 3 and max(mfu) <= 100.0 and mfu[-1] < 50, out
+    assert out.count("note: training ran at") == 1, "said once, when the peak is first raised"
+    # A datasheet peak is a fact, not a measurement: it is never raised.
+    log = monitor.TrainLog(monitor.MetricWriter(None), total_steps=10, log_every=1, tokens_per_step=1000,
+                           flops_per_token=1e6, peak_flops=1e6)
+    log.add(0, metrics)
+    time.sleep(0.01)
+    log.add(1, metrics)
+    assert "note:" not in capsys.readouterr().out
