@@ -542,6 +542,33 @@ class _ShardedBatchesIterator(grain.DatasetIterator):
                 it.close()
 
 
+def init_worker(worker_index: int, worker_count: int) -> None:
+    """Runs first in each grain worker process.
+
+    Ctrl-C reaches the whole process group, and the trainer handles it (it saves, then
+    stops its workers): a worker that took it too printed its own traceback. A worker
+    whose trainer is gone (kill -9, the OOM killer) would live on, with multiprocessing's
+    resource tracker, holding memory: it watches its parent and exits when that changes.
+    (A parent-death signal would fire when the parent's thread that started the worker
+    ends, and grain starts them from a prefetch thread.)"""
+    import signal
+    import threading
+    import time
+
+    del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="mgpt-parent-watch", daemon=True).start()
+    if parent == 1:  # already orphaned before the watch began
+        os._exit(1)
+
+
 def train_dataset(
     source: Sequence[dict],
     vocab: Vocabulary,
@@ -613,7 +640,7 @@ def train_dataset(
         ds = _pack(ds, seq_len, num_packing_bins, pack_seed, shuffle=True)
         ds = ds.batch(rows, drop_remainder=True).map(_to_model_batch)
         if workers > 0:
-            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=init_worker)
         shards[shard] = ds
     ds = _ShardedBatches(shards, num_shards)
     if prefetch > 0:

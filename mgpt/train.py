@@ -38,6 +38,24 @@ class NonFiniteLoss(RuntimeError):
     """The run diverged: a failure of the run, not of its inputs (exit code 1, one line)."""
 
 
+class DataWorkerDied(RuntimeError):
+    """A grain worker process died (killed, out of memory): one line, exit code 1."""
+
+
+def _worker_died_line(e: BaseException, workers: int, step: int, saved_step, directory) -> str:
+    import re
+
+    code = re.search(r"exit code (-?\d+)", str(e))
+    how = ""
+    if code:
+        n = int(code.group(1))
+        how = f" (killed by signal {-n}{', perhaps by the out-of-memory killer' if n == -9 else ''})" if n < 0 \
+            else f" (exit code {n})"
+    where = f"checkpoint {directory}/{saved_step}" if saved_step is not None else "no checkpoint yet"
+    return (f"step {step}: a data worker process (one of config.data.workers={workers} per shard) died{how}; "
+            f"the run stopped, its last {where}; re-run the same command to resume")
+
+
 # ----------------------------------------------------------------------------- optimizer + step
 
 
@@ -468,7 +486,21 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
     try:
         with ckpt_lib.StopSignal(multi_process=pc > 1) as stop:
             while step < stop_at:
-                batch = global_batch(next(train_iter), s.batch_sharding)
+                try:
+                    local_batch = next(train_iter)
+                except RuntimeError as e:
+                    if "Worker process was terminated" not in str(e):
+                        raise
+                    if pending is not None:
+                        consume(*pending)
+                        pending = None
+                    try:  # the steps trained since the last checkpoint are kept when the state still saves
+                        save(step)
+                        ckpts.wait()
+                    except Exception:  # noqa: BLE001 - then the last complete checkpoint is the one to name
+                        saved_step = ckpts.latest_step()
+                    raise DataWorkerDied(_worker_died_line(e, d.workers, step, saved_step, ckpts.directory)) from None
+                batch = global_batch(local_batch, s.batch_sharding)
                 state, metrics = train_step(state, batch)  # dispatched; runs while we log
                 if pending is not None:
                     consume(*pending)
@@ -533,8 +565,13 @@ def main(argv, config, workdir) -> None:
     quiet_dead_event_loop()
     try:
         train(config, workdir)
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, DataWorkerDied) as e:
         raise SystemExit(str(e)) from None
+    except KeyboardInterrupt:  # a Ctrl-C during start-up, or a second one while stopping
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a further Ctrl-C ends the process at once
+        raise SystemExit(_interrupted_line(workdir)) from None
     except Exception as e:
         if not is_disk_full(e):
             raise
@@ -543,6 +580,18 @@ def main(argv, config, workdir) -> None:
         last = f"step {steps[-1]}" if steps else "none yet"
         raise SystemExit(f"disk full writing {workdir}: nothing complete was lost (last complete checkpoint: {last}); "
                          "free some space and re-run to resume") from None
+
+
+def _interrupted_line(workdir: str) -> str:
+    """What a Ctrl-C that stops the run before (or instead of) its stop checkpoint leaves."""
+    try:
+        steps = ckpt_lib.finalized_steps(ckpt_lib.checkpoint_dir(workdir))
+    except (OSError, ValueError):
+        steps = []
+    if not steps:
+        return f"interrupted: nothing was trained in {workdir} (no checkpoint yet)"
+    return (f"interrupted: the steps since the last checkpoint were not saved; {ckpt_lib.checkpoint_dir(workdir)}/"
+            f"{steps[-1]} is complete: re-run to resume from it")
 
 
 def _run_command() -> None:

@@ -434,3 +434,130 @@ def test_mfu_never_reads_above_100_percent_when_the_peak_was_measured_on_busy_co
     time.sleep(0.01)
     log.add(1, metrics)
     assert "note:" not in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- O1, C2, C3, C4: the trainer's processes
+
+
+def _start_training(dataset, workdir, *extra):
+    import threading
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mgpt.train", "--config=configs/tiny.py", f"--workdir={workdir}",
+         f"--config.data.dataset_dir={dataset}", "--config.train.steps=100000", "--config.train.eval_every=0",
+         "--config.train.checkpoint_every=100000", "--config.train.log_every=1", *extra],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    out, err = [], []
+    for stream, lines in ((proc.stdout, out), (proc.stderr, err)):
+        threading.Thread(target=lambda s=stream, l=lines: l.extend(s), daemon=True).start()
+    return proc, out, err
+
+
+def _wait_for(lines, text, proc, seconds=120):
+    deadline = time.time() + seconds
+    while time.time() < deadline and proc.poll() is None:
+        if any(text in line for line in lines):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _workers(pid):
+    import psutil
+
+    return [c for c in psutil.Process(pid).children(recursive=True) if "multiprocessing" in " ".join(c.cmdline())]
+
+
+def _finish(proc, seconds=60):
+    try:
+        proc.wait(timeout=seconds)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_trainer_takes_its_grain_workers_and_resource_tracker_along(dataset, tmp_path):
+    import psutil
+
+    proc, out, _ = _start_training(dataset, tmp_path / "w", "--config.data.workers=2")
+    try:
+        assert _wait_for(out, "step      3/", proc), out[-5:]
+        children = _workers(proc.pid)
+        assert len(children) >= 2, "a resource tracker and grain workers"
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 15
+        alive = children
+        while alive and time.time() < deadline:
+            alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+            time.sleep(0.2)
+        assert not alive, [" ".join(c.cmdline())[:80] for c in alive]
+    finally:
+        _finish(proc, 1)
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_grain_workers_saves_and_no_worker_prints_a_traceback(dataset, tmp_path):
+    proc, out, err = _start_training(dataset, tmp_path / "w", "--config.data.workers=2")
+    try:
+        assert _wait_for(out, "step      3/", proc), out[-5:]
+        os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the workers too
+        _finish(proc)
+    finally:
+        _finish(proc, 1)
+    time.sleep(0.5)
+    assert proc.returncode == 0 and "received SIGINT: saved checkpoint" in out[-1], (out[-2:], err[-5:])
+    assert not [line for line in err if "Traceback" in line or "KeyboardInterrupt" in line], "".join(err)[-3000:]
+
+
+@pytest.mark.slow
+def test_a_killed_grain_worker_is_one_line_that_says_the_run_resumes(dataset, tmp_path):
+    from mgpt import checkpoint as ckpt_lib
+
+    workdir = tmp_path / "w"
+    proc, out, err = _start_training(dataset, workdir, "--config.data.workers=2")
+    try:
+        assert _wait_for(out, "step      3/", proc), out[-5:]
+        worker = [c for c in _workers(proc.pid) if "spawn_main" in " ".join(c.cmdline())][-1]
+        worker.kill()
+        _finish(proc)
+    finally:
+        _finish(proc, 1)
+    time.sleep(0.5)
+    lines = [line.strip() for line in err if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1, "".join(err)[-3000:]
+    assert "a data worker process (one of config.data.workers=2 per shard) died (killed by signal 9" in lines[0]
+    assert lines[0].endswith("re-run the same command to resume")
+    step = int(lines[0].split(":")[0].split()[1])
+    assert ckpt_lib.finalized_steps(workdir / "checkpoints") == [step], "the steps trained so far are saved"
+
+
+@pytest.mark.parametrize("when", ["start-up", "second Ctrl-C"])
+def test_a_ctrl_c_that_cannot_save_is_one_line_saying_what_is_kept(dataset, tmp_path, when):
+    proc, out, err = _start_training(dataset, tmp_path / "w")
+    try:
+        if when == "start-up":
+            assert _wait_for(out, "mesh:", proc), out[-5:]
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            assert _wait_for(out, "step      3/", proc), out[-5:]
+            os.killpg(proc.pid, signal.SIGINT)
+            time.sleep(0.02)
+            os.killpg(proc.pid, signal.SIGINT)
+        _finish(proc)
+    finally:
+        _finish(proc, 1)
+    time.sleep(0.5)
+    lines = [line.strip() for line in err if line.strip()]
+    if when == "start-up":
+        assert proc.returncode == 1 and lines == [f"interrupted: nothing was trained in {tmp_path / 'w'} "
+                                                  "(no checkpoint yet)"], "".join(err)[-3000:]
+    else:  # the second Ctrl-C either came after the save, or it says what it left out
+        saved = proc.returncode == 0 and "received SIGINT: saved checkpoint" in out[-1]
+        abandoned = proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("interrupted:")
+        assert saved or abandoned, (out[-2:], "".join(err)[-3000:])
+        assert "Traceback" not in "".join(err)
