@@ -561,3 +561,25 @@ def test_a_ctrl_c_that_cannot_save_is_one_line_saying_what_is_kept(dataset, tmp_
         abandoned = proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("interrupted:")
         assert saved or abandoned, (out[-2:], "".join(err)[-3000:])
         assert "Traceback" not in "".join(err)
+
+
+# ----------------------------------------------------------------------------- B1: bench_input
+
+
+def test_bench_input_measures_its_workers_before_they_are_reaped(dataset, monkeypatch):
+    import importlib.util
+    import math
+
+    from configs import tiny
+    from data_prep.vocab import Vocabulary
+    from mgpt import data as data_lib
+
+    spec = importlib.util.spec_from_file_location("bench_input", os.path.join(ROOT, "benchmarks", "bench_input.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # As on a fresh run: the worker exits after the iterator closes, so RUSAGE_CHILDREN has not counted it yet.
+    monkeypatch.setattr(bench, "_children_cpu", lambda: 0.0)
+    source = data_lib.open_source(dataset, "train", training_only=True)
+    lengths = data_lib.piece_lengths(source)
+    rate, main_rate, per_worker = bench.measure(source, Vocabulary.load(dataset), lengths, tiny.get_config(), 1, 0.5)
+    assert rate > 0 and main_rate > 0 and math.isfinite(per_worker) and per_worker > 0
