@@ -58,7 +58,7 @@ import numpy as np
 from data_prep import notes as notes_lib
 from data_prep.vocab import UNKNOWN_STYLE, Vocabulary, normalize_label
 from mgpt import render
-from mgpt.errors import UserError, reported
+from mgpt.errors import UserError, is_disk_full, quiet_after_disk_full, reported
 
 UNCONDITIONAL = "unconditional"
 ALL_STYLES = "all"
@@ -113,6 +113,11 @@ def style_token(vocab: Vocabulary, style: str) -> int:
     return vocab.unknown_style_id if style == UNCONDITIONAL else vocab.style_id(style)
 
 
+# A primer file above this size (about 40,000 notes) is read for long enough to say so first.
+LONG_PRIMER_BYTES = 256 * 2**10
+_long_primers_said: set[str] = set()
+
+
 def load_primer(path: str | os.PathLike, vocab: Vocabulary, seconds: float = 0.0) -> np.ndarray:
     """The first `seconds` of a MIDI file (0 = all of it) as event ids, sustain pedal applied;
     a negative `seconds` is a UserError, as `--primer_seconds<0` is.
@@ -123,6 +128,12 @@ def load_primer(path: str | os.PathLike, vocab: Vocabulary, seconds: float = 0.0
     """
     _check_primer_seconds(seconds)
     path = os.fspath(path)
+    size = os.path.getsize(path) if os.path.isfile(path) else 0
+    if size > LONG_PRIMER_BYTES and path not in _long_primers_said:  # even under --noprogress: it can take minutes
+        _long_primers_said.add(path)  # the command reads it twice (checked before the weights load): said once
+        print(f"note: reading a long primer, {path} ({size / 2**20:.1f} MiB); "
+              f"{'its first ' + format(seconds, 'g') + ' s are kept' if seconds else 'all of it is kept (--primer_seconds=0)'}",
+              file=sys.stderr, flush=True)
     notes = notes_lib.crop(_read_midi_notes("primer", path), seconds or None)
     ids = vocab.encode_notes(*notes)
     if not vocab.is_event(ids).any():
@@ -1011,7 +1022,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.set_verbosity(logging.ERROR)  # orbax logs every file it reads, and warns that a restore is read-only
     # pydub (imported by note-seq) warns about ffmpeg, which only its audio export needs.
     warnings.filterwarnings("ignore", "Couldn't find ffmpeg", RuntimeWarning)
-    print(run_command(fv))
+    try:
+        print(run_command(fv))
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        quiet_after_disk_full()
+        raise SystemExit(f"disk full writing {fv.output_dir}: every piece its manifest.jsonl lists is complete; "
+                         "free some space and re-run the same command to write the rest") from None
 
 
 if __name__ == "__main__":

@@ -88,8 +88,8 @@ def test_ctrl_c_at_random_moments_of_a_build_never_hangs(tmp_path):
     midis = _midi_folder(tmp_path / "midi", 500, num_notes=300)
     out = tmp_path / "out"
     rng = random.Random(int(time.time()))
-    tries, hangs, budget = 0, [], time.time() + 35
-    while time.time() < budget or tries < 8:
+    tries, hangs, budget = 0, [], time.time() + 20
+    while time.time() < budget or tries < 6:
         delay = rng.uniform(0.5, 3.5)
         proc = _start_build(midis, out)
         lines, reader = _stderr_lines_timed(proc)
@@ -583,3 +583,62 @@ def test_bench_input_measures_its_workers_before_they_are_reaped(dataset, monkey
     lengths = data_lib.piece_lengths(source)
     rate, main_rate, per_worker = bench.measure(source, Vocabulary.load(dataset), lengths, tiny.get_config(), 1, 0.5)
     assert rate > 0 and main_rate > 0 and math.isfinite(per_worker) and per_worker > 0
+
+
+# ----------------------------------------------------------------------------- C5: a full disk while generating
+
+
+def test_a_full_disk_while_generating_is_one_line_and_keeps_the_manifest(tiny_run, tmp_path, monkeypatch, capsys):
+    import errno
+    import sys as sys_
+
+    from mgpt import generate
+
+    real_write = generate._write_piece
+    written = []
+
+    def fill_after_one(*args, **kwargs):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(1)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "_write_piece", fill_after_one)
+    hooks = sys_.unraisablehook, threading_excepthook()
+    out = tmp_path / "out"
+    try:
+        with pytest.raises(SystemExit) as e:
+            generate.main(["generate", f"--workdir={tiny_run}", f"--output_dir={out}", "--num_samples=3",
+                           "--max_events=8", "--batch_size=1", "--noprogress"])
+    finally:
+        sys_.unraisablehook = hooks[0]
+        import threading
+
+        threading.excepthook = hooks[1]
+    assert str(e.value) == (f"disk full writing {out}: every piece its manifest.jsonl lists is complete; free some "
+                            "space and re-run the same command to write the rest")
+    entries = generate.read_all_manifests(out)
+    assert len(entries) == 1 and (out / entries[0]["file"]).exists()
+
+
+def threading_excepthook():
+    import threading
+
+    return threading.excepthook
+
+
+# ----------------------------------------------------------------------------- C6: a long primer
+
+
+def test_a_long_primer_is_announced_once_even_without_progress(tiny_run, tmp_path, capsys):
+    from mgpt import generate
+
+    primer = tmp_path / "long.mid"
+    primer.write_bytes(synthetic.piano_midi(0, num_notes=50_000))
+    assert primer.stat().st_size > generate.LONG_PRIMER_BYTES
+    generate.main(["generate", f"--workdir={tiny_run}", f"--output_dir={tmp_path}/out", f"--primer={primer}",
+                   "--primer_seconds=2", "--num_samples=1", "--max_events=4", "--noprogress"])
+    err = capsys.readouterr().err.splitlines()
+    said = [line for line in err if line.startswith("note: reading a long primer")]
+    assert said == [f"note: reading a long primer, {primer} ({primer.stat().st_size / 2**20:.1f} MiB); "
+                    "its first 2 s are kept"], err
