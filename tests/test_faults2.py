@@ -610,11 +610,13 @@ def test_a_full_disk_while_generating_is_one_line_and_keeps_the_manifest(tiny_ru
         with pytest.raises(SystemExit) as e:
             generate.main(["generate", f"--workdir={tiny_run}", f"--output_dir={out}", "--num_samples=3",
                            "--max_events=8", "--batch_size=1", "--noprogress"])
-    finally:
-        sys_.unraisablehook = hooks[0]
+    finally:  # the command quiets this process's hooks once the disk is full: put them back for other tests
         import threading
 
-        threading.excepthook = hooks[1]
+        from mgpt import errors
+
+        sys_.unraisablehook, threading.excepthook = hooks
+        errors._disk_full_reported.clear()
     assert str(e.value) == (f"disk full writing {out}: every piece its manifest.jsonl lists is complete; free some "
                             "space and re-run the same command to write the rest")
     entries = generate.read_all_manifests(out)
