@@ -63,10 +63,33 @@ def _children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def _live_children_cpu() -> dict[int, float]:
+    """CPU seconds so far of each live child process, by pid (Linux /proc; {} elsewhere).
+
+    Read while the workers run: RUSAGE_CHILDREN counts a child only once it is reaped, and
+    grain's workers may still be exiting when the iterator is closed (the bench read 0 and
+    divided by it)."""
+    out, me = {}, os.getpid()
+    try:
+        tick, pids = os.sysconf("SC_CLK_TCK"), [p for p in os.listdir("/proc") if p.isdigit()]
+    except (OSError, ValueError):
+        return out
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after the command name, which may hold spaces
+        if int(fields[1]) == me:
+            out[int(pid)] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return out
+
+
 def measure(source, vocab, lengths, c, workers: int, seconds: float) -> tuple[float, float, float]:
     """(tokens/s, tokens per CPU-second of this process, per CPU-second of the workers) with
     `workers` grain worker processes. Worker CPU counts from their start to their exit."""
-    children0 = _children_cpu()
+    children0, before = _children_cpu(), set(_live_children_cpu())
     ds = data_lib.train_dataset(
         source, vocab, seq_len=c.data.seq_len, batch_size=c.train.batch_size, seed=0, transpose=c.data.transpose,
         num_packing_bins=c.data.num_packing_bins, read_threads=c.data.read_threads, prefetch=c.data.prefetch,
@@ -80,11 +103,13 @@ def measure(source, vocab, lengths, c, workers: int, seconds: float) -> tuple[fl
         batches += 1
     tokens = batches * c.train.batch_size * c.data.seq_len
     rate, main_cpu = tokens / (time.perf_counter() - start), time.process_time() - cpu0
+    live = sum(t for pid, t in _live_children_cpu().items() if pid not in before)  # this setting's workers
     it.close()
     del it, ds
     gc.collect()  # reaps the worker processes, so their CPU time is counted
-    worker_cpu = _children_cpu() - children0
-    return rate, tokens / main_cpu, tokens / worker_cpu if workers else float("nan")
+    worker_cpu = max(live, _children_cpu() - children0)
+    per_worker_cpu = tokens / worker_cpu if workers and worker_cpu > 0 else float("nan")
+    return rate, tokens / max(main_cpu, 1e-9), per_worker_cpu
 
 
 def main() -> None:

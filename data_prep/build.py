@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import concurrent.futures.process  # its BrokenProcessPool is caught even when no pool was made
 import contextlib
 import dataclasses
 import errno
@@ -557,11 +558,22 @@ def _stop_now(pool: concurrent.futures.ProcessPoolExecutor) -> None:
     """Kill the workers and reap them before returning: a worker left mid-task (or a zombie)
     can keep the executor's threads, and so the interpreter's exit, waiting forever."""
     processes = list((getattr(pool, "_processes", None) or {}).values())
+    # (Taken now: shutdown() drops the executor's references to them.)
+    manager = getattr(pool, "_executor_manager_thread", None)
+    result_queue = getattr(pool, "_result_queue", None)
     for process in processes:
         process.kill()
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         process.join(timeout=10)
+    # A worker killed halfway through sending a result leaves the executor's manager thread
+    # blocked reading the rest of that message, and the interpreter joins that thread at exit:
+    # the build hung after its last line. Our own copy of the pipe's write end is all that
+    # keeps it open now the workers are gone; closing it ends the read (EOF, a broken pool).
+    if result_queue is not None:
+        result_queue._writer.close()
+    if manager is not None:
+        manager.join(timeout=5)
 
 
 def _convert_many(jobs) -> list[_Result]:
@@ -767,6 +779,8 @@ def main(argv: Sequence[str]) -> None:
             parser=f.parser,
         )
     except KeyboardInterrupt as e:
+        # Whatever is left to do is the interpreter's clean-up: a second Ctrl-C ends it at once.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         if getattr(e, "written", None):  # after the swap: the new dataset is complete
             raise SystemExit(f"interrupted after the new dataset was complete: {e.written} holds it") from None
         raise SystemExit(

@@ -107,6 +107,7 @@ def run_command(f, rest: Sequence[str]) -> str:
     if not f.workdir or not f.output_dir:
         raise UserError("usage: python -m mgpt.evaluate --workdir=RUN --output_dir=OUT [--generated_dir=DIR | "
                         "--num_samples=N --style=all] [--lstm_workdir=RUN]")
+    corpus.check_output_dir(f.output_dir)  # before any model is loaded or piece generated
     options = Options(ngram_order=f.ngram_order, crop_seconds=f.crop_seconds, copy_threshold_s=f.copy_threshold_s,
                       max_train_notes=f.max_train_notes, seed=f.seed)
     if f.finetuned_workdir or f.composer:
@@ -130,12 +131,14 @@ def run_command(f, rest: Sequence[str]) -> str:
             raise UserError(f"--lstm_workdir={f.lstm_workdir}: its event vocabulary differs from the GPT run's")
         models.append(lstm)
     dataset_dir = resolve_dataset(f.dataset_dir or config.data.dataset_dir)
+    _check_dataset_events(f, vocab, dataset_dir)
+    if f.generated_dir:  # read first: unreadable pieces are refused before the dataset is loaded
+        generated_dir = pathlib.Path(f.generated_dir)
+        generated = _read_some_generated(generated_dir, vocab)
     train, test = load_split(dataset_dir, "train"), load_split(dataset_dir, "test")
     validation = load_split(dataset_dir, "validation")
 
-    if f.generated_dir:
-        generated_dir = pathlib.Path(f.generated_dir)
-    else:
+    if not f.generated_dir:
         generated_dir = pathlib.Path(f.output_dir) / "generated"
         run, styles, sampling = _sampling_run(f, gpt, vocab, config, dataset_dir)
         print(f"generating {f.num_samples} pieces into {generated_dir}", flush=True)
@@ -143,7 +146,7 @@ def run_command(f, rest: Sequence[str]) -> str:
         corpus.generate_corpus(run, generated_dir, num_samples=f.num_samples, styles=styles, seed=f.seed,
                                  sampling=sampling, progress=f.progress, max_copy_seconds=0)
         render.write_folder_gallery(generated_dir)
-    generated = read_generated(generated_dir, vocab)
+        generated = _read_some_generated(generated_dir, vocab)
 
     report = evaluate(vocab=vocab, train=train, test=test, validation=validation, generated=generated, models=models,
                       options=options, output_dir=f.output_dir)
@@ -153,6 +156,23 @@ def run_command(f, rest: Sequence[str]) -> str:
     pages.write_report(report, f.output_dir, generated_dir)
     lines = [f"{t['target']}: {pages.fmt(t['value'])} ({'met' if t['met'] else 'NOT met'})" for t in report["targets"]]
     return "\n".join(lines + [str(pathlib.Path(f.output_dir) / "report.html")])
+
+
+def _read_some_generated(generated_dir: pathlib.Path, vocab):
+    generated = read_generated(generated_dir, vocab)
+    if not any(g.valid for g in generated):  # the musical sections would have nothing to compare
+        raise UserError(f"--generated_dir={generated_dir}: none of the {len(generated)} pieces its manifest lists "
+                        "is a readable MIDI file with notes; regenerate them (python -m mgpt.generate)")
+    return generated
+
+
+def _check_dataset_events(f, vocab, dataset_dir) -> None:
+    """The dataset's ids must mean the model's events, as the trainer insists: scored otherwise,
+    a report is confidently wrong (a VELOCITY read as a TIME_SHIFT)."""
+    from mgpt.train import data as data_lib
+
+    field = "--dataset_dir" if f.dataset_dir else f"--workdir={f.workdir}'s config.data.dataset_dir"
+    data_lib.check_same_events(vocab, dataset_dir, f"the model in {f.workdir}", field)
 
 
 def _sampling_run(f, gpt, vocab, config, dataset_dir):
@@ -178,6 +198,7 @@ def _run_guidance_sweep(f, options: Options) -> str:
         raise UserError("--guidance_sweep generates its own pieces; leave out --generated_dir")
     gpt, vocab, config = model_from_run("gpt", f.workdir)
     dataset_dir = resolve_dataset(f.dataset_dir or config.data.dataset_dir)
+    _check_dataset_events(f, vocab, dataset_dir)
     train, test = load_split(dataset_dir, "train"), load_split(dataset_dir, "test")
     run, styles, sampling = _sampling_run(f, gpt, vocab, config, dataset_dir)
     result = guidance_sweep(run=run, vocab=vocab, train=train, test=test, guidances=guidances,

@@ -43,9 +43,9 @@ import warnings
 from collections.abc import Sequence
 
 from mgpt import render
-from mgpt.errors import UserError, reported
+from mgpt.errors import UserError, is_disk_full, quiet_after_disk_full, reported
 from mgpt.render import write_folder_gallery as write_gallery
-from mgpt.sample.corpus import (DEFAULT_BATCH_SIZE, DEFAULT_COPY_TRIES, DEFAULT_MAX_COPY_SECONDS, _check_output_dir,
+from mgpt.sample.corpus import (DEFAULT_BATCH_SIZE, DEFAULT_COPY_TRIES, DEFAULT_MAX_COPY_SECONDS, check_output_dir,
                                 check_copy_guard, generate_corpus)
 from mgpt.sample.run import (DEFAULT_GUIDANCE, DEFAULT_MAX_EVENTS, NOTE_GUARD_PERCENTILE, UNCONDITIONAL, Sampling,
                              check_infill_model, check_infill_times, load_infill, load_primer, load_run,
@@ -138,7 +138,7 @@ def run_command(f) -> pathlib.Path:
         check_infill_times(f.infill_start, f.infill_end)
         infill = load_infill(f.infill, vocab, f.infill_start, f.infill_end)
         check_infill_model(vocab, f.workdir)
-    _check_output_dir(f.output_dir)
+    check_output_dir(f.output_dir)
     import jax
 
     from mgpt.train import mesh
@@ -180,7 +180,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.set_verbosity(logging.ERROR)  # orbax logs every file it reads, and warns that a restore is read-only
     # pydub (imported by note-seq) warns about ffmpeg, which only its audio export needs.
     warnings.filterwarnings("ignore", "Couldn't find ffmpeg", RuntimeWarning)
-    print(run_command(fv))
+    try:
+        print(run_command(fv))
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        quiet_after_disk_full()
+        raise SystemExit(f"disk full writing {fv.output_dir}: every piece its manifest.jsonl lists is complete; "
+                         "free some space and re-run the same command to write the rest") from None
 
 
 if __name__ == "__main__":

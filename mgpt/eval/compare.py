@@ -52,16 +52,33 @@ def load_report(path: str) -> dict:
     if p.is_dir():
         p = p / "report.json"
     try:
-        return json.loads(p.read_text())
+        report = json.loads(p.read_text())
     except FileNotFoundError:
         raise UserError(f"{p}: no report.json (run python -m mgpt.evaluate --output_dir=... first)") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{p}: not a text file, so not a report.json of mgpt.evaluate") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{p}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise UserError(f"{p}: cannot read it ({e.strerror or e})") from None
+    if not isinstance(report, dict):
+        raise UserError(f"{p}: holds a JSON {type(report).__name__}, not a report of mgpt.evaluate")
+    return report
+
+
+def _headline_of(path: str) -> dict[str, float | None]:
+    report = load_report(path)
+    try:
+        return headline(report)
+    except (KeyError, TypeError, AttributeError) as e:
+        what = f"no {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        file = pathlib.Path(path) / "report.json" if pathlib.Path(path).is_dir() else path
+        raise UserError(f"{file}: not a complete report of mgpt.evaluate ({what}); re-run the evaluation") from None
 
 
 def compare(path_a: str, path_b: str) -> str:
     """A text table of two reports' headline figures, with the change."""
-    a, b = headline(load_report(path_a)), headline(load_report(path_b))
+    a, b = _headline_of(path_a), _headline_of(path_b)
     keys = list(a) + [k for k in b if k not in a]
     width = max(len(k) for k in keys) + 2
     lines = [f"A = {path_a}", f"B = {path_b}", "", f"{'figure':<{width}}{'A':>12}{'B':>12}{'B - A':>12}"]

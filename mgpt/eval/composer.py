@@ -46,7 +46,12 @@ def composer_study(
     ft_model, ft_vocab, ft_config = model_from_run("finetuned", finetuned_workdir)
     if ft_vocab.tokens[: vocab.style_offset] != vocab.tokens[: vocab.style_offset]:
         raise UserError(f"--finetuned_workdir={finetuned_workdir}: its event vocabulary differs from the base run's")
+    given = dataset_dir
     dataset_dir = resolve_dataset(dataset_dir or base_config.data.dataset_dir)
+    from mgpt.train import data as data_lib
+
+    data_lib.check_same_events(vocab, dataset_dir, f"the model in {base_workdir}",
+                               "--dataset_dir" if given else f"--workdir={base_workdir}'s config.data.dataset_dir")
     train, test = load_split(dataset_dir, "train"), load_split(dataset_dir, "test")
     is_mine = [target in (normalize_label(p.composer) if p.composer else "", p.style_name) for p in test]
     mine = [p for p, m in zip(test, is_mine) if m]

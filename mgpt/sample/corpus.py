@@ -332,7 +332,7 @@ def generate_corpus(
     return sorted(written, key=lambda e: e["index"])
 
 
-def _check_output_dir(output_dir) -> None:
+def check_output_dir(output_dir) -> None:
     """A one-line error before the weights are loaded when output_dir cannot be made or written."""
     try:
         pathlib.Path(output_dir).mkdir(parents=True, exist_ok=True)

@@ -88,6 +88,11 @@ def style_token(vocab: Vocabulary, style: str) -> int:
     return vocab.unknown_style_id if style == UNCONDITIONAL else vocab.style_id(style)
 
 
+# A primer file above this size (about 40,000 notes) is read for long enough to say so first.
+LONG_PRIMER_BYTES = 256 * 2**10
+_long_primers_said: set[str] = set()
+
+
 def load_primer(path: str | os.PathLike, vocab: Vocabulary, seconds: float = 0.0) -> np.ndarray:
     """The first `seconds` of a MIDI file (0 = all of it) as event ids, sustain pedal applied;
     a negative `seconds` is a UserError, as `--primer_seconds<0` is.
@@ -98,6 +103,12 @@ def load_primer(path: str | os.PathLike, vocab: Vocabulary, seconds: float = 0.0
     """
     _check_primer_seconds(seconds)
     path = os.fspath(path)
+    size = os.path.getsize(path) if os.path.isfile(path) else 0
+    if size > LONG_PRIMER_BYTES and path not in _long_primers_said:  # even under --noprogress: it can take minutes
+        _long_primers_said.add(path)  # the command reads it twice (checked before the weights load): said once
+        print(f"note: reading a long primer, {path} ({size / 2**20:.1f} MiB); "
+              f"{'its first ' + format(seconds, 'g') + ' s are kept' if seconds else 'all of it is kept (--primer_seconds=0)'}",
+              file=sys.stderr, flush=True)
     notes = notes_lib.crop(_read_midi_notes("primer", path), seconds or None)
     ids = vocab.encode_notes(*notes)
     if not vocab.is_event(ids).any():

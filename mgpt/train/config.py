@@ -112,7 +112,15 @@ def check_same_model(workdir: epath.Path, config) -> None:
     # A field added since the run was written (e.g. scan_layers) had its default then.
     fields = dataclasses.fields(type(models.model_config(config.model, vocab_size=1)))
     defaults = {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
-    saved = {**defaults, **json.loads(path.read_text()).get("model", {})}
+    try:
+        saved_config = json.loads(path.read_text())
+        saved_model = saved_config.get("model", {})
+        if not isinstance(saved_model, dict):
+            raise ValueError(f"its 'model' is a {type(saved_model).__name__}")
+    except (ValueError, AttributeError) as e:  # truncated, empty or hand-edited
+        raise UserError(f"{path}: not a run config ({e}); every checkpoint keeps a copy of it "
+                        f"(checkpoints/STEP/config/metadata): copy the newest over it, or use a new --workdir") from None
+    saved = {**defaults, **saved_model}
     now = {**defaults, **json.loads(json.dumps(config.model.to_dict()))}
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if diff:
@@ -126,7 +134,11 @@ def check_same_model(workdir: epath.Path, config) -> None:
 def check_warm_start(config, vocab_size: int, abstract_params) -> None:
     """One line naming the model fields that differ when init_from's weights don't fit config.model."""
     root, step = ckpt_lib.locate(config.init_from)
-    source = ml_collections.ConfigDict(ckpt_lib.read_json_item(root, step, "config")).model
+    try:
+        source = ml_collections.ConfigDict(ckpt_lib.read_json_item(root, step, "config")).model
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"config.init_from={config.init_from}: checkpoint step {step} has no readable config item "
+                        f"({type(e).__name__}: {e}); give a complete run's workdir") from None
     source_params = nnx.state(models.abstract_model(source, vocab_size), nnx.Param)
     shapes = lambda tree: jax.tree.map(lambda x: x.shape, tree)
     same_tree = jax.tree.structure(source_params) == jax.tree.structure(abstract_params)
@@ -143,6 +155,13 @@ def parse_flags(argv):
 
     try:
         return flags.FLAGS(argv)
+    except flags.IllegalFlagValueError as e:  # --config.train.steps=abc: the field's type is the config's
+        text = str(e)
+        if text.startswith("flag "):
+            flag, _, why = text[len("flag "):].partition(": ")
+            kind = "an integer" if "int()" in why else "a number" if "float" in why else None
+            text = f"{flag}: must be {kind}" if kind else f"{flag}: {why}"
+        raise UserError(text) from None
     except (AttributeError, KeyError):  # how ml_collections reports --config.a.b for a missing field
         try:
             message = unknown_override(argv)

@@ -97,10 +97,35 @@ def open_source(dataset_dir: str | os.PathLike, split: str, training_only: bool 
     if "tfrecord" in str(builder.info.file_format).lower():  # grain needs random access
         raise MissingInput(f"{dataset_dir}: a TFRecord dataset, and training reads ArrayRecord; rebuild it "
                            "with python -m data_prep.build --file_format=array_record")
+    _check_shards(builder.info.splits[split], dataset_dir, split)
     if training_only:
         raw = builder.as_data_source(split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
         return _TrainingRecords(raw)
     return builder.as_data_source(split)
+
+
+def _check_shards(split_info, dataset_dir, split: str) -> None:
+    """Every record file of the split holds the records the dataset's metadata counts.
+
+    Reads only each file's footer (its index), so a whole dataset is checked in moments at
+    start-up, not when a truncated or emptied shard is first read: for a validation shard,
+    hours later at the first evaluation."""
+    from array_record.python import array_record_module
+
+    for path, expected in zip(split_info.filepaths, split_info.shard_lengths):
+        try:
+            reader = array_record_module.ArrayRecordReader(os.fspath(path))
+            try:
+                found = reader.num_records()
+            finally:
+                reader.close()
+        except Exception as e:  # noqa: BLE001 - riegeli reports damage as several types
+            found, why = None, str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        else:
+            why = f"{found:,} of its {expected:,} records"
+        if found != expected:
+            raise UserError(f"{dataset_dir}: the {split} shard {path} is damaged or truncated ({why}); "
+                               "rebuild the dataset (python -m data_prep.build ... --overwrite)")
 
 
 def resolve_dataset(dataset_dir: str) -> epath.Path:
@@ -179,14 +204,30 @@ def choose_vocab(dataset_path: epath.Path, workdir: epath.Path, init_from: str) 
     if init_from:
         try:
             root, step = ckpt_lib.locate(init_from)
-        except FileNotFoundError:
+        except OSError:  # missing, or a file (NotADirectoryError)
             raise UserError(f"config.init_from={init_from}: no checkpoints there (give a run's workdir)") from None
-        vocab = Vocabulary.from_json(ckpt_lib.read_json_item(root, step, "vocab"), origin=f"{init_from} vocab")
+        try:
+            vocab = Vocabulary.from_json(ckpt_lib.read_json_item(root, step, "vocab"), origin=f"{init_from} vocab")
+        except (OSError, ValueError) as e:
+            why = f"no vocab item ({e.strerror})" if isinstance(e, OSError) else f"its vocab item is damaged ({e})"
+            raise UserError(f"config.init_from={init_from}: checkpoint step {step} has {why}; "
+                            "give a complete run's workdir") from None
         return _same_events(vocab, dataset_vocab, dataset_path, f"config.init_from={init_from}")
     return dataset_vocab
 
 
-def _same_events(vocab: Vocabulary, dataset_vocab: Vocabulary, dataset_path, owner: str) -> Vocabulary:
+def check_same_events(vocab: Vocabulary, dataset_path, owner: str, field: str = "config.data.dataset_dir") -> None:
+    """A UserError naming `field` unless every event id of `vocab` (a model's, `owner`'s)
+    means the same in the dataset at `dataset_path`; style labels may differ."""
+    try:
+        dataset_vocab = Vocabulary.load(dataset_path)
+    except ValueError as e:
+        raise UserError(f"{e}; rebuild it or restore the original") from None
+    _same_events(vocab, dataset_vocab, dataset_path, owner, field)
+
+
+def _same_events(vocab: Vocabulary, dataset_vocab: Vocabulary, dataset_path, owner: str,
+                 field: str = "config.data.dataset_dir") -> Vocabulary:
     """`vocab` if every event id means the same in the dataset; style labels may differ."""
     settings = lambda v: {k: x for k, x in v.to_json().items() if k != "tokens"}
     ours, theirs = settings(vocab), settings(dataset_vocab)
@@ -196,7 +237,7 @@ def _same_events(vocab: Vocabulary, dataset_vocab: Vocabulary, dataset_path, own
         differ = ["its event tokens differ"]
     if differ:
         raise UserError(
-            f"config.data.dataset_dir={dataset_path}: its event vocabulary differs ({'; '.join(differ)}); "
+            f"{field}={dataset_path}: its event vocabulary differs ({'; '.join(differ)}); "
             "use a dataset built with the same settings"
         )
     return vocab
@@ -501,6 +542,33 @@ class _ShardedBatchesIterator(grain.DatasetIterator):
                 it.close()
 
 
+def init_worker(worker_index: int, worker_count: int) -> None:
+    """Runs first in each grain worker process.
+
+    Ctrl-C reaches the whole process group, and the trainer handles it (it saves, then
+    stops its workers): a worker that took it too printed its own traceback. A worker
+    whose trainer is gone (kill -9, the OOM killer) would live on, with multiprocessing's
+    resource tracker, holding memory: it watches its parent and exits when that changes.
+    (A parent-death signal would fire when the parent's thread that started the worker
+    ends, and grain starts them from a prefetch thread.)"""
+    import signal
+    import threading
+    import time
+
+    del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="mgpt-parent-watch", daemon=True).start()
+    if parent == 1:  # already orphaned before the watch began
+        os._exit(1)
+
+
 def train_dataset(
     source: Sequence[dict],
     vocab: Vocabulary,
@@ -572,7 +640,7 @@ def train_dataset(
         ds = _pack(ds, seq_len, num_packing_bins, pack_seed, shuffle=True)
         ds = ds.batch(rows, drop_remainder=True).map(_to_model_batch)
         if workers > 0:
-            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=init_worker)
         shards[shard] = ds
     ds = _ShardedBatches(shards, num_shards)
     if prefetch > 0:

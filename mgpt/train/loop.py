@@ -39,6 +39,24 @@ class NonFiniteLoss(RuntimeError):
     """The run diverged: a failure of the run, not of its inputs (exit code 1, one line)."""
 
 
+class DataWorkerDied(RuntimeError):
+    """A grain worker process died (killed, out of memory): one line, exit code 1."""
+
+
+def _worker_died_line(e: BaseException, workers: int, step: int, saved_step, directory) -> str:
+    import re
+
+    code = re.search(r"exit code (-?\d+)", str(e))
+    how = ""
+    if code:
+        n = int(code.group(1))
+        how = f" (killed by signal {-n}{', perhaps by the out-of-memory killer' if n == -9 else ''})" if n < 0 \
+            else f" (exit code {n})"
+    where = f"checkpoint {directory}/{saved_step}" if saved_step is not None else "no checkpoint yet"
+    return (f"step {step}: a data worker process (one of config.data.workers={workers} per shard) died{how}; "
+            f"the run stopped, its last {where}; re-run the same command to resume")
+
+
 # ----------------------------------------------------------------------------- optimizer + step
 
 
@@ -241,6 +259,60 @@ def abstract_batch(rows: int, seq_len: int, sharding) -> dict:
             for k, (shape, dtype) in data_lib.batch_shapes(rows, seq_len).items()}
 
 
+def activation_bytes_per_row(s: Setup, seq_len: int) -> int:
+    """Bytes the backward pass keeps per batch row of `seq_len` events: jax's residuals of the
+    loss (what remat leaves saved, the logits included), traced abstractly. Taken as the
+    difference between two rows and one, so the weights the residuals also hold cancel out.
+    A lower bound of the step's activation memory: XLA's temporaries come on top."""
+    def kept(rows: int) -> int:
+        batch = abstract_batch(rows, seq_len, None)
+
+        def residuals(params, batch):
+            return jax.vjp(lambda p: _loss_sums(s.graphdef, p, batch, 0.0)[0], params)[1]
+
+        leaves = jax.tree.leaves(jax.eval_shape(residuals, s.abstract_state["params"], batch))
+        return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in leaves)
+
+    return max(kept(2) - kept(1), 0)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def check_memory(s: Setup, config, seq_len: int) -> None:
+    """Refuses, before anything is allocated, a model or batch that cannot fit one device.
+
+    Weights and optimizer state alone, then a train step's lower bound (those, the gradients
+    and the activations kept for the backward pass), against the device's memory limit
+    (host RAM on a CPU). Without the check such a run sits for minutes initialising, or
+    grows until the machine runs out of memory."""
+    limit, what = mesh_lib.memory_limit()
+    if limit is None:
+        return
+    state = mesh_lib.bytes_per_device(s.abstract_state, s.state_shardings)
+    if state > limit:
+        raise UserError(
+            f"config.model: {s.num_params:,} parameters need {_size(state)} per device for weights and optimizer "
+            f"state, more than the {_size(limit)} of {what}; use a smaller model (d_model, num_layers, mlp_dim) "
+            "or shard it over more devices (config.mesh.fsdp)")
+    grads = mesh_lib.bytes_per_device(s.abstract_state["params"], s.state_shardings["params"])
+    rows = s.batch_sharding.shard_shape((s.microbatch, seq_len))[0]
+    per_row = activation_bytes_per_row(s, seq_len)
+    need = state + grads + rows * per_row
+    if need > limit:
+        t = config.train
+        raise UserError(
+            f"config.train.batch_size={t.batch_size}: a train step needs at least {_size(need)} per device "
+            f"({rows:,} rows x {_size(per_row)} of activations kept for the backward pass, plus "
+            f"{_size(state + grads)} of weights, gradients and optimizer state), more than the {_size(limit)} of "
+            f"{what}; lower config.train.batch_size, raise config.train.grad_accum or set config.model.remat=full")
+
+
 def global_batch(local: dict, sharding) -> dict:
     """This host's rows -> global arrays laid out by `sharding`."""
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
@@ -289,6 +361,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
         vocab = vocab.with_fim()
     s = setup(config, vocab.size, mesh, table)
     seq_len = d.seq_len
+    check_memory(s, config, seq_len)
     fpt = s.model_config.flops_per_token(seq_len)
     state_bytes = mesh_lib.bytes_per_device(s.abstract_state, s.state_shardings)
     _print0(
@@ -333,6 +406,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
             process_count=pc,
         )
     except ValueError as e:
+        if isinstance(e, UserError):  # a damaged shard: its own line
+            raise
         fixed = " (fixed by the run's first start)" if saved_shards else ""
         raise UserError(f"config.data.shards={num_shards}{fixed}, dataset {d.dataset_dir}: {e}") from None
     train_iter = iter(train_ds)
@@ -403,7 +478,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
         )
 
     log = monitor.TrainLog(writer, total_steps=t.steps, log_every=t.log_every, tokens_per_step=tokens_per_step,
-                           flops_per_token=fpt, peak_flops=peak)
+                           flops_per_token=fpt, peak_flops=peak, peak_measured=peak_source.startswith("measured"))
 
     def consume(at_step, metrics):
         """Host side of step `at_step`: the finite check, then logging."""
@@ -425,7 +500,21 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
     try:
         with ckpt_lib.StopSignal(multi_process=pc > 1) as stop:
             while step < stop_at:
-                batch = global_batch(next(train_iter), s.batch_sharding)
+                try:
+                    local_batch = next(train_iter)
+                except RuntimeError as e:
+                    if "Worker process was terminated" not in str(e):
+                        raise
+                    if pending is not None:
+                        consume(*pending)
+                        pending = None
+                    try:  # the steps trained since the last checkpoint are kept when the state still saves
+                        save(step)
+                        ckpts.wait()
+                    except Exception:  # noqa: BLE001 - then the last complete checkpoint is the one to name
+                        saved_step = ckpts.latest_step()
+                    raise DataWorkerDied(_worker_died_line(e, d.workers, step, saved_step, ckpts.directory)) from None
+                batch = global_batch(local_batch, s.batch_sharding)
                 state, metrics = train_step(state, batch)  # dispatched; runs while we log
                 if pending is not None:
                     consume(*pending)
@@ -439,7 +528,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
                     consume(*pending)  # only a state whose step was finite is saved or evaluated
                     pending = None
                 if eval_due:
-                    evaluate(step)
+                    try:
+                        evaluate(step)
+                    except Exception as e:
+                        save(step)  # the steps trained so far are not lost to a failed evaluation
+                        ckpts.wait()
+                        e.add_note(f"evaluation at step {step} failed; checkpoint {ckpts.directory}/{step} was "
+                                   "saved first: re-run to resume from it")
+                        raise
                 if checkpoint_due:
                     save(step)
                 if eval_due or checkpoint_due:  # tokens/s measures training, not these pauses
@@ -483,8 +579,13 @@ def main(argv, config, workdir) -> None:
     quiet_dead_event_loop()
     try:
         train(config, workdir)
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, DataWorkerDied) as e:
         raise SystemExit(str(e)) from None
+    except KeyboardInterrupt:  # a Ctrl-C during start-up, or a second one while stopping
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a further Ctrl-C ends the process at once
+        raise SystemExit(_interrupted_line(workdir)) from None
     except Exception as e:
         if not is_disk_full(e):
             raise
@@ -493,3 +594,15 @@ def main(argv, config, workdir) -> None:
         last = f"step {steps[-1]}" if steps else "none yet"
         raise SystemExit(f"disk full writing {workdir}: nothing complete was lost (last complete checkpoint: {last}); "
                          "free some space and re-run to resume") from None
+
+
+def _interrupted_line(workdir: str) -> str:
+    """What a Ctrl-C that stops the run before (or instead of) its stop checkpoint leaves."""
+    try:
+        steps = ckpt_lib.finalized_steps(ckpt_lib.checkpoint_dir(workdir))
+    except (OSError, ValueError):
+        steps = []
+    if not steps:
+        return f"interrupted: nothing was trained in {workdir} (no checkpoint yet)"
+    return (f"interrupted: the steps since the last checkpoint were not saved; {ckpt_lib.checkpoint_dir(workdir)}/"
+            f"{steps[-1]} is complete: re-run to resume from it")

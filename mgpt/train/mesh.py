@@ -160,6 +160,36 @@ def bytes_per_device(abstract_tree, shardings) -> int:
     return total
 
 
+def memory_limit(device: jax.Device | None = None) -> tuple[int | None, str]:
+    """(bytes one device can hold, what that limit is), or (None, why not known).
+
+    An accelerator reports its own allocator's limit. CPU devices share the host's RAM
+    (the container's cgroup limit when lower), split evenly between this process's devices.
+    """
+    device = device or jax.local_devices()[0]
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        stats = {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), f"{device.device_kind} memory"
+    if device.platform != "cpu":
+        return None, f"{device.device_kind} reports no memory limit"
+    try:
+        ram, what = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "host RAM"
+    except (ValueError, OSError, AttributeError):
+        return None, "host RAM unknown"
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            text = f.read().strip()
+        if text.isdigit() and int(text) < ram:
+            ram, what = int(text), "the container's memory limit"
+    except OSError:
+        pass
+    count = jax.local_device_count()
+    return ram // count, what if count == 1 else f"{what} shared by {count} CPU devices"
+
+
 def maybe_initialize_distributed(initialize: str = "auto", coordinator_address: str = "", num_processes: int = 0,
                                  process_id: int = -1) -> None:
     """jax.distributed for multi-process runs: auto-detected on TPU pods / SLURM, or explicit.
