@@ -53,7 +53,7 @@ from mgpt.errors import UserError, reported
 from mgpt.eval import compare, pages
 from mgpt.eval.composer import composer_study, write_composer_study
 from mgpt.eval.guidance import guidance_sweep, parse_guidances, write_guidance_sweep
-from mgpt.eval.inputs import Options, load_split, model_from_run, read_generated, resolve_dataset
+from mgpt.eval.inputs import Options, check_same_events, load_split, model_from_run, read_generated, resolve_dataset
 from mgpt.eval.report import evaluate
 
 
@@ -169,10 +169,8 @@ def _read_some_generated(generated_dir: pathlib.Path, vocab):
 def _check_dataset_events(f, vocab, dataset_dir) -> None:
     """The dataset's ids must mean the model's events, as the trainer insists: scored otherwise,
     a report is confidently wrong (a VELOCITY read as a TIME_SHIFT)."""
-    from mgpt.train import data as data_lib
-
     field = "--dataset_dir" if f.dataset_dir else f"--workdir={f.workdir}'s config.data.dataset_dir"
-    data_lib.check_same_events(vocab, dataset_dir, f"the model in {f.workdir}", field)
+    check_same_events(vocab, dataset_dir, f"the model in {f.workdir}", field)
 
 
 def _sampling_run(f, gpt, vocab, config, dataset_dir):

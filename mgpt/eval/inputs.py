@@ -33,6 +33,13 @@ class Piece:
         return normalize_label(self.style) if self.style else UNKNOWN_STYLE
 
 
+def check_same_events(vocab: Vocabulary, dataset_dir, owner: str, field: str) -> None:
+    """A UserError naming `field` when the dataset's ids mean other events than `vocab`'s."""
+    from mgpt.train import data as data_lib
+
+    data_lib.check_same_events(vocab, dataset_dir, owner, field)
+
+
 def load_split(dataset_dir: str | os.PathLike, split: str) -> list[Piece]:
     """Every piece of one split of a data_prep dataset."""
     from mgpt.train import data as data_lib
