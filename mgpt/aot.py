@@ -191,6 +191,15 @@ def matmul_flops(closed_jaxpr) -> float:
                 lhs_shape = eqn.invars[0].aval.shape
                 total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs_shape[i] for i in contracting)
             times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+            if eqn.primitive.name == "shard_map":
+                # Its body is one chip's share: every chip of the manual axes runs it.
+                mesh, manual = eqn.params["mesh"], eqn.params.get("manual_axes", None)
+                names = manual if manual else mesh.axis_names
+                times = math.prod(dict(zip(mesh.axis_names, mesh.axis_sizes))[a] for a in names)
+            if eqn.primitive.name == "pallas_call":
+                # A kernel (splash attention) runs its body once per grid point. A block the
+                # mask skips sits under a cond and counts as computed: dense work, an upper bound.
+                times = math.prod(eqn.params["grid_mapping"].grid)
             inner = [count(j) for j in _subjaxprs(eqn.params)]
             # A cond runs one of its branches: count the dearest.
             total += times * (max(inner, default=0.0) if eqn.primitive.name == "cond" else sum(inner))
@@ -423,8 +432,11 @@ class DoesNotFit(Exception):
     """The config needs more HBM than the chip has: one line, exit 1."""
 
 
-def compile_for(config, slice_: Slice) -> Report:
-    """Compiles the trainer's train and eval steps of `config` for `slice_`; raises DoesNotFit."""
+def compile_for(config, slice_: Slice, programs: tuple[str, ...] = ("train", "eval")) -> Report:
+    """Compiles the trainer's train and eval steps of `config` for `slice_`; raises DoesNotFit.
+
+    `programs` may name one of them (the planner compiles its candidates' train steps, then
+    the winner's eval step); the figures of the other are then zeros."""
     devices = topology_devices(slice_)
     config_lib.validate(config)
     mesh, table = config_lib.validate_devices(config, len(devices), 1, devices=devices)
@@ -438,10 +450,10 @@ def compile_for(config, slice_: Slice) -> Report:
     seconds, cpu_seconds, compiled = {}, {}, {}
     train_step = train_lib.compile_train_step(s, config)
     step_jaxpr = jax.make_jaxpr(train_step)(abstract_state, batch)
-    for name, fn, args in (
-        ("train", train_step, (abstract_state, batch)),
-        ("eval", train_lib.compile_eval_step(s), (abstract_state["params"], eval_batch)),
-    ):
+    steps = {"train": (train_step, (abstract_state, batch)),
+             "eval": (train_lib.compile_eval_step(s), (abstract_state["params"], eval_batch))}
+    for name in programs:
+        fn, args = steps[name]
         start, start_cpu = time.perf_counter(), time.process_time()
         try:
             compiled[name] = fn.lower(*args).compile()
@@ -461,15 +473,15 @@ def compile_for(config, slice_: Slice) -> Report:
         mesh_shape=dict(mesh.shape),
         num_params=s.num_params,
         tokens_per_step=tokens,
-        train=memory_of(compiled["train"]),
-        eval=memory_of(compiled["eval"]),
+        train=memory_of(compiled["train"]) if "train" in compiled else Memory(0, 0, 0, 0),
+        eval=memory_of(compiled["eval"]) if "eval" in compiled else Memory(0, 0, 0, 0),
         flops_per_chip=matmul_flops(step_jaxpr) / slice_.chips,
-        xla_flops_per_chip=flops_of(compiled["train"]),
+        xla_flops_per_chip=flops_of(compiled["train"]) if "train" in compiled else 0.0,
         estimate_per_chip=fpt * tokens / slice_.chips,
         six_n_per_chip=6.0 * s.num_params * tokens / slice_.chips,
-        collectives=collectives_of(compiled["train"].as_text(), slice_.chips),
-        compile_seconds=seconds,
-        compile_cpu_seconds=cpu_seconds,
+        collectives=collectives_of(compiled["train"].as_text(), slice_.chips) if "train" in compiled else [],
+        compile_seconds={"train": 0.0, "eval": 0.0, **seconds},
+        compile_cpu_seconds={"train": 0.0, "eval": 0.0, **cpu_seconds},
         has_loops=bool(config.model.get("scan_layers", False)) or t.grad_accum > 1,
         grad_accum=t.grad_accum,
         weight_bytes=2 if config.model.get("dtype", "float32") in ("bfloat16", "float16") else 4,
@@ -495,6 +507,49 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file,
                                           lock_config=True)
 _TOPOLOGY = flags.DEFINE_string(
     "topology", None, "TPU slice(s), comma-separated: v5e-256, v4-32, v5p-32, v6e-8, or v5e:2x2.")
+_PLAN = flags.DEFINE_bool("plan", False, "Search remat, grad_accum, rows per chip and mesh for each slice "
+                          "(mgpt.plan), print what was tried, and write the winner's overrides.")
+_PLAN_MAX_COMPILES = flags.DEFINE_integer("plan_max_compiles", 6, "--plan: compile at most this many candidates "
+                                          "per slice, the best on paper first.")
+_PLAN_HEADROOM = flags.DEFINE_float("plan_headroom", 0.1, "--plan: share of each chip's HBM left free.")
+_PLAN_ROWS = flags.DEFINE_list("plan_rows_per_chip", None, "--plan: rows per chip to try (default: the config's "
+                               "batch over the chips, and twice that).")
+_PLAN_OUT = flags.DEFINE_string("plan_out", None, "--plan: write the winning overrides to this file (one "
+                                "snippet per slice, appended).")
+
+
+def _plan_one(config, config_name: str, topology: str, command: str) -> bool:
+    """Plans one slice: prints the table, the winner's report and snippet; True if one fits."""
+    from mgpt import plan as plan_lib
+
+    slice_ = parse_topology(topology)
+    try:
+        rows_per_chip = tuple(float(v) for v in _PLAN_ROWS.value) if _PLAN_ROWS.value else None
+    except ValueError:
+        raise UserError(f"--plan_rows_per_chip={','.join(_PLAN_ROWS.value)}: expected numbers, e.g. 2,4") from None
+    if not 0 <= _PLAN_HEADROOM.value < 1:
+        raise UserError(f"--plan_headroom={_PLAN_HEADROOM.value}: expected a share in [0, 1)")
+    if _PLAN_MAX_COMPILES.value < 1:
+        raise UserError(f"--plan_max_compiles={_PLAN_MAX_COMPILES.value}: expected at least 1")
+    rows, winner = plan_lib.plan(config, slice_, sys.modules[__name__], max_compiles=_PLAN_MAX_COMPILES.value,
+                                 headroom=_PLAN_HEADROOM.value, rows_per_chip=rows_per_chip, log=print)
+    print(f"plan for {config_name} on {slice_.name} ({slice_.chips} chips of TPU {slice_.chip.kind}): "
+          f"{len(rows)} candidates, {sum(r.status.startswith('pruned') for r in rows)} pruned by the memory "
+          f"estimate, {sum(r.report is not None for r in rows)} compiled")
+    print(plan_lib.format_table(rows, slice_, winner))
+    if winner is None:
+        print(f"does not fit: no candidate's train and eval steps fit {slice_.name} with "
+              f"{_PLAN_HEADROOM.value:.0%} of HBM to spare; try a larger slice", file=sys.stderr)
+        return False
+    print()
+    print(format_report(winner.report, f"{config_name} as planned"))
+    text = plan_lib.snippet(winner, slice_, config_name, command)
+    print()
+    print(text)
+    if _PLAN_OUT.value:
+        with open(_PLAN_OUT.value, "a") as f:
+            f.write(text + "\n")
+    return True
 
 
 def _one(config, config_name: str, topology: str) -> tuple[bool, str]:
@@ -537,6 +592,16 @@ def main(argv) -> None:
     # open the (absent) TPU as its default backend.
     jax.config.update("jax_platforms", "cpu")
     name = os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"]))
+    if _PLAN.value:
+        command = "python -m mgpt.aot " + " ".join(sys.argv[1:])
+        all_fit = True
+        for i, topology in enumerate(topologies):
+            if i:
+                print()
+            all_fit &= _plan_one(config, name, topology, command)
+        if not all_fit:
+            sys.exit(1)
+        return
     rows, all_fit = [], True
     for i, topology in enumerate(topologies):
         if i:

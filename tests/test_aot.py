@@ -195,8 +195,8 @@ def test_collectives_known_by_construction_on_a_v5e_slice():
                      "all-reduce": (3, 3 * summed, 3 * 2 * 3 / 4 * summed)}, r.stdout
 
 
-def _run(*args, timeout=240):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def _run(*args, timeout=240, env=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", "mgpt.aot", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -255,3 +255,29 @@ def test_a_config_that_does_not_fit_exits_1_naming_the_chip_and_the_bytes():
     line = r.stderr.strip().splitlines()[-1]
     assert re.match(r"does not fit: .* need [\d.]+ GiB of HBM per chip on v5e:2x2, whose TPU v5e chips have "
                     r"15\.75 GiB; try .*grad_accum", line), line
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_the_planner_on_tiny_finishes_fast_its_winner_fits_and_a_second_plan_compiles_nothing(tmp_path):
+    env_cache = {"MGPT_AOT_CACHE": str(tmp_path / "cache")}
+    args = ("--config=configs/tiny.py", "--topology=v5e:2x2", "--plan", "--plan_max_compiles=2",
+            f"--plan_out={tmp_path / 'plan.py'}")
+    r = _run(*args, env=env_cache)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    winner = [line for line in out.splitlines() if "**winner**" in line]
+    assert len(winner) == 1 and "| compiled **winner** |" in winner[0], out
+    fits = re.search(r"HBM ([\d.]+) of ([\d.]+) GiB per chip", out)
+    assert fits and float(fits.group(1)) <= 0.9 * float(fits.group(2)), out
+    assert re.search(r"^step-time model: MFU [\d.]+ % without overlap", out, re.M), out
+    snippet = (tmp_path / "plan.py").read_text()
+    assert re.search(r'^c\.model\.remat = "(full|dots|none)"$', snippet, re.M), snippet
+    assert re.search(r"^c\.mesh\.update\(data=\d+, fsdp=\d+, tensor=\d+\)$", snippet, re.M), snippet
+    # The winner's overrides compile and fit as a plain mgpt.aot run.
+    flags = re.search(r"^# As flags: (.*)$", snippet, re.M).group(1).split()
+    plain = _run("--config=configs/tiny.py", "--topology=v5e:2x2", *flags)
+    assert plain.returncode == 0 and "fits:" in plain.stdout, plain.stderr[-2000:]
+    again = _run(*args, env=env_cache)
+    assert again.returncode == 0 and "| cached **winner** |" in again.stdout, again.stdout[-2000:]
+    assert not re.search(r"\| compiled( \*\*winner\*\*)? \|$", again.stdout, re.M), again.stdout
