@@ -151,10 +151,17 @@ def _cache_dir() -> Path:
 
 
 def _program_sources() -> str:
-    """The modules whose code shapes the compiled step or its count: a change to them is a new program."""
-    here = Path(__file__).resolve().parent
-    return "".join((here / f).read_text() for f in ("model.py", "train.py", "mesh.py", "collectives.py")
-                   if (here / f).exists())
+    """The modules whose code shapes the compiled step or its count: a change to them is a new
+    program. Read once, as this process imported them."""
+    global _SOURCES
+    if _SOURCES is None:
+        here = Path(__file__).resolve().parent
+        _SOURCES = "".join((here / f).read_text() for f in ("model.py", "train.py", "mesh.py", "collectives.py")
+                           if (here / f).exists())
+    return _SOURCES
+
+
+_SOURCES = None
 
 
 def cache_key(config, topology: str) -> str:
@@ -234,7 +241,7 @@ def plan(config, slice_, aot, *, max_compiles: int = 6, headroom: float = 0.1, r
     for row in rows:
         if row.est.hbm_bytes > usable:
             row.status = "pruned: memory"
-    admitted = sorted((r for r in rows if r.status != "pruned: memory"), key=lambda r: -r.est.mfu_serial)
+    admitted = _compile_order([r for r in rows if r.status != "pruned: memory"])
     for i, row in enumerate(admitted[:max_compiles]):
         c = apply(config, row.cand.overrides(slice_.chips))
         try:
@@ -263,6 +270,21 @@ def plan(config, slice_, aot, *, max_compiles: int = 6, headroom: float = 0.1, r
             return rows, row
         row.status = "eval does not fit"
     return rows, None
+
+
+def _compile_order(rows: list[Row]) -> list[Row]:
+    """Best on paper first, but one of each (remat, grad_accum, rows per chip) before a second
+    mesh of any: meshes that differ only in how data and fsdp split the chips score alike on
+    paper, and compiling six of them would leave the other choices untried."""
+    groups: dict[tuple, list[Row]] = {}
+    for r in sorted(rows, key=lambda r: -r.est.mfu_serial):
+        groups.setdefault((r.cand.remat, r.cand.grad_accum, r.cand.rows_per_chip), []).append(r)
+    order = []
+    while any(groups.values()):
+        for key in list(groups):
+            if groups[key]:
+                order.append(groups[key].pop(0))
+    return order
 
 
 def _describe(c: Candidate) -> str:
