@@ -42,6 +42,7 @@ class Collective:
     group: int  # chips that take part together (its replica group)
     nbytes: int  # the whole array: gathered result, reduced array, reduce-scatter input, permuted buffer
     times: int  # executions per run of the program (loop trips)
+    asynchronous: bool = False  # started and awaited apart (a -start op or an async fusion): may overlap compute
 
     @property
     def moved(self) -> float:
@@ -188,6 +189,7 @@ def collectives_of(hlo_text: str, num_devices: int) -> list[Collective]:
             kind = op.removesuffix("-start")
             if kind in KINDS and not op.endswith("-done"):
                 chain = re.search(r'chain_id="(\d+)"', instr.rest)
+                asynchronous = op.endswith("-start") or chain is not None or "async_collective_fusion" in instr.rest
                 group = group_size(instr.rest, num_devices)
                 sizes = shape_bytes(instr.result)
                 if op.endswith("-start") and kind != "all-reduce":
@@ -202,12 +204,11 @@ def collectives_of(hlo_text: str, num_devices: int) -> list[Collective]:
                     gathers = [i for i, o in enumerate(operands) if _is_zero_padded_shard(o, comp, computations)]
                     if len(sizes) == len(operands) and gathers:
                         gathered = sum(sizes[i] for i in gathers)
-                        add(Collective("all-gather", "all-reduce", group, gathered, times), None)
+                        add(Collective("all-gather", "all-reduce", group, gathered, times, asynchronous), None)
                         sizes = [s for i, s in enumerate(sizes) if i not in gathers]
                         if not sizes:
                             continue
-                add(Collective(kind, kind if kind != "all-reduce" else "all-reduce", group, sum(sizes), times),
-                    chain.group(1) if chain else None)
+                add(Collective(kind, kind, group, sum(sizes), times, asynchronous), chain.group(1) if chain else None)
             trips = 1
             if op == "while":
                 n = re.search(r'"known_trip_count":\{"n":"(\d+)"', instr.rest)
@@ -246,5 +247,6 @@ def summarize(collectives: list[Collective]) -> dict[str, Totals]:
     return out
 
 
-def moved_bytes(collectives: list[Collective]) -> float:
-    return sum(c.moved for c in collectives)
+def moved_bytes(collectives: list[Collective], asynchronous: bool | None = None) -> float:
+    """Bytes sent per chip by all of them, or only by the asynchronous (True) or blocking (False) ones."""
+    return sum(c.moved for c in collectives if asynchronous is None or c.asynchronous == asynchronous)

@@ -16,8 +16,10 @@ same slice compiles nothing.
 
 from __future__ import annotations
 
+import base64
 import copy
 import dataclasses
+import gzip
 import hashlib
 import importlib.metadata
 import json
@@ -151,12 +153,13 @@ def _cache_dir() -> Path:
 
 
 def _program_sources() -> str:
-    """The modules whose code shapes the compiled step or its count: a change to them is a new
-    program. Read once, as this process imported them."""
+    """The modules whose code shapes the compiled step: a change to them is a new program. (The
+    count of its collectives is redone from the stored HLO on every load.) Read once, as this
+    process imported them."""
     global _SOURCES
     if _SOURCES is None:
         here = Path(__file__).resolve().parent
-        _SOURCES = "".join((here / f).read_text() for f in ("model.py", "train.py", "mesh.py", "collectives.py")
+        _SOURCES = "".join((here / f).read_text() for f in ("model.py", "train.py", "mesh.py", "config.py")
                            if (here / f).exists())
     return _SOURCES
 
@@ -170,20 +173,27 @@ def cache_key(config, topology: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def _report_to_json(r) -> dict:
+def _report_to_json(r, hlo_text: str | None = None) -> dict:
     out = {k: getattr(r, k) for k in ("mesh_shape", "num_params", "tokens_per_step", "flops_per_chip",
                                       "xla_flops_per_chip", "estimate_per_chip", "six_n_per_chip",
                                       "compile_seconds", "compile_cpu_seconds", "has_loops", "grad_accum",
                                       "weight_bytes")}
     out["train"], out["eval"] = dataclasses.asdict(r.train), dataclasses.asdict(r.eval)
     out["collectives"] = [dataclasses.asdict(c) for c in r.collectives]
+    if hlo_text is not None:
+        out["hlo_gz"] = base64.b64encode(gzip.compress(hlo_text.encode(), 6)).decode()
     return out
 
 
 def _report_from_json(data: dict, slice_, aot):
     data = dict(data)
     data["train"], data["eval"] = aot.Memory(**data["train"]), aot.Memory(**data["eval"])
-    data["collectives"] = [collectives_lib.Collective(**c) for c in data["collectives"]]
+    hlo = data.pop("hlo_gz", None)
+    if hlo is not None:  # counted by this version of mgpt.collectives
+        data["collectives"] = collectives_lib.collectives_of(gzip.decompress(base64.b64decode(hlo)).decode(),
+                                                             slice_.chips)
+    else:
+        data["collectives"] = [collectives_lib.Collective(**c) for c in data["collectives"]]
     return aot.Report(slice=slice_, **data)
 
 
@@ -198,8 +208,9 @@ def compile_cached(config, slice_, program: str, aot):
             raise aot.DoesNotFit(data["does_not_fit"])
         return _report_from_json(data, slice_, aot), True
     try:
-        report = aot.compile_for(config, slice_, programs=(program,))
-        data = _report_to_json(report)
+        texts = []
+        report = aot.compile_for(config, slice_, programs=(program,), hlo_texts=texts)
+        data = _report_to_json(report, texts[0] if texts else None)
     except aot.DoesNotFit as e:
         report, data = e, {"does_not_fit": str(e)}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -132,6 +132,8 @@ def test_an_async_chain_is_one_gather_and_an_all_reduce_into_zeros_is_a_gather()
     # The gradient shares the gathers' all-reduce but stays a reduction; the loss's runs once.
     assert totals["all-reduce"] == collectives.Totals(count=16 + 1, nbytes=16 * scale + 4,
                                                       moved=2 * 255 / 256 * (16 * scale + 4))
+    # Only the chain is asynchronous (it can overlap the matmuls); the all-reduces block.
+    assert collectives.moved_bytes(found, asynchronous=True) == 16 * 255 / 256 * mlp_kernel
 
 
 @pytest.mark.parametrize("text, n, expected", [
