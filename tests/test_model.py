@@ -214,6 +214,7 @@ def _packed_attention_inputs():
     return x_BxLxD, positions_BxL, segment_ids_BxL
 
 
+@pytest.mark.slow
 def test_splash_attention_in_pallas_interpret_mode_matches_xla_with_packed_segments(monkeypatch):
     """The TPU kernel, run by Pallas' interpreter on the CPU: outputs and gradients of one
     attention layer equal XLA attention's on rows that pack several pieces."""
