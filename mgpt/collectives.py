@@ -98,9 +98,9 @@ def parse_computations(hlo_text: str) -> tuple[dict[str, dict[str, _Instr]], str
 
 
 def group_size(rest: str, num_devices: int) -> int:
-    """Chips per replica group, from any of the forms XLA writes:
-    {{0,1},{2,3}}; [2,2]<=[4] (iota: groups x size); mesh['a'=4,'b'=2] {'a'}; {} (all)."""
-    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", rest)
+    """Chips per replica group, from any of the forms XLA writes: {{0,1},{2,3}}; [2,2]<=[4]
+    (iota: groups x size); mesh['a'=4,'b'=2] {'a'} (the named axes' sizes); {} (all)."""
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", rest)  # may name device_ids=(...) between
     if m:
         sizes = {k: int(v) for k, v in re.findall(r"'([^']+)'=(\d+)", m.group(1))}
         return math.prod(sizes.get(a, 1) for a in re.findall(r"'([^']+)'", m.group(2)))

@@ -141,6 +141,8 @@ def test_an_async_chain_is_one_gather_and_an_all_reduce_into_zeros_is_a_gather()
     ("replica_groups=[2,4]<=[8], dimensions={0}", 8, 4),
     ("replica_groups=[4,2]<=[2,4]T(1,0), to_apply=%add", 8, 2),
     ("replica_groups=mesh['axis_0'=16,'axis_1'=4,'axis_2'=2] {'axis_0','axis_2'}, dimensions={1}", 128, 32),
+    ("replica_groups=mesh['axis_0'=4,'axis_1'=1,'axis_2'=1,'axis_3'=64], device_ids=([64,4]T(1,0)) {'axis_0'}, "
+     "dimensions={1}", 256, 4),
     ("replica_groups={}, to_apply=%add", 8, 8),
 ])
 def test_replica_group_sizes_in_every_form_xla_writes(text, n, expected):
