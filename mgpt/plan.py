@@ -113,7 +113,8 @@ def estimate(config, cand: Candidate, chips: int, chip, num_params: int, vocab_s
     AdamW's two moments and the fp32 gradient, sharded over fsdp x tensor; the activations
     that remat keeps for each layer; one layer's attention scores and the logits, live
     during the backward. Time: the model's matmuls (remat's recomputation added) at peak,
-    and the ideal FSDP traffic plus tensor parallelism's activation all-reduces at ICI."""
+    and the ideal FSDP traffic (data-parallel reductions per microbatch, as XLA places them)
+    plus tensor parallelism's activation all-reduces at ICI."""
     m, L = config.model, config.data.seq_len
     d, f, n, layers = m.d_model, m.mlp_dim, m.num_heads, m.num_layers
     act = 2 if m.get("dtype", "float32") in ("bfloat16", "float16") else 4
@@ -136,7 +137,8 @@ def estimate(config, cand: Candidate, chips: int, chip, num_params: int, vocab_s
     compute_s = (useful + recompute) * tokens_per_chip / chip.peak_flops
     weights = num_params * act
     f_, d_, t_ = cand.fsdp, cand.data, cand.tensor
-    comm = cand.grad_accum * 3 * (f_ - 1) / f_ * weights / t_ + 2 * (d_ - 1) / d_ * weights / (f_ * t_)
+    # XLA reduces the gradients inside the accumulation loop: the data-parallel all-reduce too.
+    comm = cand.grad_accum * (3 * (f_ - 1) / f_ * weights / t_ + 2 * (d_ - 1) / d_ * weights / (f_ * t_))
     if t_ > 1:  # two all-reduces of the residual stream per layer forward, two backward
         comm += cand.grad_accum * layers * 4 * 2 * (t_ - 1) / t_ * tokens * d * act
     comm_s = comm / chip.ici_bytes_per_s
@@ -253,7 +255,18 @@ def plan(config, slice_, aot, *, max_compiles: int = 6, headroom: float = 0.1, r
         if row.est.hbm_bytes > usable:
             row.status = "pruned: memory"
     admitted = _compile_order([r for r in rows if r.status != "pruned: memory"])
-    for i, row in enumerate(admitted[:max_compiles]):
+    # The estimate misses XLA's own temporaries; each compile tells by how much, per remat
+    # policy, and the candidates the corrected estimate rules out are not compiled.
+    scale: dict[str, float] = {}
+    compiled = 0
+    for row in admitted:
+        if compiled == max_compiles:
+            break
+        if row.est.hbm_bytes * scale.get(row.cand.remat, 1.0) > usable:
+            row.status = "pruned: memory (corrected)"
+            continue
+        compiled += 1
+        i = compiled - 1
         c = apply(config, row.cand.overrides(slice_.chips))
         try:
             config_lib.validate(c)
@@ -263,7 +276,9 @@ def plan(config, slice_, aot, *, max_compiles: int = 6, headroom: float = 0.1, r
             row.status = "does not fit"
         except UserError as e:
             row.status = f"error: {e}"
-        log(f"[{i + 1}/{min(len(admitted), max_compiles)}] {_describe(row.cand)}: {row.status}"
+        if row.report is not None:
+            scale[row.cand.remat] = max(scale.get(row.cand.remat, 0.0), row.report.train.total / row.est.hbm_bytes)
+        log(f"[{i + 1}/{max_compiles}] {_describe(row.cand)}: {row.status}"
             + (f", MFU {100 * row.report.model().mfu_serial:.1f} % without overlap" if row.report else ""),
             file=sys.stderr)
     fitting = [r for r in rows if r.report is not None and r.report.train.total <= usable]
@@ -288,7 +303,9 @@ def _compile_order(rows: list[Row]) -> list[Row]:
     mesh of any: meshes that differ only in how data and fsdp split the chips score alike on
     paper, and compiling six of them would leave the other choices untried."""
     groups: dict[tuple, list[Row]] = {}
-    for r in sorted(rows, key=lambda r: -r.est.mfu_serial):
+    # Within a per cent on paper, the one with more HBM to spare first: the paper figures are
+    # not finer than that, and the compiled program always needs more than estimated.
+    for r in sorted(rows, key=lambda r: (-round(100 * r.est.mfu_serial), r.est.hbm_bytes)):
         groups.setdefault((r.cand.remat, r.cand.grad_accum, r.cand.rows_per_chip), []).append(r)
     order = []
     while any(groups.values()):
@@ -325,8 +342,11 @@ def format_table(rows: list[Row], slice_, winner: Row | None, shown_on_paper: in
     rest = sorted((r for r in rows if r.report is None), key=lambda r: (r.status.startswith("pruned"),
                                                                           -r.est.mfu_serial))
     on_paper = [r for r in rest if not r.status.startswith("pruned")]
-    pruned = [r for r in rest if r.status.startswith("pruned")]
-    shown = sorted(compiled, key=lambda r: -r.report.model().mfu_serial) + on_paper[:shown_on_paper]
+    corrected_shown = [r for r in rest if r.status == "pruned: memory (corrected)"][:3]
+    pruned = [r for r in rest if r.status == "pruned: memory"]
+    corrected = [r for r in rest if r.status == "pruned: memory (corrected)"]
+    shown = (sorted(compiled, key=lambda r: -r.report.model().mfu_serial) + on_paper[:shown_on_paper]
+             + corrected_shown)
     for r in shown:
         c = r.cand
         cells = [c.remat, str(c.grad_accum), f"{c.rows_per_chip:g}", c.mesh, _gib(r.est.hbm_bytes)]
@@ -342,7 +362,8 @@ def format_table(rows: list[Row], slice_, winner: Row | None, shown_on_paper: in
         status = r.status + (" **winner**" if r is winner else "")
         lines.append("| " + " | ".join(cells + [status]) + " |")
     more = len(on_paper) - min(len(on_paper), shown_on_paper)
-    lines.append(f"({more} more admitted by the memory estimate and not compiled; {len(pruned)} pruned by it"
+    lines.append(f"({more} more admitted by the memory estimate and not compiled; {len(corrected)} ruled out by "
+                 f"it once corrected by the compiles; {len(pruned)} pruned by it"
                  + (f", the smallest estimate {_gib(min(r.est.hbm_bytes for r in pruned))} per chip" if pruned else "")
                  + ")")
     return "\n".join(lines)
