@@ -303,10 +303,12 @@ def _compile_order(rows: list[Row]) -> list[Row]:
     mesh of any: meshes that differ only in how data and fsdp split the chips score alike on
     paper, and compiling six of them would leave the other choices untried."""
     groups: dict[tuple, list[Row]] = {}
-    # Within a per cent on paper, the one with more HBM to spare first: the paper figures are
-    # not finer than that, and the compiled program always needs more than estimated.
-    for r in sorted(rows, key=lambda r: (-round(100 * r.est.mfu_serial), r.est.hbm_bytes)):
+    for r in sorted(rows, key=lambda r: -r.est.mfu_serial):
         groups.setdefault((r.cand.remat, r.cand.grad_accum, r.cand.rows_per_chip), []).append(r)
+    for members in groups.values():
+        # Within 2 % on paper, the mesh with more HBM to spare first: the paper figures are not
+        # finer than that, and the compiled program always needs more than estimated.
+        members.sort(key=lambda r: (-math.floor(50 * r.est.mfu_serial), r.est.hbm_bytes))
     order = []
     while any(groups.values()):
         for key in list(groups):
