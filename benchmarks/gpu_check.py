@@ -4,7 +4,8 @@
     python benchmarks/gpu_check.py --dry-run                 # CPU, tiny shapes, the same code path
 
 0. Packed pieces: a piece packed behind another scores as if alone with this backend's
-   attention (cuDNN's, given the segment mask as a bias), in bf16.
+   attention (cuDNN's, given the segment mask as a bias), in bf16; and one attention layer
+   with implementation='cudnn' gives XLA's outputs and gradients on the same packed batch.
 1. Training: configs/base.py in bf16 with cuDNN attention and no remat, one microbatch per
    step, at the largest batch (rows of 2048 events) whose compiled step fits the GPU's
    memory (XLA's own memory analysis against the allocator's limit; batches double from
@@ -168,6 +169,59 @@ def packed_alone(plan: dict, vocab_size: int, on_gpu: bool) -> dict:
             "scores_as_if_alone": bool(gap < 0.1 * leak)}
 
 
+def attention_matches_xla(plan: dict, on_gpu: bool) -> dict:
+    """cuDNN's fused attention (on a GPU) against XLA's on one packed batch, outputs and gradients.
+
+    Two rows of packed pieces (the second ends in padding, segment id 0) go through one
+    attention layer of the config's width in bf16, once with implementation='cudnn' (the
+    segment mask as its bias) and once with 'xla', and both against a float32 reference
+    written out here (scores, causal and segment masks, softmax). On a CPU (--dry-run) the
+    first is XLA's too: the run checks the batch and the reference, not cuDNN."""
+    from mgpt import model as model_lib
+
+    c = _config(plan["config"], plan["seq_len"], 1, on_gpu)
+    length, pieces = plan["seq_len"], plan["packed"]
+    kw = {**{k: v for k, v in c.model.to_dict().items() if k in ("num_heads", "d_model", "mlp_dim", "max_len")},
+          "vocab_size": 16, "num_layers": 1, "dtype": "bfloat16"}
+    fused = model_lib.Attention(model_lib.ModelConfig(**kw, attention="cudnn" if on_gpu else "xla"), nnx.Rngs(0))
+    xla = model_lib.Attention(model_lib.ModelConfig(**kw, attention="xla"), nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    x_BxLxD = jnp.asarray(rng.normal(size=(2, length, kw["d_model"])), jnp.bfloat16)
+    cut = [pieces[0], pieces[0] + pieces[1] // 2]  # row 0: three pieces; row 1: two, then padding
+    seg0 = np.searchsorted(cut, np.arange(length), side="right") + 1
+    seg1 = np.where(np.arange(length) < pieces[1], 1, np.where(np.arange(length) < pieces[1] + pieces[0] // 2, 2, 0))
+    segments_BxL = jnp.asarray(np.stack([seg0, seg1]), jnp.int32)
+    starts = [np.concatenate([[0], np.flatnonzero(np.diff(s)) + 1]) for s in (seg0, seg1)]
+    positions_BxL = jnp.asarray(np.stack([np.arange(length) - st[np.searchsorted(st, np.arange(length), "right") - 1]
+                                          for st in starts]), jnp.int32)
+
+    def reference(layer, x):  # float32, written out
+        q, k, v = (t.astype(jnp.float32) for t in layer._project(x.astype(jnp.float32), positions_BxL, False))
+        s_BxNxLxL = jnp.einsum("blnk,bmnk->bnlm", q, k) * q.shape[-1] ** -0.5
+        visible = (segments_BxL[:, :, None] == segments_BxL[:, None, :]) & jnp.tril(jnp.ones((length, length), bool))
+        p = jax.nn.softmax(jnp.where(visible[:, None], s_BxNxLxL, -jnp.inf), axis=-1)
+        o = jnp.einsum("bnlm,bmnk->blnk", p, v)
+        return jnp.einsum("blnk,nkd->bld", o, layer.out[...].astype(jnp.float32))
+
+    def out_and_grad(fn):
+        loss = lambda x: jnp.sum(jnp.sin(fn(x).astype(jnp.float32)))
+        return jax.jit(lambda x: (fn(x).astype(jnp.float32), jax.grad(loss)(x).astype(jnp.float32)))(x_BxLxD)
+
+    o_f, g_f = out_and_grad(lambda x: fused(x, positions_BxL, segments_BxL))
+    o_x, g_x = out_and_grad(lambda x: xla(x, positions_BxL, segments_BxL))
+    o_r, g_r = out_and_grad(lambda x: reference(xla, x))
+    gap = lambda a, b: float(jnp.abs(a - b).max() / jnp.abs(b).max())
+    result = {"implementation": "cudnn" if on_gpu else "xla (dry run)", "rows": 2, "seq_len": length,
+              "out_gap_vs_xla": gap(o_f, o_x), "grad_gap_vs_xla": gap(g_f, g_x),
+              "out_gap_vs_f32": gap(o_f, o_r), "grad_gap_vs_f32": gap(g_f, g_r),
+              "xla_out_gap_vs_f32": gap(o_x, o_r)}
+    # bf16 keeps 8 bits: a few parts in a hundred of the largest value is rounding, not a wrong mask
+    # (a piece reading its neighbour, or padding read, moves outputs by their own size).
+    result["matches"] = bool(max(result["out_gap_vs_f32"], result["grad_gap_vs_f32"]) < 0.05
+                             and max(result["out_gap_vs_xla"], result["grad_gap_vs_xla"]) < 0.05)
+    return result
+
+
 def _kept_going(check, *args) -> dict:
     """A check that fails records its error, so the measurements after it still run and the
     JSON is still written: on a lent GPU, every minute counts."""
@@ -262,6 +316,7 @@ def main(argv=None) -> dict:
         "device": jax.devices()[0].device_kind, "dry_run": a.dry_run, "jax": jax.__version__,
         "python": platform.python_version(), "vocab_size": vocab.size,
         "packed": _kept_going(packed_alone, plan, vocab.size, on_gpu),
+        "attention": _kept_going(attention_matches_xla, plan, on_gpu),
         "train": train_mfu(plan, vocab.size, on_gpu, search_until=start + 0.4 * a.budget_s),
         "sampling": sample_rates(plan, vocab, on_gpu, deadline=start + a.budget_s),
     }
@@ -278,6 +333,14 @@ def main(argv=None) -> dict:
               f"{k['max_logit_gap_packed_vs_alone']:.3g} against the piece alone, "
               f"{k['max_logit_gap_without_segment_ids']:.3g} without segment ids: "
               f"{'scores as if alone' if k['scores_as_if_alone'] else 'LEAKS ACROSS PIECES'}")
+    a_ = result["attention"]
+    if "error" in a_:
+        print(f"attention against XLA: the check failed ({a_['error']})")
+    else:
+        print(f"attention {a_['implementation']} against XLA on a packed bf16 batch: output gap "
+              f"{a_['out_gap_vs_xla']:.2g}, gradient gap {a_['grad_gap_vs_xla']:.2g} (of the largest value); against "
+              f"float32: {a_['out_gap_vs_f32']:.2g}, {a_['grad_gap_vs_f32']:.2g}: "
+              f"{'matches' if a_['matches'] else 'DIFFERS'}")
     if "error" in t:
         print(f"train: {t['error']} ({t['tried']})")
     else:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mgpt.train import aot
+from mgpt.train import aot, collectives
 from mgpt.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,15 +110,97 @@ ENTRY %main (a: f32[8]) -> f32[8] {
 
 
 def test_collectives_in_a_loop_count_once_per_iteration():
-    found = aot.collectives_of(_HLO)
+    found = {k: (t.count, t.nbytes) for k, t in collectives.summarize(aot.collectives_of(_HLO, 4)).items()}
     # Combined all-reduces count every array of their tuple; async ones their outputs only.
     # XLA:TPU gives no known_trip_count: the second loop's is read from its condition, i < 3.
     assert found == {"all-gather": (16 + 1 + 3, 16 * 4 * 1024 * 2 + 32 * 2 + 3 * 2 * 2),
                      "all-reduce": (1, 256 * 4 + 64 * 2), "collective-permute": (1, 4 * 8 * 2)}
 
 
-def _run(*args, timeout=240):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def test_an_async_chain_is_one_gather_and_an_all_reduce_into_zeros_is_a_gather():
+    """A stored excerpt of large's v5e-256 program (tests/data): the MLP kernel's gather split
+    into three fusions sharing a chain_id, the qkv kernel's gathered by an all-reduce of zero
+    buffers, a norm scale's gradient all-reduced, all in a 16-layer loop."""
+    text = (ROOT / "tests/data/v5e_chain_and_zero_gather.hlo").read_text()
+    found = collectives.collectives_of(text, 256)
+    totals = collectives.summarize(found)
+    mlp_kernel, qkv_third, scale = 2048 * 2 * 5632 * 2, 2048 * 16 * 128 * 2, 2048 * 4
+    assert totals["all-gather"] == collectives.Totals(
+        count=16 + 16, nbytes=16 * (mlp_kernel + qkv_third),
+        # the chain moves a gather's bytes; the gather written as an all-reduce moves an all-reduce's
+        moved=16 * (255 / 256 * mlp_kernel + 2 * 255 / 256 * qkv_third), as_all_reduce=16)
+    # The gradient shares the gathers' all-reduce but stays a reduction; the loss's runs once.
+    assert totals["all-reduce"] == collectives.Totals(count=16 + 1, nbytes=16 * scale + 4,
+                                                      moved=2 * 255 / 256 * (16 * scale + 4))
+    # Only the chain is asynchronous (it can overlap the matmuls); the all-reduces block.
+    assert collectives.moved_bytes(found, asynchronous=True) == 16 * 255 / 256 * mlp_kernel
+
+
+@pytest.mark.parametrize("text, n, expected", [
+    ("replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}", 8, 4),
+    ("replica_groups=[2,4]<=[8], dimensions={0}", 8, 4),
+    ("replica_groups=[4,2]<=[2,4]T(1,0), to_apply=%add", 8, 2),
+    ("replica_groups=mesh['axis_0'=16,'axis_1'=4,'axis_2'=2] {'axis_0','axis_2'}, dimensions={1}", 128, 32),
+    ("replica_groups=mesh['axis_0'=4,'axis_1'=1,'axis_2'=1,'axis_3'=64], device_ids=([64,4]T(1,0)) {'axis_0'}, "
+     "dimensions={1}", 256, 4),
+    ("replica_groups={}, to_apply=%add", 8, 8),
+])
+def test_replica_group_sizes_in_every_form_xla_writes(text, n, expected):
+    assert collectives.group_size(text, n) == expected
+
+
+def test_ring_formula_bytes_per_op():
+    mib = 2**20
+    assert collectives.Collective("all-gather", "all-gather", 4, mib, 2).moved == 2 * 3 / 4 * mib
+    assert collectives.Collective("reduce-scatter", "reduce-scatter", 4, mib, 1).moved == 3 / 4 * mib
+    assert collectives.Collective("all-reduce", "all-reduce", 4, mib, 1).moved == 2 * 3 / 4 * mib
+    assert collectives.Collective("all-reduce", "all-reduce", 1, mib, 1).moved == 0
+    assert collectives.Collective("collective-permute", "collective-permute", 2, mib, 3).moved == 3 * mib
+
+
+_KNOWN = """
+import os, sys
+os.environ.update(TPU_SKIP_MDS_QUERY="1", TPU_ACCELERATOR_TYPE="v5litepod-4", TPU_WORKER_ID="0",
+                  TPU_WORKER_HOSTNAMES="localhost", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+import jax, jax.numpy as jnp, numpy as np
+jax.config.update("jax_platforms", "cpu")
+from jax.experimental import topologies
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from mgpt.train import collectives
+devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2", chip_config_name="default").devices
+mesh = Mesh(np.array(devices), ("x",))
+
+def step(w_RxC, x_BxR):
+    def per_chip(w, x):  # w: a quarter of the rows
+        def layer(x, _):  # 3 iterations: a gather and a sum each
+            full = jax.lax.all_gather(w, "x", tiled=True)  # bf16[512,512]: 512 KiB
+            return jax.lax.psum(x @ full, "x"), None  # bf16[64,512] summed: 64 KiB
+        return jax.lax.scan(layer, x, None, length=3)[0]
+    return jax.shard_map(per_chip, mesh=mesh, in_specs=(P("x", None), P()), out_specs=P())(w_RxC, x_BxR)
+
+w = jax.ShapeDtypeStruct((512, 512), jnp.bfloat16, sharding=NamedSharding(mesh, P("x", None)))
+x = jax.ShapeDtypeStruct((64, 512), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+text = jax.jit(step).lower(w, x).compile().as_text()
+for k, t in collectives.summarize(collectives.collectives_of(text, 4)).items():
+    print(k, t.count, t.nbytes, t.moved)
+"""
+
+
+@needs_libtpu
+def test_collectives_known_by_construction_on_a_v5e_slice():
+    """Compiled by libtpu for 4 v5e chips: a scan of 3 steps, each gathering a bf16[512,512]
+    weight from quarters and summing a bf16[64,512] product over the chips."""
+    r = subprocess.run([sys.executable, "-c", _KNOWN], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    found = {line.split()[0]: tuple(float(v) for v in line.split()[1:]) for line in r.stdout.splitlines()}
+    gathered, summed = 512 * 512 * 2, 64 * 512 * 2
+    assert found == {"all-gather": (3, 3 * gathered, 3 * 3 / 4 * gathered),
+                     "all-reduce": (3, 3 * summed, 3 * 2 * 3 / 4 * summed)}, r.stdout
+
+
+def _run(*args, timeout=240, env=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "-m", "mgpt.aot", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -136,8 +218,11 @@ def test_tiny_compiles_for_a_v5e_slice_and_its_flops_match_6n():
     # (softmax, norms, AdamW) is on top, a few per cent at these widths.
     ratio = float(re.search(r"XLA / estimate = ([\d.]+)", out).group(1))
     assert 1.0 <= ratio < 1.25, out
-    # Data parallel over 4 chips: the gradients are all-reduced.
-    assert re.search(r"all-reduce\s+\d+ x", out), out
+    # Data parallel over 4 chips: the gradients are all-reduced, 2 x 3/4 of them sent per chip.
+    assert re.search(r"all-reduce\s+\d+ ", out), out
+    model = re.search(r"^step-time model: MFU ([\d.]+) % without overlap, ([\d.]+) % with full overlap "
+                      r"\(a model, not a measurement\)$", out, re.M)
+    assert model and 0 < float(model.group(1)) <= float(model.group(2)) <= 100, out
 
 
 def test_matmul_flops_count_each_scanned_layer_and_microbatch():
@@ -174,3 +259,29 @@ def test_a_config_that_does_not_fit_exits_1_naming_the_chip_and_the_bytes():
     line = r.stderr.strip().splitlines()[-1]
     assert re.match(r"does not fit: .* need [\d.]+ GiB of HBM per chip on v5e:2x2, whose TPU v5e chips have "
                     r"15\.75 GiB; try .*grad_accum", line), line
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_the_planner_on_tiny_finishes_fast_its_winner_fits_and_a_second_plan_compiles_nothing(tmp_path):
+    env_cache = {"MGPT_AOT_CACHE": str(tmp_path / "cache")}
+    args = ("--config=configs/tiny.py", "--topology=v5e:2x2", "--plan", "--plan_max_compiles=2",
+            f"--plan_out={tmp_path / 'plan.py'}")
+    r = _run(*args, env=env_cache)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    winner = [line for line in out.splitlines() if "**winner**" in line]
+    assert len(winner) == 1 and "| compiled **winner** |" in winner[0], out
+    fits = re.search(r"HBM ([\d.]+) of ([\d.]+) GiB per chip", out)
+    assert fits and float(fits.group(1)) <= 0.9 * float(fits.group(2)), out
+    assert re.search(r"^step-time model: MFU [\d.]+ % without overlap", out, re.M), out
+    snippet = (tmp_path / "plan.py").read_text()
+    assert re.search(r'^c\.model\.remat = "(full|dots|none)"$', snippet, re.M), snippet
+    assert re.search(r"^c\.mesh\.update\(data=\d+, fsdp=\d+, tensor=\d+\)$", snippet, re.M), snippet
+    # The winner's overrides compile and fit as a plain mgpt.aot run.
+    flags = re.search(r"^# As flags: (.*)$", snippet, re.M).group(1).split()
+    plain = _run("--config=configs/tiny.py", "--topology=v5e:2x2", *flags)
+    assert plain.returncode == 0 and "fits:" in plain.stdout, plain.stderr[-2000:]
+    again = _run(*args, env=env_cache)
+    assert again.returncode == 0 and "| cached **winner** |" in again.stdout, again.stdout[-2000:]
+    assert not re.search(r"\| compiled( \*\*winner\*\*)? \|$", again.stdout, re.M), again.stdout

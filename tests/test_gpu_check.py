@@ -43,6 +43,9 @@ def test_dry_run_trains_and_samples_without_the_data_libraries(tmp_path):
     k = result["packed"]
     assert k["scores_as_if_alone"] and k["max_logit_gap_without_segment_ids"] > 0.5, k
     assert "scores as if alone" in r.stdout
+    # The attention check ran on its packed batch; on a CPU it compares XLA with the float32 reference.
+    a = result["attention"]
+    assert a["matches"] and a["xla_out_gap_vs_f32"] < 0.05, a
 
 
 def test_the_time_budget_stops_the_batch_search_and_skips_late_sampling(tmp_path):

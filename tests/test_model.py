@@ -202,3 +202,58 @@ def test_cached_decode_of_scanned_layers_matches_full_forward():
     for p in range(9, cfg.max_len):
         logits_Bx1xV, cache = decode(state, tokens_BxL[:, p:p + 1], jnp.full((2, 1), p), cache)
         np.testing.assert_allclose(np.asarray(logits_Bx1xV[:, 0]), np.asarray(full_BxLxV[:, p]), atol=1e-4)
+
+
+def _packed_attention_inputs():
+    x_BxLxD = jax.random.normal(jax.random.PRNGKey(1), (2, 256, 64))
+    # Row 0 packs three pieces and padding (segment 0); row 1 is one piece.
+    lengths = (100, 60, 70, 26)
+    segment_ids_BxL = jnp.stack([jnp.concatenate([jnp.full((n,), i) for i, n in zip((1, 2, 3, 0), lengths)]),
+                                 jnp.ones((256,), jnp.int32)]).astype(jnp.int32)
+    positions_BxL = jnp.stack([jnp.concatenate([jnp.arange(n) for n in lengths]), jnp.arange(256)])
+    return x_BxLxD, positions_BxL, segment_ids_BxL
+
+
+@pytest.mark.slow
+def test_splash_attention_in_pallas_interpret_mode_matches_xla_with_packed_segments(monkeypatch):
+    """The TPU kernel, run by Pallas' interpreter on the CPU: outputs and gradients of one
+    attention layer equal XLA attention's on rows that pack several pieces."""
+    from mgpt import model as model_lib
+
+    monkeypatch.setattr(model_lib, "_SPLASH_INTERPRET", True)
+    kw = dict(vocab_size=50, num_layers=1, num_heads=2, d_model=64, mlp_dim=64, max_len=256)
+    splash = model_lib.Attention(ModelConfig(**kw, attention="splash"), nnx.Rngs(0))
+    xla = model_lib.Attention(ModelConfig(**kw, attention="xla"), nnx.Rngs(0))
+    x, positions, segments = _packed_attention_inputs()
+
+    def loss_and_grad(layer):
+        def loss(x_BxLxD):
+            return jnp.sum(jnp.sin(layer(x_BxLxD, positions, segments)))
+        return jax.value_and_grad(loss)(x), layer(x, positions, segments)
+
+    (loss_s, grad_s), out_s = loss_and_grad(splash)
+    (loss_x, grad_x), out_x = loss_and_grad(xla)
+    np.testing.assert_allclose(out_s, out_x, atol=2e-5)
+    np.testing.assert_allclose(grad_s, grad_x, atol=2e-5)
+    # A piece cannot see the one packed before it: changing piece 1 leaves piece 2 alone.
+    moved = splash(x.at[0, :100].add(1.0), positions, segments)
+    np.testing.assert_allclose(moved[0, 100:], out_s[0, 100:], atol=1e-6)
+
+
+def test_splash_off_tpu_falls_back_to_xla_attention_with_one_line(capfd, monkeypatch):
+    from mgpt import model as model_lib
+
+    monkeypatch.setattr(model_lib, "_said_fallback", False)
+    kw = dict(vocab_size=50, num_layers=1, num_heads=2, d_model=64, mlp_dim=64, max_len=256)
+    splash = model_lib.Attention(ModelConfig(**kw, attention="splash"), nnx.Rngs(0))
+    xla = model_lib.Attention(ModelConfig(**kw, attention="xla"), nnx.Rngs(0))
+    x, positions, segments = _packed_attention_inputs()
+    np.testing.assert_array_equal(splash(x, positions, segments), xla(x, positions, segments))
+    splash(x, positions, segments)
+    lines = capfd.readouterr().out.strip().splitlines()
+    assert lines == ["model.attention='splash' needs a TPU (the program is compiled for cpu); using XLA attention"]
+
+
+def test_splash_needs_lengths_in_blocks_of_128():
+    with pytest.raises(ValueError, match=r"^model\.attention: 'splash' .* max_len=200 must be a multiple of 128"):
+        ModelConfig(vocab_size=10, max_len=200, attention="splash")

@@ -1,6 +1,7 @@
 """tpu/*.sh against a fake `gcloud` first on PATH: the commands, their order and their quoting."""
 
 import json
+import re
 import os
 import shutil
 import stat
@@ -121,3 +122,26 @@ def test_launch_passes_every_argument_through_unchanged(gcloud, tmp_path):
         time.sleep(0.1)
     received = json.loads((worker / "train.log").read_text())
     assert received == ["-m", "mgpt.train", "--workdir=gs://bucket/runs/a b", *args]
+
+
+def test_launch_sets_the_libtpu_flags_and_keeps_the_users_own_last(gcloud, tmp_path):
+    worker = tmp_path / "worker"
+    venv_bin = worker / "mgpt" / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    python = venv_bin / "python"
+    python.write_text(f"#!/usr/bin/env bash\nexec {sys.executable} -c 'import json, os; "
+                      "print(json.dumps(os.environ.get(\"LIBTPU_INIT_ARGS\")))'\n")
+    python.chmod(python.stat().st_mode | stat.S_IEXEC)
+    gcloud("launch.sh", "gs://bucket/runs/a", "--config=configs/large.py", FAKE_WORKER=str(worker),
+           LIBTPU_INIT_ARGS="--xla_mine=1 --xla_other='a b'")
+    log = worker / "train.log"
+    for _ in range(100):
+        if log.exists() and log.read_text().strip():
+            break
+        time.sleep(0.1)
+    flags = json.loads(log.read_text()).split()
+    launch = (ROOT / "tpu" / "launch.sh").read_text()
+    array = re.search(r"^MGPT_LIBTPU_FLAGS=\(([^)]*)\)", launch, re.M).group(1)
+    ours = [f for f in array.split() if not f.startswith("#")]
+    assert flags[:len(ours)] == ours, (flags, ours)
+    assert flags[len(ours):] == ["--xla_mine=1", "--xla_other='a", "b'"], "the user's own come last, as typed"

@@ -29,6 +29,7 @@ same call: `logits, cache = model.decode(tokens_BxT, positions_BxT, cache)`.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
 from collections.abc import Mapping
@@ -42,7 +43,7 @@ Cache = list[dict[str, jax.Array]]  # per layer: {'k', 'v'}: BxNxSxK (S = cache 
 
 _REMAT_POLICIES = ("none", "full", "dots")
 _MLP_ACTIVATIONS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu}
-_ATTENTION = ("auto", "xla", "cudnn")
+_ATTENTION = ("auto", "xla", "cudnn", "splash")
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -68,7 +69,10 @@ class ModelConfig:
     remat: str = "none"  # per block: 'none' | 'full' (save nothing) | 'dots' (save matmuls)
     rope_base: float = 10_000.0
     mlp_activation: str = "silu"  # gate nonlinearity: 'silu' (SwiGLU) | 'gelu' (GeGLU)
-    attention: str = "auto"  # 'auto' = cuDNN on GPU for bf16/fp16, else XLA
+    # 'auto' = cuDNN on GPU for bf16/fp16, else XLA; 'splash' = the Pallas splash-attention
+    # kernel on TPU (blocks of 128 events that causality or the segments mask out are skipped,
+    # and no LxL scores are stored), XLA elsewhere, said once.
+    attention: str = "auto"
     # Blocks stored stacked (a leading 'layers' axis) and run by one scan, so compile time
     # does not grow with depth. Changes the checkpoint layout; False is the layout of
     # checkpoints written before this field existed.
@@ -101,6 +105,8 @@ class ModelConfig:
         check(isinstance(self.scan_layers, bool), "scan_layers", f"must be True or False, got {self.scan_layers!r}")
         check(isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool) and 0 <= self.dropout < 1,
               "dropout", f"must be in [0, 1), got {self.dropout!r}")
+        check(self.attention != "splash" or self.max_len % 128 == 0, "attention",
+              f"'splash' works on blocks of 128 events: max_len={self.max_len} must be a multiple of 128")
 
     @property
     def head_dim(self) -> int:
@@ -201,6 +207,8 @@ class Attention(nnx.Module):
         self.out = _param(rngs, (n, k, d), out_std, ("heads", "kv", "embed"), cfg.param_dtype)
 
     def _implementation(self) -> str:
+        if self.cfg.attention == "splash":
+            return "splash" if _splash_platform() is not None else _fall_back_to_xla()
         if self.cfg.attention != "auto":
             return self.cfg.attention
         on_gpu = jax.default_backend() == "gpu"
@@ -220,6 +228,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None, dropout_key=None):
         q, k, v = self._project(x_BxLxD, positions_BxL, fused=False)
+        if self._implementation() == "splash" and dropout_key is None:  # dropout: the written-out path below
+            o_BxLxNxK = _splash_attention(q, k, v, segment_ids_BxL, interpret=_splash_platform() == "interpret")
+            return jnp.einsum("blnk,nkd->bld", o_BxLxNxK, self.out[...].astype(self.cfg.dtype))
         same_Bx1xLxL = None
         if segment_ids_BxL is not None:  # packed pieces: a query sees only keys of its own piece
             same_Bx1xLxL = (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])[:, None]
@@ -256,6 +267,79 @@ class Attention(nnx.Module):
         probs_BxNxTxS = jax.nn.softmax(scores_BxNxTxS, axis=-1).astype(v_BxNxSxK.dtype)
         o_BxNxTxK = jnp.einsum("bnts,bnsk->bntk", probs_BxNxTxS, v_BxNxSxK)
         return jnp.einsum("bntk,nkd->btd", o_BxNxTxK, self.out[...].astype(self.cfg.dtype)), cache
+
+
+# --------------------------------------------------------------------------- splash attention (TPU)
+
+_SPLASH_INTERPRET = False  # tests: run the kernel through Pallas' interpreter on the CPU
+# The platform the forward is compiled for, set by GPT.__call__ from its mesh: mgpt.aot compiles
+# for TPU devices while the process's backend is the CPU.
+_target_platform: contextvars.ContextVar[str | None] = contextvars.ContextVar("target_platform", default=None)
+_said_fallback = False
+
+
+def _splash_platform() -> str | None:
+    """'tpu' where the splash kernel compiles: the program targets TPUs (a TPU backend, or a
+    mesh of TPU devices set by GPT.__call__, as mgpt.aot's deviceless compile has); 'interpret'
+    in tests; None elsewhere."""
+    if _SPLASH_INTERPRET:
+        return "interpret"
+    return "tpu" if (_target_platform.get() or jax.default_backend()) == "tpu" else None
+
+
+def _fall_back_to_xla() -> str:
+    global _said_fallback
+    if not _said_fallback:
+        _said_fallback = True
+        print(f"model.attention='splash' needs a TPU (the program is compiled for {jax.default_backend()}); "
+              "using XLA attention", flush=True)
+    return "xla"
+
+
+def _splash_block(length: int) -> int:
+    """The kernel's tile: 512 events where the length allows, else 256 or 128 (the kernel's
+    minimum: a TPU vector register's 128 lanes)."""
+    for b in (512, 256, 128):
+        if length % b == 0:
+            return b
+    raise ValueError(f"model.attention='splash': the sequence length {length} must be a multiple of 128")
+
+
+def _splash_attention(q_BxLxNxK, k_BxLxNxK, v_BxLxNxK, segment_ids_BxL, interpret: bool):
+    """Causal attention within segments by the splash kernel, over the mesh's batch and head
+    shards (a Pallas kernel is not partitioned by XLA: shard_map hands each chip its rows)."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+    from jax.sharding import PartitionSpec as P
+
+    b, length, n, head_dim = q_BxLxNxK.shape
+    if segment_ids_BxL is None:
+        segment_ids_BxL = jnp.ones((b, length), jnp.int32)
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = () if mesh.empty else tuple(mesh.axis_names)
+    batch_axes = tuple(a for a in ("data", "fsdp") if a in axes) or None
+    head_axis = "tensor" if "tensor" in axes else None
+    heads_here = n // (mesh.shape[head_axis] if head_axis else 1)
+    block = _splash_block(length)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    mask = splash.MultiHeadMask([splash.CausalMask((length, length)) for _ in range(heads_here)])
+    kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+    def per_shard(q, k, v, seg):  # q, k, v: BxNxLxK of this shard; the kernel takes one row
+        ids = jax.vmap(lambda s: splash.SegmentIds(q=s, kv=s))(seg)
+        return jax.vmap(kernel)(q, k, v, segment_ids=ids)
+
+    # jax.nn.dot_product_attention's scale, applied to q as the kernel does not scale.
+    q = (q_BxLxNxK * jnp.asarray(head_dim**-0.5, q_BxLxNxK.dtype)).transpose(0, 2, 1, 3)
+    k, v = k_BxLxNxK.transpose(0, 2, 1, 3), v_BxLxNxK.transpose(0, 2, 1, 3)
+    seg = segment_ids_BxL.astype(jnp.int32)
+    if batch_axes is None and head_axis is None:
+        o = per_shard(q, k, v, seg)
+    else:
+        qkv_spec = P(batch_axes, head_axis, None, None)
+        o = jax.shard_map(per_shard, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, P(batch_axes, None)),
+                          out_specs=qkv_spec, check_vma=False)(q, k, v, seg)
+    return o.transpose(0, 2, 1, 3).astype(q_BxLxNxK.dtype)
 
 
 class MLP(nnx.Module):
@@ -377,6 +461,18 @@ class GPT(nnx.Module):
                 out_BxLxD = unconstrained_fn(block, x_BxLxD, positions_BxL, segment_ids_BxL, dropout_key)
                 return jax.lax.with_sharding_constraint(out_BxLxD, activation_sharding)
 
+        if self.cfg.attention == "splash" and activation_sharding is not None:
+            # The splash kernel runs per shard (shard_map): it reads the mesh from here.
+            mesh = activation_sharding.mesh
+            token = _target_platform.set(mesh.devices.flat[0].platform)
+            try:
+                with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                    return self._forward(tokens_BxL, positions_BxL, segment_ids_BxL, block_fn, dropout_key)
+            finally:
+                _target_platform.reset(token)
+        return self._forward(tokens_BxL, positions_BxL, segment_ids_BxL, block_fn, dropout_key)
+
+    def _forward(self, tokens_BxL, positions_BxL, segment_ids_BxL, block_fn, dropout_key=None):
         x_BxLxD = self._embed(tokens_BxL)
         if dropout_key is not None and self.cfg.dropout == 0:
             dropout_key = None  # off: exactly the deterministic forward

@@ -1,6 +1,7 @@
 """Training: the data pipeline (`data`), config checks (`config`), the device mesh (`mesh`), the one
 jitted step and the loop (`loop`), checkpoints and inference loading (`checkpoint`), the workdir
-lock (`workdir_lock`), telemetry (`monitor`) and compiling for TPU slices ahead of time (`aot`).
+lock (`workdir_lock`), telemetry (`monitor`), and compiling for TPU slices ahead of time (`aot`),
+with its collective count (`collectives`) and the remat/accumulation/mesh planner (`plan`).
 
 May import mgpt.model, mgpt.sample.fim (the FIM transform the data pipeline applies), data_prep
 and mgpt.errors; never mgpt.eval or a command. The command is `python -m mgpt.train`

@@ -30,6 +30,7 @@ from ml_collections import config_flags
 
 from data_prep.vocab import Vocabulary
 from mgpt.train import checkpoint as ckpt_lib
+from mgpt.train import collectives as collectives_lib
 from mgpt.train import config as config_lib
 from mgpt.train import loop as train_lib  # this command compiles the trainer's own steps
 from mgpt.errors import UserError, reported
@@ -48,14 +49,19 @@ class Chip:
     cores_in_name: int  # 'v4-32' counts TensorCores: 2 per chip; 'v5e-256' counts chips
     chip_config: str  # 'megacore': one jax device per chip (its two TensorCores together)
     tpu_type: str  # the accelerator type libtpu knows the slice by ('v5litepod-256')
+    ici_bytes_per_s: float  # inter-chip interconnect bandwidth of one chip, all its links together
 
 
 # HBM: the "available HBM" of XLA:TPU's RESOURCE_EXHAUSTED messages (libtpu 0.0.42.1).
+# ICI: Google's per-chip "interchip interconnect bandwidth" on each generation's Cloud TPU page
+# (cloud.google.com/tpu/docs/v5e, /v5p, /v6e): 1,600, 4,800 and 3,584 Gbit/s. The v4 page gives
+# no per-chip figure; it gives "all-reduce bandwidth per Pod 1.1 PB/s" for 4,096 chips
+# (cloud.google.com/tpu/docs/v4), which is 269 GB/s (2,150 Gbit/s) per chip, used here.
 CHIPS = {
-    "v4": Chip("v4", int(30.75 * GiB), 275e12, 3, 2, "megacore", "v4"),
-    "v5e": Chip("v5e", int(15.75 * GiB), 197e12, 2, 1, "default", "v5litepod"),
-    "v5p": Chip("v5p", int(95.74 * GiB), 459e12, 3, 2, "megacore", "v5p"),
-    "v6e": Chip("v6e", int(31.25 * GiB), 918e12, 2, 1, "default", "v6e"),
+    "v4": Chip("v4", int(30.75 * GiB), 275e12, 3, 2, "megacore", "v4", 1.1e15 / 4096),
+    "v5e": Chip("v5e", int(15.75 * GiB), 197e12, 2, 1, "default", "v5litepod", 1600e9 / 8),
+    "v5p": Chip("v5p", int(95.74 * GiB), 459e12, 3, 2, "megacore", "v5p", 4800e9 / 8),
+    "v6e": Chip("v6e", int(31.25 * GiB), 918e12, 2, 1, "default", "v6e", 3584e9 / 8),
 }
 
 
@@ -185,6 +191,15 @@ def matmul_flops(closed_jaxpr) -> float:
                 lhs_shape = eqn.invars[0].aval.shape
                 total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs_shape[i] for i in contracting)
             times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+            if eqn.primitive.name == "shard_map":
+                # Its body is one chip's share: every chip of the manual axes runs it.
+                mesh, manual = eqn.params["mesh"], eqn.params.get("manual_axes", None)
+                names = manual if manual else mesh.axis_names
+                times = math.prod(dict(zip(mesh.axis_names, mesh.axis_sizes))[a] for a in names)
+            if eqn.primitive.name == "pallas_call":
+                # A kernel (splash attention) runs its body once per grid point. A block the
+                # mask skips sits under a cond and counts as computed: dense work, an upper bound.
+                times = math.prod(eqn.params["grid_mapping"].grid)
             inner = [count(j) for j in _subjaxprs(eqn.params)]
             # A cond runs one of its branches: count the dearest.
             total += times * (max(inner, default=0.0) if eqn.primitive.name == "cond" else sum(inner))
@@ -204,81 +219,9 @@ def _subjaxprs(params) -> list:
     return found
 
 
-_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
-               "f32": 4, "s64": 8, "u64": 8, "f64": 8}
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s([a-z][\w\-]*)\((.*)$")
-_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
-
-
-def _shape_bytes(text: str) -> list[int]:
-    return [_ITEM_BYTES.get(t, 4) * math.prod(int(n) for n in dims.split(",") if n) for t, dims in _SHAPE.findall(text)]
-
-
-def _trip_count(condition: list[str]) -> int:
-    """Iterations of a scan-shaped loop from its condition `i < N` (the counter starts at 0),
-    where XLA:TPU gives no known_trip_count; 1 when the condition has another shape."""
-    root = next((line for line in condition if line.lstrip().startswith("ROOT")), "")
-    if " compare(" not in root or "direction=LT" not in root:
-        return 1
-    constants = [int(c) for line in condition for c in re.findall(r"\bconstant\((\d+)\)", line)]
-    return constants[0] if len(constants) == 1 else 1
-
-
-def collectives_of(hlo_text: str) -> dict[str, tuple[int, int]]:
-    """{kind: (times per execution, bytes of their results)} in an optimized HLO module.
-
-    An op inside a while loop counts once per iteration (XLA's known_trip_count, else the
-    loop condition's `i < N`), so a per-layer all-gather under a scan over 16 layers
-    counts 16 times, as it runs.
-    """
-    computations: dict[str, list[str]] = {}
-    entry, current = None, None
-    for line in hlo_text.splitlines():
-        header = re.match(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
-        if header and not line.startswith(" "):
-            current = header.group(2)
-            computations[current] = []
-            entry = current if header.group(1) else entry
-        elif current is not None and line.strip() != "}":
-            computations[current].append(line)
-    totals: dict[str, list[int]] = {}
-
-    def visit(name: str, times: int, depth: int = 0):
-        if depth > 50 or name not in computations:
-            return
-        for line in computations[name]:
-            m = _INSTRUCTION.match(line)
-            if not m:
-                continue
-            result, op, rest = m.groups()
-            kind = op.removesuffix("-start")
-            if kind in _COLLECTIVES and not op.endswith("-done"):
-                sizes = _shape_bytes(result)
-                # XLA combines collectives: a result may be a tuple of many arrays. An async
-                # all-gather's (or permute's) tuple holds its operands, then its results,
-                # then (permutes) two u32[] scalars of context.
-                if op.endswith("-start") and kind != "all-reduce":
-                    sizes = _shape_bytes(result.replace("u32[]", ""))
-                    sizes = sizes[len(sizes) // 2:]
-                entry_ = totals.setdefault(kind, [0, 0])
-                entry_[0] += times
-                entry_[1] += times * sum(sizes)
-            trips = 1
-            if op == "while":
-                n = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
-                cond = re.search(r"condition=%?([\w.\-]+)", rest)
-                trips = int(n.group(1)) if n else _trip_count(computations.get(cond.group(1), []) if cond else [])
-            for callee in re.findall(r"\b(?:body|calls|to_apply|branch_computations|true_computation|"
-                                     r"false_computation)=\{?%?([\w.\-]+)", rest):
-                visit(callee, times * (trips if op == "while" else 1), depth + 1)
-            for callee in re.findall(r"branch_computations=\{([^}]*)\}", rest):
-                for c in callee.split(","):
-                    visit(c.strip().lstrip("%"), times, depth + 1)
-
-    if entry is not None:
-        visit(entry, 1)
-    return {k: (v[0], v[1]) for k, v in sorted(totals.items())}
+def collectives_of(hlo_text: str, num_devices: int) -> list[collectives_lib.Collective]:
+    """The collectives of one run of a compiled program, counted as they run (mgpt.train.collectives)."""
+    return collectives_lib.collectives_of(hlo_text, num_devices)
 
 
 # ----------------------------------------------------------------------------- the report
@@ -296,11 +239,35 @@ class Report:
     xla_flops_per_chip: float  # one train step, XLA's cost analysis (a loop body once)
     estimate_per_chip: float  # one train step, 6 N_matmul + attention (ModelConfig.flops_per_token)
     six_n_per_chip: float  # one train step, 6 x parameters x tokens
-    collectives: dict
+    collectives: list  # of the train step: [mgpt.train.collectives.Collective]
     compile_seconds: dict  # {'train', 'eval'}: wall-clock seconds
     compile_cpu_seconds: dict  # the same, in CPU seconds of this process (steadier on a shared machine)
 
     has_loops: bool = False  # the step scans (layers, microbatches)
+    grad_accum: int = 1
+    weight_bytes: int = 2  # bytes per weight as the matmuls read it (the compute dtype)
+
+    @property
+    def moved_bytes(self) -> float:
+        """Bytes each chip sends over ICI per train step (ring formula, mgpt.train.collectives)."""
+        return collectives_lib.moved_bytes(self.collectives)
+
+    @property
+    def ideal_fsdp_bytes(self) -> float:
+        """What ZeRO-3 sharding must move per chip per step, the floor to judge `moved_bytes` by:
+        per microbatch the weights (in the compute dtype) gathered for the forward, gathered
+        again for the backward, and their gradients reduce-scattered, each (f-1)/f of the
+        weights over f fsdp chips; plus, over d data replicas, the all-reduce of each chip's
+        gradient shard, 2(d-1)/d of it, once per step. Tensor parallelism's activation
+        traffic is not in it."""
+        f, d = self.mesh_shape.get("fsdp", 1), self.mesh_shape.get("data", 1)
+        weights = self.num_params * self.weight_bytes
+        fsdp = self.grad_accum * 3 * (f - 1) / f * weights
+        data = 2 * (d - 1) / d * weights / (f * self.mesh_shape.get("tensor", 1))
+        return fsdp + data
+
+    def model(self) -> "StepModel":
+        return step_model(self)
 
     @property
     def capacity(self) -> int:
@@ -370,13 +337,79 @@ def format_report(r: Report, config_name: str) -> str:
             f"{r.tokens_per_second_per_chip(fraction):,.0f} tokens/s per chip"
         )
     lines.append("")
-    if r.collectives:
-        lines.append("collectives per train step (loop bodies counted per iteration):")
-        for kind, (count, nbytes) in r.collectives.items():
-            lines.append(f"  {kind:<22}{count:>6} x, {_gib(nbytes)} of results")
+    totals = collectives_lib.summarize(r.collectives)
+    if totals:
+        lines.append("collectives per train step per chip (a loop body per iteration, an async chain once):")
+        lines.append(f"  {'':<20}{'count':>6} {'arrays':>11} {'sent (ring)':>12}")
+        for kind, t in totals.items():
+            note = f"   ({t.as_all_reduce} of them all-reduces into zeros)" if t.as_all_reduce else ""
+            lines.append(f"  {kind:<20}{t.count:>6} {_gib(t.nbytes):>11} {_gib(t.moved):>12}{note}")
+        ideal = r.ideal_fsdp_bytes
+        versus = f" ({r.moved_bytes / ideal:.2f}x)" if ideal else ""
+        lines.append(f"  sent in all {_gib(r.moved_bytes)}; ideal FSDP {_gib(ideal)}{versus}; by asynchronous "
+                     f"collectives (which may overlap compute) "
+                     f"{_gib(collectives_lib.moved_bytes(r.collectives, asynchronous=True))}")
     else:
         lines.append("collectives per train step: none")
+    lines += format_model(r.model(), chip)
     return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepModel:
+    """A train step's time on paper: its matmuls at the chip's peak, its collectives' bytes at
+    the chip's ICI bandwidth, either one after the other or fully overlapped. It ignores
+    everything else a step does (memory-bound work, latency, imperfect rings), so its MFU
+    figures are upper bounds for the program as compiled. A model, not a measurement."""
+
+    compute_s: float  # matmul FLOPs per chip (remat included) at peak
+    comm_s: float  # bytes sent per chip at ICI bandwidth
+    blocking_s: float  # of comm_s, the collectives XLA scheduled synchronously (no overlap possible)
+    useful_s: float  # the model's FLOPs (6N + attention) at peak: what MFU counts
+    tokens_per_chip: float  # per step
+
+    @property
+    def serial_s(self) -> float:
+        return self.compute_s + self.comm_s
+
+    @property
+    def overlapped_s(self) -> float:
+        return max(self.compute_s, self.comm_s)
+
+    @property
+    def scheduled_s(self) -> float:
+        """The blocking collectives after compute, the asynchronous ones hidden behind it where they fit."""
+        return self.blocking_s + max(self.compute_s, self.comm_s - self.blocking_s)
+
+    @property
+    def mfu_serial(self) -> float:
+        return self.useful_s / self.serial_s
+
+    @property
+    def mfu_overlapped(self) -> float:
+        return self.useful_s / self.overlapped_s
+
+
+def step_model(r: Report) -> StepModel:
+    # mgpt.aot compiles one slice, whose collectives all run over ICI; multi-slice (DCN) is not modelled.
+    chip = r.slice.chip
+    blocking = collectives_lib.moved_bytes(r.collectives, asynchronous=False)
+    return StepModel(compute_s=r.flops_per_chip / chip.peak_flops, comm_s=r.moved_bytes / chip.ici_bytes_per_s,
+                     blocking_s=blocking / chip.ici_bytes_per_s,
+                     useful_s=r.estimate_per_chip / chip.peak_flops, tokens_per_chip=r.tokens_per_step / r.slice.chips)
+
+
+def format_model(m: StepModel, chip: Chip) -> list[str]:
+    return [
+        # Scripts read this line: keep its form.
+        f"step-time model: MFU {100 * m.mfu_serial:.1f} % without overlap, {100 * m.mfu_overlapped:.1f} % with full "
+        f"overlap (a model, not a measurement)",
+        f"  compute {_seconds(m.compute_s)} (matmuls at {chip.peak_flops / 1e12:.0f} TFLOP/s), communication "
+        f"{_seconds(m.comm_s)} (at {chip.ici_bytes_per_s / 1e9:.0f} GB/s ICI per chip); tokens/s per chip "
+        f"{m.tokens_per_chip / m.serial_s:,.0f} without overlap, {m.tokens_per_chip / m.overlapped_s:,.0f} with",
+        f"  as scheduled (asynchronous collectives overlapped, blocking ones not): MFU "
+        f"{100 * m.useful_s / m.scheduled_s:.1f} %, {_seconds(m.blocking_s)} of communication blocking",
+    ]
 
 
 def _what_to_change(config) -> str:
@@ -411,8 +444,12 @@ class DoesNotFit(Exception):
     """The config needs more HBM than the chip has: one line, exit 1."""
 
 
-def compile_for(config, slice_: Slice) -> Report:
-    """Compiles the trainer's train and eval steps of `config` for `slice_`; raises DoesNotFit."""
+def compile_for(config, slice_: Slice, programs: tuple[str, ...] = ("train", "eval"),
+                hlo_texts: list | None = None) -> Report:
+    """Compiles the trainer's train and eval steps of `config` for `slice_`; raises DoesNotFit.
+
+    `programs` may name one of them (the planner compiles its candidates' train steps, then
+    the winner's eval step); the figures of the other are then zeros."""
     devices = topology_devices(slice_)
     config_lib.validate(config)
     mesh, table = config_lib.validate_devices(config, len(devices), 1, devices=devices)
@@ -426,10 +463,10 @@ def compile_for(config, slice_: Slice) -> Report:
     seconds, cpu_seconds, compiled = {}, {}, {}
     train_step = train_lib.compile_train_step(s, config)
     step_jaxpr = jax.make_jaxpr(train_step)(abstract_state, batch)
-    for name, fn, args in (
-        ("train", train_step, (abstract_state, batch)),
-        ("eval", train_lib.compile_eval_step(s), (abstract_state["params"], eval_batch)),
-    ):
+    steps = {"train": (train_step, (abstract_state, batch)),
+             "eval": (train_lib.compile_eval_step(s), (abstract_state["params"], eval_batch))}
+    for name in programs:
+        fn, args = steps[name]
         start, start_cpu = time.perf_counter(), time.process_time()
         try:
             compiled[name] = fn.lower(*args).compile()
@@ -444,21 +481,26 @@ def compile_for(config, slice_: Slice) -> Report:
 
     tokens = t.batch_size * seq_len
     fpt = s.model_config.flops_per_token(seq_len)
+    train_text = compiled["train"].as_text() if "train" in compiled else None
+    if hlo_texts is not None and train_text is not None:  # the planner keeps it, to count again later
+        hlo_texts.append(train_text)
     return Report(
         slice=slice_,
         mesh_shape=dict(mesh.shape),
         num_params=s.num_params,
         tokens_per_step=tokens,
-        train=memory_of(compiled["train"]),
-        eval=memory_of(compiled["eval"]),
+        train=memory_of(compiled["train"]) if "train" in compiled else Memory(0, 0, 0, 0),
+        eval=memory_of(compiled["eval"]) if "eval" in compiled else Memory(0, 0, 0, 0),
         flops_per_chip=matmul_flops(step_jaxpr) / slice_.chips,
-        xla_flops_per_chip=flops_of(compiled["train"]),
+        xla_flops_per_chip=flops_of(compiled["train"]) if "train" in compiled else 0.0,
         estimate_per_chip=fpt * tokens / slice_.chips,
         six_n_per_chip=6.0 * s.num_params * tokens / slice_.chips,
-        collectives=collectives_of(compiled["train"].as_text()),
-        compile_seconds=seconds,
-        compile_cpu_seconds=cpu_seconds,
+        collectives=collectives_of(train_text, slice_.chips) if train_text is not None else [],
+        compile_seconds={"train": 0.0, "eval": 0.0, **seconds},
+        compile_cpu_seconds={"train": 0.0, "eval": 0.0, **cpu_seconds},
         has_loops=bool(config.model.get("scan_layers", False)) or t.grad_accum > 1,
+        grad_accum=t.grad_accum,
+        weight_bytes=2 if config.model.get("dtype", "float32") in ("bfloat16", "float16") else 4,
     )
 
 
@@ -481,6 +523,49 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file,
                                           lock_config=True)
 _TOPOLOGY = flags.DEFINE_string(
     "topology", None, "TPU slice(s), comma-separated: v5e-256, v4-32, v5p-32, v6e-8, or v5e:2x2.")
+_PLAN = flags.DEFINE_bool("plan", False, "Search remat, grad_accum, rows per chip and mesh for each slice "
+                          "(mgpt.train.plan), print what was tried, and write the winner's overrides.")
+_PLAN_MAX_COMPILES = flags.DEFINE_integer("plan_max_compiles", 6, "--plan: compile at most this many candidates "
+                                          "per slice, the best on paper first.")
+_PLAN_HEADROOM = flags.DEFINE_float("plan_headroom", 0.1, "--plan: share of each chip's HBM left free.")
+_PLAN_ROWS = flags.DEFINE_list("plan_rows_per_chip", None, "--plan: rows per chip to try (default: the config's "
+                               "batch over the chips, and twice that).")
+_PLAN_OUT = flags.DEFINE_string("plan_out", None, "--plan: write the winning overrides to this file (one "
+                                "snippet per slice, appended).")
+
+
+def _plan_one(config, config_name: str, topology: str, command: str) -> bool:
+    """Plans one slice: prints the table, the winner's report and snippet; True if one fits."""
+    from mgpt.train import plan as plan_lib
+
+    slice_ = parse_topology(topology)
+    try:
+        rows_per_chip = tuple(float(v) for v in _PLAN_ROWS.value) if _PLAN_ROWS.value else None
+    except ValueError:
+        raise UserError(f"--plan_rows_per_chip={','.join(_PLAN_ROWS.value)}: expected numbers, e.g. 2,4") from None
+    if not 0 <= _PLAN_HEADROOM.value < 1:
+        raise UserError(f"--plan_headroom={_PLAN_HEADROOM.value}: expected a share in [0, 1)")
+    if _PLAN_MAX_COMPILES.value < 1:
+        raise UserError(f"--plan_max_compiles={_PLAN_MAX_COMPILES.value}: expected at least 1")
+    rows, winner = plan_lib.plan(config, slice_, sys.modules[__name__], max_compiles=_PLAN_MAX_COMPILES.value,
+                                 headroom=_PLAN_HEADROOM.value, rows_per_chip=rows_per_chip, log=print)
+    print(f"plan for {config_name} on {slice_.name} ({slice_.chips} chips of TPU {slice_.chip.kind}): "
+          f"{len(rows)} candidates, {sum(r.status.startswith('pruned') for r in rows)} pruned by the memory "
+          f"estimate, {sum(r.report is not None for r in rows)} compiled")
+    print(plan_lib.format_table(rows, slice_, winner))
+    if winner is None:
+        print(f"does not fit: no candidate's train and eval steps fit {slice_.name} with "
+              f"{_PLAN_HEADROOM.value:.0%} of HBM to spare; try a larger slice", file=sys.stderr)
+        return False
+    print()
+    print(format_report(winner.report, f"{config_name} as planned"))
+    text = plan_lib.snippet(winner, slice_, config_name, command)
+    print()
+    print(text)
+    if _PLAN_OUT.value:
+        with open(_PLAN_OUT.value, "a") as f:
+            f.write(text + "\n")
+    return True
 
 
 def _one(config, config_name: str, topology: str) -> tuple[bool, str]:
@@ -523,6 +608,16 @@ def main(argv) -> None:
     # open the (absent) TPU as its default backend.
     jax.config.update("jax_platforms", "cpu")
     name = os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"]))
+    if _PLAN.value:
+        command = "python -m mgpt.aot " + " ".join(sys.argv[1:])
+        all_fit = True
+        for i, topology in enumerate(topologies):
+            if i:
+                print()
+            all_fit &= _plan_one(config, name, topology, command)
+        if not all_fit:
+            sys.exit(1)
+        return
     rows, all_fit = [], True
     for i, topology in enumerate(topologies):
         if i:
