@@ -571,3 +571,33 @@ class Stream:
         self._replace_take(joined, [USER] * n_prefix + [MODEL] * n_middle + [USER] * n_suffix,
                            [0] * n_prefix + [self.answers] * n_middle + [0] * n_suffix)
         self.last_user = None
+
+
+def warm_up(run) -> None:
+    """Compile what a session runs (each feed length bucket, a draw with and without guidance) before
+    the first player arrives, so no one waits for XLA mid-phrase. It goes through a Stream's own
+    calls: jit keys its cache on how its arguments were made, not only their shapes."""
+    s = Stream(run)
+    shift = s.vocab.time_shift_offset
+    t = 1
+    while t < s.window:
+        s.clear(0.0)
+        s.ctx += [shift] * t
+        s.ctx_events += t
+        s._flush()
+        t *= 2
+    # A phrase, its hand-over and answer, then accompaniment, as a player would go through them.
+    for guidance in (1.0, 1.5):
+        for mode in MODES:
+            s.clear(0.0)
+            s.update({"guidance": guidance, "mode": mode})
+            t = 0.0
+            for k in range(3):
+                s.user_note(True, 60 + k, 80, t)
+                s.advance(t, lambda item: None)
+                s.user_note(False, 60 + k, 0, t + 0.1)
+                s.advance(t + 0.1, lambda item: None)
+                t += 0.2
+            for _ in range(3):
+                t += 0.5
+                s.advance(t, lambda item: None)
