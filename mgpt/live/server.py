@@ -75,6 +75,8 @@ class Server:
             if origin is not None and origin not in {f"http://{h}" for h in self._own_hosts()}:
                 return connection.respond(403, f"Origin {origin!r} may not connect to this server\n")
             return None
+        if path == "/favicon.ico":
+            return connection.respond(204, "")
         name = "index.html" if path == "/" else path.lstrip("/").removeprefix("static/")
         file = self._files.get(name)
         if file is None:
