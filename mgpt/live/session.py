@@ -25,6 +25,7 @@ from mgpt.live.stream import Note, Stream
 
 MAX_EVENTS_PER_S = 200  # a player's notes and pedals; a flood past it is dropped, with one line a second
 MAX_INBOX = 1000
+ALL_SOUND_OFF, ALL_NOTES_OFF = 120, 123  # MIDI's panic CCs: the player's keys are all up
 FUTURE_MS = 1000  # a note may be stamped this far ahead of the session's clock (jitter), not more
 
 
@@ -171,8 +172,12 @@ class Session:
             for item in s.user_note(msg["on"], int(msg["pitch"]), int(msg.get("vel", 64)), t):
                 self._emit(item)
         elif kind == "cc":
+            t = (msg["t"] + self.offset_ms) / 1000
             if int(msg["cc"]) == s.settings.pedal_cc and msg["value"] >= 64:
-                for item in s.pedal((msg["t"] + self.offset_ms) / 1000):
+                for item in s.pedal(t):
+                    self._emit(item)
+            elif int(msg["cc"]) in (ALL_NOTES_OFF, ALL_SOUND_OFF):
+                for item in s.all_notes_off(t):
                     self._emit(item)
         elif kind == "set":
             s.update({k: v for k, v in msg.items() if k != "type"})
@@ -201,7 +206,7 @@ class Session:
 
         from mgpt import render
 
-        ns = render.playable(self.stream.vocab.decode(self.stream.events))
+        ns = render.playable(self.stream.vocab.decode(self.stream.take()))
         with tempfile.TemporaryDirectory() as tmp:
             path = render.write_midi(ns, os.path.join(tmp, "take.mid"))
             return path.read_bytes()

@@ -45,6 +45,8 @@ from mgpt.errors import UserError
 
 MODES = ("continue", "accompany")
 USER, MODEL, TIME = "user", "model", "time"  # who wrote an event: the player, the model, the clock
+# A key held this long with nothing else played counts as stuck (a lost NOTE_OFF), not as playing.
+STUCK_KEY_SECONDS = 8.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +169,7 @@ class Stream:
         self.velocity = None  # VELOCITY id in force
         self.sounding: dict[int, list[str]] = collections.defaultdict(list)  # pitch -> owners, oldest first
         self.last_user = None  # time (s) of the user's latest event; None once an answer takes over
-        self.keys_down = 0
+        self.keys_down: set[int] = set()  # the player's keys now down
         self.held: list = []  # a prepared answer's first events, sent at the hand-over
         self.prepared_at = None  # (events before it, hand-over step, settings version)
         self.sampled = 0  # events drawn since clear: the random key's counter
@@ -324,7 +326,7 @@ class Stream:
         ('retract', time) when model events after t were dropped, and the model's notes it ends."""
         out = self._interrupt(t)
         v = self.vocab
-        self.keys_down = self.keys_down + 1 if on else max(0, self.keys_down - 1)
+        (self.keys_down.add if on else self.keys_down.discard)(pitch)
         self.last_user = t
         if v.min_pitch <= pitch <= v.max_pitch:  # else played, but not heard by the model
             if on:
@@ -336,11 +338,22 @@ class Stream:
         self._flush()
         return out
 
+    def all_notes_off(self, t: float) -> list:
+        """MIDI's panic (CC 123): every key the player holds is released now."""
+        out = self._interrupt(t)
+        v = self.vocab
+        offs = [v.note_off_offset + p - v.min_pitch for p, owners in self.sounding.items() for w in owners if w == USER]
+        if offs:
+            self._append(offs, USER)
+            self._flush()
+        self.keys_down.clear()
+        return out
+
     def pedal(self, t: float) -> list:
         """The hand-over pedal: the model answers now (continue mode)."""
         out = self._interrupt(t)
         if self.settings.mode == "continue" and self.answer == 0:
-            self.keys_down = 0
+            self.keys_down.clear()
             out += self._start_answer(self.step_of(t))
         return out
 
@@ -369,11 +382,17 @@ class Stream:
         s = self.settings
         if self.answer:
             return self.time_of(self.end_step) - s.lookahead_ms / 1000
-        if self.last_user is None or (s.mode == "continue" and self.keys_down):
+        if self.last_user is None:
             return None
+        if s.mode == "continue" and self._playing(now):
+            return self.last_user + STUCK_KEY_SECONDS
         if s.mode == "continue" and self.prepared_at is not None and self.prepared_at[2] == self.version:
             return self.last_user + s.silence_ms / 1000
         return now
+
+    def _playing(self, now: float) -> bool:
+        """A key is down, and has not been down so long with nothing else played that it is stuck."""
+        return bool(self.keys_down) and now - self.last_user < STUCK_KEY_SECONDS
 
     def advance(self, now: float, emit, interrupted=lambda: False) -> None:
         """Do what is due at `now`: prepare or start an answer, draw the model's events up to
@@ -383,7 +402,7 @@ class Stream:
         if not self.answer and self.last_user is not None:
             if s.mode == "accompany":
                 self._start_answer(max(self.step_of(now), self.end_step), emit)
-            elif not self.keys_down:
+            elif not self._playing(now):
                 handover = self.last_user + s.silence_ms / 1000
                 if self.prepared_at is None or self.prepared_at[2] != self.version:
                     self._prepare(max(self.step_of(handover), self.end_step), interrupted)
@@ -524,10 +543,14 @@ class Stream:
                            [0 if self.answer_of[k] == target else self.answer_of[k] for k in keep])
         return target, out
 
+    def take(self) -> list[int]:
+        """The take's events as played so far (without a prepared answer that has not begun)."""
+        return self.events[:self.prepared_at[0]] if self.prepared_at is not None else list(self.events)
+
     def take_notes(self, stretch: tuple[float, float] | None = None) -> list[dict]:
         """The take's notes: pitch, velocity, start and end (seconds on the clock), and who played
         it (a note beginning inside `stretch` is the model's, else the player's)."""
-        notes = self.vocab.decode_notes(self.events)
+        notes = self.vocab.decode_notes(self.take())
         out = []
         for p, vel, a, b in zip(notes.pitch.tolist(), notes.velocity.tolist(), notes.start_s.tolist(),
                                 notes.end_s.tolist()):
@@ -573,7 +596,7 @@ class Stream:
         self.last_user = None
 
 
-def warm_up(run) -> None:
+def warm_up(run, guidance: tuple[float, ...] = (1.0, 1.5)) -> None:
     """Compile what a session runs (each feed length bucket, a draw with and without guidance) before
     the first player arrives, so no one waits for XLA mid-phrase. It goes through a Stream's own
     calls: jit keys its cache on how its arguments were made, not only their shapes."""
@@ -587,10 +610,10 @@ def warm_up(run) -> None:
         s._flush()
         t *= 2
     # A phrase, its hand-over and answer, then accompaniment, as a player would go through them.
-    for guidance in (1.0, 1.5):
+    for g in guidance:
         for mode in MODES:
             s.clear(0.0)
-            s.update({"guidance": guidance, "mode": mode})
+            s.update({"guidance": g, "mode": mode})
             t = 0.0
             for k in range(3):
                 s.user_note(True, 60 + k, 80, t)
