@@ -47,6 +47,9 @@ MODES = ("continue", "accompany")
 USER, MODEL, TIME = "user", "model", "time"  # who wrote an event: the player, the model, the clock
 # A key held this long with nothing else played counts as stuck (a lost NOTE_OFF), not as playing.
 STUCK_KEY_SECONDS = 8.0
+# Accompanying, the model's events begin this far ahead of the clock: drawing and sending one takes
+# a few ms, and an event that arrives after its time is an under-run.
+SEND_MARGIN_SECONDS = 0.02
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,8 +291,9 @@ class Stream:
             self.ctx_events += len(ids)
         return ended
 
-    def _truncate(self, n: int) -> None:
-        """Drop the take's events from index n on (the cache's cursor moves back with them)."""
+    def _truncate(self, n: int, flush: bool = True) -> None:
+        """Drop the take's events from index n on (the cache's cursor moves back with them). With
+        flush=False the cache is fed at the next `_flush`, with whatever is appended first."""
         drop = len(self.events) - n
         if drop <= 0:
             return
@@ -302,7 +306,8 @@ class Stream:
         self.ctx_events -= drop
         # The logits after the new last token: feed it again (same slot, same keys and values).
         self._fed = min(self._fed, len(self.ctx) - 1)
-        self._flush()
+        if flush:
+            self._flush()
 
     def _replace_take(self, events: list[int], who: list[str], answer_of: list[int]) -> None:
         """A new take (undo, infill): replayed from an empty one, then the window re-read."""
@@ -324,54 +329,81 @@ class Stream:
     def user_note(self, on: bool, pitch: int, velocity: int, t: float) -> list:
         """A key the user pressed or released at time t (s). Returns what leaves at once: a
         ('retract', time) when model events after t were dropped, and the model's notes it ends."""
-        out = self._interrupt(t)
         v = self.vocab
-        (self.keys_down.add if on else self.keys_down.discard)(pitch)
-        self.last_user = t
-        if v.min_pitch <= pitch <= v.max_pitch:  # else played, but not heard by the model
+
+        def tokens():
+            if not v.min_pitch <= pitch <= v.max_pitch:
+                return []  # played, but not heard by the model
             if on:
                 vel_id = v.velocity_offset + int(v.velocity_to_bin(max(1, min(127, velocity)))) - 1
-                self._append(([vel_id] if vel_id != self.velocity else []) + [v.note_on_offset + pitch - v.min_pitch],
-                             USER)
-            elif USER in self.sounding[pitch]:  # else the model's stream already ended it
-                self._append([v.note_off_offset + pitch - v.min_pitch], USER)
-        self._flush()
+                return ([vel_id] if vel_id != self.velocity else []) + [v.note_on_offset + pitch - v.min_pitch]
+            # A release of a note the model's stream already ended (its guard, or a NOTE_OFF of its own) is not heard.
+            return [v.note_off_offset + pitch - v.min_pitch] if USER in self.sounding[pitch] else []
+
+        out = self._play_at(t, tokens)
+        (self.keys_down.add if on else self.keys_down.discard)(pitch)
+        self.last_user = t
         return out
 
     def all_notes_off(self, t: float) -> list:
         """MIDI's panic (CC 123): every key the player holds is released now."""
-        out = self._interrupt(t)
         v = self.vocab
-        offs = [v.note_off_offset + p - v.min_pitch for p, owners in self.sounding.items() for w in owners if w == USER]
-        if offs:
-            self._append(offs, USER)
-            self._flush()
+        out = self._play_at(t, lambda: [v.note_off_offset + p - v.min_pitch for p, owners in self.sounding.items()
+                                        for w in owners if w == USER])
         self.keys_down.clear()
         return out
 
     def pedal(self, t: float) -> list:
         """The hand-over pedal: the model answers now (continue mode)."""
-        out = self._interrupt(t)
+        out = self._play_at(t, list)
         if self.settings.mode == "continue" and self.answer == 0:
             self.keys_down.clear()
             out += self._start_answer(self.step_of(t))
         return out
 
-    def _interrupt(self, t: float) -> list:
-        """The user plays at t: drop a prepared answer, and the model's events after t."""
+    def _play_at(self, t: float, tokens) -> list:
+        """The player's events `tokens()` (made for the state at t) enter the stream at time t.
+
+        What the model had drawn after t: accompanying, it stays (it has been sent) and the
+        player's events go in between, at their time, and the model's events after them are fed
+        again in one call behind them; answering (continue mode), it is dropped, the client told
+        to drop it too (`retract`), and the answer ends. A prepared answer is dropped."""
         out = []
         self._drop_prepared()
         step = max(self.step_of(t), 0)
+        v = self.vocab
+        tail = []
         if step < self.end_step:
-            # Keep what has happened by `step`: drop events from the end while they end after it.
-            n, at, v = len(self.events), self.end_step, self.vocab
+            # Lift off the events that end after `step`, from the end.
+            n, at = len(self.events), self.end_step
             while n > 0 and at > step:
                 i = self.events[n - 1]
                 at -= i - v.time_shift_offset + 1 if v.time_shift_offset <= i < v.velocity_offset else 0
                 n -= 1
-            self._truncate(n)
-            out.append(("retract", self.time_of(self.end_step)))
+            if self.answer and self.settings.mode == "accompany":
+                tail = list(zip(self.events[n:], self.who[n:], self.answer_of[n:]))
+            self._truncate(n, flush=False)
+            if not tail:
+                out.append(("retract", self.time_of(self.end_step)))
+        start = self.end_step
+        velocity = self.velocity
         self._shift_to(step)
+        ids = tokens()
+        if ids:
+            self._append(ids, USER)
+        if tail:
+            # The lifted shift spanned `step`: what is left of it after the player's events, then the rest.
+            first, who, answer = tail[0]
+            left = start + first - v.time_shift_offset + 1 - step
+            from mgpt.fim import gap_tokens
+
+            back = [(i, who, answer) for i in gap_tokens(v, left)]
+            if self.velocity != velocity and velocity is not None:  # the model's notes keep their loudness
+                back.append((velocity, MODEL, answer))
+            for i, w, a in back + tail[1:]:
+                self._append([i], w)
+                self.answer_of[-1] = a
+        self._flush()
         if self.answer and self.settings.mode == "continue":
             out += self._end_answer()
         return out
@@ -414,8 +446,10 @@ class Stream:
         if s.mode == "accompany" and self.last_user is not None:
             # Accompaniment plays on answer_seconds past the user's latest event.
             self.answer_end_step = self.step_of(self.last_user + s.answer_seconds)
-            if self.end_step < self.step_of(now):  # it fell behind the clock: no event is drawn in the past
-                self._shift_to(self.step_of(now))
+            # After a rewind (or idling) the stream's end is the past: the model's next event is placed
+            # SEND_MARGIN ahead of the clock, so that it can still leave before it is due.
+            if self.end_step < self.step_of(now + SEND_MARGIN_SECONDS):
+                self._shift_to(self.step_of(now + SEND_MARGIN_SECONDS))
                 self._flush()
         while self.answer and self.end_step < horizon and not interrupted():
             self._draw(emit)
@@ -603,7 +637,7 @@ def warm_up(run, guidance: tuple[float, ...] = (1.0, 1.5)) -> None:
     s = Stream(run)
     shift = s.vocab.time_shift_offset
     t = 1
-    while t < s.window:
+    while t <= s.window:
         s.clear(0.0)
         s.ctx += [shift] * t
         s.ctx_events += t
