@@ -76,7 +76,8 @@ class Player:
     def __init__(self, url):
         from websockets.sync.client import connect
 
-        self.ws = connect(url.replace("http://", "ws://") + "ws", origin=url.rstrip("/"), max_size=2**24)
+        self.ws = connect(url.replace("http://", "ws://") + "ws", origin=url.rstrip("/"), max_size=2**24,
+                          max_queue=None)
         assert json.loads(self.ws.recv(timeout=30))["type"] == "ready"
         self.ws.send(json.dumps({"type": "hello", "now": self.now()}))
 
