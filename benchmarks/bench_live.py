@@ -12,6 +12,9 @@
   varying: 30+ events/s) fed to a session's stream in accompany mode with 500 ms of lookahead,
   the model playing along (every player's note rewinds and redraws what the model had drawn
   after it), on a simulated clock as fast as the machine goes: seconds of music per second.
+- browser end to end (--browser_trials, needs Chromium and Playwright): the page in headless
+  Chromium with a fake Web MIDI keyboard; after a phrase, the hand-over pedal (a key event on
+  the page) to the model's first note scheduled by the page.
 - soak: the real server in accompany mode, 500 ms of lookahead, a client playing in real time
   for --soak_seconds; an under-run is a model note that arrives after its time; memory is the
   process's resident size after the first 10 % and at the end.
@@ -63,13 +66,13 @@ def real_time_factor(run, seconds: float, rate: float) -> tuple[float, float, in
                                   answer_seconds=2.0), origin=0.0)
     events = dense_stream(seconds, rate)
     out = []
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for t, on, pitch, vel in events:
         stream.user_note(on, pitch, vel, t)
         stream.advance(t, out.append)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     music = events[-1][0]
-    return music / wall, len(events) / music, sum(1 for x in out if hasattr(x, "on"))
+    return music / wall, music / cpu, len(events) / music, sum(1 for x in out if hasattr(x, "on"))
 
 
 class Player:
@@ -186,6 +189,54 @@ def soak(url, seconds: float) -> tuple[int, int, float, float]:
     return received[0], late[0], mem_early or mem_end, mem_end
 
 
+FAKE_KEYBOARD = """
+(() => {
+  const input = { id: 'in', name: 'bench keyboard', type: 'input', onmidimessage: null, state: 'connected' };
+  navigator.requestMIDIAccess = async () => ({ inputs: new Map([['in', input]]), outputs: new Map(), onstatechange: null });
+  window.benchKey = (data) => input.onmidimessage({ data: new Uint8Array(data), timeStamp: performance.now() });
+})();
+"""
+
+TRIALS_JS = """async (trials) => {
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  const out = [];
+  while (!window.mgptLive.settings.pedal_cc) await sleep(20);
+  for (let k = 0; k < trials; k++) {
+    for (const p of [60, 64, 67]) { benchKey([0x90, p, 90]); await sleep(80); benchKey([0x80, p, 0]); await sleep(20); }
+    const seen = window.mgptLive.stats.scheduledAt.length;
+    const pedal = performance.now();
+    benchKey([0xb0, window.mgptLive.settings.pedal_cc, 127]);
+    while (window.mgptLive.stats.scheduledAt.length === seen && performance.now() - pedal < 5000) await sleep(0);
+    if (window.mgptLive.stats.scheduledAt.length > seen) out.push(window.mgptLive.stats.scheduledAt[seen].at - pedal);
+    await sleep(300);
+  }
+  return out;
+}"""
+
+
+def browser_end_to_end(url, trials: int) -> list[float] | None:
+    import shutil
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        exe = None
+    if exe is None:
+        print("browser end to end: skipped (needs chromium and playwright)", flush=True)
+        return None
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.add_init_script(FAKE_KEYBOARD)
+            page.goto(url)
+            page.wait_for_function("window.mgptLive && window.mgptLive.midiIn", timeout=30_000)
+            return page.evaluate(TRIALS_JS, trials)
+        finally:
+            browser.close()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", required=True)
@@ -194,6 +245,7 @@ def main():
     ap.add_argument("--dense_seconds", type=float, default=30.0)
     ap.add_argument("--dense_rate", type=float, default=16.0, help="notes/s (each is 2 events)")
     ap.add_argument("--soak_seconds", type=float, default=60.0)
+    ap.add_argument("--browser_trials", type=int, default=20)
     args = ap.parse_args()
 
     from absl import logging
@@ -211,9 +263,10 @@ def main():
     stream.warm_up(run)
     print(f"warm-up (compiling): {time.perf_counter() - t:.1f} s", flush=True)
 
-    rtf, in_rate, model_notes = real_time_factor(run, args.dense_seconds, args.dense_rate)
-    print(f"real-time factor: {rtf:.1f}x on {args.dense_seconds:g} s of dense playing ({in_rate:.1f} player "
-          f"events/s), accompany with 500 ms lookahead ({model_notes} model note events)", flush=True)
+    rtf, rtf_cpu, in_rate, model_notes = real_time_factor(run, args.dense_seconds, args.dense_rate)
+    print(f"real-time factor: {rtf:.1f}x wall clock ({rtf_cpu:.1f}x per CPU second of this process) on "
+          f"{args.dense_seconds:g} s of dense playing ({in_rate:.1f} player events/s), accompany with 500 ms "
+          f"lookahead ({model_notes} model note events); load average {os.getloadavg()[0]:.1f}", flush=True)
 
     with Background(run, max_sessions=4) as server:
         handover = hand_over(server.url, args.trials)
@@ -222,6 +275,10 @@ def main():
         steer = steering(server.url, args.changes)
         print(f"steering: p50 {np.percentile(steer, 50):.1f} ms, p95 {np.percentile(steer, 95):.1f} ms over "
               f"{len(steer)} changes", flush=True)
+        e2e = browser_end_to_end(server.url, args.browser_trials) if args.browser_trials else None
+        if e2e:
+            print(f"browser end to end: p50 {np.percentile(e2e, 50):.1f} ms, p95 {np.percentile(e2e, 95):.1f} ms over "
+                  f"{len(e2e)} pedals (pedal key event -> the model's first note scheduled by the page)", flush=True)
         received, late, mem_early, mem_end = soak(server.url, args.soak_seconds)
         print(f"soak: {args.soak_seconds:g} s accompanying, {received} model notes, {late} under-runs; resident "
               f"memory {mem_early:.0f} MiB after 10 %, {mem_end:.0f} MiB at the end", flush=True)

@@ -358,8 +358,8 @@ def test_the_stream_draws_what_the_sampler_draws(run):
     for k, p in enumerate(PHRASE[:2]):
         stream.user_note(True, p, 90, 0.1 * k)
         stream.user_note(False, p, 0, 0.1 * k + 0.05)
-    stream.pedal(0.15)  # at the last event's time: no TIME_SHIFT between prompt and answer
     prompt = [stream._style_id, *stream.events]
+    stream.pedal(0.15)  # at the last event's time: no TIME_SHIFT between prompt and answer
     stream.advance(0.15, lambda item: None)
     drawn = stream.events[len(prompt) - 1:]
     assert len(prompt) + len(drawn) <= run.model.cfg.max_len

@@ -237,8 +237,8 @@ class Stream:
         if self._fed == 0:
             tokens_RxT[1, 0] = self.vocab.unknown_style_id
         positions_RxT = np.broadcast_to(self._fed + np.arange(t, dtype=np.int32), (2, t))
-        self.logits, self.cache = _feed(self.graphdef, self.params, self.cache, jnp.asarray(tokens_RxT),
-                                        jnp.asarray(positions_RxT), len(new) - 1)
+        self.logits, self.cache = _feed(self.graphdef, self.params, self.cache, tokens_RxT, positions_RxT,
+                                        len(new) - 1)
         self._fed = len(self.ctx)
         self.rows = None  # recomputed from the window before the next draw
 
@@ -360,6 +360,11 @@ class Stream:
         if self.settings.mode == "continue" and self.answer == 0:
             self.keys_down.clear()
             out += self._start_answer(self.step_of(t))
+            # As a prepared answer does: its first note is drawn now, however far ahead it falls.
+            for _ in range(16):
+                if not self.answer or any(isinstance(x, Note) and x.on for x in out):
+                    break
+                self._draw(out.append)
         return out
 
     def _play_at(self, t: float, tokens) -> list:
@@ -506,7 +511,7 @@ class Stream:
 
     def _rows(self):
         if self.rows is None:
-            self.rows = jax.tree.map(jnp.asarray, sample.RowState.start(self.vocab, [self.ctx], 1))
+            self.rows = jax.device_put(sample.RowState.start(self.vocab, [self.ctx], 1))  # one transfer
         return self.rows
 
     def _draw(self, emit) -> None:
