@@ -19,6 +19,7 @@ import collections
 import json
 import threading
 import time
+import traceback
 
 from mgpt.errors import UserError
 from mgpt.live.stream import Note, Stream
@@ -157,12 +158,17 @@ class Session:
                     return
                 batch = list(self.inbox)
                 self.inbox.clear()
-            for msg in batch:
-                try:
-                    self._apply(msg)
-                except UserError as e:
-                    self.send({"type": "error", "line": str(e)})
-            s.advance(self.clock(), self._emit, interrupted=lambda: bool(self.inbox) or self.closed)
+            try:
+                for msg in batch:
+                    try:
+                        self._apply(msg)
+                    except UserError as e:
+                        self.send({"type": "error", "line": str(e)})
+                s.advance(self.clock(), self._emit, interrupted=lambda: bool(self.inbox) or self.closed)
+            except Exception as e:  # our bug: said in one line to the player, in full in the server's log
+                traceback.print_exc()
+                self.send({"type": "error", "line": f"internal error, the take was cleared: {type(e).__name__}: {e}"})
+                s.clear(self.clock())
 
     def _apply(self, msg: dict) -> None:
         s = self.stream

@@ -50,6 +50,7 @@ STUCK_KEY_SECONDS = 8.0
 # Accompanying, the model's events begin this far ahead of the clock: drawing and sending one takes
 # a few ms, and an event that arrives after its time is an under-run.
 SEND_MARGIN_SECONDS = 0.02
+HISTORY = 4096  # events read back when the window slides (notes held longer than that are forgotten)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,8 +211,11 @@ class Stream:
 
     # ------------------------------------------------------------------ the take and the window
     def _rebuild(self) -> None:
-        """Re-read the window from the take (a slide, a new style, an undo, an infill)."""
-        row = [self._style_id, *self.events]
+        """Re-read the window from the take (a slide, a new style, an undo, an infill).
+
+        Only the take's latest HISTORY events are read for the state the window carries, so that a
+        long session's slides cost the same as a short one's."""
+        row = [self._style_id, *self.events[-HISTORY:]]
         ctx = sample.window_prompt(row, self.window, self.vocab)
         # How many of the take's latest events the window holds (before them: STYLE and the state
         # carried at the first of them).
