@@ -167,6 +167,10 @@ function retract(after) {
       ev.note.end = null;
     }
   }
+  if (state.midiOut) {  // Web MIDI cannot take back one message: drop all pending, silence the model's channel
+    if (state.midiOut.clear) state.midiOut.clear();
+    state.midiOut.send([0xb0 | MODEL_CHANNEL, 123, 0]);
+  }
   const now = performance.now();
   state.scheduled = state.scheduled.filter((ev) => !ev.cancelled && ev.t > now - 2000);
 }
