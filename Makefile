@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 RUN    ?= runs/demo
 OUT    ?= out/demo
 
-.PHONY: setup demo test audio-tools clean-demo
+.PHONY: setup demo live test audio-tools clean-demo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ demo: setup audio-tools
 	$(PY) -m mgpt.generate --workdir=$(RUN) --output_dir=$(OUT) --style=all --num_samples=8 \
 	  $$(command -v fluidsynth >/dev/null 2>&1 && echo --audio)
 	@echo "Open $(OUT)/index.html in a browser to hear and see the pieces."
+
+# Play with the demo model in the browser (after `make demo`): prints the address to open.
+live: setup
+	$(PY) -m mgpt.live --workdir=$(RUN)
 
 test: setup
 	$(PY) -m pytest -q

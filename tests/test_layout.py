@@ -19,7 +19,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("mgpt", "data_prep", "configs")
 # The commands users run, and the modules that are theirs alone: no library module imports them.
-COMMANDS = ("mgpt.generate", "mgpt.evaluate", "mgpt.train.__main__", "mgpt.aot.__main__", "mgpt.aot")
+COMMANDS = ("mgpt.generate", "mgpt.evaluate", "mgpt.train.__main__", "mgpt.aot.__main__", "mgpt.aot",
+            "mgpt.live.__main__")
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -91,6 +92,11 @@ def test_music_analysis_imports_no_model_code():
 
 def test_eval_imports_no_training_code():
     assert _violations("mgpt.eval", ("mgpt.train.loop", "mgpt.train.aot", "mgpt.train.__main__")) == []
+
+
+def test_live_imports_only_the_sampler_rendering_and_errors():
+    assert _violations("mgpt.live", ("mgpt.train", "mgpt.eval", "mgpt.music", "mgpt.generate", "mgpt.evaluate",
+                                     "mgpt.aot")) == []
 
 
 def test_no_module_imports_a_command():

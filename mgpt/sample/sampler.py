@@ -348,6 +348,45 @@ class _SamplingState:
     rows: RowState
 
 
+def choose_event(logits_BxV, rows: RowState, limits: RowLimits, settings, tables, keys_B):
+    """The sampler's rule for one event per row, from the model's next-event logits: int32 token_B.
+
+    What sounds masks the impossible events (`note_rules`), the masked NOTE_OFFs' mass goes to
+    the sounding notes (`release_mass`), the filtered distribution is sampled (`_choose`), a fill
+    row's TIME_SHIFT past its end lands on it, and the note-length guard (`apply_guard`) may
+    replace the event. keys_B: the event's random key per row. `sample_window` draws every event
+    with it, and so does the live session (mgpt/live), one event at a time.
+    """
+    fill_B, hold_BxP = limits.fill_B, limits.hold_BxP
+    banned_BxV, force_B, oldest_age_B = note_rules(rows.open_BxP, rows.onset_BxP, rows.steps_B, tables, hold_BxP)
+    if fill_B is not None:  # a middle does not end before E
+        eos_V = jnp.arange(banned_BxV.shape[1]) == tables["eos_id"]
+        banned_BxV = banned_BxV | (fill_B[:, None] & eos_V[None, :])
+    logits_BxV = jax.lax.cond(settings["release_share"] > 0, release_mass,
+                              lambda l, b, t, a: l.astype(jnp.float32),
+                              logits_BxV, banned_BxV, tables, settings["release_share"])
+    token_B = _choose(logits_BxV, keys_B, settings, banned_BxV)
+    if fill_B is not None:
+        # A TIME_SHIFT past E becomes the one that lands on E, and the middle ends there: the
+        # model's probability of moving past E is its probability of ending the middle now.
+        # (Masking those shifts instead handed it to NOTE_ONs: near E the demo model struck
+        # note after note until it drew a shift short enough.)
+        left_B = limits.max_steps_B - rows.steps_B
+        past_B = fill_B & (tables["shift_steps_V"][token_B] > left_B)
+        token_B = jnp.where(past_B, tables["time_shift_offset"] + left_B - 1, token_B)
+    return apply_guard(token_B, force_B, oldest_age_B, limits.max_note_steps_B)
+
+
+def track_notes(rows: RowState, token_B, emit_B, tables):
+    """(open_BxP, onset_BxP) after rows emit token_B (where emit_B): what sounds, and since when."""
+    num_pitches = rows.open_BxP.shape[1]
+    struck_BxP = emit_B[:, None] & (tables["on_pitch_V"][token_B][:, None] == jnp.arange(num_pitches))
+    released_BxP = emit_B[:, None] & (tables["off_pitch_V"][token_B][:, None] == jnp.arange(num_pitches))
+    open_BxP = rows.open_BxP + struck_BxP.astype(jnp.int32) - released_BxP.astype(jnp.int32)
+    onset_BxP = jnp.where(struck_BxP, rows.steps_B[:, None], jnp.where(open_BxP == 0, SILENT, rows.onset_BxP))
+    return open_BxP, onset_BxP
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowState, limits: RowLimits, settings,
                   tables, guidance=None):
@@ -382,7 +421,6 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
     logits_BxV = guided_logits(logits_RxV, guidance)
     tokens_BxW = jnp.zeros((batch, window), jnp.int32).at[:, :prompt_len].set(prompt_BxP)
     rows_B = jnp.arange(batch)
-    num_pitches = rows.onset_BxP.shape[1]
 
     def active(s: _SamplingState):
         return ~s.rows.done_B & (s.end_B < window)
@@ -391,23 +429,7 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
         r = s.rows
         live_B = active(s)
         step_keys_B = jax.vmap(jax.random.fold_in)(keys_B, r.events_B)
-        banned_BxV, force_B, oldest_age_B = note_rules(r.open_BxP, r.onset_BxP, r.steps_B, tables, hold_BxP)
-        if fill_B is not None:  # a middle does not end before E
-            eos_V = jnp.arange(banned_BxV.shape[1]) == tables["eos_id"]
-            banned_BxV = banned_BxV | (fill_B[:, None] & eos_V[None, :])
-        logits_BxV = jax.lax.cond(settings["release_share"] > 0, release_mass,
-                                  lambda l, b, t, a: l.astype(jnp.float32),
-                                  s.logits_BxV, banned_BxV, tables, settings["release_share"])
-        token_B = _choose(logits_BxV, step_keys_B, settings, banned_BxV)
-        if fill_B is not None:
-            # A TIME_SHIFT past E becomes the one that lands on E, and the middle ends there: the
-            # model's probability of moving past E is its probability of ending the middle now.
-            # (Masking those shifts instead handed it to NOTE_ONs: near E the demo model struck
-            # note after note until it drew a shift short enough.)
-            left_B = limits.max_steps_B - r.steps_B
-            past_B = fill_B & (tables["shift_steps_V"][token_B] > left_B)
-            token_B = jnp.where(past_B, tables["time_shift_offset"] + left_B - 1, token_B)
-        token_B = apply_guard(token_B, force_B, oldest_age_B, limits.max_note_steps_B)
+        token_B = choose_event(s.logits_BxV, r, limits, settings, tables, step_keys_B)
         new_steps_B = r.steps_B + tables["shift_steps_V"][token_B]
         stop_B = ((token_B == tables["eos_id"]) | (new_steps_B > limits.max_steps_B)
                   | (r.events_B >= limits.max_events_B))
@@ -415,10 +437,7 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
         # Rows that do not emit write out of bounds, which mode='drop' discards.
         tokens_BxW = s.tokens_BxW.at[rows_B, jnp.where(emit_B, s.end_B, window)].set(token_B, mode="drop")
         logits_Rx1xV, cache = model.decode(twin(token_B)[:, None], twin(s.end_B)[:, None], s.cache)
-        struck_BxP = emit_B[:, None] & (tables["on_pitch_V"][token_B][:, None] == jnp.arange(num_pitches))
-        released_BxP = emit_B[:, None] & (tables["off_pitch_V"][token_B][:, None] == jnp.arange(num_pitches))
-        open_BxP = r.open_BxP + struck_BxP.astype(jnp.int32) - released_BxP.astype(jnp.int32)
-        onset_BxP = jnp.where(struck_BxP, r.steps_B[:, None], jnp.where(open_BxP == 0, SILENT, r.onset_BxP))
+        open_BxP, onset_BxP = track_notes(r, token_B, emit_B, tables)
         filled_B = False if fill_B is None else fill_B & emit_B & (new_steps_B >= limits.max_steps_B)
         return _SamplingState(
             tokens_BxW=tokens_BxW,

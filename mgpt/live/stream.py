@@ -1,0 +1,671 @@
+"""One musician's live event stream: what was played, by whom, and the model's KV cache over it.
+
+The stream is the same event sequence the model was trained on (NOTE_ON, NOTE_OFF, TIME_SHIFT,
+VELOCITY after a STYLE token), written as the music happens: step 0 is the clock's origin, a
+TIME_SHIFT is time passing, so an event's place in the stream is its time. The user's notes
+are appended when they arrive, after a TIME_SHIFT for the time since the stream's end, and fed
+to the model at once (one jitted cached forward of the new tokens), so a hand-over never has a
+prompt to prefill. The model's events are drawn one at a time by `mgpt.sample.choose_event`, the
+rule `mgpt.generate` samples every event with (masks of what sounds, the released mass, top-p,
+the note-length guard, style guidance with an unconditional twin row in the same cache), and
+the window slides as the sampler's does (`mgpt.sample.window_prompt`).
+
+The model plays ahead of the clock by `lookahead_ms` and each event leaves with the time it is
+meant to sound. When the user plays at time t while the model has events after t, the stream is
+rewound to t (the KV cache is positional: rewinding is moving the cursor) and the client is
+told to drop them (`retract`): the model's next events are conditioned on what the user played.
+
+Modes:
+- continue (call and response): the model answers once the user has been silent `silence_ms`
+  with every key up, or at once on the hand-over pedal (a CC); its answer lasts `answer_seconds`
+  and ends with its notes released. The answer's first events are drawn while the user is
+  silent (speculatively: a note played before the hand-over rewinds them), so the first NOTE_ON
+  can leave as soon as the silence is over.
+- accompany: the model plays along while the user plays, and `answer_seconds` after.
+- infill: a stretch [S, E) of the take is redrawn by `mgpt.generate.Run.infill_rows` (the
+  fill-in-the-middle sampler) with what follows it as the suffix.
+
+Times on this object are seconds of the caller's clock; nothing here reads a clock or sleeps.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mgpt.sample import run as generate
+from mgpt.sample import sampler as sample
+from mgpt.errors import UserError
+
+MODES = ("continue", "accompany")
+USER, MODEL, TIME = "user", "model", "time"  # who wrote an event: the player, the model, the clock
+# A key held this long with nothing else played counts as stuck (a lost NOTE_OFF), not as playing.
+STUCK_KEY_SECONDS = 8.0
+# Accompanying, the model's events begin this far ahead of the clock: drawing and sending one takes
+# a few ms, and an event that arrives after its time is an under-run.
+SEND_MARGIN_SECONDS = 0.02
+HISTORY = 4096  # events read back when the window slides (notes held longer than that are forgotten)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What a musician can change while playing; each applies from the model's next event."""
+
+    mode: str = "continue"
+    style: str = "unconditional"
+    temperature: float = 0.9
+    top_p: float = 0.95
+    guidance: float = 1.0
+    answer_seconds: float = 4.0  # an answer's length; in accompany, how long it plays on after you stop
+    silence_ms: float = 600.0  # continue mode: silence that hands over to the model
+    pedal_cc: int = 67  # continue mode: this CC pressed (value >= 64) hands over at once (67: soft pedal)
+    lookahead_ms: float = 500.0  # how far ahead of the clock the model's events are drawn and sent
+    seed: int = 0
+
+    def updated(self, changes: dict, styles: list[str]) -> "Settings":
+        """A copy with `changes` applied, or a UserError naming the first bad one."""
+        out = {}
+        for key, value in changes.items():
+            if key == "mode":
+                if value not in MODES:
+                    raise UserError(f"mode={value!r}: not a mode; use one of {', '.join(MODES)}")
+            elif key == "style":
+                if value not in styles:
+                    raise UserError(f"style={value!r}: not a style of this model; known: {', '.join(styles)}")
+            elif key in RANGES:
+                lo, hi = RANGES[key]
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+                    raise UserError(f"{key}={value!r}: must be a number in [{lo:g}, {hi:g}]")
+                value = int(value) if isinstance(lo, int) and isinstance(hi, int) else float(value)
+            else:
+                raise UserError(f"{key!r}: not a setting; settings: mode, style, {', '.join(RANGES)}")
+            out[key] = value
+        return dataclasses.replace(self, **out)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# (low, high) of each numeric setting: one line names a value outside it.
+RANGES = {"temperature": (0.05, 3.0), "top_p": (0.05, 1.0), "guidance": (0.0, 5.0),
+          "answer_seconds": (0.5, 60.0), "silence_ms": (100.0, 5000.0), "pedal_cc": (0, 127),
+          "lookahead_ms": (50.0, 3000.0), "seed": (0, 2**31 - 1)}
+
+
+@dataclasses.dataclass
+class Note:
+    """A note event leaving the stream: on/off, MIDI pitch and velocity, its time in seconds,
+    the answer it belongs to, and the settings version it was drawn with."""
+
+    on: bool
+    pitch: int
+    velocity: int
+    time: float
+    answer: int
+    version: int
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _feed(graphdef, params, cache, tokens_RxT, positions_RxT, last):
+    """Cached forward of T new tokens per row (right-padded); the logits after token `last`."""
+    model = nnx.merge(graphdef, params)
+    logits_RxTxV, cache = model.decode(tokens_RxT, positions_RxT, cache)
+    return logits_RxTxV[:, last], cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "guided"), donate_argnames=("cache",))
+def _step(graphdef, params, cache, logits_RxV, rows, limits, settings, tables, guidance, key, position, guided):
+    """One event: drawn from the logits by the sampler's rule, then fed to the cache at `position`.
+
+    R = 2 model rows: the stream, and its twin under STYLE:unknown (style guidance; also, XLA:CPU
+    runs a 2-row cache faster than a 1-row one, see mgpt.sample). Returns (token, cache, the
+    logits after it, the rows' state after it).
+    """
+    model = nnx.merge(graphdef, params)
+    logits_BxV = sample.guided_logits(logits_RxV, guidance) if guided else logits_RxV[:1].astype(jnp.float32)
+    token_B = sample.choose_event(logits_BxV, rows, limits, settings, tables, key[None])
+    positions_Rx1 = jnp.full((2, 1), position, jnp.int32)
+    logits_Rx1xV, cache = model.decode(jnp.concatenate([token_B, token_B])[:, None], positions_Rx1, cache)
+    emit_B = jnp.ones((1,), bool)
+    open_BxP, onset_BxP = sample.track_notes(rows, token_B, emit_B, tables)
+    rows = rows.replace(events_B=rows.events_B + 1, steps_B=rows.steps_B + tables["shift_steps_V"][token_B],
+                        open_BxP=open_BxP, onset_BxP=onset_BxP)
+    return token_B[0], cache, logits_Rx1xV[:, 0], rows
+
+
+def _bucket(n: int) -> int:
+    """Feed lengths are padded to powers of 4: few shapes to compile, little padding to run."""
+    return 1 << (2 * max(0, math.ceil(math.log(max(n, 1), 4))))
+
+
+class Stream:
+    """The stream of one client (see the module docstring). `run`: a loaded `mgpt.generate.Run`."""
+
+    def __init__(self, run, settings: Settings | None = None, origin: float = 0.0):
+        self.run = run
+        self.vocab = run.vocab
+        self.graphdef, self.params = nnx.split(run.model)
+        self.window = run.model.cfg.max_len
+        self.tables = sample.token_tables(self.vocab)
+        self.styles = [generate.UNCONDITIONAL, *run.styles]
+        self.settings = settings or Settings(guidance=run.default_guidance)
+        self.version = 0
+        self._settings_arrays()
+        self.clear(origin)
+
+    # ------------------------------------------------------------------ state
+    def clear(self, origin: float) -> None:
+        """Forget everything: the clock's origin is `origin` seconds."""
+        self.origin = origin
+        self.events: list[int] = []  # the whole take, without STYLE
+        self.who: list[str] = []
+        self.answer_of: list[int] = []  # per event: the answer that wrote it (0 = none)
+        self.undo_log: list = []  # per event: how to undo what it did (see _pop)
+        self.answers = 0
+        self.answer = 0  # the answer being played (0 = listening)
+        self.answer_end_step = 0
+        self.end_step = 0  # the stream's time, in steps from origin
+        self.velocity = None  # VELOCITY id in force
+        self.sounding: dict[int, list[str]] = collections.defaultdict(list)  # pitch -> owners, oldest first
+        self.last_user = None  # time (s) of the user's latest event; None once an answer takes over
+        self.keys_down: set[int] = set()  # the player's keys now down
+        self.held: list = []  # a prepared answer's first events, sent at the hand-over
+        self.prepared_at = None  # (events before it, hand-over step, settings version)
+        self.sampled = 0  # events drawn since clear: the random key's counter
+        self._rebuild()
+
+    def _settings_arrays(self) -> None:
+        s = self.settings
+        self._sampling = sample.sampling_settings(temperature=s.temperature, top_p=s.top_p)
+        self._guidance = jnp.asarray(s.guidance, jnp.float32)
+        self._key = jax.random.key(s.seed)
+        self._style_id = generate.style_token(self.vocab, s.style)
+        limit = self.run.max_note_seconds(np.asarray([self._style_id]), generate.Sampling())
+        steps = max(1, round(limit * self.vocab.steps_per_second)) if limit > 0 else 0
+        self._limits = sample.RowLimits(max_events_B=jnp.full(1, 2**31 - 1, jnp.int32),
+                                        max_steps_B=jnp.full(1, 2**31 - 1, jnp.int32),
+                                        max_note_steps_B=jnp.full(1, steps, jnp.int32))
+
+    def update(self, changes: dict) -> None:
+        """Apply settings (UserError on a bad one, nothing changed). A new style re-reads the window."""
+        new = self.settings.updated(changes, self.styles)
+        restyle = new.style != self.settings.style
+        self._drop_prepared()
+        self.settings = new
+        self.version += 1
+        self._settings_arrays()
+        if restyle:
+            self._rebuild()
+
+    def step_of(self, t: float) -> int:
+        return int(math.floor((t - self.origin) * self.vocab.steps_per_second + 1e-6))
+
+    def time_of(self, step: int) -> float:
+        return self.origin + step / self.vocab.steps_per_second
+
+    # ------------------------------------------------------------------ the take and the window
+    def _rebuild(self) -> None:
+        """Re-read the window from the take (a slide, a new style, an undo, an infill).
+
+        Only the take's latest HISTORY events are read for the state the window carries, so that a
+        long session's slides cost the same as a short one's."""
+        row = [self._style_id, *self.events[-HISTORY:]]
+        ctx = sample.window_prompt(row, self.window, self.vocab)
+        # How many of the take's latest events the window holds (before them: STYLE and the state
+        # carried at the first of them).
+        kept = len(ctx) - 1
+        while kept > 0 and (ctx[len(ctx) - kept:] != row[len(row) - kept:]
+                            or self.vocab.carried_state(row, len(row) - kept, limit=self.window // 4)
+                            != ctx[1:len(ctx) - kept]):
+            kept -= 1
+        self.ctx = [int(i) for i in ctx]
+        self.ctx_events = kept
+        self.cache = self.run.model.init_cache(2, self.window)
+        self._fed = 0
+        self._flush()
+
+    def _flush(self) -> None:
+        """Feed the window's tokens the cache has not seen, in one call."""
+        new = self.ctx[self._fed:]
+        if not new:
+            return
+        t = _bucket(len(new))
+        tokens_RxT = np.zeros((2, t), np.int32)
+        tokens_RxT[:, :len(new)] = new
+        if self._fed == 0:
+            tokens_RxT[1, 0] = self.vocab.unknown_style_id
+        positions_RxT = np.broadcast_to(self._fed + np.arange(t, dtype=np.int32), (2, t))
+        self.logits, self.cache = _feed(self.graphdef, self.params, self.cache, tokens_RxT, positions_RxT,
+                                        len(new) - 1)
+        self._fed = len(self.ctx)
+        self.rows = None  # recomputed from the window before the next draw
+
+    def _push(self, token: int, who: str) -> str | None:
+        """One event onto the take: the clock, the velocity in force and who holds each sounding
+        note follow it. Returns whose note a NOTE_OFF ended (its own player's first, else the
+        oldest), None for other events or a NOTE_OFF of a silent pitch."""
+        v = self.vocab
+        self.events.append(token)
+        self.who.append(who)
+        self.answer_of.append(self.answer if who == MODEL else 0)
+        undo, ended = None, None
+        if v.time_shift_offset <= token < v.velocity_offset:
+            self.end_step += token - v.time_shift_offset + 1
+        elif v.velocity_offset <= token < v.style_offset:
+            undo, self.velocity = ("velocity", self.velocity), token
+        elif v.note_on_offset <= token < v.note_off_offset:
+            self.sounding[token - v.note_on_offset + v.min_pitch].append(who)
+            undo = ("on",)
+        elif v.note_off_offset <= token < v.time_shift_offset:
+            owners = self.sounding[token - v.note_off_offset + v.min_pitch]
+            if owners:
+                k = owners.index(who) if who in owners else 0
+                ended = owners.pop(k)
+                undo = ("off", k, ended)
+        self.undo_log.append(undo)
+        return ended
+
+    def _pop(self) -> None:
+        """The take's last event off again (the inverse of `_push`)."""
+        v = self.vocab
+        token, undo = self.events.pop(), self.undo_log.pop()
+        self.who.pop()
+        self.answer_of.pop()
+        if v.time_shift_offset <= token < v.velocity_offset:
+            self.end_step -= token - v.time_shift_offset + 1
+        elif undo and undo[0] == "velocity":
+            self.velocity = undo[1]
+        elif undo and undo[0] == "on":
+            self.sounding[token - v.note_on_offset + v.min_pitch].pop()
+        elif undo and undo[0] == "off":
+            self.sounding[token - v.note_off_offset + v.min_pitch].insert(undo[1], undo[2])
+
+    def _append(self, ids: list[int], who: str) -> list:
+        """Events onto the take and the window (fed at the next _flush); whose notes their NOTE_OFFs ended."""
+        ended = [self._push(int(i), who) for i in ids]
+        if len(self.ctx) + len(ids) > self.window:
+            self._rebuild()  # the window slides
+        else:
+            self.ctx += [int(i) for i in ids]
+            self.ctx_events += len(ids)
+        return ended
+
+    def _truncate(self, n: int, flush: bool = True) -> None:
+        """Drop the take's events from index n on (the cache's cursor moves back with them). With
+        flush=False the cache is fed at the next `_flush`, with whatever is appended first."""
+        drop = len(self.events) - n
+        if drop <= 0:
+            return
+        for _ in range(drop):
+            self._pop()
+        if drop > self.ctx_events:
+            self._rebuild()
+            return
+        del self.ctx[len(self.ctx) - drop:]
+        self.ctx_events -= drop
+        # The logits after the new last token: feed it again (same slot, same keys and values).
+        self._fed = min(self._fed, len(self.ctx) - 1)
+        if flush:
+            self._flush()
+
+    def _replace_take(self, events: list[int], who: list[str], answer_of: list[int]) -> None:
+        """A new take (undo, infill): replayed from an empty one, then the window re-read."""
+        self.events, self.who, self.answer_of, self.undo_log = [], [], [], []
+        self.end_step, self.velocity = 0, None
+        self.sounding = collections.defaultdict(list)
+        for token, w, a in zip(events, who, answer_of):
+            self._push(int(token), w)
+            self.answer_of[-1] = a
+        self._rebuild()
+
+    def _shift_to(self, step: int, who: str = TIME) -> None:
+        if step > self.end_step:
+            from mgpt.sample.fim import gap_tokens
+
+            self._append(gap_tokens(self.vocab, step - self.end_step), who)
+
+    # ------------------------------------------------------------------ input
+    def user_note(self, on: bool, pitch: int, velocity: int, t: float) -> list:
+        """A key the user pressed or released at time t (s). Returns what leaves at once: a
+        ('retract', time) when model events after t were dropped, and the model's notes it ends."""
+        v = self.vocab
+
+        def tokens():
+            if not v.min_pitch <= pitch <= v.max_pitch:
+                return []  # played, but not heard by the model
+            if on:
+                vel_id = v.velocity_offset + int(v.velocity_to_bin(max(1, min(127, velocity)))) - 1
+                return ([vel_id] if vel_id != self.velocity else []) + [v.note_on_offset + pitch - v.min_pitch]
+            # A release of a note the model's stream already ended (its guard, or a NOTE_OFF of its own) is not heard.
+            return [v.note_off_offset + pitch - v.min_pitch] if USER in self.sounding[pitch] else []
+
+        out = self._play_at(t, tokens)
+        (self.keys_down.add if on else self.keys_down.discard)(pitch)
+        self.last_user = t
+        return out
+
+    def all_notes_off(self, t: float) -> list:
+        """MIDI's panic (CC 123): every key the player holds is released now."""
+        v = self.vocab
+        out = self._play_at(t, lambda: [v.note_off_offset + p - v.min_pitch for p, owners in self.sounding.items()
+                                        for w in owners if w == USER])
+        self.keys_down.clear()
+        return out
+
+    def pedal(self, t: float) -> list:
+        """The hand-over pedal: the model answers now (continue mode)."""
+        out = self._play_at(t, list)
+        if self.settings.mode == "continue" and self.answer == 0:
+            self.keys_down.clear()
+            out += self._start_answer(self.step_of(t))
+            # As a prepared answer does: its first note is drawn now, however far ahead it falls.
+            for _ in range(16):
+                if not self.answer or any(isinstance(x, Note) and x.on for x in out):
+                    break
+                self._draw(out.append)
+        return out
+
+    def _play_at(self, t: float, tokens) -> list:
+        """The player's events `tokens()` (made for the state at t) enter the stream at time t.
+
+        What the model had drawn after t: accompanying, it stays (it has been sent) and the
+        player's events go in between, at their time, and the model's events after them are fed
+        again in one call behind them; answering (continue mode), it is dropped, the client told
+        to drop it too (`retract`), and the answer ends. A prepared answer is dropped."""
+        out = []
+        self._drop_prepared()
+        step = max(self.step_of(t), 0)
+        v = self.vocab
+        tail = []
+        if step < self.end_step:
+            # Lift off the events that end after `step`, from the end.
+            n, at = len(self.events), self.end_step
+            while n > 0 and at > step:
+                i = self.events[n - 1]
+                at -= i - v.time_shift_offset + 1 if v.time_shift_offset <= i < v.velocity_offset else 0
+                n -= 1
+            if self.answer and self.settings.mode == "accompany":
+                tail = list(zip(self.events[n:], self.who[n:], self.answer_of[n:]))
+            self._truncate(n, flush=False)
+            if not tail:
+                out.append(("retract", self.time_of(self.end_step)))
+        start = self.end_step
+        velocity = self.velocity
+        self._shift_to(step)
+        ids = tokens()
+        if ids:
+            self._append(ids, USER)
+        if tail:
+            # The lifted shift spanned `step`: what is left of it after the player's events, then the rest.
+            first, who, answer = tail[0]
+            left = start + first - v.time_shift_offset + 1 - step
+            from mgpt.sample.fim import gap_tokens
+
+            back = [(i, who, answer) for i in gap_tokens(v, left)]
+            if self.velocity != velocity and velocity is not None:  # the model's notes keep their loudness
+                back.append((velocity, MODEL, answer))
+            for i, w, a in back + tail[1:]:
+                self._append([i], w)
+                self.answer_of[-1] = a
+        self._flush()
+        if self.answer and self.settings.mode == "continue":
+            out += self._end_answer()
+        return out
+
+    # ------------------------------------------------------------------ the model plays
+    def next_wake(self, now: float) -> float | None:
+        """When `advance` next has work (seconds on the clock), None when only input can wake it."""
+        s = self.settings
+        if self.answer:
+            return self.time_of(self.end_step) - s.lookahead_ms / 1000
+        if self.last_user is None:
+            return None
+        if s.mode == "continue" and self._playing(now):
+            return self.last_user + STUCK_KEY_SECONDS
+        if s.mode == "continue" and self.prepared_at is not None and self.prepared_at[2] == self.version:
+            return self.last_user + s.silence_ms / 1000
+        return now
+
+    def _playing(self, now: float) -> bool:
+        """A key is down, and has not been down so long with nothing else played that it is stuck."""
+        return bool(self.keys_down) and now - self.last_user < STUCK_KEY_SECONDS
+
+    def advance(self, now: float, emit, interrupted=lambda: False) -> None:
+        """Do what is due at `now`: prepare or start an answer, draw the model's events up to
+        now + lookahead, end an answer. `emit(item)` gets each Note (and ('answer', id, state)) as
+        soon as it exists; `interrupted()` True stops drawing (new input is waiting)."""
+        s = self.settings
+        if not self.answer and self.last_user is not None:
+            if s.mode == "accompany":
+                self._start_answer(max(self.step_of(now), self.end_step), emit)
+            elif not self._playing(now):
+                handover = self.last_user + s.silence_ms / 1000
+                if self.prepared_at is None or self.prepared_at[2] != self.version:
+                    self._prepare(max(self.step_of(handover), self.end_step), interrupted)
+                if now >= handover and self.prepared_at is not None:
+                    self._release_prepared(emit)
+        if not self.answer:
+            return
+        horizon = self.step_of(now + s.lookahead_ms / 1000)
+        if s.mode == "accompany" and self.last_user is not None:
+            # Accompaniment plays on answer_seconds past the user's latest event.
+            self.answer_end_step = self.step_of(self.last_user + s.answer_seconds)
+            # After a rewind (or idling) the stream's end is the past: the model's next event is placed
+            # SEND_MARGIN ahead of the clock, so that it can still leave before it is due.
+            if self.end_step < self.step_of(now + SEND_MARGIN_SECONDS):
+                self._shift_to(self.step_of(now + SEND_MARGIN_SECONDS))
+                self._flush()
+        while self.answer and self.end_step < horizon and not interrupted():
+            self._draw(emit)
+
+    def _start_answer(self, step: int, emit=None) -> list:
+        self.answers += 1
+        self.answer = self.answers
+        self._shift_to(step)
+        self._flush()
+        self.answer_end_step = step + round(self.settings.answer_seconds * self.vocab.steps_per_second)
+        if self.settings.mode == "continue":
+            self.last_user = None
+        item = ("answer", self.answer, "start")
+        if emit:
+            emit(item)
+        return [item]
+
+    def _prepare(self, handover_step: int, interrupted) -> None:
+        """Draw the answer's first events before the hand-over, held until it (see the docstring)."""
+        self._drop_prepared()
+        n, last_user = len(self.events), self.last_user
+        self._start_answer(handover_step)
+        held: list = []
+        for _ in range(16):  # up to the first NOTE_ON
+            if not self.answer or interrupted():
+                break
+            self._draw(held.append)
+            if any(isinstance(x, Note) and x.on for x in held):
+                break
+        self.held = held
+        self.answer, self.answers, self.last_user = 0, self.answers - 1, last_user
+        self.prepared_at = (n, handover_step, self.version)
+
+    def _drop_prepared(self) -> None:
+        if self.prepared_at is not None:
+            n = self.prepared_at[0]
+            self.prepared_at, self.held = None, []
+            self._truncate(n)
+
+    def _release_prepared(self, emit) -> None:
+        """The hand-over: the prepared answer becomes the answer, and its first notes leave."""
+        held, self.held, handover_step = self.held, [], self.prepared_at[1]
+        self.prepared_at = None
+        self.answers += 1
+        self.answer = self.answers
+        self.answer_end_step = handover_step + round(self.settings.answer_seconds * self.vocab.steps_per_second)
+        self.last_user = None
+        emit(("answer", self.answer, "start"))
+        for item in held:
+            emit(item)
+            if not isinstance(item, Note):  # the model ended its answer before its first note
+                self.answer = 0
+
+    def _rows(self):
+        if self.rows is None:
+            self.rows = jax.device_put(sample.RowState.start(self.vocab, [self.ctx], 1))  # one transfer
+        return self.rows
+
+    def _draw(self, emit) -> None:
+        """One model event: drawn, fed, and emitted if it is a note; the answer ends at EOS or its length."""
+        v = self.vocab
+        if len(self.ctx) + 1 > self.window:
+            self._rebuild()  # the window slides
+        key = jax.random.fold_in(self._key, self.sampled)
+        self.sampled += 1
+        token, cache, logits, rows = _step(self.graphdef, self.params, self.cache, self.logits, self._rows(),
+                                           self._limits, self._sampling, self.tables, self._guidance, key,
+                                           len(self.ctx), guided=self.settings.guidance != 1)
+        token = int(token)
+        self.cache = cache  # donated; the slot it wrote is past the cursor when the event is refused
+        shift = token - v.time_shift_offset + 1 if v.time_shift_offset <= token < v.velocity_offset else 0
+        if token == v.eos_id or self.end_step + shift > self.answer_end_step:
+            self._fed = len(self.ctx)
+            for item in self._end_answer():
+                emit(item)
+            return
+        self.logits, self.rows = logits, rows
+        ended = self._push(token, MODEL)
+        self.ctx.append(token)
+        self.ctx_events += 1
+        self._fed = len(self.ctx)
+        t = self.time_of(self.end_step)
+        if v.note_on_offset <= token < v.note_off_offset:
+            emit(Note(True, token - v.note_on_offset + v.min_pitch, self._midi_velocity(), t, self.answer,
+                      self.version))
+        elif ended == MODEL:  # a NOTE_OFF that ends a note the user holds is the model's business only
+            emit(Note(False, token - v.note_off_offset + v.min_pitch, 0, t, self.answer, self.version))
+
+    def _midi_velocity(self) -> int:
+        if self.velocity is None:
+            return 64
+        return int(self.vocab.bin_to_velocity(self.velocity - self.vocab.velocity_offset + 1))
+
+    def _end_answer(self) -> list:
+        """The answer ends: the model's sounding notes are released now (in the stream too)."""
+        v = self.vocab
+        out = []
+        t = self.time_of(self.end_step)
+        offs = [v.note_off_offset + pitch - v.min_pitch for pitch, owners in self.sounding.items()
+                for w in owners if w == MODEL]
+        if offs:
+            self._append(offs, MODEL)
+            self._flush()
+            out += [Note(False, i - v.note_off_offset + v.min_pitch, 0, t, self.answer, self.version) for i in offs]
+        out.append(("answer", self.answer, "end"))
+        self.answer = 0
+        if self.settings.mode == "accompany":
+            self.last_user = None
+        return out
+
+    # ------------------------------------------------------------------ edits
+    def undo(self) -> tuple[int, list]:
+        """Take the latest answer's notes out of the stream: (its id, 0 when there is none; what
+        leaves now: the end of that answer if it is still playing)."""
+        answered = [a for a in self.answer_of if a]
+        if not answered:
+            return 0, []
+        target = max(answered)
+        out = self._end_answer() if self.answer == target else []
+        self._drop_prepared()
+        v = self.vocab
+        keep = [k for k, (i, a) in enumerate(zip(self.events, self.answer_of))
+                if not (a == target and v.note_on_offset <= i < v.time_shift_offset)]
+        self._replace_take([self.events[k] for k in keep], [self.who[k] for k in keep],
+                           [0 if self.answer_of[k] == target else self.answer_of[k] for k in keep])
+        return target, out
+
+    def take(self) -> list[int]:
+        """The take's events as played so far (without a prepared answer that has not begun)."""
+        return self.events[:self.prepared_at[0]] if self.prepared_at is not None else list(self.events)
+
+    def take_notes(self, stretch: tuple[float, float] | None = None) -> list[dict]:
+        """The take's notes: pitch, velocity, start and end (seconds on the clock), and who played
+        it (a note beginning inside `stretch` is the model's, else the player's)."""
+        notes = self.vocab.decode_notes(self.take())
+        out = []
+        for p, vel, a, b in zip(notes.pitch.tolist(), notes.velocity.tolist(), notes.start_s.tolist(),
+                                notes.end_s.tolist()):
+            who = MODEL if stretch and stretch[0] <= self.origin + a < stretch[1] else USER
+            out.append({"pitch": p, "vel": vel, "start": self.origin + a, "end": self.origin + b, "who": who})
+        return out
+
+    def infill(self, start: float, end: float) -> None:
+        """Redraw the take's stretch [start, end) (seconds on the clock) with the fill-in-the-middle
+        sampler (`Run.infill_rows`); the rest of the take is kept."""
+        from mgpt.sample import fim
+
+        if not self.vocab.fim:
+            raise UserError("infill: this model has no FIM tokens (train one with data.fim_rate > 0, "
+                            "as configs/small.py does)")
+        s, e = self.step_of(start), self.step_of(end)
+        if not 0 <= s < e <= self.end_step:
+            raise UserError(f"infill: the stretch {start - self.origin:.2f}-{end - self.origin:.2f} s is not inside "
+                            f"the take (0-{self.end_step / self.vocab.steps_per_second:.2f} s)")
+        if self.answer:
+            self._end_answer()
+        self._drop_prepared()
+        ids = np.asarray(self.events, np.int32)
+        gap = fim.Gap.cut(self.vocab, ids, s, e)
+        try:
+            fim.prompt(self.vocab, self._style_id, gap.prefix, gap, gap.steps, budget=self.window // 2)
+        except ValueError:
+            raise UserError(f"infill: a {(e - s) / self.vocab.steps_per_second:g} s stretch is too long for this "
+                            f"model's {self.window}-token context; select a shorter one") from None
+        infill = generate.Infill("the live take", start - self.origin, end - self.origin, ids, gap)
+        st = self.settings
+        rows, _ = self.run.infill_rows(infill, [st.style], [st.seed + self.sampled],
+                                       generate.Sampling(temperature=st.temperature, top_p=st.top_p,
+                                                         guidance=st.guidance))
+        self.sampled += 1
+        joined = [int(i) for i in rows[0][1:]]
+        n_prefix, n_suffix = len(gap.prefix), len(gap.suffix)
+        n_middle = len(joined) - n_prefix - n_suffix
+        # Outside the stretch every note now counts as the player's, inside it as the model's.
+        self.answers += 1
+        self._replace_take(joined, [USER] * n_prefix + [MODEL] * n_middle + [USER] * n_suffix,
+                           [0] * n_prefix + [self.answers] * n_middle + [0] * n_suffix)
+        self.last_user = None
+
+
+def warm_up(run, guidance: tuple[float, ...] = (1.0, 1.5)) -> None:
+    """Compile what a session runs (each feed length bucket, a draw with and without guidance) before
+    the first player arrives, so no one waits for XLA mid-phrase. It goes through a Stream's own
+    calls: jit keys its cache on how its arguments were made, not only their shapes."""
+    s = Stream(run)
+    shift = s.vocab.time_shift_offset
+    t = 1
+    while t < 4 * s.window:
+        s.clear(0.0)
+        s.ctx += [shift] * min(t, s.window)
+        s.ctx_events += min(t, s.window)
+        s._flush()
+        t *= 4
+    # A phrase, its hand-over and answer, then accompaniment, as a player would go through them.
+    for g in guidance:
+        for mode in MODES:
+            s.clear(0.0)
+            s.update({"guidance": g, "mode": mode})
+            t = 0.0
+            for k in range(3):
+                s.user_note(True, 60 + k, 80, t)
+                s.advance(t, lambda item: None)
+                s.user_note(False, 60 + k, 0, t + 0.1)
+                s.advance(t + 0.1, lambda item: None)
+                t += 0.2
+            for _ in range(3):
+                t += 0.5
+                s.advance(t, lambda item: None)

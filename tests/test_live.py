@@ -1,0 +1,444 @@
+"""The live server (mgpt/live): WebSocket clients in every mode, bad input, origins, sessions, a browser."""
+
+import base64
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import mido
+import numpy as np
+import pytest
+
+websockets = pytest.importorskip("websockets", reason="the live server needs websockets (pip install -e '.[dev]')")
+from websockets.sync.client import connect  # noqa: E402
+
+from data_prep.vocab import Vocabulary  # noqa: E402
+from mgpt.sample import run as generate  # noqa: E402
+from mgpt.sample import sampler as sample  # noqa: E402
+from mgpt.live import server as server_lib  # noqa: E402
+from mgpt.live.stream import Note, Stream  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STYLES = ["bach", "folk"]
+PHRASE = [60, 62, 64, 65, 67]
+
+
+def _save_run(workdir, vocab):
+    """A run directory holding a randomly initialised tiny GPT with FIM tokens (what it plays
+    does not matter here; that it plays, and how the server treats it, does)."""
+    import grain
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from configs import tiny
+    from mgpt.train import checkpoint as ckpt_lib
+    from mgpt.model import GPT, ModelConfig
+
+    config = tiny.get_config()
+    # A 32-token context: the stream's window slides within a phrase or two.
+    config.model.update(num_layers=1, num_heads=2, d_model=32, mlp_dim=64, max_len=32, tied_embeddings=False)
+    config.data.dataset_dir = os.path.join(workdir, "no_dataset_here")
+    model = GPT(ModelConfig.from_config(config.model, vocab.size), rngs=nnx.Rngs(0))
+    # Random weights with a bias, so that it plays as music is played (notes, short shifts, rarely the
+    # end): one embedding dimension is held large for every token, and the unembedding reads it.
+    bias_V = np.zeros(vocab.size, np.float32)
+    bias_V[vocab.note_on_offset:vocab.note_off_offset] = 2.0
+    bias_V[vocab.time_shift_offset:vocab.time_shift_offset + 20] = 2.0
+    bias_V[vocab.time_shift_offset + 20:vocab.velocity_offset] = -4.0
+    bias_V[vocab.velocity_offset:vocab.style_offset] = -2.0
+    bias_V[vocab.eos_id] = -8.0
+    model.embed.value = model.embed.value.at[:, 0].set(8.0)
+    model.unembed.value = model.unembed.value.at[0, :].set(jnp.asarray(bias_V) / 4.0)
+    ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False)
+    state = {"params": nnx.state(model, nnx.Param), "step": jnp.asarray(3, jnp.int32)}
+    ckpts.save(3, state, iter(grain.MapDataset.range(1).to_iter_dataset()), config.to_dict(), vocab.to_json())
+    ckpts.wait()
+    ckpts.close()
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = _save_run(str(tmp_path_factory.mktemp("liverun")), Vocabulary(STYLES).with_fim())
+    return generate.load_run(workdir)
+
+
+@pytest.fixture(scope="module")
+def server(run):
+    from mgpt.live.stream import warm_up
+
+    warm_up(run, guidance=(1.0,))  # as `python -m mgpt.live` does: no test waits for XLA mid-phrase
+    with server_lib.Background(run, max_sessions=2) as srv:
+        yield srv
+
+
+OPEN = []  # this test's clients, closed after it whatever happened
+
+
+@pytest.fixture(autouse=True)
+def _close_clients(request):
+    yield
+    for c in OPEN:
+        c.close()
+    OPEN.clear()
+    if "server" in request.fixturenames:
+        srv = request.getfixturevalue("server")
+        deadline = time.monotonic() + 10
+        while srv.sessions and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+class Client:
+    """A player without a browser: the page's messages, on the test's own clock."""
+
+    def __init__(self, srv, origin=None, **settings):
+        url = srv.url.replace("http://", "ws://") + "ws"
+        # An unbounded queue: a client that stops reading must still see the server's close frame.
+        self.ws = connect(url, origin=origin or srv.url.rstrip("/"), open_timeout=10, max_queue=None)
+        OPEN.append(self)
+        self.ready = self.recv()
+        assert self.ready["type"] == "ready", self.ready
+        self.send({"type": "hello", "now": self.now()})
+        self.got = []
+        if settings:
+            self.send({"type": "set", **settings})
+            self.until(lambda m: m["type"] == "settings")
+
+    @staticmethod
+    def now():
+        return time.monotonic() * 1000
+
+    def send(self, msg):
+        self.ws.send(msg if isinstance(msg, (str, bytes)) else json.dumps(msg))
+
+    def recv(self, timeout=10):
+        return json.loads(self.ws.recv(timeout=timeout))
+
+    def until(self, pred, timeout=20):
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.recv(timeout=max(0.01, deadline - time.monotonic()))
+            self.got.append(m)
+            if pred(m):
+                return m
+
+    def play(self, pitches=PHRASE, gap=0.08, hold=0.06):
+        """Each pitch struck and held; returns the time of the last release (client ms)."""
+        for p in pitches:
+            self.send({"type": "note", "on": True, "pitch": p, "vel": 90, "t": self.now()})
+            time.sleep(hold)
+            last = self.now()
+            self.send({"type": "note", "on": False, "pitch": p, "vel": 0, "t": last})
+            time.sleep(gap - hold)
+        return last
+
+    def close(self):
+        self.ws.close()
+
+
+def _answer_notes(messages, answer):
+    return [m for m in messages if m["type"] == "note" and m["answer"] == answer]
+
+
+def test_page_and_its_files_are_served_by_the_package(server):
+    page = urllib.request.urlopen(server.url, timeout=10)
+    assert page.headers["Content-Type"].startswith("text/html")
+    html = page.read().decode()
+    assert 'src="app.js"' in html and "http" not in html.split("<body>")[1], "nothing fetched from elsewhere"
+    js = urllib.request.urlopen(server.url + "app.js", timeout=10).read().decode()
+    assert "requestMIDIAccess" in js and "AudioContext" in js
+    for bad in ("../server.py", "%2e%2e/server.py", "nope.js"):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(server.url + bad, timeout=10)
+        assert e.value.code == 404
+
+
+def test_another_sites_page_cannot_connect(server):
+    with pytest.raises(websockets.exceptions.InvalidStatus) as e:
+        connect(server.url.replace("http://", "ws://") + "ws", origin="http://evil.example", open_timeout=10)
+    assert e.value.response.status_code == 403
+    # DNS rebinding: a foreign name resolving to 127.0.0.1 still carries its own Host.
+    request = urllib.request.Request(server.url, headers={"Host": f"evil.example:{server.port}"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request, timeout=10)
+    assert e.value.code == 403
+    c = Client(server, origin=f"http://localhost:{server.port}")  # the page itself, under either name
+    c.close()
+
+
+def test_continue_mode_answers_after_the_silence_and_releases_its_notes(server):
+    c = Client(server, mode="continue", silence_ms=300, answer_seconds=1.5)
+    last = c.play()
+    start = c.until(lambda m: m["type"] == "answer" and m["state"] == "start")
+    end = c.until(lambda m: m["type"] == "answer" and m["state"] == "end")
+    notes = _answer_notes(c.got, start["answer"])
+    ons = [m for m in notes if m["on"]]
+    assert ons, "the answer plays"
+    assert start["sent"] >= last + 300 - 15, "nothing before the silence is over"
+    assert all(last + 300 - 10 <= m["t"] <= last + 300 + 1500 + 10 for m in notes), "within the answer's length"
+    opened = {}
+    for m in notes:
+        opened[m["pitch"]] = opened.get(m["pitch"], 0) + (1 if m["on"] else -1)
+    assert all(v == 0 for v in opened.values()), "every note the model struck is released by the answer's end"
+    assert end["answer"] == start["answer"]
+    c.close()
+
+
+def test_the_hand_over_pedal_answers_at_once(server):
+    c = Client(server, mode="continue", silence_ms=3000, pedal_cc=64)
+    c.play(PHRASE[:3])
+    sent = c.now()
+    c.send({"type": "cc", "cc": 64, "value": 127, "t": sent})
+    start = c.until(lambda m: m["type"] == "answer" and m["state"] == "start", timeout=10)
+    assert start["sent"] - sent < 2000, "the pedal does not wait for the 3 s silence"
+    c.close()
+
+
+def test_accompany_plays_along_and_hears_the_players_notes(server):
+    c = Client(server, mode="accompany", answer_seconds=1.0, lookahead_ms=300)
+    session = next(iter(s for s in server.sessions if s.stream.settings.mode == "accompany"))
+    began = c.now()
+    c.play(PHRASE * 3, gap=0.1, hold=0.05)
+    played_until = c.now()
+    c.until(lambda m: m["type"] == "answer" and m["state"] == "end", timeout=20)
+    ons = [m for m in c.got if m["type"] == "note" and m["on"]]
+    assert any(began <= m["t"] <= played_until for m in ons), "the model plays while the player does"
+    stream = session.stream
+    v = stream.vocab
+
+    def struck():
+        return [w for w, i in zip(list(stream.who), list(stream.events)) if v.note_on_offset <= i < v.note_off_offset]
+
+    deadline = time.monotonic() + 10
+    while struck().count("user") < len(PHRASE) * 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # The player's notes are in the model's stream, between its own events.
+    who = struck()
+    assert who.count("user") == len(PHRASE) * 3
+    first_model = who.index("model")
+    assert "user" in who[first_model:], "model events are conditioned on notes played after them"
+    c.close()
+
+
+def test_infill_redraws_only_the_selected_stretch(server, run):
+    c = Client(server, mode="continue", silence_ms=5000)
+    t0 = c.now()
+    c.play(PHRASE * 2, gap=0.12, hold=0.1)
+    c.send({"type": "infill", "start": t0 + 350, "end": t0 + 800})
+    take = c.until(lambda m: m["type"] in ("take", "error"), timeout=60)
+    assert take["type"] == "take", take
+    before = [n for n in take["notes"] if n["end"] <= t0 + 350 + 10]
+    assert [n["pitch"] for n in before] == PHRASE[:len(before)] and len(before) >= 2, "the music before is kept"
+    after = [n for n in take["notes"] if n["start"] >= t0 + 800 + 10]
+    assert [n["pitch"] for n in after] == (PHRASE * 2)[-len(after):] and after, "the music after is kept"
+    assert all(n["who"] == "model" for n in take["notes"] if t0 + 350 <= n["start"] < t0 + 800)
+    c.close()
+
+
+def test_undo_takes_the_last_answer_out_of_the_stream(server):
+    c = Client(server, mode="continue", silence_ms=200, answer_seconds=1.0)
+    c.play()
+    start = c.until(lambda m: m["type"] == "answer" and m["state"] == "start")
+    c.until(lambda m: m["type"] == "answer" and m["state"] == "end")
+    session = next(s for s in server.sessions if s.stream.answers >= start["answer"] and s.stream.settings.silence_ms == 200)
+    v = session.stream.vocab
+    assert any(w == "model" and v.note_on_offset <= i < v.note_off_offset
+               for w, i in zip(session.stream.who, session.stream.events))
+    c.send({"type": "undo"})
+    undone = c.until(lambda m: m["type"] == "undone")
+    assert undone["answer"] == start["answer"]
+    time.sleep(0.1)
+    s = session.stream
+    assert not any(w == "model" and v.note_on_offset <= i < v.time_shift_offset for w, i in zip(s.who, s.events))
+    assert sum(1 for w, i in zip(s.who, s.events) if w == "user" and v.note_on_offset <= i < v.note_off_offset) == 5
+    c.close()
+
+
+def test_a_changed_setting_applies_from_the_next_event(server):
+    c = Client(server, mode="continue", silence_ms=200, answer_seconds=20, lookahead_ms=3000)
+    c.play(PHRASE[:2])
+    c.until(lambda m: m["type"] == "note")
+    c.send({"type": "set", "temperature": 1.5})
+    ack = c.until(lambda m: m["type"] == "settings")
+    nxt = c.until(lambda m: m["type"] == "note", timeout=20)
+    assert nxt["v"] == ack["version"], "the first note after the change is drawn with it"
+    c.close()
+
+
+def test_bad_input_gets_one_line_and_the_session_goes_on(server):
+    c = Client(server, mode="continue", silence_ms=200, answer_seconds=1.0)
+    other = Client(server, mode="continue", silence_ms=200, answer_seconds=1.0)
+    now = c.now()
+    bad = [
+        ("{not json", "not JSON"),
+        (json.dumps([1, 2]), "JSON object"),
+        ({"type": "dance"}, "not a message type"),
+        ({"type": "set", "style": "polka"}, "style='polka'"),
+        ({"type": "set", "temperature": 99}, "temperature=99"),
+        ({"type": "set", "volume": 3}, "not a setting"),
+        ({"type": "note", "on": True, "pitch": 300, "vel": 90, "t": now}, "MIDI numbers"),
+        ({"type": "note", "on": True, "pitch": 60, "vel": 90, "t": now + 10}, None),  # fine
+        ({"type": "note", "on": False, "pitch": 60, "vel": 0, "t": now - 500}, "out of order"),
+        ({"type": "note", "on": True, "pitch": 61, "vel": 90, "t": now + 60_000}, "future"),
+        ({"type": "note", "on": "yes", "pitch": 61, "vel": 90, "t": now + 20}, '"on"'),
+        (b"\x00\x01", "binary"),
+    ]
+    for msg, expect in bad:
+        c.send(msg)
+        if expect:
+            m = c.until(lambda m: m["type"] == "error")
+            assert expect in m["line"] and "\n" not in m["line"], (expect, m)
+    # A flood: 10,000 notes in about a second. Some pass, the rest are dropped with a line.
+    t = c.now()
+    for k in range(5000):
+        c.send({"type": "note", "on": True, "pitch": 40 + k % 40, "vel": 80, "t": t + k * 0.1})
+        c.send({"type": "note", "on": False, "pitch": 40 + k % 40, "vel": 0, "t": t + k * 0.1 + 0.05})
+    m = c.until(lambda m: m["type"] == "error" and "dropped" in m["line"])
+    time.sleep(0.6)  # the flood's times ran 0.5 s ahead; later notes must come after them
+    c.send({"type": "cc", "cc": 123, "value": 0, "t": c.now()})  # all notes off: the keys a dropped release left down
+    # Both sessions still play.
+    for player in (c, other):
+        time.sleep(0.1)
+        player.play(PHRASE[:3])
+        player.until(lambda m: m["type"] == "answer" and m["state"] == "start", timeout=30)
+        player.until(lambda m: m["type"] == "note", timeout=30)
+    c.close()
+    other.close()
+
+
+def test_sessions_are_separate_bounded_and_freed_on_disconnect(server):
+    a, b = Client(server), Client(server)
+    assert len(server.sessions) == 2
+    sa, sb = list(server.sessions)
+    assert sa.stream is not sb.stream and sa.thread is not sb.thread
+    a.play(PHRASE[:2])
+    time.sleep(0.2)
+    assert {len(sa.stream.events) > 0, len(sb.stream.events) > 0} == {True, False}, "one player's notes, one stream"
+    # A third player is turned away with one line while both play.
+    url = server.url.replace("http://", "ws://") + "ws"
+    with connect(url, origin=server.url.rstrip("/")) as c:
+        m = json.loads(c.recv(timeout=10))
+        assert m["type"] == "error" and "try again" in m["line"]
+    threads = [s.thread for s in server.sessions]
+    a.close()
+    deadline = time.monotonic() + 10
+    while len(server.sessions) > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(server.sessions) == 1, "a disconnect frees its session"
+    while sum(t.is_alive() for t in threads) > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sum(t.is_alive() for t in threads) == 1, "and its worker thread"
+    c = Client(server)  # room again
+    c.close()
+    b.close()
+
+
+def test_the_take_downloads_as_midi(server):
+    c = Client(server, mode="continue", silence_ms=5000)
+    c.play(PHRASE)
+    c.send({"type": "export"})
+    m = c.until(lambda m: m["type"] == "midi")
+    midi = mido.MidiFile(file=io.BytesIO(base64.b64decode(m["data"])))
+    pitches = [msg.note for msg in midi if msg.type == "note_on" and msg.velocity > 0]
+    assert pitches == PHRASE
+    c.close()
+
+
+def test_the_stream_draws_what_the_sampler_draws(run):
+    """One sampler: a stream answering a phrase draws the events `generate_tokens` draws from the
+    same prompt and seed (no window slide: the context holds both)."""
+    from mgpt.live.stream import Settings
+
+    stream = Stream(run, Settings(guidance=1.0, seed=7, answer_seconds=60, lookahead_ms=50), origin=0.0)
+    for k, p in enumerate(PHRASE[:2]):
+        stream.user_note(True, p, 90, 0.1 * k)
+        stream.user_note(False, p, 0, 0.1 * k + 0.05)
+    prompt = [stream._style_id, *stream.events]
+    stream.pedal(0.15)  # at the last event's time: no TIME_SHIFT between prompt and answer
+    stream.advance(0.15, lambda item: None)
+    drawn = stream.events[len(prompt) - 1:]
+    assert len(prompt) + len(drawn) <= run.model.cfg.max_len
+    limit = run.max_note_seconds(np.asarray(prompt[:1]), generate.Sampling())
+    expected = sample.generate_tokens(run.model, run.vocab, [np.asarray(prompt)], seeds=[7],
+                                      max_events=len(drawn), temperature=0.9, top_p=0.95,
+                                      max_note_seconds=limit)[0][len(prompt):]
+    assert len(drawn) > 3
+    assert drawn == expected.tolist()
+
+
+def test_midi_ports_without_the_extra_are_one_line(tmp_path):
+    try:
+        import rtmidi  # noqa: F401
+
+        pytest.skip("python-rtmidi is installed: the missing-extra line cannot be seen")
+    except ImportError:
+        pass
+    proc = subprocess.run([sys.executable, "-m", "mgpt.live", f"--workdir={tmp_path}", "--midi_in=a", "--midi_out=b"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "python-rtmidi" in proc.stderr, proc.stderr
+
+
+# ----------------------------------------------------------------------------- a real browser
+
+FAKE_MIDI = """
+(() => {
+  const input = { id: 'fake-in', name: 'Fake keyboard', type: 'input', onmidimessage: null, state: 'connected' };
+  const output = { id: 'fake-out', name: 'Fake synth', type: 'output', sent: [], state: 'connected',
+    send(data, ts) { this.sent.push({ data: Array.from(data), ts: ts === undefined ? performance.now() : ts,
+                                      at: performance.now() }); } };
+  window.fakeMidiIn = input; window.fakeMidiOut = output;
+  navigator.requestMIDIAccess = async () => ({
+    inputs: new Map([[input.id, input]]), outputs: new Map([[output.id, output]]), onstatechange: null });
+  const fire = (data) => input.onmidimessage && input.onmidimessage({ data: new Uint8Array(data), timeStamp: performance.now() });
+  // A timed phrase (C D E F G, 180 ms apart, each held 150 ms), then the hand-over pedal (CC 67).
+  window.addEventListener('load', () => setTimeout(() => {
+    [60, 62, 64, 65, 67].forEach((p, i) => {
+      setTimeout(() => fire([0x90, p, 90]), i * 180);
+      setTimeout(() => fire([0x80, p, 0]), i * 180 + 150);
+    });
+    setTimeout(() => { input.handoverAt = performance.now(); fire([0xb0, 67, 127]); }, 5 * 180 + 50);
+  }, 500));
+})();
+"""
+
+
+def test_the_page_in_chromium_hears_a_phrase_and_plays_the_answer(server):
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("Chromium is not installed (apt-get install -y chromium)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install playwright)")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 720})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.add_init_script(FAKE_MIDI)
+            page.goto(server.url)
+            page.wait_for_function("window.fakeMidiOut.sent.some(m => m.data[0] === 0x91 && m.data[2] > 0)",
+                                   timeout=30_000)
+            time.sleep(1.0)
+            result = page.evaluate("""() => ({
+                handover: window.fakeMidiIn.handoverAt,
+                out: window.fakeMidiOut.sent,
+                scheduled: window.mgptLive.stats.scheduledAt,
+                errors: window.mgptLive.stats.errors })""")
+            if os.environ.get("MGPT_LIVE_SCREENSHOT"):
+                page.screenshot(path=os.environ["MGPT_LIVE_SCREENSHOT"])
+        finally:
+            browser.close()
+    assert not errors and not result["errors"], (errors, result["errors"])
+    played = [m for m in result["out"] if m["data"][0] == 0x91 and m["data"][2] > 0]
+    assert played and all(m["ts"] >= m["at"] - 1 for m in played), "the model's notes go out with their times"
+    echoed = [m["data"][1] for m in result["out"] if m["data"][0] == 0x90 and m["data"][2] > 0]
+    assert echoed == [60, 62, 64, 65, 67], "the player's phrase was heard"
+    latency = result["scheduled"][0]["at"] - result["handover"]
+    print(f"browser end to end: pedal -> first model note scheduled {latency:.1f} ms")
+    assert latency < 2000
