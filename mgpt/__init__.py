@@ -7,5 +7,25 @@ middle, the `Run` API, whole corpora), `music/` (analysis of notes), `eval/` (re
 command shares. The commands stay where users know them: `python -m mgpt.train`,
 `mgpt.generate`, `mgpt.evaluate`, `mgpt.aot`. Imports flow one way: `model/` imports none of the
 other packages, `music/` no model, `eval/` never the training loop, and no library module imports a
-command (tests/test_layout.py checks this).
+command (tests/test_layout.py checks this). `mgpt.live` serves the page that plays along.
+
+Notebooks written against the flat package (`from mgpt import checkpoint`) still work: each old
+module name below resolves to the module's new home on first use.
 """
+
+import importlib
+
+# Modules of the flat package, before the move into subpackages -> where they live now.
+MOVED = {
+    "checkpoint": "mgpt.train.checkpoint", "config": "mgpt.train.config", "data": "mgpt.train.data",
+    "mesh": "mgpt.train.mesh", "monitor": "mgpt.train.monitor", "workdir_lock": "mgpt.train.workdir_lock",
+    "lstm": "mgpt.model.lstm", "models": "mgpt.model.kinds", "fim": "mgpt.sample.fim",
+    "features": "mgpt.music.features", "originality": "mgpt.music.originality",
+    "style_classifier": "mgpt.music.style_classifier", "ngram": "mgpt.music.ngram",
+}
+
+
+def __getattr__(name):
+    if name in MOVED:
+        return importlib.import_module(MOVED[name])
+    raise AttributeError(f"module 'mgpt' has no attribute {name!r}")

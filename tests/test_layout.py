@@ -288,3 +288,9 @@ def test_old_import_paths_that_notebooks_use_still_work():
     assert GPT.__module__ == "mgpt.model.gpt" and ModelConfig.__module__ == "mgpt.model.gpt"
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
         train.no_such_name
+    # The flat package's modules, by their old names.
+    from mgpt import checkpoint, features, models, ngram
+
+    assert (checkpoint.restore_model, features.FEATURES) == (
+        importlib.import_module("mgpt.train.checkpoint").restore_model, importlib.import_module("mgpt.music.features").FEATURES)
+    assert models.KINDS["gpt"][1] is GPT and ngram.__name__ == "mgpt.music.ngram"
