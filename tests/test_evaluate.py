@@ -468,6 +468,7 @@ def test_composer_study_on_a_one_style_dataset_measures_nll_without_a_classifier
         config = types.SimpleNamespace(data=types.SimpleNamespace(dataset_dir=str(tmp_path)))
         return ev.Model(name, model, vocab, 32, 0, None, 1, workdir), vocab, config
 
+    vocab.save(tmp_path / "vocab.json")  # the dataset's vocabulary: the study checks it means the model's events
     monkeypatch.setattr(study, "model_from_run", run)
     monkeypatch.setattr(study, "resolve_dataset", lambda d: d)
     monkeypatch.setattr(study, "load_split", lambda d, split: pieces[split])

@@ -16,7 +16,7 @@ from data_prep.notes import crop
 from data_prep.vocab import UNKNOWN_STYLE, normalize_label
 from mgpt.errors import UserError
 from mgpt.eval import pages
-from mgpt.eval.inputs import Options, jsonable, load_split, model_from_run, resolve_dataset
+from mgpt.eval.inputs import Options, check_same_events, jsonable, load_split, model_from_run, resolve_dataset
 from mgpt.eval.likelihood import model_nats, rates, windows
 from mgpt.eval.references import fit_classifier
 
@@ -48,9 +48,7 @@ def composer_study(
         raise UserError(f"--finetuned_workdir={finetuned_workdir}: its event vocabulary differs from the base run's")
     given = dataset_dir
     dataset_dir = resolve_dataset(dataset_dir or base_config.data.dataset_dir)
-    from mgpt.train import data as data_lib
-
-    data_lib.check_same_events(vocab, dataset_dir, f"the model in {base_workdir}",
+    check_same_events(vocab, dataset_dir, f"the model in {base_workdir}",
                                "--dataset_dir" if given else f"--workdir={base_workdir}'s config.data.dataset_dir")
     train, test = load_split(dataset_dir, "train"), load_split(dataset_dir, "test")
     is_mine = [target in (normalize_label(p.composer) if p.composer else "", p.style_name) for p in test]
