@@ -13,7 +13,32 @@ Notebooks written against the flat package (`from mgpt import checkpoint`) still
 module name below resolves to the module's new home on first use.
 """
 
+import glob
 import importlib
+import os
+import pkgutil
+
+
+def _default_platforms() -> str | None:
+    """The JAX platforms to use when the user set none and no TPU is attached, else None.
+
+    With the `tpu` extra installed (for mgpt.aot), jax initialises libtpu on every machine, and
+    libtpu prints five lines of start-up errors where there is no TPU: a one-line error became six.
+    Naming the platforms that are really here keeps jax from loading libtpu at all; mgpt.aot still
+    compiles for TPU slices (topologies do not need the TPU backend)."""
+    if os.environ.get("JAX_PLATFORMS") or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return None
+    try:
+        import jax_plugins
+
+        cuda = any(m.name.startswith("xla_cuda") for m in pkgutil.iter_modules(jax_plugins.__path__))
+    except ImportError:
+        cuda = False
+    return "cuda,cpu" if cuda and glob.glob("/dev/nvidia[0-9]*") else "cpu"
+
+
+if (_platforms := _default_platforms()) is not None and "jax" not in __import__("sys").modules:
+    os.environ["JAX_PLATFORMS"] = _platforms
 
 # Modules of the flat package, before the move into subpackages -> where they live now.
 MOVED = {

@@ -647,3 +647,22 @@ def test_a_long_primer_is_announced_once_even_without_progress(tiny_run, tmp_pat
     said = [line for line in err if line.startswith("note: reading a long primer")]
     assert said == [f"note: reading a long primer, {primer} ({primer.stat().st_size / 2**20:.1f} MiB); "
                     "its first 2 s are kept"], err
+
+
+# ----------------------------------------------------------------------------- C7: libtpu's start-up noise
+
+
+def test_with_the_tpu_extra_installed_an_error_on_a_machine_without_a_tpu_is_still_one_line(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("the tpu extra (libtpu) is not installed: nothing could print its start-up errors")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    out = subprocess.run([sys.executable, "-m", "mgpt.train", "--config=configs/tiny.py", f"--workdir={tmp_path}",
+                          "--config.train.steps=abc"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["--config.train.steps=abc: must be an integer"]
+    # and a command that does reach jax: the devices it lists, nothing from libtpu
+    probe = subprocess.run([sys.executable, "-c", "import mgpt, jax; print(jax.devices()[0].platform)"], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert probe.stdout.strip() in ("cpu", "gpu") and probe.stderr.strip() == "", probe.stderr[-500:]
