@@ -43,6 +43,23 @@ def reported(main):
 NO_SPACE = "No space left on device"
 
 
+def parse_command_flags(fv, argv, command: str, help_text: str) -> bool:
+    """absl FlagValues `fv` <- `argv` for `python -m command`: False after printing the help for
+    --help; a bad flag or a stray argument is a UserError that names it."""
+    from absl import flags
+
+    if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
+        print(help_text + "\n\nFlags:\n" + fv.get_help(include_special_flags=False))
+        return False
+    try:
+        rest = fv(argv)
+    except flags.Error as e:
+        raise UserError(f"{e} (see python -m {command} --help)") from None
+    if len(rest) > 1:
+        raise UserError(f"unexpected arguments: {rest[1:]}")
+    return True
+
+
 def is_disk_full(e: BaseException | None) -> bool:
     """ENOSPC anywhere in an exception's chain (TFDS and orbax wrap it in their own errors,
     tensorstore's as ValueError text)."""

@@ -43,7 +43,7 @@ import warnings
 from collections.abc import Sequence
 
 from mgpt import render
-from mgpt.errors import UserError, is_disk_full, quiet_after_disk_full, reported
+from mgpt.errors import UserError, is_disk_full, parse_command_flags, quiet_after_disk_full, reported
 from mgpt.render import write_folder_gallery as write_gallery
 from mgpt.sample.corpus import (DEFAULT_BATCH_SIZE, DEFAULT_COPY_TRIES, DEFAULT_MAX_COPY_SECONDS, check_output_dir,
                                 check_copy_guard, generate_corpus)
@@ -168,15 +168,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     fv = flags.FlagValues()
     define_flags(fv)
     argv = list(sys.argv if argv is None else argv)
-    if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
-        print("\n\n".join(__doc__.split("\n\n")[:2]) + "\n\nFlags:\n" + fv.get_help(include_special_flags=False))
+    if not parse_command_flags(fv, argv, "mgpt.generate", "\n\n".join(__doc__.split("\n\n")[:2])):
         return
-    try:
-        rest = fv(argv)
-    except flags.Error as e:
-        raise UserError(f"{e} (see python -m mgpt.generate --help)") from None
-    if len(rest) > 1:
-        raise UserError(f"unexpected arguments: {rest[1:]}")
     logging.set_verbosity(logging.ERROR)  # orbax logs every file it reads, and warns that a restore is read-only
     # pydub (imported by note-seq) warns about ffmpeg, which only its audio export needs.
     warnings.filterwarnings("ignore", "Couldn't find ffmpeg", RuntimeWarning)

@@ -5,7 +5,6 @@ subprocess use the tiny fixtures of tests/test_faults.py.
 """
 
 import concurrent.futures
-import json
 import multiprocessing
 import os
 import random
@@ -18,6 +17,7 @@ import time
 import pytest
 
 from data_prep import build, synthetic
+from test_faults import _tiny_config  # the first campaign's tiny config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -159,16 +159,6 @@ def dataset(tmp_path_factory):
     midis = _midi_folder(base / "midi", 12)
     return build.build_dataset([f"midi_dir:{midis}"], base / "out", num_workers=1, split_percents=(60, 20, 20),
                                progress=False, verbose=False)
-
-
-def _tiny_config(dataset_dir, **train):
-    from configs import tiny
-
-    c = tiny.get_config()
-    c.data.dataset_dir = str(dataset_dir)
-    c.train.update(dict(steps=4, checkpoint_every=2, eval_every=0, log_every=2, warmup_steps=1, keep_checkpoints=3))
-    c.train.update(train)
-    return c
 
 
 @pytest.mark.timeout(180)

@@ -1,7 +1,6 @@
 """Fill-in-the-middle (mgpt/sample/fim.py, data.py's FIM rows, the sampler's fill rows, mgpt.generate --infill)."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ from mgpt.train import data
 from mgpt.sample import fim
 from mgpt import generate
 from mgpt import render
+from runs import save_untrained_run
 
 STYLES = ["bach", "folk"]
 
@@ -91,26 +91,9 @@ def test_fim_rate_zero_leaves_training_rows_unchanged():
 
 
 def _save_run(workdir, vocab):
-    """A run directory holding a randomly initialised tiny GPT (behaviour here must not depend on training)."""
-    import grain
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from configs import tiny
-    from mgpt.train import checkpoint as ckpt_lib
-    from mgpt.model import GPT, ModelConfig
-
-    config = tiny.get_config()
-    # A 48-token context: middles longer than a window go on in a fresh FIM prompt.
-    config.model.update(num_layers=1, num_heads=2, d_model=32, mlp_dim=64, max_len=48)
-    config.data.dataset_dir = os.path.join(workdir, "no_dataset_here")
-    model = GPT(ModelConfig.from_config(config.model, vocab.size), rngs=nnx.Rngs(0))
-    ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False)
-    state = {"params": nnx.state(model, nnx.Param), "step": jnp.asarray(3, jnp.int32)}
-    ckpts.save(3, state, iter(grain.MapDataset.range(1).to_iter_dataset()), config.to_dict(), vocab.to_json())
-    ckpts.wait()
-    ckpts.close()
-    return workdir
+    """A run directory holding a randomly initialised tiny GPT (behaviour here must not depend on training).
+    A 48-token context: middles longer than a window go on in a fresh FIM prompt."""
+    return save_untrained_run(workdir, vocab, max_len=48)
 
 
 @pytest.fixture(scope="module")

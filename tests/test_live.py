@@ -23,28 +23,16 @@ from mgpt.sample import run as generate  # noqa: E402
 from mgpt.sample import sampler as sample  # noqa: E402
 from mgpt.live import server as server_lib  # noqa: E402
 from mgpt.live.stream import Note, Stream  # noqa: E402
+from runs import save_untrained_run  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STYLES = ["bach", "folk"]
 PHRASE = [60, 62, 64, 65, 67]
 
 
-def _save_run(workdir, vocab):
-    """A run directory holding a randomly initialised tiny GPT with FIM tokens (what it plays
-    does not matter here; that it plays, and how the server treats it, does)."""
-    import grain
+def _bias_towards_music(model, vocab):
     import jax.numpy as jnp
-    from flax import nnx
 
-    from configs import tiny
-    from mgpt.train import checkpoint as ckpt_lib
-    from mgpt.model import GPT, ModelConfig
-
-    config = tiny.get_config()
-    # A 32-token context: the stream's window slides within a phrase or two.
-    config.model.update(num_layers=1, num_heads=2, d_model=32, mlp_dim=64, max_len=32, tied_embeddings=False)
-    config.data.dataset_dir = os.path.join(workdir, "no_dataset_here")
-    model = GPT(ModelConfig.from_config(config.model, vocab.size), rngs=nnx.Rngs(0))
     # Random weights with a bias, so that it plays as music is played (notes, short shifts, rarely the
     # end): one embedding dimension is held large for every token, and the unembedding reads it.
     bias_V = np.zeros(vocab.size, np.float32)
@@ -55,12 +43,13 @@ def _save_run(workdir, vocab):
     bias_V[vocab.eos_id] = -8.0
     model.embed.value = model.embed.value.at[:, 0].set(8.0)
     model.unembed.value = model.unembed.value.at[0, :].set(jnp.asarray(bias_V) / 4.0)
-    ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False)
-    state = {"params": nnx.state(model, nnx.Param), "step": jnp.asarray(3, jnp.int32)}
-    ckpts.save(3, state, iter(grain.MapDataset.range(1).to_iter_dataset()), config.to_dict(), vocab.to_json())
-    ckpts.wait()
-    ckpts.close()
-    return workdir
+
+
+def _save_run(workdir, vocab):
+    """A run directory holding a randomly initialised tiny GPT with FIM tokens (what it plays
+    does not matter here; that it plays, and how the server treats it, does). A 32-token context:
+    the stream's window slides within a phrase or two."""
+    return save_untrained_run(workdir, vocab, max_len=32, prepare=_bias_towards_music)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import warnings
 
-from mgpt.errors import UserError, reported
+from mgpt.errors import UserError, parse_command_flags, reported
 
 
 @reported
@@ -30,15 +30,8 @@ def main(argv=None) -> None:
     flags.DEFINE_string("mode", "continue", "MIDI ports: continue (call and response) or accompany.", flag_values=fv)
     flags.DEFINE_string("style", "unconditional", "MIDI ports: the style to play in.", flag_values=fv)
     argv = list(sys.argv if argv is None else argv)
-    if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
-        print(__doc__ + "\nFlags:\n" + fv.get_help(include_special_flags=False))
+    if not parse_command_flags(fv, argv, "mgpt.live", __doc__.rstrip()):
         return
-    try:
-        rest = fv(argv)
-    except flags.Error as e:
-        raise UserError(f"{e} (see python -m mgpt.live --help)") from None
-    if len(rest) > 1:
-        raise UserError(f"unexpected arguments: {rest[1:]}")
     if not fv.workdir:
         raise UserError("usage: python -m mgpt.live --workdir=RUN [--port=8765] [--midi_in=NAME --midi_out=NAME]")
     if not 1 <= fv.max_sessions <= 64:
