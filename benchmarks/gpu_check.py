@@ -177,7 +177,7 @@ def attention_matches_xla(plan: dict, on_gpu: bool) -> dict:
     segment mask as its bias) and once with 'xla', and both against a float32 reference
     written out here (scores, causal and segment masks, softmax). On a CPU (--dry-run) the
     first is XLA's too: the run checks the batch and the reference, not cuDNN."""
-    from mgpt import model as model_lib
+    from mgpt.model import gpt as model_lib
 
     c = _config(plan["config"], plan["seq_len"], 1, on_gpu)
     length, pieces = plan["seq_len"], plan["packed"]

@@ -218,7 +218,7 @@ def _packed_attention_inputs():
 def test_splash_attention_in_pallas_interpret_mode_matches_xla_with_packed_segments(monkeypatch):
     """The TPU kernel, run by Pallas' interpreter on the CPU: outputs and gradients of one
     attention layer equal XLA attention's on rows that pack several pieces."""
-    from mgpt import model as model_lib
+    from mgpt.model import gpt as model_lib
 
     monkeypatch.setattr(model_lib, "_SPLASH_INTERPRET", True)
     kw = dict(vocab_size=50, num_layers=1, num_heads=2, d_model=64, mlp_dim=64, max_len=256)
@@ -241,7 +241,7 @@ def test_splash_attention_in_pallas_interpret_mode_matches_xla_with_packed_segme
 
 
 def test_splash_off_tpu_falls_back_to_xla_attention_with_one_line(capfd, monkeypatch):
-    from mgpt import model as model_lib
+    from mgpt.model import gpt as model_lib
 
     monkeypatch.setattr(model_lib, "_said_fallback", False)
     kw = dict(vocab_size=50, num_layers=1, num_heads=2, d_model=64, mlp_dim=64, max_len=256)
