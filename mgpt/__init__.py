@@ -17,6 +17,7 @@ import glob
 import importlib
 import os
 import pkgutil
+import sys
 
 
 def _default_platforms() -> str | None:
@@ -37,7 +38,7 @@ def _default_platforms() -> str | None:
     return "cuda,cpu" if cuda and glob.glob("/dev/nvidia[0-9]*") else "cpu"
 
 
-if (_platforms := _default_platforms()) is not None and "jax" not in __import__("sys").modules:
+if (_platforms := _default_platforms()) is not None and "jax" not in sys.modules:
     os.environ["JAX_PLATFORMS"] = _platforms
 
 # Modules of the flat package, before the move into subpackages -> where they live now.
