@@ -656,3 +656,41 @@ def test_with_the_tpu_extra_installed_an_error_on_a_machine_without_a_tpu_is_sti
     probe = subprocess.run([sys.executable, "-c", "import mgpt, jax; print(jax.devices()[0].platform)"], cwd=ROOT,
                            env=env, capture_output=True, text=True, timeout=120)
     assert probe.stdout.strip() in ("cpu", "gpu") and probe.stderr.strip() == "", probe.stderr[-500:]
+
+
+# ----------------------------------------------------------------------------- C1: a damaged step in generate
+
+
+def test_falling_back_from_a_damaged_step_leaves_only_the_notice(tiny_run, tmp_path, monkeypatch):
+    """orbax abandons its other array reads when one fails; Python used to print each of them
+    ("Exception ignored in: <coroutine ...>", 60-800 lines) after the one-line notice."""
+    import gc
+    import shutil
+
+    from mgpt.train import checkpoint
+
+    run = _copy(tiny_run, tmp_path / "w")
+    shutil.rmtree(next((run / "checkpoints" / "4" / "params").glob("ocdbt.process_*")) / "d")
+    escaped, notices = [], []
+    monkeypatch.setattr(sys, "unraisablehook", escaped.append)
+    monkeypatch.setattr(checkpoint, "_warned", set())
+    *_, step = checkpoint.load_newest(run, None, lambda root, s: checkpoint._restore_params_at(
+        root, s, _abstract_params(root, s)), warn=notices.append)
+    gc.collect()
+    assert step == 2
+    assert len(notices) == 1 and "step 4" in notices[0] and "using step 2" in notices[0]
+    assert [str(u.object) for u in escaped] == []
+
+
+def _abstract_params(root, step):
+    import ml_collections
+    from flax import nnx
+
+    from data_prep.vocab import Vocabulary
+    from mgpt.model import kinds
+    from mgpt.train import checkpoint
+
+    config = ml_collections.ConfigDict(checkpoint.read_json_item(root, step, "config"))
+    vocab = Vocabulary.from_json(checkpoint.read_json_item(root, step, "vocab"))
+    _, abstract, _ = nnx.split(kinds.abstract_model(config.model, vocab.size), nnx.Param, ...)
+    return abstract

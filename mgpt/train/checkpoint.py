@@ -16,6 +16,8 @@ step; `restore_model` loads a run's weights for inference.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 import signal
@@ -70,6 +72,44 @@ def finalized_steps(root: str | epath.PathLike) -> list[int]:
 
 
 _warned: set[str] = set()
+
+@contextlib.contextmanager
+def _abandoned_reads_quiet():
+    """Silences the reads orbax abandons when a step fails to restore.
+
+    A damaged step fails on its first bad array, and orbax's other array reads (coroutines) are
+    dropped unfinished with their own errors. Python prints each of those when it is collected
+    ("Exception ignored in: <coroutine ...>", 60 to 800 lines of TensorStore specs) after the
+    one-line fallback notice has said all there is to say. Inside this block those, and only
+    those, are dropped; they are collected before it ends.
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        where = getattr(getattr(unraisable.object, "cr_code", None), "co_filename", "") or ""
+        if "orbax" in where or "tensorstore" in where:
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = previous
+
+
+def _attempt(fn: Callable[[], T]) -> tuple[T | None, str | None]:
+    """(fn(), None), or (None, the reason in one line) when it raises: a step that fails to restore.
+
+    orbax, tensorstore and json raise many types for a damaged step. The exception is dropped
+    before `_abandoned_reads_quiet` collects what it left behind."""
+    with _abandoned_reads_quiet():
+        try:
+            return fn(), None
+        except Exception as e:  # noqa: BLE001 - see above
+            reason = _reason(e)
+        return None, reason
 
 
 def _fallback_message(root, bad: list[tuple[int, str]], used: int) -> str:
@@ -126,11 +166,7 @@ class Checkpoints:
         """
         bad = []
         for step in sorted(self.manager.all_steps(), reverse=True):
-            try:
-                state, has_data = self.restore(step, abstract_state, data_iter)
-                failure = None
-            except Exception as e:  # noqa: BLE001 - orbax, tensorstore and json raise many types for a damaged step
-                failure = _reason(e)
+            restored, failure = _attempt(lambda: self.restore(step, abstract_state, data_iter))
             if not _all_processes_ok(failure is None):
                 failure = failure or "another process could not restore it"
             if failure is None:
@@ -138,6 +174,7 @@ class Checkpoints:
                     warn(_fallback_message(self.directory, bad, step))
                     for bad_step, _ in bad:
                         self._set_aside(bad_step)
+                state, has_data = restored
                 return state, has_data, step
             bad.append((step, failure))
         if bad:
@@ -319,20 +356,18 @@ def load_newest(path: str | epath.PathLike, step: int | None, load: Callable[[ep
     """
     root, chosen = locate(path, step)
     if step is not None or _step_dir(path)[1] is not None:
-        try:
-            return load(root, chosen), chosen
-        except Exception as e:  # noqa: BLE001 - as below
-            reason = _reason(e)
-            error = CheckpointError(f"{root}/{chosen}: cannot be restored ({reason}); pick another step")
-            error.reason = reason
-            raise error from None
+        out, reason = _attempt(lambda: load(root, chosen))
+        if reason is None:
+            return out, chosen
+        error = CheckpointError(f"{root}/{chosen}: cannot be restored ({reason}); pick another step")
+        error.reason = reason
+        raise error
     bad, tried, candidate = [], set(), chosen
     while candidate is not None and len(tried) < MAX_TRIES:
         tried.add(candidate)
-        try:
-            out = load(root, candidate)
-        except Exception as e:  # noqa: BLE001 - orbax, tensorstore and json raise many types for a damaged step
-            bad.append((candidate, _reason(e)))
+        out, failure = _attempt(lambda: load(root, candidate))
+        if failure is not None:
+            bad.append((candidate, failure))
             # Listed again: a live run may have saved a newer step while rotation deleted this one.
             try:
                 rest = [s for s in finalized_steps(root) if s not in tried]
