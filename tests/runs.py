@@ -3,10 +3,11 @@
 import os
 
 
-def save_untrained_run(workdir: str, vocab, max_len: int, prepare=None) -> str:
+def save_untrained_run(workdir: str, vocab, max_len: int, prepare=None, steps=(3,), **model) -> str:
     """`workdir` holding step 3 of a randomly initialised one-layer GPT of `max_len` events, as
     mgpt.train writes it (weights, config.json, vocab.json); `prepare(model, vocab)` may set its
-    weights first. Its config names a dataset that is not there."""
+    weights first. Its config names a dataset that is not there. `steps`: the steps saved (the
+    same weights); `model`: other config.model fields (num_layers, d_model, ...)."""
     import grain
     import jax.numpy as jnp
     from flax import nnx
@@ -16,14 +17,16 @@ def save_untrained_run(workdir: str, vocab, max_len: int, prepare=None) -> str:
     from mgpt.train import checkpoint as ckpt_lib
 
     config = tiny.get_config()
-    config.model.update(num_layers=1, num_heads=2, d_model=32, mlp_dim=64, max_len=max_len)
+    config.model.update({"num_layers": 1, "num_heads": 2, "d_model": 32, "mlp_dim": 64, "max_len": max_len, **model})
     config.data.dataset_dir = os.path.join(workdir, "no_dataset_here")
     model = GPT(ModelConfig.from_config(config.model, vocab.size), rngs=nnx.Rngs(0))
     if prepare is not None:
         prepare(model, vocab)
     ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False)
     state = {"params": nnx.state(model, nnx.Param), "step": jnp.asarray(3, jnp.int32)}
-    ckpts.save(3, state, iter(grain.MapDataset.range(1).to_iter_dataset()), config.to_dict(), vocab.to_json())
-    ckpts.wait()
+    for step in steps:
+        state["step"] = jnp.asarray(step, jnp.int32)
+        ckpts.save(step, state, iter(grain.MapDataset.range(1).to_iter_dataset()), config.to_dict(), vocab.to_json())
+        ckpts.wait()
     ckpts.close()
     return workdir

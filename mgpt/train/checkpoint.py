@@ -16,7 +16,6 @@ step; `restore_model` loads a run's weights for inference.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import os
@@ -73,17 +72,20 @@ def finalized_steps(root: str | epath.PathLike) -> list[int]:
 
 _warned: set[str] = set()
 
-@contextlib.contextmanager
-def _abandoned_reads_quiet():
-    """Silences the reads orbax abandons when a step fails to restore.
+def _quiet_abandoned_reads() -> None:
+    """From now on, drops what Python would print for the reads orbax abandoned.
 
-    A damaged step fails on its first bad array, and orbax's other array reads (coroutines) are
-    dropped unfinished with their own errors. Python prints each of those when it is collected
-    ("Exception ignored in: <coroutine ...>", 60 to 800 lines of TensorStore specs) after the
-    one-line fallback notice has said all there is to say. Inside this block those, and only
-    those, are dropped; they are collected before it ends.
+    A damaged step fails on its first bad array, and orbax's other array reads (coroutines on
+    its own event-loop thread) are dropped unfinished, each holding its own error. Python
+    prints each one whenever it is collected ("Exception ignored in: <coroutine ...>", 60 to
+    800 lines of TensorStore specs), which may be long after the one-line fallback notice has
+    said all there is to say, at exit included. So after a failed restore the process's
+    unraisable hook drops those, and only those: a coroutine whose code is orbax's or
+    tensorstore's. Anything else goes to the hook that was there before.
     """
     previous = sys.unraisablehook
+    if getattr(previous, "_mgpt_abandoned_reads", False):
+        return
 
     def hook(unraisable):
         where = getattr(getattr(unraisable.object, "cr_code", None), "co_filename", "") or ""
@@ -91,25 +93,23 @@ def _abandoned_reads_quiet():
             return
         previous(unraisable)
 
+    hook._mgpt_abandoned_reads = True
     sys.unraisablehook = hook
-    try:
-        yield
-    finally:
-        gc.collect()
-        sys.unraisablehook = previous
 
 
 def _attempt(fn: Callable[[], T]) -> tuple[T | None, str | None]:
     """(fn(), None), or (None, the reason in one line) when it raises: a step that fails to restore.
 
-    orbax, tensorstore and json raise many types for a damaged step. The exception is dropped
-    before `_abandoned_reads_quiet` collects what it left behind."""
-    with _abandoned_reads_quiet():
-        try:
-            return fn(), None
-        except Exception as e:  # noqa: BLE001 - see above
-            reason = _reason(e)
-        return None, reason
+    orbax, tensorstore and json raise many types for a damaged step. After a failure the
+    reads orbax abandoned are silenced (`_quiet_abandoned_reads`), and what is already
+    collectable is collected."""
+    try:
+        return fn(), None
+    except Exception as e:  # noqa: BLE001 - see above
+        reason = _reason(e)
+    _quiet_abandoned_reads()
+    gc.collect()
+    return None, reason
 
 
 def _fallback_message(root, bad: list[tuple[int, str]], used: int) -> str:
