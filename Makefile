@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 RUN    ?= runs/demo
 OUT    ?= out/demo
 
-.PHONY: setup demo live test audio-tools clean-demo
+.PHONY: setup demo live test test-slow audio-tools clean-demo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,13 @@ demo: setup audio-tools
 live: setup
 	$(PY) -m mgpt.live --workdir=$(RUN)
 
+# The suite, under 10 minutes on 2 cores. `make test-slow` runs the tests marked slow (multi-process,
+# multi-device and fault-loop runs: about as long again); CI runs both.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 clean-demo:
 	rm -rf $(RUN) $(OUT)

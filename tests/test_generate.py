@@ -616,6 +616,7 @@ def test_resume_refuses_pieces_made_with_another_note_limit(run, tmp_path):
         generate.generate_corpus(other, tmp_path, **opts)
 
 
+@pytest.mark.slow
 def test_a_model_trained_with_style_dropout_samples_with_guidance_by_default(tmp_path):
     """Such a model knows STYLE:unknown, so guidance is its default (DEFAULT_GUIDANCE) and the
     manifest records the G used; any other model samples plainly (G = 1), as asking for 1 does."""

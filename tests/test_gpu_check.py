@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The GPU image has no TFDS, grain or music21: the check must not import them.
@@ -25,6 +27,7 @@ _WITHOUT_DATA_LIBRARIES = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_dry_run_trains_and_samples_without_the_data_libraries(tmp_path):
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
@@ -48,6 +51,7 @@ def test_dry_run_trains_and_samples_without_the_data_libraries(tmp_path):
     assert a["matches"] and a["xla_out_gap_vs_f32"] < 0.05, a
 
 
+@pytest.mark.slow
 def test_the_time_budget_stops_the_batch_search_and_skips_late_sampling(tmp_path):
     """A device loan is 8 minutes: past its budget the check keeps what it measured and says what it skipped."""
     out = tmp_path / "gpu_check.json"

@@ -159,7 +159,7 @@ def _unrolled_copy(scanned: GPT) -> GPT:
     return unrolled
 
 
-@pytest.mark.parametrize("remat", ["none", "dots"])
+@pytest.mark.parametrize("remat", ["none", pytest.param("dots", marks=pytest.mark.slow)])
 def test_scanned_layers_compute_what_unrolled_ones_do(remat):
     scanned = GPT(ModelConfig(**TINY, scan_layers=True, remat=remat, tied_embeddings=False), rngs=nnx.Rngs(0))
     unrolled = _unrolled_copy(scanned)

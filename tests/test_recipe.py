@@ -32,8 +32,9 @@ def _step0_loss(model_cfg: ml_collections.ConfigDict, seed: int = 0) -> float:
     return -float(jnp.mean(jnp.take_along_axis(log_p_BxLxV, tokens_BxL[:, 1:, None], axis=-1)))
 
 
-@pytest.mark.parametrize("spec", ["tiny", "small", "base", "large", "lstm:tiny", "lstm:small", "lstm:base",
-                                  "lstm:large"])
+@pytest.mark.parametrize("spec", ["tiny", "small", "base", pytest.param("large", marks=pytest.mark.slow),
+                                  "lstm:tiny", "lstm:small", "lstm:base",
+                                  pytest.param("lstm:large", marks=pytest.mark.slow)])
 def test_step0_loss_is_a_uniform_guess_for_every_config(spec):
     """A model starts at ln V (+-0.2): no token is favoured before training, the current one included.
 
@@ -103,6 +104,7 @@ def test_dropout_off_trains_bit_for_bit_as_without_it(scan_layers):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_dropout_changes_training_but_not_evaluation_or_sampling(scan_layers):
     cfg = ModelConfig(**TINY, scan_layers=scan_layers, dropout=0.1)

@@ -89,6 +89,7 @@ def test_top_p_samples_only_the_nucleus():
     assert set(np.unique(draws)) == {1}
 
 
+@pytest.mark.slow
 def test_min_p_and_temperature_compose_with_top_k():
     # min_p=0.4 keeps p >= 0.12: {1, 3, 4, 6}; top_k=3 then drops 6.
     kept = filter_logits(

@@ -133,6 +133,7 @@ def test_training_records_hold_only_tokens_and_style_as_tfds_decodes_them(datase
         assert data_lib.record_text(lean[i]["style"]) == data_lib.record_text(full[i]["style"])
 
 
+@pytest.mark.slow
 def test_a_data_position_saved_in_another_layout_starts_the_data_afresh(dataset, tmp_path, capsys):
     c = _config(dataset, steps=6, eval_every=0, max_steps_per_run=3)
     train.train(c, str(tmp_path))
@@ -171,6 +172,7 @@ def test_restore_model_for_inference(tiny_run):
     assert not np.array_equal(earlier.embed[...], model.embed[...]), "each step's own weights"
 
 
+@pytest.mark.slow
 def test_warm_start_takes_weights_not_optimizer_state(dataset, tiny_run, tmp_path):
     workdir, pretrained = tiny_run
     c = _config(dataset, steps=10, warmup_steps=2, eval_every=0)
@@ -181,6 +183,7 @@ def test_warm_start_takes_weights_not_optimizer_state(dataset, tiny_run, tmp_pat
     assert tuned["losses"][1] < first_pretrained - 0.3, "starts from the trained weights"
 
 
+@pytest.mark.slow
 def test_a_run_with_tied_embeddings_still_loads_generates_and_resumes(dataset, tmp_path):
     """Runs written before the output was untied hold tied_embeddings=True in config.json."""
     from mgpt.sample import sampler as sample
@@ -210,6 +213,7 @@ def test_warm_start_from_a_different_model_names_the_fields(dataset, tiny_run, t
         train.train(c, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_scanned_layers_resume_from_their_own_layout_without_recompiling(dataset, tmp_path):
     c = _config(dataset, steps=4, warmup_steps=1, eval_every=0, checkpoint_every=2, log_every=1)
     c.model.scan_layers = True
