@@ -285,3 +285,18 @@ def test_the_planner_on_tiny_finishes_fast_its_winner_fits_and_a_second_plan_com
     again = _run(*args, env=env_cache)
     assert again.returncode == 0 and "| cached **winner** |" in again.stdout, again.stdout[-2000:]
     assert not re.search(r"\| compiled( \*\*winner\*\*)? \|$", again.stdout, re.M), again.stdout
+
+
+@needs_libtpu
+@pytest.mark.parametrize("topology", ["v5p-128", "v4-128"])
+def test_an_fsdp_pair_maps_onto_a_3d_torus(topology):
+    """large ships data=-1, fsdp=2; a 4x4x4 torus has no physical axis of 2, which jax refuses to
+    split unless asked (mgpt.aot crashed with NotImplementedError on v5p-128)."""
+    import ml_collections
+
+    from mgpt.train import mesh as mesh_lib
+
+    devices = aot.topology_devices(aot.parse_topology(topology))
+    mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 2, "tensor": 1}), devices)
+    assert dict(mesh.shape) == {"data": 32, "fsdp": 2, "tensor": 1}
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)

@@ -69,7 +69,16 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = jax.devices() if devices is None else list(devices)
     shape = mesh_shape(mesh_config, len(devices))
     # Auto axes: we give in/out shardings and XLA's SPMD partitioner propagates the rest.
-    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+    axis_types = (AxisType.Auto,) * len(AXES)
+    try:
+        return jax.make_mesh(shape, AXES, axis_types=axis_types, devices=devices)
+    except NotImplementedError:
+        # A 3-D torus (v4, v5p: 4x4x4 chips and up) has no physical axis of 2 for fsdp=2: jax
+        # refuses to split one unless asked. Splitting keeps each fsdp pair on neighbouring chips.
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(grid, AXES, axis_types=axis_types)
 
 
 def rule_table(rules) -> dict[str, tuple[str, ...]]:
