@@ -36,10 +36,11 @@ demo: setup audio-tools
 live: setup
 	$(PY) -m mgpt.live --workdir=$(RUN)
 
-# The suite, under 10 minutes on 2 cores. `make test-slow` runs the tests marked slow (multi-process,
-# multi-device and fault-loop runs: about as long again); CI runs both.
+# The suite, under 10 minutes on 2 cores: two pytest workers, each file's tests (and fixtures) on
+# one of them. `make test-slow` runs the tests marked slow (multi-process, multi-device, fault-loop
+# and large-config runs: about as long again), one at a time; CI runs both.
 test: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
