@@ -655,3 +655,31 @@ def test_a_model_trained_with_style_dropout_samples_with_guidance_by_default(tmp
     resumed = generate.generate_corpus(run(0.1), old, num_samples=2, styles=["bach"], seed=5, sampling=sampling,
                                        progress=False, max_copy_seconds=0)
     assert [e["settings"]["guidance"] for e in resumed] == [1.0, 1.0] and resumed[0] == plain_entries[0]
+
+
+def test_bad_hard_limit_flags_name_the_flag(workdir, tmp_path):
+    for flag, message in [("--pitch_range=high", "--pitch_range=high: expected LO-HI"),
+                          ("--pitch_range=72-48", "--pitch_range must be LO-HI"),
+                          ("--velocity_range=0-90", "--velocity_range must be LO-HI with 1 <= LO"),
+                          ("--max_polyphony=0", "--max_polyphony must be an integer >= 1"),
+                          ("--pitch_range=0-5", "--pitch_range 0-5 holds none of the model's pitches")]:
+        with pytest.raises(SystemExit, match=message) as e:
+            generate.main(_cli_args(workdir, tmp_path, flag))
+        assert "\n" not in str(e.value)
+
+
+def test_hard_limits_reach_the_sampler_and_the_manifest(run, tmp_path):
+    from mgpt.sample.corpus import generate_corpus
+
+    lines = generate_corpus(run, tmp_path, num_samples=3, styles=["unconditional"], progress=False,
+                            max_copy_seconds=0, sampling=generate.Sampling(max_events=60, pitch_range="60-64",
+                                                                           max_polyphony=1))
+    notes = [run.vocab.decode_notes(ids) for ids in run.generate_ids(n=3, max_events=60, pitch_range=(60, 64),
+                                                                     max_polyphony=1)]
+    assert sum(len(n.pitch) for n in notes) > 0
+    for n in notes:
+        assert np.all((n.pitch >= 60) & (n.pitch <= 64))
+    assert lines[0]["settings"]["pitch_range"] == [60, 64] and lines[0]["settings"]["max_polyphony"] == 1
+    # Resuming with the same flags is the same corpus.
+    generate_corpus(run, tmp_path, num_samples=3, styles=["unconditional"], progress=False, max_copy_seconds=0,
+                    sampling=generate.Sampling(max_events=60, pitch_range="60-64", max_polyphony=1))

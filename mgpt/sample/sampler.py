@@ -64,6 +64,7 @@ from flax import nnx
 
 from data_prep.vocab import Vocabulary
 from mgpt.model.gpt import GPT
+from mgpt.sample import limits as limits_lib
 
 
 SILENT = np.iinfo(np.int32).max  # onset_BxP value of a pitch that is not sounding
@@ -95,6 +96,7 @@ def token_tables(vocab: Vocabulary) -> dict[str, jax.Array]:
         "eos_id": jnp.asarray(vocab.eos_id, jnp.int32),
         "time_shift_offset": jnp.asarray(vocab.time_shift_offset, jnp.int32),
         "unknown_style_id": jnp.asarray(vocab.unknown_style_id, jnp.int32),
+        "is_velocity_V": jnp.asarray(vocab.is_velocity(ids_V)),
     }
 
 
@@ -293,6 +295,8 @@ class RowState:
     done_B: the row is finished (EOS or a budget), or is batch padding; it is left untouched.
     open_BxP: notes sounding per pitch; onset_BxP: the time step (on the steps_B clock) of the
     latest NOTE_ON of a sounding pitch, or SILENT. The sampler's own record of what sounds.
+    velocity_B: the VELOCITY id in force, tracked only under hard limits (mgpt/sample/limits.py;
+    None otherwise, which traces as before).
     """
 
     events_B: jax.Array
@@ -300,6 +304,7 @@ class RowState:
     done_B: jax.Array
     open_BxP: jax.Array
     onset_BxP: jax.Array
+    velocity_B: jax.Array | None = None
 
     @classmethod
     def start(cls, vocab: Vocabulary, prompts: Sequence[Sequence[int]], batch: int) -> "RowState":
@@ -325,6 +330,7 @@ class RowLimits:
     before): a fill row must spend exactly max_steps_B: EOS is masked, a TIME_SHIFT that would
     pass it is cut to land on it, and the row is done as soon as its clock reaches it.
     hold_BxP: notes per pitch the row may not release (see `note_rules`).
+    mask: hard limits (`mgpt.sample.limits.MaskLimits`; None = none, which traces as before).
     """
 
     max_events_B: jax.Array
@@ -332,6 +338,7 @@ class RowLimits:
     max_note_steps_B: jax.Array
     fill_B: jax.Array | None = None
     hold_BxP: jax.Array | None = None
+    mask: limits_lib.MaskLimits | None = None
 
 
 @flax.struct.dataclass
@@ -362,6 +369,8 @@ def choose_event(logits_BxV, rows: RowState, limits: RowLimits, settings, tables
     if fill_B is not None:  # a middle does not end before E
         eos_V = jnp.arange(banned_BxV.shape[1]) == tables["eos_id"]
         banned_BxV = banned_BxV | (fill_B[:, None] & eos_V[None, :])
+    if limits.mask is not None:  # hard limits: pitch range, polyphony, velocity range
+        banned_BxV = banned_BxV | limits_lib.mask_rules(limits.mask, rows.open_BxP, rows.velocity_B, tables)
     logits_BxV = jax.lax.cond(settings["release_share"] > 0, release_mass,
                               lambda l, b, t, a: l.astype(jnp.float32),
                               logits_BxV, banned_BxV, tables, settings["release_share"])
@@ -450,6 +459,7 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
                 done_B=r.done_B | (live_B & stop_B) | filled_B,
                 open_BxP=open_BxP,
                 onset_BxP=onset_BxP,
+                velocity_B=limits_lib.track_velocity(r.velocity_B, token_B, emit_B, tables),
             ),
         )
 
@@ -460,7 +470,8 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
         end_B=jnp.asarray(lengths_B, jnp.int32),
         rows=RowState(events_B=jnp.asarray(rows.events_B, jnp.int32), steps_B=jnp.asarray(rows.steps_B, jnp.int32),
                       done_B=jnp.asarray(rows.done_B, bool), open_BxP=jnp.asarray(rows.open_BxP, jnp.int32),
-                      onset_BxP=jnp.asarray(rows.onset_BxP, jnp.int32)),
+                      onset_BxP=jnp.asarray(rows.onset_BxP, jnp.int32),
+                      velocity_B=None if rows.velocity_B is None else jnp.asarray(rows.velocity_B, jnp.int32)),
     )
     state = jax.lax.while_loop(lambda s: jnp.any(active(s)), body, state)
     return state.tokens_BxW, state.end_B, state.rows
@@ -490,6 +501,7 @@ def generate_tokens(
     guidance: float = 1.0,
     batch_size: int | None = None,
     gaps: Sequence | None = None,
+    hard_limits: limits_lib.HardLimits | None = None,
 ) -> list[np.ndarray]:
     """Continue each prompt (STYLE token + optional primer events) with sampled events.
 
@@ -506,6 +518,8 @@ def generate_tokens(
     0 = off) closes any note that has sounded that long at the next event (`apply_guard`).
     `guidance` G >= 0: classifier-free style guidance (see the module docstring); 1 = off,
     and it then runs the plain sampler, so G = 1 gives the same pieces at the same cost.
+    `hard_limits` (`mgpt.sample.limits.HardLimits`: pitch range, maximum polyphony, velocity
+    range) hold on every sampled event, by masking; the prompts' own events are left as they are.
 
     Returns, per prompt, the full row: prompt + new events, up to and excluding
     EOS (int32). Budgets: `max_events` new events and/or `max_seconds` of music
@@ -558,6 +572,10 @@ def generate_tokens(
     tables = token_tables(vocab)
     graphdef, params = nnx.split(model)
     batch_size = len(prompts) if not batch_size else batch_size
+    if hard_limits is not None and not hard_limits.active:
+        hard_limits = None  # no limit at all: the plain trace, byte-identical pieces
+    if hard_limits is not None:
+        hard_limits.banned_V(vocab)  # a range that leaves nothing to play fails here, before any work
 
     out: list[np.ndarray] = []
     for start in range(0, len(prompts), batch_size):
@@ -565,7 +583,7 @@ def generate_tokens(
         out += _generate_batch(
             graphdef, params, cfg.max_len, vocab, prompts[start:stop], seeds[start:stop],
             max_events, max_steps, max_note_steps[start:stop], settings, tables, guidance,
-            gaps=None if gaps is None else gaps[start:stop],
+            gaps=None if gaps is None else gaps[start:stop], hard_limits=hard_limits,
         )
     return out
 
@@ -591,7 +609,7 @@ def window_prompt(row: list[int], window: int, vocab: Vocabulary) -> list[int]:
 
 
 def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events, max_steps, max_note_steps,
-                    settings, tables, guidance, gaps=None):
+                    settings, tables, guidance, gaps=None, hard_limits=None):
     """One batch through as many windows as its longest row needs (see the module docstring).
 
     With `gaps` each window's prompt is the FIM prompt of its row (`mgpt.sample.fim.prompt`): the
@@ -604,6 +622,12 @@ def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events,
     pieces = [list(p) for p in prompts]
     state = RowState.start(vocab, prompts, batch)
     state = state.replace(done_B=state.done_B | (max_events == 0))
+    mask = None
+    if hard_limits is not None:
+        mask = hard_limits.arrays(vocab, batch)
+        velocity_B = np.full(batch, limits_lib.velocity_in_force(vocab, []), np.int32)
+        velocity_B[:n] = [limits_lib.velocity_in_force(vocab, p) for p in prompts]
+        state = state.replace(velocity_B=velocity_B)
     seeds_B = np.zeros(batch, np.uint32)
     seeds_B[:n] = np.asarray(seeds, np.uint64).astype(np.uint32)
     max_steps_B = np.full(batch, max_steps, np.int32)
@@ -626,7 +650,7 @@ def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events,
             return window_prompt(r, window, vocab)
     limits = jax.tree.map(jnp.asarray, RowLimits(max_events_B=np.full(batch, max_events, np.int32),
                                                  max_steps_B=max_steps_B, max_note_steps_B=max_note_steps_B,
-                                                 fill_B=fill_B, hold_BxP=hold_BxP))
+                                                 fill_B=fill_B, hold_BxP=hold_BxP, mask=mask))
     while not np.all(state.done_B):
         windows = [window_of(b, r) for b, r in enumerate(pieces)]
         # Prefilling a few padding tokens costs less than compiling another prompt shape.
