@@ -23,6 +23,11 @@ Hard limits hold on every sampled event, by masking (mgpt/sample/limits.py):
 `--velocity_range=40-90` (MIDI velocities). The primer's own notes are kept as they are; those
 still sounding count towards the polyphony of the notes the model adds.
 
+Controls (a model trained with data.control_seconds > 0): `--controls="density=6,register=low"`,
+or a timeline that changes mid-piece, `--controls="0:density=2;20:density=6,loudness=7"`, and
+`--mood=calm|happy|tense|sad` (mgpt/sample/controls.py has the table). The sampler writes the
+control tokens at each segment's opening; controls not given are the model's to choose.
+
 `--infill=FILE.mid --infill_start=S --infill_end=E` (seconds) keeps the file outside [S, E)
 and fills the gap: the model (trained with data.fim_rate > 0) reads the music before S, the
 music from E on and the gap's length, and writes a middle that lasts exactly E - S and
@@ -109,6 +114,12 @@ def define_flags(fv):
                          "(the primer's sounding notes count); held on every event by masking.", **kw)
     flags.DEFINE_string("velocity_range", None, "Hard limit: sampled notes only at velocities LO-HI (MIDI 1..127, "
                         "e.g. 40-90); held on every event by masking.", **kw)
+    flags.DEFINE_string("controls", None, "Controls for a model trained with data.control_seconds > 0: "
+                        "'density=6,register=low' for the whole piece, or a timeline '0:density=2;20:density=6,"
+                        "loudness=7' (seconds). Controls: density, polyphony, register, loudness (levels 1..K, "
+                        "low, mid, high or free), mode (major, minor, none or free).", **kw)
+    flags.DEFINE_string("mood", None, "calm, happy, tense or sad, as controls (mgpt/sample/controls.py MOODS: "
+                        "arousal -> density and loudness, valence -> mode); --controls overrides it.", **kw)
     flags.DEFINE_float("max_copy_seconds", DEFAULT_MAX_COPY_SECONDS,
                        "Copy guard: re-draw a piece that shares this many seconds with a training piece "
                        "(transposition-aware; 0 = off).", **kw)
@@ -131,7 +142,7 @@ def run_command(f) -> pathlib.Path:
     sampling = Sampling(temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, min_p=f.min_p, greedy=f.greedy,
                         max_events=f.max_events, max_seconds=f.max_seconds, max_note_seconds=f.max_note_seconds,
                         guidance=f.guidance, pitch_range=f.pitch_range, max_polyphony=f.max_polyphony,
-                        velocity_range=f.velocity_range)
+                        velocity_range=f.velocity_range, controls=f.controls, mood=f.mood)
     _check_primer_seconds(f.primer_seconds)
     check_copy_guard(f.max_copy_seconds, f.copy_tries)
     if f.audio:
@@ -140,6 +151,7 @@ def run_command(f) -> pathlib.Path:
     vocab, _, _ = read_run_info(f.workdir, f.checkpoint_step)
     styles = resolve_styles(vocab, f.style)
     sampling.check_limits(vocab)
+    sampling.timeline(vocab)
     if f.primer:
         load_primer(f.primer, vocab, f.primer_seconds)
     infill = None

@@ -214,6 +214,9 @@ class Sampling:
     pitch_range: tuple[int, int] | str | None = None
     max_polyphony: int | None = None
     velocity_range: tuple[int, int] | str | None = None
+    # Controls (mgpt/sample/controls.py): a --controls timeline and/or a --mood; None = none.
+    controls: str | None = None
+    mood: str | None = None
 
     def __post_init__(self):
         from mgpt.sample.sampler import sampling_settings
@@ -257,6 +260,16 @@ class Sampling:
 
         return HardLimits(pitch_range=self.pitch_range, max_polyphony=self.max_polyphony,
                           velocity_range=self.velocity_range)
+
+    def timeline(self, vocab: Vocabulary):
+        """--controls and --mood as a `mgpt.sample.controls.Timeline` for this vocabulary; a UserError
+        naming the flag when they are wrong or the model has no control tokens."""
+        from mgpt.sample import controls
+
+        try:
+            return controls.parse(vocab, self.controls, self.mood)
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
     def check_limits(self, vocab: Vocabulary) -> None:
         """A range that holds nothing the model can play: one line naming the flag."""
@@ -373,7 +386,7 @@ class Run:
         kwargs = dict(
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
             greedy=sampling.greedy, guidance=sampling.guidance, batch_size=batch_size,
-            hard_limits=sampling.hard_limits(),
+            hard_limits=sampling.hard_limits(), controls=sampling.timeline(self.vocab),
             **(sampling.budget() if gaps is None else {"max_events": sampling.max_events}),
         )
         limits = [self.max_note_seconds(p, sampling) for p in prompts]
@@ -410,7 +423,7 @@ class Run:
 
         Piece i uses seed `seed + i`. Sampling keywords: temperature, top_k, top_p,
         min_p, greedy, max_events, max_seconds, max_note_seconds, guidance, and the hard limits
-        pitch_range, max_polyphony, velocity_range (see `Sampling`).
+        pitch_range, max_polyphony, velocity_range, and controls / mood (see `Sampling`).
         """
         _check_primer_seconds(primer_seconds)  # refused with or without a primer, as on the command line
         cycle = resolve_styles(self.vocab, style)
