@@ -40,6 +40,12 @@ one that lands on E, EOS is masked, and notes the piece holds through the whole 
 never released. A middle that fills its window goes on in a fresh FIM prompt whose prefix
 now ends with the middle written so far.
 
+Hard limits (`hard_limits`: pitch range, maximum polyphony, velocity range; mgpt/sample/limits.py)
+join the mask, so they hold on every sampled event. Controls (`controls`, a model trained with
+control tokens; mgpt/sample/controls.py): when the row's clock enters a new segment, the
+tokens asked for are written in place of the next drawn events, as the data pipeline wrote
+them in training; they count neither as events of the budget nor for the rng.
+
 Randomness: row b's event number n (counting from the start of generation,
 across windows) is drawn with `fold_in(key(seed_b), n)`, so a seed gives the
 same piece whatever batch or position the row is in.
