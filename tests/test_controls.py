@@ -147,3 +147,16 @@ def test_a_vocabulary_without_controls_reads_and_writes_as_before(vocab, tmp_pat
     assert Vocabulary.load(tmp_path) == vocab and Vocabulary.load(tmp_path).controls == vocab.controls
     with pytest.raises(ValueError, match="no control tokens"):
         plain.control_id("density", 3)
+
+
+def test_a_run_keeps_the_controls_it_started_with(vocab):
+    from mgpt.errors import UserError
+
+    plain = Vocabulary(["bach"])
+    assert data_lib.with_controls(plain, None, {"control_seconds": 0.0}, resumed=False) is plain
+    assert data_lib.with_controls(vocab, None, {"control_seconds": 0.0}, resumed=True) is vocab
+    assert data_lib.with_controls(vocab, None, {"control_seconds": SECONDS}, resumed=True) is vocab
+    with pytest.raises(UserError, match="config.data.control_seconds=3: the run's vocabulary has 2 s segments"):
+        data_lib.with_controls(vocab, None, {"control_seconds": 3.0}, resumed=True)
+    with pytest.raises(UserError, match="resumed or warm-started model's vocabulary has no control tokens"):
+        data_lib.with_controls(plain, None, {"control_seconds": 2.0}, resumed=True)
