@@ -114,3 +114,23 @@ def test_bad_limits_name_the_setting():
     with pytest.raises(ValueError, match="--pitch_range=low: expected LO-HI"):
         parse_range("pitch_range", "low")
     assert parse_range("pitch_range", "48-72") == (48, 72) and parse_range("x", "") is None
+
+
+def test_a_velocity_range_the_model_never_plays_still_gets_notes():
+    # The model knows one loudness (as the demo corpus, all at 77): other VELOCITYs are near-impossible.
+    pref_V = np.zeros(VOCAB.size, np.float32)
+    pref_V[VOCAB.note_on_offset:VOCAB.note_off_offset] = 2.0
+    pref_V[VOCAB.time_shift_offset:VOCAB.time_shift_offset + 10] = 2.0
+    pref_V[VOCAB.velocity_offset:VOCAB.style_offset] = -30.0
+    pref_V[VOCAB.velocity_offset + int(VOCAB.velocity_to_bin(77)) - 1] = 0.0
+    pref_V[VOCAB.eos_id] = -100.0
+    m = _eager_model()
+    m.unembed[...] = jnp.broadcast_to(jnp.asarray(pref_V) / CFG.d_model, m.unembed.shape)
+    loud = HardLimits(velocity_range=(90, 127))
+    rows = generate_tokens(m, VOCAB, [np.asarray([STYLE])] * 8, seeds=range(8), max_events=60, max_note_seconds=0.3,
+                           hard_limits=loud)
+    for r in rows:
+        velocity = VOCAB.decode_notes(r).velocity
+        # What the model would have given its quiet VELOCITY and its NOTE_ONs goes to a loud VELOCITY:
+        # the piece keeps its notes, all of them loud.
+        assert len(velocity) >= 10 and np.all(velocity >= 90)
