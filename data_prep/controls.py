@@ -128,18 +128,20 @@ def segment_levels(notes: Notes, spec: dict, count: int | None = None) -> np.nda
 
 
 def fit(pieces: Iterable[Notes], seconds: float, levels: int = DEFAULT_LEVELS) -> dict:
-    """The control spec of a training split: segment length, K, and per binned attribute the
-    K - 1 inner edges at its segments' quantiles 1/K .. (K-1)/K (NaNs left out)."""
+    """The control spec of a training split: segment length, K, per binned attribute the K - 1 inner
+    edges at its segments' quantiles 1/K .. (K-1)/K (NaNs left out), and per control the levels its
+    segments have ('seen'): where values tie with edges (a corpus of one velocity) some levels never
+    occur, and a model cannot have learnt what they mean."""
     if not seconds > 0:
         raise ValueError(f"control seconds must be > 0, got {seconds}")
     if not 2 <= levels <= 32:
         raise ValueError(f"control levels must be in 2..32, got {levels}")
-    collected = {a: [] for a in BINNED}
+    collected = {a: [] for a in ATTRIBUTES}
     for notes in pieces:
         if not len(notes.pitch):
             continue
         values = segment_values(notes, seconds)
-        for a in BINNED:
+        for a in ATTRIBUTES:
             collected[a].append(values[a])
     edges = {}
     for a in BINNED:
@@ -148,7 +150,10 @@ def fit(pieces: Iterable[Notes], seconds: float, levels: int = DEFAULT_LEVELS) -
         if not len(v):
             raise ValueError("the training split has no notes to fit control levels on")
         edges[a] = [round(float(x), 6) for x in np.quantile(v, np.arange(1, levels) / levels)]
-    return {"seconds": float(seconds), "levels": int(levels), "edges": edges}
+    spec = {"seconds": float(seconds), "levels": int(levels), "edges": edges}
+    level_SxA = levels_of({a: np.concatenate(collected[a]) for a in ATTRIBUTES}, spec)
+    spec["seen"] = {a: sorted(int(x) for x in set(level_SxA[:, i].tolist()) - {0}) for i, a in enumerate(ATTRIBUTES)}
+    return spec
 
 
 def _steps(vocab, ids: np.ndarray) -> np.ndarray:

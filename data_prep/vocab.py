@@ -70,7 +70,10 @@ def _check_controls(spec: dict) -> dict:
     edges = {name: [float(x) for x in spec["edges"][name]] for name in CONTROL_NAMES[:-1]}
     if not float(spec["seconds"]) > 0 or not 2 <= levels <= 32 or any(len(e) != levels - 1 for e in edges.values()):
         raise ValueError(f"controls: not a valid control spec ({spec!r:.200})")
-    return {"seconds": float(spec["seconds"]), "levels": levels, "edges": edges}
+    out = {"seconds": float(spec["seconds"]), "levels": levels, "edges": edges}
+    if "seen" in spec:  # the levels the training split has (data_prep.controls.fit); older specs lack it
+        out["seen"] = {name: [int(x) for x in spec["seen"][name]] for name in CONTROL_NAMES}
+    return out
 
 
 class Sounding(NamedTuple):

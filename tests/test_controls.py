@@ -160,3 +160,16 @@ def test_a_run_keeps_the_controls_it_started_with(vocab):
         data_lib.with_controls(vocab, None, {"control_seconds": 3.0}, resumed=True)
     with pytest.raises(UserError, match="resumed or warm-started model's vocabulary has no control tokens"):
         data_lib.with_controls(plain, None, {"control_seconds": 2.0}, resumed=True)
+
+
+def test_fit_records_the_levels_each_control_has():
+    plain = Vocabulary(["bach"])
+    pieces = [plain.decode_notes(plain.encode_notes(*_piece(s))) for s in range(4)]
+    one_velocity = [Notes(n.pitch, np.full(len(n.pitch), 77), n.start_s, n.end_s) for n in pieces]
+    spec = controls.fit(one_velocity, SECONDS, 8)
+    assert spec["seen"]["loudness"] == [4]  # every segment ties with every edge: the mid-rank
+    assert spec["seen"]["density"] == sorted(set(spec["seen"]["density"])) and len(spec["seen"]["density"]) >= 6
+    levels = np.concatenate([controls.segment_levels(n, spec) for n in one_velocity])
+    for a, name in enumerate(controls.ATTRIBUTES):
+        assert sorted(set(levels[:, a].tolist()) - {0}) == spec["seen"][name]
+    assert Vocabulary.from_json(plain.with_controls(spec).to_json()).controls["seen"] == spec["seen"]

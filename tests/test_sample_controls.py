@@ -119,3 +119,18 @@ def test_moods_follow_the_table_and_controls_override_them():
     # A change at T marks the first segment opening at or after T (segments of 0.5 s here).
     t = controls.parse(VOCAB, "0:density=1;1.2:density=5").segment_levels(VOCAB, 5)[:, 0]
     assert t.tolist() == [1, 1, 1, 5, 5]
+
+
+def test_levels_the_training_data_never_has_are_refused_and_names_take_the_nearest():
+    # As on the demo corpus: one velocity (loudness only ever level 4) and chords of 1, 3 or 4 notes.
+    seen = {"density": list(range(1, 9)), "polyphony": [1, 3, 5, 6, 7, 8], "register": list(range(1, 9)),
+            "loudness": [4], "mode": [1, 2, 3]}
+    vocab = Vocabulary(["bach"]).with_controls({**SPEC, "seen": seen})
+    with pytest.raises(ValueError, match=r"--controls: polyphony=2 never occurs in this model's training data, so "
+                                         r"it cannot have learnt it; use one of 1, 3, 5, 6, 7, 8 or free"):
+        controls.parse(vocab, "polyphony=2")
+    with pytest.raises(ValueError, match="loudness=7 never occurs"):
+        controls.parse(vocab, "0:density=2;20:density=6,loudness=7")
+    levels = controls.parse(vocab, "loudness=high,polyphony=low", "tense").segment_levels(vocab, 1)[0]
+    assert dict(zip(data_controls.ATTRIBUTES, levels))["loudness"] == 4  # the one level there is
+    assert dict(zip(data_controls.ATTRIBUTES, levels))["polyphony"] == 1  # low = 2: 1 and 3 are as near; the lower

@@ -60,6 +60,7 @@ def controls_sweep(*, run, vocab, num_samples: int, max_seconds: float, sampling
     points = {}
     for a, name in enumerate(data_controls.ATTRIBUTES):
         asked = range(1, levels + 1) if name != "mode" else range(1, len(data_controls.MODES) + 1)
+        asked = spec.get("seen", {}).get(name, asked)  # levels the training split never has are refused
         req, got_level, got_value = [], [], []
         for level in asked:
             text = f"{name}={data_controls.MODES[level - 1] if name == 'mode' else level}"
@@ -86,8 +87,10 @@ def controls_sweep(*, run, vocab, num_samples: int, max_seconds: float, sampling
         result["controls"][name] = row
         points[name] = (req, got_value)
     if change_s is not None:
-        low, high = data_controls_names(levels)
         for name in ("density", "loudness", "register"):
+            low, high = data_controls_names(levels, spec.get("seen", {}).get(name))
+            if low == high:
+                continue  # one level in the training data: nothing to change to
             for a_level, b_level in ((low, high), (high, low)):
                 text = f"0:{name}={a_level};{change_s:g}:{name}={b_level}"
                 log(f"controls sweep: timeline {text}")
@@ -109,11 +112,13 @@ def controls_sweep(*, run, vocab, num_samples: int, max_seconds: float, sampling
     return result
 
 
-def data_controls_names(levels: int) -> tuple[int, int]:
+def data_controls_names(levels: int, seen: list[int] | None = None) -> tuple[int, int]:
+    """The levels 'low' and 'high' ask for (the nearest the training split has, given `seen`)."""
     from mgpt.sample.controls import level_names
 
     names = level_names(levels)
-    return names["low"], names["high"]
+    near = (lambda k: k) if not seen else (lambda k: min(seen, key=lambda s: (abs(s - k), s)))  # noqa: E731
+    return near(names["low"]), near(names["high"])
 
 
 def _plot(points: dict, levels: int, path: pathlib.Path) -> None:

@@ -11,7 +11,9 @@ not drawn, and move no time; a control not asked for is left out, and the model 
 `--controls="0:density=2;20:density=6,loudness=7"` is a timeline: each entry sets the controls it
 names from that time (seconds of the piece) on and keeps the others; `NAME=free` lets the model
 choose again. Levels are 1..K (K = the model's data.control_levels; level 1 is the training
-split's lowest K-th), or low / mid / high (LEVEL_NAMES), and for mode major / minor / none. A
+split's lowest K-th), or low / mid / high (`level_names`; the nearest level the training split
+has), and for mode major / minor / none. A level the training split never has (values tied with
+quantile edges leave some empty) is refused: the model cannot have learnt it. A
 change takes effect at the first segment boundary at or after its time: the tokens mark whole
 segments, as in training.
 
@@ -101,6 +103,7 @@ def parse(vocab: Vocabulary, text: str | None, mood: str | None = None, flag: st
         raise ValueError(f"--mood={mood}: unknown mood; known moods: {', '.join(MOODS)}")
     levels = vocab.controls["levels"]
     names = level_names(levels)
+    seen = vocab.controls.get("seen") or {}
     entries: list[tuple[float, dict]] = []
     for part in [p.strip() for p in text.split(";") if p.strip()]:
         when, _, body = part.partition(":") if ":" in part else ("0", ":", part)
@@ -120,12 +123,12 @@ def parse(vocab: Vocabulary, text: str | None, mood: str | None = None, flag: st
                 raise ValueError(f"{flag}: unknown control '{name}'; known: {', '.join(controls_lib.ATTRIBUTES)}")
             if not eq or not value:
                 raise ValueError(f"{flag}: '{item}' needs a level (NAME=LEVEL)")
-            changes[name] = _level(flag, name, value, levels, names)
+            changes[name] = _level(flag, name, value, levels, names, seen.get(name))
         if not changes:
             raise ValueError(f"{flag}: the entry '{part}' names no control")
         entries.append((t, changes))
     if mood:  # the mood's controls, under whatever --controls sets at 0 s
-        base = {k: _level("--mood", k, v, levels, names) for k, v in MOODS[mood].items()}
+        base = {k: _level(f"--mood={mood}", k, v, levels, names, seen.get(k)) for k, v in MOODS[mood].items()}
         if entries and entries[0][0] == 0:
             entries[0] = (0.0, {**base, **entries[0][1]})
         else:
@@ -136,19 +139,27 @@ def parse(vocab: Vocabulary, text: str | None, mood: str | None = None, flag: st
                           for t, c in entries))
 
 
-def _level(flag: str, name: str, value: str, levels: int, names: dict[str, int]) -> int | None:
+def _level(flag: str, name: str, value: str, levels: int, names: dict[str, int],
+           seen: list[int] | None = None) -> int | None:
+    """One level; `seen`: the levels the model's training split has (None: any), see data_prep.controls.fit."""
     if value == FREE:
         return None
     if name == "mode":
         if value not in controls_lib.MODES:
             raise ValueError(f"{flag}: mode={value} is not a mode; use {', '.join(controls_lib.MODES)} or {FREE}")
-        return controls_lib.MODES.index(value) + 1
-    if value in names:
-        return names[value]
-    if not value.isdigit() or not 1 <= int(value) <= levels:
+        level = controls_lib.MODES.index(value) + 1
+    elif value in names:  # a name is the nearest level the model knows
+        return names[value] if not seen else min(seen, key=lambda k: (abs(k - names[value]), k))
+    elif not value.isdigit() or not 1 <= int(value) <= levels:
         raise ValueError(f"{flag}: {name}={value} is out of range; use a level 1..{levels}, "
                          f"{', '.join(names)} or {FREE}")
-    return int(value)
+    else:
+        level = int(value)
+    if seen is not None and level not in seen:
+        known = ", ".join(controls_lib.MODES[k - 1] if name == "mode" else str(k) for k in seen)
+        raise ValueError(f"{flag}: {name}={value} never occurs in this model's training data, so it cannot have "
+                         f"learnt it; use one of {known} or {FREE}")
+    return level
 
 
 # ----------------------------------------------------------------------------- in the decode loop
