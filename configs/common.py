@@ -37,6 +37,11 @@ def base() -> ml_collections.ConfigDict:
     c.data.transpose = 5  # train-time random transposition in [-transpose, +transpose] semitones
     c.data.style_dropout = 0.0  # share of training segments conditioned on STYLE:unknown (for --guidance)
     c.data.fim_rate = 0.0  # share of training segments rearranged for fill-in-the-middle (for --infill)
+    # Control tokens (data_prep/controls.py, for --controls and --mood): each piece is cut into segments of
+    # this many seconds, each marked with its note density, polyphony, register, loudness and mode. 0 = off.
+    c.data.control_seconds = 0.0
+    c.data.control_levels = 8  # quantile bins of the training split per binned control
+    c.data.control_dropout = 0.5  # chance each control token is left out of a training row (any subset can be given)
     c.data.num_packing_bins = 64  # rows packed at once: more bins, less padding
     c.data.read_threads = 1  # grain reader threads per host
     c.data.prefetch = 2  # batches prepared ahead of the device

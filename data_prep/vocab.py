@@ -12,13 +12,18 @@ Layout (ids are positions in `tokens`):
     VELOCITY:{1..num_velocity_bins}      (value is the bin),
     STYLE:unknown, STYLE:{label}...      (conditioning tokens, sorted)
     FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE, FIM_END   (only in a vocabulary made `with_fim()`)
+    CONTROL:density=1..K, CONTROL:polyphony=1..K, CONTROL:register=1..K, CONTROL:loudness=1..K,
+    CONTROL:mode=major|minor|none                 (only in a vocabulary made `with_controls()`)
 
 The performance events follow note-seq's `performance_lib.Performance` exactly
 (same quantisation, event order and velocity binning); tests check the two agree.
 Conditioning tokens come after the events so that event ids do not move when labels
 change. The fill-in-the-middle markers (mgpt/sample/fim.py) are appended after everything, so
 a model trained with them reads every other id as an older model does, and a vocab.json
-written before they existed still loads (without them).
+written before they existed still loads (without them). The control tokens
+(data_prep/controls.py) are appended after those in the same way, and their spec (segment
+seconds, K, the quantile edges) is saved in vocab.json under "controls" only when they exist,
+so a vocabulary without them writes and reads exactly as before.
 
 It lives in data_prep, not mgpt, because it is part of the dataset format that
 data_prep writes: mgpt reads that format, and data_prep imports nothing of mgpt's but its
@@ -50,6 +55,27 @@ _MIN_MIDI_VELOCITY = 1
 _MAX_MIDI_VELOCITY = 127
 
 
+MODE_NAMES = ("major", "minor", "none")  # data_prep.controls.MODES
+CONTROL_NAMES = ("density", "polyphony", "register", "loudness", "mode")  # data_prep.controls.ATTRIBUTES
+
+
+def _control_tokens(levels: int) -> list[str]:
+    return ([f"CONTROL:{name}={k}" for name in CONTROL_NAMES[:-1] for k in range(1, levels + 1)]
+            + [f"CONTROL:mode={m}" for m in MODE_NAMES])
+
+
+def _check_controls(spec: dict) -> dict:
+    """A control spec as vocab.json stores it: {'seconds', 'levels', 'edges': {name: K - 1 numbers}}."""
+    levels = int(spec["levels"])
+    edges = {name: [float(x) for x in spec["edges"][name]] for name in CONTROL_NAMES[:-1]}
+    if not float(spec["seconds"]) > 0 or not 2 <= levels <= 32 or any(len(e) != levels - 1 for e in edges.values()):
+        raise ValueError(f"controls: not a valid control spec ({spec!r:.200})")
+    out = {"seconds": float(spec["seconds"]), "levels": levels, "edges": edges}
+    if "seen" in spec:  # the levels the training split has (data_prep.controls.fit); older specs lack it
+        out["seen"] = {name: [int(x) for x in spec["seen"][name]] for name in CONTROL_NAMES}
+    return out
+
+
 class Sounding(NamedTuple):
     """The notes sounding at a cut (`Vocabulary.sounding_at`); arrays have one entry per pitch."""
 
@@ -79,6 +105,7 @@ class Vocabulary:
         num_velocity_bins: int = 32,
         steps_per_second: int = 100,
         fim: bool = False,
+        controls: dict | None = None,
     ):
         if not 0 <= min_pitch <= max_pitch <= 127:
             raise ValueError(f"pitch range {min_pitch}..{max_pitch} must lie within 0..127")
@@ -105,7 +132,10 @@ class Vocabulary:
         self.style_offset = self.velocity_offset + num_velocity_bins
         self.fim = bool(fim)
         self.fim_offset = self.style_offset + len(self.styles)  # = size when there are no FIM tokens
-        self.size = self.fim_offset + (len(FIM_TOKENS) if self.fim else 0)
+        self.control_offset = self.fim_offset + (len(FIM_TOKENS) if self.fim else 0)
+        self.controls = None if controls is None else _check_controls(controls)
+        control_tokens = [] if self.controls is None else _control_tokens(self.controls["levels"])
+        self.size = self.control_offset + len(control_tokens)
 
         pitches = range(min_pitch, max_pitch + 1)
         self.tokens: list[str] = (
@@ -116,6 +146,7 @@ class Vocabulary:
             + [f"VELOCITY:{b}" for b in range(1, num_velocity_bins + 1)]
             + [f"STYLE:{s}" for s in self.styles]
             + (list(FIM_TOKENS) if self.fim else [])
+            + control_tokens
         )
         self._index = {t: i for i, t in enumerate(self.tokens)}
         self._velocity_bin_size = math.ceil(
@@ -131,6 +162,7 @@ class Vocabulary:
             "max_shift_steps": self.max_shift_steps,
             "num_velocity_bins": self.num_velocity_bins,
             "steps_per_second": self.steps_per_second,
+            **({} if self.controls is None else {"controls": self.controls}),
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -149,6 +181,7 @@ class Vocabulary:
                 num_velocity_bins=int(data["num_velocity_bins"]),
                 steps_per_second=int(data["steps_per_second"]),
                 fim=FIM_TOKENS[0] in data["tokens"],
+                controls=data.get("controls"),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"{origin}: not a valid mgpt vocabulary ({e})") from None
@@ -171,10 +204,28 @@ class Vocabulary:
         return cls.from_json(data, origin=path)
 
     def with_fim(self) -> "Vocabulary":
-        """The same vocabulary with the FIM tokens appended (every other id unchanged)."""
+        """The same vocabulary with the FIM tokens appended (every other event and style id unchanged)."""
         return Vocabulary(self.styles, min_pitch=self.min_pitch, max_pitch=self.max_pitch,
                           max_shift_steps=self.max_shift_steps, num_velocity_bins=self.num_velocity_bins,
-                          steps_per_second=self.steps_per_second, fim=True)
+                          steps_per_second=self.steps_per_second, fim=True, controls=self.controls)
+
+    def with_controls(self, spec: dict) -> "Vocabulary":
+        """The same vocabulary with control tokens appended after everything (`data_prep.controls.fit`'s spec)."""
+        return Vocabulary(self.styles, min_pitch=self.min_pitch, max_pitch=self.max_pitch,
+                          max_shift_steps=self.max_shift_steps, num_velocity_bins=self.num_velocity_bins,
+                          steps_per_second=self.steps_per_second, fim=self.fim, controls=spec)
+
+    def control_id(self, name: str, level: int | str) -> int:
+        """The token of control `name` at `level` (1..K; for mode 1..3 or major/minor/none)."""
+        if self.controls is None:
+            raise ValueError("this vocabulary has no control tokens (a model trained without data.control_seconds)")
+        if name == "mode" and not isinstance(level, str):
+            level = MODE_NAMES[int(level) - 1]
+        return self.id_of(f"CONTROL:{name}={level}")
+
+    def is_control(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids)
+        return ids >= self.control_offset
 
     @property
     def fim_prefix_id(self) -> int:
@@ -297,6 +348,8 @@ class Vocabulary:
         carried at all when nothing sounds). Training crops, evaluation segments and the
         sampler's windows all use this one rule. `limit` caps the tokens carried (whole
         notes, the lowest pitches first), so that a pathological chord cannot fill a window.
+        With control tokens (data_prep/controls.py) the controls in force come first, given as
+        the segment's opening wrote them (`controls.in_force`).
         """
         if start == 0:
             return []
@@ -305,6 +358,10 @@ class Vocabulary:
         in_force = self.velocity_at(ids, start)
         pitch, count, velocity, _, _ = self.sounding_at(ids, start)
         out: list[int] = []
+        if self.controls is not None:
+            from data_prep import controls
+
+            out += controls.in_force(self, ids, start)
         current = None
         if in_force is not None and (len(pitch) or not opens_on_velocity):
             out.append(in_force)

@@ -5,6 +5,7 @@
     python -m mgpt.evaluate --workdir=runs/demo --output_dir=out/eval --lstm_workdir=runs/lstm
     python -m mgpt.evaluate --compare out/eval_a out/eval_b
     python -m mgpt.evaluate --workdir=runs/demo --output_dir=out/guidance --guidance_sweep=1,1.5,2,3
+    python -m mgpt.evaluate --workdir=runs/ctl --output_dir=out/controls --controls_sweep --num_samples=8
     python -m mgpt.evaluate --workdir=runs/demo --finetuned_workdir=runs/bach --composer=bach --output_dir=out/bach
 
 The first form generates pieces with `mgpt.generate` into OUTPUT_DIR/generated (with
@@ -35,6 +36,13 @@ Both write OUTPUT_DIR/report.json (every figure), report.md (tables), report.htm
 value G (mgpt.sample) and reports, per G, the classifier's style accuracy, the mean
 feature overlap (with its ceiling) and the longest copy, computed by the same sections,
 with a plot of accuracy against overlap (guidance_sweep.md/.json/.png).
+
+`--controls_sweep` (a model trained with data.control_seconds > 0) instead generates
+--num_samples pieces of --max_seconds at each level of each control, the others left free, reads
+them back as MIDI and reports per control the exact-bin and within-one-bin accuracy and Spearman's
+rho between requested level and measured value, and, for timelines that change at
+--controls_change_s, how many seconds the music takes to follow (mgpt/eval/controls_sweep.py;
+controls_sweep.md/.json/.png).
 
 `--compare A B` prints the headline figures of two reports (folders or report.json
 files) side by side (as `python -m mgpt.eval.compare A B`).
@@ -88,6 +96,10 @@ def define_flags(fv):
     flags.DEFINE_string("guidance_sweep", None, "Style guidance sweep, e.g. 1,1.5,2,3: per G, --num_samples pieces "
                         "and their style accuracy, feature overlap and longest copy (guidance_sweep.md/.json/.png).",
                         **kw)
+    flags.DEFINE_bool("controls_sweep", False, "Controls sweep: per control and level, --num_samples pieces "
+                      "of --max_seconds; adherence measured on the MIDI (mgpt/eval/controls_sweep.py).", **kw)
+    flags.DEFINE_float("controls_change_s", None, "Controls sweep: where its timelines change level (seconds; "
+                       "default: half of --max_seconds).", **kw)
     flags.DEFINE_bool("compare", False, "Print two reports side by side: --compare RUN_A RUN_B.", **kw)
     flags.DEFINE_string("finetuned_workdir", None, "One-composer study: the fine-tuned run (with --composer).", **kw)
     flags.DEFINE_string("composer", None, "One-composer study: composer/style label of the fine-tune.", **kw)
@@ -120,6 +132,8 @@ def run_command(f, rest: Sequence[str]) -> str:
 
     if f.guidance_sweep is not None:
         return _run_guidance_sweep(f, options)
+    if f.controls_sweep:
+        return _run_controls_sweep(f)
     if f.generated_dir and not render.read_all_manifests(f.generated_dir):  # fail before loading anything
         raise UserError(f"--generated_dir={f.generated_dir}: no manifest.jsonl with pieces there")
     start = time.perf_counter()
@@ -205,6 +219,29 @@ def _run_guidance_sweep(f, options: Options) -> str:
     text = write_guidance_sweep(result)
     (pathlib.Path(f.output_dir) / "guidance_sweep.md").write_text(text)
     return text + str(pathlib.Path(f.output_dir) / "guidance_sweep.png")
+
+
+def _run_controls_sweep(f) -> str:
+    from mgpt.eval.controls_sweep import controls_sweep, write_controls_sweep
+
+    if f.generated_dir:
+        raise UserError("--controls_sweep generates its own pieces; leave out --generated_dir")
+    gpt, vocab, config = model_from_run("gpt", f.workdir)
+    if vocab.controls is None:
+        raise UserError(f"--controls_sweep: the model in {f.workdir} was trained without control tokens "
+                        "(data.control_seconds = 0)")
+    dataset_dir = resolve_dataset(f.dataset_dir or config.data.dataset_dir)
+    run, styles, sampling = _sampling_run(f, gpt, vocab, config, dataset_dir)
+    style = styles[0] if f.style != "all" else "unconditional"
+    change = f.controls_change_s if f.controls_change_s is not None else f.max_seconds / 2
+    try:
+        result = controls_sweep(run=run, vocab=vocab, num_samples=f.num_samples, max_seconds=f.max_seconds,
+                                sampling=sampling, output_dir=f.output_dir, style=style, seed=f.seed, change_s=change)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    text = write_controls_sweep(result)
+    (pathlib.Path(f.output_dir) / "controls_sweep.md").write_text(text)
+    return text + str(pathlib.Path(f.output_dir) / "controls_sweep.png")
 
 
 @reported

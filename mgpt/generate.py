@@ -18,6 +18,16 @@ dataset) and re-draws a piece that copies X seconds or more with a new seed, up 
 `--copy_tries` draws in all. Each manifest line records the piece's longest copied span
 (seconds, notes, training piece) and whether it is still over the limit.
 
+Hard limits hold on every sampled event, by masking (mgpt/sample/limits.py):
+`--pitch_range=48-72` (MIDI pitches), `--max_polyphony=3` (notes sounding at once) and
+`--velocity_range=40-90` (MIDI velocities). The primer's own notes are kept as they are; those
+still sounding count towards the polyphony of the notes the model adds.
+
+Controls (a model trained with data.control_seconds > 0): `--controls="density=6,register=low"`,
+or a timeline that changes mid-piece, `--controls="0:density=2;20:density=6,loudness=7"`, and
+`--mood=calm|happy|tense|sad` (mgpt/sample/controls.py has the table). The sampler writes the
+control tokens at each segment's opening; controls not given are the model's to choose.
+
 `--infill=FILE.mid --infill_start=S --infill_end=E` (seconds) keeps the file outside [S, E)
 and fills the gap: the model (trained with data.fim_rate > 0) reads the music before S, the
 music from E on and the gap's length, and writes a middle that lasts exactly E - S and
@@ -98,6 +108,18 @@ def define_flags(fv):
     flags.DEFINE_float("guidance", None, "Classifier-free style guidance G >= 0: l_uncond + G (l_cond - l_uncond); "
                        f"1 = off. Default: {DEFAULT_GUIDANCE:g} for a model trained with data.style_dropout > 0 "
                        "(configs/small.py), else 1.", **kw)
+    flags.DEFINE_string("pitch_range", None, "Hard limit: sampled notes only in pitches LO-HI (MIDI numbers, e.g. "
+                        "48-72); held on every event by masking. The primer's notes are kept as they are.", **kw)
+    flags.DEFINE_integer("max_polyphony", None, "Hard limit: at most this many notes sounding when a note is struck "
+                         "(the primer's sounding notes count); held on every event by masking.", **kw)
+    flags.DEFINE_string("velocity_range", None, "Hard limit: sampled notes only at velocities LO-HI (MIDI 1..127, "
+                        "e.g. 40-90); held on every event by masking.", **kw)
+    flags.DEFINE_string("controls", None, "Controls for a model trained with data.control_seconds > 0: "
+                        "'density=6,register=low' for the whole piece, or a timeline '0:density=2;20:density=6,"
+                        "loudness=7' (seconds). Controls: density, polyphony, register, loudness (levels 1..K, "
+                        "low, mid, high or free), mode (major, minor, none or free).", **kw)
+    flags.DEFINE_string("mood", None, "calm, happy, tense or sad, as controls (mgpt/sample/controls.py MOODS: "
+                        "arousal -> density and loudness, valence -> mode); --controls overrides it.", **kw)
     flags.DEFINE_float("max_copy_seconds", DEFAULT_MAX_COPY_SECONDS,
                        "Copy guard: re-draw a piece that shares this many seconds with a training piece "
                        "(transposition-aware; 0 = off).", **kw)
@@ -119,7 +141,8 @@ def run_command(f) -> pathlib.Path:
                         "[--num_samples=N] [--primer=FILE.mid | --infill=FILE.mid --infill_start=S --infill_end=E] [--audio]")
     sampling = Sampling(temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, min_p=f.min_p, greedy=f.greedy,
                         max_events=f.max_events, max_seconds=f.max_seconds, max_note_seconds=f.max_note_seconds,
-                        guidance=f.guidance)
+                        guidance=f.guidance, pitch_range=f.pitch_range, max_polyphony=f.max_polyphony,
+                        velocity_range=f.velocity_range, controls=f.controls, mood=f.mood)
     _check_primer_seconds(f.primer_seconds)
     check_copy_guard(f.max_copy_seconds, f.copy_tries)
     if f.audio:
@@ -127,6 +150,8 @@ def run_command(f) -> pathlib.Path:
     # Everything a user can get wrong is checked before the weights are loaded.
     vocab, _, _ = read_run_info(f.workdir, f.checkpoint_step)
     styles = resolve_styles(vocab, f.style)
+    sampling.check_limits(vocab)
+    sampling.timeline(vocab)
     if f.primer:
         load_primer(f.primer, vocab, f.primer_seconds)
     infill = None

@@ -656,3 +656,69 @@ def test_a_model_trained_with_style_dropout_samples_with_guidance_by_default(tmp
     resumed = generate.generate_corpus(run(0.1), old, num_samples=2, styles=["bach"], seed=5, sampling=sampling,
                                        progress=False, max_copy_seconds=0)
     assert [e["settings"]["guidance"] for e in resumed] == [1.0, 1.0] and resumed[0] == plain_entries[0]
+
+
+def test_bad_hard_limit_flags_name_the_flag(workdir, tmp_path):
+    for flag, message in [("--pitch_range=high", "--pitch_range=high: expected LO-HI"),
+                          ("--pitch_range=72-48", "--pitch_range must be LO-HI"),
+                          ("--velocity_range=0-90", "--velocity_range must be LO-HI with 1 <= LO"),
+                          ("--max_polyphony=0", "--max_polyphony must be an integer >= 1"),
+                          ("--pitch_range=0-5", "--pitch_range 0-5 holds none of the model's pitches")]:
+        with pytest.raises(SystemExit, match=message) as e:
+            generate.main(_cli_args(workdir, tmp_path, flag))
+        assert "\n" not in str(e.value)
+
+
+def test_hard_limits_reach_the_sampler_and_the_manifest(run, tmp_path):
+    from mgpt.sample.corpus import generate_corpus
+
+    lines = generate_corpus(run, tmp_path, num_samples=3, styles=["unconditional"], progress=False,
+                            max_copy_seconds=0, sampling=generate.Sampling(max_events=60, pitch_range="60-64",
+                                                                           max_polyphony=1))
+    notes = [run.vocab.decode_notes(ids) for ids in run.generate_ids(n=3, max_events=60, pitch_range=(60, 64),
+                                                                     max_polyphony=1)]
+    assert sum(len(n.pitch) for n in notes) > 0
+    for n in notes:
+        assert np.all((n.pitch >= 60) & (n.pitch <= 64))
+    assert lines[0]["settings"]["pitch_range"] == [60, 64] and lines[0]["settings"]["max_polyphony"] == 1
+    # Resuming with the same flags is the same corpus.
+    generate_corpus(run, tmp_path, num_samples=3, styles=["unconditional"], progress=False, max_copy_seconds=0,
+                    sampling=generate.Sampling(max_events=60, pitch_range="60-64", max_polyphony=1))
+
+
+def test_controls_on_a_model_without_them_is_one_line(workdir, tmp_path):
+    for flag, message in [("--controls=density=3", "--controls: this model was trained without control tokens"),
+                          ("--mood=calm", "--mood: this model was trained without control tokens")]:
+        with pytest.raises(SystemExit, match=message) as e:
+            generate.main(_cli_args(workdir, tmp_path, flag))
+        assert "\n" not in str(e.value)
+
+
+def test_an_empty_controls_flag_samples_todays_pieces(run):
+    today = run.generate_ids(n=2, max_events=40, seed=3)
+    empty = run.generate_ids(n=2, max_events=40, seed=3, controls="", mood="")
+    for a, b in zip(today, empty):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_controls_and_mood_from_the_command_line(tmp_path):
+    import json as json_lib
+
+    from data_prep import controls as data_controls
+
+    spec = {"seconds": 1.0, "levels": 8, "edges": {n: [float(i) for i in range(1, 8)] for n in data_controls.BINNED}}
+    workdir = str(tmp_path / "run")
+    _save_checkpoint(workdir, Vocabulary(STYLES).with_controls(spec))
+    out = tmp_path / "out"
+    generate.main(_cli_args(workdir, out, "--num_samples=2", "--max_seconds=3", "--max_copy_seconds=0",
+                            "--controls=0:density=2;2:density=high", "--mood=sad"))
+    lines = [json_lib.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and lines[0]["settings"]["controls"] == "0:density=2;2:density=high"
+    assert lines[0]["settings"]["mood"] == "sad"
+    for flag, message in [("--controls=density=9", "--controls: density=9 is out of range; use a level 1..8"),
+                          ("--controls=0:density=2;5:mode=minor;3:density=4", "--controls: times must increase"),
+                          ("--controls=speed=2", "--controls: unknown control 'speed'"),
+                          ("--mood=angry", "--mood=angry: unknown mood")]:
+        with pytest.raises(SystemExit, match=message) as e:
+            generate.main(_cli_args(workdir, tmp_path / "bad", flag))
+        assert "\n" not in str(e.value)

@@ -277,6 +277,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_p
         ("data.seq_len", 128, "config.model.max_len"),
         ("data.transpose", -1, "config.data.transpose"),
         ("data.style_dropout", 1.0, "config.data.style_dropout"),
+        ("data.control_seconds", -2.0, "config.data.control_seconds"),
+        ("data.control_levels", 1, "config.data.control_levels"),
+        ("data.control_dropout", 1.5, "config.data.control_dropout"),
         ("mesh.rules", (("embed", "pipeline"),), "config.mesh.rules"),
     ],
 )

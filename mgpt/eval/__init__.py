@@ -12,7 +12,8 @@ into report.json (big_vision's evaluators, for music):
 - validity: generated files that parse and have notes;
 - targets: the issue's targets read off the sections above.
 
-Beside the report: the guidance sweep (`guidance`), the one-composer study (`composer`),
+Beside the report: the guidance sweep (`guidance`), the controls sweep (`controls_sweep`), the
+one-composer study (`composer`),
 report.md/.html (`pages`), two reports side by side (`compare`, its own command) and
 infilling (`infill`, its own command: `python -m mgpt.eval.infill`).
 `references` builds what generated pieces are judged against, once. The command line
@@ -20,7 +21,7 @@ is `python -m mgpt.evaluate`.
 
 Report sections only: the analysis they report on is the library in mgpt.music (so a section's
 file is `features_section.py` beside `mgpt/music/features.py`). Code here may import mgpt.music,
-mgpt.sample.run and .corpus (to generate pieces), mgpt.train.checkpoint and mgpt.train.data
+mgpt.sample.run, .corpus and .controls (to generate pieces), mgpt.train.checkpoint and mgpt.train.data
 (to load a model and a split), mgpt.render, data_prep and mgpt.errors; never the training loop
 or a command.
 """

@@ -173,7 +173,8 @@ def _open_manifest(path: pathlib.Path):
 _IDENTITY = ("style", "seed", "settings", "primer", "primer_seconds", "checkpoint_step", "copy_guard",
              "max_note_seconds", "infill")
 # Settings added since manifests were first written, with the value that means "as before".
-_SETTINGS_SINCE = {"guidance": 1.0}
+_SETTINGS_SINCE = {"guidance": 1.0, "pitch_range": None, "max_polyphony": None, "velocity_range": None,
+                   "controls": None, "mood": None}
 _COPY_GUARD_OFF = {"max_copy_seconds": 0.0, "tries": 1}
 
 
@@ -349,6 +350,7 @@ def _write_piece(vocab, out: pathlib.Path, piece: Piece, ids: np.ndarray, primer
                  infill: Infill | None = None):
     ns = decode(vocab, ids)
     primer_len = 0 if primer_ids is None else len(primer_ids)
+    controls = int(np.sum(vocab.is_control(ids)))
     primer_end_s = vocab.seconds(primer_ids) if primer_len else 0.0
     mid = render.write_midi(ns, out / f"{piece.stem}.mid")
     gap = (infill.start, infill.end) if infill is not None else None
@@ -371,8 +373,9 @@ def _write_piece(vocab, out: pathlib.Path, piece: Piece, ids: np.ndarray, primer
         "audio": wav.name if wav else None,
         "style": piece.style,
         "seed": piece.seed,
-        "events": int(len(ids) - 1),  # without the STYLE token; primer included
-        "new_events": int(len(ids) - 1 - primer_len),
+        # Without the STYLE token and control tokens (written by the sampler, not events); primer included.
+        "events": int(len(ids) - 1 - controls),
+        "new_events": int(len(ids) - 1 - primer_len - controls),
         "primer_events": primer_len,
         "seconds": round(float(ns.total_time), 3),
         "notes": len(ns.notes),

@@ -209,6 +209,14 @@ class Sampling:
     max_seconds: float | None = None
     max_note_seconds: float | None = None  # the note-length guard: None = from the data, 0 = off
     guidance: float | None = None  # style guidance G (1 = off; None = the run's default, `Run.sampling`)
+    # Hard limits, held on every sampled event by the sampler's mask (mgpt/sample/limits.py). A range
+    # is (lo, hi) or the text 'lo-hi'; None = no limit.
+    pitch_range: tuple[int, int] | str | None = None
+    max_polyphony: int | None = None
+    velocity_range: tuple[int, int] | str | None = None
+    # Controls (mgpt/sample/controls.py): a --controls timeline and/or a --mood; None = none.
+    controls: str | None = None
+    mood: str | None = None
 
     def __post_init__(self):
         from mgpt.sample.sampler import sampling_settings
@@ -233,6 +241,42 @@ class Sampling:
             if not guidance_ok:
                 raise UserError(f"--guidance must be a number >= 0 (1 = off), got {self.guidance!r}")
             object.__setattr__(self, "guidance", float(self.guidance))  # a plain float for the manifest's JSON
+        from mgpt.sample.limits import HardLimits, parse_range
+
+        try:
+            for name in ("pitch_range", "velocity_range"):
+                if isinstance(getattr(self, name), str) or getattr(self, name) is None:
+                    object.__setattr__(self, name, parse_range(name, getattr(self, name)))
+            limits = HardLimits(pitch_range=self.pitch_range, max_polyphony=self.max_polyphony,
+                                velocity_range=self.velocity_range)
+        except ValueError as e:
+            raise UserError(str(e) if str(e).startswith("--") else f"--{e}") from None
+        for name in ("pitch_range", "velocity_range"):
+            object.__setattr__(self, name, getattr(limits, name))
+
+    def hard_limits(self):
+        """The hard limits as `mgpt.sample.limits.HardLimits` (inactive when none is set)."""
+        from mgpt.sample.limits import HardLimits
+
+        return HardLimits(pitch_range=self.pitch_range, max_polyphony=self.max_polyphony,
+                          velocity_range=self.velocity_range)
+
+    def timeline(self, vocab: Vocabulary):
+        """--controls and --mood as a `mgpt.sample.controls.Timeline` for this vocabulary; a UserError
+        naming the flag when they are wrong or the model has no control tokens."""
+        from mgpt.sample import controls
+
+        try:
+            return controls.parse(vocab, self.controls, self.mood)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+
+    def check_limits(self, vocab: Vocabulary) -> None:
+        """A range that holds nothing the model can play: one line naming the flag."""
+        try:
+            self.hard_limits().banned_V(vocab)
+        except ValueError as e:
+            raise UserError(f"--{e}") from None
 
     def budget(self) -> dict:
         if self.max_events is None and self.max_seconds is None:
@@ -240,7 +284,8 @@ class Sampling:
         return {"max_events": self.max_events, "max_seconds": self.max_seconds}
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), **self.budget()}
+        ranges = {k: list(getattr(self, k)) for k in ("pitch_range", "velocity_range") if getattr(self, k)}
+        return {**dataclasses.asdict(self), **self.budget(), **ranges}  # lists: what the manifest's JSON reads back
 
 
 # ----------------------------------------------------------------------------- a loaded run
@@ -341,6 +386,7 @@ class Run:
         kwargs = dict(
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
             greedy=sampling.greedy, guidance=sampling.guidance, batch_size=batch_size,
+            hard_limits=sampling.hard_limits(), controls=sampling.timeline(self.vocab),
             **(sampling.budget() if gaps is None else {"max_events": sampling.max_events}),
         )
         limits = [self.max_note_seconds(p, sampling) for p in prompts]
@@ -376,7 +422,8 @@ class Run:
         """`n` id rows (STYLE token + primer + new events). `style` may be a name, a comma list or 'all'.
 
         Piece i uses seed `seed + i`. Sampling keywords: temperature, top_k, top_p,
-        min_p, greedy, max_events, max_seconds, max_note_seconds, guidance (see `Sampling`).
+        min_p, greedy, max_events, max_seconds, max_note_seconds, guidance, and the hard limits
+        pitch_range, max_polyphony, velocity_range, and controls / mood (see `Sampling`).
         """
         _check_primer_seconds(primer_seconds)  # refused with or without a primer, as on the command line
         cycle = resolve_styles(self.vocab, style)

@@ -40,6 +40,12 @@ one that lands on E, EOS is masked, and notes the piece holds through the whole 
 never released. A middle that fills its window goes on in a fresh FIM prompt whose prefix
 now ends with the middle written so far.
 
+Hard limits (`hard_limits`: pitch range, maximum polyphony, velocity range; mgpt/sample/limits.py)
+join the mask, so they hold on every sampled event. Controls (`controls`, a model trained with
+control tokens; mgpt/sample/controls.py): when the row's clock enters a new segment, the
+tokens asked for are written in place of the next drawn events, as the data pipeline wrote
+them in training; they count neither as events of the budget nor for the rng.
+
 Randomness: row b's event number n (counting from the start of generation,
 across windows) is drawn with `fold_in(key(seed_b), n)`, so a seed gives the
 same piece whatever batch or position the row is in.
@@ -64,6 +70,8 @@ from flax import nnx
 
 from data_prep.vocab import Vocabulary
 from mgpt.model.gpt import GPT
+from mgpt.sample import controls as controls_lib
+from mgpt.sample import limits as limits_lib
 
 
 SILENT = np.iinfo(np.int32).max  # onset_BxP value of a pitch that is not sounding
@@ -95,6 +103,7 @@ def token_tables(vocab: Vocabulary) -> dict[str, jax.Array]:
         "eos_id": jnp.asarray(vocab.eos_id, jnp.int32),
         "time_shift_offset": jnp.asarray(vocab.time_shift_offset, jnp.int32),
         "unknown_style_id": jnp.asarray(vocab.unknown_style_id, jnp.int32),
+        "is_velocity_V": jnp.asarray(vocab.is_velocity(ids_V)),
     }
 
 
@@ -293,6 +302,8 @@ class RowState:
     done_B: the row is finished (EOS or a budget), or is batch padding; it is left untouched.
     open_BxP: notes sounding per pitch; onset_BxP: the time step (on the steps_B clock) of the
     latest NOTE_ON of a sounding pitch, or SILENT. The sampler's own record of what sounds.
+    velocity_B: the VELOCITY id in force, tracked only under hard limits (mgpt/sample/limits.py;
+    None otherwise, which traces as before).
     """
 
     events_B: jax.Array
@@ -300,6 +311,8 @@ class RowState:
     done_B: jax.Array
     open_BxP: jax.Array
     onset_BxP: jax.Array
+    velocity_B: jax.Array | None = None
+    control_B: jax.Array | None = None  # with controls: the next forced token of the segment (mgpt/sample/controls.py)
 
     @classmethod
     def start(cls, vocab: Vocabulary, prompts: Sequence[Sequence[int]], batch: int) -> "RowState":
@@ -325,6 +338,7 @@ class RowLimits:
     before): a fill row must spend exactly max_steps_B: EOS is masked, a TIME_SHIFT that would
     pass it is cut to land on it, and the row is done as soon as its clock reaches it.
     hold_BxP: notes per pitch the row may not release (see `note_rules`).
+    mask: hard limits (`mgpt.sample.limits.MaskLimits`; None = none, which traces as before).
     """
 
     max_events_B: jax.Array
@@ -332,6 +346,8 @@ class RowLimits:
     max_note_steps_B: jax.Array
     fill_B: jax.Array | None = None
     hold_BxP: jax.Array | None = None
+    mask: limits_lib.MaskLimits | None = None
+    controls: controls_lib.ControlPlan | None = None  # control tokens to force (None = none, traced as before)
 
 
 @flax.struct.dataclass
@@ -362,9 +378,13 @@ def choose_event(logits_BxV, rows: RowState, limits: RowLimits, settings, tables
     if fill_B is not None:  # a middle does not end before E
         eos_V = jnp.arange(banned_BxV.shape[1]) == tables["eos_id"]
         banned_BxV = banned_BxV | (fill_B[:, None] & eos_V[None, :])
+    if limits.mask is not None:  # hard limits: pitch range, polyphony, velocity range
+        banned_BxV = banned_BxV | limits_lib.mask_rules(limits.mask, rows.open_BxP, rows.velocity_B, tables)
     logits_BxV = jax.lax.cond(settings["release_share"] > 0, release_mass,
                               lambda l, b, t, a: l.astype(jnp.float32),
                               logits_BxV, banned_BxV, tables, settings["release_share"])
+    if limits.mask is not None:  # the masked VELOCITYs' mass goes to an allowed one (limits.velocity_mass)
+        logits_BxV = limits_lib.velocity_mass(logits_BxV, limits.mask, rows.open_BxP, rows.velocity_B, tables)
     token_B = _choose(logits_BxV, keys_B, settings, banned_BxV)
     if fill_B is not None:
         # A TIME_SHIFT past E becomes the one that lands on E, and the middle ends there: the
@@ -374,7 +394,11 @@ def choose_event(logits_BxV, rows: RowState, limits: RowLimits, settings, tables
         left_B = limits.max_steps_B - rows.steps_B
         past_B = fill_B & (tables["shift_steps_V"][token_B] > left_B)
         token_B = jnp.where(past_B, tables["time_shift_offset"] + left_B - 1, token_B)
-    return apply_guard(token_B, force_B, oldest_age_B, limits.max_note_steps_B)
+    token_B = apply_guard(token_B, force_B, oldest_age_B, limits.max_note_steps_B)
+    if limits.controls is not None:  # a control token due at a segment's opening is written, not drawn
+        forced_B, control_token_B = controls_lib.forced(limits.controls, rows.steps_B, rows.control_B)
+        token_B = jnp.where(forced_B, control_token_B, token_B)
+    return token_B
 
 
 def track_notes(rows: RowState, token_B, emit_B, tables):
@@ -438,6 +462,12 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
         tokens_BxW = s.tokens_BxW.at[rows_B, jnp.where(emit_B, s.end_B, window)].set(token_B, mode="drop")
         logits_Rx1xV, cache = model.decode(twin(token_B)[:, None], twin(s.end_B)[:, None], s.cache)
         open_BxP, onset_BxP = track_notes(r, token_B, emit_B, tables)
+        # --- controls (mgpt/sample/controls.py): forced tokens are not events of the budget or the rng
+        forced_B, _ = controls_lib.forced(limits.controls, r.steps_B, r.control_B)
+        counted_B = emit_B if forced_B is None else emit_B & ~forced_B
+        control_B = controls_lib.advance(limits.controls, r.control_B, r.steps_B, jnp.where(emit_B, new_steps_B, r.steps_B),
+                                         emit_B, forced_B)
+        # ---
         filled_B = False if fill_B is None else fill_B & emit_B & (new_steps_B >= limits.max_steps_B)
         return _SamplingState(
             tokens_BxW=tokens_BxW,
@@ -445,11 +475,13 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
             logits_BxV=guided_logits(logits_Rx1xV[:, 0], guidance),
             end_B=s.end_B + emit_B,
             rows=RowState(
-                events_B=r.events_B + emit_B,
+                events_B=r.events_B + counted_B,
                 steps_B=jnp.where(emit_B, new_steps_B, r.steps_B),
                 done_B=r.done_B | (live_B & stop_B) | filled_B,
                 open_BxP=open_BxP,
                 onset_BxP=onset_BxP,
+                velocity_B=limits_lib.track_velocity(r.velocity_B, token_B, emit_B, tables),
+                control_B=control_B,
             ),
         )
 
@@ -460,7 +492,9 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
         end_B=jnp.asarray(lengths_B, jnp.int32),
         rows=RowState(events_B=jnp.asarray(rows.events_B, jnp.int32), steps_B=jnp.asarray(rows.steps_B, jnp.int32),
                       done_B=jnp.asarray(rows.done_B, bool), open_BxP=jnp.asarray(rows.open_BxP, jnp.int32),
-                      onset_BxP=jnp.asarray(rows.onset_BxP, jnp.int32)),
+                      onset_BxP=jnp.asarray(rows.onset_BxP, jnp.int32),
+                      velocity_B=None if rows.velocity_B is None else jnp.asarray(rows.velocity_B, jnp.int32),
+                      control_B=None if rows.control_B is None else jnp.asarray(rows.control_B, jnp.int32)),
     )
     state = jax.lax.while_loop(lambda s: jnp.any(active(s)), body, state)
     return state.tokens_BxW, state.end_B, state.rows
@@ -490,6 +524,8 @@ def generate_tokens(
     guidance: float = 1.0,
     batch_size: int | None = None,
     gaps: Sequence | None = None,
+    hard_limits: limits_lib.HardLimits | None = None,
+    controls: controls_lib.Timeline | Sequence[controls_lib.Timeline] | None = None,
 ) -> list[np.ndarray]:
     """Continue each prompt (STYLE token + optional primer events) with sampled events.
 
@@ -506,6 +542,11 @@ def generate_tokens(
     0 = off) closes any note that has sounded that long at the next event (`apply_guard`).
     `guidance` G >= 0: classifier-free style guidance (see the module docstring); 1 = off,
     and it then runs the plain sampler, so G = 1 gives the same pieces at the same cost.
+    `hard_limits` (`mgpt.sample.limits.HardLimits`: pitch range, maximum polyphony, velocity
+    range) hold on every sampled event, by masking; the prompts' own events are left as they are.
+    `controls` (`mgpt.sample.controls.Timeline`, one for all prompts or one per prompt; the
+    vocabulary must have control tokens) are written at each segment's opening of the piece's
+    clock, the first right after the prompt; an empty timeline samples exactly as none.
 
     Returns, per prompt, the full row: prompt + new events, up to and excluding
     EOS (int32). Budgets: `max_events` new events and/or `max_seconds` of music
@@ -558,6 +599,21 @@ def generate_tokens(
     tables = token_tables(vocab)
     graphdef, params = nnx.split(model)
     batch_size = len(prompts) if not batch_size else batch_size
+    if hard_limits is not None and not hard_limits.active:
+        hard_limits = None  # no limit at all: the plain trace, byte-identical pieces
+    if hard_limits is not None:
+        hard_limits.banned_V(vocab)  # a range that leaves nothing to play fails here, before any work
+    if isinstance(controls, controls_lib.Timeline):
+        controls = [controls] * len(prompts)
+    if controls is not None and len(controls) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(controls)} control timelines")
+    if controls is not None and all(t.empty for t in controls):
+        controls = None  # nothing asked: the plain trace, byte-identical pieces
+    if controls is not None:
+        if vocab.controls is None:
+            raise ValueError("controls need a model trained with control tokens (data.control_seconds > 0)")
+        if gaps is not None:
+            raise ValueError("controls and infilling cannot be combined yet")
 
     out: list[np.ndarray] = []
     for start in range(0, len(prompts), batch_size):
@@ -565,7 +621,8 @@ def generate_tokens(
         out += _generate_batch(
             graphdef, params, cfg.max_len, vocab, prompts[start:stop], seeds[start:stop],
             max_events, max_steps, max_note_steps[start:stop], settings, tables, guidance,
-            gaps=None if gaps is None else gaps[start:stop],
+            gaps=None if gaps is None else gaps[start:stop], hard_limits=hard_limits,
+            controls=None if controls is None else controls[start:stop],
         )
     return out
 
@@ -591,7 +648,7 @@ def window_prompt(row: list[int], window: int, vocab: Vocabulary) -> list[int]:
 
 
 def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events, max_steps, max_note_steps,
-                    settings, tables, guidance, gaps=None):
+                    settings, tables, guidance, gaps=None, hard_limits=None, controls=None):
     """One batch through as many windows as its longest row needs (see the module docstring).
 
     With `gaps` each window's prompt is the FIM prompt of its row (`mgpt.sample.fim.prompt`): the
@@ -604,6 +661,18 @@ def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events,
     pieces = [list(p) for p in prompts]
     state = RowState.start(vocab, prompts, batch)
     state = state.replace(done_B=state.done_B | (max_events == 0))
+    mask = None
+    if hard_limits is not None:
+        mask = hard_limits.arrays(vocab, batch)
+        velocity_B = np.full(batch, limits_lib.velocity_in_force(vocab, []), np.int32)
+        velocity_B[:n] = [limits_lib.velocity_in_force(vocab, p) for p in prompts]
+        state = state.replace(velocity_B=velocity_B)
+    plan = None
+    if controls is not None:
+        offsets = [int(round(vocab.seconds(p) * vocab.steps_per_second)) for p in prompts]
+        plan = controls_lib.plan(vocab, controls, offsets, batch, None if max_steps >= np.iinfo(np.int32).max
+                                 else max_steps)
+        state = state.replace(control_B=np.zeros(batch, np.int32))  # the first group: right after the prompt
     seeds_B = np.zeros(batch, np.uint32)
     seeds_B[:n] = np.asarray(seeds, np.uint64).astype(np.uint32)
     max_steps_B = np.full(batch, max_steps, np.int32)
@@ -626,7 +695,7 @@ def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events,
             return window_prompt(r, window, vocab)
     limits = jax.tree.map(jnp.asarray, RowLimits(max_events_B=np.full(batch, max_events, np.int32),
                                                  max_steps_B=max_steps_B, max_note_steps_B=max_note_steps_B,
-                                                 fill_B=fill_B, hold_BxP=hold_BxP))
+                                                 fill_B=fill_B, hold_BxP=hold_BxP, mask=mask, controls=plan))
     while not np.all(state.done_B):
         windows = [window_of(b, r) for b, r in enumerate(pieces)]
         # Prefilling a few padding tokens costs less than compiling another prompt shape.

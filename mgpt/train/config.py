@@ -58,6 +58,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fim_rate = d.get("fim_rate", 0.0)
     _check(isinstance(fim_rate, (int, float)) and not isinstance(fim_rate, bool) and 0 <= fim_rate <= 1,
            "data.fim_rate", f"must be a share in [0, 1], got {fim_rate!r}")
+    seconds = d.get("control_seconds", 0.0)
+    _check(isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and 0 <= seconds <= 600,
+           "data.control_seconds", f"must be seconds in [0, 600] (0 = no controls), got {seconds!r}")
+    levels = d.get("control_levels", 8)
+    _check(isinstance(levels, int) and not isinstance(levels, bool) and 2 <= levels <= 32,
+           "data.control_levels", f"must be an integer in 2..32, got {levels!r}")
+    control_dropout = d.get("control_dropout", 0.5)
+    _check(isinstance(control_dropout, (int, float)) and not isinstance(control_dropout, bool)
+           and 0 <= control_dropout <= 1, "data.control_dropout", f"must be a share in [0, 1], got {control_dropout!r}")
 
     cfg = models.model_config(config.model, vocab_size=1)
     if hasattr(cfg, "max_len"):

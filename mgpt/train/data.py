@@ -34,6 +34,13 @@ and predicts `targets_BxL = row[:, 1:]`. Rows are built from pieces like this:
   plain: the trainer's validation nats/event remain comparable with models trained
   without FIM, and infilling is measured by its own script (`python -m mgpt.eval.infill`).
 
+- Controls (a vocabulary `with_controls()`, config.data.control_seconds > 0; data_prep/controls.py):
+  each piece, after its transposition, gets its segments' control tokens (note density,
+  polyphony, register, loudness, mode) at its start and after the TIME_SHIFT that opens each
+  next segment, and a crop that opens mid-segment carries them after STYLE
+  (`Vocabulary.carried_state`). They are given, never targets. In training each token is
+  dropped with probability `control_dropout`, independently, so any subset can be asked for.
+
 `mask_BxL` is 1 where the target is to be predicted and 0 where it is given: PAD and
 conditioning tokens always, carried NOTE_ONs always, and in evaluation the carried
 VELOCITY too, so validation nats/event count each event of a piece and its EOS exactly
@@ -62,6 +69,7 @@ import grain
 import numpy as np
 from etils import epath
 
+from data_prep import controls as controls_lib
 from data_prep.vocab import Vocabulary
 from mgpt.sample import fim as fim_lib
 from mgpt.errors import MissingInput, UserError
@@ -216,6 +224,27 @@ def choose_vocab(dataset_path: epath.Path, workdir: epath.Path, init_from: str) 
     return dataset_vocab
 
 
+def with_controls(vocab: Vocabulary, dataset_path, data_config, resumed: bool, log=print) -> Vocabulary:
+    """The run's vocabulary with control tokens when config.data.control_seconds > 0: levels fitted on
+    the training split (data_prep.controls.fit) for a new run; a resumed or warm-started one keeps its own."""
+    seconds = float(data_config.get("control_seconds", 0.0) or 0.0)
+    if vocab.controls is not None:
+        if seconds and seconds != vocab.controls["seconds"]:
+            raise UserError(f"config.data.control_seconds={seconds:g}: the run's vocabulary has "
+                            f"{vocab.controls['seconds']:g} s segments; resume with that, or start a new run")
+        return vocab
+    if not seconds:
+        return vocab
+    if resumed:
+        raise UserError("config.data.control_seconds: the resumed or warm-started model's vocabulary has no control "
+                        "tokens; start a new run (or set data.control_seconds=0)")
+    source = open_source(dataset_path, "train", training_only=True)
+    levels = int(data_config.get("control_levels", controls_lib.DEFAULT_LEVELS))
+    spec = controls_lib.fit((vocab.decode_notes(source[i]["tokens"]) for i in range(len(source))), seconds, levels)
+    log(f"controls: {levels} levels per control over {seconds:g} s segments, fitted on {len(source)} training pieces")
+    return vocab.with_controls(spec)
+
+
 def check_same_events(vocab: Vocabulary, dataset_path, owner: str, field: str = "config.data.dataset_dir") -> None:
     """A UserError naming `field` unless every event id of `vocab` (a model's, `owner`'s)
     means the same in the dataset at `dataset_path`; style labels may differ."""
@@ -229,7 +258,7 @@ def check_same_events(vocab: Vocabulary, dataset_path, owner: str, field: str = 
 def _same_events(vocab: Vocabulary, dataset_vocab: Vocabulary, dataset_path, owner: str,
                  field: str = "config.data.dataset_dir") -> Vocabulary:
     """`vocab` if every event id means the same in the dataset; style labels may differ."""
-    settings = lambda v: {k: x for k, x in v.to_json().items() if k != "tokens"}
+    settings = lambda v: {k: x for k, x in v.to_json().items() if k not in ("tokens", "controls")}
     ours, theirs = settings(vocab), settings(dataset_vocab)
     differ = [f"{k}={theirs.get(k)!r} there, {ours.get(k)!r} in {owner}" for k in sorted(set(ours) | set(theirs))
               if ours.get(k) != theirs.get(k)]
@@ -290,10 +319,13 @@ class _Segments:
         if self.seq_len < 2:  # room for STYLE, a carried token and at least one event
             raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
 
-    def body(self, record: dict, semitones: int = 0) -> tuple[int, np.ndarray]:
+    def body(self, record: dict, semitones: int = 0, rng: np.random.Generator | None = None,
+             control_dropout: float = 0.0) -> tuple[int, np.ndarray]:
         ids = np.asarray(record["tokens"], np.int32)
         if semitones:
             ids = self.vocab.transpose(ids, semitones)
+        if self.vocab.controls is not None:  # computed on the notes as transposed: what the model sees
+            ids = controls_lib.insert(self.vocab, ids, dropout=control_dropout, rng=rng)
         body = np.concatenate([ids, np.asarray([self.vocab.eos_id], np.int32)])
         return self.vocab.style_id(record_text(record["style"])), body
 
@@ -315,11 +347,12 @@ class _Segments:
         stop = start + self.seq_len - len(carried)
         piece = body[start : stop if end is None else min(stop, end)]
         target = np.zeros(len(carried), np.int32)
-        if predict_carried and carried and self.vocab.is_velocity(carried[0]):
-            target[0] = 1
+        lead = int(np.sum(self.vocab.is_control(carried)))  # the controls in force come first, given
+        if predict_carried and len(carried) > lead and self.vocab.is_velocity(carried[lead]):
+            target[lead] = 1
         return {
             "tokens": np.concatenate([np.asarray([style] + carried, np.int32), piece]),
-            "loss": np.concatenate([[0], target, np.ones(len(piece), np.int32)]).astype(np.int32),
+            "loss": np.concatenate([[0], target, (~self.vocab.is_control(piece)).astype(np.int32)]).astype(np.int32),
         }
 
     def fim_segment(self, style: int, body: np.ndarray, start: int, end: int, rng: np.random.Generator) -> dict | None:
@@ -335,14 +368,18 @@ class _Segments:
         if len(cuts) < 2:
             return None
         i, j = np.sort(rng.choice(cuts, size=2, replace=False))
-        return fim_lib.training_row(self.vocab, style, body, start, end, int(i), int(j), self.carried, self.seq_len)
+        row = fim_lib.training_row(self.vocab, style, body, start, end, int(i), int(j), self.carried, self.seq_len)
+        if row is not None and self.vocab.controls is not None:  # control tokens are given, never targets
+            row["loss"] = np.where(self.vocab.is_control(row["tokens"]), 0, row["loss"]).astype(np.int32)
+        return row
 
     def consecutive(self, style: int, body: np.ndarray) -> list[dict]:
         """Segments covering every token of body exactly once, in order."""
         out, start = [], 0
         while start < len(body):
+            carried = len(self.carried(body, start))
             out.append(self.segment(style, body, start, predict_carried=False))
-            start += int(out[-1]["loss"].sum())  # the body tokens it holds (carried ones are given)
+            start += len(out[-1]["tokens"]) - 1 - carried  # the body tokens it holds
         return out
 
     def random_span(self, body: np.ndarray, rng: np.random.Generator, chunk: int = 0,
@@ -382,15 +419,17 @@ def piece_segments(tokens: np.ndarray, style: str, vocab: Vocabulary, seq_len: i
 class _RandomSegment(grain.transforms.RandomMap):
     """record -> one segment of at most seq_len + 1 tokens (random transpose, crop, style dropout)."""
 
-    def __init__(self, segments: _Segments, transpose: int, style_dropout: float = 0.0, fim_rate: float = 0.0):
+    def __init__(self, segments: _Segments, transpose: int, style_dropout: float = 0.0, fim_rate: float = 0.0,
+                 control_dropout: float = 0.0):
         self._segments = segments
         self._transpose = transpose
         self._style_dropout = style_dropout
         self._fim_rate = fim_rate
+        self._control_dropout = control_dropout
 
     def random_map(self, record: dict, rng: np.random.Generator) -> dict:
         semitones = int(rng.integers(-self._transpose, self._transpose + 1)) if self._transpose else 0
-        style, body = self._segments.body(record, semitones)
+        style, body = self._segments.body(record, semitones, rng, self._control_dropout)
         # Chunk j of a piece's c (see _ChunkSource) crops in the j-th c-th of the piece.
         start, end = self._segments.random_span(body, rng, int(record.get("chunk", 0)),
                                                 int(record.get("num_chunks", 1)))
@@ -579,6 +618,7 @@ def train_dataset(
     transpose: int = 0,
     style_dropout: float = 0.0,
     fim_rate: float = 0.0,
+    control_dropout: float = 0.0,
     num_packing_bins: int = 64,
     read_threads: int = 1,
     prefetch: int = 2,
@@ -604,6 +644,7 @@ def train_dataset(
     `style_dropout`: the share of segments conditioned on STYLE:unknown instead of their
     piece's style (see the module docstring). `fim_rate`: the share of segments rearranged for
     fill-in-the-middle; the vocabulary must then have the FIM tokens (`Vocabulary.with_fim`).
+    `control_dropout`: with a vocabulary `with_controls()`, the chance each control token is left out.
     """
     if not 0 <= style_dropout < 1:
         raise ValueError(f"style_dropout must be in [0, 1), got {style_dropout}")
@@ -611,6 +652,8 @@ def train_dataset(
         raise ValueError(f"fim_rate must be in [0, 1], got {fim_rate}")
     if fim_rate and not vocab.fim:
         raise ValueError("fim_rate > 0 needs a vocabulary with the FIM tokens (Vocabulary.with_fim())")
+    if not 0 <= control_dropout <= 1:
+        raise ValueError(f"control_dropout must be in [0, 1], got {control_dropout}")
     if len(source) == 0:
         raise ValueError("the training split is empty")
     num_shards = num_shards or process_count
@@ -635,7 +678,8 @@ def train_dataset(
     for shard in range(process_index * own, (process_index + 1) * own):
         shuffle_seed, crop_seed, pack_seed = _shard_seeds(seed, shard)
         ds = grain.MapDataset.source(items)[shard::num_shards].shuffle(seed=shuffle_seed).repeat()
-        ds = ds.random_map(_RandomSegment(_Segments(vocab, seq_len), transpose, style_dropout, fim_rate), seed=crop_seed)
+        ds = ds.random_map(_RandomSegment(_Segments(vocab, seq_len), transpose, style_dropout, fim_rate,
+                                          control_dropout), seed=crop_seed)
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * rows))
         ds = _pack(ds, seq_len, num_packing_bins, pack_seed, shuffle=True)
         ds = ds.batch(rows, drop_remainder=True).map(_to_model_batch)

@@ -359,6 +359,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
             raise UserError("config.data.fim_rate: the resumed or warm-started model's vocabulary has no FIM "
                             "tokens; start a new run (or set data.fim_rate=0)")
         vocab = vocab.with_fim()
+    vocab = data_lib.with_controls(vocab, dataset_path, d, resumed=(workdir / "vocab.json").exists() or config.init_from,
+                                   log=_print0)
     s = setup(config, vocab.size, mesh, table)
     seq_len = d.seq_len
     check_memory(s, config, seq_len)
@@ -397,6 +399,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
             transpose=d.transpose,
             style_dropout=float(d.get("style_dropout", 0.0)),
             fim_rate=float(d.get("fim_rate", 0.0)),
+            control_dropout=float(d.get("control_dropout", 0.5)),
             num_packing_bins=d.num_packing_bins,
             read_threads=d.read_threads,
             prefetch=d.prefetch,

@@ -1,0 +1,160 @@
+"""The controls sweep: does the music follow the controls it is given? Measured on the MIDI.
+
+For each control and each of its levels, `num_samples` pieces are generated with that control
+alone asked for (the others left to the model), written as MIDI, read back as every generated
+piece is (mgpt.eval.inputs: note-seq, then the vocabulary's quantisation), and measured by the
+one rule training used (data_prep.controls.segment_levels), segment by segment. Per control:
+- exact: the share of segments whose measured level is the requested one;
+- within_1: the share within one level (binned controls; mode has no order);
+- spearman: Spearman's rho between the requested level and the measured value (binned controls).
+Timelines: pieces asked for a low level that turns high at `change_s` (and high that turns low)
+report how many seconds after the change the first segment measures the new level (`follow_s`:
+median over pieces; pieces that never do are counted in `never`).
+Only whole segments before the piece's budget ends are measured; the last, cut one is not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from data_prep import controls as data_controls
+from mgpt.eval.inputs import jsonable
+
+
+def _notes_of_midi(vocab, paths):
+    """The notes of MIDI files as the report reads generated pieces (mgpt.eval.inputs.read_generated)."""
+    import note_seq
+
+    return [vocab.decode_notes(vocab.encode(note_seq.midi_file_to_note_sequence(str(p)))) for p in paths]
+
+
+def _generate(run, vocab, folder: pathlib.Path, controls: str, num_samples: int, seed: int, sampling, style):
+    s = dataclasses.replace(sampling, controls=controls, mood=None)
+    prompts = run.prompts([style] * num_samples)
+    rows = run.sample_ids(prompts, [seed + i for i in range(num_samples)], s)
+    paths = run.write_midi(rows, folder)
+    return _notes_of_midi(vocab, paths), rows
+
+
+def controls_sweep(*, run, vocab, num_samples: int, max_seconds: float, sampling, output_dir, style: str,
+                   seed: int = 0, change_s: float | None = None, log=print) -> dict:
+    """See the module docstring. Returns the figures (also written as controls_sweep.json and a plot)."""
+    from scipy.stats import spearmanr
+
+    spec = vocab.controls
+    seconds, levels = spec["seconds"], spec["levels"]
+    whole = int(math.floor(max_seconds / seconds + 1e-9))  # whole segments inside the budget
+    if whole < 2:
+        raise ValueError(f"--max_seconds={max_seconds:g} holds fewer than 2 whole {seconds:g} s control segments")
+    sampling = dataclasses.replace(sampling, max_seconds=max_seconds, max_events=None)
+    out_dir = pathlib.Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = {"seconds": seconds, "levels": levels, "num_samples": num_samples, "max_seconds": max_seconds,
+              "style": style, "sampling": sampling.to_dict(), "controls": {}, "timelines": {}}
+    points = {}
+    for a, name in enumerate(data_controls.ATTRIBUTES):
+        asked = range(1, levels + 1) if name != "mode" else range(1, len(data_controls.MODES) + 1)
+        asked = spec.get("seen", {}).get(name, asked)  # levels the training split never has are refused
+        req, got_level, got_value = [], [], []
+        for level in asked:
+            text = f"{name}={data_controls.MODES[level - 1] if name == 'mode' else level}"
+            log(f"controls sweep: {text}")
+            notes, _ = _generate(run, vocab, out_dir / f"{name}_{level}", text, num_samples, seed, sampling, style)
+            for n in notes:
+                values = data_controls.segment_values(n, seconds, whole)
+                measured = data_controls.levels_of(values, spec)[:, a]
+                req += [level] * whole
+                got_level += measured.tolist()
+                got_value += values[name].tolist()
+        req, got_level, got_value = np.asarray(req), np.asarray(got_level), np.asarray(got_value, np.float64)
+        row = {"segments": int(len(req)), "exact": float(np.mean(got_level == req))}
+        if name != "mode":
+            ok = ~np.isnan(got_value)
+            row["within_1"] = float(np.mean(np.abs(got_level - req) <= 1))
+            varies = ok.sum() > 2 and np.ptp(req[ok]) > 0 and np.ptp(got_value[ok]) > 0
+            row["spearman"] = float(spearmanr(req[ok], got_value[ok]).statistic) if varies else None
+            row["empty_segments"] = int((~ok).sum())
+        row["per_level"] = {int(k): {"exact": float(np.mean(got_level[req == k] == k)),
+                                     "measured_mean": float(np.nanmean(got_value[req == k]))
+                                     if np.any(~np.isnan(got_value[req == k])) else None}
+                            for k in np.unique(req)}
+        result["controls"][name] = row
+        points[name] = (req, got_value)
+    if change_s is not None:
+        for name in ("density", "loudness", "register"):
+            low, high = data_controls_names(levels, spec.get("seen", {}).get(name))
+            if low == high:
+                continue  # one level in the training data: nothing to change to
+            for a_level, b_level in ((low, high), (high, low)):
+                text = f"0:{name}={a_level};{change_s:g}:{name}={b_level}"
+                log(f"controls sweep: timeline {text}")
+                notes, _ = _generate(run, vocab, out_dir / f"timeline_{name}_{a_level}_{b_level}", text, num_samples,
+                                     seed, sampling, style)
+                a = data_controls.ATTRIBUTES.index(name)
+                first = math.ceil(change_s / seconds - 1e-9)  # the first segment asked for the new level
+                follows = []
+                for n in notes:
+                    measured = data_controls.segment_levels(n, spec, whole)[:, a]
+                    hit = [k for k in range(first, whole) if measured[k] == b_level]
+                    follows.append((hit[0] * seconds - change_s) if hit else None)
+                done = [f for f in follows if f is not None]
+                result["timelines"][text] = {"follow_s_median": float(np.median(done)) if done else None,
+                                             "follow_s": follows, "never": len(follows) - len(done)}
+    result = jsonable(result)
+    (out_dir / "controls_sweep.json").write_text(json.dumps(result, indent=1))
+    _plot(points, levels, out_dir / "controls_sweep.png")
+    return result
+
+
+def data_controls_names(levels: int, seen: list[int] | None = None) -> tuple[int, int]:
+    """The levels 'low' and 'high' ask for (the nearest the training split has, given `seen`)."""
+    from mgpt.sample.controls import level_names
+
+    names = level_names(levels)
+    near = (lambda k: k) if not seen else (lambda k: min(seen, key=lambda s: (abs(s - k), s)))  # noqa: E731
+    return near(names["low"]), near(names["high"])
+
+
+def _plot(points: dict, levels: int, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(points), figsize=(3.2 * len(points), 3.2))
+    for ax, (name, (req, value)) in zip(np.atleast_1d(axes), points.items()):
+        ok = ~np.isnan(value)
+        jitter = np.random.default_rng(0).uniform(-0.15, 0.15, ok.sum())
+        ax.plot(req[ok] + jitter, value[ok], ".", alpha=0.3, ms=3)
+        ks = np.unique(req)
+        ax.plot(ks, [np.nanmedian(value[req == k]) if np.any(~np.isnan(value[req == k])) else np.nan for k in ks],
+                "o-", color="black", ms=4, label="median")
+        ax.set_title(name)
+        ax.set_xlabel("requested level" if name != "mode" else "requested (1 major, 2 minor, 3 none)")
+        ax.set_ylabel({"density": "onsets / s", "polyphony": "notes sounding per onset", "register": "mean pitch",
+                       "loudness": "mean velocity", "mode": "measured (1 major, 2 minor, 3 none)"}[name])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_controls_sweep(result: dict) -> str:
+    """The sweep as Markdown (also printed by the command)."""
+    lines = [f"Controls over {result['seconds']:g} s segments, {result['levels']} levels; {result['num_samples']} "
+             f"pieces of {result['max_seconds']:g} s per level, style {result['style']}, the others free.", "",
+             "| control | segments | exact bin | within 1 bin | Spearman rho | empty segments |", "|---|---|---|---|---|---|"]
+    fmt = lambda x: "-" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)  # noqa: E731
+    for name, r in result["controls"].items():
+        lines.append(f"| {name} | {r['segments']} | {fmt(r['exact'])} | {fmt(r.get('within_1'))} | "
+                     f"{fmt(r.get('spearman'))} | {fmt(r.get('empty_segments'))} |")
+    if result["timelines"]:
+        lines += ["", "| timeline | follow time, median s | never followed |", "|---|---|---|"]
+        for text, r in result["timelines"].items():
+            lines.append(f"| `{text}` | {fmt(r['follow_s_median'])} | {r['never']} of {len(r['follow_s'])} |")
+    return "\n".join(lines) + "\n"

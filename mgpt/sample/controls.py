@@ -1,0 +1,222 @@
+"""Asking for controls: `--controls` timelines, `--mood`, and the tokens the sampler forces.
+
+A model trained with control tokens (config.data.control_seconds > 0; data_prep/controls.py)
+reads, at the start of each segment of its piece, that segment's note density, polyphony,
+register, loudness and mode. Sampling writes the tokens a user asks for at those same places,
+inside the jitted decode loop: right after the event that carries the row's clock into a new
+segment (and once before the first new event), keyed off the row's step clock. They are forced,
+not drawn, and move no time; a control not asked for is left out, and the model chooses it.
+
+`--controls="density=6,register=low"` holds for the whole piece;
+`--controls="0:density=2;20:density=6,loudness=7"` is a timeline: each entry sets the controls it
+names from that time (seconds of the piece) on and keeps the others; `NAME=free` lets the model
+choose again. Levels are 1..K (K = the model's data.control_levels; level 1 is the training
+split's lowest K-th), or low / mid / high (`level_names`; the nearest level the training split
+has), and for mode major / minor / none. A level the training split never has (values tied with
+quantile edges leave some empty) is refused: the model cannot have learnt it. A
+change takes effect at the first segment boundary at or after its time: the tokens mark whole
+segments, as in training.
+
+`--mood=calm|happy|tense|sad` is a point on the valence/arousal plane (Russell's circumplex, the
+quadrants EMOPIA labels), turned into controls by MOODS: arousal sets density and loudness
+(low for calm and sad, high for happy and tense), valence sets mode (major for calm and happy,
+minor for tense and sad). Controls given with --controls override the mood's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data_prep import controls as controls_lib
+from data_prep.vocab import Vocabulary
+
+FREE = "free"
+MOODS = {  # mood -> controls (levels by name); arousal -> density, loudness; valence -> mode
+    "calm": {"density": "low", "loudness": "low", "mode": "major"},
+    "happy": {"density": "high", "loudness": "high", "mode": "major"},
+    "tense": {"density": "high", "loudness": "high", "mode": "minor"},
+    "sad": {"density": "low", "loudness": "low", "mode": "minor"},
+}
+
+
+def level_names(levels: int) -> dict[str, int]:
+    """low / mid / high as levels of K: the middle of the lowest, central and highest thirds."""
+    third = levels / 3
+    return {"low": max(1, math.ceil(third / 2)), "mid": (levels + 1) // 2,
+            "high": min(levels, levels - math.ceil(third / 2) + 1)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Timeline:
+    """Controls over a piece: (time in seconds, {control: level or None for free}) entries, times
+    increasing from 0; each entry changes the controls it names."""
+
+    entries: tuple[tuple[float, tuple[tuple[str, int | None], ...]], ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not any(level is not None for _, changes in self.entries for _, level in changes)
+
+    def segment_levels(self, vocab: Vocabulary, segments: int) -> np.ndarray:
+        """int64[segments, len(ATTRIBUTES)]: the level asked for in each segment (0 = free). A change at
+        time T first marks the segment that opens at or after T."""
+        seconds = vocab.controls["seconds"]
+        out = np.zeros((segments, len(controls_lib.ATTRIBUTES)), np.int64)
+        for k in range(segments):
+            asked = {}  # an entry at T marks segment ceil(T / seconds) on
+            for t, changes in self.entries:
+                if math.ceil(t / seconds - 1e-9) > k:
+                    break
+                asked.update(changes)
+            for a, name in enumerate(controls_lib.ATTRIBUTES):
+                out[k, a] = asked.get(name) or 0
+        return out
+
+    def last_change_segment(self, vocab: Vocabulary) -> int:
+        return max((math.ceil(t / vocab.controls["seconds"] - 1e-9) for t, _ in self.entries), default=0)
+
+    def to_text(self) -> str:
+        """The timeline as --controls reads it (levels as numbers): what a manifest records."""
+        def level(name, v):
+            return FREE if v is None else controls_lib.MODES[v - 1] if name == "mode" else str(v)
+        return ";".join(f"{t:g}:" + ",".join(f"{k}={level(k, v)}" for k, v in changes) for t, changes in self.entries)
+
+
+def parse(vocab: Vocabulary, text: str | None, mood: str | None = None, flag: str = "--controls") -> Timeline:
+    """--controls (and --mood) -> a Timeline. ValueError, one line naming the flag and the problem: an
+    unknown control or mood, a level out of range, times out of order, or a model without controls."""
+    text = (text or "").strip()
+    mood = (mood or "").strip().lower()
+    if not text and not mood:
+        return Timeline()
+    if vocab.controls is None:
+        which = flag if text else "--mood"
+        raise ValueError(f"{which}: this model was trained without control tokens (data.control_seconds = 0); "
+                         "train one with data.control_seconds > 0")
+    if mood and mood not in MOODS:
+        raise ValueError(f"--mood={mood}: unknown mood; known moods: {', '.join(MOODS)}")
+    levels = vocab.controls["levels"]
+    names = level_names(levels)
+    seen = vocab.controls.get("seen") or {}
+    entries: list[tuple[float, dict]] = []
+    for part in [p.strip() for p in text.split(";") if p.strip()]:
+        when, _, body = part.partition(":") if ":" in part else ("0", ":", part)
+        try:
+            t = float(when)
+        except ValueError:
+            raise ValueError(f"{flag}: '{part}': '{when.strip()}' is not a time in seconds "
+                             "(write TIME:NAME=LEVEL,...;TIME:...)") from None
+        if not (math.isfinite(t) and t >= 0):
+            raise ValueError(f"{flag}: time {when} must be seconds >= 0")
+        if entries and t <= entries[-1][0]:
+            raise ValueError(f"{flag}: times must increase: {t:g} s comes after {entries[-1][0]:g} s")
+        changes = {}
+        for item in [i.strip() for i in body.split(",") if i.strip()]:
+            name, eq, value = (s.strip().lower() for s in item.partition("="))
+            if name not in controls_lib.ATTRIBUTES:
+                raise ValueError(f"{flag}: unknown control '{name}'; known: {', '.join(controls_lib.ATTRIBUTES)}")
+            if not eq or not value:
+                raise ValueError(f"{flag}: '{item}' needs a level (NAME=LEVEL)")
+            changes[name] = _level(flag, name, value, levels, names, seen.get(name))
+        if not changes:
+            raise ValueError(f"{flag}: the entry '{part}' names no control")
+        entries.append((t, changes))
+    if mood:  # the mood's controls, under whatever --controls sets at 0 s
+        base = {k: _level(f"--mood={mood}", k, v, levels, names, seen.get(k)) for k, v in MOODS[mood].items()}
+        if entries and entries[0][0] == 0:
+            entries[0] = (0.0, {**base, **entries[0][1]})
+        else:
+            entries.insert(0, (0.0, base))
+    if entries and entries[0][0] > 0:
+        entries.insert(0, (0.0, {}))
+    return Timeline(tuple((t, tuple(sorted(c.items(), key=lambda kv: controls_lib.ATTRIBUTES.index(kv[0]))))
+                          for t, c in entries))
+
+
+def _level(flag: str, name: str, value: str, levels: int, names: dict[str, int],
+           seen: list[int] | None = None) -> int | None:
+    """One level; `seen`: the levels the model's training split has (None: any), see data_prep.controls.fit."""
+    if value == FREE:
+        return None
+    if name == "mode":
+        if value not in controls_lib.MODES:
+            raise ValueError(f"{flag}: mode={value} is not a mode; use {', '.join(controls_lib.MODES)} or {FREE}")
+        level = controls_lib.MODES.index(value) + 1
+    elif value in names:  # a name is the nearest level the model knows
+        return names[value] if not seen else min(seen, key=lambda k: (abs(k - names[value]), k))
+    elif not value.isdigit() or not 1 <= int(value) <= levels:
+        raise ValueError(f"{flag}: {name}={value} is out of range; use a level 1..{levels}, "
+                         f"{', '.join(names)} or {FREE}")
+    else:
+        level = int(value)
+    if seen is not None and level not in seen:
+        known = ", ".join(controls_lib.MODES[k - 1] if name == "mode" else str(k) for k in seen)
+        raise ValueError(f"{flag}: {name}={value} never occurs in this model's training data, so it cannot have "
+                         f"learnt it; use one of {known} or {FREE}")
+    return level
+
+
+# ----------------------------------------------------------------------------- in the decode loop
+
+
+@flax.struct.dataclass
+class ControlPlan:
+    """The control tokens each row must write (B rows, S segments, A = len(ATTRIBUTES)).
+
+    group_BxSxA: segment k's tokens, in order, -1 after the last (free ones are left out); a row
+    past segment S - 1 stays on its last one. offset_B: the row's clock at its first new event,
+    in steps from the piece's start (the primer's length). segment_steps: int32 scalar.
+    """
+
+    group_BxSxA: jax.Array
+    offset_B: jax.Array
+    segment_steps: jax.Array
+
+
+def plan(vocab: Vocabulary, timelines, offsets_steps, batch: int, max_steps: int | None) -> ControlPlan:
+    """The ControlPlan of `timelines` (one per row; rows past them are padding), offsets in steps."""
+    seg = controls_lib.segment_steps(vocab)
+    last = max(t.last_change_segment(vocab) for t in timelines)
+    ends = [int(o) + (max_steps if max_steps is not None else 0) for o in offsets_steps]
+    segments = max(last, max(ends) // seg if max_steps is not None else 0) + 1
+    group = np.full((batch, segments, len(controls_lib.ATTRIBUTES)), -1, np.int32)
+    for b, t in enumerate(timelines):
+        for k, levels_A in enumerate(t.segment_levels(vocab, segments)):
+            tokens = controls_lib.group(vocab, levels_A)
+            group[b, k, :len(tokens)] = tokens
+    offset = np.zeros(batch, np.int32)
+    offset[:len(offsets_steps)] = offsets_steps
+    return ControlPlan(group_BxSxA=jnp.asarray(group), offset_B=jnp.asarray(offset),
+                       segment_steps=jnp.asarray(seg, jnp.int32))
+
+
+def _segment(p: ControlPlan, steps_B):
+    return (p.offset_B + steps_B) // p.segment_steps
+
+
+def forced(p: ControlPlan | None, steps_B, next_B):
+    """(forced_B, token_B): whether each row must write a control token now, and which.
+    next_B: the index of the next one in its segment's group (RowState.control_B)."""
+    if p is None:
+        return None, None
+    k_B = jnp.minimum(_segment(p, steps_B), p.group_BxSxA.shape[1] - 1)  # past the plan: its last segment's
+    group_BxA = jnp.take_along_axis(p.group_BxSxA, k_B[:, None, None], axis=1)[:, 0]
+    a = group_BxA.shape[1]
+    token_B = jnp.take_along_axis(group_BxA, jnp.minimum(next_B, a - 1)[:, None], axis=1)[:, 0]
+    forced_B = (next_B < a) & (token_B >= 0)
+    return forced_B, token_B
+
+
+def advance(p: ControlPlan | None, next_B, steps_B, new_steps_B, emit_B, forced_B):
+    """RowState.control_B after an event: the next token of the group, or 0 (the new segment's first)
+    when the event carried the clock into a new segment."""
+    if p is None:
+        return next_B
+    crossed_B = emit_B & (_segment(p, new_steps_B) > _segment(p, steps_B))
+    return jnp.where(crossed_B, 0, jnp.where(emit_B & forced_B, next_B + 1, next_B))

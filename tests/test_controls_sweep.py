@@ -1,0 +1,46 @@
+"""mgpt/eval/controls_sweep.py: its figures, on pieces whose controls are known."""
+
+import numpy as np
+
+from data_prep import controls as data_controls
+from data_prep.notes import Notes
+from data_prep.vocab import Vocabulary
+from mgpt.eval import controls_sweep as sweep
+from mgpt.sample.run import Sampling
+
+SPEC = {"seconds": 1.0, "levels": 4, "edges": {n: [1.5, 2.5, 3.5] for n in data_controls.BINNED}}
+VOCAB = Vocabulary(["bach"]).with_controls(SPEC)
+
+
+def _notes_with_density(onsets_per_second: list[int]) -> Notes:
+    """One C-major triad arpeggio per onset, `onsets_per_second[k]` onsets in second k."""
+    start = [k + i / n for k, n in enumerate(onsets_per_second) for i in range(n)]
+    pitch = [(60, 64, 67)[i % 3] for i in range(len(start))]
+    return Notes(np.array(pitch), np.full(len(start), 80), np.array(start), np.array(start) + 0.1)
+
+
+def test_sweep_figures_from_the_measured_notes(monkeypatch, tmp_path):
+    def fake_generate(run, vocab, folder, controls, num_samples, seed, sampling, style):
+        # The 'model' obeys density exactly (and never changes level in a timeline); the rest stays at 1 onset/s.
+        if controls.startswith("density="):
+            k = int(controls.split("=")[1])
+            return [_notes_with_density([k] * 4)] * num_samples, None
+        if controls.startswith("0:density="):
+            a, b = (int(part.split("=")[1]) for part in controls.split(";"))
+            return [_notes_with_density([a, a, b, b]), _notes_with_density([a] * 4)], None
+        return [_notes_with_density([1] * 4)] * num_samples, None
+
+    monkeypatch.setattr(sweep, "_generate", fake_generate)
+    result = sweep.controls_sweep(run=None, vocab=VOCAB, num_samples=2, max_seconds=4.0, sampling=Sampling(),
+                                  output_dir=tmp_path, style="bach", change_s=2.0, log=lambda *_: None)
+    density = result["controls"]["density"]
+    assert density["exact"] == 1.0 and density["within_1"] == 1.0 and abs(density["spearman"] - 1) < 1e-9
+    assert density["segments"] == 4 * 2 * 4  # levels x pieces x whole segments
+    # Register never moves with the request: exact only where the request happens to be what is played.
+    register = result["controls"]["register"]
+    assert abs(register["exact"] - 0.25) < 1e-9 and register["per_level"]["4"]["exact"] == 1.0
+    assert abs(register["spearman"]) < 1e-9  # the same pieces whatever the request: no rank order
+    timeline = result["timelines"]["0:density=1;2:density=4"]
+    assert timeline["follow_s"] == [0.0, None] and timeline["follow_s_median"] == 0.0 and timeline["never"] == 1
+    assert (tmp_path / "controls_sweep.png").is_file() and (tmp_path / "controls_sweep.json").is_file()
+    assert "| density | 32 | 1.000 | 1.000 | 1.000 |" in sweep.write_controls_sweep(result)

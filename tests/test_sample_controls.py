@@ -1,0 +1,136 @@
+"""--controls and --mood (mgpt/sample/controls.py): parsing, and the tokens the sampler writes."""
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from data_prep import controls as data_controls
+from data_prep.vocab import Vocabulary
+from mgpt.model import GPT, ModelConfig
+from mgpt.sample import controls
+from mgpt.sample.sampler import generate_tokens
+
+SPEC = {"seconds": 0.5, "levels": 8, "edges": {name: [float(i) for i in range(1, 8)] for name in data_controls.BINNED}}
+VOCAB = Vocabulary(["bach"]).with_controls(SPEC)
+PLAIN = Vocabulary(["bach"])
+CFG = ModelConfig(vocab_size=VOCAB.size, num_layers=2, num_heads=2, d_model=32, mlp_dim=64, max_len=32,
+                  tied_embeddings=False)
+STYLE = VOCAB.style_id("bach")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return GPT(CFG, rngs=nnx.Rngs(0))
+
+
+def _groups(row):
+    """(step, [control tokens]) for each run of control tokens in a row, at the step it is written."""
+    step, out = 0, []
+    for i, t in enumerate(np.asarray(row).tolist()):
+        name = VOCAB.token_of(t)
+        if name.startswith("TIME_SHIFT:"):
+            step += int(name.split(":")[1])
+        elif name.startswith("CONTROL:"):
+            if out and out[-1][2] == i - 1:
+                out[-1][1].append(name)
+                out[-1][2] = i
+            else:
+                out.append([step, [name], i])
+    return [(s, g) for s, g, _ in out]
+
+
+def test_an_empty_timeline_samples_byte_identical_pieces(model):
+    prompts = [np.array([STYLE])] * 3
+    plain = generate_tokens(model, VOCAB, prompts, seeds=[1, 2, 3], max_events=40, temperature=1.2)
+    empty = generate_tokens(model, VOCAB, prompts, seeds=[1, 2, 3], max_events=40, temperature=1.2,
+                            controls=controls.parse(VOCAB, ""))
+    free = generate_tokens(model, VOCAB, prompts, seeds=[1, 2, 3], max_events=40, temperature=1.2,
+                           controls=controls.parse(VOCAB, "density=free"))
+    for a, b, c in zip(plain, empty, free):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+
+
+def test_control_tokens_open_every_segment_of_the_timeline(model):
+    timeline = controls.parse(VOCAB, "0:density=2,mode=minor;1:density=high,register=3;2.2:density=free")
+    rows = generate_tokens(model, VOCAB, [np.array([STYLE])] * 6, seeds=range(6), max_seconds=3.0, max_events=400,
+                           temperature=1.2, controls=timeline)
+    seg = data_controls.segment_steps(VOCAB)  # 50 steps
+    high = controls.level_names(8)["high"]
+    for row in rows:
+        groups = _groups(row)
+        assert groups[0] == (0, ["CONTROL:density=2", "CONTROL:mode=minor"]) and row[1] == VOCAB.control_id("density", 2)
+        shifts = [int(VOCAB.token_of(t).split(":")[1]) for t in row if VOCAB.token_of(t).startswith("TIME_SHIFT:")]
+        clock = np.cumsum([0] + shifts)
+        entered = [0] + [int(b // seg) for a, b in zip(clock[:-1], clock[1:]) if b // seg > a // seg]
+        # One group each time the clock enters a segment (a shift past several: the last one's), nowhere else.
+        assert [s // seg for s, _ in groups] == entered
+        steps = int(clock[-1])
+        for s, g in groups:
+            k = s // seg
+            expected = (["CONTROL:density=2", "CONTROL:mode=minor"] if k < 2 else
+                        [f"CONTROL:density={high}", "CONTROL:register=3", "CONTROL:mode=minor"] if k < 5 else
+                        ["CONTROL:register=3", "CONTROL:mode=minor"])
+            assert g == expected
+        assert steps > 2.2 * VOCAB.steps_per_second  # the row reaches the last change (its windows slide: 32 events)
+
+
+def test_a_piece_depends_only_on_its_seed_and_its_controls(model):
+    timeline = controls.parse(VOCAB, "density=3;1:loudness=low")
+    prompts = [np.array([STYLE]), np.array([STYLE, VOCAB.velocity_offset + 3, VOCAB.note_on_offset + 40])]
+    both = generate_tokens(model, VOCAB, prompts, seeds=[5, 6], max_events=60, controls=timeline)
+    alone = generate_tokens(model, VOCAB, prompts[1:], seeds=[6], max_events=60, controls=timeline)
+    np.testing.assert_array_equal(both[1], alone[0])
+    # The primer is kept; its own length starts the clock: the first group follows it.
+    assert both[1][:3].tolist() == prompts[1].tolist() and VOCAB.token_of(both[1][3]) == "CONTROL:density=3"
+    # Control tokens are not events of the budget: 60 events besides them.
+    assert int(np.sum(~VOCAB.is_control(both[0][1:]))) == 60
+
+
+@pytest.mark.parametrize("text, mood, message", [
+    ("tempo=3", None, "--controls: unknown control 'tempo'; known: density, polyphony, register, loudness, mode"),
+    ("density=9", None, "--controls: density=9 is out of range; use a level 1..8"),
+    ("mode=lydian", None, "--controls: mode=lydian is not a mode"),
+    ("0:density=2;20:density=6;10:density=4", None, "--controls: times must increase: 10 s comes after 20 s"),
+    ("x:density=2", None, "--controls: 'x:density=2'"),
+    (None, "angry", "--mood=angry: unknown mood; known moods: calm, happy, tense, sad"),
+])
+def test_bad_control_strings_are_one_line_naming_the_problem(text, mood, message):
+    with pytest.raises(ValueError) as e:
+        controls.parse(VOCAB, text, mood)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_a_model_without_controls_refuses_them():
+    with pytest.raises(ValueError, match="--controls: this model was trained without control tokens"):
+        controls.parse(PLAIN, "density=3")
+    with pytest.raises(ValueError, match="--mood: this model was trained without control tokens"):
+        controls.parse(PLAIN, None, "calm")
+    assert controls.parse(PLAIN, "", None).empty
+
+
+def test_moods_follow_the_table_and_controls_override_them():
+    names = controls.level_names(8)
+    tense = controls.parse(VOCAB, None, "tense").segment_levels(VOCAB, 1)[0]
+    assert dict(zip(data_controls.ATTRIBUTES, tense)) == {
+        "density": names["high"], "polyphony": 0, "register": 0, "loudness": names["high"], "mode": 2}
+    calm = controls.parse(VOCAB, "density=4;10:mode=free", "calm").segment_levels(VOCAB, 30)
+    assert calm[0].tolist() == [4, 0, 0, names["low"], 1] and calm[-1].tolist() == [4, 0, 0, names["low"], 0]
+    # A change at T marks the first segment opening at or after T (segments of 0.5 s here).
+    t = controls.parse(VOCAB, "0:density=1;1.2:density=5").segment_levels(VOCAB, 5)[:, 0]
+    assert t.tolist() == [1, 1, 1, 5, 5]
+
+
+def test_levels_the_training_data_never_has_are_refused_and_names_take_the_nearest():
+    # As on the demo corpus: one velocity (loudness only ever level 4) and chords of 1, 3 or 4 notes.
+    seen = {"density": list(range(1, 9)), "polyphony": [1, 3, 5, 6, 7, 8], "register": list(range(1, 9)),
+            "loudness": [4], "mode": [1, 2, 3]}
+    vocab = Vocabulary(["bach"]).with_controls({**SPEC, "seen": seen})
+    with pytest.raises(ValueError, match=r"--controls: polyphony=2 never occurs in this model's training data, so "
+                                         r"it cannot have learnt it; use one of 1, 3, 5, 6, 7, 8 or free"):
+        controls.parse(vocab, "polyphony=2")
+    with pytest.raises(ValueError, match="loudness=7 never occurs"):
+        controls.parse(vocab, "0:density=2;20:density=6,loudness=7")
+    levels = controls.parse(vocab, "loudness=high,polyphony=low", "tense").segment_levels(vocab, 1)[0]
+    assert dict(zip(data_controls.ATTRIBUTES, levels))["loudness"] == 4  # the one level there is
+    assert dict(zip(data_controls.ATTRIBUTES, levels))["polyphony"] == 1  # low = 2: 1 and 3 are as near; the lower
