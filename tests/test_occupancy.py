@@ -70,3 +70,83 @@ def test_a_forgotten_row_starts_afresh(model):
     for n in range(second.shape[1]):
         logits_1xV, cache = step(params, second[:, n], jnp.full(1, n, jnp.int32), cache)
     np.testing.assert_allclose(logits_1xV, model(second)[:, -1], atol=2e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------- continuous batching
+
+
+def _plan(n):
+    """n prompts of mixed lengths and styles, with seeds and budgets of their own."""
+    rng = np.random.default_rng(5)
+    prompts, budgets = [], []
+    for i in range(n):
+        style = VOCAB.style_id(["bach", "chopin"][i % 2])
+        primer = [VOCAB.velocity_offset + 4, *(VOCAB.note_on_offset + 40 + np.arange(i % 3))]
+        prompts.append(np.array([style, *primer[: i % 4]], np.int32))
+        budgets.append(int(rng.integers(1, 3 * CFG.max_len)))  # most pieces outlive a window
+    return prompts, [100 + i for i in range(n)], budgets
+
+
+def _continuous(model, order, batch_size, chunk_steps=64, guidance=None):
+    from mgpt.sample.continuous import ContinuousSampler
+    from mgpt.sample.sampler import sampling_settings, token_tables
+
+    prompts, seeds, budgets = _plan(12)
+    sampler = ContinuousSampler(model, VOCAB, batch_size=batch_size, settings=sampling_settings(top_p=0.95),
+                                tables=token_tables(VOCAB), guidance=guidance, chunk_steps=chunk_steps)
+    for i in order:
+        sampler.add(i, prompts[i], seeds[i], max_events=budgets[i], max_steps=10**9, max_note_steps=30 * (i % 2))
+    rows = dict(sampler)
+    assert sampler.events == sum(len(r) - len(prompts[i]) for i, r in rows.items())
+    return rows, prompts, budgets
+
+
+def test_a_piece_depends_only_on_its_seed_not_its_slot_batch_or_plan_order(model):
+    base, prompts, budgets = _continuous(model, range(12), batch_size=4)
+    assert sorted(base) == list(range(12))
+    for i, row in base.items():
+        np.testing.assert_array_equal(row[: len(prompts[i])], prompts[i])
+        assert len(row) - len(prompts[i]) <= budgets[i]
+    assert max(len(r) for r in base.values()) > 2 * CFG.max_len  # the cache rolled
+    shuffled = list(np.random.default_rng(0).permutation(12))
+    for order, batch, chunk in ((range(12), 1, 64), (shuffled, 16, 64), (shuffled[::-1], 4, 5)):
+        rows, _, _ = _continuous(model, order, batch, chunk)
+        for i in range(12):
+            assert rows[i].tobytes() == base[i].tobytes(), (i, batch)
+
+
+def test_guided_pieces_depend_only_on_their_seed(model):
+    g = jnp.asarray(2.0, jnp.float32)
+    base, _, _ = _continuous(model, range(12), batch_size=4, guidance=g)
+    rows, _, _ = _continuous(model, list(range(12))[::-1], batch_size=2, chunk_steps=9, guidance=g)
+    plain, _, _ = _continuous(model, range(12), batch_size=4)
+    assert all(rows[i].tobytes() == base[i].tobytes() for i in range(12))
+    assert any(plain[i].tobytes() != base[i].tobytes() for i in range(12))
+
+
+def test_rows_ending_on_their_first_event_and_a_plan_smaller_than_the_batch():
+    from tests.test_sample import _fixed_model
+    from mgpt.sample.sampler import generate_tokens
+
+    pref_V = np.zeros(VOCAB.size)
+    pref_V[VOCAB.eos_id] = 50.0  # EOS first, always
+    m = _fixed_model(pref_V)
+    prompts = [np.array([STYLE]), np.array([STYLE, VOCAB.velocity_offset + 3])]
+    rows = generate_tokens(m, VOCAB, prompts, seeds=[1, 2], max_events=40, batch_size=16, context="rolling")
+    assert [r.tolist() for r in rows] == [p.tolist() for p in prompts]
+    # A plan smaller than the batch, of pieces that do run: each its full budget.
+    pref_V[VOCAB.eos_id] = -100.0
+    rows = generate_tokens(_fixed_model(pref_V), VOCAB, prompts, seeds=[1, 2], max_events=40, batch_size=16,
+                           context="rolling")
+    assert [len(r) - len(p) for r, p in zip(rows, prompts)] == [40, 40]
+
+
+def test_rolling_generate_tokens_matches_the_windowed_sampler_in_the_first_window(model):
+    from mgpt.sample.sampler import generate_tokens
+
+    prompts, seeds, _ = _plan(6)
+    kw = dict(seeds=seeds, max_events=CFG.max_len - 5, top_k=20)
+    windowed = generate_tokens(model, VOCAB, prompts, **kw)
+    rolling = generate_tokens(model, VOCAB, prompts, context="rolling", batch_size=4, **kw)
+    for w, r in zip(windowed, rolling):
+        np.testing.assert_array_equal(w, r)

@@ -66,6 +66,8 @@ from data_prep.vocab import Vocabulary
 from mgpt.model.gpt import GPT
 
 
+# What a row reads past its first window (`generate_tokens`): re-prefilled windows, or a rolling cache.
+CONTEXTS = ("reprefill", "rolling")
 SILENT = np.iinfo(np.int32).max  # onset_BxP value of a pitch that is not sounding
 RELEASE_SHARE = 1.0  # see release_mass
 
@@ -490,6 +492,7 @@ def generate_tokens(
     guidance: float = 1.0,
     batch_size: int | None = None,
     gaps: Sequence | None = None,
+    context: str = "reprefill",
 ) -> list[np.ndarray]:
     """Continue each prompt (STYLE token + optional primer events) with sampled events.
 
@@ -513,12 +516,19 @@ def generate_tokens(
     with only max_seconds, new events are also capped at
     max(1024, 100 * max_seconds). Rows are processed `batch_size` at a time
     (default: all at once).
+
+    `context` says what a row reads once it is longer than the model's window: 'reprefill'
+    (the windows above, batch by batch) or 'rolling' (`mgpt.sample.continuous`: a rolling KV
+    cache with the STYLE token as its sink, and continuous batching: a finished row's slot
+    takes the next prompt at once). Infilling always runs windowed.
     """
     cfg = model.cfg
     if vocab.size != cfg.vocab_size:
         raise ValueError(f"vocabulary has {vocab.size} tokens but the model expects {cfg.vocab_size}")
     if len(seeds) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+    if context not in CONTEXTS:
+        raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
     if cfg.max_len < 4:
         raise ValueError(f"model.max_len={cfg.max_len} is too short to sample with a sliding window")
     prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
@@ -558,6 +568,17 @@ def generate_tokens(
     tables = token_tables(vocab)
     graphdef, params = nnx.split(model)
     batch_size = len(prompts) if not batch_size else batch_size
+
+    if context == "rolling" and gaps is None:
+        from mgpt.sample.continuous import ContinuousSampler
+
+        sampler = ContinuousSampler(model, vocab, batch_size=batch_size, settings=settings, tables=tables,
+                                    guidance=guidance)
+        for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+            sampler.add(i, prompt, int(seed), max_events=max_events, max_steps=max_steps,
+                        max_note_steps=int(max_note_steps[i]))
+        rows = dict(sampler)
+        return [rows[i] for i in range(len(prompts))]
 
     out: list[np.ndarray] = []
     for start in range(0, len(prompts), batch_size):
