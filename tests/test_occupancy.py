@@ -150,3 +150,75 @@ def test_rolling_generate_tokens_matches_the_windowed_sampler_in_the_first_windo
     rolling = generate_tokens(model, VOCAB, prompts, context="rolling", batch_size=4, **kw)
     for w, r in zip(windowed, rolling):
         np.testing.assert_array_equal(w, r)
+
+
+# ----------------------------------------------------------------------------- corpora
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from tests.test_generate import STYLES, _save_checkpoint
+    from mgpt.sample.run import load_run
+
+    path = str(tmp_path_factory.mktemp("run"))
+    _save_checkpoint(path, Vocabulary(STYLES))  # max_len 32
+    return load_run(path)
+
+
+def test_killed_rolling_corpus_resumes_byte_identical(run, tmp_path, monkeypatch):
+    from mgpt import render
+    from mgpt.sample import corpus
+    from mgpt.sample.run import Sampling
+
+    opts = dict(num_samples=7, styles=["bach", "folk"], seed=5, sampling=Sampling(max_events=70, context="rolling"),
+                batch_size=2, progress=False, max_copy_seconds=0)
+    whole = corpus.generate_corpus(run, tmp_path / "whole", **opts)
+    assert any(e["new_events"] > 32 for e in whole), "some piece must outlive the window"
+    out = tmp_path / "killed"
+    real_write, written = corpus._write_piece, []
+
+    def write_then_die(*args, **kwargs):
+        entry = real_write(*args, **kwargs)
+        written.append(entry["index"])
+        if len(written) == 4:  # killed after a piece's files, before its manifest line
+            raise KeyboardInterrupt
+        return entry
+
+    monkeypatch.setattr(corpus, "_write_piece", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        corpus.generate_corpus(run, out, **opts)
+    monkeypatch.setattr(corpus, "_write_piece", real_write)
+    assert len(render.read_manifest(out / "manifest.jsonl")) == 3
+    resumed = corpus.generate_corpus(run, out, **opts)
+    assert [e["index"] for e in resumed] == list(range(7))
+    for a, b in zip(whole, resumed):
+        assert a == b
+        for key in ("file", "image"):
+            assert (tmp_path / "whole" / a[key]).read_bytes() == (out / b[key]).read_bytes()
+    with pytest.raises(corpus.UserError, match="context"):  # a re-prefilled resume would mix schemes
+        corpus.generate_corpus(run, out, **{**opts, "sampling": Sampling(max_events=70, context="reprefill")})
+
+
+def test_streamed_copy_guard_redraws_as_the_batched_one_does(run, monkeypatch):
+    from mgpt.sample import corpus
+    from mgpt.sample.run import Sampling
+
+    # A stand-in for the training index: a row "copies" when the sum of its ids is even.
+    guard = corpus.CopyGuard(index=None, piece_ids=[], vocab=run.vocab, max_seconds=5.0, tries=3)
+    monkeypatch.setattr(corpus.CopyGuard, "longest_copy",
+                        lambda self, ids: {"seconds": 9.0 * (int(np.sum(ids)) % 2 == 0), "notes": 1, "train_piece_id": "t"})
+    sampling = run.sampling(Sampling(max_events=40, context="rolling"))
+    todo = corpus.plan(6, ["bach", "chopin"], seed=3)
+    args = (run, todo, None, sampling, 4, [_device(run)], guard, True)
+    streamed = sorted(corpus._streamed(*args), key=lambda x: x[0].index)
+    grouped = list(corpus._grouped(*args, None))
+    assert [p.index for p, _, _ in streamed] == list(range(6))
+    assert any(len(f["copy_tries"]) > 1 for _, _, f in streamed), "some piece must have been re-drawn"
+    for (p, row, fields), (q, row2, fields2) in zip(streamed, grouped):
+        assert p == q and row.tobytes() == row2.tobytes() and fields == fields2
+
+
+def _device(run):
+    from mgpt.sample.run import _device_of
+
+    return _device_of(run.model)

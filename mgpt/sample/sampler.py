@@ -547,9 +547,7 @@ def generate_tokens(
     max_note_seconds = np.broadcast_to(np.asarray(max_note_seconds, np.float64), (len(prompts),))
     if not np.all(max_note_seconds >= 0):
         raise ValueError(f"max_note_seconds must be >= 0 (0 = off), got {max_note_seconds.min()}")
-    # At least one step: a tiny positive limit must not round to 0, which means "off".
-    max_note_steps = np.where(max_note_seconds > 0, np.maximum(1, np.round(max_note_seconds * vocab.steps_per_second)),
-                              0).astype(np.int32)
+    max_note_steps = note_steps(vocab, max_note_seconds)
     if not (math.isfinite(guidance) and guidance >= 0):
         raise ValueError(f"guidance must be a finite number >= 0 (1 = off), got {guidance}")
     # None selects the plain B-row trace of sample_window: G = 1 must cost nothing.
@@ -560,9 +558,7 @@ def generate_tokens(
         if not vocab.fim:
             raise ValueError("infilling needs a model trained with FIM tokens (data.fim_rate > 0)")
         max_seconds = max(g.steps for g in gaps) / vocab.steps_per_second
-    if max_events is None:
-        max_events = cfg.max_len if max_seconds is None else max(1024, math.ceil(100 * max_seconds))
-    max_steps = np.iinfo(np.int32).max if max_seconds is None else int(round(max_seconds * vocab.steps_per_second))
+    max_events, max_steps = budgets(vocab, cfg.max_len, max_events, max_seconds)
     settings = sampling_settings(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, greedy=greedy,
                                  release_share=release_share)
     tables = token_tables(vocab)
@@ -589,6 +585,22 @@ def generate_tokens(
             gaps=None if gaps is None else gaps[start:stop],
         )
     return out
+
+
+def note_steps(vocab: Vocabulary, max_note_seconds) -> np.ndarray:
+    """The note-length guard's limits (seconds, 0 = off) in time steps, int32. At least one
+    step: a tiny positive limit must not round to 0, which means "off"."""
+    seconds = np.asarray(max_note_seconds, np.float64)
+    return np.where(seconds > 0, np.maximum(1, np.round(seconds * vocab.steps_per_second)), 0).astype(np.int32)
+
+
+def budgets(vocab: Vocabulary, window: int, max_events: int | None, max_seconds: float | None) -> tuple[int, int]:
+    """(max_events, max_steps) of a piece (see `generate_tokens`): with neither budget, one
+    window of events; with only seconds, events capped at max(1024, 100 * seconds)."""
+    if max_events is None:
+        max_events = window if max_seconds is None else max(1024, math.ceil(100 * max_seconds))
+    max_steps = np.iinfo(np.int32).max if max_seconds is None else int(round(max_seconds * vocab.steps_per_second))
+    return max_events, max_steps
 
 
 def window_prompt(row: list[int], window: int, vocab: Vocabulary) -> list[int]:
