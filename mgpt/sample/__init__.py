@@ -1,4 +1,5 @@
-"""Sampling: the compiled sampler (`sampler`), fill-in-the-middle (`fim`), the `Run` API a
+"""Sampling: the compiled sampler (`sampler`), continuous batching over a rolling KV cache
+(`continuous`), fill-in-the-middle (`fim`), the `Run` API a
 notebook uses with its primer/infill reading (`run`), and whole corpora with manifests, resume
 and the copy guard (`corpus`).
 
@@ -8,7 +9,7 @@ the training loop or a command. The sampler's public names are re-exported here 
 so `from mgpt.sample import generate_tokens` (the path before the move) works.
 """
 
-_SUBMODULES = frozenset({"corpus", "fim", "run", "sampler"})
+_SUBMODULES = frozenset({"continuous", "corpus", "fim", "run", "sampler"})
 
 
 def __getattr__(name):

@@ -219,7 +219,8 @@ class ContinuousSampler:
             ...                         # may add() more (a copy guard's re-draw)
 
     `events` and `slot_steps` count the events emitted and the slot-steps run: occupancy
-    is their ratio. A batch of 1 runs 2 slots (see `sampler._generate_batch`).
+    is their ratio (`steady_*`: over the chunks that ended with pieces still queued, which
+    leaves out the tail of a finite plan). A batch of 1 runs 2 slots (see `sampler._generate_batch`).
     """
 
     def __init__(self, model: GPT, vocab: Vocabulary, *, batch_size: int, settings, tables, guidance=None,
@@ -234,8 +235,11 @@ class ContinuousSampler:
         self.prompts: dict = {}
         self.slots: Slots | None = None
         self.prompt_len = 0
+        self._in_flight: dict[int, list] = {}  # piece -> its prompt and the events so far
         self.events = 0
         self.slot_steps = 0
+        self.steady_events = 0  # the same, over chunks that ended with pieces still queued
+        self.steady_slot_steps = 0
 
     def add(self, piece: int, prompt: Sequence[int], seed: int, *, max_events: int, max_steps: int,
             max_note_steps: int = 0) -> None:
@@ -276,35 +280,48 @@ class ContinuousSampler:
             self.slots = self.slots.replace(prompt_BxL=jnp.pad(self.slots.prompt_BxL, ((0, 0), (0, pad))))
             self.prompt_len = new_len
 
+    @property
+    def busy(self) -> bool:
+        """Pieces are queued or in flight."""
+        return bool(self.pending or self._in_flight)
+
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
-        in_flight: dict[int, list] = {}
-        while self.pending or in_flight:
-            longest = max((e[1].size for e in self.pending), default=1)
-            if self.slots is None or longest > self.prompt_len:
-                self._grow_prompts(longest)
-            queue = self._queue()
-            for e in list(self.pending)[: self.queue_size]:
-                in_flight[e[0]] = [e[1]]
-            self.slots, chunk = run_chunk(self.graphdef, self.params, self.slots, queue, self.settings, self.tables,
-                                          self.guidance, steps=self.chunk_steps)
-            chunk, taken = jax.device_get((chunk, self.slots.taken))
-            for _ in range(int(taken)):
-                self.pending.popleft()
-            self.slots = self.slots.replace(taken=jnp.zeros((), jnp.int32))
-            steps = int(chunk.steps)
-            self.slot_steps += steps * self.batch
-            token_KxB, piece_KxB = chunk.token_KxB[:steps], chunk.piece_KxB[:steps]
-            emitted = piece_KxB >= 0
-            self.events += int(emitted.sum())
-            for b in range(self.batch):
-                col = emitted[:, b]
-                if not col.any():
-                    continue
-                pieces_N, tokens_N = piece_KxB[col, b], token_KxB[col, b]
-                cuts = np.flatnonzero(np.diff(pieces_N)) + 1
-                for part_pieces, part_tokens in zip(np.split(pieces_N, cuts), np.split(tokens_N, cuts)):
-                    in_flight[int(part_pieces[0])].append(part_tokens)
-            finished_KxB = chunk.finished_KxB[:steps]
-            for piece in finished_KxB[finished_KxB >= 0].tolist():  # step order: the order they finished
-                parts = in_flight.pop(piece)
-                yield piece, np.concatenate(parts).astype(np.int32)
+        while self.busy:
+            yield from self.step()
+
+    def step(self) -> list[tuple[int, np.ndarray]]:
+        """One chunk of the loop: the pieces that finished in it, in the order they finished."""
+        in_flight = self._in_flight
+        longest = max((e[1].size for e in self.pending), default=1)
+        if self.slots is None or longest > self.prompt_len:
+            self._grow_prompts(longest)
+        queue = self._queue()
+        for e in list(self.pending)[: self.queue_size]:
+            in_flight[e[0]] = [e[1]]
+        self.slots, chunk = run_chunk(self.graphdef, self.params, self.slots, queue, self.settings, self.tables,
+                                      self.guidance, steps=self.chunk_steps)
+        chunk, taken = jax.device_get((chunk, self.slots.taken))
+        for _ in range(int(taken)):
+            self.pending.popleft()
+        self.slots = self.slots.replace(taken=jnp.zeros((), jnp.int32))
+        steps = int(chunk.steps)
+        token_KxB, piece_KxB = chunk.token_KxB[:steps], chunk.piece_KxB[:steps]
+        emitted = piece_KxB >= 0
+        events = int(emitted.sum())
+        self.events += events
+        self.slot_steps += steps * self.batch
+        if self.pending:  # the queue never ran dry in this chunk: what a long corpus sees throughout
+            self.steady_events += events
+            self.steady_slot_steps += steps * self.batch
+        for b in range(self.batch):
+            col = emitted[:, b]
+            if not col.any():
+                continue
+            pieces_N, tokens_N = piece_KxB[col, b], token_KxB[col, b]
+            cuts = np.flatnonzero(np.diff(pieces_N)) + 1
+            for part_pieces, part_tokens in zip(np.split(pieces_N, cuts), np.split(tokens_N, cuts)):
+                in_flight[int(part_pieces[0])].append(part_tokens)
+        finished_KxB = chunk.finished_KxB[:steps]
+        # Step order: the order they finished.
+        return [(piece, np.concatenate(in_flight.pop(piece)).astype(np.int32))
+                for piece in finished_KxB[finished_KxB >= 0].tolist()]

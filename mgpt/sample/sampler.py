@@ -636,10 +636,12 @@ def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events,
     batch = _bucket(n, floor=2)
     pieces = [list(p) for p in prompts]
     state = RowState.start(vocab, prompts, batch)
-    state = state.replace(done_B=state.done_B | (max_events == 0))
     seeds_B = np.zeros(batch, np.uint32)
     seeds_B[:n] = np.asarray(seeds, np.uint64).astype(np.uint32)
-    max_steps_B = np.full(batch, max_steps, np.int32)
+    # Budgets: one for all rows, or one per row (benchmarks/bench_sample.py --corpus).
+    max_steps_B, max_events_B = np.zeros(batch, np.int32), np.zeros(batch, np.int32)
+    max_steps_B[:n], max_events_B[:n] = max_steps, max_events
+    state = state.replace(done_B=state.done_B | (max_events_B == 0))
     max_note_steps_B = np.zeros(batch, np.int32)
     max_note_steps_B[:n] = max_note_steps
     hold_BxP = fill_B = None
@@ -657,7 +659,7 @@ def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events,
     else:
         def window_of(b, r):
             return window_prompt(r, window, vocab)
-    limits = jax.tree.map(jnp.asarray, RowLimits(max_events_B=np.full(batch, max_events, np.int32),
+    limits = jax.tree.map(jnp.asarray, RowLimits(max_events_B=max_events_B,
                                                  max_steps_B=max_steps_B, max_note_steps_B=max_note_steps_B,
                                                  fill_B=fill_B, hold_BxP=hold_BxP))
     while not np.all(state.done_B):
