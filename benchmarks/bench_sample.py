@@ -182,7 +182,7 @@ def corpus_plan(vocab: Vocabulary, pieces: int, seed: int = 0):
     `generate_tokens` caps them). Returns prompts, seeds, max_events, max_steps."""
     from mgpt.sample.sampler import budgets
 
-    styles = [s for s in vocab.styles if vocab.style_id(s) != vocab.unknown_style_id]
+    styles = [s for s in vocab.styles if vocab.style_id(s) != vocab.unknown_style_id] or ["unknown"]
     seconds = np.random.default_rng(seed).uniform(10.0, 90.0, pieces)
     prompts = [np.array([vocab.style_id(styles[i % len(styles)])], np.int32) for i in range(pieces)]
     limits = [budgets(vocab, 0, None, float(s)) for s in seconds]
