@@ -222,3 +222,11 @@ def _device(run):
     from mgpt.sample.run import _device_of
 
     return _device_of(run.model)
+
+
+def test_an_unknown_context_is_refused_in_one_line():
+    from mgpt.errors import UserError
+    from mgpt.sample.run import Sampling
+
+    with pytest.raises(UserError, match="--context must be one of reprefill, rolling"):
+        Sampling(context="sliding")
