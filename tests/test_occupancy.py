@@ -141,6 +141,29 @@ def test_rows_ending_on_their_first_event_and_a_plan_smaller_than_the_batch():
     assert [len(r) - len(p) for r, p in zip(rows, prompts)] == [40, 40]
 
 
+def test_continuous_reprefill_writes_the_windowed_samplers_pieces(model):
+    # Under context 'reprefill' a full window leaves its slot and comes back as its next window
+    # (STYLE, carried state, latest events) fed as forced steps: the same pieces as the windowed
+    # sampler, with guidance, the note guard and a primer longer than the window.
+    from mgpt.sample.continuous import ContinuousSampler
+    from mgpt.sample.sampler import generate_tokens, sampling_settings, token_tables
+
+    prompts, seeds, _ = _plan(12)
+    prompts[5] = np.concatenate([prompts[5], VOCAB.note_on_offset + 50 + np.arange(20)]).astype(np.int32)
+    for g in (1.0, 2.0):
+        windowed = generate_tokens(model, VOCAB, prompts, seeds=seeds, max_events=3 * CFG.max_len, top_p=0.95,
+                                   batch_size=4, guidance=g, max_note_seconds=0.3)
+        sampler = ContinuousSampler(model, VOCAB, batch_size=4, settings=sampling_settings(top_p=0.95),
+                                    tables=token_tables(VOCAB), context="reprefill", chunk_steps=13,
+                                    guidance=None if g == 1 else jnp.asarray(g, jnp.float32))
+        for i in range(12)[::-1]:
+            sampler.add(i, prompts[i], seeds[i], max_events=3 * CFG.max_len, max_steps=2**31 - 1, max_note_steps=30)
+        rows = dict(sampler)
+        assert max(len(r) for r in windowed) > 3 * CFG.max_len
+        for i in range(12):
+            assert rows[i].tobytes() == windowed[i].tobytes(), (g, i)
+
+
 def test_rolling_generate_tokens_matches_the_windowed_sampler_in_the_first_window(model):
     from mgpt.sample.sampler import generate_tokens
 

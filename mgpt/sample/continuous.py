@@ -8,7 +8,10 @@ loop step each slot does one of:
 - sample one event (`choose_event`, the same rule as `sample_window`) and feed it;
 - finish (EOS or a budget), and in the same step take the next piece of the queue, whose first
   prompt token it feeds at once: a slot idles only when the queue is empty.
-A piece never pauses at the end of a window and is never re-prefilled.
+A piece never pauses at the end of a window and is never re-prefilled. Under context 'reprefill'
+instead, a piece whose window is full leaves its slot and comes back first in the queue with its
+next window (`sampler.window_prompt`), fed as forced steps: the windowed sampler's pieces, byte for
+byte, at continuous batching's occupancy between windows.
 
 The host runs the loop in chunks of K steps (`ContinuousSampler`); between chunks it tops
 up the queue and takes the finished pieces, so a corpus writes them as they come and a kill
@@ -27,6 +30,7 @@ token is STYLE:unknown), as `sample_window` does. Infilling (fill rows) is not r
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import math
 from collections.abc import Iterator, Sequence
@@ -53,6 +57,8 @@ class Queue:
     piece_Q: the host's id of the piece. prompt_QxL / length_Q: its prompt, right-padded.
     seed_Q: uint32. open_QxP / onset_QxP: the notes sounding at the prompt's end (`RowState.start`).
     max_events_Q / max_steps_Q / max_note_steps_Q: its budgets and note-length guard (`RowLimits`).
+    events_Q / steps_Q: the new events and time steps it has made already (0 but for a piece that goes
+    on in a re-prefilled window).
     """
 
     piece_Q: jax.Array
@@ -64,6 +70,8 @@ class Queue:
     max_events_Q: jax.Array
     max_steps_Q: jax.Array
     max_note_steps_Q: jax.Array
+    events_Q: jax.Array
+    steps_Q: jax.Array
 
 
 @flax.struct.dataclass
@@ -93,12 +101,15 @@ class Chunk:
     """What one `run_chunk` call did, step by step (K steps; -1 = nothing).
 
     token_KxB / piece_KxB: the event each slot emitted at each step and whose it is.
-    finished_KxB: the piece a slot finished at that step. steps: steps run (<= K).
+    finished_KxB: the piece a slot finished at that step. paused_KxB (context 'reprefill'): the
+    piece whose window a slot filled at that step; the host queues its next window. steps: steps
+    run (<= K).
     """
 
     token_KxB: jax.Array
     piece_KxB: jax.Array
     finished_KxB: jax.Array
+    paused_KxB: jax.Array
     steps: jax.Array
 
 
@@ -122,18 +133,21 @@ def empty_slots(model: GPT, vocab: Vocabulary, batch: int, prompt_len: int, guid
     ))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps"), donate_argnames=("slots",))
-def run_chunk(graphdef, params, slots: Slots, queue: Queue, settings, tables, guidance=None, *, steps: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "reprefill"), donate_argnames=("slots",))
+def run_chunk(graphdef, params, slots: Slots, queue: Queue, settings, tables, guidance=None, *, steps: int,
+              reprefill: bool = False):
     """Up to `steps` loop steps of the slot table (module docstring): (slots, Chunk).
 
     Stops early once every slot is idle and the queue is spent. guidance: None, or a float32
-    scalar G (`guided_logits`); None and a value trace different functions.
+    scalar G (`guided_logits`); None and a value trace different functions. reprefill: a piece
+    whose window is full (W tokens fed) leaves its slot, paused, instead of rolling on.
     """
     model = nnx.merge(graphdef, params)
     batch = slots.piece_B.shape[0]
     queue_len = queue.piece_Q.shape[0]
     twin = (lambda x_B: x_B) if guidance is None else (lambda x_B: jnp.concatenate([x_B, x_B]))
     slot_B = jnp.arange(batch)
+    window = model.cfg.max_len
 
     def waiting(s: Slots):
         return (s.taken < queue_len) & (queue.piece_Q[jnp.minimum(s.taken, queue_len - 1)] >= 0)
@@ -141,8 +155,11 @@ def run_chunk(graphdef, params, slots: Slots, queue: Queue, settings, tables, gu
     def body(carry):
         s, out, k = carry
         r, limits = s.rows, s.limits
-        # 1. Slots whose prompt is in sample an event; a stop frees the slot.
-        sampling_B = (s.piece_B >= 0) & (s.fed_B >= s.length_B)
+        # 1. Slots whose prompt is in sample an event; a stop frees the slot, and so does a full
+        # window under re-prefill (the host queues the piece's next window).
+        ready_B = (s.piece_B >= 0) & (s.fed_B >= s.length_B)
+        paused_B = ready_B & (s.position_B >= window) if reprefill else jnp.zeros_like(ready_B)
+        sampling_B = ready_B & ~paused_B
         keys_B = jax.vmap(jax.random.fold_in)(jax.vmap(jax.random.key)(s.seed_B), r.events_B)
         token_B = choose_event(s.logits_BxV, r, limits, settings, tables, keys_B)
         new_steps_B = r.steps_B + tables["shift_steps_V"][token_B]
@@ -154,8 +171,9 @@ def run_chunk(graphdef, params, slots: Slots, queue: Queue, settings, tables, gu
         steps_B = jnp.where(emit_B, new_steps_B, r.steps_B)
         out = Chunk(token_KxB=out.token_KxB.at[k].set(jnp.where(emit_B, token_B, -1)),
                     piece_KxB=out.piece_KxB.at[k].set(jnp.where(emit_B, s.piece_B, -1)),
-                    finished_KxB=out.finished_KxB.at[k].set(jnp.where(stop_B, s.piece_B, -1)), steps=k + 1)
-        piece_B = jnp.where(stop_B, -1, s.piece_B)
+                    finished_KxB=out.finished_KxB.at[k].set(jnp.where(stop_B, s.piece_B, -1)),
+                    paused_KxB=out.paused_KxB.at[k].set(jnp.where(paused_B, s.piece_B, -1)), steps=k + 1)
+        piece_B = jnp.where(stop_B | paused_B, -1, s.piece_B)
 
         # 2. Idle slots take the next pieces of the queue, in slot order.
         idle_B = piece_B < 0
@@ -173,7 +191,7 @@ def run_chunk(graphdef, params, slots: Slots, queue: Queue, settings, tables, gu
         seed_B = pick(s.seed_B, queue.seed_Q)
         fed_B = jnp.where(new_B, 0, s.fed_B)
         position_B = jnp.where(new_B, 0, s.position_B)
-        rows = RowState(events_B=jnp.where(new_B, 0, events_B), steps_B=jnp.where(new_B, 0, steps_B),
+        rows = RowState(events_B=pick(events_B, queue.events_Q), steps_B=pick(steps_B, queue.steps_Q),
                         done_B=piece_B < 0, open_BxP=pick(open_BxP, queue.open_QxP),
                         onset_BxP=pick(onset_BxP, queue.onset_QxP))
         limits = limits.replace(max_events_B=pick(limits.max_events_B, queue.max_events_Q),
@@ -201,13 +219,30 @@ def run_chunk(graphdef, params, slots: Slots, queue: Queue, settings, tables, gu
         return (k < steps) & (jnp.any(s.piece_B >= 0) | waiting(s))
 
     none_KxB = jnp.full((steps, batch), -1, jnp.int32)
-    out = Chunk(token_KxB=none_KxB, piece_KxB=none_KxB, finished_KxB=none_KxB, steps=jnp.zeros((), jnp.int32))
+    out = Chunk(token_KxB=none_KxB, piece_KxB=none_KxB, finished_KxB=none_KxB, paused_KxB=none_KxB,
+                steps=jnp.zeros((), jnp.int32))
     slots, out, _ = jax.lax.while_loop(more, body, (slots, out, jnp.zeros((), jnp.int32)))
     return slots, out
 
 
 def _bucket(n: int, floor: int = 1) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, floor, 1))))
+
+
+@dataclasses.dataclass
+class _Entry:
+    """A queued piece, or a re-prefilled piece's next window: what `Queue` holds of it."""
+
+    piece: int
+    prompt: np.ndarray  # what the slot feeds: the piece's prompt, or its next window
+    seed: int
+    max_events: int
+    max_steps: int
+    max_note_steps: int
+    open_P: np.ndarray
+    onset_P: np.ndarray
+    events: int = 0
+    steps: int = 0
 
 
 class ContinuousSampler:
@@ -218,24 +253,33 @@ class ContinuousSampler:
         for piece_id, row in sampler:   # row: prompt + new events, int32, no EOS
             ...                         # may add() more (a copy guard's re-draw)
 
-    `events` and `slot_steps` count the events emitted and the slot-steps run: occupancy
-    is their ratio (`steady_*`: over the chunks that ended with pieces still queued, which
-    leaves out the tail of a finite plan). A batch of 1 runs 2 slots (see `sampler._generate_batch`).
+    context: 'rolling' (the rolling cache) or 'reprefill': a piece whose window fills leaves its
+    slot and is queued first again with its next window (`sampler.window_prompt`: STYLE, the
+    carried state, its latest events), which a slot feeds as forced steps; its events are the
+    windowed sampler's. `events` and `slot_steps` count the events emitted and the slot-steps
+    run: occupancy is their ratio (`steady_*`: over the chunks that ended with pieces still
+    queued, which leaves out the tail of a finite plan). A batch of 1 runs 2 slots (see
+    `sampler._generate_batch`).
     """
 
     def __init__(self, model: GPT, vocab: Vocabulary, *, batch_size: int, settings, tables, guidance=None,
-                 sink: int = DEFAULT_SINK, chunk_steps: int = DEFAULT_CHUNK_STEPS, queue_size: int | None = None):
+                 context: str = "rolling", sink: int = DEFAULT_SINK, chunk_steps: int = DEFAULT_CHUNK_STEPS,
+                 queue_size: int | None = None):
+        if context not in ("rolling", "reprefill"):
+            raise ValueError(f"context must be 'rolling' or 'reprefill', got {context!r}")
         self.model, self.vocab = model, vocab
         self.graphdef, self.params = nnx.split(model)
         self.batch = _bucket(batch_size, floor=2)
         self.settings, self.tables, self.guidance = settings, tables, guidance
+        self.reprefill = context == "reprefill"
         self.sink, self.chunk_steps = sink, chunk_steps
         self.queue_size = queue_size or 2 * self.batch
-        self.pending: collections.deque = collections.deque()
-        self.prompts: dict = {}
+        self.pending: collections.deque[_Entry] = collections.deque()
         self.slots: Slots | None = None
         self.prompt_len = 0
         self._in_flight: dict[int, list] = {}  # piece -> its prompt and the events so far
+        self._entries: dict[int, _Entry] = {}  # piece -> its first entry (seed, budgets)
+        self._prompts: dict[int, np.ndarray] = {}  # piece -> its own prompt
         self.events = 0
         self.slot_steps = 0
         self.steady_events = 0  # the same, over chunks that ended with pieces still queued
@@ -248,26 +292,46 @@ class ContinuousSampler:
         if prompt.size < 1:
             raise ValueError("a prompt needs at least its STYLE token")
         open_P, onset_P = sounding_state(self.vocab, prompt)
-        self.pending.append((int(piece), prompt, int(seed), int(max_events), int(max_steps), int(max_note_steps),
-                             open_P, onset_P))
+        self._prompts[int(piece)] = prompt
+        feed = prompt
+        if self.reprefill and prompt.size >= self.model.cfg.max_len:  # a primer longer than the window
+            from mgpt.sample.sampler import window_prompt
+
+            feed = np.asarray(window_prompt(list(prompt), self.model.cfg.max_len, self.vocab), np.int32)
+        self.pending.append(_Entry(int(piece), feed, int(seed), int(max_events), int(max_steps),
+                                   int(max_note_steps), open_P, onset_P))
+
+    def _next_window(self, entry: _Entry, row: np.ndarray) -> _Entry:
+        """A paused piece's next window (re-prefill), going on from its events, time and sounding notes."""
+        from mgpt.sample.sampler import window_prompt
+
+        new = row[len(self._prompts[entry.piece]) :]
+        shift = self.tables["shift_steps_V"]
+        steps = int(np.asarray(shift)[new].sum()) if len(new) else 0
+        open_P, onset_P = sounding_state(self.vocab, row)  # onsets relative to the row's end
+        onset_P = np.where(onset_P == SILENT, SILENT, onset_P.astype(np.int64) + steps).astype(np.int32)
+        prompt = np.asarray(window_prompt(list(row), self.model.cfg.max_len, self.vocab), np.int32)
+        return dataclasses.replace(entry, prompt=prompt, open_P=open_P, onset_P=onset_P, events=len(new), steps=steps)
 
     def _queue(self) -> Queue:
         q, entries = self.queue_size, list(self.pending)[: self.queue_size]
         num_pitches = self.vocab.max_pitch - self.vocab.min_pitch + 1
         piece_Q = np.full(q, -1, np.int32)
         prompt_QxL = np.zeros((q, self.prompt_len), np.int32)
-        length_Q, max_events_Q, max_steps_Q, max_note_steps_Q = (np.zeros(q, np.int32) for _ in range(4))
+        length_Q, max_events_Q, max_steps_Q, max_note_steps_Q, events_Q, steps_Q = (np.zeros(q, np.int32)
+                                                                                  for _ in range(6))
         seed_Q = np.zeros(q, np.uint32)
         open_QxP = np.zeros((q, num_pitches), np.int32)
         onset_QxP = np.full((q, num_pitches), SILENT, np.int32)
-        for i, (piece, prompt, seed, max_events, max_steps, max_note_steps, open_P, onset_P) in enumerate(entries):
-            piece_Q[i], length_Q[i], seed_Q[i] = piece, prompt.size, seed
-            prompt_QxL[i, : prompt.size] = prompt
-            max_events_Q[i], max_steps_Q[i], max_note_steps_Q[i] = max_events, max_steps, max_note_steps
-            open_QxP[i], onset_QxP[i] = open_P, onset_P
+        for i, e in enumerate(entries):
+            piece_Q[i], length_Q[i], seed_Q[i] = e.piece, e.prompt.size, e.seed
+            prompt_QxL[i, : e.prompt.size] = e.prompt
+            max_events_Q[i], max_steps_Q[i], max_note_steps_Q[i] = e.max_events, e.max_steps, e.max_note_steps
+            open_QxP[i], onset_QxP[i], events_Q[i], steps_Q[i] = e.open_P, e.onset_P, e.events, e.steps
         return jax.tree.map(jnp.asarray, Queue(piece_Q=piece_Q, prompt_QxL=prompt_QxL, length_Q=length_Q, seed_Q=seed_Q,
                                                open_QxP=open_QxP, onset_QxP=onset_QxP, max_events_Q=max_events_Q,
-                                               max_steps_Q=max_steps_Q, max_note_steps_Q=max_note_steps_Q))
+                                               max_steps_Q=max_steps_Q, max_note_steps_Q=max_note_steps_Q,
+                                               events_Q=events_Q, steps_Q=steps_Q))
 
     def _grow_prompts(self, length: int) -> None:
         """Room for prompts of `length` tokens (a new compiled shape, so in power-of-two steps)."""
@@ -292,14 +356,17 @@ class ContinuousSampler:
     def step(self) -> list[tuple[int, np.ndarray]]:
         """One chunk of the loop: the pieces that finished in it, in the order they finished."""
         in_flight = self._in_flight
-        longest = max((e[1].size for e in self.pending), default=1)
+        longest = max((e.prompt.size for e in self.pending), default=1)
         if self.slots is None or longest > self.prompt_len:
             self._grow_prompts(longest)
         queue = self._queue()
-        for e in list(self.pending)[: self.queue_size]:
-            in_flight[e[0]] = [e[1]]
+        offered = list(self.pending)[: self.queue_size]
+        for e in offered:
+            if e.piece not in in_flight:  # a re-prefilled window goes on with the events so far
+                in_flight[e.piece] = [self._prompts[e.piece]]
+                self._entries[e.piece] = e
         self.slots, chunk = run_chunk(self.graphdef, self.params, self.slots, queue, self.settings, self.tables,
-                                      self.guidance, steps=self.chunk_steps)
+                                      self.guidance, steps=self.chunk_steps, reprefill=self.reprefill)
         chunk, taken = jax.device_get((chunk, self.slots.taken))
         for _ in range(int(taken)):
             self.pending.popleft()
@@ -321,7 +388,15 @@ class ContinuousSampler:
             cuts = np.flatnonzero(np.diff(pieces_N)) + 1
             for part_pieces, part_tokens in zip(np.split(pieces_N, cuts), np.split(tokens_N, cuts)):
                 in_flight[int(part_pieces[0])].append(part_tokens)
+        paused_KxB = chunk.paused_KxB[:steps]
+        # Full windows go first in the queue, in the order they filled.
+        for piece in paused_KxB[paused_KxB >= 0].tolist()[::-1]:
+            row = np.concatenate(in_flight[piece]).astype(np.int32)
+            self.pending.appendleft(self._next_window(self._entries[piece], row))
         finished_KxB = chunk.finished_KxB[:steps]
-        # Step order: the order they finished.
-        return [(piece, np.concatenate(in_flight.pop(piece)).astype(np.int32))
-                for piece in finished_KxB[finished_KxB >= 0].tolist()]
+        done = []
+        for piece in finished_KxB[finished_KxB >= 0].tolist():  # step order: the order they finished
+            self._entries.pop(piece, None)
+            self._prompts.pop(piece, None)
+            done.append((piece, np.concatenate(in_flight.pop(piece)).astype(np.int32)))
+        return done

@@ -383,7 +383,7 @@ class Run:
         settings = sampling_settings(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                                      min_p=sampling.min_p, greedy=sampling.greedy)
         sampler = ContinuousSampler(model, self.vocab, batch_size=batch_size, settings=settings,
-                                    tables=token_tables(self.vocab), guidance=guidance)
+                                    tables=token_tables(self.vocab), guidance=guidance, context=sampling.context)
         max_events, max_steps = budgets(self.vocab, model.cfg.max_len, **sampling.budget())
         return PieceStream(self, sampling, sampler, max_events, max_steps)
 
