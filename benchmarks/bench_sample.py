@@ -225,13 +225,13 @@ def run_previous(model, vocab, plan, batch, settings, tables, note_steps, stats:
         yield
 
 
-def run_continuous(model, vocab, plan, batch, settings, tables, note_steps, stats: dict):
-    """The continuous sampler over the rolling cache; yields after each chunk. stats as `run_previous`'s,
-    plus the steady-state figures (`ContinuousSampler.steady_events`)."""
+def run_continuous(model, vocab, plan, batch, settings, tables, note_steps, stats: dict, context: str = "rolling"):
+    """The continuous sampler (over the rolling cache, or with re-prefilled windows); yields after each
+    chunk. stats as `run_previous`'s, plus the steady-state figures (`ContinuousSampler.steady_events`)."""
     from mgpt.sample.continuous import ContinuousSampler
 
     prompts, seeds, max_events, max_steps = plan
-    sampler = ContinuousSampler(model, vocab, batch_size=batch, settings=settings, tables=tables)
+    sampler = ContinuousSampler(model, vocab, batch_size=batch, settings=settings, tables=tables, context=context)
     for i, (p, s, e, m) in enumerate(zip(prompts, seeds, max_events, max_steps)):
         sampler.add(i, p, s, max_events=e, max_steps=m, max_note_steps=note_steps)
     rows, seconds = {}, 0.0
@@ -247,9 +247,17 @@ def run_continuous(model, vocab, plan, batch, settings, tables, note_steps, stat
     stats["rows"] = [rows[i] for i in range(len(prompts))]
 
 
+def run_continuous_reprefill(model, vocab, plan, batch, settings, tables, note_steps, stats: dict):
+    """The continuous sampler with the previous sampler's re-prefilled windows (the same pieces)."""
+    return run_continuous(model, vocab, plan, batch, settings, tables, note_steps, stats, context="reprefill")
+
+
+SAMPLERS = {"previous": run_previous, "continuous": run_continuous, "continuous_reprefill": run_continuous_reprefill}
+
+
 def interleaved(runs: dict, pieces: int) -> None:
     """Advances whichever of `runs` (name -> (generator, stats)) is furthest behind in the plan, one
-    unit (a batch, a chunk) at a time, so both run under the same load from start to end."""
+    unit (a batch, a chunk) at a time, so all run under the same load from start to end."""
     live = dict(runs)
     while live:
         name = min(live, key=lambda n: live[n][1].get("done", 0) / pieces)
@@ -296,7 +304,7 @@ def time_hf_corpus(cfg: ModelConfig, lengths: list[int], batch: int, top_k: int,
 
 
 def corpus_figure(model, vocab: Vocabulary, pieces: int, batch: int, hf_pieces: int = 0, threads: int = 1,
-                  top_k: int = 0, log=print, hf_device: str = "cpu") -> dict:
+                  top_k: int = 0, log=print, hf_device: str = "cpu", with_reprefill: bool = False) -> dict:
     """Events/s and occupancy (events / slot-steps) of the previous sampler and the continuous one on
     one plan (`corpus_plan`), interleaved (`interleaved`: a batch of one, a chunk of the other, so a
     change in the host's load hits both). Both are compiled first. Then HF `generate` over the
@@ -307,18 +315,19 @@ def corpus_figure(model, vocab: Vocabulary, pieces: int, batch: int, hf_pieces: 
     guard = int(note_steps(vocab, 8.0))
     warm = corpus_plan(vocab, 2 * batch, seed=1)
     warm = (warm[0], warm[1], [model.cfg.max_len + 8] * len(warm[0]), warm[3])  # past one window: compiles all
-    for fn in (run_previous, run_continuous):
-        for _ in fn(model, vocab, warm, batch, settings, tables, guard, {}):
+    names = ("previous", "continuous", "continuous_reprefill") if with_reprefill else ("previous", "continuous")
+    for name in names:
+        for _ in SAMPLERS[name](model, vocab, warm, batch, settings, tables, guard, {}):
             pass
     plan = corpus_plan(vocab, pieces)
-    stats = {"previous": {}, "continuous": {}}
-    interleaved({name: (fn(model, vocab, plan, batch, settings, tables, guard, stats[name]), stats[name])
-                 for name, fn in (("previous", run_previous), ("continuous", run_continuous))}, pieces)
+    stats = {name: {} for name in names}
+    interleaved({name: (SAMPLERS[name](model, vocab, plan, batch, settings, tables, guard, stats[name]), stats[name])
+                 for name in names}, pieces)
     out = {}
     for name, st in stats.items():
         out[name] = {"events": st["events"], "slot_steps": st["slot_steps"], "seconds": st["seconds"],
                      "events_per_s": st["events"] / st["seconds"], "occupancy": st["events"] / max(st["slot_steps"], 1)}
-        log(f"  {name:10s}: {st['events']} events in {st['seconds']:.1f} s, occupancy "
+        log(f"  {name:20s}: {st['events']} events in {st['seconds']:.1f} s, occupancy "
             f"{100 * out[name]['occupancy']:.1f} %")
     c = stats["continuous"]
     out["continuous"]["steady_occupancy"] = c["steady_events"] / max(c["steady_slot_steps"], 1)
@@ -347,12 +356,17 @@ def corpus_main(a, threads: int) -> None:
           flush=True)
     hf_pieces = 0 if a.no_hf else (a.hf_pieces or a.pieces)
     r = corpus_figure(model, vocab, a.pieces, a.batch, hf_pieces, a.hf_threads or threads,
-                      log=lambda s: print(s, flush=True))
+                      log=lambda s: print(s, flush=True), with_reprefill=a.with_reprefill)
     prev, new = r["previous"], r["continuous"]
     print(f"previous  : {prev['events_per_s']:.0f} events/s, occupancy {100 * prev['occupancy']:.1f} %", flush=True)
     print(f"continuous: {new['events_per_s']:.0f} events/s, occupancy {100 * new['occupancy']:.1f} % "
           f"({100 * new['steady_occupancy']:.1f} % while pieces were queued; mean piece {r['mean_events']:.0f} "
           "events)", flush=True)
+    if "continuous_reprefill" in r:
+        c = r["continuous_reprefill"]
+        print(f"continuous, re-prefilled windows: {c['events_per_s']:.0f} events/s, occupancy "
+              f"{100 * c['occupancy']:.1f} %, {c['events_per_s'] / prev['events_per_s']:.2f} x the previous sampler "
+              "(the same pieces)", flush=True)
     print(f"HF generate: {r['hf_events_per_s']:.0f} useful events/s over the first {hf_pieces} pieces", flush=True)
     print(f"corpus: {new['events_per_s']:.0f} events/s, occupancy {100 * new['occupancy']:.1f} %, "
           f"{new['events_per_s'] / prev['events_per_s']:.2f} x the previous sampler, "
@@ -377,6 +391,8 @@ def main():
     p.add_argument("--corpus", action="store_true", help="the corpus figure (continuous vs previous sampler, HF)")
     p.add_argument("--pieces", type=int, default=256, help="--corpus: pieces in the plan")
     p.add_argument("--batch", type=int, default=16, help="--corpus: batch (slots)")
+    p.add_argument("--with_reprefill", action="store_true",
+                   help="--corpus: also the continuous sampler with the previous sampler's re-prefilled windows")
     p.add_argument("--hf_threads", type=int, default=0, help="--corpus: PyTorch threads (0 = --threads)")
     p.add_argument("--hf_pieces", type=int, default=0, help="--corpus: pieces HF generates (0 = all)")
     p.add_argument("--workdir", default=None, help="--corpus: a trained run (default: random weights, --shapes' first)")
