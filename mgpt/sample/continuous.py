@@ -115,6 +115,7 @@ class Chunk:
 
 def empty_slots(model: GPT, vocab: Vocabulary, batch: int, prompt_len: int, guided: bool,
                 sink: int = DEFAULT_SINK) -> Slots:
+    """A slot table of `batch` idle slots, prompts of up to `prompt_len` tokens (2 * batch cache rows when guided)."""
     num_pitches = vocab.max_pitch - vocab.min_pitch + 1
     zeros_B = jnp.zeros(batch, jnp.int32)
     # Copied leaf by leaf: run_chunk donates the table, and no buffer may be donated twice.
