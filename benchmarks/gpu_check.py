@@ -16,6 +16,10 @@
    `transformers.GPT2LMHeadModel.generate` (bf16, KV cache, top-k sampling) at the same
    widths and depth on the same GPU. GPT-2's MLP is not gated: it gets 1.5x the width, so
    both do the same matmul FLOPs per event.
+3. Corpus: `benchmarks/bench_sample.py --corpus` at base's dimensions in bf16: 64 pieces with
+   10-90 s budgets at batch 16, the continuous sampler (rolling cache) against the previous
+   re-prefill sampler, interleaved batch by chunk, the occupancy of both (events / slot-steps), and
+   HF `generate` over the first 32 pieces' lengths.
 
 The rows are synthetic random events, so TFDS, grain and music21 are not needed: the
 model and the trainer's own step (mgpt.train) import without them. Besides jax, flax,
@@ -50,9 +54,9 @@ from mgpt.model.gpt import GPT  # noqa: E402
 
 # (config, context, train batches to try, sampling batches, events sampled per row)
 FULL = dict(config="base", seq_len=2048, train_batches=(8, 16, 32, 64, 128, 256), sample_batches=(1, 16, 64),
-            events=512, train_steps=10, packed=(768, 1280))
+            events=512, train_steps=10, packed=(768, 1280), corpus=dict(pieces=64, batch=16, hf_pieces=32))
 DRY = dict(config="tiny", seq_len=64, train_batches=(2, 4), sample_batches=(1, 2), events=16, train_steps=2,
-           packed=(16, 48))
+           packed=(16, 48), corpus=dict(pieces=6, batch=2, hf_pieces=2))
 
 
 def _config(name: str, seq_len: int, batch: int, on_gpu: bool):
@@ -248,6 +252,36 @@ def sample_rates(plan: dict, vocab: Vocabulary, on_gpu: bool, deadline: float = 
     return rows
 
 
+def corpus_rate(plan: dict, vocab: Vocabulary, on_gpu: bool, deadline: float = float("inf")) -> dict:
+    """benchmarks/bench_sample.py --corpus at base's dimensions in bf16 (random weights, so pieces end
+    at random EOSs or their 10-90 s budgets): the continuous sampler against the previous one,
+    interleaved, their occupancy, and HF `generate` over the same pieces' lengths."""
+    import bench_sample
+
+    if time.perf_counter() > deadline:
+        return {"error": "not measured: the check's time budget"}
+    c = _config(plan["config"], plan["seq_len"], 1, on_gpu)
+    c.model.attention = "xla"
+    model = GPT(models.model_config(c.model, vocab.size), rngs=nnx.Rngs(0))
+    p = plan["corpus"]
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+        hf_pieces = p["hf_pieces"]
+    except ImportError:
+        hf_pieces = 0
+    r = bench_sample.corpus_figure(model, vocab, p["pieces"], p["batch"], hf_pieces, threads=0,
+                                   log=lambda line: None, hf_device="cuda" if on_gpu else "cpu")
+    prev, new = r["previous"], r["continuous"]
+    return {"pieces": p["pieces"], "batch": p["batch"], "mean_events": r["mean_events"],
+            "events_per_s": new["events_per_s"], "occupancy": new["occupancy"],
+            "steady_occupancy": new["steady_occupancy"],
+            "previous_events_per_s": prev["events_per_s"], "previous_occupancy": prev["occupancy"],
+            "vs_previous": new["events_per_s"] / prev["events_per_s"],
+            "hf_events_per_s": r["hf_events_per_s"] if hf_pieces else None,
+            "vs_hf": new["events_per_s"] / r["hf_events_per_s"] if hf_pieces else None}
+
+
 def _time_ours(model, vocab: Vocabulary, batch: int, events: int) -> float:
     """New events/s of mgpt.sample.generate_tokens, the sampler mgpt.generate runs (top-k 32)."""
     from mgpt.sample.sampler import generate_tokens
@@ -320,6 +354,7 @@ def main(argv=None) -> dict:
         "train": train_mfu(plan, vocab.size, on_gpu, search_until=start + 0.4 * a.budget_s),
         "sampling": sample_rates(plan, vocab, on_gpu, deadline=start + a.budget_s),
     }
+    result["corpus"] = _kept_going(corpus_rate, plan, vocab, on_gpu, start + a.budget_s)
     result["seconds"] = time.perf_counter() - start
     with open(a.out, "w") as f:
         json.dump(result, f, indent=1)
@@ -356,6 +391,14 @@ def main(argv=None) -> dict:
             continue
         versus = f"{ours / hf:.1f}x" if hf else r["hf_params"]  # without torch: why not measured
         print(f"{r['batch']:>5} {ours:>11,.0f} {f'{hf:,.0f}' if hf else '-':>14} {versus:>10}")
+    c = result["corpus"]
+    if "error" in c:
+        print(f"corpus: {c['error']}")
+    else:
+        hf = f"{c['vs_hf']:.2f} x HF generate" if c["vs_hf"] else "HF generate not measured"
+        print(f"corpus ({c['pieces']} pieces, batch {c['batch']}, previous sampler {c['previous_events_per_s']:.0f} "
+              f"events/s at occupancy {100 * c['previous_occupancy']:.1f} %): {c['events_per_s']:.0f} events/s, "
+              f"occupancy {100 * c['occupancy']:.1f} %, {c['vs_previous']:.2f} x the previous sampler, {hf}")
     print(f"wrote {a.out} ({result['seconds']:.0f} s)")
     return result
 

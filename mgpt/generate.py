@@ -34,6 +34,13 @@ music from E on and the gap's length, and writes a middle that lasts exactly E -
 leaves sounding at E just the notes the file has sounding there (mgpt/sample/fim.py). Each sample
 is the whole joined piece; the piano roll marks the gap.
 
+`--context=rolling` decodes every piece through a rolling KV cache whose sink is the STYLE token,
+under continuous batching: a slot whose piece ends takes the next piece of the plan inside the
+compiled loop, and pieces are written as they finish (a kill loses only those in flight).
+`--context=reprefill` re-prefills each row's window on the host, batch by batch.
+Hard limits, `--controls`, `--mood` and `--infill` run the re-prefill sampler whatever `--context` says
+(the continuous one does not have them yet).
+
 Batches of `--batch_size` rows run on every local device at once (one sampler call
 per device, from host threads: pieces are independent, so no device waits for
 another). On a multi-host pod each host takes the piece indices i with
@@ -57,7 +64,8 @@ from mgpt.errors import UserError, is_disk_full, parse_command_flags, quiet_afte
 from mgpt.render import write_folder_gallery as write_gallery
 from mgpt.sample.corpus import (DEFAULT_BATCH_SIZE, DEFAULT_COPY_TRIES, DEFAULT_MAX_COPY_SECONDS, check_output_dir,
                                 check_copy_guard, generate_corpus)
-from mgpt.sample.run import (DEFAULT_GUIDANCE, DEFAULT_MAX_EVENTS, NOTE_GUARD_PERCENTILE, UNCONDITIONAL, Sampling,
+from mgpt.sample.sampler import CONTEXTS
+from mgpt.sample.run import (DEFAULT_CONTEXT, DEFAULT_GUIDANCE, DEFAULT_MAX_EVENTS, NOTE_GUARD_PERCENTILE, UNCONDITIONAL, Sampling,
                              check_infill_model, check_infill_times, load_infill, load_primer, load_run,
                              _check_primer_seconds, read_run_info, resolve_styles)
 
@@ -125,7 +133,11 @@ def define_flags(fv):
                        "(transposition-aware; 0 = off).", **kw)
     flags.DEFINE_integer("copy_tries", DEFAULT_COPY_TRIES,
                          "Copy guard: draws per piece before it is kept and marked copy_over_limit.", **kw)
-    flags.DEFINE_integer("batch_size", DEFAULT_BATCH_SIZE, "Pieces per device per sampler call.", **kw)
+    flags.DEFINE_integer("batch_size", DEFAULT_BATCH_SIZE, "Pieces decoded at once per device.", **kw)
+    flags.DEFINE_enum("context", DEFAULT_CONTEXT, list(CONTEXTS),
+                      "What a piece reads past the model's window: 'rolling' (a rolling KV cache, and continuous "
+                      "batching: a finished piece's slot takes the next one at once) or 'reprefill' (re-prefilled "
+                      "windows, batch by batch). docs/sampling.md compares them.", **kw)
     flags.DEFINE_bool("audio", False,
                       f"Render a WAV per piece with FluidSynth ({render.INSTALL_AUDIO}).", **kw)
     flags.DEFINE_string("soundfont", None, "A .sf2 soundfont for --audio (default: Debian's GM soundfonts).", **kw)
@@ -142,7 +154,8 @@ def run_command(f) -> pathlib.Path:
     sampling = Sampling(temperature=f.temperature, top_k=f.top_k, top_p=f.top_p, min_p=f.min_p, greedy=f.greedy,
                         max_events=f.max_events, max_seconds=f.max_seconds, max_note_seconds=f.max_note_seconds,
                         guidance=f.guidance, pitch_range=f.pitch_range, max_polyphony=f.max_polyphony,
-                        velocity_range=f.velocity_range, controls=f.controls, mood=f.mood)
+                        velocity_range=f.velocity_range, controls=f.controls, mood=f.mood,
+                        context=f.context)
     _check_primer_seconds(f.primer_seconds)
     check_copy_guard(f.max_copy_seconds, f.copy_tries)
     if f.audio:

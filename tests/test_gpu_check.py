@@ -42,6 +42,11 @@ def test_dry_run_trains_and_samples_without_the_data_libraries(tmp_path):
     assert [s["batch"] for s in result["sampling"]] == [1, 2]
     assert all(s["ours_events_per_s"] > 0 for s in result["sampling"])
     assert "tokens/s, MFU" in r.stdout and "ours / HF" in r.stdout
+    # The corpus figure: the continuous sampler against the previous one, on a tiny plan.
+    c = result["corpus"]
+    assert "error" not in c, c
+    assert c["events_per_s"] > 0 and c["previous_events_per_s"] > 0 and 0 < c["occupancy"] <= 1, c
+    assert "x the previous sampler" in r.stdout
     # The packed-piece check: the second piece scores as if alone, and would not without its segment ids.
     k = result["packed"]
     assert k["scores_as_if_alone"] and k["max_logit_gap_without_segment_ids"] > 0.5, k

@@ -25,6 +25,13 @@ construction (`eager_sharding=False`); the trainer derives shardings with
 The KV cache (used by `mgpt.sample`) stores the key/value of absolute position
 `p` at slot `p`, so prefill of a whole prompt and a 1-token decode step are the
 same call: `logits, cache = model.decode(tokens_BxT, positions_BxT, cache)`.
+
+The rolling cache (`RollingCache`, `GPT.decode_rolling`) holds a piece of any length in W =
+max_len slots: the first S (the sink: the conditioning tokens, positions 0..S-1) stay, and
+position p >= S goes to slot S + (p - S) mod (W - S), overwriting the oldest event. Rotary
+attention depends only on the distance between query and key, so the ring needs no
+re-prefill; the sink is read as if the query stood at most W - 1 after it, the farthest
+a training crop puts its STYLE token from its last event.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -268,6 +276,37 @@ class Attention(nnx.Module):
         o_BxNxTxK = jnp.einsum("bnts,bnsk->bntk", probs_BxNxTxS, v_BxNxSxK)
         return jnp.einsum("bntk,nkd->btd", o_BxNxTxK, self.out[...].astype(self.cfg.dtype)), cache
 
+    def decode_rolling(self, x_BxD, positions_B, slots_B, slot_positions_BxS, sink: int, cache):
+        """One token per row at absolute `positions_B`, written at `slots_B` of a rolling cache
+        (see `GPT.decode_rolling`); slot_positions_BxS already holds this token's position."""
+        q_Bx1xNxK, k_Bx1xNxK, v_Bx1xNxK = self._project(x_BxD[:, None], positions_B[:, None], fused=True)
+        rows_B = jnp.arange(x_BxD.shape[0])
+
+        def write(cache_BxNxSxK, new_BxNxK):
+            return cache_BxNxSxK.at[rows_B, :, slots_B].set(new_BxNxK.astype(cache_BxNxSxK.dtype))
+
+        cache = {"k": write(cache["k"], k_Bx1xNxK[:, 0]), "v": write(cache["v"], v_Bx1xNxK[:, 0])}
+        scale = jnp.asarray(self.cfg.head_dim**-0.5, q_Bx1xNxK.dtype)
+        k_BxNxSxK, v_BxNxSxK = cache["k"].astype(q_Bx1xNxK.dtype), cache["v"].astype(q_Bx1xNxK.dtype)
+        q_BxNxK = q_Bx1xNxK[:, 0] * scale
+        scores_BxNxS = jnp.einsum("bnk,bnsk->bns", q_BxNxK, k_BxNxSxK, preferred_element_type=jnp.float32)
+        if sink:
+            # Keys are stored rotated at their own positions. The sink must look as it did in
+            # training, at most W - 1 before the query: rotating the query back to
+            # min(p, W - 1) for the S sink scores does that (R(a)q . R(b)k depends on b - a only).
+            window = k_BxNxSxK.shape[2]
+            back_B = jnp.minimum(positions_B, window - 1) - positions_B
+            q_sink_BxNxK = _rope(q_Bx1xNxK, back_B[:, None], self.cfg.rope_base)[:, 0] * scale
+            sink_BxNxS = jnp.einsum("bnk,bnsk->bns", q_sink_BxNxK, k_BxNxSxK[:, :, :sink],
+                                    preferred_element_type=jnp.float32)
+            scores_BxNxS = jnp.concatenate([sink_BxNxS, scores_BxNxS[:, :, sink:]], axis=-1)
+        # Slots not yet written for this piece (position -1) hold stale or padding entries.
+        visible_Bx1xS = (slot_positions_BxS >= 0)[:, None]
+        scores_BxNxS = jnp.where(visible_Bx1xS, scores_BxNxS, -jnp.inf)
+        probs_BxNxS = jax.nn.softmax(scores_BxNxS, axis=-1).astype(v_BxNxSxK.dtype)
+        o_BxNxK = jnp.einsum("bns,bnsk->bnk", probs_BxNxS, v_BxNxSxK)
+        return jnp.einsum("bnk,nkd->bd", o_BxNxK, self.out[...].astype(self.cfg.dtype)), cache
+
 
 # --------------------------------------------------------------------------- splash attention (TPU)
 
@@ -378,9 +417,38 @@ class Block(nnx.Module):
         x_BxTxD = x_BxTxD + a_BxTxD
         return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), cache
 
+    def decode_rolling(self, x_BxD, positions_B, slots_B, slot_positions_BxS, sink, cache):
+        a_BxD, cache = self.attn.decode_rolling(self.attn_norm(x_BxD), positions_B, slots_B, slot_positions_BxS,
+                                                sink, cache)
+        x_BxD = x_BxD + a_BxD
+        return x_BxD + self.mlp(self.mlp_norm(x_BxD[:, None]))[:, 0], cache
+
 
 def _block_call(block: Block, x_BxLxD, positions_BxL, segment_ids_BxL, dropout_key=None):
     return block(x_BxLxD, positions_BxL, segment_ids_BxL, dropout_key)
+
+
+@flax.struct.dataclass
+class RollingCache:
+    """A KV cache of W slots per row that holds a piece of any length (module docstring).
+
+    kv: per layer {'k', 'v'}: BxNxWxK. positions_BxW: the absolute position held by each slot,
+    -1 for none (not yet written, or left by an earlier piece in this row: `forget` a row when
+    a new piece starts in it). sink: S, the slots kept for positions 0..S-1.
+    """
+
+    kv: list
+    positions_BxW: jax.Array
+    sink: int = flax.struct.field(pytree_node=False, default=1)
+
+    def slots(self, positions_B):
+        """The slot of absolute position p: p in the sink, else S + (p - S) mod (W - S)."""
+        window, sink = self.positions_BxW.shape[1], self.sink
+        return jnp.where(positions_B < sink, positions_B, sink + (positions_B - sink) % (window - sink))
+
+    def forget(self, rows_B):
+        """Empties the rows where rows_B is True: their next piece starts at position 0."""
+        return self.replace(positions_BxW=jnp.where(rows_B[:, None], -1, self.positions_BxW))
 
 
 LAYERS_AXIS = "layers"  # logical name of the stacked blocks' leading axis; no rule shards it
@@ -519,6 +587,32 @@ class GPT(nnx.Module):
         shape = (batch, self.cfg.num_heads, size, self.cfg.head_dim)
         dtype = self.cfg.dtype if dtype is None else dtype
         return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(self.cfg.num_layers)]
+
+    def init_rolling_cache(self, batch: int, sink: int = 1, dtype=None) -> RollingCache:
+        """An empty `RollingCache` of max_len slots per row, the first `sink` kept for positions 0..sink-1."""
+        if not 0 <= sink < self.cfg.max_len - 1:
+            raise ValueError(f"sink={sink} must leave at least 2 of the model's {self.cfg.max_len} slots to the ring")
+        return RollingCache(kv=self.init_cache(batch, self.cfg.max_len, dtype),
+                            positions_BxW=jnp.full((batch, self.cfg.max_len), -1, jnp.int32), sink=sink)
+
+    def decode_rolling(self, tokens_B, positions_B, cache: RollingCache):
+        """One token per row at absolute `positions_B` (int32, any size) through a rolling cache.
+
+        The token attends to the sink (positions < S, seen from at most W - 1 later) and to
+        the last W - S positions of its row, itself included; a row whose piece restarts
+        must be `cache.forget`-ed first. Returns (logits_BxV float32, new cache).
+        """
+        slots_B = cache.slots(positions_B)
+        rows_B = jnp.arange(tokens_B.shape[0])
+        slot_positions_BxW = cache.positions_BxW.at[rows_B, slots_B].set(positions_B)
+        x_BxD = self._embed(tokens_B)
+        new_kv = []
+        for block, layer_cache in zip(self.layers(), cache.kv):
+            x_BxD, layer_cache = block.decode_rolling(x_BxD, positions_B, slots_B, slot_positions_BxW, cache.sink,
+                                                      layer_cache)
+            new_kv.append(layer_cache)
+        logits_BxV = self._logits(x_BxD[:, None])[:, 0]
+        return logits_BxV, cache.replace(kv=new_kv, positions_BxW=slot_positions_BxW)
 
     def decode(self, tokens_BxT, positions_BxT, cache: Cache):
         """Cached forward of T new tokens per row at absolute `positions_BxT` (int32).

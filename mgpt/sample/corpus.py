@@ -13,7 +13,11 @@ dataset) and re-draws a piece that copies X seconds or more with a new seed, up 
 `copy_tries` draws in all. Each manifest line records the piece's longest copied span
 (seconds, notes, training piece) and whether it is still over the limit.
 
-Batches of `batch_size` rows run on every local device at once (one sampler call
+With `Sampling.context='rolling'` the continuous sampler (mgpt.sample.continuous) keeps
+`batch_size` slots per device busy and pieces are written as they finish, so the manifest lists
+them in the order they finished; a kill loses only the pieces in flight, and a resume writes the
+others byte for byte as an unbroken run would have. Otherwise (and for infilling)
+batches of `batch_size` rows run on every local device at once (one sampler call
 per device, from host threads: pieces are independent, so no device waits for
 another). On a multi-host pod each host takes the piece indices i with
 i % num_hosts == host and writes its own `manifest-HHHHH-of-NNNNN.jsonl`.
@@ -121,15 +125,35 @@ class CopyGuard:
                 drawn[i].append(row)
         kept, fields = [], []
         for i, t in enumerate(tries):
-            best = min(range(len(t)), key=lambda k: t[k]["seconds"])  # the first draw on a tie
-            over = t[best]["seconds"] >= self.max_seconds
-            if over:
-                log(f"copy guard: {names[i]} still copies {t[best]['seconds']:.2f} s of training piece "
-                    f"{t[best]['train_piece_id']} after {len(t)} draw(s); marked copy_over_limit in the manifest")
-            kept.append(drawn[i][best])
-            fields.append({"drawn_seed": t[best]["seed"], "copy": {k: v for k, v in t[best].items() if k != "seed"},
-                           "copy_over_limit": over, "copy_tries": t})
+            row, f = self.verdict(t, drawn[i], names[i], log)
+            kept.append(row)
+            fields.append(f)
         return kept, fields
+
+    def verdict(self, tries: list[dict], drawn: list[np.ndarray], name: str, log) -> tuple[np.ndarray, dict]:
+        """The draw a piece keeps, of its `tries` (seed and copy of each) and rows `drawn`, and
+        its manifest fields (see `enforce`)."""
+        best = min(range(len(tries)), key=lambda k: tries[k]["seconds"])  # the first draw on a tie
+        over = tries[best]["seconds"] >= self.max_seconds
+        if over:
+            log(f"copy guard: {name} still copies {tries[best]['seconds']:.2f} s of training piece "
+                f"{tries[best]['train_piece_id']} after {len(tries)} draw(s); marked copy_over_limit in the manifest")
+        return drawn[best], {"drawn_seed": tries[best]["seed"],
+                             "copy": {k: v for k, v in tries[best].items() if k != "seed"},
+                             "copy_over_limit": over, "copy_tries": tries}
+
+    def redraw_one(self, tries: list[dict], seed: int, name: str, log) -> int | None:
+        """One piece at a time (a streamed corpus): the seed of its next draw, given its `tries`
+        so far and its own `seed`, or None when its draws are done. The same draws, in the same
+        order, as `enforce`."""
+        if len(tries) >= self.tries or tries[-1]["seconds"] < self.max_seconds:
+            return None
+        new_seed = redraw_seed(seed, len(tries))
+        c = tries[-1]
+        log(f"copy guard: {name} (seed {c['seed']}) copies {c['seconds']:.2f} s ({c['notes']} notes) of "
+            f"training piece {c['train_piece_id']}; re-drawing with seed {new_seed} (try {len(tries) + 1} of "
+            f"{self.tries})")
+        return new_seed
 
 
 # ----------------------------------------------------------------------------- corpus generation
@@ -174,7 +198,7 @@ _IDENTITY = ("style", "seed", "settings", "primer", "primer_seconds", "checkpoin
              "max_note_seconds", "infill")
 # Settings added since manifests were first written, with the value that means "as before".
 _SETTINGS_SINCE = {"guidance": 1.0, "pitch_range": None, "max_polyphony": None, "velocity_range": None,
-                   "controls": None, "mood": None}
+                   "controls": None, "mood": None, "context": "reprefill"}
 _COPY_GUARD_OFF = {"max_copy_seconds": 0.0, "tries": 1}
 
 
@@ -288,13 +312,38 @@ def generate_corpus(
                     print(f"warning: no audio for {e['file']}: {err}", file=sys.stderr, flush=True)
     todo = [p for p in mine if p.index not in done]
 
-    group = batch_size * len(devices)
-    groups = [todo[i : i + group] for i in range(0, len(todo), group)]
     written = [e for e in done.values() if e["index"] % process_count == process_index]
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="piece", disable=not progress,
                desc=f"generating into {out}", dynamic_ncols=True)
     events = 0
     start = time.perf_counter()
+
+    with _open_manifest(manifest) as log:
+        if sampling.context == "rolling" and infill is None and not sampling.windowed_only():
+            finished = _streamed(run, todo, primer_ids, sampling, batch_size, devices, guard, redraw)
+        else:
+            finished = _grouped(run, todo, primer_ids, sampling, batch_size, devices, guard, redraw, infill)
+        for p, ids, copy in finished:
+            entry = _write_piece(run.vocab, out, p, ids, primer_ids, audio=audio, soundfont=soundfont, infill=infill,
+                                 extra={**common, "workdir": run.workdir, "host": process_index,
+                                        "max_note_seconds": note_limit[p.style], **(copy or {})})
+            log.write(json.dumps(entry) + "\n")
+            log.flush()  # a piece counts as done only once its line is on disk
+            os.fsync(log.fileno())
+            written.append(entry)
+            events += entry["new_events"]
+            bar.update(1)
+            bar.set_postfix(events_per_s=f"{events / (time.perf_counter() - start):.0f}", refresh=False)
+    bar.close()
+    return sorted(written, key=lambda e: e["index"])
+
+
+def _grouped(run, todo, primer_ids, sampling, batch_size, devices, guard, redraw, infill):
+    """(piece, ids, copy fields) in plan order, batch_size rows per device at a time: the
+    re-prefill sampler and infilling. Group g + 1 samples on its own thread while group g's
+    files are written."""
+    group = batch_size * len(devices)
+    groups = [todo[i : i + group] for i in range(0, len(todo), group)]
 
     def sample(pieces):
         if infill is not None:
@@ -312,25 +361,72 @@ def generate_corpus(
         # On this worker thread, so the search overlaps the previous group's file writing.
         return guard.enforce(rows, [p.seed for p in pieces], [p.stem for p in pieces], draw, redraw=redraw)
 
-    # Sampling of group g+1 runs (on its own thread) while group g's files are written.
-    with concurrent.futures.ThreadPoolExecutor(1) as pool, _open_manifest(manifest) as log:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(sample, groups[0]) if groups else None
         for g, pieces in enumerate(groups):
             rows, copy_fields = pending.result()
             pending = pool.submit(sample, groups[g + 1]) if g + 1 < len(groups) else None
-            for p, ids, copy in zip(pieces, rows, copy_fields):
-                entry = _write_piece(run.vocab, out, p, ids, primer_ids, audio=audio, soundfont=soundfont, infill=infill,
-                                     extra={**common, "workdir": run.workdir, "host": process_index,
-                                            "max_note_seconds": note_limit[p.style], **(copy or {})})
-                log.write(json.dumps(entry) + "\n")
-                log.flush()  # a piece counts as done only once its line is on disk
-                os.fsync(log.fileno())
-                written.append(entry)
-                events += entry["new_events"]
-                bar.update(1)
-            bar.set_postfix(events_per_s=f"{events / (time.perf_counter() - start):.0f}")
-    bar.close()
-    return sorted(written, key=lambda e: e["index"])
+            yield from zip(pieces, rows, copy_fields)
+
+
+def _streamed(run, todo, primer_ids, sampling, batch_size, devices, guard, redraw):
+    """(piece, ids, copy fields) as pieces finish, from the continuous sampler (`Run.stream`): one
+    per device, on its own thread, taking every len(devices)-th piece of the plan. A piece the copy
+    guard re-draws goes back into its device's queue with its next seed (`CopyGuard.redraw_one`)."""
+    import queue
+    import threading
+
+    results: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+
+    def work(device, share):
+        try:
+            stream = run.stream(sampling, batch_size=batch_size, device=device)
+            prompts = dict(zip((p.index for p in share), run.prompts([p.style for p in share], primer_ids)))
+            pieces = {p.index: p for p in share}
+            tries: dict[int, list] = {p.index: [] for p in share}
+            drawn: dict[int, list] = {p.index: [] for p in share}
+            seeds: dict[int, int] = {p.index: p.seed for p in share}
+            for p in share:
+                stream.add(p.index, prompts[p.index], p.seed)
+            for index, row in stream:
+                if stop.is_set():
+                    return
+                p = pieces[index]
+                if guard is None:
+                    results.put((p, row, None))
+                    continue
+                tries[index].append({"seed": seeds[index], **guard.longest_copy(row)})
+                drawn[index].append(row)
+                seed = guard.redraw_one(tries[index], p.seed, p.stem, log) if redraw else None
+                if seed is not None:
+                    seeds[index] = seed
+                    stream.add(index, prompts[index], seed)
+                    continue
+                kept, fields = guard.verdict(tries.pop(index), drawn.pop(index), p.stem, log)
+                results.put((p, kept, fields))
+        except BaseException as e:  # handed to the writing thread, which raises it
+            results.put(e)
+        finally:
+            results.put(None)
+
+    shares = [todo[d :: len(devices)] for d in range(len(devices))]
+    threads = [threading.Thread(target=work, args=(d, share), daemon=True) for d, share in zip(devices, shares)]
+    for t in threads:
+        t.start()
+    running = len(threads)
+    try:
+        while running:
+            item = results.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        stop.set()
 
 
 def check_output_dir(output_dir) -> None:

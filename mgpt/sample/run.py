@@ -50,6 +50,10 @@ FALLBACK_MAX_NOTE_SECONDS = 8.0
 # feature overlap at 0.85-0.91x its ceiling; G = 2 did better on two of them (99 % on the final
 # one) and worse on two, and G = 3 lost overlap (0.80x).
 DEFAULT_GUIDANCE = 1.5
+# What a piece reads past the model's window (`Sampling.context`; mgpt.sample.sampler.CONTEXTS):
+# 'rolling' (a rolling KV cache under continuous batching) or 'reprefill' (re-prefilled
+# windows, batch by batch). docs/sampling.md has the measurements behind the choice.
+DEFAULT_CONTEXT = "reprefill"
 
 
 
@@ -217,15 +221,24 @@ class Sampling:
     # Controls (mgpt/sample/controls.py): a --controls timeline and/or a --mood; None = none.
     controls: str | None = None
     mood: str | None = None
+    context: str = DEFAULT_CONTEXT  # past the window: 'rolling' or 'reprefill' (DEFAULT_CONTEXT)
+
+    def windowed_only(self) -> bool:
+        """Whether these settings need the windowed sampler: hard limits and controls are not in
+        the continuous one yet (mgpt/sample/continuous.py), so 'rolling' re-prefills with them."""
+        return any(v is not None for v in (self.pitch_range, self.max_polyphony, self.velocity_range, self.controls,
+                                           self.mood))
 
     def __post_init__(self):
-        from mgpt.sample.sampler import sampling_settings
+        from mgpt.sample.sampler import CONTEXTS, sampling_settings
 
         try:
             sampling_settings(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
                               greedy=self.greedy)
         except ValueError as e:
             raise UserError(f"--{e}") from None
+        if self.context not in CONTEXTS:
+            raise UserError(f"--context must be one of {', '.join(CONTEXTS)}, got {self.context!r}")
         # A zero budget writes pieces with no new music: refused rather than done silently.
         if self.max_events is not None and self.max_events < 1:
             raise UserError(f"--max_events must be >= 1, got {self.max_events}")
@@ -385,7 +398,7 @@ class Run:
         sampling = self.sampling(sampling, prompts)
         kwargs = dict(
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
-            greedy=sampling.greedy, guidance=sampling.guidance, batch_size=batch_size,
+            greedy=sampling.greedy, guidance=sampling.guidance, batch_size=batch_size, context=sampling.context,
             hard_limits=sampling.hard_limits(), controls=sampling.timeline(self.vocab),
             **(sampling.budget() if gaps is None else {"max_events": sampling.max_events}),
         )
@@ -407,6 +420,26 @@ class Run:
         with concurrent.futures.ThreadPoolExecutor(len(devices)) as pool:
             parts = list(pool.map(run_share, devices, shares))
         return [row for part in parts for row in part]
+
+    def stream(self, sampling: Sampling, *, batch_size: int, device=None) -> "PieceStream":
+        """Pieces through the continuous sampler (mgpt.sample.continuous) on `device` (default:
+        the model's): `add` prompts, iterate (piece id, row) as they finish. `sampling` should
+        be resolved (`Run.sampling`); its guidance and budgets apply to every piece."""
+        import jax.numpy as jnp
+
+        from mgpt.sample.continuous import ContinuousSampler
+        from mgpt.sample.sampler import budgets, sampling_settings, token_tables
+
+        if sampling.windowed_only():
+            raise ValueError("hard limits and controls need the windowed sampler: use context='reprefill'")
+        model = self.model if device is None or device == _device_of(self.model) else self.replica(device)
+        guidance = None if sampling.guidance in (None, 1) else jnp.asarray(sampling.guidance, jnp.float32)
+        settings = sampling_settings(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                                     min_p=sampling.min_p, greedy=sampling.greedy)
+        sampler = ContinuousSampler(model, self.vocab, batch_size=batch_size, settings=settings,
+                                    tables=token_tables(self.vocab), guidance=guidance, context=sampling.context)
+        max_events, max_steps = budgets(self.vocab, model.cfg.max_len, **sampling.budget())
+        return PieceStream(self, sampling, sampler, max_events, max_steps)
 
     def generate_ids(
         self,
@@ -494,6 +527,28 @@ class Run:
                 render.render_audio(path, path.with_suffix(".wav"), soundfont=soundfont)
             paths.append(path)
         return paths
+
+
+@dataclasses.dataclass
+class PieceStream:
+    """`Run.stream`'s pieces: `add(piece, prompt, seed)`, then iterate (piece, row); more may be
+    added while iterating (the copy guard's re-draws). Occupancy: sampler.events / sampler.slot_steps."""
+
+    run: Run
+    sampling: Sampling
+    sampler: object  # mgpt.sample.continuous.ContinuousSampler
+    max_events: int
+    max_steps: int
+
+    def add(self, piece: int, prompt: np.ndarray, seed: int) -> None:
+        from mgpt.sample.sampler import note_steps
+
+        limit = note_steps(self.run.vocab, self.run.max_note_seconds(prompt, self.sampling))
+        self.sampler.add(piece, prompt, seed, max_events=self.max_events, max_steps=self.max_steps,
+                         max_note_steps=int(limit))
+
+    def __iter__(self):
+        return iter(self.sampler)
 
 
 def _device_of(model):

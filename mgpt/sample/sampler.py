@@ -74,6 +74,8 @@ from mgpt.sample import controls as controls_lib
 from mgpt.sample import limits as limits_lib
 
 
+# What a row reads past its first window (`generate_tokens`): re-prefilled windows, or a rolling cache.
+CONTEXTS = ("reprefill", "rolling")
 SILENT = np.iinfo(np.int32).max  # onset_BxP value of a pitch that is not sounding
 RELEASE_SHARE = 1.0  # see release_mass
 
@@ -526,6 +528,7 @@ def generate_tokens(
     gaps: Sequence | None = None,
     hard_limits: limits_lib.HardLimits | None = None,
     controls: controls_lib.Timeline | Sequence[controls_lib.Timeline] | None = None,
+    context: str = "reprefill",
 ) -> list[np.ndarray]:
     """Continue each prompt (STYLE token + optional primer events) with sampled events.
 
@@ -554,12 +557,19 @@ def generate_tokens(
     with only max_seconds, new events are also capped at
     max(1024, 100 * max_seconds). Rows are processed `batch_size` at a time
     (default: all at once).
+
+    `context` says what a row reads once it is longer than the model's window: 'reprefill'
+    (the windows above, batch by batch) or 'rolling' (`mgpt.sample.continuous`: a rolling KV
+    cache with the STYLE token as its sink, and continuous batching: a finished row's slot
+    takes the next prompt at once). Infilling always runs windowed.
     """
     cfg = model.cfg
     if vocab.size != cfg.vocab_size:
         raise ValueError(f"vocabulary has {vocab.size} tokens but the model expects {cfg.vocab_size}")
     if len(seeds) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+    if context not in CONTEXTS:
+        raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
     if cfg.max_len < 4:
         raise ValueError(f"model.max_len={cfg.max_len} is too short to sample with a sliding window")
     prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
@@ -578,9 +588,7 @@ def generate_tokens(
     max_note_seconds = np.broadcast_to(np.asarray(max_note_seconds, np.float64), (len(prompts),))
     if not np.all(max_note_seconds >= 0):
         raise ValueError(f"max_note_seconds must be >= 0 (0 = off), got {max_note_seconds.min()}")
-    # At least one step: a tiny positive limit must not round to 0, which means "off".
-    max_note_steps = np.where(max_note_seconds > 0, np.maximum(1, np.round(max_note_seconds * vocab.steps_per_second)),
-                              0).astype(np.int32)
+    max_note_steps = note_steps(vocab, max_note_seconds)
     if not (math.isfinite(guidance) and guidance >= 0):
         raise ValueError(f"guidance must be a finite number >= 0 (1 = off), got {guidance}")
     # None selects the plain B-row trace of sample_window: G = 1 must cost nothing.
@@ -591,9 +599,7 @@ def generate_tokens(
         if not vocab.fim:
             raise ValueError("infilling needs a model trained with FIM tokens (data.fim_rate > 0)")
         max_seconds = max(g.steps for g in gaps) / vocab.steps_per_second
-    if max_events is None:
-        max_events = cfg.max_len if max_seconds is None else max(1024, math.ceil(100 * max_seconds))
-    max_steps = np.iinfo(np.int32).max if max_seconds is None else int(round(max_seconds * vocab.steps_per_second))
+    max_events, max_steps = budgets(vocab, cfg.max_len, max_events, max_seconds)
     settings = sampling_settings(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, greedy=greedy,
                                  release_share=release_share)
     tables = token_tables(vocab)
@@ -615,6 +621,19 @@ def generate_tokens(
         if gaps is not None:
             raise ValueError("controls and infilling cannot be combined yet")
 
+    # Infilling, hard limits and controls run on the windowed sampler only (not yet in
+    # mgpt/sample/continuous.py): with them, 'rolling' re-prefills as before.
+    if context == "rolling" and gaps is None and hard_limits is None and controls is None:
+        from mgpt.sample.continuous import ContinuousSampler
+
+        sampler = ContinuousSampler(model, vocab, batch_size=batch_size, settings=settings, tables=tables,
+                                    guidance=guidance)
+        for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+            sampler.add(i, prompt, int(seed), max_events=max_events, max_steps=max_steps,
+                        max_note_steps=int(max_note_steps[i]))
+        rows = dict(sampler)
+        return [rows[i] for i in range(len(prompts))]
+
     out: list[np.ndarray] = []
     for start in range(0, len(prompts), batch_size):
         stop = start + batch_size
@@ -625,6 +644,22 @@ def generate_tokens(
             controls=None if controls is None else controls[start:stop],
         )
     return out
+
+
+def note_steps(vocab: Vocabulary, max_note_seconds) -> np.ndarray:
+    """The note-length guard's limits (seconds, 0 = off) in time steps, int32. At least one
+    step: a tiny positive limit must not round to 0, which means "off"."""
+    seconds = np.asarray(max_note_seconds, np.float64)
+    return np.where(seconds > 0, np.maximum(1, np.round(seconds * vocab.steps_per_second)), 0).astype(np.int32)
+
+
+def budgets(vocab: Vocabulary, window: int, max_events: int | None, max_seconds: float | None) -> tuple[int, int]:
+    """(max_events, max_steps) of a piece (see `generate_tokens`): with neither budget, one
+    window of events; with only seconds, events capped at max(1024, 100 * seconds)."""
+    if max_events is None:
+        max_events = window if max_seconds is None else max(1024, math.ceil(100 * max_seconds))
+    max_steps = np.iinfo(np.int32).max if max_seconds is None else int(round(max_seconds * vocab.steps_per_second))
+    return max_events, max_steps
 
 
 def window_prompt(row: list[int], window: int, vocab: Vocabulary) -> list[int]:
@@ -660,7 +695,6 @@ def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events,
     batch = _bucket(n, floor=2)
     pieces = [list(p) for p in prompts]
     state = RowState.start(vocab, prompts, batch)
-    state = state.replace(done_B=state.done_B | (max_events == 0))
     mask = None
     if hard_limits is not None:
         mask = hard_limits.arrays(vocab, batch)
@@ -670,12 +704,16 @@ def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events,
     plan = None
     if controls is not None:
         offsets = [int(round(vocab.seconds(p) * vocab.steps_per_second)) for p in prompts]
-        plan = controls_lib.plan(vocab, controls, offsets, batch, None if max_steps >= np.iinfo(np.int32).max
-                                 else max_steps)
+        budget = int(np.max(max_steps))  # one budget for all rows, or per row (then the largest)
+        plan = controls_lib.plan(vocab, controls, offsets, batch, None if budget >= np.iinfo(np.int32).max
+                                 else budget)
         state = state.replace(control_B=np.zeros(batch, np.int32))  # the first group: right after the prompt
     seeds_B = np.zeros(batch, np.uint32)
     seeds_B[:n] = np.asarray(seeds, np.uint64).astype(np.uint32)
-    max_steps_B = np.full(batch, max_steps, np.int32)
+    # Budgets: one for all rows, or one per row (benchmarks/bench_sample.py --corpus).
+    max_steps_B, max_events_B = np.zeros(batch, np.int32), np.zeros(batch, np.int32)
+    max_steps_B[:n], max_events_B[:n] = max_steps, max_events
+    state = state.replace(done_B=state.done_B | (max_events_B == 0))
     max_note_steps_B = np.zeros(batch, np.int32)
     max_note_steps_B[:n] = max_note_steps
     hold_BxP = fill_B = None
@@ -693,7 +731,7 @@ def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events,
     else:
         def window_of(b, r):
             return window_prompt(r, window, vocab)
-    limits = jax.tree.map(jnp.asarray, RowLimits(max_events_B=np.full(batch, max_events, np.int32),
+    limits = jax.tree.map(jnp.asarray, RowLimits(max_events_B=max_events_B,
                                                  max_steps_B=max_steps_B, max_note_steps_B=max_note_steps_B,
                                                  fill_B=fill_B, hold_BxP=hold_BxP, mask=mask, controls=plan))
     while not np.all(state.done_B):
