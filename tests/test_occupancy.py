@@ -126,18 +126,17 @@ def test_guided_pieces_depend_only_on_their_seed(model):
 
 def test_rows_ending_on_their_first_event_and_a_plan_smaller_than_the_batch():
     from tests.test_sample import _fixed_model
-    from mgpt.sample.sampler import generate_tokens
+    from mgpt.sample.continuous import generate_tokens
 
     pref_V = np.zeros(VOCAB.size)
     pref_V[VOCAB.eos_id] = 50.0  # EOS first, always
     m = _fixed_model(pref_V)
     prompts = [np.array([STYLE]), np.array([STYLE, VOCAB.velocity_offset + 3])]
-    rows = generate_tokens(m, VOCAB, prompts, seeds=[1, 2], max_events=40, batch_size=16, context="rolling")
+    rows = generate_tokens(m, VOCAB, prompts, seeds=[1, 2], max_events=40, batch_size=16)
     assert [r.tolist() for r in rows] == [p.tolist() for p in prompts]
     # A plan smaller than the batch, of pieces that do run: each its full budget.
     pref_V[VOCAB.eos_id] = -100.0
-    rows = generate_tokens(_fixed_model(pref_V), VOCAB, prompts, seeds=[1, 2], max_events=40, batch_size=16,
-                           context="rolling")
+    rows = generate_tokens(_fixed_model(pref_V), VOCAB, prompts, seeds=[1, 2], max_events=40, batch_size=16)
     assert [len(r) - len(p) for r, p in zip(rows, prompts)] == [40, 40]
 
 
@@ -165,13 +164,26 @@ def test_continuous_reprefill_writes_the_windowed_samplers_pieces(model):
 
 
 def test_rolling_generate_tokens_matches_the_windowed_sampler_in_the_first_window(model):
+    from mgpt.sample import continuous
     from mgpt.sample.sampler import generate_tokens
 
     prompts, seeds, _ = _plan(6)
     kw = dict(seeds=seeds, max_events=CFG.max_len - 5, top_k=20)
     windowed = generate_tokens(model, VOCAB, prompts, **kw)
-    rolling = generate_tokens(model, VOCAB, prompts, context="rolling", batch_size=4, **kw)
+    rolling = continuous.generate_tokens(model, VOCAB, prompts, batch_size=4, **kw)
     for w, r in zip(windowed, rolling):
+        np.testing.assert_array_equal(w, r)
+
+
+def test_rolling_with_hard_limits_draws_what_the_windowed_sampler_draws(model):
+    # The continuous sampler has no hard limits yet: 'rolling' must not drop them silently.
+    from mgpt.sample import continuous
+    from mgpt.sample.limits import HardLimits
+    from mgpt.sample.sampler import generate_tokens
+
+    prompts, seeds, _ = _plan(4)
+    kw = dict(seeds=seeds, max_events=2 * CFG.max_len, batch_size=4, hard_limits=HardLimits(max_polyphony=1))
+    for w, r in zip(generate_tokens(model, VOCAB, prompts, **kw), continuous.generate_tokens(model, VOCAB, prompts, **kw)):
         np.testing.assert_array_equal(w, r)
 
 

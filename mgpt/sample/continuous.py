@@ -43,6 +43,7 @@ from flax import nnx
 
 from data_prep.vocab import Vocabulary
 from mgpt.model.gpt import GPT, RollingCache
+from mgpt.sample import sampler as sampler_lib
 from mgpt.sample.sampler import (SILENT, RowLimits, RowState, choose_event, guided_logits, sounding_state,
                                  track_notes)
 
@@ -401,3 +402,22 @@ class ContinuousSampler:
             self._prompts.pop(piece, None)
             done.append((piece, np.concatenate(in_flight.pop(piece)).astype(np.int32)))
         return done
+
+
+def generate_tokens(model: GPT, vocab: Vocabulary, prompts: Sequence[np.ndarray], **kwargs) -> list[np.ndarray]:
+    """`mgpt.sample.sampler.generate_tokens` (same arguments, same checks) through a rolling cache
+    under continuous batching: `batch_size` slots, each taking the next prompt as its piece ends.
+
+    Infilling, hard limits and controls are not in this sampler yet: with any of them the rows
+    go through the windowed sampler, as `generate_tokens` there would draw them.
+    """
+    job = sampler_lib.prepare(model, vocab, prompts, **kwargs)
+    if job.gaps is not None or job.hard_limits is not None or job.controls is not None:
+        return sampler_lib.windowed(job)
+    sampler = ContinuousSampler(model, vocab, batch_size=job.batch_size, settings=job.settings, tables=job.tables,
+                                guidance=job.guidance)
+    for i, (prompt, seed) in enumerate(zip(job.prompts, job.seeds)):
+        sampler.add(i, prompt, int(seed), max_events=job.max_events, max_steps=job.max_steps,
+                    max_note_steps=int(job.max_note_steps[i]))
+    rows = dict(sampler)
+    return [rows[i] for i in range(len(job.prompts))]

@@ -390,7 +390,7 @@ class Run:
         """
         import jax
 
-        from mgpt.sample.sampler import generate_tokens
+        from mgpt.sample import continuous, sampler
 
         devices = list(devices) if devices is not None else jax.local_devices()
         devices = devices[: max(1, len(prompts))]
@@ -398,11 +398,12 @@ class Run:
         sampling = self.sampling(sampling, prompts)
         kwargs = dict(
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
-            greedy=sampling.greedy, guidance=sampling.guidance, batch_size=batch_size, context=sampling.context,
+            greedy=sampling.greedy, guidance=sampling.guidance, batch_size=batch_size,
             hard_limits=sampling.hard_limits(), controls=sampling.timeline(self.vocab),
             **(sampling.budget() if gaps is None else {"max_events": sampling.max_events}),
         )
         limits = [self.max_note_seconds(p, sampling) for p in prompts]
+        generate_tokens = continuous.generate_tokens if sampling.context == "rolling" else sampler.generate_tokens
 
         home = _device_of(self.model)
 

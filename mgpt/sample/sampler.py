@@ -58,6 +58,7 @@ longer than asked.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -528,7 +529,6 @@ def generate_tokens(
     gaps: Sequence | None = None,
     hard_limits: limits_lib.HardLimits | None = None,
     controls: controls_lib.Timeline | Sequence[controls_lib.Timeline] | None = None,
-    context: str = "reprefill",
 ) -> list[np.ndarray]:
     """Continue each prompt (STYLE token + optional primer events) with sampled events.
 
@@ -563,13 +563,57 @@ def generate_tokens(
     cache with the STYLE token as its sink, and continuous batching: a finished row's slot
     takes the next prompt at once). Infilling always runs windowed.
     """
+    return windowed(prepare(model, vocab, prompts, seeds=seeds, max_events=max_events, max_seconds=max_seconds, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, greedy=greedy, max_note_seconds=max_note_seconds, release_share=release_share, guidance=guidance, batch_size=batch_size, gaps=gaps, hard_limits=hard_limits, controls=controls))
+
+
+@dataclasses.dataclass
+class Job:
+    """`generate_tokens`' arguments checked and resolved (`prepare`): budgets in events and steps,
+    the note guard in steps, the sampling settings and token tables, guidance as None or a scalar."""
+
+    model: GPT
+    vocab: Vocabulary
+    prompts: list
+    seeds: list
+    max_events: int
+    max_steps: int
+    max_note_steps: np.ndarray
+    settings: dict
+    tables: dict
+    guidance: jax.Array | None
+    batch_size: int
+    gaps: Sequence | None
+    hard_limits: "limits_lib.HardLimits | None"
+    controls: "list[controls_lib.Timeline] | None"
+
+
+def prepare(
+    model: GPT,
+    vocab: Vocabulary,
+    prompts: Sequence[np.ndarray],
+    *,
+    seeds: Sequence[int],
+    max_events: int | None = None,
+    max_seconds: float | None = None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    greedy: bool = False,
+    max_note_seconds: float | Sequence[float] = 0.0,
+    release_share: float = RELEASE_SHARE,
+    guidance: float = 1.0,
+    batch_size: int | None = None,
+    gaps: Sequence | None = None,
+    hard_limits: limits_lib.HardLimits | None = None,
+    controls: controls_lib.Timeline | Sequence[controls_lib.Timeline] | None = None,
+) -> Job:
+    """`generate_tokens`' checks (ValueError naming the argument) and resolved settings."""
     cfg = model.cfg
     if vocab.size != cfg.vocab_size:
         raise ValueError(f"vocabulary has {vocab.size} tokens but the model expects {cfg.vocab_size}")
     if len(seeds) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
-    if context not in CONTEXTS:
-        raise ValueError(f"context must be one of {CONTEXTS}, got {context!r}")
     if cfg.max_len < 4:
         raise ValueError(f"model.max_len={cfg.max_len} is too short to sample with a sliding window")
     prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
@@ -603,7 +647,6 @@ def generate_tokens(
     settings = sampling_settings(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, greedy=greedy,
                                  release_share=release_share)
     tables = token_tables(vocab)
-    graphdef, params = nnx.split(model)
     batch_size = len(prompts) if not batch_size else batch_size
     if hard_limits is not None and not hard_limits.active:
         hard_limits = None  # no limit at all: the plain trace, byte-identical pieces
@@ -620,28 +663,23 @@ def generate_tokens(
             raise ValueError("controls need a model trained with control tokens (data.control_seconds > 0)")
         if gaps is not None:
             raise ValueError("controls and infilling cannot be combined yet")
+    return Job(model=model, vocab=vocab, prompts=prompts, seeds=list(seeds), max_events=max_events,
+               max_steps=max_steps, max_note_steps=max_note_steps, settings=settings, tables=tables,
+               guidance=guidance, batch_size=batch_size, gaps=gaps, hard_limits=hard_limits, controls=controls)
 
-    # Infilling, hard limits and controls run on the windowed sampler only (not yet in
-    # mgpt/sample/continuous.py): with them, 'rolling' re-prefills as before.
-    if context == "rolling" and gaps is None and hard_limits is None and controls is None:
-        from mgpt.sample.continuous import ContinuousSampler
 
-        sampler = ContinuousSampler(model, vocab, batch_size=batch_size, settings=settings, tables=tables,
-                                    guidance=guidance)
-        for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
-            sampler.add(i, prompt, int(seed), max_events=max_events, max_steps=max_steps,
-                        max_note_steps=int(max_note_steps[i]))
-        rows = dict(sampler)
-        return [rows[i] for i in range(len(prompts))]
-
+def windowed(job: Job) -> list[np.ndarray]:
+    """`generate_tokens`' rows, `job.batch_size` at a time through re-prefilled windows."""
+    j = job
+    graphdef, params = nnx.split(j.model)
     out: list[np.ndarray] = []
-    for start in range(0, len(prompts), batch_size):
-        stop = start + batch_size
+    for start in range(0, len(j.prompts), j.batch_size):
+        rows = slice(start, start + j.batch_size)
         out += _generate_batch(
-            graphdef, params, cfg.max_len, vocab, prompts[start:stop], seeds[start:stop],
-            max_events, max_steps, max_note_steps[start:stop], settings, tables, guidance,
-            gaps=None if gaps is None else gaps[start:stop], hard_limits=hard_limits,
-            controls=None if controls is None else controls[start:stop],
+            graphdef, params, j.model.cfg.max_len, j.vocab, j.prompts[rows], j.seeds[rows],
+            j.max_events, j.max_steps, j.max_note_steps[rows], j.settings, j.tables, j.guidance,
+            gaps=None if j.gaps is None else j.gaps[rows], hard_limits=j.hard_limits,
+            controls=None if j.controls is None else j.controls[rows],
         )
     return out
 
