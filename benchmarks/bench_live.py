@@ -10,8 +10,10 @@
   acknowledgement, after which every event is drawn with it (each note carries the version).
 - real-time factor: a dense MAESTRO-like stream (--dense_rate notes/s, overlapping, velocities
   varying: 30+ events/s) fed to a session's stream in accompany mode with 500 ms of lookahead,
-  the model playing along (every player's note rewinds and redraws what the model had drawn
-  after it), on a simulated clock as fast as the machine goes: seconds of music per second.
+  the model playing along (every player's note goes in between the model's events already sent,
+  which are re-fed behind it), one event per turn of the session, on a simulated clock as fast as
+  the machine goes: seconds of music per second. --profile=N prints the N functions that took
+  longest (cProfile) in one more pass of it.
 - browser end to end (--browser_trials, needs Chromium and Playwright): the page in headless
   Chromium with a fake Web MIDI keyboard; after a phrase, the hand-over pedal (a key event on
   the page) to the model's first note scheduled by the page.
@@ -258,6 +260,7 @@ def main():
     ap.add_argument("--dense_rate", type=float, default=16.0, help="notes/s (each is 2 events)")
     ap.add_argument("--soak_seconds", type=float, default=60.0)
     ap.add_argument("--browser_trials", type=int, default=20)
+    ap.add_argument("--profile", type=int, default=0, help="print the top N functions of the dense part (0: off)")
     args = ap.parse_args()
 
     from absl import logging
@@ -279,6 +282,13 @@ def main():
     print(f"real-time factor: {rtf:.1f}x wall clock ({rtf_cpu:.1f}x per CPU second of this process) on "
           f"{args.dense_seconds:g} s of dense playing ({in_rate:.1f} player events/s), accompany with 500 ms "
           f"lookahead ({model_notes} model note events); load average {os.getloadavg()[0]:.1f}", flush=True)
+    if args.profile:
+        import cProfile
+        import pstats
+
+        profile = cProfile.Profile()
+        profile.runcall(real_time_factor, run, args.dense_seconds, args.dense_rate)
+        pstats.Stats(profile).sort_stats("tottime").print_stats(args.profile)
 
     with Background(run, max_sessions=4) as server:
         handover = hand_over(server.url, args.trials)

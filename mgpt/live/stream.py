@@ -219,9 +219,11 @@ def _programs(graphdef, treedef):
     return feed, draw
 
 
-def _bucket(n: int) -> int:
-    """Fed chunks are padded to powers of 4: few shapes to compile, little padding to run."""
-    return 1 << (2 * max(0, math.ceil(math.log(max(n, 1), 4))))
+def _bucket(n: int, fused: bool) -> int:
+    """The length a chunk of n tokens is padded to: few shapes to compile, little padding to run.
+    Powers of 4 for a chunk a draw feeds (up to FUSED_FEED: a draw compiles slowly), powers of 2
+    for a feed of its own (a long chunk costs its compute: the padding matters more)."""
+    return 1 << ((2 if fused else 1) * max(0, math.ceil(math.log(max(n, 1), 4 if fused else 2))))
 
 
 class Stream:
@@ -312,13 +314,14 @@ class Stream:
         self._fed = 0
         self._flush()
 
-    def _chunk(self):
+    def _chunk(self, fused: bool = False):
         """The window's tokens the cache has not seen, as a feed's (tokens_RxT, start, last) padded
-        to a bucket (row 1 is the STYLE:unknown twin); None when there are none."""
+        to a bucket (row 1 is the STYLE:unknown twin); None when there are none, or when `fused`
+        (for a draw's own call) and there are more than FUSED_FEED."""
         new = self.ctx[self._fed:]
-        if not new:
+        if not new or (fused and len(new) > FUSED_FEED):
             return None
-        t = _bucket(len(new))
+        t = _bucket(len(new), fused)
         tokens_RxT = np.zeros((2, t), np.int32)
         tokens_RxT[:, :len(new)] = new
         if self._fed == 0:
@@ -607,10 +610,9 @@ class Stream:
         v = self.vocab
         if len(self.ctx) + 1 > self.window:
             self._rebuild()  # the window slides
-        chunk = self._chunk()
-        if chunk is not None and chunk[0].shape[1] > FUSED_FEED:
+        if len(self.ctx) - self._fed > FUSED_FEED:
             self._flush()
-            chunk = None
+        chunk = self._chunk(fused=True)
         rows = self.rows
         if chunk is not None or rows is None:  # the sampler's state at the window's end, in one transfer
             rows = jax.device_put(sample.RowState.start(v, [self.ctx], 1))
@@ -743,7 +745,7 @@ def warm_up(run, guidance: tuple[float, ...] = (1.0, 1.5)) -> None:
     for g in guidance:
         s.update({"guidance": g})
         t = 1
-        while t < 4 * s.window:
+        while t < 2 * s.window:  # every bucket of _chunk
             n = min(t, s.window - 2)
             s.clear(0.0)
             s._replace_take([shift] * (n - 1), [TIME] * (n - 1), [0] * (n - 1))  # a window fed on a fresh cache
@@ -754,7 +756,7 @@ def warm_up(run, guidance: tuple[float, ...] = (1.0, 1.5)) -> None:
             s._append([shift] * n, TIME)
             s._draw(noop, max_events=1)  # a draw with that chunk (or, past FUSED_FEED, after its feed)
             s._draw(noop, max_events=1)  # a draw behind a draw: its rows and logits
-            t *= 4
+            t *= 2
     # A phrase, its hand-over and answer, then accompaniment, as a player would go through them.
     for g in guidance:
         for mode in MODES:
