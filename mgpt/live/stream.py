@@ -262,6 +262,7 @@ class Stream:
         self.held: list = []  # a prepared answer's first events, sent at the hand-over
         self.prepared_at = None  # (events before it, hand-over step, settings version)
         self.sampled = 0  # events drawn since clear: the random key's counter
+        self.cache = None  # a fresh one (and none left donated by a call that failed)
         self._rebuild()
 
     def _settings_arrays(self) -> None:
@@ -310,7 +311,10 @@ class Stream:
             kept -= 1
         self.ctx = [int(i) for i in ctx]
         self.ctx_events = kept
-        self.cache = self.run.model.init_cache(2, self.window)
+        if self.cache is None:
+            self.cache = self.run.model.init_cache(2, self.window)
+        # Otherwise (a slide) the cache is written over from slot 0: what it held past the new
+        # window's end is hidden by causality, as any slot past a row's position is (mgpt.model.gpt).
         self._fed = 0
         self._flush()
 
