@@ -54,8 +54,9 @@ USER, MODEL, TIME = "user", "model", "time"  # who wrote an event: the player, t
 # A key held this long with nothing else played counts as stuck (a lost NOTE_OFF), not as playing.
 STUCK_KEY_SECONDS = 8.0
 # Accompanying, the model's events begin this far ahead of the clock: drawing and sending one takes
-# a few ms, and an event that arrives after its time is an under-run.
-SEND_MARGIN_SECONDS = 0.02
+# a few ms (10 to 35 ms for the demo model's draw call on a 2-core machine at load 9), and an event
+# that arrives after its time is an under-run.
+SEND_MARGIN_SECONDS = 0.05
 HISTORY = 4096  # events read back when the window slides (notes held longer than that are forgotten)
 
 
@@ -386,12 +387,16 @@ class Stream:
     def _append(self, ids: list[int], who: str) -> list:
         """Events onto the take and the window (fed at the next _flush); whose notes their NOTE_OFFs ended."""
         ended = [self._push(int(i), who) for i in ids]
+        self._extend(ids)
+        return ended
+
+    def _extend(self, ids: list[int]) -> None:
+        """The take's latest len(ids) events, just pushed, onto the window (it slides if they overflow it)."""
         if len(self.ctx) + len(ids) > self.window:
-            self._rebuild()  # the window slides
+            self._rebuild()
         else:
             self.ctx += [int(i) for i in ids]
             self.ctx_events += len(ids)
-        return ended
 
     def _truncate(self, n: int) -> None:
         """Drop the take's events from index n on (the cache's cursor moves back with them; it is
@@ -502,9 +507,11 @@ class Stream:
             back = [(i, who, answer) for i in gap_tokens(v, left)]
             if self.velocity != velocity and velocity is not None:  # the model's notes keep their loudness
                 back.append((velocity, MODEL, answer))
-            for i, w, a in back + tail[1:]:
-                self._append([i], w)
+            back += tail[1:]
+            for i, w, a in back:
+                self._push(int(i), w)
                 self.answer_of[-1] = a
+            self._extend([i for i, _, _ in back])
         if self.answer and self.settings.mode == "continue":
             out += self._end_answer()
         return out
@@ -553,7 +560,9 @@ class Stream:
             if self.end_step < self.step_of(now + SEND_MARGIN_SECONDS):
                 self._shift_to(self.step_of(now + SEND_MARGIN_SECONDS))
         while self.answer and self.end_step < horizon and not interrupted():
-            self._draw(emit, horizon)
+            # An event due within 2 SEND_MARGINs leaves on its own, not after a batch drawn behind it.
+            soon = self.end_step < self.step_of(now + 2 * SEND_MARGIN_SECONDS)
+            self._draw(emit, horizon, max_events=1 if soon else MAX_DRAW)
         if not (self.answer and s.mode == "accompany"):
             # What arrived is fed now, in one call. Accompanying, it waits for the model's next draw
             # (within one of its events' time): what the player plays until then, and the model's
@@ -618,8 +627,8 @@ class Stream:
             self._flush()
         chunk = self._chunk(fused=True)
         rows = self.rows
-        if chunk is not None or rows is None:  # the sampler's state at the window's end, in one transfer
-            rows = jax.device_put(sample.RowState.start(v, [self.ctx], 1))
+        if chunk is not None or rows is None:  # the sampler's state at the window's end (host arrays)
+            rows = sample.RowState.start(v, [self.ctx], 1)
         most = min(max_events, self.window - len(self.ctx))
         far = 2**31 - 1
         plan_6 = np.asarray([len(self.ctx), self.sampled, most,
