@@ -18,8 +18,8 @@
   Chromium with a fake Web MIDI keyboard; after a phrase, the hand-over pedal (a key event on
   the page) to the model's first note scheduled by the page.
 - soak: the real server in accompany mode, 500 ms of lookahead, a client playing in real time
-  for --soak_seconds; an under-run is a model note that arrives after its time; memory is the
-  process's resident size after the first 10 % and at the end.
+  for --soak_seconds; an under-run is a model note that arrives after its time (with how late);
+  memory is the process's resident size after the first 10 % and at the end.
 
 The last line, for scripts:
 `live: hand-over p50 X ms, p95 Y ms, steering Z ms, real-time factor R x, under-runs U`
@@ -167,7 +167,7 @@ def soak(url, seconds: float) -> tuple[int, int, float, float]:
     p = Player(url)
     p.send(type="set", mode="accompany", lookahead_ms=500, answer_seconds=2.0)
     p.until(lambda m: m["type"] == "settings")
-    received, late = [0], [0]
+    received, late = [0], []
     stop = threading.Event()
 
     def listen():
@@ -181,7 +181,7 @@ def soak(url, seconds: float) -> tuple[int, int, float, float]:
             if m["type"] == "note":
                 received[0] += 1
                 if p.now() > m["t"]:
-                    late[0] += 1
+                    late.append(p.now() - m["t"])
 
     reader = threading.Thread(target=listen, daemon=True)
     reader.start()
@@ -200,7 +200,7 @@ def soak(url, seconds: float) -> tuple[int, int, float, float]:
     reader.join(5)
     mem_end = rss_mb()
     p.ws.close()
-    return received[0], late[0], mem_early or mem_end, mem_end
+    return received[0], late, mem_early or mem_end, mem_end
 
 
 FAKE_KEYBOARD = """
@@ -302,10 +302,12 @@ def main():
             print(f"browser end to end: p50 {np.percentile(e2e, 50):.1f} ms, p95 {np.percentile(e2e, 95):.1f} ms over "
                   f"{len(e2e)} pedals (pedal key event -> the model's first note scheduled by the page)", flush=True)
         received, late, mem_early, mem_end = soak(server.url, args.soak_seconds)
-        print(f"soak: {args.soak_seconds:g} s accompanying, {received} model notes, {late} under-runs; resident "
-              f"memory {mem_early:.0f} MiB after 10 %, {mem_end:.0f} MiB at the end", flush=True)
+        lateness = f" (late by p50 {np.median(late):.0f} ms, max {max(late):.0f} ms)" if late else ""
+        print(f"soak: {args.soak_seconds:g} s accompanying, {received} model notes, {len(late)} under-runs{lateness}; "
+              f"resident memory {mem_early:.0f} MiB after 10 %, {mem_end:.0f} MiB at the end; load average "
+              f"{os.getloadavg()[0]:.1f}", flush=True)
     print(f"live: hand-over p50 {np.percentile(handover, 50):.1f} ms, p95 {np.percentile(handover, 95):.1f} ms, "
-          f"steering {np.percentile(steer, 95):.1f} ms, real-time factor {rtf:.1f} x, under-runs {late}")
+          f"steering {np.percentile(steer, 95):.1f} ms, real-time factor {rtf:.1f} x, under-runs {len(late)}")
 
 
 if __name__ == "__main__":
