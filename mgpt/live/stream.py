@@ -335,8 +335,9 @@ class Stream:
 
     def _flush(self) -> None:
         """Feed the window's tokens the cache has not seen, in one call. Edits only mark tokens
-        unfed; a draw feeds them in its own call, and `advance` flushes what is left at its end,
-        so the events that arrive together are fed together."""
+        unfed; a draw feeds them in its own call, and `advance` flushes what is left at its end
+        (except while the model accompanies: its next draw does), so the events that arrive
+        together are fed together."""
         chunk = self._chunk()
         if chunk is None:
             return
