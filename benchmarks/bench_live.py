@@ -10,14 +10,16 @@
   acknowledgement, after which every event is drawn with it (each note carries the version).
 - real-time factor: a dense MAESTRO-like stream (--dense_rate notes/s, overlapping, velocities
   varying: 30+ events/s) fed to a session's stream in accompany mode with 500 ms of lookahead,
-  the model playing along (every player's note rewinds and redraws what the model had drawn
-  after it), on a simulated clock as fast as the machine goes: seconds of music per second.
+  the model playing along (every player's note goes in between the model's events already sent,
+  which are re-fed behind it), one event per turn of the session, on a simulated clock as fast as
+  the machine goes: seconds of music per second. --profile=N prints the N functions that took
+  longest (cProfile) in one more pass of it.
 - browser end to end (--browser_trials, needs Chromium and Playwright): the page in headless
   Chromium with a fake Web MIDI keyboard; after a phrase, the hand-over pedal (a key event on
   the page) to the model's first note scheduled by the page.
 - soak: the real server in accompany mode, 500 ms of lookahead, a client playing in real time
-  for --soak_seconds; an under-run is a model note that arrives after its time; memory is the
-  process's resident size after the first 10 % and at the end.
+  for --soak_seconds; an under-run is a model note that arrives after its time (with how late);
+  memory is the process's resident size after the first 10 % and at the end.
 
 The last line, for scripts:
 `live: hand-over p50 X ms, p95 Y ms, steering Z ms, real-time factor R x, under-runs U`
@@ -165,7 +167,7 @@ def soak(url, seconds: float) -> tuple[int, int, float, float]:
     p = Player(url)
     p.send(type="set", mode="accompany", lookahead_ms=500, answer_seconds=2.0)
     p.until(lambda m: m["type"] == "settings")
-    received, late = [0], [0]
+    received, late = [0], []
     stop = threading.Event()
 
     def listen():
@@ -179,7 +181,7 @@ def soak(url, seconds: float) -> tuple[int, int, float, float]:
             if m["type"] == "note":
                 received[0] += 1
                 if p.now() > m["t"]:
-                    late[0] += 1
+                    late.append(p.now() - m["t"])
 
     reader = threading.Thread(target=listen, daemon=True)
     reader.start()
@@ -198,7 +200,7 @@ def soak(url, seconds: float) -> tuple[int, int, float, float]:
     reader.join(5)
     mem_end = rss_mb()
     p.ws.close()
-    return received[0], late[0], mem_early or mem_end, mem_end
+    return received[0], late, mem_early or mem_end, mem_end
 
 
 FAKE_KEYBOARD = """
@@ -258,6 +260,7 @@ def main():
     ap.add_argument("--dense_rate", type=float, default=16.0, help="notes/s (each is 2 events)")
     ap.add_argument("--soak_seconds", type=float, default=60.0)
     ap.add_argument("--browser_trials", type=int, default=20)
+    ap.add_argument("--profile", type=int, default=0, help="print the top N functions of the dense part (0: off)")
     args = ap.parse_args()
 
     from absl import logging
@@ -279,6 +282,13 @@ def main():
     print(f"real-time factor: {rtf:.1f}x wall clock ({rtf_cpu:.1f}x per CPU second of this process) on "
           f"{args.dense_seconds:g} s of dense playing ({in_rate:.1f} player events/s), accompany with 500 ms "
           f"lookahead ({model_notes} model note events); load average {os.getloadavg()[0]:.1f}", flush=True)
+    if args.profile:
+        import cProfile
+        import pstats
+
+        profile = cProfile.Profile()
+        profile.runcall(real_time_factor, run, args.dense_seconds, args.dense_rate)
+        pstats.Stats(profile).sort_stats("tottime").print_stats(args.profile)
 
     with Background(run, max_sessions=4) as server:
         handover = hand_over(server.url, args.trials)
@@ -292,10 +302,12 @@ def main():
             print(f"browser end to end: p50 {np.percentile(e2e, 50):.1f} ms, p95 {np.percentile(e2e, 95):.1f} ms over "
                   f"{len(e2e)} pedals (pedal key event -> the model's first note scheduled by the page)", flush=True)
         received, late, mem_early, mem_end = soak(server.url, args.soak_seconds)
-        print(f"soak: {args.soak_seconds:g} s accompanying, {received} model notes, {late} under-runs; resident "
-              f"memory {mem_early:.0f} MiB after 10 %, {mem_end:.0f} MiB at the end", flush=True)
+        lateness = f" (late by p50 {np.median(late):.0f} ms, max {max(late):.0f} ms)" if late else ""
+        print(f"soak: {args.soak_seconds:g} s accompanying, {received} model notes, {len(late)} under-runs{lateness}; "
+              f"resident memory {mem_early:.0f} MiB after 10 %, {mem_end:.0f} MiB at the end; load average "
+              f"{os.getloadavg()[0]:.1f}", flush=True)
     print(f"live: hand-over p50 {np.percentile(handover, 50):.1f} ms, p95 {np.percentile(handover, 95):.1f} ms, "
-          f"steering {np.percentile(steer, 95):.1f} ms, real-time factor {rtf:.1f} x, under-runs {late}")
+          f"steering {np.percentile(steer, 95):.1f} ms, real-time factor {rtf:.1f} x, under-runs {len(late)}")
 
 
 if __name__ == "__main__":

@@ -361,6 +361,31 @@ def test_the_stream_draws_what_the_sampler_draws(run):
     assert drawn == expected.tolist()
 
 
+def test_dense_accompaniment_sends_every_note_ahead_of_the_clock(run):
+    """Accompanying 40 player events a second (the model's lookahead re-fed behind each, drawn
+    several events a call): every model note leaves at least the send margin before it is due,
+    and the player's notes are all in the model's stream."""
+    from mgpt.live.stream import SEND_MARGIN_SECONDS, Settings
+
+    stream = Stream(run, Settings(mode="accompany", lookahead_ms=500, answer_seconds=1.0, guidance=1.0), origin=0.0)
+    rng = np.random.default_rng(0)
+    t, sent, struck = 0.0, [], 0
+    for _ in range(100):
+        pitch = int(rng.integers(50, 80))
+        for on in (True, False):
+            stream.user_note(on, pitch, 90, t)
+            stream.advance(t, lambda item, now=t: sent.append((now, item)))
+            t += rng.exponential(1 / 40)
+        struck += 1
+    notes = [(now, item) for now, item in sent if isinstance(item, Note)]
+    assert notes, "the model plays along"
+    step = 1 / run.vocab.steps_per_second  # times fall on the model's grid
+    assert all(item.time >= now + SEND_MARGIN_SECONDS - step for now, item in notes)
+    v = run.vocab
+    assert sum(1 for w, i in zip(stream.who, stream.events)
+               if w == "user" and v.note_on_offset <= i < v.note_off_offset) == struck
+
+
 def test_midi_ports_without_the_extra_are_one_line(tmp_path):
     try:
         import rtmidi  # noqa: F401

@@ -4,16 +4,20 @@ The stream is the same event sequence the model was trained on (NOTE_ON, NOTE_OF
 VELOCITY after a STYLE token), written as the music happens: step 0 is the clock's origin, a
 TIME_SHIFT is time passing, so an event's place in the stream is its time. The user's notes
 are appended when they arrive, after a TIME_SHIFT for the time since the stream's end, and fed
-to the model at once (one jitted cached forward of the new tokens), so a hand-over never has a
-prompt to prefill. The model's events are drawn one at a time by `mgpt.sample.choose_event`, the
-rule `mgpt.generate` samples every event with (masks of what sounds, the released mass, top-p,
-the note-length guard, style guidance with an unconditional twin row in the same cache), and
-the window slides as the sampler's does (`mgpt.sample.window_prompt`).
+to the model together (what arrived in one turn of the session: one jitted cached forward of the
+new tokens, or the first part of the model's next draw), so a hand-over never has a prompt to
+prefill. The model's events are drawn by `mgpt.sample.choose_event`, the rule `mgpt.generate`
+samples every event with (masks of what sounds, the released mass, top-p, the note-length guard,
+style guidance with an unconditional twin row in the same cache), several in one jitted loop
+when the lookahead needs them, and the window slides as the sampler's does
+(`mgpt.sample.window_prompt`).
 
 The model plays ahead of the clock by `lookahead_ms` and each event leaves with the time it is
-meant to sound. When the user plays at time t while the model has events after t, the stream is
-rewound to t (the KV cache is positional: rewinding is moving the cursor) and the client is
-told to drop them (`retract`): the model's next events are conditioned on what the user played.
+meant to sound. When the user plays at time t while the model has events after t: answering, the
+stream is rewound to t (the KV cache is positional: rewinding is moving the cursor) and the
+client is told to drop them (`retract`); accompanying, they stay (they have been sent), the
+user's events go in between at t and the model's are re-fed behind them. Either way the model's
+next events are conditioned on what the user played.
 
 Modes:
 - continue (call and response): the model answers once the user has been silent `silence_ms`
@@ -35,6 +39,7 @@ import dataclasses
 import functools
 import math
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,8 +54,9 @@ USER, MODEL, TIME = "user", "model", "time"  # who wrote an event: the player, t
 # A key held this long with nothing else played counts as stuck (a lost NOTE_OFF), not as playing.
 STUCK_KEY_SECONDS = 8.0
 # Accompanying, the model's events begin this far ahead of the clock: drawing and sending one takes
-# a few ms, and an event that arrives after its time is an under-run.
-SEND_MARGIN_SECONDS = 0.02
+# a few ms (10 to 35 ms for the demo model's draw call on a 2-core machine at load 9), and an event
+# that arrives after its time is an under-run.
+SEND_MARGIN_SECONDS = 0.05
 HISTORY = 4096  # events read back when the window slides (notes held longer than that are forgotten)
 
 
@@ -112,37 +118,113 @@ class Note:
     version: int
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _feed(graphdef, params, cache, tokens_RxT, positions_RxT, last):
-    """Cached forward of T new tokens per row (right-padded); the logits after token `last`."""
-    model = nnx.merge(graphdef, params)
-    logits_RxTxV, cache = model.decode(tokens_RxT, positions_RxT, cache)
-    return logits_RxTxV[:, last], cache
+# One jitted call draws at most this many model events. More amortises the call's cost further, but
+# a new note or setting waits for the call in progress (it is read between calls).
+MAX_DRAW = 8
+# An answer's first note is looked for this many events ahead, in one call (it may begin with rests).
+FIRST_NOTE_EVENTS = 16
+# Unfed tokens up to this many (the player's events, and the model's events re-fed behind them) go
+# into the draw's own call; a longer run of them (a slide, an edit) is fed by a call of its own.
+FUSED_FEED = 16
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "guided"), donate_argnames=("cache",))
-def _step(graphdef, params, cache, logits_RxV, rows, limits, settings, tables, guidance, key, position, guided):
-    """One event: drawn from the logits by the sampler's rule, then fed to the cache at `position`.
+@flax.struct.dataclass
+class _Drawing:
+    """The draw loop's state: the cache, the logits of the next event, the rows' sampler state
+    (`mgpt.sample.RowState`), the events drawn so far (tokens_K[:n], their TIME_SHIFT steps summed
+    in `steps`), whether the last one drawn was refused (`ended`: EOS, or past the answer's end), and
+    whether drawing stops (`stop`: refused, or the NOTE_ON asked for)."""
 
-    R = 2 model rows: the stream, and its twin under STYLE:unknown (style guidance; also, XLA:CPU
-    runs a 2-row cache faster than a 1-row one, see mgpt.sample). Returns (token, cache, the
-    logits after it, the rows' state after it).
+    cache: list
+    logits_RxV: jax.Array
+    rows: sample.RowState
+    tokens_K: jax.Array
+    n: jax.Array
+    steps: jax.Array
+    ended: jax.Array
+    stop: jax.Array
+
+
+@functools.lru_cache(maxsize=4)
+def _programs(graphdef, treedef):
+    """The stream's two jitted calls for one model structure: (feed, draw).
+
+    graphdef and the parameters' tree structure are closed over, so a call neither hashes an nnx
+    graphdef nor flattens an nnx State (together a fifth of a dense-playing profile when they were
+    per call); the parameters themselves are arguments, a flat list of arrays.
     """
-    model = nnx.merge(graphdef, params)
-    logits_BxV = sample.guided_logits(logits_RxV, guidance) if guided else logits_RxV[:1].astype(jnp.float32)
-    token_B = sample.choose_event(logits_BxV, rows, limits, settings, tables, key[None])
-    positions_Rx1 = jnp.full((2, 1), position, jnp.int32)
-    logits_Rx1xV, cache = model.decode(jnp.concatenate([token_B, token_B])[:, None], positions_Rx1, cache)
-    emit_B = jnp.ones((1,), bool)
-    open_BxP, onset_BxP = sample.track_notes(rows, token_B, emit_B, tables)
-    rows = rows.replace(events_B=rows.events_B + 1, steps_B=rows.steps_B + tables["shift_steps_V"][token_B],
-                        open_BxP=open_BxP, onset_BxP=onset_BxP)
-    return token_B[0], cache, logits_Rx1xV[:, 0], rows
+
+    def merge(leaves):
+        return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+    def feed_chunk(model, cache, tokens_RxT, start, last):
+        positions_RxT = jnp.broadcast_to(start + jnp.arange(tokens_RxT.shape[1], dtype=jnp.int32), tokens_RxT.shape)
+        logits_RxTxV, cache = model.decode(tokens_RxT, positions_RxT, cache)
+        return logits_RxTxV[:, last], cache
+
+    @functools.partial(jax.jit, donate_argnames=("cache",))
+    def feed(leaves, cache, tokens_RxT, start, last):
+        """Cached forward of T new tokens per row (right-padded) from position `start`; the logits
+        after token `last`."""
+        return feed_chunk(merge(leaves), cache, tokens_RxT, start, last)
+
+    @functools.partial(jax.jit, static_argnames=("guided",), donate_argnames=("cache",))
+    def draw(leaves, cache, chunk, logits_RxV, rows, limits, settings, tables, guidance, key, plan_6, guided):
+        """Feed `chunk` (None, or feed's (tokens_RxT, start, last)), then draw events one by one with
+        the sampler's rule (`mgpt.sample.choose_event`, `track_notes`), each fed to the cache behind
+        the last, until one of plan_6's limits. plan_6 (int32): [position of the first drawn event,
+        the random counter of the first (event n uses fold_in(key, counter + n)), events at most,
+        TIME_SHIFT steps to the horizon (drawing stops once they are reached), steps to the answer's
+        end (an event past it, or EOS, is refused and ends the answer), stop after a NOTE_ON (0/1)].
+
+        R = 2 model rows: the stream, and its twin under STYLE:unknown (style guidance; also, XLA:CPU
+        runs a 2-row cache faster than a 1-row one, see mgpt.sample). Returns (tokens_K, n, ended,
+        cache, the logits after the last kept event, the rows' state after it).
+        """
+        model = merge(leaves)
+        if chunk is not None:
+            logits_RxV, cache = feed_chunk(model, cache, *chunk)
+        position, counter, most, horizon, answer_end, until_on = (plan_6[i] for i in range(6))
+        num_pitches = rows.open_BxP.shape[1]
+
+        def body(d: _Drawing) -> _Drawing:
+            logits_BxV = (sample.guided_logits(d.logits_RxV, guidance) if guided
+                          else d.logits_RxV[:1].astype(jnp.float32))
+            key_1 = jax.random.fold_in(key, counter + d.n)[None]
+            token_B = sample.choose_event(logits_BxV, d.rows, limits, settings, tables, key_1)
+            token, shift = token_B[0], tables["shift_steps_V"][token_B[0]]
+            refused = (token == tables["eos_id"]) | (d.steps + shift > answer_end)
+            kept = ~refused
+            logits_Rx1xV, cache = model.decode(jnp.stack([token, token])[:, None],
+                                               jnp.full((2, 1), position + d.n, jnp.int32), d.cache)
+            open_BxP, onset_BxP = sample.track_notes(d.rows, token_B, kept[None], tables)
+            r = d.rows
+            rows = r.replace(events_B=r.events_B + kept, steps_B=r.steps_B + jnp.where(kept, shift, 0),
+                             open_BxP=open_BxP, onset_BxP=onset_BxP)
+            struck = until_on.astype(bool) & (tables["on_pitch_V"][token] < num_pitches)
+            return _Drawing(cache=cache, logits_RxV=jnp.where(kept, logits_Rx1xV[:, 0], d.logits_RxV), rows=rows,
+                            tokens_K=d.tokens_K.at[d.n].set(token), n=d.n + kept,
+                            steps=d.steps + jnp.where(kept, shift, 0), ended=refused, stop=refused | struck)
+
+        def more(d: _Drawing):
+            return ~d.stop & (d.n < most) & (d.steps < horizon)
+
+        zero = jnp.zeros((), jnp.int32)
+        no = jnp.zeros((), bool)
+        d = _Drawing(cache=cache, logits_RxV=logits_RxV.astype(jnp.float32), rows=rows,
+                     tokens_K=jnp.zeros(max(MAX_DRAW, FIRST_NOTE_EVENTS), jnp.int32), n=zero, steps=zero,
+                     ended=no, stop=no)
+        d = jax.lax.while_loop(more, body, d)
+        return d.tokens_K, d.n, d.ended, d.cache, d.logits_RxV, d.rows
+
+    return feed, draw
 
 
-def _bucket(n: int) -> int:
-    """Feed lengths are padded to powers of 4: few shapes to compile, little padding to run."""
-    return 1 << (2 * max(0, math.ceil(math.log(max(n, 1), 4))))
+def _bucket(n: int, fused: bool) -> int:
+    """The length a chunk of n tokens is padded to: few shapes to compile, little padding to run.
+    Powers of 4 for a chunk a draw feeds (up to FUSED_FEED: a draw compiles slowly), powers of 2
+    for a feed of its own (a long chunk costs its compute: the padding matters more)."""
+    return 1 << ((2 if fused else 1) * max(0, math.ceil(math.log(max(n, 1), 4 if fused else 2))))
 
 
 class Stream:
@@ -151,7 +233,9 @@ class Stream:
     def __init__(self, run, settings: Settings | None = None, origin: float = 0.0):
         self.run = run
         self.vocab = run.vocab
-        self.graphdef, self.params = nnx.split(run.model)
+        graphdef, params = nnx.split(run.model)
+        self._leaves, treedef = jax.tree.flatten(params)
+        self._feed_call, self._draw_call = _programs(graphdef, treedef)
         self.window = run.model.cfg.max_len
         self.tables = sample.token_tables(self.vocab)
         self.styles = [generate.UNCONDITIONAL, *run.styles]
@@ -179,6 +263,7 @@ class Stream:
         self.held: list = []  # a prepared answer's first events, sent at the hand-over
         self.prepared_at = None  # (events before it, hand-over step, settings version)
         self.sampled = 0  # events drawn since clear: the random key's counter
+        self.cache = None  # a fresh one (and none left donated by a call that failed)
         self._rebuild()
 
     def _settings_arrays(self) -> None:
@@ -227,23 +312,36 @@ class Stream:
             kept -= 1
         self.ctx = [int(i) for i in ctx]
         self.ctx_events = kept
-        self.cache = self.run.model.init_cache(2, self.window)
+        if self.cache is None:
+            self.cache = self.run.model.init_cache(2, self.window)
+        # Otherwise (a slide) the cache is written over from slot 0: what it held past the new
+        # window's end is hidden by causality, as any slot past a row's position is (mgpt.model.gpt).
         self._fed = 0
         self._flush()
 
-    def _flush(self) -> None:
-        """Feed the window's tokens the cache has not seen, in one call."""
+    def _chunk(self, fused: bool = False):
+        """The window's tokens the cache has not seen, as a feed's (tokens_RxT, start, last) padded
+        to a bucket (row 1 is the STYLE:unknown twin); None when there are none, or when `fused`
+        (for a draw's own call) and there are more than FUSED_FEED."""
         new = self.ctx[self._fed:]
-        if not new:
-            return
-        t = _bucket(len(new))
+        if not new or (fused and len(new) > FUSED_FEED):
+            return None
+        t = _bucket(len(new), fused)
         tokens_RxT = np.zeros((2, t), np.int32)
         tokens_RxT[:, :len(new)] = new
         if self._fed == 0:
             tokens_RxT[1, 0] = self.vocab.unknown_style_id
-        positions_RxT = np.broadcast_to(self._fed + np.arange(t, dtype=np.int32), (2, t))
-        self.logits, self.cache = _feed(self.graphdef, self.params, self.cache, tokens_RxT, positions_RxT,
-                                        len(new) - 1)
+        return tokens_RxT, np.int32(self._fed), np.int32(len(new) - 1)
+
+    def _flush(self) -> None:
+        """Feed the window's tokens the cache has not seen, in one call. Edits only mark tokens
+        unfed; a draw feeds them in its own call, and `advance` flushes what is left at its end
+        (except while the model accompanies: its next draw does), so the events that arrive
+        together are fed together."""
+        chunk = self._chunk()
+        if chunk is None:
+            return
+        self.logits, self.cache = self._feed_call(self._leaves, self.cache, *chunk)
         self._fed = len(self.ctx)
         self.rows = None  # recomputed from the window before the next draw
 
@@ -290,16 +388,20 @@ class Stream:
     def _append(self, ids: list[int], who: str) -> list:
         """Events onto the take and the window (fed at the next _flush); whose notes their NOTE_OFFs ended."""
         ended = [self._push(int(i), who) for i in ids]
+        self._extend(ids)
+        return ended
+
+    def _extend(self, ids: list[int]) -> None:
+        """The take's latest len(ids) events, just pushed, onto the window (it slides if they overflow it)."""
         if len(self.ctx) + len(ids) > self.window:
-            self._rebuild()  # the window slides
+            self._rebuild()
         else:
             self.ctx += [int(i) for i in ids]
             self.ctx_events += len(ids)
-        return ended
 
-    def _truncate(self, n: int, flush: bool = True) -> None:
-        """Drop the take's events from index n on (the cache's cursor moves back with them). With
-        flush=False the cache is fed at the next `_flush`, with whatever is appended first."""
+    def _truncate(self, n: int) -> None:
+        """Drop the take's events from index n on (the cache's cursor moves back with them; it is
+        fed again with whatever is appended first, by the next draw or flush)."""
         drop = len(self.events) - n
         if drop <= 0:
             return
@@ -312,8 +414,6 @@ class Stream:
         self.ctx_events -= drop
         # The logits after the new last token: feed it again (same slot, same keys and values).
         self._fed = min(self._fed, len(self.ctx) - 1)
-        if flush:
-            self._flush()
 
     def _replace_take(self, events: list[int], who: list[str], answer_of: list[int]) -> None:
         """A new take (undo, infill): replayed from an empty one, then the window re-read."""
@@ -366,10 +466,7 @@ class Stream:
             self.keys_down.clear()
             out += self._start_answer(self.step_of(t))
             # As a prepared answer does: its first note is drawn now, however far ahead it falls.
-            for _ in range(16):
-                if not self.answer or any(isinstance(x, Note) and x.on for x in out):
-                    break
-                self._draw(out.append)
+            self._draw(out.append, max_events=FIRST_NOTE_EVENTS, until_note=True)
         return out
 
     def _play_at(self, t: float, tokens) -> list:
@@ -393,7 +490,7 @@ class Stream:
                 n -= 1
             if self.answer and self.settings.mode == "accompany":
                 tail = list(zip(self.events[n:], self.who[n:], self.answer_of[n:]))
-            self._truncate(n, flush=False)
+            self._truncate(n)
             if not tail:
                 out.append(("retract", self.time_of(self.end_step)))
         start = self.end_step
@@ -411,10 +508,11 @@ class Stream:
             back = [(i, who, answer) for i in gap_tokens(v, left)]
             if self.velocity != velocity and velocity is not None:  # the model's notes keep their loudness
                 back.append((velocity, MODEL, answer))
-            for i, w, a in back + tail[1:]:
-                self._append([i], w)
+            back += tail[1:]
+            for i, w, a in back:
+                self._push(int(i), w)
                 self.answer_of[-1] = a
-        self._flush()
+            self._extend([i for i, _, _ in back])
         if self.answer and self.settings.mode == "continue":
             out += self._end_answer()
         return out
@@ -452,6 +550,7 @@ class Stream:
                 if now >= handover and self.prepared_at is not None:
                     self._release_prepared(emit)
         if not self.answer:
+            self._flush()
             return
         horizon = self.step_of(now + s.lookahead_ms / 1000)
         if s.mode == "accompany" and self.last_user is not None:
@@ -461,15 +560,20 @@ class Stream:
             # SEND_MARGIN ahead of the clock, so that it can still leave before it is due.
             if self.end_step < self.step_of(now + SEND_MARGIN_SECONDS):
                 self._shift_to(self.step_of(now + SEND_MARGIN_SECONDS))
-                self._flush()
         while self.answer and self.end_step < horizon and not interrupted():
-            self._draw(emit)
+            # An event due within 2 SEND_MARGINs leaves on its own, not after a batch drawn behind it.
+            soon = self.end_step < self.step_of(now + 2 * SEND_MARGIN_SECONDS)
+            self._draw(emit, horizon, max_events=1 if soon else MAX_DRAW)
+        if not (self.answer and s.mode == "accompany"):
+            # What arrived is fed now, in one call. Accompanying, it waits for the model's next draw
+            # (within one of its events' time): what the player plays until then, and the model's
+            # events re-fed behind it, go in together, rather than the tail once per player's note.
+            self._flush()
 
     def _start_answer(self, step: int, emit=None) -> list:
         self.answers += 1
         self.answer = self.answers
         self._shift_to(step)
-        self._flush()
         self.answer_end_step = step + round(self.settings.answer_seconds * self.vocab.steps_per_second)
         if self.settings.mode == "continue":
             self.last_user = None
@@ -484,12 +588,8 @@ class Stream:
         n, last_user = len(self.events), self.last_user
         self._start_answer(handover_step)
         held: list = []
-        for _ in range(16):  # up to the first NOTE_ON
-            if not self.answer or interrupted():
-                break
-            self._draw(held.append)
-            if any(isinstance(x, Note) and x.on for x in held):
-                break
+        if not interrupted():
+            self._draw(held.append, max_events=FIRST_NOTE_EVENTS, until_note=True)
         self.held = held
         self.answer, self.answers, self.last_user = 0, self.answers - 1, last_user
         self.prepared_at = (n, handover_step, self.version)
@@ -514,40 +614,48 @@ class Stream:
             if not isinstance(item, Note):  # the model ended its answer before its first note
                 self.answer = 0
 
-    def _rows(self):
-        if self.rows is None:
-            self.rows = jax.device_put(sample.RowState.start(self.vocab, [self.ctx], 1))  # one transfer
-        return self.rows
-
-    def _draw(self, emit) -> None:
-        """One model event: drawn, fed, and emitted if it is a note; the answer ends at EOS or its length."""
+    def _draw(self, emit, horizon: int | None = None, max_events: int = MAX_DRAW, until_note: bool = False) -> None:
+        """Model events drawn in one jitted call (the window's unfed tokens fed first, in the same
+        call): up to max_events, until the stream's end reaches `horizon` (a step; None: no limit),
+        after the first NOTE_ON with until_note, or until the answer ends (EOS, or an event past its
+        length). Each is put on the take and emitted if it is a note, in order, as the one-event
+        draw did; the random key of the stream's n-th draw is fold_in(key(seed), n) whatever the
+        calls."""
         v = self.vocab
         if len(self.ctx) + 1 > self.window:
             self._rebuild()  # the window slides
-        key = jax.random.fold_in(self._key, self.sampled)
-        self.sampled += 1
-        token, cache, logits, rows = _step(self.graphdef, self.params, self.cache, self.logits, self._rows(),
-                                           self._limits, self._sampling, self.tables, self._guidance, key,
-                                           len(self.ctx), guided=self.settings.guidance != 1)
-        token = int(token)
-        self.cache = cache  # donated; the slot it wrote is past the cursor when the event is refused
-        shift = token - v.time_shift_offset + 1 if v.time_shift_offset <= token < v.velocity_offset else 0
-        if token == v.eos_id or self.end_step + shift > self.answer_end_step:
-            self._fed = len(self.ctx)
+        if len(self.ctx) - self._fed > FUSED_FEED:
+            self._flush()
+        chunk = self._chunk(fused=True)
+        rows = self.rows
+        if chunk is not None or rows is None:  # the sampler's state at the window's end (host arrays)
+            rows = sample.RowState.start(v, [self.ctx], 1)
+        most = min(max_events, self.window - len(self.ctx))
+        far = 2**31 - 1
+        plan_6 = np.asarray([len(self.ctx), self.sampled, most,
+                             far if horizon is None else horizon - self.end_step,
+                             self.answer_end_step - self.end_step, until_note], np.int32)
+        tokens_K, n, ended, self.cache, logits, rows = self._draw_call(
+            self._leaves, self.cache, chunk, self.logits, rows, self._limits, self._sampling, self.tables,
+            self._guidance, self._key, plan_6, guided=self.settings.guidance != 1)
+        tokens_K, n, ended = jax.device_get((tokens_K, n, ended))  # one wait for the whole call
+        self.logits, self.rows = logits, rows
+        self.sampled += int(n) + bool(ended)
+        # The cache holds the chunk and the kept events; a refused event's slot is past the cursor.
+        self._fed = len(self.ctx) + int(n)
+        for token in tokens_K[:n].tolist():
+            ended_by = self._push(token, MODEL)
+            self.ctx.append(token)
+            self.ctx_events += 1
+            t = self.time_of(self.end_step)
+            if v.note_on_offset <= token < v.note_off_offset:
+                emit(Note(True, token - v.note_on_offset + v.min_pitch, self._midi_velocity(), t, self.answer,
+                          self.version))
+            elif ended_by == MODEL:  # a NOTE_OFF that ends a note the user holds is the model's business only
+                emit(Note(False, token - v.note_off_offset + v.min_pitch, 0, t, self.answer, self.version))
+        if ended:
             for item in self._end_answer():
                 emit(item)
-            return
-        self.logits, self.rows = logits, rows
-        ended = self._push(token, MODEL)
-        self.ctx.append(token)
-        self.ctx_events += 1
-        self._fed = len(self.ctx)
-        t = self.time_of(self.end_step)
-        if v.note_on_offset <= token < v.note_off_offset:
-            emit(Note(True, token - v.note_on_offset + v.min_pitch, self._midi_velocity(), t, self.answer,
-                      self.version))
-        elif ended == MODEL:  # a NOTE_OFF that ends a note the user holds is the model's business only
-            emit(Note(False, token - v.note_off_offset + v.min_pitch, 0, t, self.answer, self.version))
 
     def _midi_velocity(self) -> int:
         if self.velocity is None:
@@ -563,7 +671,6 @@ class Stream:
                 for w in owners if w == MODEL]
         if offs:
             self._append(offs, MODEL)
-            self._flush()
             out += [Note(False, i - v.note_off_offset + v.min_pitch, 0, t, self.answer, self.version) for i in offs]
         out.append(("answer", self.answer, "end"))
         self.answer = 0
@@ -642,18 +749,28 @@ class Stream:
 
 
 def warm_up(run, guidance: tuple[float, ...] = (1.0, 1.5)) -> None:
-    """Compile what a session runs (each feed length bucket, a draw with and without guidance) before
-    the first player arrives, so no one waits for XLA mid-phrase. It goes through a Stream's own
-    calls: jit keys its cache on how its arguments were made, not only their shapes."""
+    """Compile what a session runs (a feed of each chunk length bucket; a draw with each chunk it
+    feeds in its own call, and with none; with and without guidance) before the first player
+    arrives, so no one waits for XLA mid-phrase. It goes through a Stream's own calls: jit keys its
+    cache on how its arguments were made, not only their shapes."""
     s = Stream(run)
     shift = s.vocab.time_shift_offset
-    t = 1
-    while t < 4 * s.window:
-        s.clear(0.0)
-        s.ctx += [shift] * min(t, s.window)
-        s.ctx_events += min(t, s.window)
-        s._flush()
-        t *= 4
+    noop = lambda item: None  # noqa: E731
+    for g in guidance:
+        s.update({"guidance": g})
+        t = 1
+        while t < 2 * s.window:  # every bucket of _chunk
+            n = min(t, s.window - 2)
+            s.clear(0.0)
+            s._replace_take([shift] * (n - 1), [TIME] * (n - 1), [0] * (n - 1))  # a window fed on a fresh cache
+            s.clear(0.0)
+            s._append([shift] * n, TIME)
+            s._flush()  # a chunk fed behind others
+            s.clear(0.0)
+            s._append([shift] * n, TIME)
+            s._draw(noop, max_events=1)  # a draw with that chunk (or, past FUSED_FEED, after its feed)
+            s._draw(noop, max_events=1)  # a draw behind a draw: its rows and logits
+            t *= 2
     # A phrase, its hand-over and answer, then accompaniment, as a player would go through them.
     for g in guidance:
         for mode in MODES:
