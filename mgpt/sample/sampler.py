@@ -509,27 +509,7 @@ def _bucket(n: int, cap: int | None = None, floor: int = 1) -> int:
     return min(b, cap) if cap else b
 
 
-def generate_tokens(
-    model: GPT,
-    vocab: Vocabulary,
-    prompts: Sequence[np.ndarray],
-    *,
-    seeds: Sequence[int],
-    max_events: int | None = None,
-    max_seconds: float | None = None,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    greedy: bool = False,
-    max_note_seconds: float | Sequence[float] = 0.0,
-    release_share: float = RELEASE_SHARE,
-    guidance: float = 1.0,
-    batch_size: int | None = None,
-    gaps: Sequence | None = None,
-    hard_limits: limits_lib.HardLimits | None = None,
-    controls: controls_lib.Timeline | Sequence[controls_lib.Timeline] | None = None,
-) -> list[np.ndarray]:
+def generate_tokens(model: GPT, vocab: Vocabulary, prompts: Sequence[np.ndarray], **options) -> list[np.ndarray]:
     """Continue each prompt (STYLE token + optional primer events) with sampled events.
 
     With `gaps` (one `mgpt.sample.fim.Gap` per prompt, each prompt its STYLE token + `gap.prefix`;
@@ -551,6 +531,9 @@ def generate_tokens(
     vocabulary must have control tokens) are written at each segment's opening of the piece's
     clock, the first right after the prompt; an empty timeline samples exactly as none.
 
+    `options` are `prepare`'s keyword arguments (seeds, the budgets, the sampling settings, the
+    guards, guidance, batch_size, gaps, hard_limits, controls), checked there.
+
     Returns, per prompt, the full row: prompt + new events, up to and excluding
     EOS (int32). Budgets: `max_events` new events and/or `max_seconds` of music
     (TIME_SHIFT sum of the new events); with neither, max_events = cfg.max_len;
@@ -558,12 +541,12 @@ def generate_tokens(
     max(1024, 100 * max_seconds). Rows are processed `batch_size` at a time
     (default: all at once).
 
-    `context` says what a row reads once it is longer than the model's window: 'reprefill'
-    (the windows above, batch by batch) or 'rolling' (`mgpt.sample.continuous`: a rolling KV
-    cache with the STYLE token as its sink, and continuous batching: a finished row's slot
-    takes the next prompt at once). Infilling always runs windowed.
+    A row longer than the model's window is re-prefilled here, window by window, batch by batch.
+    `mgpt.sample.continuous.generate_tokens` takes the same arguments and reads past the window
+    through a rolling KV cache (the STYLE token its sink) under continuous batching: a finished
+    row's slot takes the next prompt at once.
     """
-    return windowed(prepare(model, vocab, prompts, seeds=seeds, max_events=max_events, max_seconds=max_seconds, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, greedy=greedy, max_note_seconds=max_note_seconds, release_share=release_share, guidance=guidance, batch_size=batch_size, gaps=gaps, hard_limits=hard_limits, controls=controls))
+    return windowed(prepare(model, vocab, prompts, **options))
 
 
 @dataclasses.dataclass
