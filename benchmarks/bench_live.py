@@ -127,6 +127,8 @@ def hand_over(url, trials: int, silence_ms: float = 600) -> list[float]:
                     timeout=30)
         if m["type"] == "note":  # (an answer that ends before any note has no first note to time)
             latencies.append(p.now() - (last + silence_ms))
+            # The rest of this answer must not be taken for the next phrase's first note.
+            p.until(lambda m: m["type"] == "answer" and m["state"] == "end", timeout=30)
         else:
             silent[0] += 1
     p.ws.close()
