@@ -176,6 +176,8 @@ def run_command(f) -> pathlib.Path:
         check_infill_times(f.infill_start, f.infill_end)
         infill = load_infill(f.infill, vocab, f.infill_start, f.infill_end)
         check_infill_model(vocab, f.workdir)
+        if not sampling.timeline(vocab).empty:
+            raise UserError("--controls/--mood and --infill cannot be combined yet")
     check_output_dir(f.output_dir)
     import jax
 

@@ -204,3 +204,21 @@ def test_infill_evaluation_command_refuses_bad_settings_in_one_line(tmp_path, ca
         assert e.value.code == 2 and "\n" not in str(e.value)
     infill_eval.main(["mgpt.eval.infill", "--help"])  # prints the usage and the flags, and returns
     assert "--gaps_per_piece" in capsys.readouterr().out
+
+
+def test_controls_with_infill_is_one_line_before_the_weights_load(midi_file, tmp_path, monkeypatch):
+    from data_prep import controls as data_controls
+    from mgpt.sample import run as run_lib
+
+    spec = {"seconds": 1.0, "levels": 8, "edges": {n: [float(i) for i in range(1, 8)] for n in data_controls.BINNED}}
+    workdir = _save_run(str(tmp_path / "run"), Vocabulary(STYLES).with_fim().with_controls(spec))
+
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the settings were checked")
+
+    monkeypatch.setattr(run_lib, "load_run", never)
+    for flag in ("--controls=density=2", "--mood=calm"):
+        with pytest.raises(SystemExit, match="--controls/--mood and --infill cannot be combined yet") as e:
+            generate.main(["mgpt.generate", f"--workdir={workdir}", f"--output_dir={tmp_path / 'o'}", "--noprogress",
+                           f"--infill={midi_file}", "--infill_start=1", "--infill_end=2", flag])
+        assert "\n" not in str(e.value)

@@ -265,3 +265,12 @@ def test_an_unknown_context_is_refused_in_one_line():
 
     with pytest.raises(UserError, match="--context must be one of reprefill, rolling"):
         Sampling(context="sliding")
+
+
+def test_only_real_limits_or_controls_take_a_rolling_corpus_off_the_continuous_sampler():
+    from mgpt.sample.run import Sampling
+
+    assert not Sampling(context="rolling").windowed_only()
+    assert not Sampling(context="rolling", controls="", mood="").windowed_only()  # the flags' empty defaults
+    assert Sampling(context="rolling", max_polyphony=2).windowed_only()
+    assert Sampling(context="rolling", mood="calm").windowed_only()

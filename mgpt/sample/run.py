@@ -226,8 +226,8 @@ class Sampling:
     def windowed_only(self) -> bool:
         """Whether these settings need the windowed sampler: hard limits and controls are not in
         the continuous one yet (mgpt/sample/continuous.py), so 'rolling' re-prefills with them."""
-        return any(v is not None for v in (self.pitch_range, self.max_polyphony, self.velocity_range, self.controls,
-                                           self.mood))
+        return any(v not in (None, "") for v in (self.pitch_range, self.max_polyphony, self.velocity_range,
+                                                 self.controls, self.mood))
 
     def __post_init__(self):
         from mgpt.sample.sampler import CONTEXTS, sampling_settings
@@ -433,6 +433,7 @@ class Run:
 
         if sampling.windowed_only():
             raise ValueError("hard limits and controls need the windowed sampler: use context='reprefill'")
+        sampling = self.sampling(sampling)  # guidance None = the run's default, as everywhere else
         model = self.model if device is None or device == _device_of(self.model) else self.replica(device)
         guidance = None if sampling.guidance in (None, 1) else jnp.asarray(sampling.guidance, jnp.float32)
         settings = sampling_settings(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
