@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -72,24 +74,59 @@ def finalized_steps(root: str | epath.PathLike) -> list[int]:
 
 _warned: set[str] = set()
 
-def _quiet_abandoned_reads() -> None:
-    """From now on, drops what Python would print for the reads orbax abandoned.
+def _from_orbax(filename: str) -> bool:
+    return f"{os.sep}orbax{os.sep}" in filename or f"{os.sep}tensorstore{os.sep}" in filename
 
-    A damaged step fails on its first bad array, and orbax's other array reads (coroutines on
-    its own event-loop thread) are dropped unfinished, each holding its own error. Python
-    prints each one whenever it is collected ("Exception ignored in: <coroutine ...>", 60 to
-    800 lines of TensorStore specs), which may be long after the one-line fallback notice has
-    said all there is to say, at exit included. So after a failed restore the process's
-    unraisable hook drops those, and only those: a coroutine whose code is orbax's or
-    tensorstore's. Anything else goes to the hook that was there before.
+
+class _AbandonedReadsFilter(logging.Filter):
+    """asyncio's "... exception was never retrieved" for a future whose error came from orbax."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "exception was never retrieved" not in message:
+            return True
+        if "OCDBT database" in message or "TensorStore" in message:  # raised by tensorstore itself
+            return False
+        tb = record.exc_info[2] if record.exc_info else None
+        while tb is not None:
+            if _from_orbax(tb.tb_frame.f_code.co_filename):
+                return False
+            tb = tb.tb_next
+        return True
+
+
+def _quiet_abandoned_reads() -> None:
+    """From now on, drops what Python would print for the reads orbax abandons.
+
+    A damaged step fails on its first bad array, and orbax's other array reads (coroutines and
+    futures on its own event-loop thread) are dropped unfinished, each holding its own error.
+    Python prints each one when it is collected: "Exception ignored in: <coroutine ...>",
+    asyncio's "Future exception was never retrieved", and tensorstore's late callbacks into the
+    closed loop, "Event loop is closed"; a read not yet started warns that it "was never
+    awaited". That is 60 to 800 lines, some before the one-line
+    fallback notice and some long after it, at exit included. So from the first restore attempt
+    on, the process's unraisable hook drops coroutines whose code is orbax's or tensorstore's
+    and those late callbacks, the asyncio logger drops never-retrieved errors raised in their
+    code, and warnings drop orbax's never-awaited reads. Anything else goes on as before.
     """
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _AbandonedReadsFilter) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_AbandonedReadsFilter())
+        # A read orbax had created but not yet started when the step failed.
+        warnings.filterwarnings("ignore", message=r"coroutine '_read_[a-z_]*' was never awaited",
+                                category=RuntimeWarning)
     previous = sys.unraisablehook
     if getattr(previous, "_mgpt_abandoned_reads", False):
         return
 
     def hook(unraisable):
-        where = getattr(getattr(unraisable.object, "cr_code", None), "co_filename", "") or ""
-        if "orbax" in where or "tensorstore" in where:
+        if _from_orbax(getattr(getattr(unraisable.object, "cr_code", None), "co_filename", "") or ""):
+            return
+        # tensorstore finishing an abandoned read calls back into orbax's event loop after orbax
+        # closed it, from its own threads: "Event loop is closed" from call_soon_threadsafe.
+        tb = unraisable.exc_traceback
+        if (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+                and tb is not None and tb.tb_frame.f_code.co_name == "call_soon_threadsafe"):
             return
         previous(unraisable)
 
@@ -100,14 +137,14 @@ def _quiet_abandoned_reads() -> None:
 def _attempt(fn: Callable[[], T]) -> tuple[T | None, str | None]:
     """(fn(), None), or (None, the reason in one line) when it raises: a step that fails to restore.
 
-    orbax, tensorstore and json raise many types for a damaged step. After a failure the
-    reads orbax abandoned are silenced (`_quiet_abandoned_reads`), and what is already
-    collectable is collected."""
+    orbax, tensorstore and json raise many types for a damaged step. The reads orbax abandons
+    when one fails are silenced (`_quiet_abandoned_reads`: some are reported while the attempt
+    is still failing), and after a failure what is already collectable is collected."""
+    _quiet_abandoned_reads()
     try:
         return fn(), None
     except Exception as e:  # noqa: BLE001 - see above
         reason = _reason(e)
-    _quiet_abandoned_reads()
     gc.collect()
     return None, reason
 
