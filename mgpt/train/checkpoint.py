@@ -473,10 +473,15 @@ class StopSignal:
     one step at which every process saves (`reached_preemption_sync_point`).
     """
 
-    def __init__(self, multi_process: bool):
+    def __init__(self, multi_process: bool, abort_line: Callable[[], str] | None = None):
         self.name: str | None = None
         self._signals = (signal.SIGINT,) if multi_process else (signal.SIGTERM, signal.SIGINT)
         self._previous = {}
+        # With abort_line, a second Ctrl-C prints it and ends the process at once (exit 1): raised
+        # as KeyboardInterrupt it landed anywhere in orbax's save (its event loops, thread pools,
+        # tensorstore callbacks) and printed a different traceback each time, or hung. A save
+        # cut short is never finalized, so the last complete checkpoint is what abort_line names.
+        self._abort_line = abort_line
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -486,6 +491,14 @@ class StopSignal:
 
     def _handle(self, signum, frame):
         if self.name is not None and signum == signal.SIGINT:
+            if self._abort_line is not None:
+                try:
+                    line = self._abort_line()
+                except Exception:  # noqa: BLE001 - the process ends either way
+                    line = "interrupted: the save in progress was abandoned"
+                sys.stdout.flush()
+                os.write(2, (line + "\n").encode())
+                os._exit(1)
             raise KeyboardInterrupt
         self.name = signal.Signals(signum).name
 

@@ -501,7 +501,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
 
     pending = None
     try:
-        with ckpt_lib.StopSignal(multi_process=pc > 1) as stop:
+        with ckpt_lib.StopSignal(multi_process=pc > 1, abort_line=lambda: _interrupted_line(workdir)) as stop:
             while step < stop_at:
                 try:
                     local_batch = next(train_iter)
