@@ -274,3 +274,36 @@ def test_only_real_limits_or_controls_take_a_rolling_corpus_off_the_continuous_s
     assert not Sampling(context="rolling", controls="", mood="").windowed_only()  # the flags' empty defaults
     assert Sampling(context="rolling", max_polyphony=2).windowed_only()
     assert Sampling(context="rolling", mood="calm").windowed_only()
+
+
+def test_longest_budgets_start_first_so_a_mixed_plan_leaves_fewer_idle_slots():
+    # Budgets rising through the plan: in plan order the longest pieces start last and run alone
+    # at the end; longest first, the short ones fill the tail. The pieces are the same either way.
+    from tests.test_sample import _fixed_model
+    from mgpt.sample.continuous import ContinuousSampler
+    from mgpt.sample.sampler import sampling_settings, token_tables
+
+    pref_V = np.zeros(VOCAB.size)
+    pref_V[VOCAB.eos_id] = -100.0  # every piece runs to its budget
+    m = _fixed_model(pref_V)
+    budgets = [4 * (i + 1) for i in range(12)]
+    out = {}
+    for order in ("plan", "longest_first"):
+        sampler = ContinuousSampler(m, VOCAB, batch_size=4, settings=sampling_settings(top_p=0.95),
+                                    tables=token_tables(VOCAB), chunk_steps=8, order=order)
+        for i, budget in enumerate(budgets):
+            sampler.add(i, np.array([STYLE]), 7 + i, max_events=budget, max_steps=10**9)
+        rows, first_out = {}, []
+        while sampler.busy:
+            done = sampler.step()
+            first_out += [p for p, _ in done]
+            rows.update(done)
+        out[order] = (rows, sampler.events / sampler.slot_steps, first_out)
+    (plan_rows, plan_occ, _), (lpt_rows, lpt_occ, lpt_out) = out["plan"], out["longest_first"]
+    assert all(plan_rows[i].tobytes() == lpt_rows[i].tobytes() for i in range(12))
+    assert [len(lpt_rows[i]) - 1 for i in range(12)] == budgets
+    assert lpt_occ > plan_occ + 0.05, (lpt_occ, plan_occ)
+    assert lpt_out[-1] in range(4)  # a short piece is the last out
+    with pytest.raises(ValueError, match="order"):
+        ContinuousSampler(m, VOCAB, batch_size=4, settings=sampling_settings(), tables=token_tables(VOCAB),
+                          order="shortest")

@@ -15,7 +15,9 @@ byte, at continuous batching's occupancy between windows.
 
 The host runs the loop in chunks of K steps (`ContinuousSampler`); between chunks it tops
 up the queue and takes the finished pieces, so a corpus writes them as they come and a kill
-loses only the pieces in flight.
+loses only the pieces in flight. New pieces enter the queue longest budget first (ties in the
+order they were added): a plan's long pieces then start early, and its tail, where slots idle
+because nothing is left to take, is made of the short ones.
 
 A piece depends only on its prompt, seed and budgets, never on its slot, the batch size, its
 neighbours or the order of the plan: its event n is drawn with `fold_in(key(seed), n)` (as in
@@ -32,6 +34,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import heapq
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 
@@ -262,13 +266,19 @@ class ContinuousSampler:
     run: occupancy is their ratio (`steady_*`: over the chunks that ended with pieces still
     queued, which leaves out the tail of a finite plan). A batch of 1 runs 2 slots (see
     `sampler._generate_batch`).
+
+    order: 'longest_first' (new pieces are offered by budget, seconds then events, longest first;
+    equal budgets keep the order they were added) or 'plan' (the order they were added). Either
+    way a piece is the same: only when it comes out changes.
     """
 
     def __init__(self, model: GPT, vocab: Vocabulary, *, batch_size: int, settings, tables, guidance=None,
                  context: str = "rolling", sink: int = DEFAULT_SINK, chunk_steps: int = DEFAULT_CHUNK_STEPS,
-                 queue_size: int | None = None):
+                 queue_size: int | None = None, order: str = "longest_first"):
         if context not in ("rolling", "reprefill"):
             raise ValueError(f"context must be 'rolling' or 'reprefill', got {context!r}")
+        if order not in ("longest_first", "plan"):
+            raise ValueError(f"order must be 'longest_first' or 'plan', got {order!r}")
         self.model, self.vocab = model, vocab
         self.graphdef, self.params = nnx.split(model)
         self.batch = _bucket(batch_size, floor=2)
@@ -276,7 +286,12 @@ class ContinuousSampler:
         self.reprefill = context == "reprefill"
         self.sink, self.chunk_steps = sink, chunk_steps
         self.queue_size = queue_size or 2 * self.batch
+        # What the next chunk offers: re-prefilled windows first, then new pieces topped up from
+        # `_waiting` (a heap in `order`) up to queue_size, so a late add never reorders them.
         self.pending: collections.deque[_Entry] = collections.deque()
+        self.longest_first = order == "longest_first"
+        self._waiting: list[tuple[int, int, int, _Entry]] = []
+        self._added = itertools.count()
         self.slots: Slots | None = None
         self.prompt_len = 0
         self._in_flight: dict[int, list] = {}  # piece -> its prompt and the events so far
@@ -300,8 +315,10 @@ class ContinuousSampler:
             from mgpt.sample.sampler import window_prompt
 
             feed = np.asarray(window_prompt(list(prompt), self.model.cfg.max_len, self.vocab), np.int32)
-        self.pending.append(_Entry(int(piece), feed, int(seed), int(max_events), int(max_steps),
-                                   int(max_note_steps), open_P, onset_P))
+        entry = _Entry(int(piece), feed, int(seed), int(max_events), int(max_steps), int(max_note_steps), open_P,
+                       onset_P)
+        rank = (-entry.max_steps, -entry.max_events) if self.longest_first else (0, 0)
+        heapq.heappush(self._waiting, (*rank, next(self._added), entry))
 
     def _next_window(self, entry: _Entry, row: np.ndarray) -> _Entry:
         """A paused piece's next window (re-prefill), going on from its events, time and sounding notes."""
@@ -349,7 +366,7 @@ class ContinuousSampler:
     @property
     def busy(self) -> bool:
         """Pieces are queued or in flight."""
-        return bool(self.pending or self._in_flight)
+        return bool(self.pending or self._waiting or self._in_flight)
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
         while self.busy:
@@ -358,6 +375,8 @@ class ContinuousSampler:
     def step(self) -> list[tuple[int, np.ndarray]]:
         """One chunk of the loop: the pieces that finished in it, in the order they finished."""
         in_flight = self._in_flight
+        while self._waiting and len(self.pending) < self.queue_size:
+            self.pending.append(heapq.heappop(self._waiting)[-1])
         longest = max((e.prompt.size for e in self.pending), default=1)
         if self.slots is None or longest > self.prompt_len:
             self._grow_prompts(longest)
@@ -379,7 +398,7 @@ class ContinuousSampler:
         events = int(emitted.sum())
         self.events += events
         self.slot_steps += steps * self.batch
-        if self.pending:  # the queue never ran dry in this chunk: what a long corpus sees throughout
+        if self.pending or self._waiting:  # the queue never ran dry in this chunk: what a long corpus sees throughout
             self.steady_events += events
             self.steady_slot_steps += steps * self.batch
         for b in range(self.batch):
