@@ -129,3 +129,14 @@ def test_dropout_changes_training_but_not_evaluation_or_sampling(scan_layers):
     np.testing.assert_array_equal(np.asarray(eval_step(state["params"], batch)["nats"]),
                                   np.asarray(jax.jit(train.make_eval_step(nnx.split(plain, nnx.Param)[0]))(
                                       state["params"], batch)["nats"]))
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.3])
+def test_dropout_drops_its_rate_and_keeps_the_mean(rate):
+    from mgpt.model.gpt import apply_dropout
+
+    x = jnp.ones((200_000,), jnp.float32)
+    y = np.asarray(apply_dropout(x, rate, jax.random.key(3, impl="rbg")))
+    assert abs(np.mean(y == 0) - rate) < 0.01
+    assert abs(y.mean() - 1.0) < 0.01
+    assert set(np.unique(y[y != 0])) == {np.float32(y[y != 0][0])}  # one scale for every kept element

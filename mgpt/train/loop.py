@@ -109,7 +109,8 @@ def make_train_step(graphdef, tx, t: ml_collections.ConfigDict, batch_sharding, 
     """state, batch -> state, metrics. Pure; jit it with shardings (see `compile_train_step`).
 
     With `dropout_seed` (a model with dropout > 0), step s draws its dropout masks from
-    fold_in(PRNGKey(dropout_seed), s), so a resumed run draws the same masks."""
+    fold_in(key(dropout_seed), s), so a resumed run draws the same masks. The key is XLA's
+    RngBitGenerator ('rbg'), not threefry: on a CPU it draws dropout's masks in about half the time."""
     schedule = learning_rate_schedule(t)
     accum, z_loss = t.grad_accum, t.z_loss
 
@@ -119,7 +120,7 @@ def make_train_step(graphdef, tx, t: ml_collections.ConfigDict, batch_sharding, 
         count = jnp.maximum(jnp.sum(batch["mask"]), 1.0)
         step_key = None
         if dropout_seed is not None:
-            step_key = jax.random.fold_in(jax.random.PRNGKey(dropout_seed), state["step"])
+            step_key = jax.random.fold_in(jax.random.key(dropout_seed, impl="rbg"), state["step"])
 
         def objective(p, microbatch, key=None):
             ce, z = _loss_sums(graphdef, p, microbatch, z_loss, batch_sharding, key)
