@@ -9,7 +9,9 @@
 Every run is scored exactly as `mgpt.evaluate`'s likelihood section scores it (whole pieces,
 cut into the model's windows, no transposition). The outlier is the test piece that holds most
 of a train-fitted n-gram's nats (mgpt.eval.likelihood.outlier_index): the same piece for every
-model. Each run's five worst test pieces are listed, so the next outlier is seen at once.
+model. Each run's five worst test pieces are listed, so the next outlier is seen at once, and
+its validation nats per event by what is predicted (NOTE_ON, NOTE_OFF, TIME_SHIFT, VELOCITY), so
+a gap between two models shows where it is.
 
 Last line, for scripts:
 `recipe: GPT/LSTM validation R1 x, test without outlier R2 x, test R3 x (mean of N seeds)`.
@@ -26,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def score(workdirs: list[str], kind: str, dataset_dir: str | None) -> tuple[list[dict], dict]:
     from mgpt.eval.inputs import Options, load_split, model_from_run, resolve_dataset
-    from mgpt.eval.likelihood import likelihood_section
+    from mgpt.eval.likelihood import likelihood_section, model_nats, windows
 
     out = []
     outlier = None
@@ -39,10 +41,14 @@ def score(workdirs: list[str], kind: str, dataset_dir: str | None) -> tuple[list
                                  validation=validation)
         m = lik["models"][kind]
         outlier = lik.get("outlier")
+        by_kind: dict = {}
+        model_nats(model.model, windows(validation, vocab, model.seq_len), model.seq_len, len(validation),
+                   by_kind=(vocab, by_kind))
         out.append({"workdir": w, "seed": int(config.seed), "params": m["params"], "tokens": m["tokens_seen"],
                     "validation": m["validation"]["nats_per_event"], "test": m["nats_per_event"],
                     "without_outlier": m["without_outlier"]["nats_per_event"],
-                    "outlier": m["outlier"]["nats_per_event"], "worst": m["worst_pieces"]})
+                    "outlier": m["outlier"]["nats_per_event"], "worst": m["worst_pieces"],
+                    "by_kind": {k: (n / c, c) for k, (n, c) in by_kind.items() if c}})
     return out, outlier
 
 
@@ -62,6 +68,11 @@ def main(argv=None) -> None:
     for r in gpt + lstm:
         print(f"{r['workdir']:<28} {r['seed']:>4} {r['params']:>10,} {r['tokens']:>11,} {r['validation']:>7.4f} "
               f"{r['test']:>7.4f} {r['without_outlier']:>8.4f} {r['outlier']:>7.4f}")
+    kinds = [k for k in gpt[0]["by_kind"] if k != "other"]
+    print("validation nats per event, by what is predicted: "
+          + ", ".join(f"{k} {gpt[0]['by_kind'][k][1]:,}" for k in kinds) + " events")
+    for r in gpt + lstm:
+        print(f"{r['workdir']:<28} " + " ".join(f"{k} {r['by_kind'][k][0]:.3f}" for k in kinds))
     for r in gpt + lstm:
         worst = ", ".join(f"{w['piece_id']} {w['nats_per_event']:.2f}" for w in r["worst"])
         print(f"worst test pieces of {r['workdir']}: {worst}")

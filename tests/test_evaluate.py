@@ -250,6 +250,8 @@ def tiny_report(tmp_path_factory):
     from data_prep.vocab import Vocabulary
     from mgpt import eval as E
     from mgpt.model import lstm
+    from flax import nnx
+
     from mgpt.model import GPT, ModelConfig
 
     rng = np.random.default_rng(0)
@@ -402,6 +404,8 @@ def test_guidance_sweep_reports_each_value_with_the_reports_own_sections(tmp_pat
 
     from data_prep.vocab import Vocabulary
     from mgpt import generate
+    from flax import nnx
+
     from mgpt.model import GPT, ModelConfig
 
     rng = np.random.default_rng(1)
@@ -455,6 +459,8 @@ def test_composer_study_on_a_one_style_dataset_measures_nll_without_a_classifier
 
     from data_prep.vocab import Vocabulary
     from mgpt.eval import composer as study
+    from flax import nnx
+
     from mgpt.model import GPT, ModelConfig
 
     rng = np.random.default_rng(2)
@@ -503,3 +509,29 @@ def test_evaluation_guards_notes_by_the_training_data_not_the_evaluated_dataset(
     config.data.dataset_dir = str(tmp_path / "gone")  # the training data is not on this machine
     run, _, _ = E._sampling_run(flags, gpt, vocab, config, tmp_path / "other_ds")
     assert run.note_seconds["all"]["p99.5"] == 6.0
+
+
+def test_nats_by_kind_add_up_to_the_pieces_nats():
+    # The recipe's per-kind table must split the same nats the likelihood section reports.
+    from data_prep.vocab import Vocabulary
+    from mgpt.eval.likelihood import EVENT_KINDS, event_kinds, model_nats
+    from flax import nnx
+
+    from mgpt.model import GPT, ModelConfig
+
+    vocab = Vocabulary(["bach"])
+    ids = np.array([vocab.note_on_offset, vocab.note_off_offset, vocab.time_shift_offset, vocab.velocity_offset,
+                    vocab.style_offset, vocab.eos_id])
+    assert [EVENT_KINDS[k] for k in event_kinds(vocab, ids)] == ["NOTE_ON", "NOTE_OFF", "TIME_SHIFT", "VELOCITY",
+                                                                   "other", "other"]
+    model = GPT(ModelConfig(vocab_size=vocab.size, num_layers=1, num_heads=2, d_model=16, mlp_dim=32, max_len=16),
+                rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    wins = []
+    for i in range(3):
+        tokens = np.concatenate([[vocab.style_id("bach")], rng.integers(2, vocab.style_offset, 10 + i)]).astype(np.int32)
+        wins.append((i, tokens, np.arange(len(tokens)) > 0))
+    out: dict = {}
+    nats, count = model_nats(model, wins, 16, 3, batch_size=2, by_kind=(vocab, out))
+    assert sum(c for _, c in out.values()) == count.sum() == 33
+    assert abs(sum(n for n, _ in out.values()) - nats.sum()) < 1e-3

@@ -49,9 +49,24 @@ def _target_log_probs(graphdef, state, inputs_BxL, targets_BxL):
     return jnp.take_along_axis(log_p_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
 
 
+EVENT_KINDS = ("NOTE_ON", "NOTE_OFF", "TIME_SHIFT", "VELOCITY", "other")
+
+
+def event_kinds(vocab: Vocabulary, ids: np.ndarray) -> np.ndarray:
+    """The index in EVENT_KINDS of each id (EOS, STYLE, FIM and control tokens are 'other')."""
+    ids = np.asarray(ids)
+    bounds = (vocab.note_on_offset, vocab.note_off_offset, vocab.time_shift_offset, vocab.velocity_offset,
+              vocab.style_offset)
+    kind = np.searchsorted(np.asarray(bounds), ids, side="right") - 1  # -1 below NOTE_ON, 4 from STYLE on
+    return np.where((kind < 0) | (kind > 3), 4, kind)
+
+
 def model_nats(model, wins: Sequence[tuple[int, np.ndarray, np.ndarray]], seq_len: int, num_pieces: int,
-               batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Per piece (nats, predicted tokens) under a model called as model(tokens_BxL) -> logits_BxLxV."""
+               batch_size: int = 16, by_kind: tuple[Vocabulary, dict] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per piece (nats, predicted tokens) under a model called as model(tokens_BxL) -> logits_BxLxV.
+
+    by_kind: (vocab, out): out[kind] accumulates [nats, tokens] per EVENT_KINDS name, which
+    shows what a model predicts worse than another (e.g. which notes end)."""
     graphdef, state = nnx.split(model)
     nats = np.zeros(num_pieces)
     count = np.zeros(num_pieces, np.int64)
@@ -66,6 +81,14 @@ def model_nats(model, wins: Sequence[tuple[int, np.ndarray, np.ndarray]], seq_le
         for r, (i, _, predicted) in enumerate(chunk):
             nats[i] -= float(lp_BxL[r][mask_BxL[r]].astype(np.float64).sum())
             count[i] += int(predicted.sum())
+        if by_kind is not None:
+            vocab, out = by_kind
+            kind_BxL = event_kinds(vocab, rows_BxL1[:, 1:])
+            for k, name in enumerate(EVENT_KINDS):
+                sel_BxL = mask_BxL & (kind_BxL == k)
+                acc = out.setdefault(name, [0.0, 0])
+                acc[0] -= float(lp_BxL[sel_BxL].astype(np.float64).sum())
+                acc[1] += int(sel_BxL.sum())
     return nats, count
 
 
