@@ -23,4 +23,5 @@ def get_config(arg: str | None = None):
     c.model.kind = "lstm"
     c.model.num_layers = num_layers
     c.model.d_model = d_model
+    c.model.sounding_pitches = 0  # a GPT input (the notes held); the LSTM carries them in its state
     return c

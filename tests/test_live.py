@@ -361,6 +361,28 @@ def test_the_stream_draws_what_the_sampler_draws(run):
     assert drawn == expected.tolist()
 
 
+def test_a_stream_of_a_model_hearing_notes_draws_what_the_sampler_draws(tmp_path):
+    """The notes a model with sounding_pitches hears are counted by the stream's feeds and draws as
+    by the sampler (vectors in eighths: exact sums in any order)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    vocab = Vocabulary(STYLES).with_fim()
+
+    def prepare(model, vocab):
+        _bias_towards_music(model, vocab)
+        shape = model.sounding[...].shape
+        vectors = jnp.round(2 * jax.random.normal(jax.random.key(2), shape)) / 8
+        model.sounding = nnx.Param(vectors.at[:, 0].set(0.0))  # dimension 0 carries the bias towards music
+
+    workdir = save_untrained_run(str(tmp_path), vocab, max_len=32, prepare=prepare,
+                                 sounding_pitches=vocab.note_off_offset - vocab.note_on_offset)
+    heard = generate.load_run(workdir)
+    assert heard.model.cfg.sounding_pitches
+    test_the_stream_draws_what_the_sampler_draws(heard)
+
+
 def test_dense_accompaniment_sends_every_note_ahead_of_the_clock(run):
     """Accompanying 40 player events a second (the model's lookahead re-fed behind each, drawn
     several events a call): every model note leaves at least the send margin before it is due,

@@ -307,3 +307,22 @@ def test_longest_budgets_start_first_so_a_mixed_plan_leaves_fewer_idle_slots():
     with pytest.raises(ValueError, match="order"):
         ContinuousSampler(m, VOCAB, batch_size=4, settings=sampling_settings(), tables=token_tables(VOCAB),
                           order="shortest")
+
+
+@pytest.fixture(scope="module")
+def heard_model():
+    """A model that also reads the notes sounding (model.sounding_pitches), its vectors made large
+    enough that a wrong count changes what is drawn, in eighths, so that their sums are exact in
+    any order (a prefill and a decode step add them in different orders)."""
+    cfg = ModelConfig(vocab_size=VOCAB.size, num_layers=2, num_heads=2, d_model=32, mlp_dim=64, max_len=16,
+                      sounding_pitches=VOCAB.note_off_offset - VOCAB.note_on_offset)
+    m = GPT(cfg, rngs=nnx.Rngs(0))
+    m.sounding = nnx.Param(jnp.round(8 * jax.random.normal(jax.random.key(1), m.sounding[...].shape)) / 8)
+    return m
+
+
+def test_a_model_hearing_notes_draws_the_same_pieces_on_every_sampling_path(heard_model):
+    # The notes heard are counted in the windowed sampler's prefill and steps, and in the continuous
+    # sampler's forced and drawn steps: the pieces must agree as they do for a plain model.
+    test_continuous_reprefill_writes_the_windowed_samplers_pieces(heard_model)
+    test_rolling_generate_tokens_matches_the_windowed_sampler_in_the_first_window(heard_model)

@@ -1,5 +1,6 @@
 """The training recipe: where every model starts, and what dropout may and may not change."""
 
+import dataclasses
 import functools
 import importlib
 import math
@@ -140,3 +141,37 @@ def test_dropout_drops_its_rate_and_keeps_the_mean(rate):
     assert abs(np.mean(y == 0) - rate) < 0.01
     assert abs(y.mean() - 1.0) < 0.01
     assert set(np.unique(y[y != 0])) == {np.float32(y[y != 0][0])}  # one scale for every kept element
+
+
+def test_heard_notes_decode_as_the_full_forward_and_restart_with_each_packed_piece():
+    from data_prep.vocab import Vocabulary
+    from mgpt.model.gpt import heard_counts
+
+    vocab = Vocabulary(["bach"])
+    pitches = vocab.note_off_offset - vocab.note_on_offset
+    cfg = ModelConfig(vocab_size=vocab.size, num_layers=2, num_heads=2, d_model=32, mlp_dim=64, max_len=32,
+                      sounding_pitches=pitches)
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    model.sounding = nnx.Param(jax.random.normal(jax.random.key(1), model.sounding[...].shape))
+    on, off = vocab.note_on_offset, vocab.note_off_offset
+    piece = [vocab.style_id("bach"), on + 40, on + 44, vocab.time_shift_offset + 9, off + 40, on + 47,
+             vocab.time_shift_offset + 3, off + 44, off + 47, on + 40]
+    tokens_1xL = jnp.asarray([piece], jnp.int32)
+    counts = np.asarray(heard_counts(tokens_1xL, pitches))[0]
+    assert [np.flatnonzero(c).tolist() for c in counts][-3:] == [[47], [], [40]]
+    full_1xLxV = model(tokens_1xL)
+    # Decoded in two chunks, the second told what the first left sounding.
+    cache = model.init_cache(1, 32)
+    first, cache = model.decode(tokens_1xL[:, :4], jnp.arange(4)[None], cache)
+    second, _ = model.decode(tokens_1xL[:, 4:], jnp.arange(4, 10)[None], cache, heard_counts(tokens_1xL[:, :4],
+                                                                                          pitches)[:, -1])
+    np.testing.assert_allclose(np.concatenate([first, second], 1), full_1xLxV, atol=2e-4)
+    # Packed after another piece that leaves notes sounding, it is scored as if alone.
+    other = [vocab.style_id("bach"), on + 30, on + 31, on + 32]
+    packed = jnp.asarray([other + piece], jnp.int32)
+    segments = jnp.asarray([[1] * len(other) + [2] * len(piece)], jnp.int32)
+    positions = jnp.asarray([list(range(len(other))) + list(range(len(piece)))], jnp.int32)
+    np.testing.assert_allclose(model(packed, positions, segments)[:, len(other):], full_1xLxV, atol=2e-4)
+    # Without the input, the same weights score differently: the input is read.
+    assert not np.allclose(np.asarray(GPT(dataclasses.replace(cfg, sounding_pitches=0), rngs=nnx.Rngs(0))(tokens_1xL)),
+                           np.asarray(full_1xLxV), atol=1e-3)

@@ -142,6 +142,7 @@ class _Drawing:
     n: jax.Array
     steps: jax.Array
     ended: jax.Array
+    heard_RxP: jax.Array | None  # a model with sounding_pitches: the notes the rows have heard
     stop: jax.Array
 
 
@@ -157,19 +158,20 @@ def _programs(graphdef, treedef):
     def merge(leaves):
         return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
 
-    def feed_chunk(model, cache, tokens_RxT, start, last):
+    def feed_chunk(model, cache, tokens_RxT, start, last, heard_RxP=None):
         positions_RxT = jnp.broadcast_to(start + jnp.arange(tokens_RxT.shape[1], dtype=jnp.int32), tokens_RxT.shape)
-        logits_RxTxV, cache = model.decode(tokens_RxT, positions_RxT, cache)
+        logits_RxTxV, cache = model.decode(tokens_RxT, positions_RxT, cache, heard_RxP)
         return logits_RxTxV[:, last], cache
 
     @functools.partial(jax.jit, donate_argnames=("cache",))
-    def feed(leaves, cache, tokens_RxT, start, last):
+    def feed(leaves, cache, tokens_RxT, start, last, heard_RxP=None):
         """Cached forward of T new tokens per row (right-padded) from position `start`; the logits
-        after token `last`."""
-        return feed_chunk(merge(leaves), cache, tokens_RxT, start, last)
+        after token `last`. heard_RxP: the notes heard before them (a model with sounding_pitches)."""
+        return feed_chunk(merge(leaves), cache, tokens_RxT, start, last, heard_RxP)
 
     @functools.partial(jax.jit, static_argnames=("guided",), donate_argnames=("cache",))
-    def draw(leaves, cache, chunk, logits_RxV, rows, limits, settings, tables, guidance, key, plan_6, guided):
+    def draw(leaves, cache, chunk, logits_RxV, rows, limits, settings, tables, guidance, key, plan_6, guided,
+             heard_RxP=None):
         """Feed `chunk` (None, or feed's (tokens_RxT, start, last)), then draw events one by one with
         the sampler's rule (`mgpt.sample.choose_event`, `track_notes`), each fed to the cache behind
         the last, until one of plan_6's limits. plan_6 (int32): [position of the first drawn event,
@@ -179,11 +181,15 @@ def _programs(graphdef, treedef):
 
         R = 2 model rows: the stream, and its twin under STYLE:unknown (style guidance; also, XLA:CPU
         runs a 2-row cache faster than a 1-row one, see mgpt.sample). Returns (tokens_K, n, ended,
-        cache, the logits after the last kept event, the rows' state after it).
+        cache, the logits after the last kept event, the rows' state after it). heard_RxP: the notes
+        heard before the chunk (or the first drawn event), for a model with sounding_pitches.
         """
         model = merge(leaves)
+        pitches = model.cfg.sounding_pitches
         if chunk is not None:
-            logits_RxV, cache = feed_chunk(model, cache, *chunk)
+            logits_RxV, cache = feed_chunk(model, cache, *chunk, heard_RxP)
+            if pitches:  # the chunk's padding is PAD, which changes nothing
+                heard_RxP = sample.heard_counts(chunk[0], pitches, heard_RxP)[:, -1]
         position, counter, most, horizon, answer_end, until_on = (plan_6[i] for i in range(6))
         num_pitches = rows.open_BxP.shape[1]
 
@@ -196,7 +202,11 @@ def _programs(graphdef, treedef):
             refused = (token == tables["eos_id"]) | (d.steps + shift > answer_end)
             kept = ~refused
             logits_Rx1xV, cache = model.decode(jnp.stack([token, token])[:, None],
-                                               jnp.full((2, 1), position + d.n, jnp.int32), d.cache)
+                                               jnp.full((2, 1), position + d.n, jnp.int32), d.cache, d.heard_RxP)
+            heard_RxP = d.heard_RxP
+            if pitches:
+                heard_RxP = jnp.where(kept, sample.heard_counts(jnp.stack([token, token])[:, None], pitches, heard_RxP)[:, 0],
+                                      heard_RxP)
             open_BxP, onset_BxP = sample.track_notes(d.rows, token_B, kept[None], tables)
             r = d.rows
             rows = r.replace(events_B=r.events_B + kept, steps_B=r.steps_B + jnp.where(kept, shift, 0),
@@ -204,7 +214,8 @@ def _programs(graphdef, treedef):
             struck = until_on.astype(bool) & (tables["on_pitch_V"][token] < num_pitches)
             return _Drawing(cache=cache, logits_RxV=jnp.where(kept, logits_Rx1xV[:, 0], d.logits_RxV), rows=rows,
                             tokens_K=d.tokens_K.at[d.n].set(token), n=d.n + kept,
-                            steps=d.steps + jnp.where(kept, shift, 0), ended=refused, stop=refused | struck)
+                            steps=d.steps + jnp.where(kept, shift, 0), ended=refused, stop=refused | struck,
+                            heard_RxP=heard_RxP)
 
         def more(d: _Drawing):
             return ~d.stop & (d.n < most) & (d.steps < horizon)
@@ -213,7 +224,7 @@ def _programs(graphdef, treedef):
         no = jnp.zeros((), bool)
         d = _Drawing(cache=cache, logits_RxV=logits_RxV.astype(jnp.float32), rows=rows,
                      tokens_K=jnp.zeros(max(MAX_DRAW, FIRST_NOTE_EVENTS), jnp.int32), n=zero, steps=zero,
-                     ended=no, stop=no)
+                     ended=no, stop=no, heard_RxP=heard_RxP)
         d = jax.lax.while_loop(more, body, d)
         return d.tokens_K, d.n, d.ended, d.cache, d.logits_RxV, d.rows
 
@@ -333,6 +344,17 @@ class Stream:
             tokens_RxT[1, 0] = self.vocab.unknown_style_id
         return tokens_RxT, np.int32(self._fed), np.int32(len(new) - 1)
 
+    def _heard(self, n: int):
+        """The notes the window's first n tokens leave sounding, per pitch, for both rows (a model with
+        sounding_pitches; else None)."""
+        pitches = self.run.model.cfg.sounding_pitches
+        if not pitches:
+            return None
+        ids = np.asarray(self.ctx[:n], np.int64)
+        count_P = (np.bincount(ids[(ids >= 2) & (ids < 2 + pitches)] - 2, minlength=pitches)
+                   - np.bincount(ids[(ids >= 2 + pitches) & (ids < 2 + 2 * pitches)] - 2 - pitches, minlength=pitches))
+        return np.broadcast_to(count_P.astype(np.int32), (2, pitches)).copy()
+
     def _flush(self) -> None:
         """Feed the window's tokens the cache has not seen, in one call. Edits only mark tokens
         unfed; a draw feeds them in its own call, and `advance` flushes what is left at its end
@@ -341,7 +363,7 @@ class Stream:
         chunk = self._chunk()
         if chunk is None:
             return
-        self.logits, self.cache = self._feed_call(self._leaves, self.cache, *chunk)
+        self.logits, self.cache = self._feed_call(self._leaves, self.cache, *chunk, self._heard(self._fed))
         self._fed = len(self.ctx)
         self.rows = None  # recomputed from the window before the next draw
 
@@ -637,7 +659,7 @@ class Stream:
                              self.answer_end_step - self.end_step, until_note], np.int32)
         tokens_K, n, ended, self.cache, logits, rows = self._draw_call(
             self._leaves, self.cache, chunk, self.logits, rows, self._limits, self._sampling, self.tables,
-            self._guidance, self._key, plan_6, guided=self.settings.guidance != 1)
+            self._guidance, self._key, plan_6, guided=self.settings.guidance != 1, heard_RxP=self._heard(self._fed))
         tokens_K, n, ended = jax.device_get((tokens_K, n, ended))  # one wait for the whole call
         self.logits, self.rows = logits, rows
         self.sampled += int(n) + bool(ended)

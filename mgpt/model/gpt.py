@@ -1,7 +1,8 @@
 """A decoder-only Transformer for event sequences, in Flax NNX.
 
 Pre-norm RMSNorm blocks, rotary position embeddings (relative positions, which
-matter for music), a gated MLP (SwiGLU or GeGLU), optional tied embeddings, and
+matter for music), a gated MLP (SwiGLU or GeGLU), optional tied embeddings, an
+optional input of the notes sounding (`sounding_pitches`, `heard_counts`), and
 attention through `jax.nn.dot_product_attention` (cuDNN flash on GPUs in bf16).
 
 Training rows may pack several pieces: `segment_ids_BxL` (one id per piece, 0 for
@@ -72,6 +73,11 @@ class ModelConfig:
     # Dropout rate on the embedding, the attention probabilities and each residual branch, in
     # training only (the train step passes a key; evaluation and sampling never do). 0 = off.
     dropout: float = 0.0
+    # The notes heard: P > 0 adds to each position's input a learned vector per pitch sounding
+    # after its token (`heard_counts`: NOTE_ON ids 2..2+P-1, NOTE_OFF ids 2+P..2+2P-1, counted from
+    # the start of the row's piece), so attention need not work out which notes are still held.
+    # P must be the vocabulary's pitch count (the trainer checks). 0 = off, the layout before it.
+    sounding_pitches: int = 0
     dtype: str = "float32"  # compute dtype of matmuls/activations ('bfloat16' on GPU/TPU)
     param_dtype: str = "float32"
     remat: str = "none"  # per block: 'none' | 'full' (save nothing) | 'dots' (save matmuls)
@@ -113,6 +119,9 @@ class ModelConfig:
         check(isinstance(self.scan_layers, bool), "scan_layers", f"must be True or False, got {self.scan_layers!r}")
         check(isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool) and 0 <= self.dropout < 1,
               "dropout", f"must be in [0, 1), got {self.dropout!r}")
+        check(isinstance(self.sounding_pitches, int) and not isinstance(self.sounding_pitches, bool)
+              and self.sounding_pitches >= 0, "sounding_pitches",
+              f"must be 0 (off) or the vocabulary's pitch count, got {self.sounding_pitches!r}")
         check(self.attention != "splash" or self.max_len % 128 == 0, "attention",
               f"'splash' works on blocks of 128 events: max_len={self.max_len} must be a multiple of 128")
 
@@ -130,7 +139,7 @@ class ModelConfig:
         d, f, layers = self.d_model, self.mlp_dim, self.num_layers
         per_block = 2 * d + 4 * d * d + 3 * d * f  # two norms, qkv + out, gated MLP
         embeddings = self.vocab_size * d * (1 if self.tied_embeddings else 2)
-        return layers * per_block + d + embeddings
+        return layers * per_block + d + embeddings + self.sounding_pitches * d
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward), PaLM convention.
@@ -471,6 +480,28 @@ def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
     return make(rngs)
 
 
+def heard_counts(tokens_BxL, pitches: int, before_BxP=None, segment_ids_BxL=None):
+    """Notes sounding after each token, per pitch: int32 BxLxP, counted from the row's start (or
+    from `before_BxP`, the counts before its first token), restarting at each new segment.
+
+    NOTE_ON of pitch p (id 2 + p) adds one, NOTE_OFF (id 2 + P + p) takes one away; every other id
+    changes nothing. A window starting mid-piece restates its sounding notes as NOTE_ONs
+    (`mgpt.train.data.piece_segments`), so counting from its start finds them."""
+    on_BxL = (tokens_BxL >= 2) & (tokens_BxL < 2 + pitches)
+    off_BxL = (tokens_BxL >= 2 + pitches) & (tokens_BxL < 2 + 2 * pitches)
+    delta_BxLxP = (jax.nn.one_hot(jnp.where(on_BxL, tokens_BxL - 2, -1), pitches, dtype=jnp.int32)
+                   - jax.nn.one_hot(jnp.where(off_BxL, tokens_BxL - 2 - pitches, -1), pitches, dtype=jnp.int32))
+    count_BxLxP = jnp.cumsum(delta_BxLxP, axis=1)
+    if before_BxP is not None:
+        count_BxLxP = count_BxLxP + before_BxP[:, None, :]
+    if segment_ids_BxL is not None:  # packed rows: each segment counts from its own first token
+        first_BxL = jnp.concatenate([jnp.ones_like(segment_ids_BxL[:, :1], bool),
+                                     segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1]], axis=1)
+        start_BxL = jax.lax.cummax(jnp.where(first_BxL, jnp.arange(tokens_BxL.shape[1]), 0), axis=1)
+        count_BxLxP = count_BxLxP - jnp.take_along_axis(count_BxLxP - delta_BxLxP, start_BxL[..., None], axis=1)
+    return count_BxLxP
+
+
 class GPT(nnx.Module):
     """`GPT(cfg, rngs=nnx.Rngs(seed))`; `model(tokens_BxL[, positions_BxL, segment_ids_BxL]) -> logits_BxLxV`."""
 
@@ -491,6 +522,8 @@ class GPT(nnx.Module):
             self.unembed = _param(
                 rngs, (cfg.d_model, cfg.vocab_size), 0.5 * cfg.d_model**-0.5, ("embed", "vocab"), cfg.param_dtype
             )
+        if cfg.sounding_pitches:  # drawn last: every other weight is the same model's without it
+            self.sounding = _param(rngs, (cfg.sounding_pitches, cfg.d_model), 0.02, (None, "embed"), cfg.param_dtype)
 
     def _embed(self, tokens_BxL):
         return jnp.take(self.embed[...], tokens_BxL, axis=0).astype(self.cfg.dtype)
@@ -546,8 +579,16 @@ class GPT(nnx.Module):
                 _target_platform.reset(token)
         return self._forward(tokens_BxL, positions_BxL, segment_ids_BxL, block_fn, dropout_key)
 
+    def _heard_input(self, count_BxLxP):
+        """The learned vectors of the pitches sounding (count > 0), summed: BxLxD."""
+        sounding_BxLxP = (count_BxLxP > 0).astype(self.cfg.dtype)
+        return jnp.einsum("blp,pd->bld", sounding_BxLxP, self.sounding[...].astype(self.cfg.dtype))
+
     def _forward(self, tokens_BxL, positions_BxL, segment_ids_BxL, block_fn, dropout_key=None):
         x_BxLxD = self._embed(tokens_BxL)
+        if self.cfg.sounding_pitches:
+            x_BxLxD = x_BxLxD + self._heard_input(heard_counts(tokens_BxL, self.cfg.sounding_pitches,
+                                                                segment_ids_BxL=segment_ids_BxL))
         if dropout_key is not None and self.cfg.dropout == 0:
             dropout_key = None  # off: exactly the deterministic forward
         layer_keys = None
@@ -601,17 +642,22 @@ class GPT(nnx.Module):
         return RollingCache(kv=self.init_cache(batch, self.cfg.max_len, dtype),
                             positions_BxW=jnp.full((batch, self.cfg.max_len), -1, jnp.int32), sink=sink)
 
-    def decode_rolling(self, tokens_B, positions_B, cache: RollingCache):
+    def decode_rolling(self, tokens_B, positions_B, cache: RollingCache, heard_BxP=None):
         """One token per row at absolute `positions_B` (int32, any size) through a rolling cache.
 
         The token attends to the sink (positions < S, seen from at most W - 1 later) and to
         the last W - S positions of its row, itself included; a row whose piece restarts
-        must be `cache.forget`-ed first. Returns (logits_BxV float32, new cache).
+        must be `cache.forget`-ed first. A model with `sounding_pitches` counts the notes sounding
+        from `heard_BxP`, the counts before these tokens (`heard_counts`). Returns (logits_BxV
+        float32, new cache).
         """
         slots_B = cache.slots(positions_B)
         rows_B = jnp.arange(tokens_B.shape[0])
         slot_positions_BxW = cache.positions_BxW.at[rows_B, slots_B].set(positions_B)
         x_BxD = self._embed(tokens_B)
+        if self.cfg.sounding_pitches:
+            x_BxD = x_BxD + self._heard_input(heard_counts(tokens_B[:, None], self.cfg.sounding_pitches,
+                                                           heard_BxP))[:, 0]
         new_kv = []
         for block, layer_cache in zip(self.layers(), cache.kv):
             x_BxD, layer_cache = block.decode_rolling(x_BxD, positions_B, slots_B, slot_positions_BxW, cache.sink,
@@ -620,16 +666,20 @@ class GPT(nnx.Module):
         logits_BxV = self._logits(x_BxD[:, None])[:, 0]
         return logits_BxV, cache.replace(kv=new_kv, positions_BxW=slot_positions_BxW)
 
-    def decode(self, tokens_BxT, positions_BxT, cache: Cache):
+    def decode(self, tokens_BxT, positions_BxT, cache: Cache, heard_BxP=None):
         """Cached forward of T new tokens per row at absolute `positions_BxT` (int32).
 
         Writes their keys/values into cache slot = position and attends to every
         slot <= the query's position, so a prompt prefill (T = prompt length,
         rows right-padded) and a decode step (T = 1) are the same call. Rows may
-        sit at different positions. Positions >= cache size are dropped.
-        Returns (logits_BxTxV float32, new cache).
+        sit at different positions. Positions >= cache size are dropped. A model with
+        `sounding_pitches` counts the notes sounding from `heard_BxP`, the counts before these
+        tokens (`heard_counts`; None = none, a window's start). Returns (logits_BxTxV float32,
+        new cache).
         """
         x_BxTxD = self._embed(tokens_BxT)
+        if self.cfg.sounding_pitches:
+            x_BxTxD = x_BxTxD + self._heard_input(heard_counts(tokens_BxT, self.cfg.sounding_pitches, heard_BxP))
         new_cache = []
         for block, layer_cache in zip(self.layers(), cache):
             x_BxTxD, layer_cache = block.decode(x_BxTxD, positions_BxT, layer_cache)

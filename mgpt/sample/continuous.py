@@ -46,7 +46,7 @@ import numpy as np
 from flax import nnx
 
 from data_prep.vocab import Vocabulary
-from mgpt.model.gpt import GPT, RollingCache
+from mgpt.model.gpt import GPT, RollingCache, heard_counts
 from mgpt.sample import sampler as sampler_lib
 from mgpt.sample.sampler import (SILENT, RowLimits, RowState, choose_event, guided_logits, sounding_state,
                                  track_notes)
@@ -99,6 +99,7 @@ class Slots:
     rows: RowState
     limits: RowLimits
     taken: jax.Array
+    heard_RxP: jax.Array | None = None  # a model with sounding_pitches: the notes each cache row has heard
 
 
 @flax.struct.dataclass
@@ -136,6 +137,8 @@ def empty_slots(model: GPT, vocab: Vocabulary, batch: int, prompt_len: int, guid
                       onset_BxP=jnp.full((batch, num_pitches), SILENT, jnp.int32)),
         limits=RowLimits(max_events_B=zeros_B, max_steps_B=zeros_B, max_note_steps_B=zeros_B),
         taken=jnp.zeros((), jnp.int32),
+        heard_RxP=(jnp.zeros((2 * batch if guided else batch, model.cfg.sounding_pitches), jnp.int32)
+                   if model.cfg.sounding_pitches else None),
     ))
 
 
@@ -212,12 +215,18 @@ def run_chunk(graphdef, params, slots: Slots, queue: Queue, settings, tables, gu
         in_R = twin(in_B)
         if guidance is not None:  # the unconditional twin reads STYLE:unknown at position 0
             in_R = in_R.at[batch:].set(jnp.where(feeding_B & (fed_B == 0), tables["unknown_style_id"], in_B))
-        logits_RxV, cache = model.decode_rolling(in_R, twin(position_B), cache)
+        heard_RxP = s.heard_RxP
+        if heard_RxP is not None:  # a new piece has heard nothing
+            heard_RxP = jnp.where(twin(new_B)[:, None], 0, heard_RxP)
+        logits_RxV, cache = model.decode_rolling(in_R, twin(position_B), cache, heard_RxP)
         moved_B = feeding_B | emit_B
+        if heard_RxP is not None:
+            heard_RxP = jnp.where(twin(moved_B)[:, None],
+                                  heard_counts(in_R[:, None], model.cfg.sounding_pitches, heard_RxP)[:, 0], heard_RxP)
         s = Slots(cache=cache, logits_BxV=guided_logits(logits_RxV, guidance), piece_B=piece_B,
                   prompt_BxL=prompt_BxL, length_B=length_B, fed_B=fed_B + feeding_B,
                   position_B=position_B + moved_B, seed_B=seed_B, rows=rows, limits=limits,
-                  taken=s.taken + jnp.sum(new_B))
+                  taken=s.taken + jnp.sum(new_B), heard_RxP=heard_RxP)
         return s, out, k + 1
 
     def more(carry):

@@ -70,7 +70,7 @@ import flax
 from flax import nnx
 
 from data_prep.vocab import Vocabulary
-from mgpt.model.gpt import GPT
+from mgpt.model.gpt import GPT, heard_counts
 from mgpt.sample import controls as controls_lib
 from mgpt.sample import limits as limits_lib
 
@@ -365,6 +365,7 @@ class _SamplingState:
     logits_BxV: jax.Array
     end_B: jax.Array  # row b's window is tokens_BxW[b, :end_B[b]]
     rows: RowState
+    heard_RxP: jax.Array | None = None  # a model with sounding_pitches: the notes its rows have heard (`heard_counts`)
 
 
 def choose_event(logits_BxV, rows: RowState, limits: RowLimits, settings, tables, keys_B):
@@ -445,6 +446,11 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
     positions_RxP = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (model_rows, prompt_len))
     logits_RxPxV, cache = model.decode(prompt_RxP, positions_RxP, cache)
     logits_RxV = jnp.take_along_axis(logits_RxPxV, twin(lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    pitches = model.cfg.sounding_pitches
+    heard_RxP = None
+    if pitches:  # what the prompt's last token heard: padding past it changes nothing
+        heard_RxP = jnp.take_along_axis(heard_counts(prompt_RxP, pitches), twin(lengths_B - 1)[:, None, None],
+                                        axis=1)[:, 0]
     logits_BxV = guided_logits(logits_RxV, guidance)
     tokens_BxW = jnp.zeros((batch, window), jnp.int32).at[:, :prompt_len].set(prompt_BxP)
     rows_B = jnp.arange(batch)
@@ -463,7 +469,11 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
         emit_B = live_B & ~stop_B
         # Rows that do not emit write out of bounds, which mode='drop' discards.
         tokens_BxW = s.tokens_BxW.at[rows_B, jnp.where(emit_B, s.end_B, window)].set(token_B, mode="drop")
-        logits_Rx1xV, cache = model.decode(twin(token_B)[:, None], twin(s.end_B)[:, None], s.cache)
+        logits_Rx1xV, cache = model.decode(twin(token_B)[:, None], twin(s.end_B)[:, None], s.cache, s.heard_RxP)
+        heard_RxP = s.heard_RxP
+        if pitches:  # a row that did not emit will feed another token at the same position
+            heard_RxP = jnp.where(twin(emit_B)[:, None], heard_counts(twin(token_B)[:, None], pitches, heard_RxP)[:, 0],
+                                  heard_RxP)
         open_BxP, onset_BxP = track_notes(r, token_B, emit_B, tables)
         # --- controls (mgpt/sample/controls.py): forced tokens are not events of the budget or the rng
         forced_B, _ = controls_lib.forced(limits.controls, r.steps_B, r.control_B)
@@ -486,6 +496,7 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
                 velocity_B=limits_lib.track_velocity(r.velocity_B, token_B, emit_B, tables),
                 control_B=control_B,
             ),
+            heard_RxP=heard_RxP,
         )
 
     state = _SamplingState(
@@ -498,6 +509,7 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
                       onset_BxP=jnp.asarray(rows.onset_BxP, jnp.int32),
                       velocity_B=None if rows.velocity_B is None else jnp.asarray(rows.velocity_B, jnp.int32),
                       control_B=None if rows.control_B is None else jnp.asarray(rows.control_B, jnp.int32)),
+        heard_RxP=heard_RxP,
     )
     state = jax.lax.while_loop(lambda s: jnp.any(active(s)), body, state)
     return state.tokens_BxW, state.end_B, state.rows

@@ -362,6 +362,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
         vocab = vocab.with_fim()
     vocab = data_lib.with_controls(vocab, dataset_path, d, resumed=(workdir / "vocab.json").exists() or config.init_from,
                                    log=_print0)
+    heard = config.model.get("sounding_pitches", 0)
+    if heard and heard != vocab.note_off_offset - vocab.note_on_offset:
+        raise UserError(f"config.model.sounding_pitches={heard}, but the dataset's vocabulary has "
+                        f"{vocab.note_off_offset - vocab.note_on_offset} pitches: set it to that, or 0")
     s = setup(config, vocab.size, mesh, table)
     seq_len = d.seq_len
     check_memory(s, config, seq_len)
