@@ -363,6 +363,15 @@ def test_cli_prints_one_line_for_a_bad_config(tmp_path):
     assert out.stderr.strip().splitlines() == ["config.train.batch_size: must be an integer >= 1, got 0"]
 
 
+def test_a_heard_notes_count_that_is_not_the_vocabularys_is_one_line(dataset, tmp_path):
+    out = _cli("--config=configs/tiny.py", f"--workdir={tmp_path}", f"--config.data.dataset_dir={dataset}",
+               "--config.model.sounding_pitches=50")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "config.model.sounding_pitches=50, but the dataset's vocabulary has 88 pitches: set it to that, or 0"]
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_sigterm_saves_and_exits_zero(dataset, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "mgpt.train", "--config=configs/tiny.py", f"--workdir={tmp_path}",
