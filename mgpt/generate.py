@@ -34,12 +34,13 @@ music from E on and the gap's length, and writes a middle that lasts exactly E -
 leaves sounding at E just the notes the file has sounding there (mgpt/sample/fim.py). Each sample
 is the whole joined piece; the piano roll marks the gap.
 
-`--context=rolling` decodes every piece through a rolling KV cache whose sink is the STYLE token,
-under continuous batching: a slot whose piece ends takes the next piece of the plan inside the
-compiled loop, and pieces are written as they finish (a kill loses only those in flight).
-`--context=reprefill` re-prefills each row's window on the host, batch by batch.
-Hard limits, `--controls`, `--mood` and `--infill` run the re-prefill sampler whatever `--context` says
-(the continuous one does not have them yet).
+Pieces run under continuous batching: a slot whose piece ends takes the next piece of the plan
+inside the compiled loop, and pieces are written as they finish (a kill loses only those in
+flight). `--context=reprefill` (the default) gives each piece whose window fills a re-prefilled
+next window (STYLE, the notes still sounding, its latest events); `--context=rolling` decodes it
+through a rolling KV cache whose sink is the STYLE token instead. Hard limits, `--controls`,
+`--mood` and `--infill` run the windowed sampler, batch by batch, whatever `--context` says (the
+continuous one does not have them yet).
 
 Batches of `--batch_size` rows run on every local device at once (one sampler call
 per device, from host threads: pieces are independent, so no device waits for
@@ -137,7 +138,7 @@ def define_flags(fv):
     flags.DEFINE_enum("context", DEFAULT_CONTEXT, list(CONTEXTS),
                       "What a piece reads past the model's window: 'rolling' (a rolling KV cache, and continuous "
                       "batching: a finished piece's slot takes the next one at once) or 'reprefill' (re-prefilled "
-                      "windows, batch by batch). docs/sampling.md compares them.", **kw)
+                      "windows, under the same continuous batching). docs/sampling.md compares them.", **kw)
     flags.DEFINE_bool("audio", False,
                       f"Render a WAV per piece with FluidSynth ({render.INSTALL_AUDIO}).", **kw)
     flags.DEFINE_string("soundfont", None, "A .sf2 soundfont for --audio (default: Debian's GM soundfonts).", **kw)

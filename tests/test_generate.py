@@ -241,7 +241,10 @@ def test_notebook_api_returns_note_sequences_and_writes_midi(run, tmp_path):
 
 
 def test_killed_batch_generation_resumes_without_duplicates(run, tmp_path, monkeypatch):
-    opts = dict(num_samples=6, styles=["bach", "folk"], seed=5, sampling=SMALL, batch_size=2, progress=False)
+    # The batched path (continuous=False): its groups go through run.sample_ids, counted below. The
+    # continuous path's kill is tests/test_occupancy.py::test_killed_rolling_corpus_resumes_byte_identical.
+    opts = dict(num_samples=6, styles=["bach", "folk"], seed=5, sampling=SMALL, batch_size=2, progress=False,
+                continuous=False)
     uninterrupted = generate.generate_corpus(run, tmp_path / "whole", **opts)
 
     out = tmp_path / "killed"
@@ -339,7 +342,8 @@ def _have_audio():
 
 
 def test_command_writes_midi_manifest_images_and_gallery(cli_output):
-    entries = render.read_manifest(cli_output / "manifest.jsonl")
+    entries = render.read_manifest(cli_output / "manifest.jsonl")  # in the order the pieces finished
+    entries = sorted(entries, key=lambda e: e["index"])
     assert [(e["file"], e["style"], e["seed"]) for e in entries] == [
         ("00000_bach.mid", "bach", 100), ("00001_chopin.mid", "chopin", 101),
         ("00002_folk.mid", "folk", 102), ("00003_bach.mid", "bach", 103)]
@@ -553,7 +557,7 @@ def test_copy_guard_redraws_a_piece_that_copies_a_training_span_and_records_prov
     calls = []
     monkeypatch.setattr(guarded, "sample_ids", _forced_sampler(guarded.vocab, planted, {10}, calls))
     entries = generate.generate_corpus(guarded, tmp_path, num_samples=2, styles=["bach"], seed=10, sampling=SMALL,
-                                       progress=False, max_copy_seconds=3.0, copy_tries=3)
+                                       progress=False, max_copy_seconds=3.0, copy_tries=3, continuous=False)
     first, second = entries
     # Piece 0 (seed 10) copied: re-drawn once with a new seed, which came out original.
     assert calls[0] == [10, 11] and calls[1] == [generate.redraw_seed(10, 1)] and len(calls) == 2
@@ -578,7 +582,7 @@ def test_copy_guard_marks_a_piece_that_copies_on_every_try(run, train_set, tmp_p
     always = {10, *(generate.redraw_seed(10, a) for a in range(1, 3))}
     monkeypatch.setattr(guarded, "sample_ids", _forced_sampler(guarded.vocab, planted, always, calls))
     (entry,) = generate.generate_corpus(guarded, tmp_path, num_samples=1, styles=["bach"], seed=10, sampling=SMALL,
-                                        progress=False, max_copy_seconds=3.0, copy_tries=3)
+                                        progress=False, max_copy_seconds=3.0, copy_tries=3, continuous=False)
     assert len(calls) == 3 and len(entry["copy_tries"]) == 3
     assert entry["copy_over_limit"] and entry["copy"]["train_piece_id"] == planted_id
     assert entry["copy"]["seconds"] >= 3.0 and entry["copy"]["notes"] > 10

@@ -13,13 +13,13 @@ dataset) and re-draws a piece that copies X seconds or more with a new seed, up 
 `copy_tries` draws in all. Each manifest line records the piece's longest copied span
 (seconds, notes, training piece) and whether it is still over the limit.
 
-With `Sampling.context='rolling'` the continuous sampler (mgpt.sample.continuous) keeps
-`batch_size` slots per device busy and pieces are written as they finish, so the manifest lists
-them in the order they finished; a kill loses only the pieces in flight, and a resume writes the
-others byte for byte as an unbroken run would have. Otherwise (and for infilling)
-batches of `batch_size` rows run on every local device at once (one sampler call
-per device, from host threads: pieces are independent, so no device waits for
-another). On a multi-host pod each host takes the piece indices i with
+The continuous sampler (mgpt.sample.continuous, under either context: a rolling cache, or the
+windowed sampler's re-prefilled windows) keeps `batch_size` slots per device busy and pieces are
+written as they finish, so the manifest lists them in the order they finished; a kill loses only
+the pieces in flight, and a resume writes the others byte for byte as an unbroken run would have.
+Infilling, hard limits and controls (and `continuous=False`) run batches of `batch_size` rows on
+every local device at once instead (one sampler call per device, from host threads: pieces are
+independent, so no device waits for another). On a multi-host pod each host takes the piece indices i with
 i % num_hosts == host and writes its own `manifest-HHHHH-of-NNNNN.jsonl`.
 """
 
@@ -233,8 +233,15 @@ def generate_corpus(
     max_copy_seconds: float = DEFAULT_MAX_COPY_SECONDS,
     copy_tries: int = DEFAULT_COPY_TRIES,
     infill: Infill | None = None,
+    continuous: bool = True,
 ) -> list[dict]:
     """Generate this host's share of `num_samples` pieces into output_dir, resuming; returns its manifest lines.
+
+    `continuous`: the pieces go through the continuous sampler (mgpt.sample.continuous, under either
+    `sampling.context`), each slot taking the next piece as soon as its own ends, and are written as
+    they finish; False: in groups of batch_size through the windowed sampler, in plan order. The
+    pieces are the same either way under context 'reprefill'; the manifest's order and the speed
+    differ. Infilling, hard limits and controls always take the windowed sampler.
 
     Pieces already in this host's manifest are skipped (and must have been made
     with the same settings). With `audio`, pieces from an earlier run that lack a
@@ -319,7 +326,7 @@ def generate_corpus(
     start = time.perf_counter()
 
     with _open_manifest(manifest) as log:
-        if sampling.context == "rolling" and infill is None and not sampling.windowed_only():
+        if (continuous or sampling.context == "rolling") and infill is None and not sampling.windowed_only():
             finished = _streamed(run, todo, primer_ids, sampling, batch_size, devices, guard, redraw)
         else:
             finished = _grouped(run, todo, primer_ids, sampling, batch_size, devices, guard, redraw, infill)
