@@ -34,6 +34,7 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from mgpt.music.features import onset_polyphony  # noqa: E402
+from mgpt.model.gpt import heard_counts  # noqa: E402
 from mgpt.sample.run import Sampling, load_run  # noqa: E402
 from mgpt.sample.sampler import window_prompt  # noqa: E402
 
@@ -130,13 +131,23 @@ def nll_rolling(model, rows, first: int, sink: int = 1) -> list[np.ndarray]:
     def run(params, tokens_BxN):
         m = nnx.merge(graphdef, params)
 
-        def step(cache, t):
-            logits_BxV, cache = m.decode_rolling(tokens_BxN[:, t], jnp.full(tokens_BxN.shape[0], t, jnp.int32), cache)
+        pitches = m.cfg.sounding_pitches  # a model that hears the notes: counted over the whole piece, as
+        # the continuous sampler counts them
+
+        def step(carry, t):
+            cache, heard_BxP = carry
+            token_B = tokens_BxN[:, t]
+            logits_BxV, cache = m.decode_rolling(token_B, jnp.full(tokens_BxN.shape[0], t, jnp.int32), cache,
+                                                 heard_BxP if pitches else None)
+            if pitches:
+                heard_BxP = heard_counts(token_B[:, None], pitches, heard_BxP)[:, 0]
             lp_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
             nxt_B = tokens_BxN[:, jnp.minimum(t + 1, n - 1)]
-            return cache, -jnp.take_along_axis(lp_BxV, nxt_B[:, None], axis=1)[:, 0]
+            return (cache, heard_BxP), -jnp.take_along_axis(lp_BxV, nxt_B[:, None], axis=1)[:, 0]
 
-        _, nll_NxB = jax.lax.scan(step, m.init_rolling_cache(tokens_BxN.shape[0], sink=sink), jnp.arange(n - 1))
+        heard_BxP = jnp.zeros((tokens_BxN.shape[0], max(pitches, 1)), jnp.int32)
+        _, nll_NxB = jax.lax.scan(step, (m.init_rolling_cache(tokens_BxN.shape[0], sink=sink), heard_BxP),
+                                  jnp.arange(n - 1))
         return nll_NxB.T
 
     nll_BxN1 = np.asarray(run(params, jnp.asarray(tokens_BxN)))

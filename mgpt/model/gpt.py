@@ -656,6 +656,8 @@ class GPT(nnx.Module):
         slot_positions_BxW = cache.positions_BxW.at[rows_B, slots_B].set(positions_B)
         x_BxD = self._embed(tokens_B)
         if self.cfg.sounding_pitches:
+            if heard_BxP is None:  # one token at a time: the notes heard before it cannot be counted here
+                raise ValueError("decode_rolling: a model with sounding_pitches needs heard_BxP")
             x_BxD = x_BxD + self._heard_input(heard_counts(tokens_B[:, None], self.cfg.sounding_pitches,
                                                            heard_BxP))[:, 0]
         new_kv = []
