@@ -250,8 +250,6 @@ def tiny_report(tmp_path_factory):
     from data_prep.vocab import Vocabulary
     from mgpt import eval as E
     from mgpt.model import lstm
-    from flax import nnx
-
     from mgpt.model import GPT, ModelConfig
 
     rng = np.random.default_rng(0)
@@ -404,8 +402,6 @@ def test_guidance_sweep_reports_each_value_with_the_reports_own_sections(tmp_pat
 
     from data_prep.vocab import Vocabulary
     from mgpt import generate
-    from flax import nnx
-
     from mgpt.model import GPT, ModelConfig
 
     rng = np.random.default_rng(1)
@@ -459,8 +455,6 @@ def test_composer_study_on_a_one_style_dataset_measures_nll_without_a_classifier
 
     from data_prep.vocab import Vocabulary
     from mgpt.eval import composer as study
-    from flax import nnx
-
     from mgpt.model import GPT, ModelConfig
 
     rng = np.random.default_rng(2)

@@ -200,12 +200,15 @@ def run(tmp_path_factory):
     return load_run(path)
 
 
-def test_killed_rolling_corpus_resumes_byte_identical(run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("context", ["rolling", "reprefill"])
+def test_killed_rolling_corpus_resumes_byte_identical(run, tmp_path, monkeypatch, context):
+    # Either context streams through the continuous sampler (re-prefill is the default).
     from mgpt import render
     from mgpt.sample import corpus
     from mgpt.sample.run import Sampling
 
-    opts = dict(num_samples=7, styles=["bach", "folk"], seed=5, sampling=Sampling(max_events=70, context="rolling"),
+    other = {"rolling": "reprefill", "reprefill": "rolling"}[context]
+    opts = dict(num_samples=7, styles=["bach", "folk"], seed=5, sampling=Sampling(max_events=70, context=context),
                 batch_size=2, progress=False, max_copy_seconds=0)
     whole = corpus.generate_corpus(run, tmp_path / "whole", **opts)
     assert any(e["new_events"] > 32 for e in whole), "some piece must outlive the window"
@@ -230,8 +233,8 @@ def test_killed_rolling_corpus_resumes_byte_identical(run, tmp_path, monkeypatch
         assert a == b
         for key in ("file", "image"):
             assert (tmp_path / "whole" / a[key]).read_bytes() == (out / b[key]).read_bytes()
-    with pytest.raises(corpus.UserError, match="context"):  # a re-prefilled resume would mix schemes
-        corpus.generate_corpus(run, out, **{**opts, "sampling": Sampling(max_events=70, context="reprefill")})
+    with pytest.raises(corpus.UserError, match="context"):  # a resume with the other context would mix schemes
+        corpus.generate_corpus(run, out, **{**opts, "sampling": Sampling(max_events=70, context=other)})
 
 
 def test_streamed_copy_guard_redraws_as_the_batched_one_does(run, monkeypatch):

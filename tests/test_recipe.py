@@ -143,6 +143,13 @@ def test_dropout_drops_its_rate_and_keeps_the_mean(rate):
     assert set(np.unique(y[y != 0])) == {np.float32(y[y != 0][0])}  # one scale for every kept element
 
 
+def test_a_tiny_dropout_rate_still_draws_a_valid_mask():
+    from mgpt.model.gpt import apply_dropout
+
+    y = np.asarray(apply_dropout(jnp.ones((4096,), jnp.float32), 1e-4, jax.random.key(0, impl="rbg")))
+    assert np.isfinite(y).all() and abs(y.mean() - 1.0) < 0.05
+
+
 def test_heard_notes_decode_as_the_full_forward_and_restart_with_each_packed_piece():
     from data_prep.vocab import Vocabulary
     from mgpt.model.gpt import heard_counts

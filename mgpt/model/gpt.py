@@ -200,9 +200,9 @@ def apply_dropout(x, rate: float, key):
 
     The mask is one random byte per element against a threshold: a quarter of the random bits of
     `bernoulli`'s 32-bit draw, which is what dropout on LxL attention probabilities spends its time
-    on. So the share dropped is `rate` rounded to 1/256 (0.1 drops 26/256), and the scale is
-    exact for the share kept."""
-    keep_of_256 = round((1.0 - rate) * 256)
+    on. So the share dropped is `rate` rounded to 1/256, at least 1/256 and at most 255/256 (0.1
+    drops 26/256), and the scale is exact for the share kept."""
+    keep_of_256 = min(max(round((1.0 - rate) * 256), 1), 255)
     keep = jax.random.bits(key, x.shape, jnp.uint8) < keep_of_256
     return jnp.where(keep, x * (256.0 / keep_of_256), 0).astype(x.dtype)
 
@@ -486,7 +486,10 @@ def heard_counts(tokens_BxL, pitches: int, before_BxP=None, segment_ids_BxL=None
 
     NOTE_ON of pitch p (id 2 + p) adds one, NOTE_OFF (id 2 + P + p) takes one away; every other id
     changes nothing. A window starting mid-piece restates its sounding notes as NOTE_ONs
-    (`mgpt.train.data.piece_segments`), so counting from its start finds them."""
+    (`mgpt.train.data.piece_segments`), so counting from its start finds them. `before_BxP` and
+    `segment_ids_BxL` do not go together (a packed row starts from nothing)."""
+    if before_BxP is not None and segment_ids_BxL is not None:
+        raise ValueError("heard_counts: counts before the row and packed segments do not go together")
     on_BxL = (tokens_BxL >= 2) & (tokens_BxL < 2 + pitches)
     off_BxL = (tokens_BxL >= 2 + pitches) & (tokens_BxL < 2 + 2 * pitches)
     delta_BxLxP = (jax.nn.one_hot(jnp.where(on_BxL, tokens_BxL - 2, -1), pitches, dtype=jnp.int32)

@@ -432,7 +432,7 @@ class Run:
         from mgpt.sample.sampler import budgets, sampling_settings, token_tables
 
         if sampling.windowed_only():
-            raise ValueError("hard limits and controls need the windowed sampler: use context='reprefill'")
+            raise ValueError("hard limits and controls need the windowed sampler: use Run.sample_ids")
         sampling = self.sampling(sampling)  # guidance None = the run's default, as everywhere else
         model = self.model if device is None or device == _device_of(self.model) else self.replica(device)
         guidance = None if sampling.guidance in (None, 1) else jnp.asarray(sampling.guidance, jnp.float32)
