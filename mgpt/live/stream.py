@@ -231,6 +231,13 @@ def _programs(graphdef, treedef):
     return feed, draw
 
 
+@functools.partial(jax.jit, static_argnames=("pitches",))
+def _heard_at(tokens_1xW, n, pitches: int):
+    """`heard_counts` after the first n tokens (zeros for n = 0), for the stream's two rows: 2xP."""
+    count_P = jnp.where(n > 0, sample.heard_counts(tokens_1xW, pitches)[0, jnp.maximum(n - 1, 0)], 0)
+    return jnp.broadcast_to(count_P, (2, pitches))
+
+
 def _bucket(n: int, fused: bool) -> int:
     """The length a chunk of n tokens is padded to: few shapes to compile, little padding to run.
     Powers of 4 for a chunk a draw feeds (up to FUSED_FEED: a draw compiles slowly), powers of 2
@@ -345,15 +352,14 @@ class Stream:
         return tokens_RxT, np.int32(self._fed), np.int32(len(new) - 1)
 
     def _heard(self, n: int):
-        """The notes the window's first n tokens leave sounding, per pitch, for both rows (a model with
-        sounding_pitches; else None)."""
+        """The notes the window's first n tokens leave sounding (`heard_counts`, the model's own rule),
+        for both rows: a model with sounding_pitches; else None."""
         pitches = self.run.model.cfg.sounding_pitches
         if not pitches:
             return None
-        ids = np.asarray(self.ctx[:n], np.int64)
-        count_P = (np.bincount(ids[(ids >= 2) & (ids < 2 + pitches)] - 2, minlength=pitches)
-                   - np.bincount(ids[(ids >= 2 + pitches) & (ids < 2 + 2 * pitches)] - 2 - pitches, minlength=pitches))
-        return np.broadcast_to(count_P.astype(np.int32), (2, pitches)).copy()
+        tokens_1xW = np.zeros((1, self.window), np.int32)  # PAD past n counts nothing
+        tokens_1xW[0, :n] = self.ctx[:n]
+        return _heard_at(tokens_1xW, np.int32(n), pitches)
 
     def _flush(self) -> None:
         """Feed the window's tokens the cache has not seen, in one call. Edits only mark tokens
