@@ -554,6 +554,29 @@ def test_a_ctrl_c_that_cannot_save_is_one_line_saying_what_is_kept(dataset, tmp_
         assert "Traceback" not in "".join(err)
 
 
+@pytest.mark.slow
+def test_a_ctrl_c_anywhere_in_start_up_is_one_line_never_a_crash(dataset, tmp_path):
+    # Raised as KeyboardInterrupt inside jax's compile of the initial state, a Ctrl-C printed its
+    # line and then the interpreter died of SIGSEGV (or hung) on its way out, about half the time.
+    for i, delay in enumerate((0.4, 0.8, 1.2, 1.6, 2.0, 2.6, 3.4)):
+        proc, out, err = _start_training(dataset, tmp_path / f"w{i}")
+        try:
+            assert _wait_for(out, "mesh:", proc), out[-5:]
+            time.sleep(delay)
+            os.killpg(proc.pid, signal.SIGINT)
+            _finish(proc)
+        finally:
+            _finish(proc, 1)
+        time.sleep(0.3)
+        lines = [line.strip() for line in err if line.strip()]
+        trained = any(line.startswith("step ") for line in out)
+        if proc.returncode == 0:  # it had reached the loop: the stop saved
+            assert trained and "received SIGINT: saved checkpoint" in out[-1], (delay, out[-2:])
+        else:
+            assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("interrupted: "), (
+                delay, proc.returncode, "".join(err)[-2000:])
+
+
 # ----------------------------------------------------------------------------- B1: bench_input
 
 

@@ -345,6 +345,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
     workdir = epath.Path(workdir)
     # Creates the workdir and locks it, before anything in it is read or written.
     held.enter_context(WorkdirLock(workdir))
+    # Outside the training loop (its StopSignal saves first) a Ctrl-C ends the run at once with one line.
+    held.enter_context(ckpt_lib.ExitOnInterrupt(lambda: _interrupted_line(workdir)))
     config_lib.check_same_model(workdir, config)
     mesh_lib.use_compilation_cache(config.train.compilation_cache, workdir)
 
