@@ -182,3 +182,36 @@ def test_heard_notes_decode_as_the_full_forward_and_restart_with_each_packed_pie
     # Without the input, the same weights score differently: the input is read.
     assert not np.allclose(np.asarray(GPT(dataclasses.replace(cfg, sounding_pitches=0), rngs=nnx.Rngs(0))(tokens_1xL)),
                            np.asarray(full_1xLxV), atol=1e-3)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_muon_orthogonalizes_the_hidden_matrices_and_leaves_the_rest_to_adamw(scan_layers):
+    """train.optimizer='muon': each hidden matrix (q, k, v, the attention output, the MLP's halves)
+    moves by an orthogonalized step, its singular values alike; the embedding keeps AdamW's."""
+    cfg = ModelConfig(**TINY, scan_layers=scan_layers)
+    t = ml_collections.ConfigDict(dict(learning_rate=1e-2, warmup_steps=0, steps=10, min_lr_ratio=0.1,
+                                       weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, clip_norm=0.0, grad_accum=1,
+                                       z_loss=0.0, optimizer="muon"))
+    tx = train.make_optimizer(t)
+    graphdef, state = _train_state(cfg, tx)
+    new, _ = jax.jit(train.make_train_step(graphdef, tx, t, None, None))(state, _batch(0))
+    delta = jax.tree.map(lambda a, b: np.asarray(b, np.float64) - np.asarray(a, np.float64),
+                         nnx.to_pure_dict(state["params"]), nnx.to_pure_dict(new["params"]))
+
+    def spread(m):  # the largest singular value over the one at 80 % of the rank. At init a few
+        sv = np.linalg.svd(m, compute_uv=False)  # directions have next to no gradient, so the
+        return sv[0] / sv[int(0.8 * len(sv)) - 1]  # smallest ones stay small (AdamW's: 4-12 here)
+
+    layers = delta["blocks"] if scan_layers else {"0": delta["blocks"][0]}
+    for block in (layers if not scan_layers else {"all": layers}).values():
+        qkv = block["attn"]["qkv"].reshape(-1, *block["attn"]["qkv"].shape[-4:])
+        out = block["attn"]["out"].reshape(-1, *block["attn"]["out"].shape[-3:])
+        wi = block["mlp"]["wi"].reshape(-1, *block["mlp"]["wi"].shape[-3:])
+        wo = block["mlp"]["wo"].reshape(-1, *block["mlp"]["wo"].shape[-2:])
+        for layer in range(qkv.shape[0]):
+            d = qkv.shape[1]
+            matrices = [qkv[layer][:, i].reshape(d, -1) for i in range(3)]
+            matrices += [out[layer].reshape(-1, out.shape[-1]), wi[layer][:, 0], wi[layer][:, 1], wo[layer]]
+            for m in matrices:
+                assert spread(m) < 2.0, f"layer {layer}: a hidden matrix's step is not orthogonalized ({spread(m):.1f})"
+    assert spread(delta["embed"]) > 3.0, "the embedding's step is AdamW's, not orthogonalized"

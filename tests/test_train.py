@@ -78,6 +78,19 @@ def test_resume_is_bitwise_identical(dataset, tiny_run, tmp_path, monkeypatch):
     assert second["eval"] == uninterrupted["eval"]
 
 
+def test_a_muon_run_resumes_bitwise_identical(dataset, tmp_path):
+    """Muon's optimizer state (momentum for the hidden matrices, Adam moments for the rest, and the
+    placeholders optax leaves where each is absent) checkpoints and restores like AdamW's."""
+    c = _config(dataset, steps=16, eval_every=0, optimizer="muon")
+    whole = train.train(c, str(tmp_path / "whole"))
+    c.train.max_steps_per_run = 7
+    first = train.train(c, str(tmp_path / "split"))
+    c.train.max_steps_per_run = 0
+    second = train.train(c, str(tmp_path / "split"))
+    assert first["step"] == 7 and min(second["losses"]) == 8
+    assert {**first["losses"], **second["losses"]} == whole["losses"]
+
+
 def test_trainer_validation_scores_pieces_as_mgpt_evaluate_does():
     """Validation packs several pieces per row; mgpt.evaluate scores each window alone. Same nats."""
     from flax import nnx
@@ -271,6 +284,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_p
         ("train.learning_rate", -1.0, "config.train.learning_rate"),
         ("train.grad_accum", 3, "config.train.grad_accum"),
         ("train.warmup_steps", 40, "config.train.warmup_steps"),
+        ("train.optimizer", "sgd", "config.train.optimizer"),
         ("model.num_heads", 3, "config.model.num_heads"),
         ("model.dtype", "float8", "config.model.dtype"),
         ("model.kind", "rnn", "config.model.kind"),

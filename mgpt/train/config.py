@@ -83,6 +83,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(t.learning_rate > 0, "train.learning_rate", f"must be > 0, got {t.learning_rate!r}")
     _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio!r}")
     _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay!r}")
+    _check(t.get("optimizer", "adamw") in ("adamw", "muon"), "train.optimizer", f"must be 'adamw' or 'muon', got {t.get('optimizer')!r}")
     _check(0 <= t.b1 < 1, "train.b1", f"must be in [0, 1), got {t.b1!r}")
     _check(0 <= t.b2 < 1, "train.b2", f"must be in [0, 1), got {t.b2!r}")
     _check(t.eps > 0, "train.eps", f"must be > 0, got {t.eps!r}")

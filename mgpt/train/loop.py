@@ -70,15 +70,53 @@ def learning_rate_schedule(t: ml_collections.ConfigDict) -> optax.Schedule:
     )
 
 
+# Muon's view of each hidden matrix, by the last two names of its path, axes counted from the end so
+# a scanned model's leading layers axis is a batch axis: (reduction axes, output axes). q, k and v,
+# the MLP's gate and input halves, and an LSTM's four gates are orthogonalized separately (their
+# middle axes are batch axes). Embeddings, readouts and norm scales are not listed: AdamW takes them.
+_MUON_AXES = {
+    ("attn", "qkv"): (-4, (-2, -1)), ("attn", "out"): ((-3, -2), -1),
+    ("mlp", "wi"): (-3, -1), ("mlp", "wo"): (-2, -1),
+    ("*", "w_x"): (-3, -1), ("*", "w_h"): (-3, -1),  # mgpt.model.lstm.LSTMLayer
+}
+
+
+def _muon_dims(params):
+    from optax.contrib import MuonDimensionNumbers
+
+    def dims(path, x):
+        names = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        if names and names[-1] == "value":  # an nnx Variable's array
+            names = names[:-1]
+        axes = _MUON_AXES.get(tuple(names[-2:])) or _MUON_AXES.get(("*", names[-1]) if names else None)
+        if axes is None:
+            return None
+        return MuonDimensionNumbers(reduction_axis=axes[0], output_axis=axes[1])
+
+    return jax.tree_util.tree_map_with_path(dims, params)
+
+
 def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
     # Decay matrices only: norm scales (and other vectors) are left alone.
     decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)
-    adamw = optax.adamw(
-        learning_rate_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask
-    )
+    kind = t.get("optimizer", "adamw")
+    if kind == "muon":
+        from optax import contrib
+
+        # The blocks' matrices take orthogonalized momentum, scaled to AdamW's update size
+        # (consistent_rms=0.2), so one learning rate serves both; everything else takes AdamW.
+        opt = contrib.muon(
+            learning_rate_schedule(t), beta=0.95, weight_decay=t.weight_decay, weight_decay_mask=decay_mask,
+            adam_b1=t.b1, adam_b2=t.b2, eps=t.eps, adam_weight_decay=0.0,
+            muon_weight_dimension_numbers=_muon_dims, consistent_rms=0.2,
+        )
+    else:
+        opt = optax.adamw(
+            learning_rate_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask
+        )
     if t.clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(t.clip_norm), adamw)
-    return adamw
+        return optax.chain(optax.clip_by_global_norm(t.clip_norm), opt)
+    return opt
 
 
 def activation_sharding(batch_sharding):

@@ -131,6 +131,8 @@ def tree_shardings(abstract_tree, mesh: Mesh, table: Mapping[str, tuple[str, ...
     def one(leaf):
         if isinstance(leaf, nnx.Variable):
             value = leaf.get_value()
+            if not hasattr(value, "shape"):  # optax's MaskedNode: a partitioned optimizer's absent moment
+                return leaf
             names = _logical_names(leaf)
             spec = PartitionSpec() if names is None else logical_to_spec(names, value.shape, mesh, table)
             return leaf.replace(NamedSharding(mesh, spec))
