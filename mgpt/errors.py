@@ -9,8 +9,11 @@ its traceback; a run that fails on its own (a full disk, a diverging loss) exits
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import sys
 import threading
+from collections.abc import Callable
 
 EXIT_CODE = 2
 
@@ -111,3 +114,42 @@ def quiet_dead_event_loop() -> None:
         hook(unraisable)
 
     sys.unraisablehook = quiet
+
+
+class ExitOnInterrupt:
+    """`with ExitOnInterrupt(line):` a Ctrl-C prints `line()` on stderr and ends the process at once (exit 1).
+
+    For commands whose work on disk is already safe at any instant (checkpoints finalized, pieces
+    listed in a manifest only once written). A KeyboardInterrupt raised inside jax's tracing or
+    compilation, or while grain and orbax run their threads, printed a traceback, or left the
+    interpreter to crash (SIGSEGV) or hang on its way out after printing its line.
+    """
+
+    def __init__(self, line: Callable[[], str], *, after_progress_bar: bool = False):
+        self._line = line
+        self._previous = None
+        self._prefix = "\n" if after_progress_bar else ""  # a bar's last update ends without one
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        exit_with_line(lambda: self._prefix + self._line(), "interrupted")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def exit_with_line(line: Callable[[], str], fallback: str) -> None:
+    """Print `line()` (or `fallback` if it fails) on stderr and end the process now, with exit code 1."""
+    try:
+        text = line()
+    except Exception:  # noqa: BLE001 - the process ends either way
+        text = fallback
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.write(2, (text + "\n").encode())
+    os._exit(1)

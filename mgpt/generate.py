@@ -61,7 +61,8 @@ import warnings
 from collections.abc import Sequence
 
 from mgpt import render
-from mgpt.errors import UserError, is_disk_full, parse_command_flags, quiet_after_disk_full, reported
+from mgpt.errors import (ExitOnInterrupt, UserError, is_disk_full, parse_command_flags, quiet_after_disk_full,
+                         reported)
 from mgpt.render import write_folder_gallery as write_gallery
 from mgpt.sample.corpus import (DEFAULT_BATCH_SIZE, DEFAULT_COPY_TRIES, DEFAULT_MAX_COPY_SECONDS, check_output_dir,
                                 check_copy_guard, generate_corpus)
@@ -215,13 +216,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     # pydub (imported by note-seq) warns about ffmpeg, which only its audio export needs.
     warnings.filterwarnings("ignore", "Couldn't find ffmpeg", RuntimeWarning)
     try:
-        print(run_command(fv))
+        # Every piece its manifest lists is complete at any instant, so a Ctrl-C just ends the command.
+        with ExitOnInterrupt(lambda: _interrupted_line(fv.output_dir, fv.num_samples), after_progress_bar=True):
+            print(run_command(fv))
     except Exception as e:
         if not is_disk_full(e):
             raise
         quiet_after_disk_full()
         raise SystemExit(f"disk full writing {fv.output_dir}: every piece its manifest.jsonl lists is complete; "
                          "free some space and re-run the same command to write the rest") from None
+
+
+def _interrupted_line(output_dir: str, num_samples: int) -> str:
+    done = len(render.read_all_manifests(output_dir)) if pathlib.Path(output_dir).is_dir() else 0
+    return (f"interrupted: {done} of {num_samples} pieces are complete in {output_dir} (its manifest lists them); "
+            "re-run the same command to write the rest")
 
 
 if __name__ == "__main__":

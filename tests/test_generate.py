@@ -152,6 +152,32 @@ def test_wrong_style_is_one_line_listing_the_known_styles(workdir, tmp_path):
     assert not os.listdir(tmp_path), "nothing is written when the flags are wrong"
 
 
+def test_ctrl_c_is_one_line_saying_how_many_pieces_are_kept(workdir, tmp_path):
+    import signal
+
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", *_cli_args(workdir, out, "--num_samples=400", "--max_events=200", "--batch_size=1",
+                                             "--max_copy_seconds=0", "--max_note_seconds=8")]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and len(render.read_all_manifests(out)) < 2:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    done = len(render.read_all_manifests(out))
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 1 and lines == [f"interrupted: {done} of 400 pieces are complete in {out} (its manifest "
+                                              "lists them); re-run the same command to write the rest"], err[-2000:]
+    assert 2 <= done < 400
+
+
 def test_corrupt_or_empty_primer_is_a_clear_error(workdir, tmp_path):
     vocab = Vocabulary(STYLES)
     corrupt = tmp_path / "corrupt.mid"

@@ -32,7 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from mgpt.errors import MissingInput
+from mgpt.errors import MissingInput, exit_with_line
 
 ITEMS = ("params", "train_state", "data", "config", "vocab")
 T = TypeVar("T")
@@ -492,48 +492,13 @@ class StopSignal:
     def _handle(self, signum, frame):
         if self.name is not None and signum == signal.SIGINT:
             if self._abort_line is not None:
-                _exit_with(self._abort_line, "interrupted: the save in progress was abandoned")
+                exit_with_line(self._abort_line, "interrupted: the save in progress was abandoned")
             raise KeyboardInterrupt
         self.name = signal.Signals(signum).name
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-class ExitOnInterrupt:
-    """`with ExitOnInterrupt(line):` a Ctrl-C prints `line()` and ends the process at once (exit 1).
-
-    For the trainer's start-up and wind-down, where there is nothing to save: a KeyboardInterrupt
-    raised inside jax's tracing or compilation, or while grain and orbax start their threads, left
-    the interpreter to crash (SIGSEGV) or hang at exit after printing its line.
-    """
-
-    def __init__(self, line: Callable[[], str]):
-        self._line = line
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        _exit_with(self._line, "interrupted")
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
-def _exit_with(line: Callable[[], str], fallback: str) -> None:
-    try:
-        text = line()
-    except Exception:  # noqa: BLE001 - the process ends either way
-        text = fallback
-    sys.stdout.flush()
-    os.write(2, (text + "\n").encode())
-    os._exit(1)
 
 
 def stop_requested(stop: StopSignal, step: int, log_every: int) -> str | None:

@@ -31,7 +31,8 @@ from mgpt.train import config as config_lib
 from mgpt.train import mesh as mesh_lib
 from mgpt.model import kinds as models
 from mgpt.train import monitor
-from mgpt.errors import UserError, is_disk_full, not_disk_full, quiet_after_disk_full, quiet_dead_event_loop, reported
+from mgpt.errors import (ExitOnInterrupt, UserError, is_disk_full, not_disk_full, quiet_after_disk_full,
+                         quiet_dead_event_loop, reported)
 from mgpt.train.workdir_lock import WorkdirLock
 
 
@@ -384,7 +385,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
     # Creates the workdir and locks it, before anything in it is read or written.
     held.enter_context(WorkdirLock(workdir))
     # Outside the training loop (its StopSignal saves first) a Ctrl-C ends the run at once with one line.
-    held.enter_context(ckpt_lib.ExitOnInterrupt(lambda: _interrupted_line(workdir)))
+    held.enter_context(ExitOnInterrupt(lambda: _interrupted_line(workdir)))
     config_lib.check_same_model(workdir, config)
     mesh_lib.use_compilation_cache(config.train.compilation_cache, workdir)
 
