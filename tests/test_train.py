@@ -270,6 +270,24 @@ def test_a_run_written_before_a_model_field_existed_resumes_with_its_default(tmp
         config_lib.check_same_model(epath.Path(tmp_path), c)
 
 
+def test_a_run_resumes_only_with_the_optimizer_it_started_with(tmp_path):
+    """The demo's AdamW runs, written before train.optimizer existed, meet configs/small.py's Muon:
+    one line naming the override, not orbax's tree-mismatch traceback."""
+    from etils import epath
+
+    from configs import small
+
+    c = small.get_config()
+    written = c.to_dict()
+    del written["train"]["optimizer"]
+    (tmp_path / "config.json").write_text(json.dumps(written))
+    with pytest.raises(UserError, match=r"^config\.train\.optimizer: 'muon' differs .* \('adamw'\); resume it with "
+                                        r"--config\.train\.optimizer=adamw"):
+        config_lib.check_same_model(epath.Path(tmp_path), c)
+    c.train.optimizer = "adamw"
+    config_lib.check_same_model(epath.Path(tmp_path), c)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(dataset, tmp_path):
     # lr 0 at step 0 (warmup), then an absurd rate: the update at step 2 overflows.
     c = _config(dataset, learning_rate=1e30, warmup_steps=3, checkpoint_every=1, eval_every=0)

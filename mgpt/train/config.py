@@ -115,7 +115,7 @@ def validate_devices(config, mesh_devices: int, process_count: int, devices=None
 
 
 def check_same_model(workdir: epath.Path, config) -> None:
-    """A resumed run's config.model must be the one in its workdir's config.json."""
+    """A resumed run's config.model and optimizer must be the ones in its workdir's config.json."""
     path = workdir / "config.json"
     if not path.exists():
         return
@@ -138,6 +138,15 @@ def check_same_model(workdir: epath.Path, config) -> None:
             f"config.model.{diff[0]}: {now.get(diff[0])!r} differs from the run in {workdir} "
             f"({saved.get(diff[0])!r}); resume it with --config.model.{diff[0]}={saved.get(diff[0])!r}, "
             f"or use a new --workdir"
+        )
+    # The optimizer's state is checkpointed in its own layout: a run resumes with the optimizer it
+    # was started with (runs written before the field existed used AdamW).
+    saved_train = saved_config.get("train") if isinstance(saved_config.get("train"), dict) else {}
+    before, now_opt = saved_train.get("optimizer", "adamw"), config.train.get("optimizer", "adamw")
+    if before != now_opt:
+        raise UserError(
+            f"config.train.optimizer: {now_opt!r} differs from the run in {workdir} ({before!r}); resume it "
+            f"with --config.train.optimizer={before}, or use a new --workdir"
         )
 
 
