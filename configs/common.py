@@ -65,7 +65,9 @@ def base() -> ml_collections.ConfigDict:
     c.train.warmup_steps = 100
     c.train.min_lr_ratio = 0.1  # the cosine decays to learning_rate * min_lr_ratio at `steps`
     c.train.weight_decay = 0.1  # AdamW, on matrices only (not norm scales)
-    c.train.optimizer = "adamw"  # or "muon": orthogonalized updates for the blocks' matrices, AdamW for the rest
+    # "adamw", or "muon": the blocks' matrices take orthogonalized momentum (beta 0.95, fixed), the
+    # rest Nesterov Adam with b1/b2 below and no weight decay (mgpt/train/loop.py make_optimizer).
+    c.train.optimizer = "adamw"
     c.train.b1 = 0.9
     c.train.b2 = 0.95
     c.train.eps = 1e-8

@@ -119,28 +119,33 @@ def quiet_dead_event_loop() -> None:
 class ExitOnInterrupt:
     """`with ExitOnInterrupt(line):` a Ctrl-C prints `line()` on stderr and ends the process at once (exit 1).
 
-    For commands whose work on disk is already safe at any instant (checkpoints finalized, pieces
+    For a command's `main` (never library code: it ends the whole process, a notebook's kernel
+    included), where the work on disk is already safe at any instant (checkpoints finalized, pieces
     listed in a manifest only once written). A KeyboardInterrupt raised inside jax's tracing or
     compilation, or while grain and orbax run their threads, printed a traceback, or left the
-    interpreter to crash (SIGSEGV) or hang on its way out after printing its line.
+    interpreter to crash (SIGSEGV) or hang on its way out after printing its line. In a
+    multi-process run the other processes, left waiting in a collective, stop at jax's heartbeat
+    timeout, as they would for a process that was killed.
     """
 
     def __init__(self, line: Callable[[], str], *, after_progress_bar: bool = False):
         self._line = line
+        self._installed = False
         self._previous = None
         self._prefix = "\n" if after_progress_bar else ""  # a bar's last update ends without one
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
             self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
         return self
 
     def _handle(self, signum, frame):
         exit_with_line(lambda: self._prefix + self._line(), "interrupted")
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.SIG_DFL)
 
 
 def exit_with_line(line: Callable[[], str], fallback: str) -> None:
@@ -149,7 +154,12 @@ def exit_with_line(line: Callable[[], str], fallback: str) -> None:
         text = line()
     except Exception:  # noqa: BLE001 - the process ends either way
         text = fallback
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.write(2, (text + "\n").encode())
-    os._exit(1)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed pipe (`| head`) must not stop the exit
+            pass
+    try:
+        os.write(2, (text + "\n").encode())
+    finally:
+        os._exit(1)

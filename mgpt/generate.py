@@ -217,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     warnings.filterwarnings("ignore", "Couldn't find ffmpeg", RuntimeWarning)
     try:
         # Every piece its manifest lists is complete at any instant, so a Ctrl-C just ends the command.
-        with ExitOnInterrupt(lambda: _interrupted_line(fv.output_dir, fv.num_samples), after_progress_bar=True):
+        with ExitOnInterrupt(lambda: _interrupted_line(fv.output_dir, fv.num_samples), after_progress_bar=fv.progress):
             print(run_command(fv))
     except Exception as e:
         if not is_disk_full(e):
@@ -229,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _interrupted_line(output_dir: str, num_samples: int) -> str:
     done = len(render.read_all_manifests(output_dir)) if pathlib.Path(output_dir).is_dir() else 0
+    if not done:
+        return f"interrupted: no piece was complete yet in {output_dir}; re-run the same command to start again"
     return (f"interrupted: {done} of {num_samples} pieces are complete in {output_dir} (its manifest lists them); "
             "re-run the same command to write the rest")
 

@@ -2,8 +2,9 @@
 
 Stacked LSTM layers between an embedding and an output projection. The trainer
 builds it when `config.model.kind == 'lstm'` (see configs/lstm.py), so it trains
-with exactly the GPT's data pipeline, optimizer and step, for the same number of
-tokens; `mgpt.evaluate` scores both on the same test split.
+with exactly the GPT's data pipeline, schedule and step, for the same number of
+tokens, with AdamW (its better optimizer; configs/lstm.py); `mgpt.evaluate` scores
+both on the same test split.
 
 The time recurrence is one `jax.lax.scan` per layer. The input half of every gate
 (`x @ W_x`) is a single matmul over the whole sequence before the scan, so the

@@ -83,8 +83,6 @@ _MUON_AXES = {
 
 
 def _muon_dims(params):
-    from optax.contrib import MuonDimensionNumbers
-
     def dims(path, x):
         names = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
         if names and names[-1] == "value":  # an nnx Variable's array
@@ -92,7 +90,7 @@ def _muon_dims(params):
         axes = _MUON_AXES.get(tuple(names[-2:])) or _MUON_AXES.get(("*", names[-1]) if names else None)
         if axes is None:
             return None
-        return MuonDimensionNumbers(reduction_axis=axes[0], output_axis=axes[1])
+        return optax.contrib.MuonDimensionNumbers(reduction_axis=axes[0], output_axis=axes[1])
 
     return jax.tree_util.tree_map_with_path(dims, params)
 
@@ -102,11 +100,11 @@ def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation
     decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)
     kind = t.get("optimizer", "adamw")
     if kind == "muon":
-        from optax import contrib
-
-        # The blocks' matrices take orthogonalized momentum, scaled to AdamW's update size
-        # (consistent_rms=0.2), so one learning rate serves both; everything else takes AdamW.
-        opt = contrib.muon(
+        # The blocks' matrices take Nesterov momentum (beta 0.95) orthogonalized by Newton-Schulz,
+        # scaled to AdamW's update size (consistent_rms=0.2) so one learning rate serves both, and
+        # decayed. The rest (embeddings, readout, norm scales) takes optax.contrib.muon's Adam half:
+        # Nesterov Adam with train.b1/b2, not decayed. That is the optimizer measured in docs/recipe.md.
+        opt = optax.contrib.muon(
             learning_rate_schedule(t), beta=0.95, weight_decay=t.weight_decay, weight_decay_mask=decay_mask,
             adam_b1=t.b1, adam_b2=t.b2, eps=t.eps, adam_weight_decay=0.0,
             muon_weight_dimension_numbers=_muon_dims, consistent_rms=0.2,
@@ -384,8 +382,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
     workdir = epath.Path(workdir)
     # Creates the workdir and locks it, before anything in it is read or written.
     held.enter_context(WorkdirLock(workdir))
-    # Outside the training loop (its StopSignal saves first) a Ctrl-C ends the run at once with one line.
-    held.enter_context(ExitOnInterrupt(lambda: _interrupted_line(workdir)))
     config_lib.check_same_model(workdir, config)
     mesh_lib.use_compilation_cache(config.train.compilation_cache, workdir)
 
@@ -546,8 +542,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
         log.add(at_step, m, force=at_step == stop_at)
 
     pending = None
-    try:
-        with ckpt_lib.StopSignal(multi_process=pc > 1, abort_line=lambda: _interrupted_line(workdir)) as stop:
+    # Over the final wait too: a first Ctrl-C while the last checkpoint is written lets it finish.
+    with ckpt_lib.StopSignal(multi_process=pc > 1, abort_line=lambda: _interrupted_line(workdir)) as stop:
+        try:
             while step < stop_at:
                 try:
                     local_batch = next(train_iter)
@@ -594,12 +591,13 @@ def _train(config: ml_collections.ConfigDict, workdir: str, held: contextlib.Exi
                     break
             if pending is not None:
                 consume(*pending)
-    finally:
-        with contextlib.ExitStack() as closing:  # each one closes even when another fails (a full disk fails several)
-            closing.callback(train_iter.close)
-            closing.callback(writer.close)
-            ckpts.wait()
-            ckpts.close()  # not after a failed save: closing orbax then only adds its dying writers' tracebacks
+        finally:
+            # Each one closes even when another fails (a full disk fails several).
+            with contextlib.ExitStack() as closing:
+                closing.callback(train_iter.close)
+                closing.callback(writer.close)
+                ckpts.wait()
+                ckpts.close()  # not after a failed save: closing orbax then only adds its dying writers' tracebacks
 
     result["step"] = step
     if result["stopped_by"]:
@@ -627,7 +625,11 @@ def main(argv, config, workdir) -> None:
     logging.get_absl_handler().addFilter(not_disk_full)
     quiet_dead_event_loop()
     try:
-        train(config, workdir)
+        # Before and after the loop, whose StopSignal saves a checkpoint first, a Ctrl-C ends the
+        # command at once with its one line: raised as KeyboardInterrupt inside jax's compilation
+        # at start-up, it printed that line and then crashed (SIGSEGV) or hung on the way out.
+        with ExitOnInterrupt(lambda: _interrupted_line(workdir)):
+            train(config, workdir)
     except (NonFiniteLoss, DataWorkerDied) as e:
         raise SystemExit(str(e)) from None
     except KeyboardInterrupt:  # a Ctrl-C during start-up, or a second one while stopping
