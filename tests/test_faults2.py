@@ -527,22 +527,30 @@ def test_a_killed_grain_worker_is_one_line_that_says_the_run_resumes(dataset, tm
     assert ckpt_lib.finalized_steps(workdir / "checkpoints") == [step], "the steps trained so far are saved"
 
 
-@pytest.mark.parametrize("when", ["start-up", pytest.param("second Ctrl-C", marks=pytest.mark.slow)])
-def test_a_ctrl_c_that_cannot_save_is_one_line_saying_what_is_kept(dataset, tmp_path, when):
-    proc, out, err = _start_training(dataset, tmp_path / "w")
+def _ctrl_c_training(dataset, workdir, after: str, delay: float = 0.0, twice: bool = False):
+    """A trainer sent Ctrl-C `delay` s after its line containing `after` (twice: again 20 ms later),
+    once it has ended: (process, stdout lines, stderr lines)."""
+    proc, out, err = _start_training(dataset, workdir)
     try:
-        if when == "start-up":
-            assert _wait_for(out, "mesh:", proc), out[-5:]
-            os.killpg(proc.pid, signal.SIGINT)
-        else:
-            assert _wait_for(out, "step      3/", proc), out[-5:]
-            os.killpg(proc.pid, signal.SIGINT)
+        assert _wait_for(out, after, proc), out[-5:]
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGINT)
+        if twice:
             time.sleep(0.02)
             os.killpg(proc.pid, signal.SIGINT)
         _finish(proc)
     finally:
         _finish(proc, 1)
-    time.sleep(0.5)
+    time.sleep(0.5)  # the reader threads drain the pipes
+    return proc, out, err
+
+
+@pytest.mark.parametrize("when", ["start-up", pytest.param("second Ctrl-C", marks=pytest.mark.slow)])
+def test_a_ctrl_c_that_cannot_save_is_one_line_saying_what_is_kept(dataset, tmp_path, when):
+    if when == "start-up":
+        proc, out, err = _ctrl_c_training(dataset, tmp_path / "w", "mesh:")
+    else:
+        proc, out, err = _ctrl_c_training(dataset, tmp_path / "w", "step      3/", twice=True)
     lines = [line.strip() for line in err if line.strip()]
     if when == "start-up":
         assert proc.returncode == 1 and lines == [f"interrupted: nothing was trained in {tmp_path / 'w'} "
@@ -560,18 +568,10 @@ def test_a_ctrl_c_anywhere_in_start_up_is_one_line_never_a_crash(dataset, tmp_pa
     # line and then the interpreter died of SIGSEGV (or hung) on its way out, about half the time.
     interrupted_start_up = 0
     for i, delay in enumerate((0.4, 0.8, 1.2, 1.6, 2.0, 2.6, 3.4)):
-        proc, out, err = _start_training(dataset, tmp_path / f"w{i}")
-        try:
-            assert _wait_for(out, "mesh:", proc), out[-5:]
-            time.sleep(delay)
-            os.killpg(proc.pid, signal.SIGINT)
-            _finish(proc)
-        finally:
-            _finish(proc, 1)
-        time.sleep(0.3)
+        proc, out, err = _ctrl_c_training(dataset, tmp_path / f"w{i}", "mesh:", delay)
         lines = [line.strip() for line in err if line.strip()]
-        trained = any(line.startswith("step ") for line in out)
         if proc.returncode == 0:  # it had reached the loop: the stop saved
+            trained = any(line.startswith("step ") for line in out)
             assert trained and "received SIGINT: saved checkpoint" in out[-1], (delay, out[-2:])
         else:
             assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("interrupted: "), (
