@@ -632,7 +632,7 @@ def main(argv, config, workdir) -> None:
             train(config, workdir)
     except (NonFiniteLoss, DataWorkerDied) as e:
         raise SystemExit(str(e)) from None
-    except KeyboardInterrupt:  # a Ctrl-C the handlers above did not take (one raised off the main thread)
+    except KeyboardInterrupt:  # a safety net: the Ctrl-C handlers above end the process themselves
         import signal
 
         signal.signal(signal.SIGINT, signal.SIG_DFL)  # a further Ctrl-C ends the process at once
