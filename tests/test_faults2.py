@@ -570,9 +570,8 @@ def test_a_ctrl_c_anywhere_in_start_up_is_one_line_never_a_crash(dataset, tmp_pa
     for i, delay in enumerate((0.4, 0.8, 1.2, 1.6, 2.0, 2.6, 3.4)):
         proc, out, err = _ctrl_c_training(dataset, tmp_path / f"w{i}", "mesh:", delay)
         lines = [line.strip() for line in err if line.strip()]
-        if proc.returncode == 0:  # it had reached the loop: the stop saved
-            trained = any(line.startswith("step ") for line in out)
-            assert trained and "received SIGINT: saved checkpoint" in out[-1], (delay, out[-2:])
+        if proc.returncode == 0:  # it had reached the loop (maybe its first step, not yet logged): the stop saved
+            assert "received SIGINT: saved checkpoint" in out[-1], (delay, out[-2:])
         else:
             assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("interrupted: "), (
                 delay, proc.returncode, "".join(err)[-2000:])
