@@ -240,9 +240,9 @@ def generate_corpus(
     `continuous`: the pieces go through the continuous sampler (mgpt.sample.continuous, under either
     `sampling.context`), each slot taking the next piece as soon as its own ends, and are written as
     they finish; False: in groups of batch_size through the windowed sampler, in plan order (context
-'reprefill' only: a rolling cache always streams). The
-    pieces are the same either way under context 'reprefill'; the manifest's order and the speed
-    differ. Infilling, hard limits and controls always take the windowed sampler.
+    'reprefill' only: a rolling cache always streams). The pieces are the same either way under
+    context 'reprefill'; the manifest's order and the speed differ. Infilling, hard limits and
+    controls always take the windowed sampler.
 
     Pieces already in this host's manifest are skipped (and must have been made
     with the same settings). With `audio`, pieces from an earlier run that lack a
