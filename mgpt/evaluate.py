@@ -52,6 +52,7 @@ This module is the command line only: the sections live in `mgpt.eval`.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import sys
 import time
@@ -88,6 +89,9 @@ def define_flags(fv):
                        "mgpt.generate, 1.5 for a model trained with style dropout).", **kw)
     flags.DEFINE_float("max_note_seconds", None, "Note-length guard for generation (0 = off, the raw model; "
                        "default: from the dataset, as mgpt.generate).", **kw)
+    flags.DEFINE_string("controls", None, "Controls for generation, as mgpt.generate's --controls (a model trained "
+                        "with control tokens): the report then measures what they cost.", **kw)
+    flags.DEFINE_string("mood", None, "A mood for generation, as mgpt.generate's --mood.", **kw)
     flags.DEFINE_integer("seed", 0, "Seed for generation and every subsample.", **kw)
     flags.DEFINE_integer("ngram_order", 5, "Order of the Kneser-Ney baseline.", **kw)
     flags.DEFINE_float("crop_seconds", 30.0, "Features and style use each piece's first this many seconds.", **kw)
@@ -200,6 +204,14 @@ def _sampling_run(f, gpt, vocab, config, dataset_dir):
     styles = sample_run.resolve_styles(vocab, f.style)
     sampling = sample_run.Sampling(temperature=f.temperature, top_p=f.top_p, max_seconds=f.max_seconds,
                                  max_note_seconds=f.max_note_seconds, guidance=f.guidance)
+    if f.controls or f.mood:
+        from mgpt.sample import controls as controls_lib
+
+        try:  # one line before anything is generated: an unknown control, a model without them
+            controls_lib.parse(vocab, f.controls, f.mood)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        sampling = dataclasses.replace(sampling, controls=f.controls, mood=f.mood)
     return run, styles, sampling
 
 

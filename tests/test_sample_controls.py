@@ -51,10 +51,11 @@ def test_an_empty_timeline_samples_byte_identical_pieces(model):
         np.testing.assert_array_equal(a, c)
 
 
-def test_control_tokens_open_every_segment_of_the_timeline(model):
+@pytest.mark.parametrize("guidance", [1.0, 1.5])
+def test_control_tokens_open_every_segment_of_the_timeline(model, guidance):
     timeline = controls.parse(VOCAB, "0:density=2,mode=minor;1:density=high,register=3;2.2:density=free")
     rows = generate_tokens(model, VOCAB, [np.array([STYLE])] * 6, seeds=range(6), max_seconds=3.0, max_events=400,
-                           temperature=1.2, controls=timeline)
+                           temperature=1.2, controls=timeline, guidance=guidance)
     seg = data_controls.segment_steps(VOCAB)  # 50 steps
     high = controls.level_names(8)["high"]
     for row in rows:
@@ -134,3 +135,21 @@ def test_levels_the_training_data_never_has_are_refused_and_names_take_the_neare
     levels = controls.parse(vocab, "loudness=high,polyphony=low", "tense").segment_levels(vocab, 1)[0]
     assert dict(zip(data_controls.ATTRIBUTES, levels))["loudness"] == 4  # the one level there is
     assert dict(zip(data_controls.ATTRIBUTES, levels))["polyphony"] == 1  # low = 2: 1 and 3 are as near; the lower
+
+
+def test_under_guidance_the_twin_reads_neither_the_style_nor_the_controls(model):
+    # Guidance 0 draws from the twin's logits alone: so its events are those of a piece sampled
+    # with STYLE:unknown and no controls, seed for seed (each piece short enough for one window).
+    timeline = controls.parse(VOCAB, "0:density=2;0.4:density=7")
+    seeds = [3, 4, 5, 6]
+    guided = generate_tokens(model, VOCAB, [np.array([STYLE])] * 4, seeds=seeds, max_events=12, temperature=1.3,
+                             guidance=0.0, controls=timeline)
+    plain = generate_tokens(model, VOCAB, [np.array([VOCAB.unknown_style_id])] * 4, seeds=seeds, max_events=12,
+                            temperature=1.3)
+    forced = 0
+    for g, p in zip(guided, plain):
+        assert len(g) < CFG.max_len  # one window
+        is_control = VOCAB.is_control(g)
+        forced += int(np.sum(is_control[2:]))  # groups after the first: written mid-stream
+        np.testing.assert_array_equal(g[1:][~is_control[1:]], p[1:])
+    assert forced > 0

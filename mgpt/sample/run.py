@@ -327,10 +327,13 @@ class Run:
 
     def sampling(self, sampling: Sampling, prompts: Sequence[np.ndarray] = ()) -> Sampling:
         """`sampling` with its defaults that depend on this run filled in: guidance, which is 1
-        when every prompt is unconditional (its twin would be itself: twice the work, same piece)."""
+        when every prompt is unconditional and no controls are asked for (its twin would be itself:
+        twice the work, same piece)."""
         if sampling.guidance is not None:
             return sampling
-        unconditional = len(prompts) and all(int(p[0]) == self.vocab.unknown_style_id for p in prompts)
+        steered = bool((sampling.controls or "").strip() or (sampling.mood or "").strip())
+        unconditional = (len(prompts) and not steered
+                         and all(int(p[0]) == self.vocab.unknown_style_id for p in prompts))
         return dataclasses.replace(sampling, guidance=1.0 if unconditional else self.default_guidance)
 
     def max_note_seconds(self, prompt: np.ndarray, sampling: Sampling) -> float:

@@ -31,7 +31,9 @@ loop, as rows b and B + b of one 2B-row batch and KV cache: once with its prompt
 with the same prompt whose STYLE token is STYLE:unknown (in every window). The event
 is drawn from l_uncond + G * (l_cond - l_uncond) and fed to both. G = 1 is plain
 sampling and runs the plain B-row function: it costs nothing extra. G = 0 samples
-exactly as a STYLE:unknown prompt would.
+exactly as a STYLE:unknown prompt would. With controls the twin reads no control token
+either (they are left out of its prompt, and it skips them in the loop), so guidance
+strengthens the controls with the style; the rows then each keep their own position.
 
 Infilling (`gaps`, mgpt/sample/fim.py): a row fills the gap of a piece. Its prompt is the FIM
 prompt (prefix, suffix and the time left, then the state where the middle goes on), and
@@ -89,6 +91,7 @@ def token_tables(vocab: Vocabulary) -> dict[str, jax.Array]:
     on_pitch_V / off_pitch_V: the pitch index (0..P-1) a NOTE_ON / NOTE_OFF acts on, P for
     any other token. note_off_P: the NOTE_OFF id of each pitch index. eos_id: end of piece.
     unknown_style_id: the unconditional rows' STYLE token under guidance.
+    control_offset: the first control token (data_prep/controls.py); the vocabulary's size without them.
     """
     ids_V = np.arange(vocab.size)
     num_pitches = vocab.max_pitch - vocab.min_pitch + 1
@@ -107,6 +110,7 @@ def token_tables(vocab: Vocabulary) -> dict[str, jax.Array]:
         "time_shift_offset": jnp.asarray(vocab.time_shift_offset, jnp.int32),
         "unknown_style_id": jnp.asarray(vocab.unknown_style_id, jnp.int32),
         "is_velocity_V": jnp.asarray(vocab.is_velocity(ids_V)),
+        "control_offset": jnp.asarray(vocab.control_offset if vocab.controls is not None else vocab.size, jnp.int32),
     }
 
 
@@ -366,6 +370,10 @@ class _SamplingState:
     end_B: jax.Array  # row b's window is tokens_BxW[b, :end_B[b]]
     rows: RowState
     heard_RxP: jax.Array | None = None  # a model with sounding_pitches: the notes its rows have heard (`heard_counts`)
+    # Guidance with controls (`_twin_prompt`): the twins skip control tokens, so each has its own
+    # end, and logits_BxV holds the rows' own logits while twin_logits_BxV holds their twins'.
+    twin_end_B: jax.Array | None = None
+    twin_logits_BxV: jax.Array | None = None
 
 
 def choose_event(logits_BxV, rows: RowState, limits: RowLimits, settings, tables, keys_B):
@@ -439,19 +447,30 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
 
     # R model rows: B, or 2B under guidance (row B + b: row b with STYLE:unknown).
     twin = (lambda x_B: x_B) if guidance is None else (lambda x_B: jnp.concatenate([x_B, x_B]))
-    prompt_RxP = prompt_BxP if guidance is None else jnp.concatenate(
-        [prompt_BxP, prompt_BxP.at[:, 0].set(tables["unknown_style_id"])])
+    # Guidance with controls: the twins read neither the style nor the controls (`_twin_prompt`).
+    apart = guidance is not None and limits.controls is not None
+    if apart:
+        twin_prompt_BxP, twin_lengths_B = _twin_prompt(prompt_BxP, lengths_B, tables)
+        prompt_RxP = jnp.concatenate([prompt_BxP, twin_prompt_BxP])
+        lengths_R = jnp.concatenate([lengths_B, twin_lengths_B])
+    else:
+        prompt_RxP = prompt_BxP if guidance is None else jnp.concatenate(
+            [prompt_BxP, prompt_BxP.at[:, 0].set(tables["unknown_style_id"])])
+        lengths_R = twin(lengths_B)
     model_rows = prompt_RxP.shape[0]
     cache = model.init_cache(model_rows, window)
     positions_RxP = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (model_rows, prompt_len))
     logits_RxPxV, cache = model.decode(prompt_RxP, positions_RxP, cache)
-    logits_RxV = jnp.take_along_axis(logits_RxPxV, twin(lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    logits_RxV = jnp.take_along_axis(logits_RxPxV, (lengths_R - 1)[:, None, None], axis=1)[:, 0]
     pitches = model.cfg.sounding_pitches
     heard_RxP = None
     if pitches:  # what the prompt's last token heard: padding past it changes nothing
-        heard_RxP = jnp.take_along_axis(heard_counts(prompt_RxP, pitches), twin(lengths_B - 1)[:, None, None],
+        heard_RxP = jnp.take_along_axis(heard_counts(prompt_RxP, pitches), (lengths_R - 1)[:, None, None],
                                         axis=1)[:, 0]
-    logits_BxV = guided_logits(logits_RxV, guidance)
+    if apart:
+        logits_BxV, twin_logits_BxV = jnp.split(logits_RxV, 2)
+    else:
+        logits_BxV, twin_logits_BxV = guided_logits(logits_RxV, guidance), None
     tokens_BxW = jnp.zeros((batch, window), jnp.int32).at[:, :prompt_len].set(prompt_BxP)
     rows_B = jnp.arange(batch)
 
@@ -462,22 +481,35 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
         r = s.rows
         live_B = active(s)
         step_keys_B = jax.vmap(jax.random.fold_in)(keys_B, r.events_B)
-        token_B = choose_event(s.logits_BxV, r, limits, settings, tables, step_keys_B)
+        logits_BxV = s.logits_BxV
+        if apart:
+            logits_BxV = guided_logits(jnp.concatenate([s.logits_BxV, s.twin_logits_BxV]), guidance)
+        token_B = choose_event(logits_BxV, r, limits, settings, tables, step_keys_B)
         new_steps_B = r.steps_B + tables["shift_steps_V"][token_B]
         stop_B = ((token_B == tables["eos_id"]) | (new_steps_B > limits.max_steps_B)
                   | (r.events_B >= limits.max_events_B))
         emit_B = live_B & ~stop_B
         # Rows that do not emit write out of bounds, which mode='drop' discards.
         tokens_BxW = s.tokens_BxW.at[rows_B, jnp.where(emit_B, s.end_B, window)].set(token_B, mode="drop")
-        logits_Rx1xV, cache = model.decode(twin(token_B)[:, None], twin(s.end_B)[:, None], s.cache, s.heard_RxP)
-        heard_RxP = s.heard_RxP
-        if pitches:  # a row that did not emit will feed another token at the same position
-            heard_RxP = jnp.where(twin(emit_B)[:, None], heard_counts(twin(token_B)[:, None], pitches, heard_RxP)[:, 0],
-                                  heard_RxP)
-        open_BxP, onset_BxP = track_notes(r, token_B, emit_B, tables)
         # --- controls (mgpt/sample/controls.py): forced tokens are not events of the budget or the rng
         forced_B, _ = controls_lib.forced(limits.controls, r.steps_B, r.control_B)
         counted_B = emit_B if forced_B is None else emit_B & ~forced_B
+        # A twin that skips a control token feeds it at its next free position, which its next
+        # event overwrites before anything reads it, and keeps the logits it had.
+        emit_R = twin(emit_B) if not apart else jnp.concatenate([emit_B, counted_B])
+        end_R = twin(s.end_B) if not apart else jnp.concatenate([s.end_B, s.twin_end_B])
+        logits_Rx1xV, cache = model.decode(twin(token_B)[:, None], end_R[:, None], s.cache, s.heard_RxP)
+        heard_RxP = s.heard_RxP
+        if pitches:  # a row that did not emit will feed another token at the same position
+            heard_RxP = jnp.where(emit_R[:, None], heard_counts(twin(token_B)[:, None], pitches, heard_RxP)[:, 0],
+                                  heard_RxP)
+        open_BxP, onset_BxP = track_notes(r, token_B, emit_B, tables)
+        if apart:
+            next_BxV, twin_next_BxV = jnp.split(logits_Rx1xV[:, 0], 2)
+            twin_next_BxV = jnp.where(counted_B[:, None], twin_next_BxV, s.twin_logits_BxV)
+            twin_end_B = s.twin_end_B + counted_B
+        else:
+            next_BxV, twin_next_BxV, twin_end_B = guided_logits(logits_Rx1xV[:, 0], guidance), None, None
         control_B = controls_lib.advance(limits.controls, r.control_B, r.steps_B, jnp.where(emit_B, new_steps_B, r.steps_B),
                                          emit_B, forced_B)
         # ---
@@ -485,7 +517,7 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
         return _SamplingState(
             tokens_BxW=tokens_BxW,
             cache=cache,
-            logits_BxV=guided_logits(logits_Rx1xV[:, 0], guidance),
+            logits_BxV=next_BxV,
             end_B=s.end_B + emit_B,
             rows=RowState(
                 events_B=r.events_B + counted_B,
@@ -497,6 +529,8 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
                 control_B=control_B,
             ),
             heard_RxP=heard_RxP,
+            twin_end_B=twin_end_B,
+            twin_logits_BxV=twin_next_BxV,
         )
 
     state = _SamplingState(
@@ -510,9 +544,23 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
                       velocity_B=None if rows.velocity_B is None else jnp.asarray(rows.velocity_B, jnp.int32),
                       control_B=None if rows.control_B is None else jnp.asarray(rows.control_B, jnp.int32)),
         heard_RxP=heard_RxP,
+        twin_end_B=jnp.asarray(twin_lengths_B, jnp.int32) if apart else None,
+        twin_logits_BxV=twin_logits_BxV,
     )
     state = jax.lax.while_loop(lambda s: jnp.any(active(s)), body, state)
     return state.tokens_BxW, state.end_B, state.rows
+
+
+def _twin_prompt(prompt_BxP, lengths_B, tables):
+    """The unconditional twins' prompts under guidance with controls: STYLE:unknown, and every
+    control token left out (the rest moves up; twin_lengths_B says how much is left). A model
+    trained with control dropout has seen rows without them; the event is then drawn from
+    l_uncond + G * (l_cond - l_uncond), which pushes towards the style and the controls together."""
+    batch, prompt_len = prompt_BxP.shape
+    keep_BxP = (prompt_BxP < tables["control_offset"]) & (jnp.arange(prompt_len)[None, :] < lengths_B[:, None])
+    to_BxP = jnp.where(keep_BxP, jnp.cumsum(keep_BxP, axis=1) - 1, prompt_len)
+    twin_BxP = jnp.zeros_like(prompt_BxP).at[jnp.arange(batch)[:, None], to_BxP].set(prompt_BxP, mode="drop")
+    return twin_BxP.at[:, 0].set(tables["unknown_style_id"]), jnp.sum(keep_BxP, axis=1).astype(lengths_B.dtype)
 
 
 def _bucket(n: int, cap: int | None = None, floor: int = 1) -> int:
