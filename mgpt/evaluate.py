@@ -102,6 +102,9 @@ def define_flags(fv):
                         **kw)
     flags.DEFINE_bool("controls_sweep", False, "Controls sweep: per control and level, --num_samples pieces "
                       "of --max_seconds; adherence measured on the MIDI (mgpt/eval/controls_sweep.py).", **kw)
+    flags.DEFINE_integer("controls_cost_samples", 48, "Controls sweep: pieces (styles cycling) generated plain and "
+                         "asked for real test pieces' controls, for what controls cost in style accuracy and feature "
+                         "overlap (0 = skip).", **kw)
     flags.DEFINE_float("controls_change_s", None, "Controls sweep: where its timelines change level (seconds; "
                        "default: half of --max_seconds).", **kw)
     flags.DEFINE_bool("compare", False, "Print two reports side by side: --compare RUN_A RUN_B.", **kw)
@@ -252,6 +255,21 @@ def _run_controls_sweep(f) -> str:
     except ValueError as e:
         raise UserError(str(e)) from None
     text = write_controls_sweep(result)
+    if f.controls_cost_samples > 0:
+        from mgpt.eval.controls_sweep import controls_cost, write_controls_cost
+
+        _check_dataset_events(f, vocab, dataset_dir)
+        train, test = load_split(dataset_dir, "train"), load_split(dataset_dir, "test")
+        cost_styles = [s for s in (styles if f.style != "unconditional" else run.styles) if s != "unconditional"]
+        cost_seconds = max(f.max_seconds, 20.0)  # long enough for the style classifier and the features
+        options = Options(crop_seconds=min(f.crop_seconds, cost_seconds), seed=f.seed)
+        try:
+            cost = controls_cost(run=run, vocab=vocab, train=train, test=test, num_samples=f.controls_cost_samples,
+                                 styles=cost_styles, max_seconds=cost_seconds, sampling=sampling,
+                                 options=options, output_dir=f.output_dir)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        text += "\n" + write_controls_cost(cost)
     (pathlib.Path(f.output_dir) / "controls_sweep.md").write_text(text)
     return text + str(pathlib.Path(f.output_dir) / "controls_sweep.png")
 

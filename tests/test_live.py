@@ -481,3 +481,100 @@ def test_the_page_in_chromium_hears_a_phrase_and_plays_the_answer(server):
     latency = result["scheduled"][0]["at"] - result["handover"]
     print(f"browser end to end: pedal -> first model note scheduled {latency:.1f} ms")
     assert latency < 2000
+
+
+def _controls_run(tmp_path):
+    from data_prep import controls as data_controls
+
+    spec = {"seconds": 0.5, "levels": 8,
+            "edges": {name: [float(i) for i in range(1, 8)] for name in data_controls.BINNED}}
+    workdir = _save_run(str(tmp_path), Vocabulary(STYLES).with_controls(spec))
+    return generate.load_run(workdir)
+
+
+def _segment_groups(vocab, tokens):
+    """[(segment, [control tokens])]: the control tokens written at the take's start and after each
+    TIME_SHIFT that enters a new segment; AssertionError for any written elsewhere."""
+    from data_prep import controls as data_controls
+
+    seg = data_controls.segment_steps(vocab)
+    out, step, expect = [], 0, True  # a group may open the take
+    for t in tokens:
+        if vocab.is_control(np.asarray(t)):
+            assert expect, "a control token where no segment opens"
+            if out and out[-1][2]:
+                out[-1][1].append(t)
+            else:
+                out.append([step // seg, [t], True])
+            continue
+        if out:
+            out[-1][2] = False
+        expect = False
+        if vocab.time_shift_offset <= t < vocab.velocity_offset:
+            before, step = step, step + t - vocab.time_shift_offset + 1
+            expect = step // seg > before // seg
+    return [(k, g) for k, g, _ in out]
+
+
+def test_live_controls_mark_every_segment_from_the_next_one_on(tmp_path):
+    """With controls set, the take (the player's events and the model's, with rewinds) carries the
+    control tokens at its start and right after every TIME_SHIFT that enters a segment, as the data
+    pipeline writes them; a change applies from the next segment; the model never draws past an
+    opening before its tokens are in."""
+    from data_prep import controls as data_controls
+    from mgpt.live.stream import Settings
+
+    run = _controls_run(tmp_path)
+    v = run.vocab
+    stream = Stream(run, Settings(mode="accompany", lookahead_ms=300, answer_seconds=1.0, guidance=1.5,
+                                  controls="density=3,mode=minor"), origin=0.0)
+    rng = np.random.default_rng(1)
+    t, clock, changed_at = 0.0, None, None
+    for k in range(60):
+        pitch = int(rng.integers(50, 80))
+        for on in (True, False):
+            stream.user_note(on, pitch, 90, t)
+            stream.advance(t, lambda item: None)
+            t += rng.exponential(1 / 20)
+        if k == 30:
+            stream.update({"controls": "register=high"})
+            # Openings up to the clock keep the old group; those the model had drawn ahead may be
+            # marked again with the new one when a player's note goes in before them.
+            clock, changed_at = stream.step_of(t), stream.end_step
+    for _ in range(4):
+        t += 0.3
+        stream.advance(t, lambda item: None)
+    seg = data_controls.segment_steps(v)
+    groups = _segment_groups(v, stream.events)
+    first = [v.control_id("density", 3), v.control_id("mode", "minor")]
+    high = v.control_id("register", 7)
+    assert groups[0] == (0, first) and stream.events[:2] == first
+    assert len(groups) >= stream.end_step // seg  # every segment entered has its group
+    assert all(g == first for k, g in groups if k * seg <= clock)
+    later = [g for k, g in groups if k * seg > changed_at + seg]
+    assert later and all(g == [high] for g in later)
+    assert any(w == "model" for w in stream.who), "the model played along"
+    assert set(w for w, i in zip(stream.who, stream.events) if v.is_control(np.asarray(i))) == {"control"}
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"controls": "tempo=3"}, "controls: unknown control 'tempo'"),
+    ({"controls": "0:density=3;4:density=5"}, "controls='0:density=3;4:density=5': live controls take no times"),
+    ({"controls": 3}, "controls=3: must be text"),
+])
+def test_bad_live_controls_are_one_line(tmp_path, changes, message):
+    run = _controls_run(tmp_path)
+    stream = Stream(run)
+    from mgpt.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        stream.update(changes)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    assert stream.settings.controls == ""
+
+
+def test_a_model_without_controls_refuses_live_controls(run):
+    from mgpt.errors import UserError
+
+    with pytest.raises(UserError, match="controls: this model was trained without control tokens"):
+        Stream(run).update({"controls": "density=3"})

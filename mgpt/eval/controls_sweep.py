@@ -158,3 +158,108 @@ def write_controls_sweep(result: dict) -> str:
         for text, r in result["timelines"].items():
             lines.append(f"| `{text}` | {fmt(r['follow_s_median'])} | {r['never']} of {len(r['follow_s'])} |")
     return "\n".join(lines) + "\n"
+
+
+def timeline_of(notes, spec: dict, segments: int) -> str:
+    """The --controls timeline a piece itself has: every control of each of its first `segments`
+    segments at the level measured there. A control a segment has no level of (no note struck), or
+    a level the model's training split never has (spec['seen']), is left free."""
+    levels_SxA = data_controls.segment_levels(notes, spec, segments)
+    seen = spec.get("seen") or {}
+    entries = []
+    for k, levels_A in enumerate(levels_SxA):
+        items = []
+        for name, v in zip(data_controls.ATTRIBUTES, levels_A.tolist()):
+            known = v > 0 and (name not in seen or v in seen[name])
+            items.append(f"{name}={(data_controls.MODES[v - 1] if name == 'mode' else v) if known else 'free'}")
+        entries.append(f"{k * spec['seconds']:g}:" + ",".join(items))
+    return ";".join(entries)
+
+
+def controls_cost(*, run, vocab, train, test, num_samples: int, styles: Sequence[str], max_seconds: float, sampling,
+                  options, output_dir, log=print) -> dict:
+    """What controls cost in style accuracy and feature overlap, against the same model without them.
+
+    Piece i (style styles[i mod n], seed options.seed + i) is generated twice: plain, and asked for
+    the controls a real test piece of its style has, segment by segment (`timeline_of`; the test
+    pieces of each style in turn). Controls that real music of the style has are what a fair cost
+    is measured with: fixed levels for every style (polyphony 5 for a folk tune) would measure a
+    request against the style instead. Both sets are judged by the report's own sections (style
+    classifier, feature overlap against the train-vs-test ceiling); the steered pieces' adherence
+    to their timelines is measured too (exact and within-one-bin, per control)."""
+    from mgpt.eval.features_section import feature_section
+    from mgpt.eval.inputs import Generated
+    from mgpt.eval.references import mean_of, references
+    from mgpt.eval.style_section import style_section
+    from mgpt.sample import run as sample_run
+
+    spec = vocab.controls
+    seconds = spec["seconds"]
+    whole = int(math.floor(max_seconds / seconds + 1e-9))
+    o = options
+    out_dir = pathlib.Path(output_dir)
+    refs = references(vocab, train, test, o, np.random.default_rng(o.seed), log)
+    ceiling = mean_of(refs.train_vs_test, "overlap")
+    by_style = {s: [p for p in test if p.style_name == s] for s in styles}
+    missing = [s for s, ps in by_style.items() if not ps]
+    if missing:
+        raise ValueError(f"controls cost: the test split has no piece of style {', '.join(missing)}")
+    sampling = dataclasses.replace(sampling, max_seconds=max_seconds, max_events=None, controls=None, mood=None)
+    plan = []  # (style, seed, reference piece, its timeline)
+    for i in range(num_samples):
+        style = styles[i % len(styles)]
+        ref = by_style[style][(i // len(styles)) % len(by_style[style])]
+        plan.append((style, o.seed + i, ref, timeline_of(vocab.decode_notes(ref.tokens), spec, whole)))
+    result = {"num_samples": num_samples, "max_seconds": max_seconds, "styles": list(styles),
+              "sampling": sampling.to_dict(), "overlap_ceiling": ceiling, "rows": {}}
+    prompts = run.prompts([s for s, _, _, _ in plan])
+    seeds = [seed for _, seed, _, _ in plan]
+    for name in ("plain", "steered"):
+        log(f"controls cost: {num_samples} pieces, {name}")
+        if name == "plain":
+            rows = run.sample_ids(prompts, seeds, sampling)
+        else:  # one timeline per piece
+            rows = [run.sample_ids([p], [seed], dataclasses.replace(sampling, controls=text))[0]
+                    for p, (_, seed, _, text) in zip(prompts, plan)]
+        paths = run.write_midi(rows, out_dir / f"cost_{name}")
+        notes = _notes_of_midi(vocab, paths)
+        generated = [Generated(str(p.name), style, n, len(n) > 0, n.seconds)
+                     for p, n, (style, _, _, _) in zip(paths, notes, plan)]
+        style = style_section(refs, generated, o, None)
+        overlap = feature_section(refs, generated, o, None)["mean_overlap"]["generated_vs_test"]
+        row = {"style_accuracy": style["generated"]["accuracy"] if "generated" in style else None,
+               "style": style.get("generated"),
+               "mean_overlap": overlap, "overlap_vs_ceiling": overlap / ceiling if ceiling else None}
+        if name == "steered":  # how closely the pieces follow the real pieces' timelines
+            asked = np.concatenate([data_controls.segment_levels(vocab.decode_notes(r.tokens), spec, whole)
+                                    for _, _, r, _ in plan])
+            got = np.concatenate([data_controls.segment_levels(n, spec, whole) for n in notes])
+            row["follow"] = {}
+            for a, attr in enumerate(data_controls.ATTRIBUTES):
+                ok = asked[:, a] > 0
+                row["follow"][attr] = {"segments": int(ok.sum()),
+                                       "exact": float(np.mean(got[ok, a] == asked[ok, a])) if ok.any() else None,
+                                       "within_1": (float(np.mean(np.abs(got[ok, a] - asked[ok, a]) <= 1))
+                                                    if ok.any() and attr != "mode" else None)}
+        result["rows"][name] = row
+    result = jsonable(result)
+    (out_dir / "controls_cost.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def write_controls_cost(result: dict) -> str:
+    fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    lines = [f"What controls cost: {result['num_samples']} pieces of {result['max_seconds']:g} s over "
+             f"{', '.join(result['styles'])}, each generated plain and asked for a real test piece's controls "
+             "(its own style's), segment by segment.", "",
+             "| pieces | style accuracy | mean overlap | overlap / ceiling |", "|---|---|---|---|"]
+    for name, r in result["rows"].items():
+        lines.append(f"| {name} | {fmt(r['style_accuracy'])} | {fmt(r['mean_overlap'])} | "
+                     f"{fmt(r['overlap_vs_ceiling'])} |")
+    follow = result["rows"].get("steered", {}).get("follow")
+    if follow:
+        lines += ["", "Following the real pieces' timelines:", "", "| control | segments | exact bin | within 1 bin |",
+                  "|---|---|---|---|"]
+        for attr, r in follow.items():
+            lines.append(f"| {attr} | {r['segments']} | {fmt(r['exact'])} | {fmt(r['within_1'])} |")
+    return "\n".join(lines) + "\n"

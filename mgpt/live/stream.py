@@ -50,7 +50,8 @@ from mgpt.sample import sampler as sample
 from mgpt.errors import UserError
 
 MODES = ("continue", "accompany")
-USER, MODEL, TIME = "user", "model", "time"  # who wrote an event: the player, the model, the clock
+# who wrote an event: the player, the model, the clock, the controls (tokens at a segment's opening)
+USER, MODEL, TIME, CONTROL = "user", "model", "time", "control"
 # A key held this long with nothing else played counts as stuck (a lost NOTE_OFF), not as playing.
 STUCK_KEY_SECONDS = 8.0
 # Accompanying, the model's events begin this far ahead of the clock: drawing and sending one takes
@@ -74,12 +75,24 @@ class Settings:
     pedal_cc: int = 67  # continue mode: this CC pressed (value >= 64) hands over at once (67: soft pedal)
     lookahead_ms: float = 500.0  # how far ahead of the clock the model's events are drawn and sent
     seed: int = 0
+    # Attribute controls, as mgpt.generate's --controls without times ("density=6,mode=minor"; a
+    # model trained with control tokens): each segment that opens after a change is marked with them.
+    controls: str = ""
 
-    def updated(self, changes: dict, styles: list[str]) -> "Settings":
-        """A copy with `changes` applied, or a UserError naming the first bad one."""
+    def updated(self, changes: dict, styles: list[str], vocab=None) -> "Settings":
+        """A copy with `changes` applied, or a UserError naming the first bad one. `vocab` checks
+        controls against the model's (without it they are not checked)."""
         out = {}
         for key, value in changes.items():
-            if key == "mode":
+            if key == "controls":
+                if not isinstance(value, str):
+                    raise UserError(f"controls={value!r}: must be text such as 'density=6,mode=minor'")
+                if ":" in value or ";" in value:
+                    raise UserError(f"controls={value!r}: live controls take no times; they apply from the next "
+                                    "segment")
+                if vocab is not None:
+                    control_levels(vocab, value)
+            elif key == "mode":
                 if value not in MODES:
                     raise UserError(f"mode={value!r}: not a mode; use one of {', '.join(MODES)}")
             elif key == "style":
@@ -91,7 +104,7 @@ class Settings:
                     raise UserError(f"{key}={value!r}: must be a number in [{lo:g}, {hi:g}]")
                 value = int(value) if isinstance(lo, int) and isinstance(hi, int) else float(value)
             else:
-                raise UserError(f"{key!r}: not a setting; settings: mode, style, {', '.join(RANGES)}")
+                raise UserError(f"{key!r}: not a setting; settings: mode, style, controls, {', '.join(RANGES)}")
             out[key] = value
         return dataclasses.replace(self, **out)
 
@@ -103,6 +116,21 @@ class Settings:
 RANGES = {"temperature": (0.05, 3.0), "top_p": (0.05, 1.0), "guidance": (0.0, 5.0),
           "answer_seconds": (0.5, 60.0), "silence_ms": (100.0, 5000.0), "pedal_cc": (0, 127),
           "lookahead_ms": (50.0, 3000.0), "seed": (0, 2**31 - 1)}
+
+
+def control_levels(vocab, text: str) -> list[int]:
+    """The control tokens a live `controls` setting writes at each segment's opening ([] for none);
+    UserError, one line, for a bad one or a model without controls (mgpt.sample.controls.parse)."""
+    from data_prep import controls as data_controls
+    from mgpt.sample import controls as controls_lib
+
+    try:
+        timeline = controls_lib.parse(vocab, text, flag="controls")
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if timeline.empty:
+        return []
+    return data_controls.group(vocab, timeline.segment_levels(vocab, 1)[0])
 
 
 @dataclasses.dataclass
@@ -255,6 +283,11 @@ class Stream:
         self._leaves, treedef = jax.tree.flatten(params)
         self._feed_call, self._draw_call = _programs(graphdef, treedef)
         self.window = run.model.cfg.max_len
+        self._segment = 0  # steps per control segment (a model trained with control tokens)
+        if self.vocab.controls is not None:
+            from data_prep import controls as data_controls
+
+            self._segment = data_controls.segment_steps(self.vocab)
         self.tables = sample.token_tables(self.vocab)
         self.styles = [generate.UNCONDITIONAL, *run.styles]
         self.settings = settings or Settings(guidance=run.default_guidance)
@@ -292,13 +325,14 @@ class Stream:
         self._style_id = generate.style_token(self.vocab, s.style)
         limit = self.run.max_note_seconds(np.asarray([self._style_id]), generate.Sampling())
         steps = max(1, round(limit * self.vocab.steps_per_second)) if limit > 0 else 0
+        self._controls = control_levels(self.vocab, s.controls) if s.controls else []
         self._limits = sample.RowLimits(max_events_B=jnp.full(1, 2**31 - 1, jnp.int32),
                                         max_steps_B=jnp.full(1, 2**31 - 1, jnp.int32),
                                         max_note_steps_B=jnp.full(1, steps, jnp.int32))
 
     def update(self, changes: dict) -> None:
         """Apply settings (UserError on a bad one, nothing changed). A new style re-reads the window."""
-        new = self.settings.updated(changes, self.styles)
+        new = self.settings.updated(changes, self.styles, self.vocab)
         restyle = new.style != self.settings.style
         self._drop_prepared()
         self.settings = new
@@ -414,10 +448,31 @@ class Stream:
             self.sounding[token - v.note_off_offset + v.min_pitch].insert(undo[1], undo[2])
 
     def _append(self, ids: list[int], who: str) -> list:
-        """Events onto the take and the window (fed at the next _flush); whose notes their NOTE_OFFs ended."""
-        ended = [self._push(int(i), who) for i in ids]
-        self._extend(ids)
+        """Events onto the take and the window (fed at the next _flush), with the control tokens due
+        among them (`_controls_due`); whose notes their NOTE_OFFs ended."""
+        ended, written = [], []
+        for i in ids:
+            written += self._controls_due(None)
+            before = self.end_step
+            ended.append(self._push(int(i), who))
+            written += [int(i)] + self._controls_due(before)
+        self._extend(written)
         return ended
+
+    def _controls_due(self, before: int | None) -> list[int]:
+        """The control tokens due now, pushed onto the take (the caller puts them on the window):
+        with `before` None, the opening group of a take that is still empty; else the group after
+        the event just pushed, if it moved the clock from `before` into a new segment. The data
+        pipeline marks a piece's segments the same way (data_prep/controls.py). [] without controls."""
+        if not self._controls:
+            return []
+        if before is None and self.events:
+            return []
+        if before is not None and before // self._segment == self.end_step // self._segment:
+            return []
+        for c in self._controls:
+            self._push(c, CONTROL)
+        return list(self._controls)
 
     def _extend(self, ids: list[int]) -> None:
         """The take's latest len(ids) events, just pushed, onto the window (it slides if they overflow it)."""
@@ -537,10 +592,15 @@ class Stream:
             if self.velocity != velocity and velocity is not None:  # the model's notes keep their loudness
                 back.append((velocity, MODEL, answer))
             back += tail[1:]
+            written = []
             for i, w, a in back:
+                if w == CONTROL:  # segments are marked again where they now open
+                    continue
+                before = self.end_step
                 self._push(int(i), w)
                 self.answer_of[-1] = a
-            self._extend([i for i, _, _ in back])
+                written += [int(i)] + self._controls_due(before)
+            self._extend(written)
         if self.answer and self.settings.mode == "continue":
             out += self._end_answer()
         return out
@@ -650,15 +710,19 @@ class Stream:
         draw did; the random key of the stream's n-th draw is fold_in(key(seed), n) whatever the
         calls."""
         v = self.vocab
-        if len(self.ctx) + 1 > self.window:
+        due = len(self._controls)  # room for a segment's control tokens after the events drawn
+        if len(self.ctx) + 1 + due > self.window:
             self._rebuild()  # the window slides
+        if due:  # a draw stops at the next segment's opening, whose control tokens go in before more is drawn
+            boundary = (self.end_step // self._segment + 1) * self._segment
+            horizon = boundary if horizon is None else min(horizon, boundary)
         if len(self.ctx) - self._fed > FUSED_FEED:
             self._flush()
         chunk = self._chunk(fused=True)
         rows = self.rows
         if chunk is not None or rows is None:  # the sampler's state at the window's end (host arrays)
             rows = sample.RowState.start(v, [self.ctx], 1)
-        most = min(max_events, self.window - len(self.ctx))
+        most = min(max_events, self.window - len(self.ctx) - due)
         far = 2**31 - 1
         plan_6 = np.asarray([len(self.ctx), self.sampled, most,
                              far if horizon is None else horizon - self.end_step,
@@ -672,9 +736,13 @@ class Stream:
         # The cache holds the chunk and the kept events; a refused event's slot is past the cursor.
         self._fed = len(self.ctx) + int(n)
         for token in tokens_K[:n].tolist():
+            before = self.end_step
             ended_by = self._push(token, MODEL)
             self.ctx.append(token)
             self.ctx_events += 1
+            opening = self._controls_due(before)  # fed by the next call
+            self.ctx += opening
+            self.ctx_events += len(opening)
             t = self.time_of(self.end_step)
             if v.note_on_offset <= token < v.note_off_offset:
                 emit(Note(True, token - v.note_on_offset + v.min_pitch, self._midi_velocity(), t, self.answer,
