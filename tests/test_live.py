@@ -578,3 +578,34 @@ def test_a_model_without_controls_refuses_live_controls(run):
 
     with pytest.raises(UserError, match="controls: this model was trained without control tokens"):
         Stream(run).update({"controls": "density=3"})
+
+
+def test_a_client_steers_a_controls_model_from_its_page(tmp_path):
+    """The page learns which controls the model has (the menus it shows), sets them, and hears the
+    model answer under them; the server refuses a bad one with one line and goes on."""
+    run = _controls_run(tmp_path)
+    v = run.vocab
+    with server_lib.Background(run, max_sessions=1) as srv:
+        c = Client(srv)
+        try:
+            assert c.ready["controls"]["levels"] == 8 and c.ready["settings"]["controls"] == ""
+            c.send({"type": "set", "controls": "density=2,loudness=7"})
+            ack = c.until(lambda m: m["type"] in ("settings", "error"))
+            assert ack["type"] == "settings" and ack["settings"]["controls"] == "density=2,loudness=7"
+            c.send({"type": "set", "controls": "density=12"})
+            err = c.until(lambda m: m["type"] == "error")
+            assert err["line"].startswith("controls: density=12 is out of range")
+            c.play(PHRASE[:3])
+            c.send({"type": "cc", "cc": 67, "value": 127, "t": c.now()})
+            c.until(lambda m: m["type"] == "note", timeout=30)
+            c.send({"type": "export"})
+            midi = c.until(lambda m: m["type"] == "midi")
+            assert midi["data"]  # control tokens are not notes: the take still writes as MIDI
+            (session,) = srv.sessions
+            assert session.stream.events[:2] == [v.control_id("density", 2), v.control_id("loudness", 7)]
+        finally:
+            c.close()
+
+
+def test_a_model_without_controls_offers_none(server):
+    assert Client(server).ready["controls"] is None

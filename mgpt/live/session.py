@@ -49,8 +49,13 @@ class Session:
 
     def start(self) -> None:
         s = self.stream
+        spec = s.vocab.controls
+        controls = None if spec is None else {  # what the page offers: each control's levels the model knows
+            "seconds": spec["seconds"], "levels": spec["levels"],
+            "seen": spec.get("seen") or {}}
         self.send({"type": "ready", "styles": s.styles, "settings": s.settings.to_dict(), "fim": bool(s.vocab.fim),
-                   "pitch_range": [s.vocab.min_pitch, s.vocab.max_pitch], "version": s.version})
+                   "pitch_range": [s.vocab.min_pitch, s.vocab.max_pitch], "version": s.version,
+                   "controls": controls})
         self.thread.start()
 
     def close(self) -> None:
@@ -117,7 +122,7 @@ class Session:
             return msg
         if kind == "set":
             changes = {k: v for k, v in msg.items() if k != "type"}
-            self.stream.settings.updated(changes, self.stream.styles)  # checked now, applied in order
+            self.stream.settings.updated(changes, self.stream.styles, self.stream.vocab)  # checked now, applied in order
             return msg
         if kind == "infill":
             a, b = _number(msg, "start"), _number(msg, "end")

@@ -74,6 +74,7 @@ function handle(m) {
     style.innerHTML = '';
     for (const s of m.styles) style.add(new Option(s.replace(/_/g, ' '), s));
     showSettings(m.settings);
+    setupAttributes(m.controls, m.settings.controls);
     $('status').textContent = `connected${m.fim ? '' : ' (this model cannot infill)'}`;
     state.fim = m.fim;
   } else if (m.type === 'note') {
@@ -295,6 +296,35 @@ function onMidi(e) {
   if (kind === 0x90 && b > 0) userNote(true, a, b, t);
   else if (kind === 0x80 || (kind === 0x90 && b === 0)) userNote(false, a, 0, t);
   else if (kind === 0xb0) send({ type: 'cc', cc: a, value: b, t });
+}
+
+// ------------------------------------------------------------------ attribute controls
+const ATTRIBUTES = ['density', 'polyphony', 'register', 'loudness', 'mode'];
+const MODE_NAMES = ['major', 'minor', 'none'];
+
+// One menu per control, 'free' and the levels the model knows; a change is sent as the
+// `controls` setting ("density=6,mode=minor"), which the server applies from the next segment.
+function setupAttributes(spec, current) {
+  const section = $('attributes');
+  section.hidden = !spec;
+  if (!spec) return;
+  const asked = Object.fromEntries((current || '').split(',').filter(Boolean).map((kv) => kv.split('=')));
+  for (const name of ATTRIBUTES) {
+    const el = $(`ctl_${name}`);
+    el.innerHTML = '';
+    el.add(new Option('free', 'free'));
+    const levels = (spec.seen && spec.seen[name]) ||
+      (name === 'mode' ? [1, 2, 3] : Array.from({ length: spec.levels }, (_, i) => i + 1));
+    for (const k of levels) {
+      const value = name === 'mode' ? MODE_NAMES[k - 1] : String(k);
+      el.add(new Option(value, value));
+    }
+    el.value = asked[name] || 'free';
+    el.onchange = () => {
+      const parts = ATTRIBUTES.map((a) => [a, $(`ctl_${a}`).value]).filter(([, v]) => v !== 'free');
+      send({ type: 'set', controls: parts.map(([a, v]) => `${a}=${v}`).join(',') });
+    };
+  }
 }
 
 // ------------------------------------------------------------------ controls
