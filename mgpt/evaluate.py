@@ -208,13 +208,8 @@ def _sampling_run(f, gpt, vocab, config, dataset_dir):
     sampling = sample_run.Sampling(temperature=f.temperature, top_p=f.top_p, max_seconds=f.max_seconds,
                                  max_note_seconds=f.max_note_seconds, guidance=f.guidance)
     if f.controls or f.mood:
-        from mgpt.sample import controls as controls_lib
-
-        try:  # one line before anything is generated: an unknown control, a model without them
-            controls_lib.parse(vocab, f.controls, f.mood)
-        except ValueError as e:
-            raise UserError(str(e)) from None
         sampling = dataclasses.replace(sampling, controls=f.controls, mood=f.mood)
+        sampling.timeline(vocab)  # one line before anything is generated: an unknown control, a model without them
     return run, styles, sampling
 
 

@@ -44,3 +44,18 @@ def test_sweep_figures_from_the_measured_notes(monkeypatch, tmp_path):
     assert timeline["follow_s"] == [0.0, None] and timeline["follow_s_median"] == 0.0 and timeline["never"] == 1
     assert (tmp_path / "controls_sweep.png").is_file() and (tmp_path / "controls_sweep.json").is_file()
     assert "| density | 32 | 1.000 | 1.000 | 1.000 |" in sweep.write_controls_sweep(result)
+
+
+def test_a_pieces_own_timeline_asks_for_what_each_of_its_segments_measures():
+    from mgpt.sample import controls
+
+    notes = _notes_with_density([1, 3, 2, 4])
+    text = sweep.timeline_of(notes, SPEC, 4)
+    asked = controls.parse(VOCAB, text).segment_levels(VOCAB, 4)
+    np.testing.assert_array_equal(asked, data_controls.segment_levels(notes, SPEC, 4))
+    # A level the model's training split never has is left for the model to choose.
+    seen = {**SPEC, "seen": {"density": [1, 2, 4], "polyphony": [1, 2, 3, 4], "register": [1, 2, 3, 4],
+                             "loudness": [1, 2, 3, 4], "mode": [1, 2, 3]}}
+    strict = Vocabulary(["bach"]).with_controls(seen)
+    asked = controls.parse(strict, sweep.timeline_of(notes, seen, 4)).segment_levels(strict, 4)
+    assert asked[:, 0].tolist() == [1, 0, 2, 4]  # density 3 (second 1) is free
