@@ -156,6 +156,16 @@ def fit(pieces: Iterable[Notes], seconds: float, levels: int = DEFAULT_LEVELS) -
     return spec
 
 
+def density_caps(spec: dict, most: int = 4096) -> list[int]:
+    """caps[k]: the most notes a segment may strike and still measure density level k (k = 1..K;
+    caps[0] unused), by the same rule as `levels_of`; the top level has no cap (`most`)."""
+    counts = np.arange(most + 1)
+    level_N = levels_of({name: (counts / spec["seconds"] if name == "density" else np.zeros(len(counts)))
+                         for name in ATTRIBUTES}, spec)[:, 0]
+    levels = int(spec["levels"])
+    return [0] + [int(counts[level_N <= k].max()) if np.any(level_N <= k) else 0 for k in range(1, levels)] + [most]
+
+
 def _steps(vocab, ids: np.ndarray) -> np.ndarray:
     """The time step reached after each id (cumulative TIME_SHIFT steps)."""
     ids = np.asarray(ids, np.int64)

@@ -130,6 +130,8 @@ def define_flags(fv):
                         "low, mid, high or free), mode (major, minor, none or free).", **kw)
     flags.DEFINE_string("mood", None, "calm, happy, tense or sad, as controls (mgpt/sample/controls.py MOODS: "
                         "arousal -> density and loudness, valence -> mode); --controls overrides it.", **kw)
+    flags.DEFINE_bool("density_guard", True, "With a density asked for: at most that level's notes in each "
+                      "control segment (NOTE_ON masked past them); false = the model's own density.", **kw)
     flags.DEFINE_float("max_copy_seconds", DEFAULT_MAX_COPY_SECONDS,
                        "Copy guard: re-draw a piece that shares this many seconds with a training piece "
                        "(transposition-aware; 0 = off).", **kw)
@@ -157,7 +159,7 @@ def run_command(f) -> pathlib.Path:
                         max_events=f.max_events, max_seconds=f.max_seconds, max_note_seconds=f.max_note_seconds,
                         guidance=f.guidance, pitch_range=f.pitch_range, max_polyphony=f.max_polyphony,
                         velocity_range=f.velocity_range, controls=f.controls, mood=f.mood,
-                        context=f.context)
+                        density_guard=f.density_guard, context=f.context)
     _check_primer_seconds(f.primer_seconds)
     check_copy_guard(f.max_copy_seconds, f.copy_tries)
     if f.audio:

@@ -140,7 +140,7 @@ def test_levels_the_training_data_never_has_are_refused_and_names_take_the_neare
 def test_under_guidance_the_twin_reads_neither_the_style_nor_the_controls(model):
     # Guidance 0 draws from the twin's logits alone: so its events are those of a piece sampled
     # with STYLE:unknown and no controls, seed for seed (each piece short enough for one window).
-    timeline = controls.parse(VOCAB, "0:density=2;0.4:density=7")
+    timeline = controls.parse(VOCAB, "0:density=2;0.4:density=7", density_guard=False)  # the model's own draws
     seeds = [3, 4, 5, 6]
     guided = generate_tokens(model, VOCAB, [np.array([STYLE])] * 4, seeds=seeds, max_events=12, temperature=1.3,
                              guidance=0.0, controls=timeline)
@@ -153,3 +153,58 @@ def test_under_guidance_the_twin_reads_neither_the_style_nor_the_controls(model)
         forced += int(np.sum(is_control[2:]))  # groups after the first: written mid-stream
         np.testing.assert_array_equal(g[1:][~is_control[1:]], p[1:])
     assert forced > 0
+
+
+def _eager_model():
+    """Preferences that ignore the context and lean towards many notes: NOTE_ONs, short shifts."""
+    import jax.numpy as jnp
+
+    pref_V = np.zeros(VOCAB.size, np.float32)
+    pref_V[VOCAB.note_on_offset:VOCAB.note_off_offset] = 2.0
+    pref_V[VOCAB.time_shift_offset:VOCAB.time_shift_offset + 10] = 3.0
+    pref_V[VOCAB.eos_id] = -100.0
+    m = GPT(CFG, rngs=nnx.Rngs(1))
+    m.embed[...] = jnp.ones_like(m.embed[...])
+    for block in m.blocks:
+        block.attn.out[...] = jnp.zeros_like(block.attn.out[...])
+        block.mlp.wo[...] = jnp.zeros_like(block.mlp.wo[...])
+    m.unembed[...] = jnp.broadcast_to(jnp.asarray(pref_V) / CFG.d_model, m.unembed.shape)
+    return m
+
+
+def _notes_per_segment(row):
+    seg = data_controls.segment_steps(VOCAB)
+    step, counts = 0, {}
+    for t in np.asarray(row).tolist():
+        if VOCAB.time_shift_offset <= t < VOCAB.velocity_offset:
+            step += t - VOCAB.time_shift_offset + 1
+        elif VOCAB.note_on_offset <= t < VOCAB.note_off_offset:
+            counts[step // seg] = counts.get(step // seg, 0) + 1
+    return counts, step // seg
+
+
+def test_the_density_guard_holds_every_segment_to_its_level():
+    """Asked for a density level, no segment strikes more notes than that level allows, at any
+    guidance and across window slides; with the guard off the same eager model plays far more."""
+    model = _eager_model()
+    caps = data_controls.density_caps(VOCAB.controls)
+    timeline = "0:density=2;1:density=4;2:density=free"  # segments of 0.5 s: 0-1 level 2, 2-3 level 4
+    kw = dict(seeds=range(6), max_seconds=3.0, max_events=600, temperature=1.0)
+    for guidance in (1.0, 1.5):
+        rows = generate_tokens(model, VOCAB, [np.array([STYLE])] * 6, guidance=guidance,
+                               controls=controls.parse(VOCAB, timeline), **kw)
+        for row in rows:
+            counts, last = _notes_per_segment(row)
+            assert last >= 4  # the pieces reach the free segments (several windows of 32)
+            assert all(counts.get(k, 0) <= caps[2] for k in (0, 1))
+            assert all(counts.get(k, 0) <= caps[4] for k in (2, 3))
+    raw = generate_tokens(model, VOCAB, [np.array([STYLE])] * 6, guidance=1.0,
+                          controls=controls.parse(VOCAB, timeline, density_guard=False), **kw)
+    assert max(_notes_per_segment(r)[0].get(0, 0) for r in raw) > caps[2]
+    # A primer's notes in its last segment count towards that segment's cap: a primer already past it
+    # gets no more notes there.
+    primer = np.array([STYLE] + [VOCAB.note_on_offset + p for p in (10, 14, 17)], np.int32)
+    assert caps[2] < 3
+    (row,) = generate_tokens(model, VOCAB, [primer], controls=controls.parse(VOCAB, "density=2"), **{**kw, "seeds": [0]})
+    counts, _ = _notes_per_segment(row)
+    assert counts[0] == 3 and all(n <= caps[2] for k, n in counts.items() if k > 0)

@@ -58,6 +58,9 @@ class Timeline:
     increasing from 0; each entry changes the controls it names."""
 
     entries: tuple[tuple[float, tuple[tuple[str, int | None], ...]], ...] = ()
+    # The density guard: a segment asked for a density level strikes at most that level's notes
+    # (`data_prep.controls.density_caps`); past them NOTE_ON is masked until the next segment.
+    density_guard: bool = True
 
     @property
     def empty(self) -> bool:
@@ -88,13 +91,14 @@ class Timeline:
         return ";".join(f"{t:g}:" + ",".join(f"{k}={level(k, v)}" for k, v in changes) for t, changes in self.entries)
 
 
-def parse(vocab: Vocabulary, text: str | None, mood: str | None = None, flag: str = "--controls") -> Timeline:
+def parse(vocab: Vocabulary, text: str | None, mood: str | None = None, flag: str = "--controls",
+          density_guard: bool = True) -> Timeline:
     """--controls (and --mood) -> a Timeline. ValueError, one line naming the flag and the problem: an
     unknown control or mood, a level out of range, times out of order, or a model without controls."""
     text = (text or "").strip()
     mood = (mood or "").strip().lower()
     if not text and not mood:
-        return Timeline()
+        return Timeline(density_guard=density_guard)
     if vocab.controls is None:
         which = flag if text else "--mood"
         raise ValueError(f"{which}: this model was trained without control tokens (data.control_seconds = 0); "
@@ -136,7 +140,7 @@ def parse(vocab: Vocabulary, text: str | None, mood: str | None = None, flag: st
     if entries and entries[0][0] > 0:
         entries.insert(0, (0.0, {}))
     return Timeline(tuple((t, tuple(sorted(c.items(), key=lambda kv: controls_lib.ATTRIBUTES.index(kv[0]))))
-                          for t, c in entries))
+                          for t, c in entries), density_guard=density_guard)
 
 
 def _level(flag: str, name: str, value: str, levels: int, names: dict[str, int],
@@ -172,11 +176,14 @@ class ControlPlan:
     group_BxSxA: segment k's tokens, in order, -1 after the last (free ones are left out); a row
     past segment S - 1 stays on its last one. offset_B: the row's clock at its first new event,
     in steps from the piece's start (the primer's length). segment_steps: int32 scalar.
+    cap_BxS: the density guard, the most notes segment k may strike (None: no row has one, which
+    traces as before; a large number where density is free or the guard is off).
     """
 
     group_BxSxA: jax.Array
     offset_B: jax.Array
     segment_steps: jax.Array
+    cap_BxS: jax.Array | None = None
 
 
 def plan(vocab: Vocabulary, timelines, offsets_steps, batch: int, max_steps: int | None) -> ControlPlan:
@@ -192,8 +199,45 @@ def plan(vocab: Vocabulary, timelines, offsets_steps, batch: int, max_steps: int
             group[b, k, :len(tokens)] = tokens
     offset = np.zeros(batch, np.int32)
     offset[:len(offsets_steps)] = offsets_steps
+    caps = controls_lib.density_caps(vocab.controls)
+    cap = np.full((batch, segments), caps[-1], np.int32)
+    density = controls_lib.ATTRIBUTES.index("density")
+    for b, t in enumerate(timelines):
+        if t.density_guard:
+            levels_S = t.segment_levels(vocab, segments)[:, density]
+            cap[b] = np.where(levels_S > 0, np.asarray(caps)[levels_S], caps[-1])
     return ControlPlan(group_BxSxA=jnp.asarray(group), offset_B=jnp.asarray(offset),
-                       segment_steps=jnp.asarray(seg, jnp.int32))
+                       segment_steps=jnp.asarray(seg, jnp.int32),
+                       cap_BxS=jnp.asarray(cap) if np.any(cap < caps[-1]) else None)
+
+
+def notes_in_last_segment(vocab: Vocabulary, prompt) -> int:
+    """The notes a prompt strikes in the segment it ends in (the density guard's count to start from)."""
+    ids = np.asarray(prompt, np.int64)
+    if not len(ids):
+        return 0
+    shift = (ids >= vocab.time_shift_offset) & (ids < vocab.velocity_offset)
+    step_T = np.cumsum(np.where(shift, ids - vocab.time_shift_offset + 1, 0))
+    seg = controls_lib.segment_steps(vocab)
+    struck = (ids >= vocab.note_on_offset) & (ids < vocab.note_off_offset)
+    return int(np.sum(struck & (step_T // seg == step_T[-1] // seg)))
+
+
+def segment_cap(p: ControlPlan | None, steps_B):
+    """The density guard's cap on notes in each row's current segment, or None."""
+    if p is None or p.cap_BxS is None:
+        return None
+    k_B = jnp.minimum(_segment(p, steps_B), p.cap_BxS.shape[1] - 1)
+    return jnp.take_along_axis(p.cap_BxS, k_B[:, None], axis=1)[:, 0]
+
+
+def count_notes(p: ControlPlan | None, notes_B, steps_B, new_steps_B, struck_B):
+    """RowState.segment_notes_B after an event: reset when it carried the clock into a new segment,
+    one more when it struck a note."""
+    if p is None or p.cap_BxS is None:
+        return notes_B
+    crossed_B = _segment(p, new_steps_B) > _segment(p, steps_B)
+    return jnp.where(crossed_B, 0, notes_B + struck_B.astype(jnp.int32))
 
 
 def _segment(p: ControlPlan, steps_B):

@@ -221,6 +221,9 @@ class Sampling:
     # Controls (mgpt/sample/controls.py): a --controls timeline and/or a --mood; None = none.
     controls: str | None = None
     mood: str | None = None
+    # With a density asked for, at most that level's notes per segment (mgpt/sample/controls.py);
+    # False: the model's own density (docs/controls.md has both).
+    density_guard: bool = True
     context: str = DEFAULT_CONTEXT  # past the window: 'rolling' or 'reprefill' (DEFAULT_CONTEXT)
 
     def windowed_only(self) -> bool:
@@ -280,7 +283,7 @@ class Sampling:
         from mgpt.sample import controls
 
         try:
-            return controls.parse(vocab, self.controls, self.mood)
+            return controls.parse(vocab, self.controls, self.mood, density_guard=self.density_guard)
         except ValueError as e:
             raise UserError(str(e)) from None
 

@@ -320,6 +320,7 @@ class RowState:
     onset_BxP: jax.Array
     velocity_B: jax.Array | None = None
     control_B: jax.Array | None = None  # with controls: the next forced token of the segment (mgpt/sample/controls.py)
+    segment_notes_B: jax.Array | None = None  # the density guard: notes struck in the row's current segment
 
     @classmethod
     def start(cls, vocab: Vocabulary, prompts: Sequence[Sequence[int]], batch: int) -> "RowState":
@@ -392,6 +393,10 @@ def choose_event(logits_BxV, rows: RowState, limits: RowLimits, settings, tables
         banned_BxV = banned_BxV | (fill_B[:, None] & eos_V[None, :])
     if limits.mask is not None:  # hard limits: pitch range, polyphony, velocity range
         banned_BxV = banned_BxV | limits_lib.mask_rules(limits.mask, rows.open_BxP, rows.velocity_B, tables)
+    cap_B = controls_lib.segment_cap(limits.controls, rows.steps_B)
+    if cap_B is not None:  # the density guard: no NOTE_ON past the segment's asked-for number of notes
+        is_on_V = tables["on_pitch_V"] < rows.open_BxP.shape[1]
+        banned_BxV = banned_BxV | ((rows.segment_notes_B >= cap_B)[:, None] & is_on_V[None, :])
     logits_BxV = jax.lax.cond(settings["release_share"] > 0, release_mass,
                               lambda l, b, t, a: l.astype(jnp.float32),
                               logits_BxV, banned_BxV, tables, settings["release_share"])
@@ -512,6 +517,9 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
             next_BxV, twin_next_BxV, twin_end_B = guided_logits(logits_Rx1xV[:, 0], guidance), None, None
         control_B = controls_lib.advance(limits.controls, r.control_B, r.steps_B, jnp.where(emit_B, new_steps_B, r.steps_B),
                                          emit_B, forced_B)
+        struck_B = counted_B & (tables["on_pitch_V"][token_B] < r.open_BxP.shape[1])
+        segment_notes_B = controls_lib.count_notes(limits.controls, r.segment_notes_B, r.steps_B,
+                                                   jnp.where(emit_B, new_steps_B, r.steps_B), struck_B)
         # ---
         filled_B = False if fill_B is None else fill_B & emit_B & (new_steps_B >= limits.max_steps_B)
         return _SamplingState(
@@ -527,6 +535,7 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
                 onset_BxP=onset_BxP,
                 velocity_B=limits_lib.track_velocity(r.velocity_B, token_B, emit_B, tables),
                 control_B=control_B,
+                segment_notes_B=segment_notes_B,
             ),
             heard_RxP=heard_RxP,
             twin_end_B=twin_end_B,
@@ -542,7 +551,9 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
                       done_B=jnp.asarray(rows.done_B, bool), open_BxP=jnp.asarray(rows.open_BxP, jnp.int32),
                       onset_BxP=jnp.asarray(rows.onset_BxP, jnp.int32),
                       velocity_B=None if rows.velocity_B is None else jnp.asarray(rows.velocity_B, jnp.int32),
-                      control_B=None if rows.control_B is None else jnp.asarray(rows.control_B, jnp.int32)),
+                      control_B=None if rows.control_B is None else jnp.asarray(rows.control_B, jnp.int32),
+                      segment_notes_B=None if rows.segment_notes_B is None
+                      else jnp.asarray(rows.segment_notes_B, jnp.int32)),
         heard_RxP=heard_RxP,
         twin_end_B=jnp.asarray(twin_lengths_B, jnp.int32) if apart else None,
         twin_logits_BxV=twin_logits_BxV,
@@ -789,6 +800,10 @@ def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events,
         plan = controls_lib.plan(vocab, controls, offsets, batch, None if budget >= np.iinfo(np.int32).max
                                  else budget)
         state = state.replace(control_B=np.zeros(batch, np.int32))  # the first group: right after the prompt
+        if plan.cap_BxS is not None:  # the density guard counts the primer's notes in its last segment
+            notes_B = np.zeros(batch, np.int32)
+            notes_B[:n] = [controls_lib.notes_in_last_segment(vocab, p) for p in prompts]
+            state = state.replace(segment_notes_B=notes_B)
     seeds_B = np.zeros(batch, np.uint32)
     seeds_B[:n] = np.asarray(seeds, np.uint64).astype(np.uint32)
     # Budgets: one for all rows, or one per row (benchmarks/bench_sample.py --corpus).
