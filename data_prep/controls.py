@@ -2,7 +2,7 @@
 
 A piece is cut into segments of `seconds` (a run's config.data.control_seconds) from its start:
 segment k is [k * seconds, (k + 1) * seconds). Of each segment (`segment_values`):
-- density: note onsets per second (onsets in the segment / seconds);
+- density: notes struck per second (notes struck in the segment / seconds; a chord's notes each count);
 - polyphony: the mean, over the distinct onset times in the segment, of the notes sounding there
   (start <= t < end; notes struck before the segment count);
 - register: the mean pitch of the notes struck in it;
@@ -73,7 +73,7 @@ def num_segments(end_s: float, seconds: float) -> int:
 
 def segment_values(notes: Notes, seconds: float, count: int | None = None) -> dict[str, np.ndarray]:
     """Per segment (count of them; default: up to the last note's end), float64 arrays: density
-    (onsets/s), polyphony (notes sounding per onset), register (mean pitch; NaN with no onset),
+    (notes struck/s), polyphony (notes sounding per onset), register (mean pitch; NaN with no onset),
     loudness (mean velocity; NaN with no onset) and mode (level 1..3)."""
     pitch = np.asarray(notes.pitch, np.int64)
     velocity = np.asarray(notes.velocity, np.float64)
@@ -156,14 +156,21 @@ def fit(pieces: Iterable[Notes], seconds: float, levels: int = DEFAULT_LEVELS) -
     return spec
 
 
-def density_caps(spec: dict, most: int = 4096) -> list[int]:
-    """caps[k]: the most notes a segment may strike and still measure density level k (k = 1..K;
-    caps[0] unused), by the same rule as `levels_of`; the top level has no cap (`most`)."""
+def density_bounds(spec: dict, most: int = 4096) -> tuple[list[int], list[int]]:
+    """(floors, caps): floors[k] / caps[k], the fewest / most notes a segment may strike and still
+    measure density level k (k = 1..K; index 0 unused), by the same rule as `levels_of`. The top
+    level has no cap (`most`). A level no count measures (ties can skip one) gets the nearest count
+    below it as both bounds."""
     counts = np.arange(most + 1)
     level_N = levels_of({name: (counts / spec["seconds"] if name == "density" else np.zeros(len(counts)))
                          for name in ATTRIBUTES}, spec)[:, 0]
     levels = int(spec["levels"])
-    return [0] + [int(counts[level_N <= k].max()) if np.any(level_N <= k) else 0 for k in range(1, levels)] + [most]
+    floors, caps = [0], [0]
+    for k in range(1, levels + 1):
+        at_least = counts[level_N >= k]
+        caps.append(int(counts[level_N <= k].max()) if k < levels else most)
+        floors.append(min(int(at_least.min()) if len(at_least) else most, caps[-1]))
+    return floors, caps
 
 
 def _steps(vocab, ids: np.ndarray) -> np.ndarray:

@@ -58,8 +58,9 @@ class Timeline:
     increasing from 0; each entry changes the controls it names."""
 
     entries: tuple[tuple[float, tuple[tuple[str, int | None], ...]], ...] = ()
-    # The density guard: a segment asked for a density level strikes at most that level's notes
-    # (`data_prep.controls.density_caps`); past them NOTE_ON is masked until the next segment.
+    # The density guard: a segment asked for a density level strikes as many notes as that level
+    # holds (`data_prep.controls.density_bounds`): past its most, NOTE_ON is masked until the next
+    # segment; short of its fewest, a TIME_SHIFT into the next segment is.
     density_guard: bool = True
 
     @property
@@ -176,14 +177,15 @@ class ControlPlan:
     group_BxSxA: segment k's tokens, in order, -1 after the last (free ones are left out); a row
     past segment S - 1 stays on its last one. offset_B: the row's clock at its first new event,
     in steps from the piece's start (the primer's length). segment_steps: int32 scalar.
-    cap_BxS: the density guard, the most notes segment k may strike (None: no row has one, which
-    traces as before; a large number where density is free or the guard is off).
+    cap_BxS / floor_BxS: the density guard, the most / fewest notes segment k may strike (None: no
+    row has one, which traces as before; no bound where density is free or the guard is off).
     """
 
     group_BxSxA: jax.Array
     offset_B: jax.Array
     segment_steps: jax.Array
     cap_BxS: jax.Array | None = None
+    floor_BxS: jax.Array | None = None
 
 
 def plan(vocab: Vocabulary, timelines, offsets_steps, batch: int, max_steps: int | None) -> ControlPlan:
@@ -199,16 +201,19 @@ def plan(vocab: Vocabulary, timelines, offsets_steps, batch: int, max_steps: int
             group[b, k, :len(tokens)] = tokens
     offset = np.zeros(batch, np.int32)
     offset[:len(offsets_steps)] = offsets_steps
-    caps = controls_lib.density_caps(vocab.controls)
+    floors, caps = (np.asarray(x) for x in controls_lib.density_bounds(vocab.controls))
     cap = np.full((batch, segments), caps[-1], np.int32)
+    floor = np.zeros((batch, segments), np.int32)
     density = controls_lib.ATTRIBUTES.index("density")
     for b, t in enumerate(timelines):
         if t.density_guard:
             levels_S = t.segment_levels(vocab, segments)[:, density]
-            cap[b] = np.where(levels_S > 0, np.asarray(caps)[levels_S], caps[-1])
+            cap[b] = np.where(levels_S > 0, caps[levels_S], caps[-1])
+            floor[b] = np.where(levels_S > 0, floors[levels_S], 0)
+    guarded = np.any(cap < caps[-1]) or np.any(floor > 0)
     return ControlPlan(group_BxSxA=jnp.asarray(group), offset_B=jnp.asarray(offset),
                        segment_steps=jnp.asarray(seg, jnp.int32),
-                       cap_BxS=jnp.asarray(cap) if np.any(cap < caps[-1]) else None)
+                       cap_BxS=jnp.asarray(cap) if guarded else None, floor_BxS=jnp.asarray(floor) if guarded else None)
 
 
 def notes_in_last_segment(vocab: Vocabulary, prompt) -> int:
@@ -223,12 +228,30 @@ def notes_in_last_segment(vocab: Vocabulary, prompt) -> int:
     return int(np.sum(struck & (step_T // seg == step_T[-1] // seg)))
 
 
-def segment_cap(p: ControlPlan | None, steps_B):
-    """The density guard's cap on notes in each row's current segment, or None."""
+def density_banned(p: ControlPlan | None, notes_B, steps_B, tables, num_pitches: int):
+    """The density guard's mask (BxV bool), or None: NOTE_ON once the row's current segment has its
+    most notes; a TIME_SHIFT that would leave the segment while it has fewer than its fewest, and on
+    its last step (no shift left) VELOCITY too, so that the row strikes a note rather than restating
+    its loudness without end."""
     if p is None or p.cap_BxS is None:
         return None
-    k_B = jnp.minimum(_segment(p, steps_B), p.cap_BxS.shape[1] - 1)
-    return jnp.take_along_axis(p.cap_BxS, k_B[:, None], axis=1)[:, 0]
+    k_B = _segment(p, steps_B)
+    last = p.cap_BxS.shape[1] - 1
+    at_B = jnp.minimum(k_B, last)[:, None]
+    cap_B = jnp.take_along_axis(p.cap_BxS, at_B, axis=1)[:, 0]
+    floor_B = jnp.take_along_axis(p.floor_BxS, at_B, axis=1)[:, 0]
+    next_floor_B = jnp.take_along_axis(p.floor_BxS, jnp.minimum(k_B + 1, last)[:, None], axis=1)[:, 0]
+    is_on_V = tables["on_pitch_V"] < num_pitches
+    left_B = (k_B + 1) * p.segment_steps - (p.offset_B + steps_B)  # steps to the next segment's opening
+    shift_V = tables["shift_steps_V"]
+    short_B = notes_B < floor_B
+    # Leaving a segment short of its notes, or passing over the next one (shifts of 1 s; shorter segments):
+    # a shift may land at most in the next segment, where its own notes are then struck.
+    leaves_BxV = (short_B[:, None] & (shift_V[None, :] >= left_B[:, None])) | (
+        (next_floor_B > 0)[:, None] & (shift_V[None, :] >= (left_B + p.segment_steps)[:, None]))
+    return (((notes_B >= cap_B)[:, None] & is_on_V[None, :])
+            | (leaves_BxV & (shift_V > 0)[None, :])
+            | ((short_B & (left_B <= 1))[:, None] & tables["is_velocity_V"][None, :]))
 
 
 def count_notes(p: ControlPlan | None, notes_B, steps_B, new_steps_B, struck_B):

@@ -393,10 +393,10 @@ def choose_event(logits_BxV, rows: RowState, limits: RowLimits, settings, tables
         banned_BxV = banned_BxV | (fill_B[:, None] & eos_V[None, :])
     if limits.mask is not None:  # hard limits: pitch range, polyphony, velocity range
         banned_BxV = banned_BxV | limits_lib.mask_rules(limits.mask, rows.open_BxP, rows.velocity_B, tables)
-    cap_B = controls_lib.segment_cap(limits.controls, rows.steps_B)
-    if cap_B is not None:  # the density guard: no NOTE_ON past the segment's asked-for number of notes
-        is_on_V = tables["on_pitch_V"] < rows.open_BxP.shape[1]
-        banned_BxV = banned_BxV | ((rows.segment_notes_B >= cap_B)[:, None] & is_on_V[None, :])
+    density_BxV = controls_lib.density_banned(limits.controls, rows.segment_notes_B, rows.steps_B, tables,
+                                              rows.open_BxP.shape[1])
+    if density_BxV is not None:  # the density guard: as many notes in a segment as its level holds
+        banned_BxV = banned_BxV | density_BxV
     logits_BxV = jax.lax.cond(settings["release_share"] > 0, release_mass,
                               lambda l, b, t, a: l.astype(jnp.float32),
                               logits_BxV, banned_BxV, tables, settings["release_share"])
