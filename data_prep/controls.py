@@ -168,7 +168,8 @@ def density_bounds(spec: dict, most: int = 4096) -> tuple[list[int], list[int]]:
     floors, caps = [0], [0]
     for k in range(1, levels + 1):
         at_least = counts[level_N >= k]
-        caps.append(int(counts[level_N <= k].max()) if k < levels else most)
+        at_most = counts[level_N <= k]
+        caps.append((int(at_most.max()) if len(at_most) else 0) if k < levels else most)
         floors.append(min(int(at_least.min()) if len(at_least) else most, caps[-1]))
     return floors, caps
 

@@ -130,8 +130,9 @@ def define_flags(fv):
                         "low, mid, high or free), mode (major, minor, none or free).", **kw)
     flags.DEFINE_string("mood", None, "calm, happy, tense or sad, as controls (mgpt/sample/controls.py MOODS: "
                         "arousal -> density and loudness, valence -> mode); --controls overrides it.", **kw)
-    flags.DEFINE_bool("density_guard", True, "With a density asked for: at most that level's notes in each "
-                      "control segment (NOTE_ON masked past them); false = the model's own density.", **kw)
+    flags.DEFINE_bool("density_guard", True, "With a density asked for: each control segment strikes as many "
+                      "notes as its level holds, no more (NOTE_ON masked) and no fewer (leaving it masked); "
+                      "false = the model's own density.", **kw)
     flags.DEFINE_float("max_copy_seconds", DEFAULT_MAX_COPY_SECONDS,
                        "Copy guard: re-draw a piece that shares this many seconds with a training piece "
                        "(transposition-aware; 0 = off).", **kw)

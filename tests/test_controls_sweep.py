@@ -49,10 +49,11 @@ def test_sweep_figures_from_the_measured_notes(monkeypatch, tmp_path):
 def test_a_pieces_own_timeline_asks_for_what_each_of_its_segments_measures():
     from mgpt.sample import controls
 
-    notes = _notes_with_density([1, 3, 2, 4])
-    text = sweep.timeline_of(notes, SPEC, 4)
-    asked = controls.parse(VOCAB, text).segment_levels(VOCAB, 4)
-    np.testing.assert_array_equal(asked, data_controls.segment_levels(notes, SPEC, 4))
+    notes = _notes_with_density([1, 3, 2, 4, 1])  # the last note ends at 4.1 s: four whole segments
+    text = sweep.timeline_of(notes, SPEC, 6)
+    asked = controls.parse(VOCAB, text).segment_levels(VOCAB, 6)
+    np.testing.assert_array_equal(asked[:4], data_controls.segment_levels(notes, SPEC, 4))
+    assert not asked[4:].any()  # past the piece's end nothing is asked for (not silence)
     # A level the model's training split never has is left for the model to choose.
     seen = {**SPEC, "seen": {"density": [1, 2, 4], "polyphony": [1, 2, 3, 4], "register": [1, 2, 3, 4],
                              "loudness": [1, 2, 3, 4], "mode": [1, 2, 3]}}

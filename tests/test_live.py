@@ -609,3 +609,25 @@ def test_a_client_steers_a_controls_model_from_its_page(tmp_path):
 
 def test_a_model_without_controls_offers_none(server):
     assert Client(server).ready["controls"] is None
+
+
+def test_a_long_takes_window_still_carries_the_controls_in_force(tmp_path, monkeypatch):
+    """Past HISTORY events the window is re-read from the take's latest events only; the segment grid
+    (which finds the controls in force) still counts from the take's start."""
+    from mgpt.live import stream as stream_lib
+    from mgpt.live.stream import Settings
+
+    monkeypatch.setattr(stream_lib, "HISTORY", 150)  # more than a segment and the window, fewer than the take
+    run = _controls_run(tmp_path)
+    v = run.vocab
+    stream = Stream(run, Settings(guidance=1.0, controls="density=3,mode=minor"), origin=0.0)
+    group = [v.control_id("density", 3), v.control_id("mode", "minor")]
+    t, misses = 0.0, 0
+    for k in range(100):
+        t += 0.03  # a segment (0.5 s) holds more events than the window (32): its opening soon leaves it
+        stream.user_note(True, 60 + k % 12, 90, t)
+        stream.user_note(False, 60 + k % 12, 0, t + 0.01)
+        stream._rebuild()
+        # The controls in force are carried at the window's start, or written where its segment opens.
+        misses += not any(stream.ctx[i:i + 2] == group for i in range(len(stream.ctx)))
+    assert misses == 0

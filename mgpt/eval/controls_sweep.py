@@ -137,7 +137,7 @@ def _plot(points: dict, levels: int, path: pathlib.Path) -> None:
                 "o-", color="black", ms=4, label="median")
         ax.set_title(name)
         ax.set_xlabel("requested level" if name != "mode" else "requested (1 major, 2 minor, 3 none)")
-        ax.set_ylabel({"density": "onsets / s", "polyphony": "notes sounding per onset", "register": "mean pitch",
+        ax.set_ylabel({"density": "notes / s", "polyphony": "notes sounding per onset", "register": "mean pitch",
                        "loudness": "mean velocity", "mode": "measured (1 major, 2 minor, 3 none)"}[name])
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -160,11 +160,22 @@ def write_controls_sweep(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def reference_levels(notes, spec: dict, segments: int) -> np.ndarray:
+    """int64[segments, A]: the levels a piece measures in each of its first `segments` segments, 0
+    (free) in a segment that does not lie wholly within the piece (a shorter piece asks for nothing
+    past its end, not for silence)."""
+    levels_SxA = data_controls.segment_levels(notes, spec, segments)
+    end = float(np.max(notes.end_s)) if len(notes) else 0.0
+    inside_S = (np.arange(segments) + 1) * spec["seconds"] <= end + 1e-9
+    return np.where(inside_S[:, None], levels_SxA, 0)
+
+
 def timeline_of(notes, spec: dict, segments: int) -> str:
     """The --controls timeline a piece itself has: every control of each of its first `segments`
-    segments at the level measured there. A control a segment has no level of (no note struck), or
-    a level the model's training split never has (spec['seen']), is left free."""
-    levels_SxA = data_controls.segment_levels(notes, spec, segments)
+    segments at the level measured there. A control a segment has no level of (no note struck, or
+    past the piece's end), or a level the model's training split never has (spec['seen']), is left
+    free."""
+    levels_SxA = reference_levels(notes, spec, segments)
     seen = spec.get("seen") or {}
     entries = []
     for k, levels_A in enumerate(levels_SxA):
@@ -231,7 +242,7 @@ def controls_cost(*, run, vocab, train, test, num_samples: int, styles: Sequence
                "style": style.get("generated"),
                "mean_overlap": overlap, "overlap_vs_ceiling": overlap / ceiling if ceiling else None}
         if name == "steered":  # how closely the pieces follow the real pieces' timelines
-            asked = np.concatenate([data_controls.segment_levels(vocab.decode_notes(r.tokens), spec, whole)
+            asked = np.concatenate([reference_levels(vocab.decode_notes(r.tokens), spec, whole)
                                     for _, _, r, _ in plan])
             got = np.concatenate([data_controls.segment_levels(n, spec, whole) for n in notes])
             row["follow"] = {}

@@ -353,7 +353,17 @@ class Stream:
 
         Only the take's latest HISTORY events are read for the state the window carries, so that a
         long session's slides cost the same as a short one's."""
-        row = [self._style_id, *self.events[-HISTORY:]]
+        events = self.events[-HISTORY:]
+        lead = []
+        if self._segment and len(self.events) > HISTORY:
+            # The controls in force are found by the segment grid, counted from the row's start: time
+            # up to where the history begins keeps that grid (it is never in the window itself).
+            from mgpt.sample.fim import gap_tokens
+
+            v = self.vocab
+            shifts = sum(t - v.time_shift_offset + 1 for t in events if v.time_shift_offset <= t < v.velocity_offset)
+            lead = gap_tokens(v, (self.end_step - shifts) % self._segment)
+        row = [self._style_id, *lead, *events]
         ctx = sample.window_prompt(row, self.window, self.vocab)
         # How many of the take's latest events the window holds (before them: STYLE and the state
         # carried at the first of them).
@@ -711,6 +721,9 @@ class Stream:
         calls."""
         v = self.vocab
         due = len(self._controls)  # room for a segment's control tokens after the events drawn
+        horizon_asked = horizon
+        if due and not self.events:  # a take the model opens: its first segment's tokens first
+            self._extend(self._controls_due(None))
         if len(self.ctx) + 1 + due > self.window:
             self._rebuild()  # the window slides
         if due:  # a draw stops at the next segment's opening, whose control tokens go in before more is drawn
@@ -752,6 +765,11 @@ class Stream:
         if ended:
             for item in self._end_answer():
                 emit(item)
+        elif (due and until_note and int(n) < max_events and self.answer_end_step > self.end_step
+              and not any(v.note_on_offset <= t < v.note_off_offset for t in tokens_K[:n].tolist())
+              and (horizon_asked is None or self.end_step < horizon_asked)):
+            # Stopped at a segment's opening before the note it looks for: on, behind its control tokens.
+            self._draw(emit, horizon_asked, max_events - int(n), until_note)
 
     def _midi_velocity(self) -> int:
         if self.velocity is None:

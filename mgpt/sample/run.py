@@ -221,8 +221,8 @@ class Sampling:
     # Controls (mgpt/sample/controls.py): a --controls timeline and/or a --mood; None = none.
     controls: str | None = None
     mood: str | None = None
-    # With a density asked for, at most that level's notes per segment (mgpt/sample/controls.py);
-    # False: the model's own density (docs/controls.md has both).
+    # With a density asked for, each segment strikes as many notes as its level holds, no more and
+    # no fewer (mgpt/sample/controls.py); False: the model's own density (docs/controls.md has both).
     density_guard: bool = True
     context: str = DEFAULT_CONTEXT  # past the window: 'rolling' or 'reprefill' (DEFAULT_CONTEXT)
 
@@ -301,7 +301,11 @@ class Sampling:
 
     def to_dict(self) -> dict:
         ranges = {k: list(getattr(self, k)) for k in ("pitch_range", "velocity_range") if getattr(self, k)}
-        return {**dataclasses.asdict(self), **self.budget(), **ranges}  # lists: what the manifest's JSON reads back
+        # The density guard does nothing without controls: recorded as off then, as manifests from
+        # before it read (mgpt.sample.corpus), so that a corpus without controls resumes as it was.
+        steered = bool((self.controls or "").strip() or (self.mood or "").strip())
+        return {**dataclasses.asdict(self), **self.budget(), **ranges,  # lists: what the manifest's JSON reads back
+                "density_guard": bool(self.density_guard and steered)}
 
 
 # ----------------------------------------------------------------------------- a loaded run
