@@ -765,7 +765,7 @@ class Stream:
         if ended:
             for item in self._end_answer():
                 emit(item)
-        elif (due and until_note and int(n) < max_events and self.answer_end_step > self.end_step
+        elif (due and until_note and 0 < int(n) < max_events and self.answer_end_step > self.end_step
               and not any(v.note_on_offset <= t < v.note_off_offset for t in tokens_K[:n].tolist())
               and (horizon_asked is None or self.end_step < horizon_asked)):
             # Stopped at a segment's opening before the note it looks for: on, behind its control tokens.
