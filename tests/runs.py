@@ -30,3 +30,21 @@ def save_untrained_run(workdir: str, vocab, max_len: int, prepare=None, steps=(3
         ckpts.wait()
     ckpts.close()
     return workdir
+
+
+def context_free_model(cfg, pref_V):
+    """A GPT whose next-event logits are `pref_V` (scaled) whatever came before: every block's
+    output is zeroed and every embedding is ones, so the unembedding alone decides. Tests of the
+    sampler's masks use it to lean towards what a mask forbids."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mgpt.model import GPT
+
+    m = GPT(cfg, rngs=nnx.Rngs(1))
+    m.embed[...] = jnp.ones_like(m.embed[...])
+    for block in m.blocks:
+        block.attn.out[...] = jnp.zeros_like(block.attn.out[...])
+        block.mlp.wo[...] = jnp.zeros_like(block.mlp.wo[...])
+    m.unembed[...] = jnp.broadcast_to(jnp.asarray(pref_V) / cfg.d_model, m.unembed.shape)
+    return m

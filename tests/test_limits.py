@@ -1,14 +1,13 @@
 """Hard limits (mgpt/sample/limits.py): held by the sampler's mask on every sampled event."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from data_prep.vocab import Vocabulary
 from mgpt.model import GPT, ModelConfig
 from mgpt.sample.limits import HardLimits, parse_range
 from mgpt.sample.sampler import generate_tokens
+from runs import context_free_model
 
 VOCAB = Vocabulary(["bach"])
 CFG = ModelConfig(vocab_size=VOCAB.size, num_layers=2, num_heads=2, d_model=32, mlp_dim=64, max_len=32,
@@ -26,13 +25,7 @@ def _eager_model() -> GPT:
     pref_V[VOCAB.velocity_offset:VOCAB.style_offset] = 1.0
     pref_V[VOCAB.time_shift_offset:VOCAB.time_shift_offset + 10] = 2.0
     pref_V[VOCAB.eos_id] = -100.0
-    m = GPT(CFG, rngs=nnx.Rngs(1))
-    m.embed[...] = jnp.ones_like(m.embed[...])
-    for block in m.blocks:
-        block.attn.out[...] = jnp.zeros_like(block.attn.out[...])
-        block.mlp.wo[...] = jnp.zeros_like(block.mlp.wo[...])
-    m.unembed[...] = jnp.broadcast_to(jnp.asarray(pref_V) / CFG.d_model, m.unembed.shape)
-    return m
+    return context_free_model(CFG, pref_V)
 
 
 def violations(row: np.ndarray, limits: HardLimits, start: int) -> dict:
@@ -124,8 +117,7 @@ def test_a_velocity_range_the_model_never_plays_still_gets_notes():
     pref_V[VOCAB.velocity_offset:VOCAB.style_offset] = -30.0
     pref_V[VOCAB.velocity_offset + int(VOCAB.velocity_to_bin(77)) - 1] = 0.0
     pref_V[VOCAB.eos_id] = -100.0
-    m = _eager_model()
-    m.unembed[...] = jnp.broadcast_to(jnp.asarray(pref_V) / CFG.d_model, m.unembed.shape)
+    m = context_free_model(CFG, pref_V)
     loud = HardLimits(velocity_range=(90, 127))
     rows = generate_tokens(m, VOCAB, [np.asarray([STYLE])] * 8, seeds=range(8), max_events=60, max_note_seconds=0.3,
                            hard_limits=loud)

@@ -9,6 +9,7 @@ from data_prep.vocab import Vocabulary
 from mgpt.model import GPT, ModelConfig
 from mgpt.sample import controls
 from mgpt.sample.sampler import generate_tokens
+from runs import context_free_model
 
 SPEC = {"seconds": 0.5, "levels": 8, "edges": {name: [float(i) for i in range(1, 8)] for name in data_controls.BINNED}}
 VOCAB = Vocabulary(["bach"]).with_controls(SPEC)
@@ -161,8 +162,6 @@ def test_under_guidance_the_twin_reads_neither_the_style_nor_the_controls(model)
 def _eager_model(sparse: bool = False):
     """Preferences that ignore the context and lean towards many notes (NOTE_ONs, short shifts), or
     with `sparse` towards few (long shifts)."""
-    import jax.numpy as jnp
-
     pref_V = np.zeros(VOCAB.size, np.float32)
     pref_V[VOCAB.note_on_offset:VOCAB.note_off_offset] = 2.0
     pref_V[VOCAB.time_shift_offset:VOCAB.time_shift_offset + 10] = 3.0
@@ -170,13 +169,7 @@ def _eager_model(sparse: bool = False):
         pref_V[VOCAB.note_on_offset:VOCAB.note_off_offset] = -2.0
         pref_V[VOCAB.time_shift_offset + 60:VOCAB.velocity_offset] = 6.0
     pref_V[VOCAB.eos_id] = -100.0
-    m = GPT(CFG, rngs=nnx.Rngs(1))
-    m.embed[...] = jnp.ones_like(m.embed[...])
-    for block in m.blocks:
-        block.attn.out[...] = jnp.zeros_like(block.attn.out[...])
-        block.mlp.wo[...] = jnp.zeros_like(block.mlp.wo[...])
-    m.unembed[...] = jnp.broadcast_to(jnp.asarray(pref_V) / CFG.d_model, m.unembed.shape)
-    return m
+    return context_free_model(CFG, pref_V)
 
 
 def _notes_per_segment(row):
