@@ -135,6 +135,7 @@ class TrainLog:
         # measured. Steps that run faster than it prove the machine can do more: the peak becomes
         # the best rate seen over the run, so MFU never reads above 100 %.
         self._peak_measured = peak_measured
+        self._peak_raised = False
         self._first = True
         self._reset(0)
 
@@ -161,9 +162,11 @@ class TrainLog:
         rate = (step - self._from_step) / max(now - self._t0, 1e-9)
         achieved = rate * self._tokens * self._fpt
         if self._peak_measured and achieved > self._peak:
-            print(f"note: training ran at {achieved / 1e12:.3f} TFLOP/s, above the {self._peak / 1e12:.3f} measured "
-                  "at start-up (the cores were busy then); MFU is against the best rate seen from now on", flush=True)
-            self._peak = achieved
+            if not self._peak_raised:  # said once: later raises follow the same rule silently
+                print(f"note: training ran at {achieved / 1e12:.3f} TFLOP/s, above the {self._peak / 1e12:.3f} "
+                      "measured at start-up (the cores were busy then); MFU is against the best rate seen from now "
+                      "on", flush=True)
+            self._peak, self._peak_raised = achieved, True
         out = {
             "loss": self._loss / self._n,
             "nats_per_event": self._nats / max(self._events, 1.0),
