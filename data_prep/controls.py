@@ -174,7 +174,7 @@ def density_bounds(spec: dict, most: int = 4096) -> tuple[list[int], list[int]]:
     return floors, caps
 
 
-def _steps(vocab, ids: np.ndarray) -> np.ndarray:
+def steps_after(vocab, ids) -> np.ndarray:
     """The time step reached after each id (cumulative TIME_SHIFT steps)."""
     ids = np.asarray(ids, np.int64)
     shift = (ids >= vocab.time_shift_offset) & (ids < vocab.velocity_offset)
@@ -198,7 +198,7 @@ def insert(vocab, ids: np.ndarray, dropout: float = 0.0, rng: np.random.Generato
     shift that crosses several boundaries is followed by the last one's). Control dropout: with
     `rng`, each token is left out with probability `dropout`. A trailing EOS moves no time."""
     ids = np.asarray(ids, np.int32)
-    step_T = _steps(vocab, ids)
+    step_T = steps_after(vocab, ids)
     seg = segment_steps(vocab)
     count = int(step_T[-1]) // seg + 1 if len(ids) else 1
     notes = vocab.decode_notes(ids)
@@ -223,7 +223,7 @@ def in_force(vocab, ids: np.ndarray, start: int) -> list[int]:
     if start == 0:
         return []
     ids = np.asarray(ids[:start], np.int64)
-    step_T = _steps(vocab, ids)
+    step_T = steps_after(vocab, ids)
     seg_T = step_T // segment_steps(vocab)
     here = vocab.is_control(ids) & (seg_T == seg_T[-1])
     return ids[here].astype(int).tolist()

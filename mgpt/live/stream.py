@@ -358,11 +358,11 @@ class Stream:
         if self._segment and len(self.events) > HISTORY:
             # The controls in force are found by the segment grid, counted from the row's start: time
             # up to where the history begins keeps that grid (it is never in the window itself).
+            from data_prep import controls as data_controls
             from mgpt.sample.fim import gap_tokens
 
-            v = self.vocab
-            shifts = sum(t - v.time_shift_offset + 1 for t in events if v.time_shift_offset <= t < v.velocity_offset)
-            lead = gap_tokens(v, (self.end_step - shifts) % self._segment)
+            shifts = int(data_controls.steps_after(self.vocab, events)[-1])
+            lead = gap_tokens(self.vocab, (self.end_step - shifts) % self._segment)
         row = [self._style_id, *lead, *events]
         ctx = sample.window_prompt(row, self.window, self.vocab)
         # How many of the take's latest events the window holds (before them: STYLE and the state

@@ -221,8 +221,7 @@ def notes_in_last_segment(vocab: Vocabulary, prompt) -> int:
     ids = np.asarray(prompt, np.int64)
     if not len(ids):
         return 0
-    shift = (ids >= vocab.time_shift_offset) & (ids < vocab.velocity_offset)
-    step_T = np.cumsum(np.where(shift, ids - vocab.time_shift_offset + 1, 0))
+    step_T = controls_lib.steps_after(vocab, ids)
     seg = controls_lib.segment_steps(vocab)
     struck = (ids >= vocab.note_on_offset) & (ids < vocab.note_off_offset)
     return int(np.sum(struck & (step_T // seg == step_T[-1] // seg)))

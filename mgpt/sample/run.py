@@ -226,6 +226,11 @@ class Sampling:
     density_guard: bool = True
     context: str = DEFAULT_CONTEXT  # past the window: 'rolling' or 'reprefill' (DEFAULT_CONTEXT)
 
+    @property
+    def steered(self) -> bool:
+        """Whether controls or a mood are asked for."""
+        return bool((self.controls or "").strip() or (self.mood or "").strip())
+
     def windowed_only(self) -> bool:
         """Whether these settings need the windowed sampler: hard limits and controls are not in
         the continuous one yet (mgpt/sample/continuous.py), so 'rolling' re-prefills with them."""
@@ -303,9 +308,8 @@ class Sampling:
         ranges = {k: list(getattr(self, k)) for k in ("pitch_range", "velocity_range") if getattr(self, k)}
         # The density guard does nothing without controls: recorded as off then, as manifests from
         # before it read (mgpt.sample.corpus), so that a corpus without controls resumes as it was.
-        steered = bool((self.controls or "").strip() or (self.mood or "").strip())
         return {**dataclasses.asdict(self), **self.budget(), **ranges,  # lists: what the manifest's JSON reads back
-                "density_guard": bool(self.density_guard and steered)}
+                "density_guard": bool(self.density_guard and self.steered)}
 
 
 # ----------------------------------------------------------------------------- a loaded run
@@ -338,8 +342,7 @@ class Run:
         twice the work, same piece)."""
         if sampling.guidance is not None:
             return sampling
-        steered = bool((sampling.controls or "").strip() or (sampling.mood or "").strip())
-        unconditional = (len(prompts) and not steered
+        unconditional = (len(prompts) and not sampling.steered
                          and all(int(p[0]) == self.vocab.unknown_style_id for p in prompts))
         return dataclasses.replace(sampling, guidance=1.0 if unconditional else self.default_guidance)
 
