@@ -408,6 +408,77 @@ def test_dense_accompaniment_sends_every_note_ahead_of_the_clock(run):
                if w == "user" and v.note_on_offset <= i < v.note_off_offset) == struck
 
 
+def _played(stream, notes=120, seed=0):
+    """A player's long take, fed as it arrives: notes, chords and rests, more than a window's worth.
+    Returns the logits after each arrival."""
+    rng = np.random.default_rng(seed)
+    t, out = 0.0, []
+    for _ in range(notes):
+        pitches = {int(p) for p in rng.integers(40, 90, 1 + int(rng.random() < 0.3))}
+        for p in pitches:
+            stream.user_note(True, p, int(rng.integers(30, 120)), t)
+        stream._flush()
+        out.append(np.asarray(stream.logits))
+        t += rng.uniform(0.05, 0.3)
+        for p in pitches:
+            stream.user_note(False, p, 0, t)
+        stream._flush()
+        out.append(np.asarray(stream.logits))
+    return out
+
+
+def test_a_slid_window_keeps_its_events_keys_and_values(run):
+    """The window slides without computing again the events it keeps: their keys and values move in
+    the cache, turned back by the positions they move (`GPT.move_cache`). The fixture's model has one
+    layer, whose keys and values depend on nothing but the token and its position, so a kept window
+    must read exactly as a re-prefilled one; only the carried state is fed."""
+    from mgpt.live.stream import Settings
+
+    fed = {}
+    streams = {}
+    for slide in ("keep", "reprefill"):
+        s = Stream(run, Settings(guidance=1.0), origin=0.0, slide=slide)
+        feed = s._feed_call
+        fed[slide] = 0
+
+        def counting(leaves, cache, tokens_RxT, *rest, feed=feed, slide=slide):
+            fed[slide] += tokens_RxT.shape[1]
+            return feed(leaves, cache, tokens_RxT, *rest)
+
+        s._feed_call = counting
+        streams[slide] = (s, _played(s))
+    (keep, kept), (_, reprefilled) = streams["keep"], streams["reprefill"]
+    assert len(keep.events) > 4 * run.model.cfg.max_len  # many slides
+    for a, b in zip(kept, reprefilled):
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
+    assert fed["keep"] < 0.6 * fed["reprefill"], fed
+
+
+def test_an_answer_is_drawn_ahead_and_wakes_when_it_runs_low(run):
+    """The model's events reach lookahead_ms ahead of the clock; they are drawn again only once less
+    than REFILL of it is left, and `next_wake` is that moment, so the server neither spins nor lets
+    the answer run dry."""
+    from mgpt.live.stream import REFILL, Settings
+
+    stream = Stream(run, Settings(guidance=1.0, answer_seconds=30, lookahead_ms=800), origin=0.0)
+    stream.user_note(True, 60, 90, 0.0)
+    stream.user_note(False, 60, 0, 0.1)
+    stream.pedal(0.2)
+    step = 1 / run.vocab.steps_per_second
+    stream.advance(0.2, lambda item: None)
+    now = stream.next_wake(0.2)
+    for _ in range(10):
+        stream.advance(now, lambda item: None)  # it runs low: drawn up to the lookahead again
+        assert stream.answer, "the answer plays on"
+        assert stream.time_of(stream.end_step) - now >= 0.8 - step
+        wake = stream.next_wake(now)
+        assert wake - now >= (1 - REFILL) * 0.8 - step  # no spinning
+        end = stream.end_step
+        stream.advance(wake - 0.05, lambda item: None)
+        assert stream.end_step == end  # not yet
+        now = wake
+
+
 def test_midi_ports_without_the_extra_are_one_line(tmp_path):
     try:
         import rtmidi  # noqa: F401

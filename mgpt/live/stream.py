@@ -9,11 +9,14 @@ new tokens, or the first part of the model's next draw), so a hand-over never ha
 prefill. The model's events are drawn by `mgpt.sample.choose_event`, the rule `mgpt.generate`
 samples every event with (masks of what sounds, the released mass, top-p, the note-length guard,
 style guidance with an unconditional twin row in the same cache), several in one jitted loop
-when the lookahead needs them, and the window slides as the sampler's does
-(`mgpt.sample.window_prompt`).
+when the lookahead needs them. The window slides to what the sampler's next window holds
+(`mgpt.sample.window_prompt`: STYLE, the carried state, the latest events), but the events it
+keeps keep their keys and values, moved in the cache (`Stream._keep`); only the carried state is
+fed. Teacher-forced through the stream, that reads held-out pieces as well as re-prefilling
+(benchmarks/bench_context.py, docs/live.md) at a tenth of a slide's cost.
 
-The model plays ahead of the clock by `lookahead_ms` and each event leaves with the time it is
-meant to sound. When the user plays at time t while the model has events after t: answering, the
+The model plays ahead of the clock by `lookahead_ms` (drawn again once less than REFILL of it is
+left) and each event leaves with the time it is meant to sound. When the user plays at time t while the model has events after t: answering, the
 stream is rewound to t (the KV cache is positional: rewinding is moving the cursor) and the
 client is told to drop them (`retract`); accompanying, they stay (they have been sent), the
 user's events go in between at t and the model's are re-fed behind them. Either way the model's
@@ -58,7 +61,15 @@ STUCK_KEY_SECONDS = 8.0
 # a few ms (10 to 35 ms for the demo model's draw call on a 2-core machine at load 9), and an event
 # that arrives after its time is an under-run.
 SEND_MARGIN_SECONDS = 0.05
+# What a slide of the window does with the events it keeps (`Stream._keep`): 'keep' moves their keys
+# and values in the cache, 'reprefill' computes them again in the new window (mgpt.generate's default).
+SLIDES = ("keep", "reprefill")
 HISTORY = 4096  # events read back when the window slides (notes held longer than that are forgotten)
+# The model's events are drawn up to lookahead_ms ahead of the clock, then drawn again once less than
+# this share of it is left (at least 2 send margins): fewer, longer draws, and fewer of the events
+# drawn ahead are fed again behind a note the player strikes before them (docs/live.md has the
+# real-time factor with and without it).
+REFILL = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +159,7 @@ class Note:
 
 # One jitted call draws at most this many model events. More amortises the call's cost further, but
 # a new note or setting waits for the call in progress (it is read between calls).
-MAX_DRAW = 8
+MAX_DRAW = 16
 # An answer's first note is looked for this many events ahead, in one call (it may begin with rests).
 FIRST_NOTE_EVENTS = 16
 # Unfed tokens up to this many (the player's events, and the model's events re-fed behind them) go
@@ -176,7 +187,7 @@ class _Drawing:
 
 @functools.lru_cache(maxsize=4)
 def _programs(graphdef, treedef):
-    """The stream's two jitted calls for one model structure: (feed, draw).
+    """The stream's jitted calls for one model structure: (feed, draw, slide).
 
     graphdef and the parameters' tree structure are closed over, so a call neither hashes an nnx
     graphdef nor flattens an nnx State (together a fifth of a dense-playing profile when they were
@@ -256,7 +267,18 @@ def _programs(graphdef, treedef):
         d = jax.lax.while_loop(more, body, d)
         return d.tokens_K, d.n, d.ended, d.cache, d.logits_RxV, d.rows
 
-    return feed, draw
+    @functools.partial(jax.jit, donate_argnames=("cache",))
+    def slide(leaves, cache, src, dst, count, tokens_RxT=None, heard_RxP=None):
+        """The window slid without computing its kept events again: their keys and values move from
+        slots src.. to dst.. (`GPT.move_cache`), and tokens_RxT (the carried state that opens the new
+        window, right-padded, or None) are fed at position 1, behind the STYLE token."""
+        model = merge(leaves)
+        fed = cache
+        if tokens_RxT is not None:
+            fed = feed_chunk(model, cache, tokens_RxT, 1, 0, heard_RxP)[1]
+        return model.move_cache(cache, src, dst, count, into=fed)
+
+    return feed, draw, slide
 
 
 @functools.partial(jax.jit, static_argnames=("pitches",))
@@ -268,20 +290,26 @@ def _heard_at(tokens_1xW, n, pitches: int):
 
 def _bucket(n: int, fused: bool) -> int:
     """The length a chunk of n tokens is padded to: few shapes to compile, little padding to run.
-    Powers of 4 for a chunk a draw feeds (up to FUSED_FEED: a draw compiles slowly), powers of 2
-    for a feed of its own (a long chunk costs its compute: the padding matters more)."""
+    Powers of 4 for a chunk a draw feeds (up to FUSED_FEED: a draw compiles slowly), powers of 2 up
+    to 32 then multiples of 32 for a feed of its own (a long chunk costs its compute: the padding
+    matters more)."""
+    if not fused and n > 32:
+        return 32 * math.ceil(n / 32)
     return 1 << ((2 if fused else 1) * max(0, math.ceil(math.log(max(n, 1), 4 if fused else 2))))
 
 
 class Stream:
     """The stream of one client (see the module docstring). `run`: a loaded `mgpt.generate.Run`."""
 
-    def __init__(self, run, settings: Settings | None = None, origin: float = 0.0):
+    def __init__(self, run, settings: Settings | None = None, origin: float = 0.0, slide: str = "keep"):
+        if slide not in SLIDES:
+            raise ValueError(f"slide={slide!r}: one of {', '.join(SLIDES)}")
+        self.slide = slide
         self.run = run
         self.vocab = run.vocab
         graphdef, params = nnx.split(run.model)
         self._leaves, treedef = jax.tree.flatten(params)
-        self._feed_call, self._draw_call = _programs(graphdef, treedef)
+        self._feed_call, self._draw_call, self._slide_call = _programs(graphdef, treedef)
         self.window = run.model.cfg.max_len
         self._segment = 0  # steps per control segment (a model trained with control tokens)
         if self.vocab.controls is not None:
@@ -348,11 +376,15 @@ class Stream:
         return self.origin + step / self.vocab.steps_per_second
 
     # ------------------------------------------------------------------ the take and the window
-    def _rebuild(self) -> None:
+    def _rebuild(self, pending: int | None = None) -> None:
         """Re-read the window from the take (a slide, a new style, an undo, an infill).
 
         Only the take's latest HISTORY events are read for the state the window carries, so that a
-        long session's slides cost the same as a short one's."""
+        long session's slides cost the same as a short one's. `pending`, for a slide: how many of the
+        take's latest events the old window did not have yet; with slide 'keep' the events both
+        windows hold keep their keys and values (`_keep`)."""
+        if pending is not None:
+            old, old_events, old_fed = self.ctx, self.ctx_events, self._fed
         events = self.events[-HISTORY:]
         lead = []
         if self._segment and len(self.events) > HISTORY:
@@ -376,10 +408,39 @@ class Stream:
         self.ctx_events = kept
         if self.cache is None:
             self.cache = self.run.model.init_cache(2, self.window)
-        # Otherwise (a slide) the cache is written over from slot 0: what it held past the new
-        # window's end is hidden by causality, as any slot past a row's position is (mgpt.model.gpt).
+        # Otherwise the cache is written over from slot 0 (or from the carried state, `_keep`): what
+        # it held past the new window's end is hidden by causality, as any slot past a row's position
+        # is (mgpt.model.gpt).
         self._fed = 0
+        if pending is not None and self.slide == "keep":
+            self._keep(old, old_events, old_fed, pending)
         self._flush()
+
+    def _keep(self, old: list[int], old_events: int, old_fed: int, pending: int) -> None:
+        """A slide that keeps what the cache computed: the events the old window held and had fed
+        (its `old_events` last tokens were the take's events up to `pending` before its end) move
+        to their places in the new one, with their keys and values (`GPT.move_cache`), behind the
+        carried state, which is fed; the rest is fed as usual. Each kept key was computed when its
+        event saw the events before it in the old window, as in a rolling cache."""
+        n = len(self.events)
+        first = n - self.ctx_events  # the take's index of the new window's first event
+        if first < n - pending - old_events:
+            return  # the new window reaches back further than the old one held
+        src = len(old) - (n - pending - first)
+        dst = len(self.ctx) - self.ctx_events
+        count = old_fed - src
+        if count <= 0 or dst > src or old[src:old_fed] != self.ctx[dst:dst + count]:
+            return
+        carried = self.ctx[1:dst]
+        tokens_RxT = None
+        if carried:
+            tokens_RxT = np.zeros((2, _bucket(len(carried), False)), np.int32)
+            tokens_RxT[:, :len(carried)] = carried
+        self.cache = self._slide_call(self._leaves, self.cache, np.int32(src), np.int32(dst), np.int32(count),
+                                      tokens_RxT, self._heard(1))
+        # self.logits stay those after the last fed token, which is now at dst + count - 1.
+        self._fed = dst + count
+        self.rows = None
 
     def _chunk(self, fused: bool = False):
         """The window's tokens the cache has not seen, as a feed's (tokens_RxT, start, last) padded
@@ -487,7 +548,7 @@ class Stream:
     def _extend(self, ids: list[int]) -> None:
         """The take's latest len(ids) events, just pushed, onto the window (it slides if they overflow it)."""
         if len(self.ctx) + len(ids) > self.window:
-            self._rebuild()
+            self._rebuild(pending=len(ids))
         else:
             self.ctx += [int(i) for i in ids]
             self.ctx_events += len(ids)
@@ -620,7 +681,7 @@ class Stream:
         """When `advance` next has work (seconds on the clock), None when only input can wake it."""
         s = self.settings
         if self.answer:
-            return self.time_of(self.end_step) - s.lookahead_ms / 1000
+            return self.time_of(self.end_step) - self._refill_seconds()
         if self.last_user is None:
             return None
         if s.mode == "continue" and self._playing(now):
@@ -628,6 +689,11 @@ class Stream:
         if s.mode == "continue" and self.prepared_at is not None and self.prepared_at[2] == self.version:
             return self.last_user + s.silence_ms / 1000
         return now
+
+    def _refill_seconds(self) -> float:
+        """How far ahead of the clock the model's events must still reach not to be drawn again yet (REFILL)."""
+        lookahead = self.settings.lookahead_ms / 1000
+        return min(lookahead, max(REFILL * lookahead, 2 * SEND_MARGIN_SECONDS))
 
     def _playing(self, now: float) -> bool:
         """A key is down, and has not been down so long with nothing else played that it is stuck."""
@@ -658,6 +724,8 @@ class Stream:
             # SEND_MARGIN ahead of the clock, so that it can still leave before it is due.
             if self.end_step < self.step_of(now + SEND_MARGIN_SECONDS):
                 self._shift_to(self.step_of(now + SEND_MARGIN_SECONDS))
+        if self.end_step > self.step_of(now + self._refill_seconds()):
+            horizon = self.end_step  # enough drawn ahead for now
         while self.answer and self.end_step < horizon and not interrupted():
             # An event due within 2 SEND_MARGINs leaves on its own, not after a batch drawn behind it.
             soon = self.end_step < self.step_of(now + 2 * SEND_MARGIN_SECONDS)
@@ -725,7 +793,7 @@ class Stream:
         if due and not self.events:  # a take the model opens: its first segment's tokens first
             self._extend(self._controls_due(None))
         if len(self.ctx) + 1 + due > self.window:
-            self._rebuild()  # the window slides
+            self._rebuild(pending=0)  # the window slides
         if due:  # a draw stops at the next segment's opening, whose control tokens go in before more is drawn
             boundary = (self.end_step // self._segment + 1) * self._segment
             horizon = boundary if horizon is None else min(horizon, boundary)
@@ -870,11 +938,10 @@ def warm_up(run, guidance: tuple[float, ...] = (1.0, 1.5)) -> None:
     s = Stream(run)
     shift = s.vocab.time_shift_offset
     noop = lambda item: None  # noqa: E731
+    sizes = sorted({min(_bucket(n, False), s.window - 2) for n in range(1, s.window - 1)})
     for g in guidance:
         s.update({"guidance": g})
-        t = 1
-        while t < 2 * s.window:  # every bucket of _chunk
-            n = min(t, s.window - 2)
+        for n in sizes:  # every bucket of _chunk
             s.clear(0.0)
             s._replace_take([shift] * (n - 1), [TIME] * (n - 1), [0] * (n - 1))  # a window fed on a fresh cache
             s.clear(0.0)
@@ -884,7 +951,11 @@ def warm_up(run, guidance: tuple[float, ...] = (1.0, 1.5)) -> None:
             s._append([shift] * n, TIME)
             s._draw(noop, max_events=1)  # a draw with that chunk (or, past FUSED_FEED, after its feed)
             s._draw(noop, max_events=1)  # a draw behind a draw: its rows and logits
-            t *= 2
+    # A slide that keeps its events, behind a carried state of each length bucket (or none).
+    zero = np.int32(0)
+    for n in [0, *sorted({_bucket(n, False) for n in range(1, s.window // 4 + 1)})]:
+        tokens_RxT = np.full((2, n), shift, np.int32) if n else None
+        s.cache = s._slide_call(s._leaves, s.cache, zero, zero, zero, tokens_RxT, s._heard(1))
     # A phrase, its hand-over and answer, then accompaniment, as a player would go through them.
     for g in guidance:
         for mode in MODES:

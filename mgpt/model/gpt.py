@@ -645,6 +645,27 @@ class GPT(nnx.Module):
         return RollingCache(kv=self.init_cache(batch, self.cfg.max_len, dtype),
                             positions_BxW=jnp.full((batch, self.cfg.max_len), -1, jnp.int32), sink=sink)
 
+    def move_cache(self, cache: Cache, src, dst, count, into: Cache | None = None) -> Cache:
+        """`into` (default `cache`) with slots dst..dst+count-1 holding what `cache` holds at
+        src..src+count-1, as if those tokens had been written `src - dst` positions earlier: values
+        move as they are, keys are turned back by that many positions (rotary attention depends only
+        on distances, so the moved keys keep theirs to each other and to the queries that come after
+        them). A window that slides keeps its events' keys and values this way instead of computing
+        them again (`mgpt.live.stream`). src, dst, count: int32 scalars, may be traced."""
+        into = cache if into is None else into
+        slots_W = jnp.arange(cache[0]["k"].shape[2])
+        from_W = jnp.clip(slots_W + (src - dst), 0, slots_W.shape[0] - 1)
+        inside_W = (slots_W >= dst) & (slots_W < dst + count)
+        back_BxW = jnp.full((cache[0]["k"].shape[0], slots_W.shape[0]), dst - src, jnp.int32)
+        out = []
+        for layer, target in zip(cache, into):
+            k_BxWxNxK = jnp.take(layer["k"], from_W, axis=2).transpose(0, 2, 1, 3)
+            k_BxNxWxK = _rope(k_BxWxNxK, back_BxW, self.cfg.rope_base).transpose(0, 2, 1, 3)
+            v_BxNxWxK = jnp.take(layer["v"], from_W, axis=2)
+            keep = inside_W[None, None, :, None]
+            out.append({"k": jnp.where(keep, k_BxNxWxK, target["k"]), "v": jnp.where(keep, v_BxNxWxK, target["v"])})
+        return out
+
     def decode_rolling(self, tokens_B, positions_B, cache: RollingCache, heard_BxP=None):
         """One token per row at absolute `positions_B` (int32, any size) through a rolling cache.
 
