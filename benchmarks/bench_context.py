@@ -12,7 +12,9 @@
      as the continuous sampler reads;
    - sink, recomputed / sink + carried, recomputed: a fresh forward over STYLE (+ the carried
      state, `Vocabulary.carried_state`) + the most recent events, W tokens in all, every
-     --stride events: what a rolling cache would read if it re-stated the sounding notes.
+     --stride events: what a rolling cache would read if it re-stated the sounding notes;
+   - live stream, re-prefilled / kept: the events fed one by one through `mgpt.live`'s stream,
+     its window slid by re-prefill or by keeping the kept events' keys and values (its default).
 2. Bach notes per onset (`mgpt.music.features.onset_polyphony` over the onsets of each stretch) by
    stretch of 256 events and by third, for --pieces pieces of --events events sampled with the
    run's defaults under `--context=reprefill` and `--context=rolling`, beside the train split's
@@ -40,7 +42,8 @@ from mgpt.sample.sampler import window_prompt  # noqa: E402
 
 
 def held_out_pieces(run, min_events: int, max_events: int):
-    """[(style, STYLE + events)] of the validation and test pieces with at least min_events events, cut at max_events."""
+    """[(style, STYLE + events, piece id)] of the validation and test pieces with at least min_events
+    events, cut at max_events."""
     from mgpt.train import data as data_lib
 
     out = []
@@ -50,7 +53,8 @@ def held_out_pieces(run, min_events: int, max_events: int):
             tokens = np.asarray(src[i]["tokens"], np.int32)
             if len(tokens) >= min_events:
                 style = data_lib.record_text(src[i]["style"])
-                out.append((style, np.concatenate([[run.vocab.style_id(style)], tokens[:max_events]]).astype(np.int32)))
+                out.append((style, np.concatenate([[run.vocab.style_id(style)], tokens[:max_events]]).astype(np.int32),
+                            data_lib.record_text(src[i]["piece_id"])))
     return out
 
 
@@ -154,6 +158,22 @@ def nll_rolling(model, rows, first: int, sink: int = 1) -> list[np.ndarray]:
     return [nll_BxN1[b, first - 1 : len(r) - 1] for b, r in enumerate(rows)]
 
 
+def nll_stream(run, style: str, row, first: int, slide: str) -> np.ndarray:
+    """NLL (nats) of row[first:] read through a live session's stream (`mgpt.live.stream.Stream`,
+    guidance 1), the row's events appended and fed one by one as a player's would be: its window
+    slides as `slide` says ('keep': the kept events' keys and values move; 'reprefill')."""
+    from mgpt.live import stream as stream_lib
+
+    s = stream_lib.Stream(run, stream_lib.Settings(guidance=1.0, style=style), slide=slide)
+    out = []
+    for i, token in enumerate(row[1:].tolist(), start=1):
+        if i >= first:
+            out.append(-float(jax.nn.log_softmax(s.logits[0])[token]))
+        s._append([token], stream_lib.USER)
+        s._flush()
+    return np.asarray(out)
+
+
 def stretch_density(vocab, ids: np.ndarray, edges) -> list[float]:
     """Notes per onset over the onsets that fall in each stretch [edges[i], edges[i+1]) of events (STYLE excluded)."""
     events = np.asarray(ids[1:], np.int64)
@@ -198,15 +218,17 @@ def main():
 
     if not a.no_nll:
         pieces = held_out_pieces(run, 2 * window, a.events + 1)
-        rows = [r for _, r in pieces]
+        rows = [r for _, r, _ in pieces]
         print(f"NLL over events {window}..{a.events} of {len(rows)} held-out pieces "
-              f"({', '.join(sorted({s for s, _ in pieces}))}), nats/event:", flush=True)
+              f"({', '.join(sorted({s for s, _, _ in pieces}))}), nats/event:", flush=True)
         t = time.perf_counter()
         schemes = {
             "reprefill": [nll_reprefill(model, vocab, r, window) for r in rows],
             "rolling (sink)": nll_rolling(model, rows, window),
             "sink, recomputed": [nll_recomputed(model, vocab, r, window, a.stride, False) for r in rows],
             "sink + carried, recomputed": [nll_recomputed(model, vocab, r, window, a.stride, True) for r in rows],
+            "live stream, re-prefilled": [nll_stream(run, st, r, window, "reprefill") for st, r, _ in pieces],
+            "live stream, kept (default)": [nll_stream(run, st, r, window, "keep") for st, r, _ in pieces],
         }
         edges = [window, 512, 768, a.events + 1]
         print(f"  {'scheme':28s} {'all':>6s} " + " ".join(f"{f'{x}-{y - 1}':>9s}" for x, y in zip(edges, edges[1:])),
@@ -221,8 +243,10 @@ def main():
         base = schemes["reprefill"]
         for name, per_piece in list(schemes.items())[1:]:
             gaps = np.array([np.mean(x) - np.mean(y) for x, y in zip(per_piece, base)])
+            worst = np.argsort(-np.abs(gaps))[:2]
             print(f"  {name} - reprefill, per piece: mean {np.mean(gaps):+.4f}, lower on {int(np.sum(gaps < 0))} of "
-                  f"{len(gaps)} pieces", flush=True)
+                  f"{len(gaps)} pieces; furthest: " + ", ".join(f"{pieces[k][2]} {gaps[k]:+.4f}" for k in worst),
+                  flush=True)
         print(f"  ({time.perf_counter() - t:.0f} s)", flush=True)
 
     if not a.no_density:

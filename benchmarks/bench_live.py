@@ -8,12 +8,13 @@
   600 ms, client clock) to the answer's first NOTE_ON arriving. --trials phrases.
 - steering: during an answer, a changed temperature: from sending it to the server's
   acknowledgement, after which every event is drawn with it (each note carries the version).
-- real-time factor: a dense MAESTRO-like stream (--dense_rate notes/s, overlapping, velocities
-  varying: 30+ events/s) fed to a session's stream in accompany mode with 500 ms of lookahead,
+- real-time factor: --dense_seeds dense MAESTRO-like streams (--dense_rate notes/s, overlapping,
+  velocities varying: 30+ events/s) fed to a session's stream in accompany mode with 500 ms of lookahead,
   the model playing along (every player's note goes in between the model's events already sent,
   which are re-fed behind it), one event per turn of the session, on a simulated clock as fast as
-  the machine goes: seconds of music per second. --profile=N prints the N functions that took
-  longest (cProfile) in one more pass of it.
+  the machine goes: seconds of music per second. With --peer (the default), the same players
+  through the stream as it was before kept slides and REFILL, as a ratio. --profile=N prints the N
+  functions that took longest (cProfile) in one more pass of it.
 - browser end to end (--browser_trials, needs Chromium and Playwright): the page in headless
   Chromium with a fake Web MIDI keyboard; after a phrase, the hand-over pedal (a key event on
   the page) to the model's first note scheduled by the page.
@@ -61,20 +62,37 @@ def dense_stream(seconds: float, rate: float, seed: int = 0):
     return sorted(events, key=lambda e: (e[0], e[1]))
 
 
-def real_time_factor(run, seconds: float, rate: float) -> tuple[float, float, int]:
-    from mgpt.live.stream import Settings, Stream
+def real_time_factor(run, seconds: float, rate: float, seeds: int = 1, slide: str = "keep",
+                     refill: float | None = None) -> tuple[float, float, float, int]:
+    """Seconds of dense playing per second of wall clock (and per CPU second of this process),
+    over `seeds` players (dense_stream seed k, the stream's seed k), accompanied with 500 ms of
+    lookahead: (wall factor, CPU factor, player events/s, model note events). `slide` and `refill`
+    (None: mgpt.live.stream.REFILL) are the stream's, to measure what each is worth."""
+    from mgpt.live import stream as stream_lib
 
-    stream = Stream(run, Settings(mode="accompany", guidance=run.default_guidance, lookahead_ms=500,
-                                  answer_seconds=2.0), origin=0.0)
-    events = dense_stream(seconds, rate)
-    out = []
-    start, cpu = time.perf_counter(), time.process_time()
-    for t, on, pitch, vel in events:
-        stream.user_note(on, pitch, vel, t)
-        stream.advance(t, out.append)
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    music = events[-1][0]
-    return music / wall, music / cpu, len(events) / music, sum(1 for x in out if hasattr(x, "on"))
+    default_refill = stream_lib.REFILL
+    stream_lib.REFILL = default_refill if refill is None else refill
+    music = wall = cpu = 0.0
+    events_in = notes = 0
+    try:
+        for seed in range(seeds):
+            stream = stream_lib.Stream(run, stream_lib.Settings(mode="accompany", guidance=run.default_guidance,
+                                                                lookahead_ms=500, answer_seconds=2.0, seed=seed),
+                                       origin=0.0, slide=slide)
+            events = dense_stream(seconds, rate, seed)
+            out = []
+            start, cpu_start = time.perf_counter(), time.process_time()
+            for t, on, pitch, vel in events:
+                stream.user_note(on, pitch, vel, t)
+                stream.advance(t, out.append)
+            wall += time.perf_counter() - start
+            cpu += time.process_time() - cpu_start
+            music += events[-1][0]
+            events_in += len(events)
+            notes += sum(1 for x in out if hasattr(x, "on"))
+    finally:
+        stream_lib.REFILL = default_refill
+    return music / wall, music / cpu, events_in / music, notes
 
 
 class Player:
@@ -260,6 +278,9 @@ def main():
     ap.add_argument("--changes", type=int, default=20)
     ap.add_argument("--dense_seconds", type=float, default=30.0)
     ap.add_argument("--dense_rate", type=float, default=16.0, help="notes/s (each is 2 events)")
+    ap.add_argument("--dense_seeds", type=int, default=3, help="players (and stream seeds) the factor is over")
+    ap.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the stream as it was before kept slides and REFILL, on the same players")
     ap.add_argument("--soak_seconds", type=float, default=60.0)
     ap.add_argument("--browser_trials", type=int, default=20)
     ap.add_argument("--profile", type=int, default=0, help="print the top N functions of the dense part (0: off)")
@@ -280,10 +301,17 @@ def main():
     stream.warm_up(run)
     print(f"warm-up (compiling): {time.perf_counter() - t:.1f} s", flush=True)
 
-    rtf, rtf_cpu, in_rate, model_notes = real_time_factor(run, args.dense_seconds, args.dense_rate)
+    rtf, rtf_cpu, in_rate, model_notes = real_time_factor(run, args.dense_seconds, args.dense_rate, args.dense_seeds)
     print(f"real-time factor: {rtf:.1f}x wall clock ({rtf_cpu:.1f}x per CPU second of this process) on "
-          f"{args.dense_seconds:g} s of dense playing ({in_rate:.1f} player events/s), accompany with 500 ms "
-          f"lookahead ({model_notes} model note events); load average {os.getloadavg()[0]:.1f}", flush=True)
+          f"{args.dense_seeds} x {args.dense_seconds:g} s of dense playing ({in_rate:.1f} player events/s), "
+          f"accompany with 500 ms lookahead ({model_notes} model note events); load average "
+          f"{os.getloadavg()[0]:.1f}", flush=True)
+    if args.peer:
+        peer, _, _, peer_notes = real_time_factor(run, args.dense_seconds, args.dense_rate, args.dense_seeds,
+                                                  "reprefill", 1.0)
+        print(f"  the same players, windows re-prefilled at each slide and the lookahead topped up at every "
+              f"call (the stream before this round): {peer:.1f}x ({model_notes} / {peer_notes} model note events); "
+              f"ratio {rtf / peer:.2f}", flush=True)
     if args.profile:
         import cProfile
         import pstats
