@@ -13,7 +13,7 @@
   the model playing along (every player's note goes in between the model's events already sent,
   which are re-fed behind it), one event per turn of the session, on a simulated clock as fast as
   the machine goes: seconds of music per second. With --peer (the default), the same players
-  through the stream as it was before kept slides and REFILL, as a ratio. --profile=N prints the N
+  through the stream as it was before kept slides, REFILL and draws of 16, as a ratio. --profile=N prints the N
   functions that took longest (cProfile) in one more pass of it.
 - browser end to end (--browser_trials, needs Chromium and Playwright): the page in headless
   Chromium with a fake Web MIDI keyboard; after a phrase, the hand-over pedal (a key event on
@@ -63,15 +63,17 @@ def dense_stream(seconds: float, rate: float, seed: int = 0):
 
 
 def real_time_factor(run, seconds: float, rate: float, seeds: int = 1, slide: str = "keep",
-                     refill: float | None = None) -> tuple[float, float, float, int]:
+                     refill: float | None = None, max_draw: int | None = None) -> tuple[float, float, float, int]:
     """Seconds of dense playing per second of wall clock (and per CPU second of this process),
     over `seeds` players (dense_stream seed k, the stream's seed k), accompanied with 500 ms of
-    lookahead: (wall factor, CPU factor, player events/s, model note events). `slide` and `refill`
-    (None: mgpt.live.stream.REFILL) are the stream's, to measure what each is worth."""
+    lookahead: (wall factor, CPU factor, player events/s, model note events). `slide`, `refill`
+    and `max_draw` (None: mgpt.live.stream's REFILL and MAX_DRAW) are the stream's, to measure what
+    each is worth."""
     from mgpt.live import stream as stream_lib
 
-    default_refill = stream_lib.REFILL
+    default_refill, default_draw = stream_lib.REFILL, stream_lib.MAX_DRAW
     stream_lib.REFILL = default_refill if refill is None else refill
+    stream_lib.MAX_DRAW = default_draw if max_draw is None else max_draw
     music = wall = cpu = 0.0
     events_in = notes = 0
     try:
@@ -91,7 +93,7 @@ def real_time_factor(run, seconds: float, rate: float, seeds: int = 1, slide: st
             events_in += len(events)
             notes += sum(1 for x in out if hasattr(x, "on"))
     finally:
-        stream_lib.REFILL = default_refill
+        stream_lib.REFILL, stream_lib.MAX_DRAW = default_refill, default_draw
     return music / wall, music / cpu, events_in / music, notes
 
 
@@ -280,7 +282,7 @@ def main():
     ap.add_argument("--dense_rate", type=float, default=16.0, help="notes/s (each is 2 events)")
     ap.add_argument("--dense_seeds", type=int, default=3, help="players (and stream seeds) the factor is over")
     ap.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True,
-                    help="also the stream as it was before kept slides and REFILL, on the same players")
+                    help="also the stream as it was before kept slides, REFILL and draws of 16, on the same players")
     ap.add_argument("--soak_seconds", type=float, default=60.0)
     ap.add_argument("--browser_trials", type=int, default=20)
     ap.add_argument("--profile", type=int, default=0, help="print the top N functions of the dense part (0: off)")
@@ -308,10 +310,10 @@ def main():
           f"{os.getloadavg()[0]:.1f}", flush=True)
     if args.peer:
         peer, _, _, peer_notes = real_time_factor(run, args.dense_seconds, args.dense_rate, args.dense_seeds,
-                                                  "reprefill", 1.0)
-        print(f"  the same players, windows re-prefilled at each slide and the lookahead topped up at every "
-              f"call (the stream before this round): {peer:.1f}x ({model_notes} / {peer_notes} model note events); "
-              f"ratio {rtf / peer:.2f}", flush=True)
+                                                  "reprefill", 1.0, 8)
+        print(f"  the same players, windows re-prefilled at each slide, the lookahead topped up at every "
+              f"call, draws of up to 8 events (as before kept slides): {peer:.1f}x ({model_notes} / {peer_notes} "
+              f"model note events); ratio {rtf / peer:.2f}", flush=True)
     if args.profile:
         import cProfile
         import pstats
