@@ -219,3 +219,65 @@ def test_the_density_guard_holds_every_segment_to_its_level():
         assert all(whole) if ok else not any(whole)
     # Levels 3, 5 and 7 are no count of notes in 0.5 s here: they take the count below them.
     assert [(floors[k], caps[k]) for k in (3, 5, 7)] == [(1, 1), (2, 2), (3, 3)]
+
+
+def _register_breaches(vocab, spec, row, asked_S):
+    """(notes checked, breaches of the register guard's rule) in a row: a NOTE_ON that leaves its
+    segment's mean pitch more than one level from the asked one, and further than before (a first
+    note: more than one level), when some silent pitch would not have."""
+    edges = np.asarray(spec["edges"]["register"])
+    seg = data_controls.segment_steps(vocab)
+
+    def level(mean):
+        return 1 + (np.sum(edges < mean) + np.sum(edges <= mean)) // 2
+
+    step, notes, total, sounding, checked, breaches = 0, 0, 0, set(), 0, 0
+    for t in np.asarray(row).tolist():
+        if vocab.time_shift_offset <= t < vocab.velocity_offset:
+            if (step + t - vocab.time_shift_offset + 1) // seg > step // seg:
+                notes = total = 0
+            step += t - vocab.time_shift_offset + 1
+        elif vocab.note_off_offset <= t < vocab.time_shift_offset:
+            sounding.discard(t - vocab.note_off_offset + vocab.min_pitch)
+        elif vocab.note_on_offset <= t < vocab.note_off_offset:
+            pitch, k = t - vocab.note_on_offset + vocab.min_pitch, step // seg
+            if k < len(asked_S):
+                before = abs(level(total / notes) - asked_S[k]) if notes else 1
+                allowed = max(before, 1, min(abs(level((total + p) / (notes + 1)) - asked_S[k])
+                                             for p in range(vocab.min_pitch, vocab.max_pitch + 1) if p not in sounding))
+                checked += 1
+                breaches += abs(level((total + pitch) / (notes + 1)) - asked_S[k]) > allowed
+            notes, total = notes + 1, total + pitch
+            sounding.add(pitch)
+    return checked, breaches
+
+
+def test_the_register_guard_brings_every_segments_mean_pitch_back_to_its_level():
+    """Asked for a register level with the guard on, no note leaves a segment's mean pitch more than
+    one level away unless it brings it nearer, at any guidance and across window slides, from a model
+    that leans to the top of the keyboard; with the guard off the same model breaks that often, and
+    plays its segments far above the level (measured on the decoded notes, as the evaluation does)."""
+    spec = {**SPEC, "edges": {**SPEC["edges"], "register": [40.0, 48.0, 55.0, 60.0, 65.0, 72.0, 80.0]}}
+    vocab = Vocabulary(["bach"]).with_controls(spec)
+    assert vocab.size == VOCAB.size
+    pref_V = np.zeros(vocab.size, np.float32)
+    pref_V[vocab.note_on_offset:vocab.note_off_offset] = 2.0
+    pref_V[vocab.note_on_offset + 90 - vocab.min_pitch:vocab.note_off_offset] = 5.0  # pitches 90 and up
+    pref_V[vocab.time_shift_offset:vocab.time_shift_offset + 10] = 3.0
+    pref_V[vocab.eos_id] = -100.0
+    model = context_free_model(CFG, pref_V)
+    timeline = "0:register=2;1:register=6;2:register=free"  # segments of 0.5 s: 0-1 level 2, 2-3 level 6
+    asked_S = [2, 2, 6, 6]
+    kw = dict(seeds=range(6), max_seconds=3.0, max_events=600, temperature=1.0)
+    at = data_controls.ATTRIBUTES.index("register")
+    for guidance in (1.0, 1.5):
+        rows = generate_tokens(model, vocab, [np.array([STYLE])] * 6, guidance=guidance,
+                               controls=controls.parse(vocab, timeline, register_guard=True), **kw)
+        counts = [_register_breaches(vocab, spec, row, asked_S) for row in rows]
+        assert sum(c for c, _ in counts) >= 30 and sum(b for _, b in counts) == 0
+        assert all(_notes_per_segment(row)[1] >= 4 for row in rows)  # several windows of 32
+    raw = generate_tokens(model, vocab, [np.array([STYLE])] * 6, guidance=1.0,
+                          controls=controls.parse(vocab, timeline, register_guard=False), **kw)
+    assert sum(_register_breaches(vocab, spec, row, asked_S)[1] for row in raw) >= 10
+    heard = [x for r in raw for x in data_controls.segment_levels(vocab.decode_notes(r), spec)[:2, at] if x > 0]
+    assert heard and np.median(heard) >= 7  # mostly up there, not at level 2

@@ -224,6 +224,10 @@ class Sampling:
     # With a density asked for, each segment strikes as many notes as its level holds, no more and
     # no fewer (mgpt/sample/controls.py); False: the model's own density (docs/controls.md has both).
     density_guard: bool = True
+    # With a register asked for, no NOTE_ON leaves the segment's mean pitch more than a level away
+    # unless nearer (the same file). Off by default: it meets the register target but costs feature
+    # overlap (docs/controls.md).
+    register_guard: bool = False
     context: str = DEFAULT_CONTEXT  # past the window: 'rolling' or 'reprefill' (DEFAULT_CONTEXT)
 
     @property
@@ -288,7 +292,8 @@ class Sampling:
         from mgpt.sample import controls
 
         try:
-            return controls.parse(vocab, self.controls, self.mood, density_guard=self.density_guard)
+            return controls.parse(vocab, self.controls, self.mood, density_guard=self.density_guard,
+                                  register_guard=self.register_guard)
         except ValueError as e:
             raise UserError(str(e)) from None
 
@@ -306,10 +311,11 @@ class Sampling:
 
     def to_dict(self) -> dict:
         ranges = {k: list(getattr(self, k)) for k in ("pitch_range", "velocity_range") if getattr(self, k)}
-        # The density guard does nothing without controls: recorded as off then, as manifests from
-        # before it read (mgpt.sample.corpus), so that a corpus without controls resumes as it was.
+        # The guards do nothing without controls: recorded as off then, as manifests from before
+        # them read (mgpt.sample.corpus), so that a corpus without controls resumes as it was.
         return {**dataclasses.asdict(self), **self.budget(), **ranges,  # lists: what the manifest's JSON reads back
-                "density_guard": bool(self.density_guard and self.steered)}
+                "density_guard": bool(self.density_guard and self.steered),
+                "register_guard": bool(self.register_guard and self.steered)}
 
 
 # ----------------------------------------------------------------------------- a loaded run

@@ -320,7 +320,8 @@ class RowState:
     onset_BxP: jax.Array
     velocity_B: jax.Array | None = None
     control_B: jax.Array | None = None  # with controls: the next forced token of the segment (mgpt/sample/controls.py)
-    segment_notes_B: jax.Array | None = None  # the density guard: notes struck in the row's current segment
+    segment_notes_B: jax.Array | None = None  # the guards: notes struck in the row's current segment
+    segment_pitch_sum_B: jax.Array | None = None  # the register guard: the sum of their pitch indices
 
     @classmethod
     def start(cls, vocab: Vocabulary, prompts: Sequence[Sequence[int]], batch: int) -> "RowState":
@@ -397,6 +398,10 @@ def choose_event(logits_BxV, rows: RowState, limits: RowLimits, settings, tables
                                               rows.open_BxP.shape[1])
     if density_BxV is not None:  # the density guard: as many notes in a segment as its level holds
         banned_BxV = banned_BxV | density_BxV
+    register_BxV = controls_lib.register_banned(limits.controls, rows.segment_notes_B, rows.segment_pitch_sum_B,
+                                                rows.steps_B, rows.open_BxP, tables)
+    if register_BxV is not None:  # the register guard: the segment's mean pitch in its level
+        banned_BxV = banned_BxV | register_BxV
     logits_BxV = jax.lax.cond(settings["release_share"] > 0, release_mass,
                               lambda l, b, t, a: l.astype(jnp.float32),
                               logits_BxV, banned_BxV, tables, settings["release_share"])
@@ -520,6 +525,9 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
         struck_B = counted_B & (tables["on_pitch_V"][token_B] < r.open_BxP.shape[1])
         segment_notes_B = controls_lib.count_notes(limits.controls, r.segment_notes_B, r.steps_B,
                                                    jnp.where(emit_B, new_steps_B, r.steps_B), struck_B)
+        segment_pitch_sum_B = controls_lib.sum_pitches(limits.controls, r.segment_pitch_sum_B, r.steps_B,
+                                                       jnp.where(emit_B, new_steps_B, r.steps_B), struck_B,
+                                                       tables["on_pitch_V"][token_B])
         # ---
         filled_B = False if fill_B is None else fill_B & emit_B & (new_steps_B >= limits.max_steps_B)
         return _SamplingState(
@@ -536,6 +544,7 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
                 velocity_B=limits_lib.track_velocity(r.velocity_B, token_B, emit_B, tables),
                 control_B=control_B,
                 segment_notes_B=segment_notes_B,
+                segment_pitch_sum_B=segment_pitch_sum_B,
             ),
             heard_RxP=heard_RxP,
             twin_end_B=twin_end_B,
@@ -553,7 +562,9 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
                       velocity_B=None if rows.velocity_B is None else jnp.asarray(rows.velocity_B, jnp.int32),
                       control_B=None if rows.control_B is None else jnp.asarray(rows.control_B, jnp.int32),
                       segment_notes_B=None if rows.segment_notes_B is None
-                      else jnp.asarray(rows.segment_notes_B, jnp.int32)),
+                      else jnp.asarray(rows.segment_notes_B, jnp.int32),
+                      segment_pitch_sum_B=None if rows.segment_pitch_sum_B is None
+                      else jnp.asarray(rows.segment_pitch_sum_B, jnp.int32)),
         heard_RxP=heard_RxP,
         twin_end_B=jnp.asarray(twin_lengths_B, jnp.int32) if apart else None,
         twin_logits_BxV=twin_logits_BxV,
@@ -800,10 +811,12 @@ def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events,
         plan = controls_lib.plan(vocab, controls, offsets, batch, None if budget >= np.iinfo(np.int32).max
                                  else budget)
         state = state.replace(control_B=np.zeros(batch, np.int32))  # the first group: right after the prompt
-        if plan.cap_BxS is not None:  # the density guard counts the primer's notes in its last segment
-            notes_B = np.zeros(batch, np.int32)
-            notes_B[:n] = [controls_lib.notes_in_last_segment(vocab, p) for p in prompts]
-            state = state.replace(segment_notes_B=notes_B)
+        if plan.cap_BxS is not None:  # the guards count the primer's notes in its last segment
+            notes_B, sum_B = np.zeros(batch, np.int32), np.zeros(batch, np.int32)
+            for b, p in enumerate(prompts):
+                notes_B[b], sum_B[b] = controls_lib.notes_in_last_segment(vocab, p)
+            state = state.replace(segment_notes_B=notes_B,
+                                  segment_pitch_sum_B=sum_B if plan.register_BxS is not None else None)
     seeds_B = np.zeros(batch, np.uint32)
     seeds_B[:n] = np.asarray(seeds, np.uint64).astype(np.uint32)
     # Budgets: one for all rows, or one per row (benchmarks/bench_sample.py --corpus).
