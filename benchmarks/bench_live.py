@@ -62,22 +62,33 @@ def dense_stream(seconds: float, rate: float, seed: int = 0):
     return sorted(events, key=lambda e: (e[0], e[1]))
 
 
-def real_time_factor(run, seconds: float, rate: float, seeds: int = 1, slide: str = "keep",
-                     refill: float | None = None, max_draw: int | None = None) -> tuple[float, float, float, int]:
+def real_time_factor(run, seconds: float, rate: float, seeds=1, slide: str = "keep", refill: float | None = None,
+                     max_draw: int | None = None) -> tuple[float, float, float, int]:
     """Seconds of dense playing per second of wall clock (and per CPU second of this process),
-    over `seeds` players (dense_stream seed k, the stream's seed k), accompanied with 500 ms of
-    lookahead: (wall factor, CPU factor, player events/s, model note events). `slide`, `refill`
-    and `max_draw` (None: mgpt.live.stream's REFILL and MAX_DRAW) are the stream's, to measure what
-    each is worth."""
+    over players `seeds` (a count, or which: dense_stream seed k, the stream's seed k), accompanied
+    with 500 ms of lookahead: (wall factor, CPU factor, player events/s, model note events).
+    `slide`, `refill` and `max_draw` (None: mgpt.live.stream's REFILL and MAX_DRAW) are the
+    stream's, to measure what each is worth."""
+    totals = _dense_totals(run, seconds, rate, range(seeds) if isinstance(seeds, int) else seeds, slide, refill,
+                           max_draw)
+    return _factors(totals)
+
+
+def _factors(totals):
+    music, wall, cpu, events_in, notes = totals
+    return music / wall, music / cpu, events_in / music, notes
+
+
+def _dense_totals(run, seconds, rate, seeds, slide, refill, max_draw) -> list:
+    """[seconds of music, wall seconds, CPU seconds, player events, model note events] over `seeds`."""
     from mgpt.live import stream as stream_lib
 
     default_refill, default_draw = stream_lib.REFILL, stream_lib.MAX_DRAW
     stream_lib.REFILL = default_refill if refill is None else refill
     stream_lib.MAX_DRAW = default_draw if max_draw is None else max_draw
-    music = wall = cpu = 0.0
-    events_in = notes = 0
+    totals = [0.0, 0.0, 0.0, 0, 0]
     try:
-        for seed in range(seeds):
+        for seed in seeds:
             stream = stream_lib.Stream(run, stream_lib.Settings(mode="accompany", guidance=run.default_guidance,
                                                                 lookahead_ms=500, answer_seconds=2.0, seed=seed),
                                        origin=0.0, slide=slide)
@@ -87,14 +98,14 @@ def real_time_factor(run, seconds: float, rate: float, seeds: int = 1, slide: st
             for t, on, pitch, vel in events:
                 stream.user_note(on, pitch, vel, t)
                 stream.advance(t, out.append)
-            wall += time.perf_counter() - start
-            cpu += time.process_time() - cpu_start
-            music += events[-1][0]
-            events_in += len(events)
-            notes += sum(1 for x in out if hasattr(x, "on"))
+            totals[1] += time.perf_counter() - start
+            totals[2] += time.process_time() - cpu_start
+            totals[0] += events[-1][0]
+            totals[3] += len(events)
+            totals[4] += sum(1 for x in out if hasattr(x, "on"))
     finally:
         stream_lib.REFILL, stream_lib.MAX_DRAW = default_refill, default_draw
-    return music / wall, music / cpu, events_in / music, notes
+    return totals
 
 
 class Player:
@@ -303,17 +314,25 @@ def main():
     stream.warm_up(run)
     print(f"warm-up (compiling): {time.perf_counter() - t:.1f} s", flush=True)
 
-    rtf, rtf_cpu, in_rate, model_notes = real_time_factor(run, args.dense_seconds, args.dense_rate, args.dense_seeds)
+    # The stream as it is, and (--peer) as it was before kept slides, REFILL and draws of 16 (it still
+    # pads feeds as the stream does now): player by player, the two in turn, which first alternating.
+    ours, peers = [0.0, 0.0, 0.0, 0, 0], [0.0, 0.0, 0.0, 0, 0]
+    for seed in range(args.dense_seeds):
+        runs = [(ours, ("keep", None, None))] + ([(peers, ("reprefill", 1.0, 8))] if args.peer else [])
+        for totals, how in (runs if seed % 2 == 0 else runs[::-1]):
+            for i, x in enumerate(_dense_totals(run, args.dense_seconds, args.dense_rate, [seed], *how)):
+                totals[i] += x
+    rtf, rtf_cpu, in_rate, model_notes = _factors(ours)
     print(f"real-time factor: {rtf:.1f}x wall clock ({rtf_cpu:.1f}x per CPU second of this process) on "
           f"{args.dense_seeds} x {args.dense_seconds:g} s of dense playing ({in_rate:.1f} player events/s), "
           f"accompany with 500 ms lookahead ({model_notes} model note events); load average "
           f"{os.getloadavg()[0]:.1f}", flush=True)
     if args.peer:
-        peer, _, _, peer_notes = real_time_factor(run, args.dense_seconds, args.dense_rate, args.dense_seeds,
-                                                  "reprefill", 1.0, 8)
+        peer, _, _, peer_notes = _factors(peers)
         print(f"  the same players, windows re-prefilled at each slide, the lookahead topped up at every "
-              f"call, draws of up to 8 events (as before kept slides): {peer:.1f}x ({model_notes} / {peer_notes} "
-              f"model note events); ratio {rtf / peer:.2f}", flush=True)
+              f"call, draws of up to 8 events (as before kept slides; feeds padded as now), in turn with the "
+              f"above: {peer:.1f}x ({model_notes} / {peer_notes} model note events); ratio {rtf / peer:.2f}",
+              flush=True)
     if args.profile:
         import cProfile
         import pstats

@@ -134,7 +134,7 @@ def define_flags(fv):
                       "notes as its level holds, no more (NOTE_ON masked) and no fewer (leaving it masked); "
                       "false = the model's own density.", **kw)
     flags.DEFINE_bool("register_guard", False, "With a register asked for: no NOTE_ON leaves its control segment's "
-                      "mean pitch more than one level away unless it brings it nearer (others masked); off: the "
+                      "mean pitch more than one level away and further than it was (others masked); off: the "
                       "model's own register (docs/controls.md measures both).", **kw)
     flags.DEFINE_float("max_copy_seconds", DEFAULT_MAX_COPY_SECONDS,
                        "Copy guard: re-draw a piece that shares this many seconds with a training piece "

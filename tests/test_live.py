@@ -451,7 +451,24 @@ def test_a_slid_window_keeps_its_events_keys_and_values(run):
     assert len(keep.events) > 4 * run.model.cfg.max_len  # many slides
     for a, b in zip(kept, reprefilled):
         np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-4)
-    assert fed["keep"] < 0.6 * fed["reprefill"], fed
+    assert fed["keep"] < 0.75 * fed["reprefill"], fed  # a 32-token window slides every 16 tokens
+    # Accompanying, where the window also slides inside the model's draws and the model's events are
+    # lifted off and fed again behind the player's: the same events, one way or the other.
+    takes = []
+    for slide in ("keep", "reprefill"):
+        s = Stream(run, Settings(mode="accompany", guidance=1.5, lookahead_ms=500, answer_seconds=1.0), origin=0.0,
+                   slide=slide)
+        rng = np.random.default_rng(1)
+        t = 0.0
+        for _ in range(80):
+            pitch = int(rng.integers(50, 80))
+            for on in (True, False):
+                s.user_note(on, pitch, 90, t)
+                s.advance(t, lambda item: None)
+                t += rng.exponential(1 / 30)
+        takes.append((s.events, s.who))
+    assert sum(w == "model" for w in takes[0][1]) > 2 * run.model.cfg.max_len  # the model played, and slid
+    assert takes[0] == takes[1]
 
 
 def test_an_answer_is_drawn_ahead_and_wakes_when_it_runs_low(run):

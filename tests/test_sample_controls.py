@@ -254,7 +254,7 @@ def _register_breaches(vocab, spec, row, asked_S):
 
 def test_the_register_guard_brings_every_segments_mean_pitch_back_to_its_level():
     """Asked for a register level with the guard on, no note leaves a segment's mean pitch more than
-    one level away unless it brings it nearer, at any guidance and across window slides, from a model
+    one level away and further than it was, at any guidance and across window slides, from a model
     that leans to the top of the keyboard; with the guard off the same model breaks that often, and
     plays its segments far above the level (measured on the decoded notes, as the evaluation does)."""
     spec = {**SPEC, "edges": {**SPEC["edges"], "register": [40.0, 48.0, 55.0, 60.0, 65.0, 72.0, 80.0]}}
@@ -281,3 +281,28 @@ def test_the_register_guard_brings_every_segments_mean_pitch_back_to_its_level()
     assert sum(_register_breaches(vocab, spec, row, asked_S)[1] for row in raw) >= 10
     heard = [x for r in raw for x in data_controls.segment_levels(vocab.decode_notes(r), spec)[:2, at] if x > 0]
     assert heard and np.median(heard) >= 7  # mostly up there, not at level 2
+
+    # A pitch range the asked level cannot reach: the guard leaves the notes that come nearest, never none.
+    from mgpt.sample.limits import HardLimits
+
+    rows = generate_tokens(model, vocab, [np.array([STYLE])] * 3, controls=controls.parse(vocab, "register=1",
+                           register_guard=True), hard_limits=HardLimits(pitch_range=(60, 84)),
+                           **{**kw, "seeds": range(3)})
+    firsts = []
+    for row in rows:
+        pitches = [t - vocab.note_on_offset + vocab.min_pitch for t in row.tolist()
+                   if vocab.note_on_offset <= t < vocab.note_off_offset]
+        assert all(60 <= p <= 84 for p in pitches)
+        firsts += pitches[:1]
+    assert len(firsts) >= 2 and set(firsts) == {60}  # it opens on the lowest the range allows
+
+
+def test_a_primers_notes_in_its_last_segment_start_the_guards_counts():
+    """The guards count a primer's notes struck in the segment it ends in, and the sum of their pitch
+    indices; notes of earlier segments do not count."""
+    seg = data_controls.segment_steps(VOCAB)
+    on = [VOCAB.note_on_offset + i for i in (10, 14, 20)]
+    primer = [STYLE, on[0], *[VOCAB.time_shift_offset + seg - 1], on[1], on[2], VOCAB.time_shift_offset + 3]
+    assert controls.notes_in_last_segment(VOCAB, primer) == (2, 34)
+    assert controls.notes_in_last_segment(VOCAB, primer[:2]) == (1, 10)
+    assert controls.notes_in_last_segment(VOCAB, []) == (0, 0)

@@ -12,8 +12,9 @@ style guidance with an unconditional twin row in the same cache), several in one
 when the lookahead needs them. The window slides to what the sampler's next window holds
 (`mgpt.sample.window_prompt`: STYLE, the carried state, the latest events), but the events it
 keeps keep their keys and values, moved in the cache (`Stream._keep`); only the carried state is
-fed. Teacher-forced through the stream, that reads held-out pieces as well as re-prefilling
-(benchmarks/bench_context.py, docs/live.md) at a tenth of a slide's cost.
+fed (and the last kept token again, for the next logits). Teacher-forced through the stream, that
+reads held-out pieces as well as re-prefilling (benchmarks/bench_context.py, docs/live.md) at half a
+slide's cost.
 
 The model plays ahead of the clock by `lookahead_ms` (drawn again once less than REFILL of it is
 left) and each event leaves with the time it is meant to sound. When the user plays at time t while the model has events after t: answering, the
@@ -290,10 +291,11 @@ def _heard_at(tokens_1xW, n, pitches: int):
 
 def _bucket(n: int, fused: bool) -> int:
     """The length a chunk of n tokens is padded to: few shapes to compile, little padding to run.
-    Powers of 4 for a chunk a draw feeds (up to FUSED_FEED: a draw compiles slowly), powers of 2 up
-    to 32 then multiples of 32 for a feed of its own (a long chunk costs its compute: the padding
-    matters more)."""
-    if not fused and n > 32:
+    Powers of 4 for a chunk a draw feeds (up to FUSED_FEED: a draw compiles slowly); for a feed of
+    its own (a long chunk costs its compute: the padding matters more), powers of 2, but multiples of
+    32 from 32 to 256 tokens (the demo model's whole window; past it, so many shapes would make the
+    warm-up of a long-context model slow)."""
+    if not fused and 32 < n <= 256:
         return 32 * math.ceil(n / 32)
     return 1 << ((2 if fused else 1) * max(0, math.ceil(math.log(max(n, 1), 4 if fused else 2))))
 
@@ -438,8 +440,9 @@ class Stream:
             tokens_RxT[:, :len(carried)] = carried
         self.cache = self._slide_call(self._leaves, self.cache, np.int32(src), np.int32(dst), np.int32(count),
                                       tokens_RxT, self._heard(1))
-        # self.logits stay those after the last fed token, which is now at dst + count - 1.
-        self._fed = dst + count
+        # The last kept token is fed again, so that the next event is drawn from logits read in the new
+        # window (one token more in the next call), as after a re-prefill.
+        self._fed = dst + count - 1
         self.rows = None
 
     def _chunk(self, fused: bool = False):
@@ -732,7 +735,7 @@ class Stream:
             self._draw(emit, horizon, max_events=1 if soon else MAX_DRAW)
         if not (self.answer and s.mode == "accompany"):
             # What arrived is fed now, in one call. Accompanying, it waits for the model's next draw
-            # (within one of its events' time): what the player plays until then, and the model's
+            # (once its lookahead runs below REFILL): what the player plays until then, and the model's
             # events re-fed behind it, go in together, rather than the tail once per player's note.
             self._flush()
 

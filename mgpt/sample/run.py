@@ -225,7 +225,7 @@ class Sampling:
     # no fewer (mgpt/sample/controls.py); False: the model's own density (docs/controls.md has both).
     density_guard: bool = True
     # With a register asked for, no NOTE_ON leaves the segment's mean pitch more than a level away
-    # unless nearer (the same file). Off by default: it meets the register target but costs feature
+    # and further than it was (the same file). Off by default: it meets the register target but costs feature
     # overlap (docs/controls.md).
     register_guard: bool = False
     context: str = DEFAULT_CONTEXT  # past the window: 'rolling' or 'reprefill' (DEFAULT_CONTEXT)

@@ -399,7 +399,7 @@ def choose_event(logits_BxV, rows: RowState, limits: RowLimits, settings, tables
     if density_BxV is not None:  # the density guard: as many notes in a segment as its level holds
         banned_BxV = banned_BxV | density_BxV
     register_BxV = controls_lib.register_banned(limits.controls, rows.segment_notes_B, rows.segment_pitch_sum_B,
-                                                rows.steps_B, rows.open_BxP, tables)
+                                                rows.steps_B, banned_BxV, tables)
     if register_BxV is not None:  # the register guard: the segment's mean pitch in its level
         banned_BxV = banned_BxV | register_BxV
     logits_BxV = jax.lax.cond(settings["release_share"] > 0, release_mass,
