@@ -17,10 +17,11 @@ reads held-out pieces as well as re-prefilling (benchmarks/bench_context.py, doc
 slide's cost.
 
 The model plays ahead of the clock by `lookahead_ms` (drawn again once less than REFILL of it is
-left) and each event leaves with the time it is meant to sound. When the user plays at time t while the model has events after t: answering, the
-stream is rewound to t (the KV cache is positional: rewinding is moving the cursor) and the
-client is told to drop them (`retract`); accompanying, they stay (they have been sent), the
-user's events go in between at t and the model's are re-fed behind them. Either way the model's
+left) and each event leaves with the time it is meant to sound. When the user plays at time t
+while the model has events after t: answering, the stream is rewound to t (the KV cache is
+positional: rewinding is moving the cursor) and the client is told to drop them (`retract`);
+accompanying, they stay (they have been sent), the user's events go in between at t and the
+model's are re-fed behind them. Either way the model's
 next events are conditioned on what the user played.
 
 Modes:

@@ -277,10 +277,10 @@ def register_banned(p: ControlPlan | None, notes_B, pitch_sum_B, steps_B, banned
     NOTE_ON may not leave the segment's mean pitch more than one level from it (by
     `data_prep.controls.levels_of`'s rule) and further than it was (a first note: more than one
     level), unless no NOTE_ON the other masks (`banned_BxV`: sounding pitches, a pitch range) leave
-    does better. A line may leave the level for a note, but the segment's notes keep coming back. (Holding the mean
-    in the level itself from the first note on measured 0.99 exact, but chords lost their bass and
-    the style classifier recognised 0.70 of the pieces following real pieces' timelines, against
-    0.94 unsteered; docs/controls.md has both, and a free first note.)"""
+    does better. A line may leave the level for a note, but the segment's notes keep coming back.
+    (Holding the mean in the level itself from the first note on measured 0.99 exact, but chords
+    lost their bass and the style classifier recognised 0.70 of the pieces following real pieces'
+    timelines, against 0.94 unsteered; docs/controls.md compares the rules tried.)"""
     if p is None or p.register_BxS is None:
         return None
     k_B = jnp.minimum(_segment(p, steps_B), p.register_BxS.shape[1] - 1)
@@ -294,11 +294,10 @@ def register_banned(p: ControlPlan | None, notes_B, pitch_sum_B, steps_B, banned
     count_B = notes_B.astype(jnp.float32)
     after_BxP = level((pitch_sum_B[:, None] + jnp.arange(num_pitches)[None, :]) / (count_B[:, None] + 1))
     miss_BxP = jnp.abs(after_BxP - asked_B[:, None])
-    before_B = jnp.where(notes_B > 0, jnp.abs(level(pitch_sum_B / jnp.maximum(count_B, 1)) - asked_B),
-                         1)
+    before_B = jnp.where(notes_B > 0, jnp.abs(level(pitch_sum_B / jnp.maximum(count_B, 1)) - asked_B), 1)
     # The best NOTE_ON the other masks leave is always allowed, so that the guard never bans them all.
-    open_BxP = ~banned_BxV[:, tables["note_off_P"] - num_pitches]  # NOTE_ON ids precede NOTE_OFF ids
-    best_B = jnp.min(jnp.where(open_BxP, miss_BxP, jnp.iinfo(jnp.int32).max), axis=1)
+    strikable_BxP = ~banned_BxV[:, tables["note_off_P"] - num_pitches]  # NOTE_ON ids precede NOTE_OFF ids
+    best_B = jnp.min(jnp.where(strikable_BxP, miss_BxP, jnp.iinfo(jnp.int32).max), axis=1)
     allowed_B = jnp.maximum(jnp.maximum(before_B, 1), best_B)
     bad_BxP = (asked_B > 0)[:, None] & (miss_BxP > allowed_B[:, None])
     bad_BxP1 = jnp.pad(bad_BxP, ((0, 0), (0, 1)))  # column P: "not a note token"
