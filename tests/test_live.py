@@ -383,6 +383,19 @@ def test_a_stream_of_a_model_hearing_notes_draws_what_the_sampler_draws(tmp_path
     test_the_stream_draws_what_the_sampler_draws(heard)
 
 
+def _play_along(stream, rng, notes, rate, t=0.0, sent=None):
+    """The player strikes `notes` random keys (MIDI 50-79) and releases each, `rate` events a second
+    (exponential gaps), the stream advanced after each event; what it sends goes onto `sent` as
+    (clock, item). Returns the clock after the last one."""
+    for _ in range(notes):
+        pitch = int(rng.integers(50, 80))
+        for on in (True, False):
+            stream.user_note(on, pitch, 90, t)
+            stream.advance(t, lambda item, now=t: sent is not None and sent.append((now, item)))
+            t += rng.exponential(1 / rate)
+    return t
+
+
 def test_dense_accompaniment_sends_every_note_ahead_of_the_clock(run):
     """Accompanying 40 player events a second (the model's lookahead re-fed behind each, drawn
     several events a call): every model note leaves at least the send margin before it is due,
@@ -390,15 +403,8 @@ def test_dense_accompaniment_sends_every_note_ahead_of_the_clock(run):
     from mgpt.live.stream import SEND_MARGIN_SECONDS, Settings
 
     stream = Stream(run, Settings(mode="accompany", lookahead_ms=500, answer_seconds=1.0, guidance=1.0), origin=0.0)
-    rng = np.random.default_rng(0)
-    t, sent, struck = 0.0, [], 0
-    for _ in range(100):
-        pitch = int(rng.integers(50, 80))
-        for on in (True, False):
-            stream.user_note(on, pitch, 90, t)
-            stream.advance(t, lambda item, now=t: sent.append((now, item)))
-            t += rng.exponential(1 / 40)
-        struck += 1
+    sent, struck = [], 100
+    _play_along(stream, np.random.default_rng(0), struck, 40, sent=sent)
     notes = [(now, item) for now, item in sent if isinstance(item, Note)]
     assert notes, "the model plays along"
     step = 1 / run.vocab.steps_per_second  # times fall on the model's grid
@@ -458,14 +464,7 @@ def test_a_slid_window_keeps_its_events_keys_and_values(run):
     for slide in ("keep", "reprefill"):
         s = Stream(run, Settings(mode="accompany", guidance=1.5, lookahead_ms=500, answer_seconds=1.0), origin=0.0,
                    slide=slide)
-        rng = np.random.default_rng(1)
-        t = 0.0
-        for _ in range(80):
-            pitch = int(rng.integers(50, 80))
-            for on in (True, False):
-                s.user_note(on, pitch, 90, t)
-                s.advance(t, lambda item: None)
-                t += rng.exponential(1 / 30)
+        _play_along(s, np.random.default_rng(1), 80, 30)
         takes.append((s.events, s.who))
     assert sum(w == "model" for w in takes[0][1]) > 2 * run.model.cfg.max_len  # the model played, and slid
     assert takes[0] == takes[1]
@@ -617,18 +616,12 @@ def test_live_controls_mark_every_segment_from_the_next_one_on(tmp_path):
     stream = Stream(run, Settings(mode="accompany", lookahead_ms=300, answer_seconds=1.0, guidance=1.5,
                                   controls="density=3,mode=minor"), origin=0.0)
     rng = np.random.default_rng(1)
-    t, clock, changed_at = 0.0, None, None
-    for k in range(60):
-        pitch = int(rng.integers(50, 80))
-        for on in (True, False):
-            stream.user_note(on, pitch, 90, t)
-            stream.advance(t, lambda item: None)
-            t += rng.exponential(1 / 20)
-        if k == 30:
-            stream.update({"controls": "register=high"})
-            # Openings up to the clock keep the old group; those the model had drawn ahead may be
-            # marked again with the new one when a player's note goes in before them.
-            clock, changed_at = stream.step_of(t), stream.end_step
+    t = _play_along(stream, rng, 31, 20)
+    stream.update({"controls": "register=high"})
+    # Openings up to the clock keep the old group; those the model had drawn ahead may be marked
+    # again with the new one when a player's note goes in before them.
+    clock, changed_at = stream.step_of(t), stream.end_step
+    t = _play_along(stream, rng, 29, 20, t)
     for _ in range(4):
         t += 0.3
         stream.advance(t, lambda item: None)
