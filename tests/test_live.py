@@ -383,28 +383,30 @@ def test_a_stream_of_a_model_hearing_notes_draws_what_the_sampler_draws(tmp_path
     test_the_stream_draws_what_the_sampler_draws(heard)
 
 
-def _play_along(stream, rng, notes, rate, t=0.0, sent=None):
+def _play_along(stream, rng, notes, rate, t=0.0, sent=None, loudness=None):
     """The player strikes `notes` random keys (MIDI 50-79) and releases each, `rate` events a second
     (exponential gaps), the stream advanced after each event; what it sends goes onto `sent` as
-    (clock, item). Returns the clock after the last one."""
+    (clock, item). Velocity 90, or drawn from `loudness` (a random generator) for each note.
+    Returns the clock after the last one."""
     for _ in range(notes):
         pitch = int(rng.integers(50, 80))
+        velocity = 90 if loudness is None else int(loudness.integers(30, 120))
         for on in (True, False):
-            stream.user_note(on, pitch, 90, t)
+            stream.user_note(on, pitch, velocity, t)
             stream.advance(t, lambda item, now=t: sent is not None and sent.append((now, item)))
             t += rng.exponential(1 / rate)
     return t
 
 
 def test_dense_accompaniment_sends_every_note_ahead_of_the_clock(run):
-    """Accompanying 40 player events a second (the model's lookahead re-fed behind each, drawn
-    several events a call): every model note leaves at least the send margin before it is due,
-    and the player's notes are all in the model's stream."""
+    """Accompanying 40 player events a second, each note as loud as the player strikes it (the
+    model's lookahead re-fed behind each, drawn several events a call): every model note leaves at
+    least the send margin before it is due, and the player's notes are all in the model's stream."""
     from mgpt.live.stream import SEND_MARGIN_SECONDS, Settings
 
     stream = Stream(run, Settings(mode="accompany", lookahead_ms=500, answer_seconds=1.0, guidance=1.0), origin=0.0)
     sent, struck = [], 100
-    _play_along(stream, np.random.default_rng(0), struck, 40, sent=sent)
+    _play_along(stream, np.random.default_rng(0), struck, 40, sent=sent, loudness=np.random.default_rng(1))
     notes = [(now, item) for now, item in sent if isinstance(item, Note)]
     assert notes, "the model plays along"
     step = 1 / run.vocab.steps_per_second  # times fall on the model's grid
@@ -412,6 +414,17 @@ def test_dense_accompaniment_sends_every_note_ahead_of_the_clock(run):
     v = run.vocab
     assert sum(1 for w, i in zip(stream.who, stream.events)
                if w == "user" and v.note_on_offset <= i < v.note_off_offset) == struck
+    # The model's loudness is restated behind each note the player strikes in between its events, but
+    # VELOCITY events that change nothing do not pile up there: at most two come before a NOTE_ON (one
+    # put back for the model's notes, then the player's own, when the player's next note comes first).
+    run_length, longest = 0, 0
+    for i in stream.events:
+        if v.velocity_offset <= i < v.style_offset:
+            run_length += 1
+            longest = max(longest, run_length)
+        elif v.note_on_offset <= i < v.note_off_offset:
+            run_length = 0
+    assert longest <= 2, f"{longest} VELOCITY events in a row"
 
 
 def _played(stream, notes=120, seed=0):

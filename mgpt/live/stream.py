@@ -290,6 +290,16 @@ def _heard_at(tokens_1xW, n, pitches: int):
     return jnp.broadcast_to(count_P, (2, pitches))
 
 
+def _sets_a_note(v, events) -> bool:
+    """Whether a NOTE_ON comes in `events` ((id, who, answer), in order) before any VELOCITY."""
+    for i, _, _ in events:
+        if v.velocity_offset <= i < v.style_offset:
+            return False
+        if v.note_on_offset <= i < v.note_off_offset:
+            return True
+    return False
+
+
 def _bucket(n: int, fused: bool) -> int:
     """The length a chunk of n tokens is padded to: few shapes to compile, little padding to run.
     Powers of 4 for a chunk a draw feeds (up to FUSED_FEED: a draw compiles slowly); for a feed of
@@ -668,8 +678,12 @@ class Stream:
                 back.append((velocity, MODEL, answer))
             back += tail[1:]
             written = []
-            for i, w, a in back:
+            for k, (i, w, a) in enumerate(back):
                 if w == CONTROL:  # segments are marked again where they now open
+                    continue
+                if v.velocity_offset <= i < v.style_offset and (i == self.velocity or not _sets_a_note(v, back[k + 1:])):
+                    # A VELOCITY that changes nothing (the one in force, or no NOTE_ON of these comes before
+                    # another VELOCITY): put back behind each note the player strikes, they would pile up.
                     continue
                 before = self.end_step
                 self._push(int(i), w)
