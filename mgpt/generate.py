@@ -136,6 +136,9 @@ def define_flags(fv):
     flags.DEFINE_bool("register_guard", False, "With a register asked for: no NOTE_ON leaves its control segment's "
                       "mean pitch more than one level away and further than it was (others masked); off: the "
                       "model's own register (docs/controls.md measures both).", **kw)
+    flags.DEFINE_bool("mode_guard", True, "With a mode asked for: no NOTE_ON moves its control segment's pitch "
+                      "classes further from that mode (by the key-finding rule the evaluation measures) once they "
+                      "are outside it; false = the model's own mode (docs/controls.md measures both).", **kw)
     flags.DEFINE_float("max_copy_seconds", DEFAULT_MAX_COPY_SECONDS,
                        "Copy guard: re-draw a piece that shares this many seconds with a training piece "
                        "(transposition-aware; 0 = off).", **kw)
@@ -163,7 +166,8 @@ def run_command(f) -> pathlib.Path:
                         max_events=f.max_events, max_seconds=f.max_seconds, max_note_seconds=f.max_note_seconds,
                         guidance=f.guidance, pitch_range=f.pitch_range, max_polyphony=f.max_polyphony,
                         velocity_range=f.velocity_range, controls=f.controls, mood=f.mood,
-                        density_guard=f.density_guard, register_guard=f.register_guard, context=f.context)
+                        density_guard=f.density_guard, register_guard=f.register_guard, mode_guard=f.mode_guard,
+                        context=f.context)
     _check_primer_seconds(f.primer_seconds)
     check_copy_guard(f.max_copy_seconds, f.copy_tries)
     if f.audio:

@@ -65,6 +65,9 @@ class Timeline:
     # The register guard (off by default; `register_banned`): in a segment asked for a register
     # level, no NOTE_ON leaves the segment's mean pitch more than one level away and further than it was.
     register_guard: bool = False
+    # The mode guard (`mode_banned`; mgpt.generate turns it on): in a segment asked for a mode, no NOTE_ON moves
+    # the segment's pitch classes further from what the key-finding rule reads as that mode, once they are outside it.
+    mode_guard: bool = False
 
     @property
     def empty(self) -> bool:
@@ -96,13 +99,13 @@ class Timeline:
 
 
 def parse(vocab: Vocabulary, text: str | None, mood: str | None = None, flag: str = "--controls",
-          density_guard: bool = True, register_guard: bool = False) -> Timeline:
+          density_guard: bool = True, register_guard: bool = False, mode_guard: bool = False) -> Timeline:
     """--controls (and --mood) -> a Timeline. ValueError, one line naming the flag and the problem: an
     unknown control or mood, a level out of range, times out of order, or a model without controls."""
     text = (text or "").strip()
     mood = (mood or "").strip().lower()
     if not text and not mood:
-        return Timeline(density_guard=density_guard, register_guard=register_guard)
+        return Timeline(density_guard=density_guard, register_guard=register_guard, mode_guard=mode_guard)
     if vocab.controls is None:
         which = flag if text else "--mood"
         raise ValueError(f"{which}: this model was trained without control tokens (data.control_seconds = 0); "
@@ -145,7 +148,7 @@ def parse(vocab: Vocabulary, text: str | None, mood: str | None = None, flag: st
         entries.insert(0, (0.0, {}))
     return Timeline(tuple((t, tuple(sorted(c.items(), key=lambda kv: controls_lib.ATTRIBUTES.index(kv[0]))))
                           for t, c in entries), density_guard=density_guard,
-                    register_guard=register_guard)
+                    register_guard=register_guard, mode_guard=mode_guard)
 
 
 def _level(flag: str, name: str, value: str, levels: int, names: dict[str, int],
@@ -185,6 +188,8 @@ class ControlPlan:
     row has a guard, which traces as before; no bound where density is free or the guard is off).
     register_BxS / register_edges_E: the register guard, the level segment k asks for (0: free or
     no guard) and the level edges in pitch-index space (None: no row has one).
+    mode_BxS / pitch_class_P: the mode guard, the mode segment k asks for (1 major, 2 minor, 3 none;
+    0: free or no guard) and each pitch index's pitch class (None: no row has one).
     """
 
     group_BxSxA: jax.Array
@@ -194,6 +199,8 @@ class ControlPlan:
     floor_BxS: jax.Array | None = None
     register_BxS: jax.Array | None = None
     register_edges_E: jax.Array | None = None
+    mode_BxS: jax.Array | None = None
+    pitch_class_P: jax.Array | None = None
 
 
 def plan(vocab: Vocabulary, timelines, offsets_steps, batch: int, max_steps: int | None) -> ControlPlan:
@@ -224,6 +231,12 @@ def plan(vocab: Vocabulary, timelines, offsets_steps, batch: int, max_steps: int
         if t.register_guard:
             register[b] = t.segment_levels(vocab, segments)[:, at]
     registered = bool(np.any(register > 0))
+    mode = np.zeros((batch, segments), np.int32)
+    for b, t in enumerate(timelines):
+        if t.mode_guard:
+            mode[b] = t.segment_levels(vocab, segments)[:, controls_lib.ATTRIBUTES.index("mode")]
+    moded = bool(np.any(mode > 0))
+    pitches = vocab.note_off_offset - vocab.note_on_offset
     # Either guard counts the notes of each segment (RowState.segment_notes_B).
     guarded = np.any(cap < caps[-1]) or np.any(floor > 0) or registered
     edges = np.asarray(vocab.controls["edges"]["register"], np.float32) - vocab.min_pitch
@@ -231,7 +244,9 @@ def plan(vocab: Vocabulary, timelines, offsets_steps, batch: int, max_steps: int
                        segment_steps=jnp.asarray(seg, jnp.int32),
                        cap_BxS=jnp.asarray(cap) if guarded else None, floor_BxS=jnp.asarray(floor) if guarded else None,
                        register_BxS=jnp.asarray(register) if registered else None,
-                       register_edges_E=jnp.asarray(edges) if registered else None)
+                       register_edges_E=jnp.asarray(edges) if registered else None,
+                       mode_BxS=jnp.asarray(mode) if moded else None,
+                       pitch_class_P=jnp.asarray((np.arange(pitches) + vocab.min_pitch) % 12, jnp.int32) if moded else None)
 
 
 def notes_in_last_segment(vocab: Vocabulary, prompt) -> tuple[int, int]:
@@ -244,6 +259,30 @@ def notes_in_last_segment(vocab: Vocabulary, prompt) -> tuple[int, int]:
     seg = controls_lib.segment_steps(vocab)
     struck = (ids >= vocab.note_on_offset) & (ids < vocab.note_off_offset) & (step_T // seg == step_T[-1] // seg)
     return int(np.sum(struck)), int(np.sum(ids[struck] - vocab.note_on_offset))
+
+
+def pitch_class_time_in_last_segment(vocab: Vocabulary, prompt) -> np.ndarray:
+    """float32[12]: how long each pitch class has sounded (steps, a chord's notes each counted) in the
+    segment a prompt ends in: the mode guard's histogram to start from."""
+    out = np.zeros(12, np.float32)
+    ids = np.asarray(prompt, np.int64)
+    if not len(ids):
+        return out
+    seg = controls_lib.segment_steps(vocab)
+    step_T = controls_lib.steps_after(vocab, ids)
+    start = int(step_T[-1]) // seg * seg
+    sounding = np.zeros(12, np.int64)
+    at = 0
+    for token, after in zip(ids.tolist(), step_T.tolist()):
+        if after > at:  # a TIME_SHIFT: what sounds, for the part of it inside the last segment
+            out += sounding * max(0, int(after) - max(at, start))
+            at = int(after)
+        elif vocab.note_on_offset <= token < vocab.note_off_offset:
+            sounding[(token - vocab.note_on_offset + vocab.min_pitch) % 12] += 1
+        elif vocab.note_off_offset <= token < vocab.time_shift_offset:
+            pc = (token - vocab.note_off_offset + vocab.min_pitch) % 12
+            sounding[pc] = max(0, sounding[pc] - 1)
+    return out
 
 
 def density_banned(p: ControlPlan | None, notes_B, steps_B, tables, num_pitches: int):
@@ -302,6 +341,62 @@ def register_banned(p: ControlPlan | None, notes_B, pitch_sum_B, steps_B, banned
     bad_BxP = (asked_B > 0)[:, None] & (miss_BxP > allowed_B[:, None])
     bad_BxP1 = jnp.pad(bad_BxP, ((0, 0), (0, 1)))  # column P: "not a note token"
     return bad_BxP1[:, tables["on_pitch_V"]]
+
+
+# A NOTE_ON the mode guard weighs counts as sounding for this share of a segment.
+MODE_NOTE_SHARE = 8
+_KEYS_24x12 = np.asarray(controls_lib._PROFILES_24x12, np.float32)
+
+
+def mode_fit(histogram_Nx12):
+    """N x 3: how far inside each mode level a pitch-class histogram is, by
+    `data_prep.controls.mode_of`'s rule (best key's mode, 'none' below MODE_MIN_CORRELATION):
+    positive where that rule reads the level, negative by how much it misses it otherwise."""
+    h = histogram_Nx12 - jnp.mean(histogram_Nx12, axis=-1, keepdims=True)
+    norm = jnp.linalg.norm(h, axis=-1, keepdims=True)
+    r_Nx24 = jnp.where(norm > 0, h / jnp.where(norm > 0, norm, 1), 0) @ jnp.asarray(_KEYS_24x12).T
+    major, minor = jnp.max(r_Nx24[..., :12], -1), jnp.max(r_Nx24[..., 12:], -1)
+    least = controls_lib.MODE_MIN_CORRELATION
+    return jnp.stack([jnp.minimum(major - minor, major - least), jnp.minimum(minor - major, minor - least),
+                      least - jnp.maximum(major, minor)], -1)
+
+
+def mode_banned(p: ControlPlan | None, time_Bx12, steps_B, banned_BxV, tables):
+    """The mode guard's mask (BxV bool), or None. time_Bx12: how long each pitch class has sounded
+    in the row's segment (`pitch_class_time`). In a segment asked for a mode, a NOTE_ON whose pitch
+    class (weighed as sounding for 1/MODE_NOTE_SHARE of the segment) would leave the histogram
+    outside that mode by `data_prep.controls.mode_of`'s rule and further outside than it is now is
+    masked, unless no NOTE_ON the other masks (`banned_BxV`) leave does better."""
+    if p is None or p.mode_BxS is None:
+        return None
+    k_B = jnp.minimum(_segment(p, steps_B), p.mode_BxS.shape[1] - 1)
+    asked_B = jnp.take_along_axis(p.mode_BxS, k_B[:, None], axis=1)[:, 0]
+    weight = p.segment_steps.astype(jnp.float32) / MODE_NOTE_SHARE
+    pick_Bx1 = jnp.maximum(asked_B - 1, 0)[:, None]
+    before_B = jnp.take_along_axis(mode_fit(time_Bx12), pick_Bx1, axis=1)[:, 0]
+    after_Bx12 = jnp.take_along_axis(mode_fit(time_Bx12[:, None, :] + weight * jnp.eye(12)[None]),
+                                     pick_Bx1[:, :, None], axis=2)[..., 0]
+    num_pitches = tables["note_off_P"].shape[0]
+    after_BxP = after_Bx12[:, p.pitch_class_P]
+    strikable_BxP = ~banned_BxV[:, tables["note_off_P"] - num_pitches]  # NOTE_ON ids precede NOTE_OFF ids
+    best_B = jnp.max(jnp.where(strikable_BxP, after_BxP, -jnp.inf), axis=1)
+    bad_BxP = ((asked_B > 0)[:, None] & (after_BxP < 0) & (after_BxP < before_B[:, None])
+               & (after_BxP < best_B[:, None]))
+    bad_BxP1 = jnp.pad(bad_BxP, ((0, 0), (0, 1)))  # column P: "not a note token"
+    return bad_BxP1[:, tables["on_pitch_V"]]
+
+
+def pitch_class_time(p: ControlPlan | None, time_Bx12, open_BxP, steps_B, new_steps_B):
+    """RowState.segment_pitch_time_Bx12 after an event: what sounded (open_BxP, before it) for the
+    steps it moved the clock, counted from the segment's opening when it carried the clock into a
+    new one (a chord's notes each counted, as `data_prep.controls.segment_values` weighs them)."""
+    if p is None or p.mode_BxS is None:
+        return time_Bx12
+    crossed_B = _segment(p, new_steps_B) > _segment(p, steps_B)
+    opened_B = _segment(p, new_steps_B) * p.segment_steps - p.offset_B  # the new segment's opening, on the row's clock
+    since_B = jnp.where(crossed_B, new_steps_B - opened_B, new_steps_B - steps_B).astype(jnp.float32)
+    sounding_Bx12 = open_BxP.astype(jnp.float32) @ jax.nn.one_hot(p.pitch_class_P, 12, dtype=jnp.float32)
+    return jnp.where(crossed_B[:, None], 0.0, time_Bx12) + sounding_Bx12 * since_B[:, None]
 
 
 def sum_pitches(p: ControlPlan | None, sum_B, steps_B, new_steps_B, struck_B, pitch_B):

@@ -228,6 +228,9 @@ class Sampling:
     # and further than it was (the same file). Off by default: it meets the register target but costs feature
     # overlap (docs/controls.md).
     register_guard: bool = False
+    # With a mode asked for, no NOTE_ON moves the segment's pitch classes further from that mode once
+    # they are outside it (the same file); False: the model's own mode (docs/controls.md has both).
+    mode_guard: bool = True
     context: str = DEFAULT_CONTEXT  # past the window: 'rolling' or 'reprefill' (DEFAULT_CONTEXT)
 
     @property
@@ -293,7 +296,7 @@ class Sampling:
 
         try:
             return controls.parse(vocab, self.controls, self.mood, density_guard=self.density_guard,
-                                  register_guard=self.register_guard)
+                                  register_guard=self.register_guard, mode_guard=self.mode_guard)
         except ValueError as e:
             raise UserError(str(e)) from None
 
@@ -315,7 +318,8 @@ class Sampling:
         # them read (mgpt.sample.corpus), so that a corpus without controls resumes as it was.
         return {**dataclasses.asdict(self), **self.budget(), **ranges,  # lists: what the manifest's JSON reads back
                 "density_guard": bool(self.density_guard and self.steered),
-                "register_guard": bool(self.register_guard and self.steered)}
+                "register_guard": bool(self.register_guard and self.steered),
+                "mode_guard": bool(self.mode_guard and self.steered)}
 
 
 # ----------------------------------------------------------------------------- a loaded run

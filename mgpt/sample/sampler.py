@@ -322,6 +322,7 @@ class RowState:
     control_B: jax.Array | None = None  # with controls: the next forced token of the segment (mgpt/sample/controls.py)
     segment_notes_B: jax.Array | None = None  # the guards: notes struck in the row's current segment
     segment_pitch_sum_B: jax.Array | None = None  # the register guard: the sum of their pitch indices
+    segment_pitch_time_Bx12: jax.Array | None = None  # the mode guard: steps each pitch class has sounded in it
 
     @classmethod
     def start(cls, vocab: Vocabulary, prompts: Sequence[Sequence[int]], batch: int) -> "RowState":
@@ -402,6 +403,10 @@ def choose_event(logits_BxV, rows: RowState, limits: RowLimits, settings, tables
                                                 rows.steps_B, banned_BxV, tables)
     if register_BxV is not None:  # the register guard: the segment's mean pitch in its level
         banned_BxV = banned_BxV | register_BxV
+    mode_BxV = controls_lib.mode_banned(limits.controls, rows.segment_pitch_time_Bx12, rows.steps_B, banned_BxV,
+                                        tables)
+    if mode_BxV is not None:  # the mode guard: the segment's pitch classes towards the mode asked for
+        banned_BxV = banned_BxV | mode_BxV
     logits_BxV = jax.lax.cond(settings["release_share"] > 0, release_mass,
                               lambda l, b, t, a: l.astype(jnp.float32),
                               logits_BxV, banned_BxV, tables, settings["release_share"])
@@ -528,6 +533,9 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
         segment_pitch_sum_B = controls_lib.sum_pitches(limits.controls, r.segment_pitch_sum_B, r.steps_B,
                                                        jnp.where(emit_B, new_steps_B, r.steps_B), struck_B,
                                                        tables["on_pitch_V"][token_B])
+        segment_pitch_time_Bx12 = controls_lib.pitch_class_time(limits.controls, r.segment_pitch_time_Bx12,
+                                                                r.open_BxP, r.steps_B,
+                                                                jnp.where(emit_B, new_steps_B, r.steps_B))
         # ---
         filled_B = False if fill_B is None else fill_B & emit_B & (new_steps_B >= limits.max_steps_B)
         return _SamplingState(
@@ -545,6 +553,7 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
                 control_B=control_B,
                 segment_notes_B=segment_notes_B,
                 segment_pitch_sum_B=segment_pitch_sum_B,
+                segment_pitch_time_Bx12=segment_pitch_time_Bx12,
             ),
             heard_RxP=heard_RxP,
             twin_end_B=twin_end_B,
@@ -564,7 +573,9 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
                       segment_notes_B=None if rows.segment_notes_B is None
                       else jnp.asarray(rows.segment_notes_B, jnp.int32),
                       segment_pitch_sum_B=None if rows.segment_pitch_sum_B is None
-                      else jnp.asarray(rows.segment_pitch_sum_B, jnp.int32)),
+                      else jnp.asarray(rows.segment_pitch_sum_B, jnp.int32),
+                      segment_pitch_time_Bx12=None if rows.segment_pitch_time_Bx12 is None
+                      else jnp.asarray(rows.segment_pitch_time_Bx12, jnp.float32)),
         heard_RxP=heard_RxP,
         twin_end_B=jnp.asarray(twin_lengths_B, jnp.int32) if apart else None,
         twin_logits_BxV=twin_logits_BxV,
@@ -817,6 +828,11 @@ def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events,
                 notes_B[b], sum_B[b] = controls_lib.notes_in_last_segment(vocab, p)
             state = state.replace(segment_notes_B=notes_B,
                                   segment_pitch_sum_B=sum_B if plan.register_BxS is not None else None)
+        if plan.mode_BxS is not None:  # the mode guard: what sounded in the primer's last segment
+            time_Bx12 = np.zeros((batch, 12), np.float32)
+            for b, p in enumerate(prompts):
+                time_Bx12[b] = controls_lib.pitch_class_time_in_last_segment(vocab, p)
+            state = state.replace(segment_pitch_time_Bx12=time_Bx12)
     seeds_B = np.zeros(batch, np.uint32)
     seeds_B[:n] = np.asarray(seeds, np.uint64).astype(np.uint32)
     # Budgets: one for all rows, or one per row (benchmarks/bench_sample.py --corpus).
