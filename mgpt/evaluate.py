@@ -96,6 +96,8 @@ def define_flags(fv):
                       "density under --controls and in the controls sweep).", **kw)
     flags.DEFINE_bool("register_guard", False, "As mgpt.generate's --register_guard (under --controls and in the "
                       "controls sweep).", **kw)
+    flags.DEFINE_bool("polyphony_guard", True, "As mgpt.generate's --polyphony_guard (false: the raw model's "
+                      "polyphony under --controls and in the controls sweep).", **kw)
     flags.DEFINE_bool("mode_guard", True, "As mgpt.generate's --mode_guard (false: the raw model's mode under "
                       "--controls and in the controls sweep).", **kw)
     flags.DEFINE_integer("seed", 0, "Seed for generation and every subsample.", **kw)
@@ -214,7 +216,7 @@ def _sampling_run(f, gpt, vocab, config, dataset_dir):
     sampling = sample_run.Sampling(temperature=f.temperature, top_p=f.top_p, max_seconds=f.max_seconds,
                                  max_note_seconds=f.max_note_seconds, guidance=f.guidance,
                                  density_guard=f.density_guard, register_guard=f.register_guard,
-                                 mode_guard=f.mode_guard)
+                                 mode_guard=f.mode_guard, polyphony_guard=f.polyphony_guard)
     if f.controls or f.mood:
         sampling = dataclasses.replace(sampling, controls=f.controls, mood=f.mood)
         sampling.timeline(vocab)  # one line before anything is generated: an unknown control, a model without them

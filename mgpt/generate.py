@@ -136,6 +136,9 @@ def define_flags(fv):
     flags.DEFINE_bool("register_guard", False, "With a register asked for: no NOTE_ON leaves its control segment's "
                       "mean pitch more than one level away and further than it was (others masked); off: the "
                       "model's own register (docs/controls.md measures both).", **kw)
+    flags.DEFINE_bool("polyphony_guard", True, "With a polyphony asked for: no onset takes its control segment's "
+                      "mean polyphony more than one level away and further than it was (NOTE_ON masked, or "
+                      "TIME_SHIFT while a chord is too thin); false = the model's own polyphony.", **kw)
     flags.DEFINE_bool("mode_guard", True, "With a mode asked for: no NOTE_ON moves its control segment's pitch "
                       "classes further from that mode (by the key-finding rule the evaluation measures) once they "
                       "are outside it; false = the model's own mode (docs/controls.md measures both).", **kw)
@@ -167,7 +170,7 @@ def run_command(f) -> pathlib.Path:
                         guidance=f.guidance, pitch_range=f.pitch_range, max_polyphony=f.max_polyphony,
                         velocity_range=f.velocity_range, controls=f.controls, mood=f.mood,
                         density_guard=f.density_guard, register_guard=f.register_guard, mode_guard=f.mode_guard,
-                        context=f.context)
+                        polyphony_guard=f.polyphony_guard, context=f.context)
     _check_primer_seconds(f.primer_seconds)
     check_copy_guard(f.max_copy_seconds, f.copy_tries)
     if f.audio:

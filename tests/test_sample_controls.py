@@ -299,13 +299,21 @@ def test_the_register_guard_brings_every_segments_mean_pitch_back_to_its_level()
 
 def test_a_primers_notes_in_its_last_segment_start_the_guards_counts():
     """The guards count a primer's notes struck in the segment it ends in, and the sum of their pitch
-    indices; notes of earlier segments do not count."""
+    indices, and its onsets there; notes of earlier segments do not count."""
     seg = data_controls.segment_steps(VOCAB)
     on = [VOCAB.note_on_offset + i for i in (10, 14, 20)]
     primer = [STYLE, on[0], *[VOCAB.time_shift_offset + seg - 1], on[1], on[2], VOCAB.time_shift_offset + 3]
     assert controls.notes_in_last_segment(VOCAB, primer) == (2, 34)
     assert controls.notes_in_last_segment(VOCAB, primer[:2]) == (1, 10)
     assert controls.notes_in_last_segment(VOCAB, []) == (0, 0)
+    # The polyphony guard: the onsets of the last segment before the primer's last step, and the notes
+    # sounding at each (an onset at the last step is the sampler's current one, RowState.onset_BxP).
+    shift = VOCAB.time_shift_offset - 1
+    off = VOCAB.note_off_offset
+    primer = [STYLE, on[0], on[1], shift + seg - 1, shift + 11, on[2], shift + 5, off + 10, on[0] + 1]
+    assert controls.onsets_in_last_segment(VOCAB, primer) == (1, 3)
+    assert controls.onsets_in_last_segment(VOCAB, primer[:4]) == (1, 2)  # still in segment 0
+    assert controls.onsets_in_last_segment(VOCAB, primer[:5]) == (0, 0)  # segment 0's onset is not segment 1's
 
 
 def test_the_mode_guard_reads_a_segments_mode_as_the_evaluation_does():
@@ -402,3 +410,80 @@ def test_the_mode_guard_keeps_every_segments_pitch_classes_towards_its_mode():
                           controls=controls.parse(VOCAB, timeline), **kw)
     assert sum(_mode_breaches(VOCAB, row, asked_S)[1] for row in raw) >= 10
     assert min(guarded) >= 0.55 and min(guarded) >= measured(raw) + 0.3  # 0.62 and 0.25 when written
+
+
+def _polyphony_breaches(vocab, spec, row, asked_S):
+    """(events checked, breaches of the polyphony guard's rule) in a row: a NOTE_ON that takes its
+    segment's mean polyphony more than one level above the asked one and further than it was, or a
+    TIME_SHIFT that closes an onset too thin by that rule while a note could still be struck."""
+    edges = np.asarray(spec["edges"]["polyphony"])
+    seg = data_controls.segment_steps(vocab)
+
+    def miss(value, asked):
+        return abs(1 + (np.sum(edges < value) + np.sum(edges <= value)) // 2 - asked)
+
+    def level(value):
+        return 1 + (np.sum(edges < value) + np.sum(edges <= value)) // 2
+
+    step, onsets, total, sounding, here, checked, breaches = 0, 0, 0, set(), False, 0, 0
+    for t in np.asarray(row).tolist():
+        asked = asked_S[step // seg] if step // seg < len(asked_S) else 0
+        closed = miss(total / onsets, asked) if onsets else 1
+        now = miss((total + len(sounding)) / (onsets + 1), asked) if here else closed
+        struck = (total + len(sounding) + 1) / (onsets + 1)
+        too_thick = miss(struck, asked) > max(now, 1) and level(struck) > asked
+        if vocab.time_shift_offset <= t < vocab.velocity_offset:
+            if asked and here:
+                checked += 1
+                thin = level((total + len(sounding)) / (onsets + 1)) < asked
+                strikable = not too_thick and len(sounding) < vocab.max_pitch - vocab.min_pitch + 1
+                breaches += thin and now > max(closed, 1) and strikable
+            new = step + t - vocab.time_shift_offset + 1
+            if here:
+                onsets, total = onsets + 1, total + len(sounding)
+            if new // seg > step // seg:
+                onsets = total = 0
+            step, here = new, False
+        elif vocab.note_off_offset <= t < vocab.time_shift_offset:
+            sounding.discard(t - vocab.note_off_offset)
+        elif vocab.note_on_offset <= t < vocab.note_off_offset:
+            if asked:
+                checked += 1
+                breaches += too_thick
+            sounding.add(t - vocab.note_on_offset)
+            here = True
+    return checked, breaches
+
+
+def test_the_polyphony_guard_keeps_every_segments_onsets_near_their_level():
+    """Asked for a polyphony level with the guard on, no onset takes a segment's mean polyphony more
+    than one level from it and further than it was (chords too thick are not struck, too thin ones
+    are not left), at any guidance and across window slides, from a model that strikes and releases
+    at random; its segments then measure within one level far more often than the raw model's."""
+    pref_V = np.zeros(VOCAB.size, np.float32)
+    pref_V[VOCAB.note_on_offset:VOCAB.note_off_offset] = 2.0
+    pref_V[VOCAB.note_off_offset:VOCAB.time_shift_offset] = 1.0
+    pref_V[VOCAB.time_shift_offset:VOCAB.time_shift_offset + 10] = 3.0
+    pref_V[VOCAB.eos_id] = -100.0
+    model = context_free_model(CFG, pref_V)
+    timeline = "0:polyphony=2;1:polyphony=6;2:polyphony=free"  # segments of 0.5 s: 0-1 level 2, 2-3 level 6
+    asked_S = [2, 2, 6, 6]
+    kw = dict(seeds=range(6), max_seconds=3.0, max_events=600, temperature=1.0)
+    at = data_controls.ATTRIBUTES.index("polyphony")
+
+    def within_one(rows):
+        levels = np.concatenate([data_controls.segment_levels(VOCAB.decode_notes(r), SPEC, 4)[:, at] for r in rows])
+        return np.mean(np.abs(levels - np.tile(asked_S, len(rows))) <= 1)
+
+    guarded = []
+    for guidance in (1.0, 1.5):
+        rows = generate_tokens(model, VOCAB, [np.array([STYLE])] * 6, guidance=guidance,
+                               controls=controls.parse(VOCAB, timeline, polyphony_guard=True), **kw)
+        counts = [_polyphony_breaches(VOCAB, SPEC, row, asked_S) for row in rows]
+        assert sum(c for c, _ in counts) >= 30 and sum(b for _, b in counts) == 0
+        assert max(len(row) for row in rows) > 2 * CFG.max_len  # across window slides
+        guarded.append(within_one(rows))
+    raw = generate_tokens(model, VOCAB, [np.array([STYLE])] * 6, guidance=1.0,
+                          controls=controls.parse(VOCAB, timeline), **kw)
+    assert sum(_polyphony_breaches(VOCAB, SPEC, row, asked_S)[1] for row in raw) >= 10
+    assert min(guarded) >= within_one(raw) + 0.3  # 0.79 and 0.38 when written

@@ -68,6 +68,9 @@ class Timeline:
     # The mode guard (`mode_banned`; mgpt.generate turns it on): in a segment asked for a mode, no NOTE_ON moves
     # the segment's pitch classes further from what the key-finding rule reads as that mode, once they are outside it.
     mode_guard: bool = False
+    # The polyphony guard (`polyphony_banned`; mgpt.generate turns it on): in a segment asked for a polyphony
+    # level, no onset takes the segment's mean polyphony more than one level away and further than it was.
+    polyphony_guard: bool = False
 
     @property
     def empty(self) -> bool:
@@ -99,13 +102,15 @@ class Timeline:
 
 
 def parse(vocab: Vocabulary, text: str | None, mood: str | None = None, flag: str = "--controls",
-          density_guard: bool = True, register_guard: bool = False, mode_guard: bool = False) -> Timeline:
+          density_guard: bool = True, register_guard: bool = False, mode_guard: bool = False,
+          polyphony_guard: bool = False) -> Timeline:
     """--controls (and --mood) -> a Timeline. ValueError, one line naming the flag and the problem: an
     unknown control or mood, a level out of range, times out of order, or a model without controls."""
     text = (text or "").strip()
     mood = (mood or "").strip().lower()
     if not text and not mood:
-        return Timeline(density_guard=density_guard, register_guard=register_guard, mode_guard=mode_guard)
+        return Timeline(density_guard=density_guard, register_guard=register_guard, mode_guard=mode_guard,
+                        polyphony_guard=polyphony_guard)
     if vocab.controls is None:
         which = flag if text else "--mood"
         raise ValueError(f"{which}: this model was trained without control tokens (data.control_seconds = 0); "
@@ -148,7 +153,7 @@ def parse(vocab: Vocabulary, text: str | None, mood: str | None = None, flag: st
         entries.insert(0, (0.0, {}))
     return Timeline(tuple((t, tuple(sorted(c.items(), key=lambda kv: controls_lib.ATTRIBUTES.index(kv[0]))))
                           for t, c in entries), density_guard=density_guard,
-                    register_guard=register_guard, mode_guard=mode_guard)
+                    register_guard=register_guard, mode_guard=mode_guard, polyphony_guard=polyphony_guard)
 
 
 def _level(flag: str, name: str, value: str, levels: int, names: dict[str, int],
@@ -201,6 +206,8 @@ class ControlPlan:
     register_edges_E: jax.Array | None = None
     mode_BxS: jax.Array | None = None
     pitch_class_P: jax.Array | None = None
+    polyphony_BxS: jax.Array | None = None
+    polyphony_edges_E: jax.Array | None = None
 
 
 def plan(vocab: Vocabulary, timelines, offsets_steps, batch: int, max_steps: int | None) -> ControlPlan:
@@ -236,6 +243,11 @@ def plan(vocab: Vocabulary, timelines, offsets_steps, batch: int, max_steps: int
         if t.mode_guard:
             mode[b] = t.segment_levels(vocab, segments)[:, controls_lib.ATTRIBUTES.index("mode")]
     moded = bool(np.any(mode > 0))
+    poly = np.zeros((batch, segments), np.int32)
+    for b, t in enumerate(timelines):
+        if t.polyphony_guard:
+            poly[b] = t.segment_levels(vocab, segments)[:, controls_lib.ATTRIBUTES.index("polyphony")]
+    polyphonic = bool(np.any(poly > 0))
     pitches = vocab.note_off_offset - vocab.note_on_offset
     # Either guard counts the notes of each segment (RowState.segment_notes_B).
     guarded = np.any(cap < caps[-1]) or np.any(floor > 0) or registered
@@ -246,7 +258,10 @@ def plan(vocab: Vocabulary, timelines, offsets_steps, batch: int, max_steps: int
                        register_BxS=jnp.asarray(register) if registered else None,
                        register_edges_E=jnp.asarray(edges) if registered else None,
                        mode_BxS=jnp.asarray(mode) if moded else None,
-                       pitch_class_P=jnp.asarray((np.arange(pitches) + vocab.min_pitch) % 12, jnp.int32) if moded else None)
+                       pitch_class_P=jnp.asarray((np.arange(pitches) + vocab.min_pitch) % 12, jnp.int32) if moded else None,
+                       polyphony_BxS=jnp.asarray(poly) if polyphonic else None,
+                       polyphony_edges_E=jnp.asarray(vocab.controls["edges"]["polyphony"], jnp.float32)
+                       if polyphonic else None)
 
 
 def notes_in_last_segment(vocab: Vocabulary, prompt) -> tuple[int, int]:
@@ -283,6 +298,29 @@ def pitch_class_time_in_last_segment(vocab: Vocabulary, prompt) -> np.ndarray:
             pc = (token - vocab.note_off_offset + vocab.min_pitch) % 12
             sounding[pc] = max(0, sounding[pc] - 1)
     return out
+
+
+def onsets_in_last_segment(vocab: Vocabulary, prompt) -> tuple[int, int]:
+    """The onsets a prompt has in the segment it ends in before its last step, and the sum of the
+    notes sounding at each (`data_prep.controls.segment_values`' polyphony): the polyphony guard's
+    counts to start from. An onset at the prompt's last step is the sampler's current one."""
+    ids = np.asarray(prompt, np.int64)
+    if not len(ids):
+        return 0, 0
+    seg = controls_lib.segment_steps(vocab)
+    step_T = controls_lib.steps_after(vocab, ids)
+    start = int(step_T[-1]) // seg * seg
+    sounding, struck, at, onsets, total = 0, False, 0, 0, 0
+    for token, after in zip(ids.tolist(), step_T.tolist()):
+        if after > at:  # time moves on: an onset at the step it leaves is complete
+            if struck and at >= start:
+                onsets, total = onsets + 1, total + sounding
+            struck, at = False, int(after)
+        elif vocab.note_on_offset <= token < vocab.note_off_offset:
+            sounding, struck = sounding + 1, True
+        elif vocab.note_off_offset <= token < vocab.time_shift_offset:
+            sounding = max(0, sounding - 1)
+    return onsets, total
 
 
 def density_banned(p: ControlPlan | None, notes_B, steps_B, tables, num_pitches: int):
@@ -397,6 +435,62 @@ def pitch_class_time(p: ControlPlan | None, time_Bx12, open_BxP, steps_B, new_st
     since_B = jnp.where(crossed_B, new_steps_B - opened_B, new_steps_B - steps_B).astype(jnp.float32)
     sounding_Bx12 = open_BxP.astype(jnp.float32) @ jax.nn.one_hot(p.pitch_class_P, 12, dtype=jnp.float32)
     return jnp.where(crossed_B[:, None], 0.0, time_Bx12) + sounding_Bx12 * since_B[:, None]
+
+
+def _binned_level(edges_E, value):
+    """`data_prep.controls.levels_of`'s level of a value: ties with edges take the middle of the levels they bound."""
+    return 1 + (jnp.sum(edges_E < value[..., None], -1) + jnp.sum(edges_E <= value[..., None], -1)) // 2
+
+
+def polyphony_banned(p: ControlPlan | None, onsets_B, polyphony_sum_B, open_BxP, onset_BxP, steps_B, banned_BxV,
+                     tables):
+    """The polyphony guard's mask (BxV bool), or None. onsets_B / polyphony_sum_B: the onsets the
+    row's segment has had before the current step, and the notes sounding at each
+    (`count_onsets`). Polyphony is the mean, over a segment's onsets, of the notes sounding there
+    (`data_prep.controls.segment_values`). In a segment asked for a polyphony level: a NOTE_ON is
+    masked when the onset it makes (or adds to) would take that mean more than one level above the
+    asked one and further than it is; a TIME_SHIFT (and VELOCITY) when the onset at the current step
+    is too thin to close by that rule, while some NOTE_ON may still be struck, so that the chord
+    grows. A line or a chord may stray; the segment's onsets keep coming back."""
+    if p is None or p.polyphony_BxS is None:
+        return None
+    k_B = jnp.minimum(_segment(p, steps_B), p.polyphony_BxS.shape[1] - 1)
+    asked_B = jnp.take_along_axis(p.polyphony_BxS, k_B[:, None], axis=1)[:, 0]
+    edges_E = p.polyphony_edges_E
+    n_B, total_B = onsets_B.astype(jnp.float32), polyphony_sum_B.astype(jnp.float32)
+    sounding_B = jnp.sum(open_BxP, axis=1).astype(jnp.float32)
+    here_B = jnp.any((open_BxP > 0) & (onset_BxP == steps_B[:, None]), axis=1)  # an onset at the current step
+
+    def miss(value_B):
+        return jnp.abs(_binned_level(edges_E, value_B) - asked_B)
+
+    closed_B = jnp.where(n_B > 0, miss(total_B / jnp.maximum(n_B, 1)), 1)  # the onsets before this step
+    now_B = jnp.where(here_B, miss((total_B + sounding_B) / (n_B + 1)), closed_B)
+    struck_B = (total_B + sounding_B + 1) / (n_B + 1)  # a chord grows one note at a time: only too thick is masked
+    no_on_B = ((asked_B > 0) & (miss(struck_B) > jnp.maximum(now_B, 1))
+               & (_binned_level(edges_E, struck_B) > asked_B))
+    num_pitches = open_BxP.shape[1]
+    is_on_V = tables["on_pitch_V"] < num_pitches
+    strikable_B = jnp.any(~banned_BxV & is_on_V[None, :], axis=1) & ~no_on_B
+    thin_B = _binned_level(edges_E, (total_B + sounding_B) / (n_B + 1)) < asked_B
+    hold_B = (asked_B > 0) & here_B & thin_B & (now_B > jnp.maximum(closed_B, 1)) & strikable_B
+    shift_or_velocity_V = (tables["shift_steps_V"] > 0) | tables["is_velocity_V"]
+    return (no_on_B[:, None] & is_on_V[None, :]) | (hold_B[:, None] & shift_or_velocity_V[None, :])
+
+
+def count_onsets(p: ControlPlan | None, onsets_B, polyphony_sum_B, open_BxP, onset_BxP, steps_B, new_steps_B):
+    """(RowState.segment_onsets_B, segment_polyphony_sum_B) after an event: a TIME_SHIFT completes the
+    onset at the step it leaves (the notes sounding then counted), in the segment that step is in;
+    counts restart when it carries the clock into a new segment."""
+    if p is None or p.polyphony_BxS is None:
+        return onsets_B, polyphony_sum_B
+    moved_B = new_steps_B > steps_B
+    here_B = jnp.any((open_BxP > 0) & (onset_BxP == steps_B[:, None]), axis=1)
+    close_B = moved_B & here_B
+    onsets_B = onsets_B + close_B
+    polyphony_sum_B = polyphony_sum_B + jnp.where(close_B, jnp.sum(open_BxP, axis=1), 0)
+    crossed_B = _segment(p, new_steps_B) > _segment(p, steps_B)
+    return jnp.where(crossed_B, 0, onsets_B), jnp.where(crossed_B, 0, polyphony_sum_B)
 
 
 def sum_pitches(p: ControlPlan | None, sum_B, steps_B, new_steps_B, struck_B, pitch_B):

@@ -199,7 +199,8 @@ _IDENTITY = ("style", "seed", "settings", "primer", "primer_seconds", "checkpoin
 # Settings added since manifests were first written, with the value that means "as before".
 _SETTINGS_SINCE = {"guidance": 1.0, "pitch_range": None, "max_polyphony": None, "velocity_range": None,
                    "controls": None, "mood": None, "context": "reprefill", "density_guard": False,
-                   "register_guard": False, "mode_guard": False}
+                   "register_guard": False, "mode_guard": False,
+                   "polyphony_guard": False}
 _COPY_GUARD_OFF = {"max_copy_seconds": 0.0, "tries": 1}
 
 

@@ -231,6 +231,9 @@ class Sampling:
     # With a mode asked for, no NOTE_ON moves the segment's pitch classes further from that mode once
     # they are outside it (the same file); False: the model's own mode (docs/controls.md has both).
     mode_guard: bool = True
+    # With a polyphony asked for, no onset takes the segment's mean polyphony more than a level away and
+    # further than it was (the same file); False: the model's own polyphony.
+    polyphony_guard: bool = True
     context: str = DEFAULT_CONTEXT  # past the window: 'rolling' or 'reprefill' (DEFAULT_CONTEXT)
 
     @property
@@ -296,7 +299,8 @@ class Sampling:
 
         try:
             return controls.parse(vocab, self.controls, self.mood, density_guard=self.density_guard,
-                                  register_guard=self.register_guard, mode_guard=self.mode_guard)
+                                  register_guard=self.register_guard, mode_guard=self.mode_guard,
+                                  polyphony_guard=self.polyphony_guard)
         except ValueError as e:
             raise UserError(str(e)) from None
 
@@ -319,7 +323,8 @@ class Sampling:
         return {**dataclasses.asdict(self), **self.budget(), **ranges,  # lists: what the manifest's JSON reads back
                 "density_guard": bool(self.density_guard and self.steered),
                 "register_guard": bool(self.register_guard and self.steered),
-                "mode_guard": bool(self.mode_guard and self.steered)}
+                "mode_guard": bool(self.mode_guard and self.steered),
+                "polyphony_guard": bool(self.polyphony_guard and self.steered)}
 
 
 # ----------------------------------------------------------------------------- a loaded run

@@ -323,6 +323,8 @@ class RowState:
     segment_notes_B: jax.Array | None = None  # the guards: notes struck in the row's current segment
     segment_pitch_sum_B: jax.Array | None = None  # the register guard: the sum of their pitch indices
     segment_pitch_time_Bx12: jax.Array | None = None  # the mode guard: steps each pitch class has sounded in it
+    segment_onsets_B: jax.Array | None = None  # the polyphony guard: its onsets before the current step
+    segment_polyphony_sum_B: jax.Array | None = None  # and the notes sounding at each
 
     @classmethod
     def start(cls, vocab: Vocabulary, prompts: Sequence[Sequence[int]], batch: int) -> "RowState":
@@ -407,6 +409,10 @@ def choose_event(logits_BxV, rows: RowState, limits: RowLimits, settings, tables
                                         tables)
     if mode_BxV is not None:  # the mode guard: the segment's pitch classes towards the mode asked for
         banned_BxV = banned_BxV | mode_BxV
+    polyphony_BxV = controls_lib.polyphony_banned(limits.controls, rows.segment_onsets_B, rows.segment_polyphony_sum_B,
+                                                  rows.open_BxP, rows.onset_BxP, rows.steps_B, banned_BxV, tables)
+    if polyphony_BxV is not None:  # the polyphony guard: the segment's onsets towards the level asked for
+        banned_BxV = banned_BxV | polyphony_BxV
     logits_BxV = jax.lax.cond(settings["release_share"] > 0, release_mass,
                               lambda l, b, t, a: l.astype(jnp.float32),
                               logits_BxV, banned_BxV, tables, settings["release_share"])
@@ -533,6 +539,9 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
         segment_pitch_sum_B = controls_lib.sum_pitches(limits.controls, r.segment_pitch_sum_B, r.steps_B,
                                                        jnp.where(emit_B, new_steps_B, r.steps_B), struck_B,
                                                        tables["on_pitch_V"][token_B])
+        segment_onsets_B, segment_polyphony_sum_B = controls_lib.count_onsets(
+            limits.controls, r.segment_onsets_B, r.segment_polyphony_sum_B, r.open_BxP, r.onset_BxP, r.steps_B,
+            jnp.where(emit_B, new_steps_B, r.steps_B))
         segment_pitch_time_Bx12 = controls_lib.pitch_class_time(limits.controls, r.segment_pitch_time_Bx12,
                                                                 r.open_BxP, r.steps_B,
                                                                 jnp.where(emit_B, new_steps_B, r.steps_B))
@@ -554,6 +563,8 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
                 segment_notes_B=segment_notes_B,
                 segment_pitch_sum_B=segment_pitch_sum_B,
                 segment_pitch_time_Bx12=segment_pitch_time_Bx12,
+                segment_onsets_B=segment_onsets_B,
+                segment_polyphony_sum_B=segment_polyphony_sum_B,
             ),
             heard_RxP=heard_RxP,
             twin_end_B=twin_end_B,
@@ -575,7 +586,11 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
                       segment_pitch_sum_B=None if rows.segment_pitch_sum_B is None
                       else jnp.asarray(rows.segment_pitch_sum_B, jnp.int32),
                       segment_pitch_time_Bx12=None if rows.segment_pitch_time_Bx12 is None
-                      else jnp.asarray(rows.segment_pitch_time_Bx12, jnp.float32)),
+                      else jnp.asarray(rows.segment_pitch_time_Bx12, jnp.float32),
+                      segment_onsets_B=None if rows.segment_onsets_B is None
+                      else jnp.asarray(rows.segment_onsets_B, jnp.int32),
+                      segment_polyphony_sum_B=None if rows.segment_polyphony_sum_B is None
+                      else jnp.asarray(rows.segment_polyphony_sum_B, jnp.int32)),
         heard_RxP=heard_RxP,
         twin_end_B=jnp.asarray(twin_lengths_B, jnp.int32) if apart else None,
         twin_logits_BxV=twin_logits_BxV,
@@ -833,6 +848,11 @@ def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events,
             for b, p in enumerate(prompts):
                 time_Bx12[b] = controls_lib.pitch_class_time_in_last_segment(vocab, p)
             state = state.replace(segment_pitch_time_Bx12=time_Bx12)
+        if plan.polyphony_BxS is not None:  # the polyphony guard: the primer's onsets in its last segment
+            onsets_B, total_B = np.zeros(batch, np.int32), np.zeros(batch, np.int32)
+            for b, p in enumerate(prompts):
+                onsets_B[b], total_B[b] = controls_lib.onsets_in_last_segment(vocab, p)
+            state = state.replace(segment_onsets_B=onsets_B, segment_polyphony_sum_B=total_B)
     seeds_B = np.zeros(batch, np.uint32)
     seeds_B[:n] = np.asarray(seeds, np.uint64).astype(np.uint32)
     # Budgets: one for all rows, or one per row (benchmarks/bench_sample.py --corpus).
