@@ -138,7 +138,7 @@ def define_flags(fv):
                       "model's own register (docs/controls.md measures both).", **kw)
     flags.DEFINE_bool("polyphony_guard", True, "With a polyphony asked for: no onset takes its control segment's "
                       "mean polyphony more than one level away and further than it was (NOTE_ON masked, or "
-                      "TIME_SHIFT while a chord is too thin); false = the model's own polyphony.", **kw)
+                      "TIME_SHIFT and VELOCITY while a chord is too thin); false = the model's own polyphony.", **kw)
     flags.DEFINE_bool("mode_guard", True, "With a mode asked for: no NOTE_ON moves its control segment's pitch "
                       "classes further from that mode (by the key-finding rule the evaluation measures) once they "
                       "are outside it; false = the model's own mode (docs/controls.md measures both).", **kw)

@@ -487,3 +487,40 @@ def test_the_polyphony_guard_keeps_every_segments_onsets_near_their_level():
                           controls=controls.parse(VOCAB, timeline), **kw)
     assert sum(_polyphony_breaches(VOCAB, SPEC, row, asked_S)[1] for row in raw) >= 10
     assert min(guarded) >= within_one(raw) + 0.3  # 0.79 and 0.38 when written
+
+
+def test_the_density_and_polyphony_guards_together_never_stop_a_piece():
+    """Asked for many notes and a single line (the demo corpus's tied polyphony edges, where one
+    note sounding is level 3 and two are level 5), on a segment's last step the density guard
+    wants a note and the polyphony guard a thinner onset: the note is struck (density wins), and no
+    piece ends before its length or strikes a note it releases at once."""
+    spec = {**SPEC, "edges": {**SPEC["edges"], "polyphony": [1.0, 1.0, 1.0, 1.0, 3.0, 4.0, 4.0]}}
+    vocab = Vocabulary(["bach"]).with_controls(spec)
+    pref_V = np.zeros(vocab.size, np.float32)
+    pref_V[vocab.note_on_offset:vocab.note_off_offset] = 1.0
+    pref_V[vocab.time_shift_offset:vocab.time_shift_offset + 10] = 3.0
+    pref_V[vocab.eos_id] = -100.0
+    model = context_free_model(CFG, pref_V)
+    rows = generate_tokens(model, vocab, [np.array([STYLE])] * 6, seeds=range(6), max_seconds=2.0, max_events=600,
+                           temperature=1.0, controls=controls.parse(vocab, "density=8,polyphony=3",
+                                                                    polyphony_guard=True))
+    seg = data_controls.segment_steps(vocab)
+    for row in rows:
+        assert data_controls.steps_after(vocab, row)[-1] >= 4 * seg - 10  # the whole 2 s (no EOS)
+        ids = np.asarray(row).tolist()
+        for a, b in zip(ids, ids[1:]):  # no NOTE_ON released before time moves
+            assert not (vocab.note_on_offset <= a < vocab.note_off_offset and b == a + vocab.note_off_offset
+                        - vocab.note_on_offset)
+
+
+def test_a_guard_is_recorded_only_where_its_control_is_asked_for():
+    """A corpus manifest records the mode and polyphony guards as on only when --controls (or --mood)
+    asks for that control: otherwise they change nothing, and a corpus begun before them resumes."""
+    from mgpt.sample.run import Sampling
+
+    plain = Sampling(controls="density=6").to_dict()
+    assert not plain["mode_guard"] and not plain["polyphony_guard"]
+    asked = Sampling(controls="0:density=2;20:mode=minor,polyphony=5").to_dict()
+    assert asked["mode_guard"] and asked["polyphony_guard"]
+    assert Sampling(mood="calm").to_dict()["mode_guard"]
+    assert not Sampling(controls="mode=minor", mode_guard=False).to_dict()["mode_guard"]

@@ -291,13 +291,15 @@ def _heard_at(tokens_1xW, n, pitches: int):
 
 
 def _sets_a_note(v, events) -> bool:
-    """Whether a NOTE_ON comes in `events` ((id, who, answer), in order) before any VELOCITY."""
+    """Whether a VELOCITY put back before `events` ((id, who, answer), in order) still sets the
+    loudness of a note: no other VELOCITY comes first, before their next NOTE_ON or their end (the
+    model's next notes are then drawn at it)."""
     for i, _, _ in events:
         if v.velocity_offset <= i < v.style_offset:
             return False
         if v.note_on_offset <= i < v.note_off_offset:
             return True
-    return False
+    return True
 
 
 def _bucket(n: int, fused: bool) -> int:
@@ -682,8 +684,8 @@ class Stream:
                 if w == CONTROL:  # segments are marked again where they now open
                     continue
                 if v.velocity_offset <= i < v.style_offset and (i == self.velocity or not _sets_a_note(v, back[k + 1:])):
-                    # A VELOCITY that changes nothing (the one in force, or no NOTE_ON of these comes before
-                    # another VELOCITY): put back behind each note the player strikes, they would pile up.
+                    # A VELOCITY that changes nothing (the one in force, or another comes before the next
+                    # NOTE_ON): put back behind each note the player strikes, they would pile up.
                     continue
                 before = self.end_step
                 self._push(int(i), w)

@@ -195,6 +195,8 @@ class ControlPlan:
     no guard) and the level edges in pitch-index space (None: no row has one).
     mode_BxS / pitch_class_P: the mode guard, the mode segment k asks for (1 major, 2 minor, 3 none;
     0: free or no guard) and each pitch index's pitch class (None: no row has one).
+    polyphony_BxS / polyphony_edges_E: the polyphony guard, the level segment k asks for (0: free or
+    no guard) and the level edges (None: no row has one).
     """
 
     group_BxSxA: jax.Array
@@ -310,24 +312,29 @@ def onsets_in_last_segment(vocab: Vocabulary, prompt) -> tuple[int, int]:
     seg = controls_lib.segment_steps(vocab)
     step_T = controls_lib.steps_after(vocab, ids)
     start = int(step_T[-1]) // seg * seg
-    sounding, struck, at, onsets, total = 0, False, 0, 0, 0
+    sounding, struck, at, onsets, total = 0, set(), 0, 0, 0
     for token, after in zip(ids.tolist(), step_T.tolist()):
-        if after > at:  # time moves on: an onset at the step it leaves is complete
-            if struck and at >= start:
+        if after > at:  # time moves on: an onset at the step it leaves is complete (a note released
+            if struck and at >= start:  # at the step it was struck is no note, as in decode_notes)
                 onsets, total = onsets + 1, total + sounding
-            struck, at = False, int(after)
+            struck, at = set(), int(after)
         elif vocab.note_on_offset <= token < vocab.note_off_offset:
-            sounding, struck = sounding + 1, True
+            sounding += 1
+            struck.add(token - vocab.note_on_offset)
         elif vocab.note_off_offset <= token < vocab.time_shift_offset:
             sounding = max(0, sounding - 1)
+            struck.discard(token - vocab.note_off_offset)
     return onsets, total
 
 
-def density_banned(p: ControlPlan | None, notes_B, steps_B, tables, num_pitches: int):
+def density_banned(p: ControlPlan | None, notes_B, steps_B, tables, num_pitches: int, open_BxP=None,
+                   onset_BxP=None):
     """The density guard's mask (BxV bool), or None: NOTE_ON once the row's current segment has its
     most notes; a TIME_SHIFT that would leave the segment while it has fewer than its fewest, and on
     its last step (no shift left) VELOCITY too, so that the row strikes a note rather than restating
-    its loudness without end."""
+    its loudness without end. Then, and once the segment has its most notes, the NOTE_OFF of a note
+    struck at the current step too (open_BxP, onset_BxP: RowState's): a note of no length is no note
+    (the MIDI drops it), and the segment would measure a note short of what the guard counted."""
     if p is None or p.cap_BxS is None:
         return None
     k_B = _segment(p, steps_B)
@@ -344,9 +351,14 @@ def density_banned(p: ControlPlan | None, notes_B, steps_B, tables, num_pitches:
     # a shift may land at most in the next segment, where its own notes are then struck.
     leaves_BxV = (short_B[:, None] & (shift_V[None, :] >= left_B[:, None])) | (
         (next_floor_B > 0)[:, None] & (shift_V[None, :] >= (left_B + p.segment_steps)[:, None]))
-    return (((notes_B >= cap_B)[:, None] & is_on_V[None, :])
-            | (leaves_BxV & (shift_V > 0)[None, :])
-            | ((short_B & (left_B <= 1))[:, None] & tables["is_velocity_V"][None, :]))
+    forcing_B = short_B & (left_B <= 1)
+    banned_BxV = (((notes_B >= cap_B)[:, None] & is_on_V[None, :])
+                  | (leaves_BxV & (shift_V > 0)[None, :])
+                  | (forcing_B[:, None] & tables["is_velocity_V"][None, :]))
+    if open_BxP is not None:  # striking is forced, or no note may be struck: the last one stays
+        fresh_BxP = (forcing_B | (notes_B >= cap_B))[:, None] & (open_BxP > 0) & (onset_BxP == steps_B[:, None])
+        banned_BxV = banned_BxV.at[:, tables["note_off_P"]].set(banned_BxV[:, tables["note_off_P"]] | fresh_BxP)
+    return banned_BxV
 
 
 def register_banned(p: ControlPlan | None, notes_B, pitch_sum_B, steps_B, banned_BxV, tables):
@@ -449,9 +461,11 @@ def polyphony_banned(p: ControlPlan | None, onsets_B, polyphony_sum_B, open_BxP,
     (`count_onsets`). Polyphony is the mean, over a segment's onsets, of the notes sounding there
     (`data_prep.controls.segment_values`). In a segment asked for a polyphony level: a NOTE_ON is
     masked when the onset it makes (or adds to) would take that mean more than one level above the
-    asked one and further than it is; a TIME_SHIFT (and VELOCITY) when the onset at the current step
-    is too thin to close by that rule, while some NOTE_ON may still be struck, so that the chord
-    grows. A line or a chord may stray; the segment's onsets keep coming back."""
+    asked one and further than it is, unless no TIME_SHIFT is left either (the density guard, short
+    of its notes on a segment's last step: the note is struck); a TIME_SHIFT (and VELOCITY) when the
+    onset at the current step is too thin to close by that rule, while some NOTE_ON may still be
+    struck, so that the chord grows. A line or a chord may stray; the segment's onsets keep coming
+    back."""
     if p is None or p.polyphony_BxS is None:
         return None
     k_B = jnp.minimum(_segment(p, steps_B), p.polyphony_BxS.shape[1] - 1)
@@ -467,15 +481,21 @@ def polyphony_banned(p: ControlPlan | None, onsets_B, polyphony_sum_B, open_BxP,
     closed_B = jnp.where(n_B > 0, miss(total_B / jnp.maximum(n_B, 1)), 1)  # the onsets before this step
     now_B = jnp.where(here_B, miss((total_B + sounding_B) / (n_B + 1)), closed_B)
     struck_B = (total_B + sounding_B + 1) / (n_B + 1)  # a chord grows one note at a time: only too thick is masked
+    moving_V = tables["shift_steps_V"] > 0
+    shift_left_B = jnp.any(~banned_BxV & moving_V[None, :], axis=1)
     no_on_B = ((asked_B > 0) & (miss(struck_B) > jnp.maximum(now_B, 1))
-               & (_binned_level(edges_E, struck_B) > asked_B))
+               & (_binned_level(edges_E, struck_B) > asked_B) & shift_left_B)
     num_pitches = open_BxP.shape[1]
     is_on_V = tables["on_pitch_V"] < num_pitches
     strikable_B = jnp.any(~banned_BxV & is_on_V[None, :], axis=1) & ~no_on_B
     thin_B = _binned_level(edges_E, (total_B + sounding_B) / (n_B + 1)) < asked_B
     hold_B = (asked_B > 0) & here_B & thin_B & (now_B > jnp.maximum(closed_B, 1)) & strikable_B
-    shift_or_velocity_V = (tables["shift_steps_V"] > 0) | tables["is_velocity_V"]
-    return (no_on_B[:, None] & is_on_V[None, :]) | (hold_B[:, None] & shift_or_velocity_V[None, :])
+    shift_or_velocity_V = moving_V | tables["is_velocity_V"]
+    banned_BxV = (no_on_B[:, None] & is_on_V[None, :]) | (hold_B[:, None] & shift_or_velocity_V[None, :])
+    # With no note to add, the note struck at this step is not released at it either (a note of no
+    # length is no note: decode_notes drops it); time moves on, or an older note ends.
+    fresh_BxP = no_on_B[:, None] & (open_BxP > 0) & (onset_BxP == steps_B[:, None])
+    return banned_BxV.at[:, tables["note_off_P"]].set(banned_BxV[:, tables["note_off_P"]] | fresh_BxP)
 
 
 def count_onsets(p: ControlPlan | None, onsets_B, polyphony_sum_B, open_BxP, onset_BxP, steps_B, new_steps_B):

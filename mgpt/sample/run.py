@@ -323,8 +323,17 @@ class Sampling:
         return {**dataclasses.asdict(self), **self.budget(), **ranges,  # lists: what the manifest's JSON reads back
                 "density_guard": bool(self.density_guard and self.steered),
                 "register_guard": bool(self.register_guard and self.steered),
-                "mode_guard": bool(self.mode_guard and self.steered),
-                "polyphony_guard": bool(self.polyphony_guard and self.steered)}
+                "mode_guard": bool(self.mode_guard and self.asks("mode")),
+                "polyphony_guard": bool(self.polyphony_guard and self.asks("polyphony"))}
+
+    def asks(self, control: str) -> bool:
+        """Whether --controls names `control` (or --mood sets it): a guard on a control nobody asks
+        for changes nothing, and is recorded as off, so that a corpus begun before it resumes."""
+        from mgpt.sample.controls import MOODS
+
+        named = {item.partition("=")[0].strip().lower() for part in (self.controls or "").split(";")
+                 for item in part.rpartition(":")[2].split(",")}
+        return control in named or (control in MOODS.get((self.mood or "").strip().lower(), {}))
 
 
 # ----------------------------------------------------------------------------- a loaded run

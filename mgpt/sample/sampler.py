@@ -398,7 +398,7 @@ def choose_event(logits_BxV, rows: RowState, limits: RowLimits, settings, tables
     if limits.mask is not None:  # hard limits: pitch range, polyphony, velocity range
         banned_BxV = banned_BxV | limits_lib.mask_rules(limits.mask, rows.open_BxP, rows.velocity_B, tables)
     density_BxV = controls_lib.density_banned(limits.controls, rows.segment_notes_B, rows.steps_B, tables,
-                                              rows.open_BxP.shape[1])
+                                              rows.open_BxP.shape[1], rows.open_BxP, rows.onset_BxP)
     if density_BxV is not None:  # the density guard: as many notes in a segment as its level holds
         banned_BxV = banned_BxV | density_BxV
     register_BxV = controls_lib.register_banned(limits.controls, rows.segment_notes_B, rows.segment_pitch_sum_B,
