@@ -92,14 +92,7 @@ def define_flags(fv):
     flags.DEFINE_string("controls", None, "Controls for generation, as mgpt.generate's --controls (a model trained "
                         "with control tokens): the report then measures what they cost.", **kw)
     flags.DEFINE_string("mood", None, "A mood for generation, as mgpt.generate's --mood.", **kw)
-    flags.DEFINE_bool("density_guard", True, "As mgpt.generate's --density_guard (false: the raw model's "
-                      "density under --controls and in the controls sweep).", **kw)
-    flags.DEFINE_bool("register_guard", False, "As mgpt.generate's --register_guard (under --controls and in the "
-                      "controls sweep).", **kw)
-    flags.DEFINE_bool("polyphony_guard", True, "As mgpt.generate's --polyphony_guard (false: the raw model's "
-                      "polyphony under --controls and in the controls sweep).", **kw)
-    flags.DEFINE_bool("mode_guard", True, "As mgpt.generate's --mode_guard (false: the raw model's mode under "
-                      "--controls and in the controls sweep).", **kw)
+    sample_run.define_guard_flags(flags, kw)  # as mgpt.generate's, under --controls and in the controls sweep
     flags.DEFINE_integer("seed", 0, "Seed for generation and every subsample.", **kw)
     flags.DEFINE_integer("ngram_order", 5, "Order of the Kneser-Ney baseline.", **kw)
     flags.DEFINE_float("crop_seconds", 30.0, "Features and style use each piece's first this many seconds.", **kw)
@@ -215,8 +208,7 @@ def _sampling_run(f, gpt, vocab, config, dataset_dir):
     styles = sample_run.resolve_styles(vocab, f.style)
     sampling = sample_run.Sampling(temperature=f.temperature, top_p=f.top_p, max_seconds=f.max_seconds,
                                  max_note_seconds=f.max_note_seconds, guidance=f.guidance,
-                                 density_guard=f.density_guard, register_guard=f.register_guard,
-                                 mode_guard=f.mode_guard, polyphony_guard=f.polyphony_guard)
+                                 **sample_run.guard_settings(f))
     if f.controls or f.mood:
         sampling = dataclasses.replace(sampling, controls=f.controls, mood=f.mood)
         sampling.timeline(vocab)  # one line before anything is generated: an unknown control, a model without them

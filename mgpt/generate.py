@@ -68,8 +68,8 @@ from mgpt.sample.corpus import (DEFAULT_BATCH_SIZE, DEFAULT_COPY_TRIES, DEFAULT_
                                 check_copy_guard, generate_corpus)
 from mgpt.sample.sampler import CONTEXTS
 from mgpt.sample.run import (DEFAULT_CONTEXT, DEFAULT_GUIDANCE, DEFAULT_MAX_EVENTS, NOTE_GUARD_PERCENTILE, UNCONDITIONAL, Sampling,
-                             check_infill_model, check_infill_times, load_infill, load_primer, load_run,
-                             _check_primer_seconds, read_run_info, resolve_styles)
+                             check_infill_model, check_infill_times, define_guard_flags, guard_settings, load_infill,
+                             load_primer, load_run, _check_primer_seconds, read_run_info, resolve_styles)
 
 # Names notebooks and scripts imported from here before the library moved to mgpt.sample; kept so
 # `from mgpt.generate import load_run` keeps working. New code imports mgpt.sample.run / .corpus.
@@ -130,18 +130,7 @@ def define_flags(fv):
                         "low, mid, high or free), mode (major, minor, none or free).", **kw)
     flags.DEFINE_string("mood", None, "calm, happy, tense or sad, as controls (mgpt/sample/controls.py MOODS: "
                         "arousal -> density and loudness, valence -> mode); --controls overrides it.", **kw)
-    flags.DEFINE_bool("density_guard", True, "With a density asked for: each control segment strikes as many "
-                      "notes as its level holds, no more (NOTE_ON masked) and no fewer (leaving it masked); "
-                      "false = the model's own density.", **kw)
-    flags.DEFINE_bool("register_guard", False, "With a register asked for: no NOTE_ON leaves its control segment's "
-                      "mean pitch more than one level away and further than it was (others masked); off: the "
-                      "model's own register (docs/controls.md measures both).", **kw)
-    flags.DEFINE_bool("polyphony_guard", True, "With a polyphony asked for: no onset takes its control segment's "
-                      "mean polyphony more than one level away and further than it was (NOTE_ON masked, or "
-                      "TIME_SHIFT and VELOCITY while a chord is too thin); false = the model's own polyphony.", **kw)
-    flags.DEFINE_bool("mode_guard", True, "With a mode asked for: no NOTE_ON moves its control segment's pitch "
-                      "classes further from that mode (by the key-finding rule the evaluation measures) once they "
-                      "are outside it; false = the model's own mode (docs/controls.md measures both).", **kw)
+    define_guard_flags(flags, kw)
     flags.DEFINE_float("max_copy_seconds", DEFAULT_MAX_COPY_SECONDS,
                        "Copy guard: re-draw a piece that shares this many seconds with a training piece "
                        "(transposition-aware; 0 = off).", **kw)
@@ -169,8 +158,7 @@ def run_command(f) -> pathlib.Path:
                         max_events=f.max_events, max_seconds=f.max_seconds, max_note_seconds=f.max_note_seconds,
                         guidance=f.guidance, pitch_range=f.pitch_range, max_polyphony=f.max_polyphony,
                         velocity_range=f.velocity_range, controls=f.controls, mood=f.mood,
-                        density_guard=f.density_guard, register_guard=f.register_guard, mode_guard=f.mode_guard,
-                        polyphony_guard=f.polyphony_guard, context=f.context)
+                        context=f.context, **guard_settings(f))
     _check_primer_seconds(f.primer_seconds)
     check_copy_guard(f.max_copy_seconds, f.copy_tries)
     if f.audio:

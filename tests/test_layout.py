@@ -164,7 +164,8 @@ def test_every_package_init_says_what_lives_there():
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Where a command's flags are defined, when not in its own file.
-FLAG_SOURCES = {"mgpt.aot": ["mgpt/train/aot.py"]}
+FLAG_SOURCES = {"mgpt.aot": ["mgpt/train/aot.py"], "mgpt.generate": ["mgpt/sample/run.py"],
+                "mgpt.evaluate": ["mgpt/sample/run.py"]}
 ABSL_FLAGS = {"help", "helpfull", "helpshort", "helpxml", "flagfile", "undefok"}
 
 

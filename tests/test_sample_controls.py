@@ -159,16 +159,20 @@ def test_under_guidance_the_twin_reads_neither_the_style_nor_the_controls(model)
     assert forced > 0
 
 
-def _eager_model(sparse: bool = False):
-    """Preferences that ignore the context and lean towards many notes (NOTE_ONs, short shifts), or
-    with `sparse` towards few (long shifts)."""
-    pref_V = np.zeros(VOCAB.size, np.float32)
-    pref_V[VOCAB.note_on_offset:VOCAB.note_off_offset] = 2.0
-    pref_V[VOCAB.time_shift_offset:VOCAB.time_shift_offset + 10] = 3.0
+def _eager_model(sparse: bool = False, vocab=VOCAB, on: float = 2.0, off: float = 0.0, high_from: int | None = None):
+    """Preferences that ignore the context and lean towards many notes (NOTE_ONs at `on`, short
+    shifts), or with `sparse` towards few (long shifts); NOTE_OFFs at `off`; pitches from `high_from`
+    up (MIDI) at 5, far above the rest. Never EOS."""
+    pref_V = np.zeros(vocab.size, np.float32)
+    pref_V[vocab.note_on_offset:vocab.note_off_offset] = on
+    pref_V[vocab.note_off_offset:vocab.time_shift_offset] = off
+    if high_from is not None:
+        pref_V[vocab.note_on_offset + high_from - vocab.min_pitch:vocab.note_off_offset] = 5.0
+    pref_V[vocab.time_shift_offset:vocab.time_shift_offset + 10] = 3.0
     if sparse:
-        pref_V[VOCAB.note_on_offset:VOCAB.note_off_offset] = -2.0
-        pref_V[VOCAB.time_shift_offset + 60:VOCAB.velocity_offset] = 6.0
-    pref_V[VOCAB.eos_id] = -100.0
+        pref_V[vocab.note_on_offset:vocab.note_off_offset] = -2.0
+        pref_V[vocab.time_shift_offset + 60:vocab.velocity_offset] = 6.0
+    pref_V[vocab.eos_id] = -100.0
     return context_free_model(CFG, pref_V)
 
 
@@ -260,12 +264,7 @@ def test_the_register_guard_brings_every_segments_mean_pitch_back_to_its_level()
     spec = {**SPEC, "edges": {**SPEC["edges"], "register": [40.0, 48.0, 55.0, 60.0, 65.0, 72.0, 80.0]}}
     vocab = Vocabulary(["bach"]).with_controls(spec)
     assert vocab.size == VOCAB.size
-    pref_V = np.zeros(vocab.size, np.float32)
-    pref_V[vocab.note_on_offset:vocab.note_off_offset] = 2.0
-    pref_V[vocab.note_on_offset + 90 - vocab.min_pitch:vocab.note_off_offset] = 5.0  # pitches 90 and up
-    pref_V[vocab.time_shift_offset:vocab.time_shift_offset + 10] = 3.0
-    pref_V[vocab.eos_id] = -100.0
-    model = context_free_model(CFG, pref_V)
+    model = _eager_model(vocab=vocab, high_from=90)
     timeline = "0:register=2;1:register=6;2:register=free"  # segments of 0.5 s: 0-1 level 2, 2-3 level 6
     asked_S = [2, 2, 6, 6]
     kw = dict(seeds=range(6), max_seconds=3.0, max_events=600, temperature=1.0)
@@ -334,7 +333,8 @@ def test_the_mode_guard_reads_a_segments_mode_as_the_evaluation_does():
     assert np.all((fit > 0).sum(axis=1)[clear] == 1)
 
     seg = data_controls.segment_steps(VOCAB)
-    on, off, shift = VOCAB.note_on_offset - VOCAB.min_pitch, VOCAB.note_off_offset - VOCAB.min_pitch, VOCAB.time_shift_offset - 1
+    on, off = VOCAB.note_on_offset - VOCAB.min_pitch, VOCAB.note_off_offset - VOCAB.min_pitch  # + MIDI pitch
+    shift = VOCAB.time_shift_offset - 1  # + steps
     # C4 and E4 struck in segment 0; E4 released 10 steps into segment 1; G4 struck there, still sounding.
     primer = [STYLE, on + 60, on + 64, shift + seg - 5, shift + 15, off + 64, on + 67, shift + 20]
     time_12 = controls.pitch_class_time_in_last_segment(VOCAB, primer)
@@ -369,10 +369,13 @@ def _mode_breaches(vocab, row, asked_S):
         elif vocab.note_on_offset <= t < vocab.note_off_offset:
             pitch, k = t - vocab.note_on_offset + vocab.min_pitch, step // seg
             if k < len(asked_S) and asked_S[k]:
-                fit = lambda pc: float(np.asarray(controls.mode_fit((time_12 + weight * np.eye(12)[pc])[None]))[0, asked_S[k] - 1])  # noqa: E731
-                before = float(np.asarray(controls.mode_fit(time_12[None].astype(np.float32)))[0, asked_S[k] - 1])
-                best = max(fit(p % 12) for p in range(vocab.min_pitch, vocab.max_pitch + 1) if p not in sounding)
-                after = fit(pitch % 12)
+                def fit(histogram_12):
+                    return float(np.asarray(controls.mode_fit(histogram_12[None].astype(np.float32)))[0, asked_S[k] - 1])
+
+                before = fit(time_12)
+                best = max(fit(time_12 + weight * np.eye(12)[p % 12])
+                           for p in range(vocab.min_pitch, vocab.max_pitch + 1) if p not in sounding)
+                after = fit(time_12 + weight * np.eye(12)[pitch % 12])
                 checked += 1
                 breaches += after < 0 and after < before - 1e-4 and after < best - 1e-4
             sounding.append(pitch)
@@ -384,11 +387,7 @@ def test_the_mode_guard_keeps_every_segments_pitch_classes_towards_its_mode():
     mode than they were (by the evaluation's key-finding rule), at any guidance and across window
     slides, from a model that strikes any pitch alike; its segments then measure the mode asked for
     far more often than the raw model's (measured on the decoded notes, as the evaluation does)."""
-    pref_V = np.zeros(VOCAB.size, np.float32)
-    pref_V[VOCAB.note_on_offset:VOCAB.note_off_offset] = 2.0
-    pref_V[VOCAB.time_shift_offset:VOCAB.time_shift_offset + 10] = 3.0
-    pref_V[VOCAB.eos_id] = -100.0
-    model = context_free_model(CFG, pref_V)
+    model = _eager_model()
     timeline = "0:mode=major;1:mode=minor;2:mode=free"  # segments of 0.5 s: 0-1 major, 2-3 minor
     asked_S = [1, 1, 2, 2]
     kw = dict(seeds=range(6), max_seconds=2.0, max_events=400, temperature=1.0)
@@ -460,12 +459,7 @@ def test_the_polyphony_guard_keeps_every_segments_onsets_near_their_level():
     than one level from it and further than it was (chords too thick are not struck, too thin ones
     are not left), at any guidance and across window slides, from a model that strikes and releases
     at random; its segments then measure within one level far more often than the raw model's."""
-    pref_V = np.zeros(VOCAB.size, np.float32)
-    pref_V[VOCAB.note_on_offset:VOCAB.note_off_offset] = 2.0
-    pref_V[VOCAB.note_off_offset:VOCAB.time_shift_offset] = 1.0
-    pref_V[VOCAB.time_shift_offset:VOCAB.time_shift_offset + 10] = 3.0
-    pref_V[VOCAB.eos_id] = -100.0
-    model = context_free_model(CFG, pref_V)
+    model = _eager_model(off=1.0)
     timeline = "0:polyphony=2;1:polyphony=6;2:polyphony=free"  # segments of 0.5 s: 0-1 level 2, 2-3 level 6
     asked_S = [2, 2, 6, 6]
     kw = dict(seeds=range(6), max_seconds=3.0, max_events=600, temperature=1.0)
@@ -496,11 +490,7 @@ def test_the_density_and_polyphony_guards_together_never_stop_a_piece():
     piece ends before its length or strikes a note it releases at once."""
     spec = {**SPEC, "edges": {**SPEC["edges"], "polyphony": [1.0, 1.0, 1.0, 1.0, 3.0, 4.0, 4.0]}}
     vocab = Vocabulary(["bach"]).with_controls(spec)
-    pref_V = np.zeros(vocab.size, np.float32)
-    pref_V[vocab.note_on_offset:vocab.note_off_offset] = 1.0
-    pref_V[vocab.time_shift_offset:vocab.time_shift_offset + 10] = 3.0
-    pref_V[vocab.eos_id] = -100.0
-    model = context_free_model(CFG, pref_V)
+    model = _eager_model(vocab=vocab, on=1.0)
     rows = generate_tokens(model, vocab, [np.array([STYLE])] * 6, seeds=range(6), max_seconds=2.0, max_events=600,
                            temperature=1.0, controls=controls.parse(vocab, "density=8,polyphony=3",
                                                                     polyphony_guard=True))

@@ -683,7 +683,8 @@ class Stream:
             for k, (i, w, a) in enumerate(back):
                 if w == CONTROL:  # segments are marked again where they now open
                     continue
-                if v.velocity_offset <= i < v.style_offset and (i == self.velocity or not _sets_a_note(v, back[k + 1:])):
+                if v.velocity_offset <= i < v.style_offset and (i == self.velocity
+                                                                or not _sets_a_note(v, back[k + 1:])):
                     # A VELOCITY that changes nothing (the one in force, or another comes before the next
                     # NOTE_ON): put back behind each note the player strikes, they would pile up.
                     continue

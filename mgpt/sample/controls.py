@@ -250,7 +250,7 @@ def plan(vocab: Vocabulary, timelines, offsets_steps, batch: int, max_steps: int
         if t.polyphony_guard:
             poly[b] = t.segment_levels(vocab, segments)[:, controls_lib.ATTRIBUTES.index("polyphony")]
     polyphonic = bool(np.any(poly > 0))
-    pitches = vocab.note_off_offset - vocab.note_on_offset
+    pitch_class_P = (np.arange(vocab.note_off_offset - vocab.note_on_offset) + vocab.min_pitch) % 12
     # Either guard counts the notes of each segment (RowState.segment_notes_B).
     guarded = np.any(cap < caps[-1]) or np.any(floor > 0) or registered
     edges = np.asarray(vocab.controls["edges"]["register"], np.float32) - vocab.min_pitch
@@ -260,7 +260,7 @@ def plan(vocab: Vocabulary, timelines, offsets_steps, batch: int, max_steps: int
                        register_BxS=jnp.asarray(register) if registered else None,
                        register_edges_E=jnp.asarray(edges) if registered else None,
                        mode_BxS=jnp.asarray(mode) if moded else None,
-                       pitch_class_P=jnp.asarray((np.arange(pitches) + vocab.min_pitch) % 12, jnp.int32) if moded else None,
+                       pitch_class_P=jnp.asarray(pitch_class_P, jnp.int32) if moded else None,
                        polyphony_BxS=jnp.asarray(poly) if polyphonic else None,
                        polyphony_edges_E=jnp.asarray(vocab.controls["edges"]["polyphony"], jnp.float32)
                        if polyphonic else None)

@@ -336,6 +336,33 @@ class Sampling:
         return control in named or (control in MOODS.get((self.mood or "").strip().lower(), {}))
 
 
+# The controls' guards (mgpt/sample/controls.py): Sampling's fields, a flag each in mgpt.generate and
+# mgpt.evaluate (defined here once; tests/test_layout.py reads these calls). docs/controls.md measures each.
+GUARDS = ("density_guard", "register_guard", "polyphony_guard", "mode_guard")
+
+
+def define_guard_flags(flags, kw: dict) -> None:
+    """--density_guard, --register_guard, --polyphony_guard and --mode_guard, defaulting to Sampling's."""
+    flags.DEFINE_bool("density_guard", Sampling.density_guard, "With a density asked for: each control segment "
+                      "strikes as many notes as its level holds, no more (NOTE_ON masked) and no fewer (leaving it "
+                      "masked); false = the model's own density.", **kw)
+    flags.DEFINE_bool("register_guard", Sampling.register_guard, "With a register asked for: no NOTE_ON leaves its "
+                      "control segment's mean pitch more than one level away and further than it was; off: the "
+                      "model's own register.", **kw)
+    flags.DEFINE_bool("polyphony_guard", Sampling.polyphony_guard, "With a polyphony asked for: no onset takes its "
+                      "control segment's mean polyphony more than one level away and further than it was (NOTE_ON "
+                      "masked, or TIME_SHIFT and VELOCITY while a chord is too thin); false = the model's own "
+                      "polyphony.", **kw)
+    flags.DEFINE_bool("mode_guard", Sampling.mode_guard, "With a mode asked for: no NOTE_ON moves its control "
+                      "segment's pitch classes further from that mode (by the key-finding rule the evaluation "
+                      "measures) once they are outside it; false = the model's own mode.", **kw)
+
+
+def guard_settings(f) -> dict:
+    """The guard flags of parsed flags `f`, as Sampling's keyword arguments."""
+    return {name: getattr(f, name) for name in GUARDS}
+
+
 # ----------------------------------------------------------------------------- a loaded run
 
 
