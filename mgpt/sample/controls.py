@@ -234,22 +234,17 @@ def plan(vocab: Vocabulary, timelines, offsets_steps, batch: int, max_steps: int
             levels_S = t.segment_levels(vocab, segments)[:, density]
             cap[b] = np.where(levels_S > 0, caps[levels_S], caps[-1])
             floor[b] = np.where(levels_S > 0, floors[levels_S], 0)
-    register = np.zeros((batch, segments), np.int32)
-    at = controls_lib.ATTRIBUTES.index("register")
-    for b, t in enumerate(timelines):
-        if t.register_guard:
-            register[b] = t.segment_levels(vocab, segments)[:, at]
-    registered = bool(np.any(register > 0))
-    mode = np.zeros((batch, segments), np.int32)
-    for b, t in enumerate(timelines):
-        if t.mode_guard:
-            mode[b] = t.segment_levels(vocab, segments)[:, controls_lib.ATTRIBUTES.index("mode")]
-    moded = bool(np.any(mode > 0))
-    poly = np.zeros((batch, segments), np.int32)
-    for b, t in enumerate(timelines):
-        if t.polyphony_guard:
-            poly[b] = t.segment_levels(vocab, segments)[:, controls_lib.ATTRIBUTES.index("polyphony")]
-    polyphonic = bool(np.any(poly > 0))
+
+    def guarded_levels(name: str) -> np.ndarray:
+        """[batch, segments]: the level of control `name` each segment asks for, where its guard is on."""
+        out = np.zeros((batch, segments), np.int32)
+        for b, t in enumerate(timelines):
+            if getattr(t, f"{name}_guard"):
+                out[b] = t.segment_levels(vocab, segments)[:, controls_lib.ATTRIBUTES.index(name)]
+        return out
+
+    register, mode, poly = guarded_levels("register"), guarded_levels("mode"), guarded_levels("polyphony")
+    registered, moded, polyphonic = bool(np.any(register > 0)), bool(np.any(mode > 0)), bool(np.any(poly > 0))
     pitch_class_P = (np.arange(vocab.note_off_offset - vocab.note_on_offset) + vocab.min_pitch) % 12
     # Either guard counts the notes of each segment (RowState.segment_notes_B).
     guarded = np.any(cap < caps[-1]) or np.any(floor > 0) or registered
@@ -327,6 +322,27 @@ def onsets_in_last_segment(vocab: Vocabulary, prompt) -> tuple[int, int]:
     return onsets, total
 
 
+def _asked(p: ControlPlan, levels_BxS, steps_B):
+    """The level each row's current segment asks for (a row past the plan: its last segment's)."""
+    k_B = jnp.minimum(_segment(p, steps_B), levels_BxS.shape[1] - 1)
+    return jnp.take_along_axis(levels_BxS, k_B[:, None], axis=1)[:, 0]
+
+
+def _binned_level(edges_E, value):
+    """`data_prep.controls.levels_of`'s level of a value: ties with edges take the middle of the levels they bound."""
+    return 1 + (jnp.sum(edges_E < value[..., None], -1) + jnp.sum(edges_E <= value[..., None], -1)) // 2
+
+
+def _struck_now(open_BxP, onset_BxP, steps_B):
+    """BxP: the pitches sounding that were struck at the row's current step."""
+    return (open_BxP > 0) & (onset_BxP == steps_B[:, None])
+
+
+def _keep_sounding(banned_BxV, keep_BxP, tables):
+    """banned_BxV with the NOTE_OFFs of the pitches in keep_BxP masked too."""
+    return banned_BxV.at[:, tables["note_off_P"]].set(banned_BxV[:, tables["note_off_P"]] | keep_BxP)
+
+
 def density_banned(p: ControlPlan | None, notes_B, steps_B, tables, num_pitches: int, open_BxP=None,
                    onset_BxP=None):
     """The density guard's mask (BxV bool), or None: NOTE_ON once the row's current segment has its
@@ -356,8 +372,8 @@ def density_banned(p: ControlPlan | None, notes_B, steps_B, tables, num_pitches:
                   | (leaves_BxV & (shift_V > 0)[None, :])
                   | (forcing_B[:, None] & tables["is_velocity_V"][None, :]))
     if open_BxP is not None:  # striking is forced, or no note may be struck: the last one stays
-        fresh_BxP = (forcing_B | (notes_B >= cap_B))[:, None] & (open_BxP > 0) & (onset_BxP == steps_B[:, None])
-        banned_BxV = banned_BxV.at[:, tables["note_off_P"]].set(banned_BxV[:, tables["note_off_P"]] | fresh_BxP)
+        fresh_BxP = (forcing_B | (notes_B >= cap_B))[:, None] & _struck_now(open_BxP, onset_BxP, steps_B)
+        banned_BxV = _keep_sounding(banned_BxV, fresh_BxP, tables)
     return banned_BxV
 
 
@@ -372,12 +388,11 @@ def register_banned(p: ControlPlan | None, notes_B, pitch_sum_B, steps_B, banned
     timelines, against 0.94 unsteered; docs/controls.md compares the rules tried.)"""
     if p is None or p.register_BxS is None:
         return None
-    k_B = jnp.minimum(_segment(p, steps_B), p.register_BxS.shape[1] - 1)
-    asked_B = jnp.take_along_axis(p.register_BxS, k_B[:, None], axis=1)[:, 0]
+    asked_B = _asked(p, p.register_BxS, steps_B)
     edges_E = p.register_edges_E
 
     def level(mean):
-        return 1 + (jnp.sum(edges_E < mean[..., None], -1) + jnp.sum(edges_E <= mean[..., None], -1)) // 2
+        return _binned_level(edges_E, mean)
 
     num_pitches = tables["note_off_P"].shape[0]
     count_B = notes_B.astype(jnp.float32)
@@ -419,8 +434,7 @@ def mode_banned(p: ControlPlan | None, time_Bx12, steps_B, banned_BxV, tables):
     masked, unless no NOTE_ON the other masks (`banned_BxV`) leave does better."""
     if p is None or p.mode_BxS is None:
         return None
-    k_B = jnp.minimum(_segment(p, steps_B), p.mode_BxS.shape[1] - 1)
-    asked_B = jnp.take_along_axis(p.mode_BxS, k_B[:, None], axis=1)[:, 0]
+    asked_B = _asked(p, p.mode_BxS, steps_B)
     weight = p.segment_steps.astype(jnp.float32) / MODE_NOTE_SHARE
     pick_Bx1 = jnp.maximum(asked_B - 1, 0)[:, None]
     before_B = jnp.take_along_axis(mode_fit(time_Bx12), pick_Bx1, axis=1)[:, 0]
@@ -449,11 +463,6 @@ def pitch_class_time(p: ControlPlan | None, time_Bx12, open_BxP, steps_B, new_st
     return jnp.where(crossed_B[:, None], 0.0, time_Bx12) + sounding_Bx12 * since_B[:, None]
 
 
-def _binned_level(edges_E, value):
-    """`data_prep.controls.levels_of`'s level of a value: ties with edges take the middle of the levels they bound."""
-    return 1 + (jnp.sum(edges_E < value[..., None], -1) + jnp.sum(edges_E <= value[..., None], -1)) // 2
-
-
 def polyphony_banned(p: ControlPlan | None, onsets_B, polyphony_sum_B, open_BxP, onset_BxP, steps_B, banned_BxV,
                      tables):
     """The polyphony guard's mask (BxV bool), or None. onsets_B / polyphony_sum_B: the onsets the
@@ -468,12 +477,12 @@ def polyphony_banned(p: ControlPlan | None, onsets_B, polyphony_sum_B, open_BxP,
     back."""
     if p is None or p.polyphony_BxS is None:
         return None
-    k_B = jnp.minimum(_segment(p, steps_B), p.polyphony_BxS.shape[1] - 1)
-    asked_B = jnp.take_along_axis(p.polyphony_BxS, k_B[:, None], axis=1)[:, 0]
+    asked_B = _asked(p, p.polyphony_BxS, steps_B)
     edges_E = p.polyphony_edges_E
     n_B, total_B = onsets_B.astype(jnp.float32), polyphony_sum_B.astype(jnp.float32)
     sounding_B = jnp.sum(open_BxP, axis=1).astype(jnp.float32)
-    here_B = jnp.any((open_BxP > 0) & (onset_BxP == steps_B[:, None]), axis=1)  # an onset at the current step
+    struck_BxP = _struck_now(open_BxP, onset_BxP, steps_B)
+    here_B = jnp.any(struck_BxP, axis=1)  # an onset at the current step
 
     def miss(value_B):
         return jnp.abs(_binned_level(edges_E, value_B) - asked_B)
@@ -494,8 +503,7 @@ def polyphony_banned(p: ControlPlan | None, onsets_B, polyphony_sum_B, open_BxP,
     banned_BxV = (no_on_B[:, None] & is_on_V[None, :]) | (hold_B[:, None] & shift_or_velocity_V[None, :])
     # With no note to add, the note struck at this step is not released at it either (a note of no
     # length is no note: decode_notes drops it); time moves on, or an older note ends.
-    fresh_BxP = no_on_B[:, None] & (open_BxP > 0) & (onset_BxP == steps_B[:, None])
-    return banned_BxV.at[:, tables["note_off_P"]].set(banned_BxV[:, tables["note_off_P"]] | fresh_BxP)
+    return _keep_sounding(banned_BxV, no_on_B[:, None] & struck_BxP, tables)
 
 
 def count_onsets(p: ControlPlan | None, onsets_B, polyphony_sum_B, open_BxP, onset_BxP, steps_B, new_steps_B):
@@ -505,8 +513,7 @@ def count_onsets(p: ControlPlan | None, onsets_B, polyphony_sum_B, open_BxP, ons
     if p is None or p.polyphony_BxS is None:
         return onsets_B, polyphony_sum_B
     moved_B = new_steps_B > steps_B
-    here_B = jnp.any((open_BxP > 0) & (onset_BxP == steps_B[:, None]), axis=1)
-    close_B = moved_B & here_B
+    close_B = moved_B & jnp.any(_struck_now(open_BxP, onset_BxP, steps_B), axis=1)
     onsets_B = onsets_B + close_B
     polyphony_sum_B = polyphony_sum_B + jnp.where(close_B, jnp.sum(open_BxP, axis=1), 0)
     crossed_B = _segment(p, new_steps_B) > _segment(p, steps_B)

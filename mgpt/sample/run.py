@@ -298,9 +298,7 @@ class Sampling:
         from mgpt.sample import controls
 
         try:
-            return controls.parse(vocab, self.controls, self.mood, density_guard=self.density_guard,
-                                  register_guard=self.register_guard, mode_guard=self.mode_guard,
-                                  polyphony_guard=self.polyphony_guard)
+            return controls.parse(vocab, self.controls, self.mood, **{g: getattr(self, g) for g in GUARDS})
         except ValueError as e:
             raise UserError(str(e)) from None
 
