@@ -346,13 +346,20 @@ def test_the_mode_guard_reads_a_segments_mode_as_the_evaluation_does():
     assert time_12[0] == 30 and time_12[4] == 10 and time_12[7] == 20
 
 
-def _mode_breaches(vocab, row, asked_S):
+MAJOR_SCALE = (0, 2, 4, 5, 7, 9, 11)
+
+
+def _mode_breaches(vocab, row, asked_S, scale=False):
     """(notes checked, breaches of the mode guard's rule) in a row: a NOTE_ON whose pitch class,
     weighed as the guard weighs it, leaves its segment's histogram outside the asked mode and further
-    outside than it was, when some silent pitch would have done better."""
+    outside than it was, when some silent pitch would have done better. With `scale` (the scale
+    guard), once the row has struck SCALE_KNOWN_NOTES notes: a note outside the seven-note scale
+    holding most of them that leaves the segment outside the mode at all, while a silent pitch of
+    the scale is left, and the better pitch is sought in the scale."""
     seg = data_controls.segment_steps(vocab)
     weight = seg / controls.MODE_NOTE_SHARE
     step, time_12, sounding, checked, breaches = 0, np.zeros(12), [], 0, 0
+    struck_12 = np.zeros(12)
     for t in np.asarray(row).tolist():
         if vocab.time_shift_offset <= t < vocab.velocity_offset:
             new = step + t - vocab.time_shift_offset + 1
@@ -372,13 +379,22 @@ def _mode_breaches(vocab, row, asked_S):
                 def fit(histogram_12):
                     return float(np.asarray(controls.mode_fit(histogram_12[None].astype(np.float32)))[0, asked_S[k] - 1])
 
+                scale_12 = np.ones(12, bool)
+                if scale and struck_12.sum() >= controls.SCALE_KNOWN_NOTES:
+                    held = [sum(struck_12[(d + r) % 12] for d in MAJOR_SCALE) for r in range(12)]
+                    scale_12 = np.isin(np.arange(12), (np.asarray(MAJOR_SCALE) + int(np.argmax(held))) % 12)
+                silent = [p for p in range(vocab.min_pitch, vocab.max_pitch + 1) if p not in sounding]
+                if not any(scale_12[p % 12] for p in silent):
+                    scale_12 = np.ones(12, bool)  # nothing of the scale left to strike: it is not held
                 before = fit(time_12)
-                best = max(fit(time_12 + weight * np.eye(12)[p % 12])
-                           for p in range(vocab.min_pitch, vocab.max_pitch + 1) if p not in sounding)
-                after = fit(time_12 + weight * np.eye(12)[pitch % 12])
+                each_12 = np.asarray(controls.mode_fit((time_12[None] + weight * np.eye(12)).astype(np.float32)))
+                each_12 = each_12[:, asked_S[k] - 1]  # the fit after striking each pitch class
+                best = max(each_12[p % 12] for p in silent if scale_12[p % 12])
+                after = each_12[pitch % 12]
                 checked += 1
-                breaches += after < 0 and after < before - 1e-4 and after < best - 1e-4
+                breaches += after < -1e-4 and (not scale_12[pitch % 12] or (after < before - 1e-4 and after < best - 1e-4))
             sounding.append(pitch)
+            struck_12[pitch % 12] += 1
     return checked, breaches
 
 
@@ -409,6 +425,44 @@ def test_the_mode_guard_keeps_every_segments_pitch_classes_towards_its_mode():
                           controls=controls.parse(VOCAB, timeline), **kw)
     assert sum(_mode_breaches(VOCAB, row, asked_S)[1] for row in raw) >= 10
     assert min(guarded) >= 0.55 and min(guarded) >= measured(raw) + 0.3  # 0.62 and 0.25 when written
+
+
+def _out_of_scale(row):
+    """The share of a row's notes outside the seven-note scale holding most of them."""
+    pcs = np.bincount(np.asarray(VOCAB.decode_notes(row).pitch) % 12, minlength=12)
+    held = max(sum(pcs[(d + r) % 12] for d in MAJOR_SCALE) for r in range(12))
+    return 1 - held / max(pcs.sum(), 1)
+
+
+def test_the_scale_guard_steers_the_mode_through_the_pieces_own_scale():
+    """With the scale guard, a segment asked for a mode reaches it through the notes of the piece's
+    scale: no note breaks the rule across windows (G = 1.5, the default), the rows keep more to one
+    scale than with the mode guard alone, and their segments still measure the mode asked for far
+    more often than the raw model's. Without the mode guard it changes nothing."""
+    model = _eager_model()
+    timeline = "0:mode=major;1:mode=minor;2:mode=free"
+    asked_S = [1, 1, 2, 2]
+    kw = dict(seeds=range(6), max_seconds=2.0, max_events=400, temperature=1.0)
+    at = data_controls.ATTRIBUTES.index("mode")
+
+    def measured(rows):
+        levels = np.concatenate([data_controls.segment_levels(VOCAB.decode_notes(r), SPEC, 4)[:, at] for r in rows])
+        return np.mean(levels == np.tile(asked_S, len(rows)))
+
+    def sample(guidance, **guards):
+        return generate_tokens(model, VOCAB, [np.array([STYLE])] * 6, guidance=guidance,
+                               controls=controls.parse(VOCAB, timeline, **guards), **kw)
+
+    rows = sample(1.5, mode_guard=True, scale_guard=True)
+    counts = [_mode_breaches(VOCAB, row, asked_S, scale=True) for row in rows]
+    assert sum(c for c, _ in counts) >= 30 and sum(b for _, b in counts) == 0
+    mode_only = sample(1.5, mode_guard=True)
+    assert sum(_mode_breaches(VOCAB, row, asked_S, scale=True)[1] for row in mode_only) >= 5
+    outside, outside_mode_only = (np.mean([_out_of_scale(r) for r in rs]) for rs in (rows, mode_only))
+    assert outside <= 0.8 * outside_mode_only, (outside, outside_mode_only)
+    raw = sample(1.5)
+    assert measured(rows) >= measured(raw) + 0.2, (measured(rows), measured(raw))
+    assert sample(1.5, scale_guard=True)[0].tolist() == raw[0].tolist()  # nothing without the mode guard
 
 
 def _polyphony_breaches(vocab, spec, row, asked_S):
@@ -504,8 +558,8 @@ def test_the_density_and_polyphony_guards_together_never_stop_a_piece():
 
 
 def test_a_guard_is_recorded_only_where_its_control_is_asked_for():
-    """A corpus manifest records the mode and polyphony guards as on only when --controls (or --mood)
-    asks for that control: otherwise they change nothing, and a corpus begun before them resumes."""
+    """A corpus manifest records the mode, scale and polyphony guards as on only when --controls (or
+    --mood) asks for that control: otherwise they change nothing, and a corpus begun before them resumes."""
     from mgpt.sample.run import Sampling
 
     plain = Sampling(controls="density=6").to_dict()
@@ -514,3 +568,5 @@ def test_a_guard_is_recorded_only_where_its_control_is_asked_for():
     assert asked["mode_guard"] and asked["polyphony_guard"]
     assert Sampling(mood="calm").to_dict()["mode_guard"]
     assert not Sampling(controls="mode=minor", mode_guard=False).to_dict()["mode_guard"]
+    assert not plain["scale_guard"] and asked["scale_guard"]
+    assert not Sampling(controls="mode=minor", mode_guard=False).to_dict()["scale_guard"]  # it acts through the mode guard

@@ -68,6 +68,9 @@ class Timeline:
     # The mode guard (`mode_banned`; mgpt.generate turns it on): in a segment asked for a mode, no NOTE_ON moves
     # the segment's pitch classes further from what the key-finding rule reads as that mode, once they are outside it.
     mode_guard: bool = False
+    # The scale guard (`mode_banned`; with the mode guard; mgpt.generate turns it on): the mode is sought inside
+    # the seven-note scale that holds most of the piece's notes so far, not through notes outside it.
+    scale_guard: bool = False
     # The polyphony guard (`polyphony_banned`; mgpt.generate turns it on): in a segment asked for a polyphony
     # level, no onset takes the segment's mean polyphony more than one level away and further than it was.
     polyphony_guard: bool = False
@@ -103,14 +106,14 @@ class Timeline:
 
 def parse(vocab: Vocabulary, text: str | None, mood: str | None = None, flag: str = "--controls",
           density_guard: bool = True, register_guard: bool = False, mode_guard: bool = False,
-          polyphony_guard: bool = False) -> Timeline:
+          polyphony_guard: bool = False, scale_guard: bool = False) -> Timeline:
     """--controls (and --mood) -> a Timeline. ValueError, one line naming the flag and the problem: an
     unknown control or mood, a level out of range, times out of order, or a model without controls."""
     text = (text or "").strip()
     mood = (mood or "").strip().lower()
     if not text and not mood:
         return Timeline(density_guard=density_guard, register_guard=register_guard, mode_guard=mode_guard,
-                        polyphony_guard=polyphony_guard)
+                        polyphony_guard=polyphony_guard, scale_guard=scale_guard)
     if vocab.controls is None:
         which = flag if text else "--mood"
         raise ValueError(f"{which}: this model was trained without control tokens (data.control_seconds = 0); "
@@ -153,7 +156,8 @@ def parse(vocab: Vocabulary, text: str | None, mood: str | None = None, flag: st
         entries.insert(0, (0.0, {}))
     return Timeline(tuple((t, tuple(sorted(c.items(), key=lambda kv: controls_lib.ATTRIBUTES.index(kv[0]))))
                           for t, c in entries), density_guard=density_guard,
-                    register_guard=register_guard, mode_guard=mode_guard, polyphony_guard=polyphony_guard)
+                    register_guard=register_guard, mode_guard=mode_guard, polyphony_guard=polyphony_guard,
+                    scale_guard=scale_guard)
 
 
 def _level(flag: str, name: str, value: str, levels: int, names: dict[str, int],
@@ -195,6 +199,8 @@ class ControlPlan:
     no guard) and the level edges in pitch-index space (None: no row has one).
     mode_BxS / pitch_class_P: the mode guard, the mode segment k asks for (1 major, 2 minor, 3 none;
     0: free or no guard) and each pitch index's pitch class (None: no row has one).
+    scale_B: the scale guard, whether each row's mode guard seeks the mode inside the piece's scale
+    (None: no row does).
     polyphony_BxS / polyphony_edges_E: the polyphony guard, the level segment k asks for (0: free or
     no guard) and the level edges (None: no row has one).
     """
@@ -208,6 +214,7 @@ class ControlPlan:
     register_edges_E: jax.Array | None = None
     mode_BxS: jax.Array | None = None
     pitch_class_P: jax.Array | None = None
+    scale_B: jax.Array | None = None
     polyphony_BxS: jax.Array | None = None
     polyphony_edges_E: jax.Array | None = None
 
@@ -246,6 +253,9 @@ def plan(vocab: Vocabulary, timelines, offsets_steps, batch: int, max_steps: int
     register, mode, poly = guarded_levels("register"), guarded_levels("mode"), guarded_levels("polyphony")
     registered, moded, polyphonic = bool(np.any(register > 0)), bool(np.any(mode > 0)), bool(np.any(poly > 0))
     pitch_class_P = (np.arange(vocab.note_off_offset - vocab.note_on_offset) + vocab.min_pitch) % 12
+    scale_B = np.zeros(batch, bool)
+    scale_B[:len(timelines)] = [t.mode_guard and t.scale_guard for t in timelines]
+    scaled = moded and bool(np.any(scale_B & np.any(mode > 0, axis=1)))
     # Either guard counts the notes of each segment (RowState.segment_notes_B).
     guarded = np.any(cap < caps[-1]) or np.any(floor > 0) or registered
     edges = np.asarray(vocab.controls["edges"]["register"], np.float32) - vocab.min_pitch
@@ -256,6 +266,7 @@ def plan(vocab: Vocabulary, timelines, offsets_steps, batch: int, max_steps: int
                        register_edges_E=jnp.asarray(edges) if registered else None,
                        mode_BxS=jnp.asarray(mode) if moded else None,
                        pitch_class_P=jnp.asarray(pitch_class_P, jnp.int32) if moded else None,
+                       scale_B=jnp.asarray(scale_B) if scaled else None,
                        polyphony_BxS=jnp.asarray(poly) if polyphonic else None,
                        polyphony_edges_E=jnp.asarray(vocab.controls["edges"]["polyphony"], jnp.float32)
                        if polyphonic else None)
@@ -411,6 +422,36 @@ def register_banned(p: ControlPlan | None, notes_B, pitch_sum_B, steps_B, banned
 # A NOTE_ON the mode guard weighs counts as sounding for this share of a segment.
 MODE_NOTE_SHARE = 8
 _KEYS_24x12 = np.asarray(controls_lib._PROFILES_24x12, np.float32)
+# The mode guard keeps a piece in its scale once it has struck this many notes (`piece_scale`).
+SCALE_KNOWN_NOTES = 8
+# The 12 seven-note scales (a major key's, which its relative minor shares), pitch class by pitch class.
+_SCALES_12x12 = np.stack([np.isin(np.arange(12), (np.array([0, 2, 4, 5, 7, 9, 11]) + r) % 12)
+                          for r in range(12)]).astype(np.float32)
+
+
+def piece_scale(notes_Bx12):
+    """(in_scale_Bx12 bool, known_B bool): the seven-note scale holding most of the notes a row has
+    struck (notes_Bx12: NOTE_ONs per pitch class, `count_pitch_classes`), and whether it has struck
+    SCALE_KNOWN_NOTES yet (before that, every pitch class counts as in scale)."""
+    held_Bx12 = notes_Bx12 @ jnp.asarray(_SCALES_12x12).T  # notes inside each scale
+    best_B = jnp.argmax(held_Bx12, axis=1)
+    known_B = jnp.sum(notes_Bx12, axis=1) >= SCALE_KNOWN_NOTES
+    return jnp.asarray(_SCALES_12x12)[best_B] > 0, known_B
+
+
+def pitch_classes_struck(vocab: Vocabulary, prompt) -> np.ndarray:
+    """float32[12]: the NOTE_ONs of a prompt per pitch class (the mode guard's scale to start from)."""
+    ids = np.asarray(prompt, np.int64)
+    on = ids[(ids >= vocab.note_on_offset) & (ids < vocab.note_off_offset)]
+    return np.bincount((on - vocab.note_on_offset + vocab.min_pitch) % 12, minlength=12).astype(np.float32)
+
+
+def count_pitch_classes(p: ControlPlan | None, notes_Bx12, struck_B, pitch_B):
+    """RowState.pitch_class_notes_Bx12 after an event: one more for the pitch class of a note it struck."""
+    if p is None or p.scale_B is None:
+        return notes_Bx12
+    pc_B = p.pitch_class_P[jnp.minimum(pitch_B, p.pitch_class_P.shape[0] - 1)]
+    return notes_Bx12 + jax.nn.one_hot(pc_B, 12, dtype=jnp.float32) * struck_B[:, None]
 
 
 def mode_fit(histogram_Nx12):
@@ -426,12 +467,19 @@ def mode_fit(histogram_Nx12):
                       least - jnp.maximum(major, minor)], -1)
 
 
-def mode_banned(p: ControlPlan | None, time_Bx12, steps_B, banned_BxV, tables):
+def mode_banned(p: ControlPlan | None, time_Bx12, steps_B, banned_BxV, tables, notes_Bx12=None):
     """The mode guard's mask (BxV bool), or None. time_Bx12: how long each pitch class has sounded
     in the row's segment (`pitch_class_time`). In a segment asked for a mode, a NOTE_ON whose pitch
     class (weighed as sounding for 1/MODE_NOTE_SHARE of the segment) would leave the histogram
     outside that mode by `data_prep.controls.mode_of`'s rule and further outside than it is now is
-    masked, unless no NOTE_ON the other masks (`banned_BxV`) leave does better."""
+    masked, unless no NOTE_ON the other masks (`banned_BxV`) leave does better.
+
+    The scale guard (p.scale_B; notes_Bx12, the row's NOTE_ONs per pitch class): the mode is sought
+    inside the piece's scale (`piece_scale`). A note outside it that would leave the segment outside the mode is
+    masked while some note inside it may be struck, and the best note is sought among those: a
+    segment asked for minor in a major piece turns to the relative minor's notes, not to a
+    chromatic minor key's. (Without this, following real pieces' modes segment by segment made
+    the pieces markedly more chromatic than real ones: docs/controls.md.)"""
     if p is None or p.mode_BxS is None:
         return None
     asked_B = _asked(p, p.mode_BxS, steps_B)
@@ -443,9 +491,15 @@ def mode_banned(p: ControlPlan | None, time_Bx12, steps_B, banned_BxV, tables):
     num_pitches = tables["note_off_P"].shape[0]
     after_BxP = after_Bx12[:, p.pitch_class_P]
     strikable_BxP = ~banned_BxV[:, tables["note_off_P"] - num_pitches]  # NOTE_ON ids precede NOTE_OFF ids
-    best_B = jnp.max(jnp.where(strikable_BxP, after_BxP, -jnp.inf), axis=1)
-    bad_BxP = ((asked_B > 0)[:, None] & (after_BxP < 0) & (after_BxP < before_B[:, None])
-               & (after_BxP < best_B[:, None]))
+    outside_BxP = jnp.zeros_like(strikable_BxP)
+    if p.scale_B is not None:
+        in_scale_Bx12, known_B = piece_scale(notes_Bx12)
+        outside_BxP = (p.scale_B & known_B)[:, None] & ~in_scale_Bx12[:, p.pitch_class_P]
+        inside_left_B = jnp.any(strikable_BxP & ~outside_BxP, axis=1)
+        outside_BxP = outside_BxP & inside_left_B[:, None]  # no note in scale left: the scale is not held
+    best_B = jnp.max(jnp.where(strikable_BxP & ~outside_BxP, after_BxP, -jnp.inf), axis=1)
+    bad_BxP = ((asked_B > 0)[:, None] & (after_BxP < 0)
+               & (outside_BxP | ((after_BxP < before_B[:, None]) & (after_BxP < best_B[:, None]))))
     bad_BxP1 = jnp.pad(bad_BxP, ((0, 0), (0, 1)))  # column P: "not a note token"
     return bad_BxP1[:, tables["on_pitch_V"]]
 

@@ -323,6 +323,7 @@ class RowState:
     segment_notes_B: jax.Array | None = None  # the guards: notes struck in the row's current segment
     segment_pitch_sum_B: jax.Array | None = None  # the register guard: the sum of their pitch indices
     segment_pitch_time_Bx12: jax.Array | None = None  # the mode guard: steps each pitch class has sounded in it
+    pitch_class_notes_Bx12: jax.Array | None = None  # and the row's NOTE_ONs per pitch class (its scale)
     segment_onsets_B: jax.Array | None = None  # the polyphony guard: its onsets before the current step
     segment_polyphony_sum_B: jax.Array | None = None  # and the notes sounding at each
 
@@ -406,7 +407,7 @@ def choose_event(logits_BxV, rows: RowState, limits: RowLimits, settings, tables
     if register_BxV is not None:  # the register guard: the segment's mean pitch in its level
         banned_BxV = banned_BxV | register_BxV
     mode_BxV = controls_lib.mode_banned(limits.controls, rows.segment_pitch_time_Bx12, rows.steps_B, banned_BxV,
-                                        tables)
+                                        tables, rows.pitch_class_notes_Bx12)
     if mode_BxV is not None:  # the mode guard: the segment's pitch classes towards the mode asked for
         banned_BxV = banned_BxV | mode_BxV
     polyphony_BxV = controls_lib.polyphony_banned(limits.controls, rows.segment_onsets_B, rows.segment_polyphony_sum_B,
@@ -545,6 +546,8 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
         segment_pitch_time_Bx12 = controls_lib.pitch_class_time(limits.controls, r.segment_pitch_time_Bx12,
                                                                 r.open_BxP, r.steps_B,
                                                                 jnp.where(emit_B, new_steps_B, r.steps_B))
+        pitch_class_notes_Bx12 = controls_lib.count_pitch_classes(limits.controls, r.pitch_class_notes_Bx12,
+                                                                  struck_B, tables["on_pitch_V"][token_B])
         # ---
         filled_B = False if fill_B is None else fill_B & emit_B & (new_steps_B >= limits.max_steps_B)
         return _SamplingState(
@@ -563,6 +566,7 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
                 segment_notes_B=segment_notes_B,
                 segment_pitch_sum_B=segment_pitch_sum_B,
                 segment_pitch_time_Bx12=segment_pitch_time_Bx12,
+                pitch_class_notes_Bx12=pitch_class_notes_Bx12,
                 segment_onsets_B=segment_onsets_B,
                 segment_polyphony_sum_B=segment_polyphony_sum_B,
             ),
@@ -587,6 +591,8 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
                       else jnp.asarray(rows.segment_pitch_sum_B, jnp.int32),
                       segment_pitch_time_Bx12=None if rows.segment_pitch_time_Bx12 is None
                       else jnp.asarray(rows.segment_pitch_time_Bx12, jnp.float32),
+                      pitch_class_notes_Bx12=None if rows.pitch_class_notes_Bx12 is None
+                      else jnp.asarray(rows.pitch_class_notes_Bx12, jnp.float32),
                       segment_onsets_B=None if rows.segment_onsets_B is None
                       else jnp.asarray(rows.segment_onsets_B, jnp.int32),
                       segment_polyphony_sum_B=None if rows.segment_polyphony_sum_B is None
@@ -848,6 +854,11 @@ def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events,
             for b, p in enumerate(prompts):
                 time_Bx12[b] = controls_lib.pitch_class_time_in_last_segment(vocab, p)
             state = state.replace(segment_pitch_time_Bx12=time_Bx12)
+            if plan.scale_B is not None:  # the scale guard: the primer's notes, for the piece's scale
+                notes_Bx12 = np.zeros((batch, 12), np.float32)
+                for b, p in enumerate(prompts):
+                    notes_Bx12[b] = controls_lib.pitch_classes_struck(vocab, p)
+                state = state.replace(pitch_class_notes_Bx12=notes_Bx12)
         if plan.polyphony_BxS is not None:  # the polyphony guard: the primer's onsets in its last segment
             onsets_B, total_B = np.zeros(batch, np.int32), np.zeros(batch, np.int32)
             for b, p in enumerate(prompts):
