@@ -71,6 +71,9 @@ class Timeline:
     # The scale guard (`mode_banned`; with the mode guard; mgpt.generate turns it on): the mode is sought inside
     # the seven-note scale that holds most of the piece's notes so far, not through notes outside it.
     scale_guard: bool = False
+    # The loudness guard (`loudness_banned`; mgpt.generate turns it on): in a segment asked for a loudness level,
+    # no VELOCITY more than one level from it.
+    loudness_guard: bool = False
     # The polyphony guard (`polyphony_banned`; mgpt.generate turns it on): in a segment asked for a polyphony
     # level, no onset takes the segment's mean polyphony more than one level away and further than it was.
     polyphony_guard: bool = False
@@ -106,14 +109,14 @@ class Timeline:
 
 def parse(vocab: Vocabulary, text: str | None, mood: str | None = None, flag: str = "--controls",
           density_guard: bool = True, register_guard: bool = False, mode_guard: bool = False,
-          polyphony_guard: bool = False, scale_guard: bool = False) -> Timeline:
+          polyphony_guard: bool = False, scale_guard: bool = False, loudness_guard: bool = False) -> Timeline:
     """--controls (and --mood) -> a Timeline. ValueError, one line naming the flag and the problem: an
     unknown control or mood, a level out of range, times out of order, or a model without controls."""
     text = (text or "").strip()
     mood = (mood or "").strip().lower()
     if not text and not mood:
         return Timeline(density_guard=density_guard, register_guard=register_guard, mode_guard=mode_guard,
-                        polyphony_guard=polyphony_guard, scale_guard=scale_guard)
+                        polyphony_guard=polyphony_guard, scale_guard=scale_guard, loudness_guard=loudness_guard)
     if vocab.controls is None:
         which = flag if text else "--mood"
         raise ValueError(f"{which}: this model was trained without control tokens (data.control_seconds = 0); "
@@ -157,7 +160,7 @@ def parse(vocab: Vocabulary, text: str | None, mood: str | None = None, flag: st
     return Timeline(tuple((t, tuple(sorted(c.items(), key=lambda kv: controls_lib.ATTRIBUTES.index(kv[0]))))
                           for t, c in entries), density_guard=density_guard,
                     register_guard=register_guard, mode_guard=mode_guard, polyphony_guard=polyphony_guard,
-                    scale_guard=scale_guard)
+                    scale_guard=scale_guard, loudness_guard=loudness_guard)
 
 
 def _level(flag: str, name: str, value: str, levels: int, names: dict[str, int],
@@ -201,6 +204,9 @@ class ControlPlan:
     0: free or no guard) and each pitch index's pitch class (None: no row has one).
     scale_B: the scale guard, whether each row's mode guard seeks the mode inside the piece's scale
     (None: no row does).
+    loudness_BxS / velocity_level_V: the loudness guard, the level segment k asks for (0: free or no
+    guard) and the loudness level of each VELOCITY token's velocity (0 for other tokens; None: no
+    row has one).
     polyphony_BxS / polyphony_edges_E: the polyphony guard, the level segment k asks for (0: free or
     no guard) and the level edges (None: no row has one).
     """
@@ -215,6 +221,8 @@ class ControlPlan:
     mode_BxS: jax.Array | None = None
     pitch_class_P: jax.Array | None = None
     scale_B: jax.Array | None = None
+    loudness_BxS: jax.Array | None = None
+    velocity_level_V: jax.Array | None = None
     polyphony_BxS: jax.Array | None = None
     polyphony_edges_E: jax.Array | None = None
 
@@ -251,6 +259,15 @@ def plan(vocab: Vocabulary, timelines, offsets_steps, batch: int, max_steps: int
         return out
 
     register, mode, poly = guarded_levels("register"), guarded_levels("mode"), guarded_levels("polyphony")
+    loudness = guarded_levels("loudness")
+    loud = bool(np.any(loudness > 0))
+    velocity_level_V = np.zeros(vocab.size, np.int32)
+    if loud:  # each VELOCITY token's level, by the rule the evaluation reads a segment's mean velocity with
+        bins = np.arange(1, vocab.num_velocity_bins + 1)
+        edges_E = np.asarray(vocab.controls["edges"]["loudness"], np.float64)
+        value_N = vocab.bin_to_velocity(bins).astype(np.float64)
+        velocity_level_V[vocab.velocity_offset + bins - 1] = 1 + (
+            np.sum(edges_E < value_N[:, None], -1) + np.sum(edges_E <= value_N[:, None], -1)) // 2
     registered, moded, polyphonic = bool(np.any(register > 0)), bool(np.any(mode > 0)), bool(np.any(poly > 0))
     pitch_class_P = (np.arange(vocab.note_off_offset - vocab.note_on_offset) + vocab.min_pitch) % 12
     scale_B = np.zeros(batch, bool)
@@ -267,6 +284,8 @@ def plan(vocab: Vocabulary, timelines, offsets_steps, batch: int, max_steps: int
                        mode_BxS=jnp.asarray(mode) if moded else None,
                        pitch_class_P=jnp.asarray(pitch_class_P, jnp.int32) if moded else None,
                        scale_B=jnp.asarray(scale_B) if scaled else None,
+                       loudness_BxS=jnp.asarray(loudness) if loud else None,
+                       velocity_level_V=jnp.asarray(velocity_level_V) if loud else None,
                        polyphony_BxS=jnp.asarray(poly) if polyphonic else None,
                        polyphony_edges_E=jnp.asarray(vocab.controls["edges"]["polyphony"], jnp.float32)
                        if polyphonic else None)
@@ -431,11 +450,13 @@ _SCALES_12x12 = np.stack([np.isin(np.arange(12), (np.array([0, 2, 4, 5, 7, 9, 11
 
 def piece_scale(notes_Bx12):
     """(in_scale_Bx12 bool, known_B bool): the seven-note scale holding most of the notes a row has
-    struck (notes_Bx12: NOTE_ONs per pitch class, `count_pitch_classes`), and whether it has struck
-    SCALE_KNOWN_NOTES yet (before that, every pitch class counts as in scale)."""
+    struck (notes_Bx12: NOTE_ONs per pitch class, `count_pitch_classes`), and whether it is known:
+    the row has struck SCALE_KNOWN_NOTES and no other scale holds as many (a B-flat triad alone lies
+    in three scales; until then every pitch class counts as in scale)."""
     held_Bx12 = notes_Bx12 @ jnp.asarray(_SCALES_12x12).T  # notes inside each scale
     best_B = jnp.argmax(held_Bx12, axis=1)
-    known_B = jnp.sum(notes_Bx12, axis=1) >= SCALE_KNOWN_NOTES
+    top_Bx2 = jax.lax.top_k(held_Bx12, 2)[0]
+    known_B = (jnp.sum(notes_Bx12, axis=1) >= SCALE_KNOWN_NOTES) & (top_Bx2[:, 0] > top_Bx2[:, 1])
     return jnp.asarray(_SCALES_12x12)[best_B] > 0, known_B
 
 
@@ -515,6 +536,20 @@ def pitch_class_time(p: ControlPlan | None, time_Bx12, open_BxP, steps_B, new_st
     since_B = jnp.where(crossed_B, new_steps_B - opened_B, new_steps_B - steps_B).astype(jnp.float32)
     sounding_Bx12 = open_BxP.astype(jnp.float32) @ jax.nn.one_hot(p.pitch_class_P, 12, dtype=jnp.float32)
     return jnp.where(crossed_B[:, None], 0.0, time_Bx12) + sounding_Bx12 * since_B[:, None]
+
+
+def loudness_banned(p: ControlPlan | None, steps_B, banned_BxV):
+    """The loudness guard's mask (BxV bool), or None. Loudness is a segment's mean velocity. In a
+    segment asked for a loudness level, a VELOCITY whose velocity lies more than one level from it is
+    masked, unless the other masks (`banned_BxV`: a velocity range) leave no VELOCITY within one level.
+    The velocity in force when the segment opens is the model's to change: the guard only keeps it
+    from changing to a loudness nobody asked for."""
+    if p is None or p.loudness_BxS is None:
+        return None
+    asked_B = _asked(p, p.loudness_BxS, steps_B)
+    far_BxV = (p.velocity_level_V > 0)[None, :] & (jnp.abs(p.velocity_level_V[None, :] - asked_B[:, None]) > 1)
+    near_left_B = jnp.any((p.velocity_level_V > 0)[None, :] & ~far_BxV & ~banned_BxV, axis=1)
+    return (asked_B > 0)[:, None] & near_left_B[:, None] & far_BxV
 
 
 def polyphony_banned(p: ControlPlan | None, onsets_B, polyphony_sum_B, open_BxP, onset_BxP, steps_B, banned_BxV,

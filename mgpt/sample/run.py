@@ -234,6 +234,8 @@ class Sampling:
     # With the mode guard: the mode is sought inside the seven-note scale holding most of the piece's notes
     # (a segment asked for minor in a major piece turns to its relative minor); False: through any notes.
     scale_guard: bool = True
+    # With a loudness asked for, no VELOCITY more than one level from it (the same file); False: the model's own.
+    loudness_guard: bool = True
     # With a polyphony asked for, no onset takes the segment's mean polyphony more than a level away and
     # further than it was (the same file); False: the model's own polyphony.
     polyphony_guard: bool = True
@@ -326,6 +328,7 @@ class Sampling:
                 "register_guard": bool(self.register_guard and self.steered),
                 "mode_guard": bool(self.mode_guard and self.asks("mode")),
                 "scale_guard": bool(self.scale_guard and self.mode_guard and self.asks("mode")),
+                "loudness_guard": bool(self.loudness_guard and self.asks("loudness")),
                 "polyphony_guard": bool(self.polyphony_guard and self.asks("polyphony"))}
 
     def asks(self, control: str) -> bool:
@@ -340,12 +343,12 @@ class Sampling:
 
 # The controls' guards (mgpt/sample/controls.py): Sampling's fields, a flag each in mgpt.generate and
 # mgpt.evaluate (defined here once; tests/test_layout.py reads these calls). docs/controls.md measures each.
-GUARDS = ("density_guard", "register_guard", "polyphony_guard", "mode_guard", "scale_guard")
+GUARDS = ("density_guard", "register_guard", "polyphony_guard", "mode_guard", "scale_guard", "loudness_guard")
 
 
 def define_guard_flags(flags, kw: dict) -> None:
-    """--density_guard, --register_guard, --polyphony_guard, --mode_guard and --scale_guard, defaulting to
-    Sampling's."""
+    """--density_guard, --register_guard, --polyphony_guard, --mode_guard, --scale_guard and
+    --loudness_guard, defaulting to Sampling's."""
     flags.DEFINE_bool("density_guard", Sampling.density_guard, "With a density asked for: each control segment "
                       "strikes as many notes as its level holds, no more (NOTE_ON masked) and no fewer (leaving it "
                       "masked); false = the model's own density.", **kw)
@@ -362,6 +365,8 @@ def define_guard_flags(flags, kw: dict) -> None:
     flags.DEFINE_bool("scale_guard", Sampling.scale_guard, "With the mode guard: a segment is steered to its mode "
                       "through the notes of the piece's own scale (the seven-note scale holding most of its notes "
                       "so far), not through notes outside it; false = through any notes.", **kw)
+    flags.DEFINE_bool("loudness_guard", Sampling.loudness_guard, "With a loudness asked for: no VELOCITY more than "
+                      "one level from it in its control segment; false = the model's own loudness.", **kw)
 
 
 def guard_settings(f) -> dict:

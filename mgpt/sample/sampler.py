@@ -410,6 +410,9 @@ def choose_event(logits_BxV, rows: RowState, limits: RowLimits, settings, tables
                                         tables, rows.pitch_class_notes_Bx12)
     if mode_BxV is not None:  # the mode guard: the segment's pitch classes towards the mode asked for
         banned_BxV = banned_BxV | mode_BxV
+    loudness_BxV = controls_lib.loudness_banned(limits.controls, rows.steps_B, banned_BxV)
+    if loudness_BxV is not None:  # the loudness guard: no VELOCITY far from the level asked for
+        banned_BxV = banned_BxV | loudness_BxV
     polyphony_BxV = controls_lib.polyphony_banned(limits.controls, rows.segment_onsets_B, rows.segment_polyphony_sum_B,
                                                   rows.open_BxP, rows.onset_BxP, rows.steps_B, banned_BxV, tables)
     if polyphony_BxV is not None:  # the polyphony guard: the segment's onsets towards the level asked for
