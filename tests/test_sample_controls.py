@@ -518,6 +518,30 @@ def test_the_loudness_guard_keeps_every_velocity_near_the_level_asked_for():
                 vocab, "density=4", loudness_guard=True)})[0].tolist())
 
 
+def test_the_loudness_guard_and_a_velocity_range_together_keep_the_piece_playing():
+    """A velocity range hands the mass of the notes it mutes to the allowed VELOCITY nearest the one
+    in force; where the loudness guard masks that one (the demo corpus: every velocity 77, so 73 is
+    three levels from 77's), the mass goes to the nearest VELOCITY both allow, and the piece plays at
+    a velocity both accept instead of going quiet."""
+    from mgpt.sample.limits import HardLimits
+
+    spec = {**SPEC, "edges": {**SPEC["edges"], "loudness": [77.0] * 7}}
+    vocab = Vocabulary(["bach"]).with_controls(spec)
+    pref_V = np.zeros(vocab.size, np.float32)
+    pref_V[vocab.note_on_offset:vocab.note_off_offset] = 2.0
+    pref_V[vocab.time_shift_offset:vocab.time_shift_offset + 10] = 1.0
+    pref_V[vocab.velocity_offset:vocab.style_offset] = -6.0  # the model hardly ever changes velocity itself
+    pref_V[vocab.eos_id] = -100.0
+    model = context_free_model(CFG, pref_V)
+    rows = generate_tokens(model, vocab, [np.array([STYLE])] * 4, seeds=range(4), max_seconds=2.0, max_events=200,
+                           temperature=1.0, hard_limits=HardLimits(velocity_range=(70, 127)),
+                           controls=controls.parse(vocab, "loudness=4", loudness_guard=True))
+    for row in rows:
+        notes = vocab.decode_notes(row)
+        assert len(notes.pitch) >= 5  # it plays (11 notes in the first piece; none before the fix)
+        assert set(np.asarray(notes.velocity).tolist()) == {77}
+
+
 def _polyphony_breaches(vocab, spec, row, asked_S):
     """(events checked, breaches of the polyphony guard's rule) in a row: a NOTE_ON that takes its
     segment's mean polyphony more than one level above the asked one and further than it was, or a

@@ -135,7 +135,7 @@ def mask_rules(mask: MaskLimits, open_BxP, velocity_B, tables):
     return mask.banned_BxV | ((full_B | muted_B)[:, None] & is_on_V[None, :])
 
 
-def velocity_mass(logits_BxV, mask: MaskLimits, open_BxP, velocity_B, tables):
+def velocity_mass(logits_BxV, mask: MaskLimits, open_BxP, velocity_B, tables, banned_BxV=None):
     """Log-probabilities with the mass the velocity range masks handed to one allowed VELOCITY.
 
     A model that has learnt few loudnesses (the demo corpus plays nearly everything at 77) puts
@@ -144,7 +144,10 @@ def velocity_mass(logits_BxV, mask: MaskLimits, open_BxP, velocity_B, tables):
     TIME_SHIFTs and EOS, and the piece goes quiet (16 pieces of 20 s held 29 notes for
     --velocity_range=90-127). So that mass goes to the allowed VELOCITY nearest the one in force:
     the model's wish to change loudness, or to strike a note, becomes setting an allowed loudness
-    first. The masked tokens themselves still get nothing (`mask_rules`)."""
+    first. The masked tokens themselves still get nothing (`mask_rules`). banned_BxV: everything
+    masked (the controls' guards too): the VELOCITY the mass goes to is the nearest one none of
+    them masks, and with none left nothing moves (else the mass would land on a masked token and
+    be lost, and the piece go quiet again)."""
     is_on_V = tables["on_pitch_V"] < open_BxP.shape[1]
     logp_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
     muted_B = jnp.take_along_axis(mask.banned_BxV, velocity_B[:, None], axis=1)[:, 0]
@@ -152,10 +155,19 @@ def velocity_mass(logits_BxV, mask: MaskLimits, open_BxP, velocity_B, tables):
     moved_BxV = ((mask.banned_BxV & tables["is_velocity_V"][None, :])
                  | ((muted_B & ~full_B)[:, None] & is_on_V[None, :] & ~mask.banned_BxV))
     moved_B = jax.nn.logsumexp(jnp.where(moved_BxV, logp_BxV, -jnp.inf), axis=-1)
-    target_B = jnp.take_along_axis(mask.nearest_BxV, velocity_B[:, None], axis=1)[:, 0]
+    if banned_BxV is None:
+        target_B = jnp.take_along_axis(mask.nearest_BxV, velocity_B[:, None], axis=1)[:, 0]
+        open_B = jnp.ones_like(moved_B, bool)
+    else:  # VELOCITY ids are consecutive: the nearest id is the nearest velocity (ties: the lower)
+        free_BxV = tables["is_velocity_V"][None, :] & ~banned_BxV
+        ids_V = jnp.arange(logp_BxV.shape[1])
+        target_B = jnp.argmin(jnp.where(free_BxV, jnp.abs(ids_V[None, :] - velocity_B[:, None]), ids_V.shape[0]),
+                              axis=1)
+        open_B = jnp.any(free_BxV, axis=1)
     rows_B = jnp.arange(logp_BxV.shape[0])
     raised_B = jnp.logaddexp(logp_BxV[rows_B, target_B], moved_B)
-    return logp_BxV.at[rows_B, target_B].set(jnp.where(jnp.isfinite(moved_B), raised_B, logp_BxV[rows_B, target_B]))
+    return logp_BxV.at[rows_B, target_B].set(jnp.where(jnp.isfinite(moved_B) & open_B, raised_B,
+                                                       logp_BxV[rows_B, target_B]))
 
 
 def track_velocity(velocity_B, token_B, emit_B, tables):

@@ -421,7 +421,8 @@ def choose_event(logits_BxV, rows: RowState, limits: RowLimits, settings, tables
                               lambda l, b, t, a: l.astype(jnp.float32),
                               logits_BxV, banned_BxV, tables, settings["release_share"])
     if limits.mask is not None:  # the masked VELOCITYs' mass goes to an allowed one (limits.velocity_mass)
-        logits_BxV = limits_lib.velocity_mass(logits_BxV, limits.mask, rows.open_BxP, rows.velocity_B, tables)
+        logits_BxV = limits_lib.velocity_mass(logits_BxV, limits.mask, rows.open_BxP, rows.velocity_B, tables,
+                                              banned_BxV)
     token_B = _choose(logits_BxV, keys_B, settings, banned_BxV)
     if fill_B is not None:
         # A TIME_SHIFT past E becomes the one that lands on E, and the middle ends there: the
