@@ -636,8 +636,8 @@ def test_the_density_and_polyphony_guards_together_never_stop_a_piece():
 
 
 def test_a_guard_is_recorded_only_where_its_control_is_asked_for():
-    """A corpus manifest records the mode, scale, loudness and polyphony guards as on only when
-    --controls (or --mood) asks for that control: otherwise they change nothing, and a corpus begun before them resumes."""
+    """A corpus manifest records the register, mode, scale, loudness and polyphony guards as on only
+    when --controls (or --mood) asks for that control: otherwise they change nothing, and a corpus begun before them resumes."""
     from mgpt.sample.run import Sampling
 
     plain = Sampling(controls="density=6").to_dict()
@@ -649,3 +649,4 @@ def test_a_guard_is_recorded_only_where_its_control_is_asked_for():
     assert not plain["scale_guard"] and asked["scale_guard"]
     assert not Sampling(controls="mode=minor", mode_guard=False).to_dict()["scale_guard"]  # it acts through the mode guard
     assert not plain["loudness_guard"] and Sampling(controls="loudness=4").to_dict()["loudness_guard"]
+    assert not plain["register_guard"] and Sampling(controls="register=low").to_dict()["register_guard"]

@@ -62,7 +62,7 @@ class Timeline:
     # holds (`data_prep.controls.density_bounds`): past its most, NOTE_ON is masked until the next
     # segment; short of its fewest, a TIME_SHIFT into the next segment is.
     density_guard: bool = True
-    # The register guard (off by default; `register_banned`): in a segment asked for a register
+    # The register guard (`register_banned`; mgpt.generate turns it on): in a segment asked for a register
     # level, no NOTE_ON leaves the segment's mean pitch more than one level away and further than it was.
     register_guard: bool = False
     # The mode guard (`mode_banned`; mgpt.generate turns it on): in a segment asked for a mode, no NOTE_ON moves

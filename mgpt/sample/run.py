@@ -225,9 +225,8 @@ class Sampling:
     # no fewer (mgpt/sample/controls.py); False: the model's own density (docs/controls.md has both).
     density_guard: bool = True
     # With a register asked for, no NOTE_ON leaves the segment's mean pitch more than a level away
-    # and further than it was (the same file). Off by default: it meets the register target but costs feature
-    # overlap (docs/controls.md).
-    register_guard: bool = False
+    # and further than it was (the same file); False: the model's own register (docs/controls.md has both).
+    register_guard: bool = True
     # With a mode asked for, no NOTE_ON moves the segment's pitch classes further from that mode once
     # they are outside it (the same file); False: the model's own mode (docs/controls.md has both).
     mode_guard: bool = True
@@ -325,7 +324,7 @@ class Sampling:
         # them read (mgpt.sample.corpus), so that a corpus without controls resumes as it was.
         return {**dataclasses.asdict(self), **self.budget(), **ranges,  # lists: what the manifest's JSON reads back
                 "density_guard": bool(self.density_guard and self.steered),
-                "register_guard": bool(self.register_guard and self.steered),
+                "register_guard": bool(self.register_guard and self.asks("register")),
                 "mode_guard": bool(self.mode_guard and self.asks("mode")),
                 "scale_guard": bool(self.scale_guard and self.mode_guard and self.asks("mode")),
                 "loudness_guard": bool(self.loudness_guard and self.asks("loudness")),
@@ -353,7 +352,7 @@ def define_guard_flags(flags, kw: dict) -> None:
                       "strikes as many notes as its level holds, no more (NOTE_ON masked) and no fewer (leaving it "
                       "masked); false = the model's own density.", **kw)
     flags.DEFINE_bool("register_guard", Sampling.register_guard, "With a register asked for: no NOTE_ON leaves its "
-                      "control segment's mean pitch more than one level away and further than it was; off: the "
+                      "control segment's mean pitch more than one level away and further than it was; false = the "
                       "model's own register.", **kw)
     flags.DEFINE_bool("polyphony_guard", Sampling.polyphony_guard, "With a polyphony asked for: no onset takes its "
                       "control segment's mean polyphony more than one level away and further than it was (NOTE_ON "
