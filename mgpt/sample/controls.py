@@ -264,10 +264,9 @@ def plan(vocab: Vocabulary, timelines, offsets_steps, batch: int, max_steps: int
     velocity_level_V = np.zeros(vocab.size, np.int32)
     if loud:  # each VELOCITY token's level, by the rule the evaluation reads a segment's mean velocity with
         bins = np.arange(1, vocab.num_velocity_bins + 1)
-        edges_E = np.asarray(vocab.controls["edges"]["loudness"], np.float64)
-        value_N = vocab.bin_to_velocity(bins).astype(np.float64)
-        velocity_level_V[vocab.velocity_offset + bins - 1] = 1 + (
-            np.sum(edges_E < value_N[:, None], -1) + np.sum(edges_E <= value_N[:, None], -1)) // 2
+        velocity_level_V[vocab.velocity_offset + bins - 1] = _binned_level(
+            jnp.asarray(vocab.controls["edges"]["loudness"], jnp.float32),
+            jnp.asarray(vocab.bin_to_velocity(bins), jnp.float32))
     registered, moded, polyphonic = bool(np.any(register > 0)), bool(np.any(mode > 0)), bool(np.any(poly > 0))
     pitch_class_P = (np.arange(vocab.note_off_offset - vocab.note_on_offset) + vocab.min_pitch) % 12
     scale_B = np.zeros(batch, bool)
