@@ -92,6 +92,23 @@ def test_a_piece_depends_only_on_its_seed_and_its_controls(model):
     assert int(np.sum(~VOCAB.is_control(both[0][1:]))) == 60
 
 
+@pytest.mark.parametrize("guidance", [1.0, 1.5])
+def test_rows_with_their_own_timelines_sample_as_each_would_alone(model, guidance):
+    """The controls cost study asks every piece for its own real piece's timeline in one batch."""
+    guards = {g: True for g in ("density_guard", "register_guard", "mode_guard", "polyphony_guard", "scale_guard",
+                                "loudness_guard")}
+    texts = ["0:density=2,mode=minor;1:register=3,polyphony=4", "", "0:loudness=low;0.5:density=5,mode=major"]
+    timelines = [controls.parse(VOCAB, t, **guards) for t in texts]
+    prompts = [np.array([STYLE])] * 3
+    together = generate_tokens(model, VOCAB, prompts, seeds=[3, 4, 5], max_seconds=2.0, max_events=120,
+                               controls=timelines, guidance=guidance)
+    for b in range(3):
+        alone = generate_tokens(model, VOCAB, prompts[b:b + 1], seeds=[3 + b], max_seconds=2.0, max_events=120,
+                                controls=timelines[b], guidance=guidance)
+        np.testing.assert_array_equal(together[b], alone[0])
+    assert not VOCAB.is_control(together[1]).any() and VOCAB.is_control(together[0]).any()
+
+
 @pytest.mark.parametrize("text, mood, message", [
     ("tempo=3", None, "--controls: unknown control 'tempo'; known: density, polyphony, register, loudness, mode"),
     ("density=9", None, "--controls: density=9 is out of range; use a level 1..8"),
@@ -650,3 +667,4 @@ def test_a_guard_is_recorded_only_where_its_control_is_asked_for():
     assert not Sampling(controls="mode=minor", mode_guard=False).to_dict()["scale_guard"]  # it acts through the mode guard
     assert not plain["loudness_guard"] and Sampling(controls="loudness=4").to_dict()["loudness_guard"]
     assert not plain["register_guard"] and Sampling(controls="register=low").to_dict()["register_guard"]
+

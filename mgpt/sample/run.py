@@ -454,6 +454,7 @@ class Run:
         batch_size: int | None = None,
         devices: Sequence | None = None,
         gaps: Sequence | None = None,
+        timelines: Sequence[str | None] | None = None,
     ) -> list[np.ndarray]:
         """prompts[i] continued with seed seeds[i] -> full rows (prompt + new events, no EOS).
 
@@ -461,6 +462,8 @@ class Run:
         device runs the jitted sampler on its share, `batch_size` rows at a time.
         With `gaps` (mgpt.sample.fim.Gap per prompt) the new events are each gap's middle, whose
         length the gap sets (`Sampling.max_events` still caps its events).
+        `timelines`: a --controls text per prompt, in place of `sampling.controls` (its guards and
+        mood apply to each); a row samples as it would alone with its own text.
         """
         import jax
 
@@ -469,11 +472,18 @@ class Run:
         devices = list(devices) if devices is not None else jax.local_devices()
         devices = devices[: max(1, len(prompts))]
         shares = np.array_split(np.arange(len(prompts)), len(devices))
+        if timelines is not None:
+            if len(timelines) != len(prompts):
+                raise ValueError(f"{len(timelines)} timelines for {len(prompts)} prompts")
+            sampling = dataclasses.replace(sampling, controls=next((t for t in timelines if t), sampling.controls))
         sampling = self.sampling(sampling, prompts)
+        controls = sampling.timeline(self.vocab)
+        if timelines is not None:
+            controls = [dataclasses.replace(sampling, controls=t).timeline(self.vocab) for t in timelines]
         kwargs = dict(
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
             greedy=sampling.greedy, guidance=sampling.guidance, batch_size=batch_size,
-            hard_limits=sampling.hard_limits(), controls=sampling.timeline(self.vocab),
+            hard_limits=sampling.hard_limits(), controls=controls,
             **(sampling.budget() if gaps is None else {"max_events": sampling.max_events}),
         )
         limits = [self.max_note_seconds(p, sampling) for p in prompts]
