@@ -106,6 +106,8 @@ def define_flags(fv):
     flags.DEFINE_integer("controls_cost_samples", 48, "Controls sweep: pieces (styles cycling) generated plain and "
                          "asked for real test pieces' controls, for what controls cost in style accuracy and feature "
                          "overlap (0 = skip).", **kw)
+    flags.DEFINE_bool("controls_cost_each", True, "Controls sweep: also generate the cost study's pieces asked for "
+                      "each control alone, for what each costs by itself.", **kw)
     flags.DEFINE_float("controls_change_s", None, "Controls sweep: where its timelines change level (seconds; "
                        "default: half of --max_seconds).", **kw)
     flags.DEFINE_bool("compare", False, "Print two reports side by side: --compare RUN_A RUN_B.", **kw)
@@ -263,7 +265,7 @@ def _run_controls_sweep(f) -> str:
         try:
             cost = controls_cost(run=run, vocab=vocab, train=train, test=test, num_samples=f.controls_cost_samples,
                                  styles=cost_styles, max_seconds=cost_seconds, sampling=sampling,
-                                 options=options, output_dir=f.output_dir)
+                                 options=options, output_dir=f.output_dir, each=f.controls_cost_each)
         except ValueError as e:
             raise UserError(str(e)) from None
         text += "\n" + write_controls_cost(cost)

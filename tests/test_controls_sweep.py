@@ -60,3 +60,9 @@ def test_a_pieces_own_timeline_asks_for_what_each_of_its_segments_measures():
     strict = Vocabulary(["bach"]).with_controls(seen)
     asked = controls.parse(strict, sweep.timeline_of(notes, seen, 4)).segment_levels(strict, 4)
     assert asked[:, 0].tolist() == [1, 0, 2, 4]  # density 3 (second 1) is free
+    # One control alone (what that control costs by itself): the same levels, every other control free.
+    density = data_controls.ATTRIBUTES.index("density")
+    alone = controls.parse(VOCAB, sweep.timeline_of(notes, SPEC, 6, only="density")).segment_levels(VOCAB, 6)
+    full = controls.parse(VOCAB, text).segment_levels(VOCAB, 6)
+    np.testing.assert_array_equal(alone[:, density], full[:, density])
+    assert not np.delete(alone, density, axis=1).any() and np.delete(full[:4], density, axis=1).all()

@@ -170,25 +170,25 @@ def reference_levels(notes, spec: dict, segments: int) -> np.ndarray:
     return np.where(inside_S[:, None], levels_SxA, 0)
 
 
-def timeline_of(notes, spec: dict, segments: int) -> str:
+def timeline_of(notes, spec: dict, segments: int, only: str | None = None) -> str:
     """The --controls timeline a piece itself has: every control of each of its first `segments`
-    segments at the level measured there. A control a segment has no level of (no note struck, or
-    past the piece's end), or a level the model's training split never has (spec['seen']), is left
-    free."""
+    segments at the level measured there (with `only`, that control alone, the others free). A
+    control a segment has no level of (no note struck, or past the piece's end), or a level the
+    model's training split never has (spec['seen']), is left free."""
     levels_SxA = reference_levels(notes, spec, segments)
     seen = spec.get("seen") or {}
     entries = []
     for k, levels_A in enumerate(levels_SxA):
         items = []
         for name, v in zip(data_controls.ATTRIBUTES, levels_A.tolist()):
-            known = v > 0 and (name not in seen or v in seen[name])
+            known = v > 0 and (name not in seen or v in seen[name]) and only in (None, name)
             items.append(f"{name}={(data_controls.MODES[v - 1] if name == 'mode' else v) if known else 'free'}")
         entries.append(f"{k * spec['seconds']:g}:" + ",".join(items))
     return ";".join(entries)
 
 
 def controls_cost(*, run, vocab, train, test, num_samples: int, styles: Sequence[str], max_seconds: float, sampling,
-                  options, output_dir, log=print) -> dict:
+                  options, output_dir, each: bool = False, log=print) -> dict:
     """What controls cost in style accuracy and feature overlap, against the same model without them.
 
     Piece i (style styles[i mod n], seed options.seed + i) is generated twice: plain, and asked for
@@ -197,7 +197,9 @@ def controls_cost(*, run, vocab, train, test, num_samples: int, styles: Sequence
     is measured with: fixed levels for every style (polyphony 5 for a folk tune) would measure a
     request against the style instead. Both sets are judged by the report's own sections (style
     classifier, feature overlap against the train-vs-test ceiling); the steered pieces' adherence
-    to their timelines is measured too (exact and within-one-bin, per control)."""
+    to their timelines is measured too (exact and within-one-bin, per control). With `each`, the
+    pieces are also generated asked for one control alone of the same timelines (rows
+    'steered_<control>'): what each control costs by itself."""
     from mgpt.eval.features_section import feature_section
     from mgpt.eval.inputs import Generated
     from mgpt.eval.references import mean_of, references
@@ -220,18 +222,21 @@ def controls_cost(*, run, vocab, train, test, num_samples: int, styles: Sequence
     for i in range(num_samples):
         style = styles[i % len(styles)]
         ref = by_style[style][(i // len(styles)) % len(by_style[style])]
-        plan.append((style, o.seed + i, ref, timeline_of(vocab.decode_notes(ref.tokens), spec, whole)))
+        plan.append((style, o.seed + i, ref, vocab.decode_notes(ref.tokens)))
     result = {"num_samples": num_samples, "max_seconds": max_seconds, "styles": list(styles),
               "sampling": sampling.to_dict(), "overlap_ceiling": ceiling, "rows": {}}
     prompts = run.prompts([s for s, _, _, _ in plan])
     seeds = [seed for _, seed, _, _ in plan]
-    for name in ("plain", "steered"):
+    sets = {"plain": None, "steered": None}  # name -> the one control asked for (None: all of them)
+    if each:
+        sets.update({f"steered_{attr}": attr for attr in data_controls.ATTRIBUTES})
+    for name, only in sets.items():
         log(f"controls cost: {num_samples} pieces, {name}")
         if name == "plain":
             rows = run.sample_ids(prompts, seeds, sampling)
-        else:  # one timeline per piece
-            rows = [run.sample_ids([p], [seed], dataclasses.replace(sampling, controls=text))[0]
-                    for p, (_, seed, _, text) in zip(prompts, plan)]
+        else:  # one timeline per piece, in one batch (a row samples as it would alone)
+            texts = [timeline_of(ref_notes, spec, whole, only) for _, _, _, ref_notes in plan]
+            rows = run.sample_ids(prompts, seeds, sampling, timelines=texts)
         paths = run.write_midi(rows, out_dir / f"cost_{name}")
         notes = _notes_of_midi(vocab, paths)
         generated = [Generated(str(p.name), style, n, len(n) > 0, n.seconds)
@@ -241,12 +246,13 @@ def controls_cost(*, run, vocab, train, test, num_samples: int, styles: Sequence
         row = {"style_accuracy": style["generated"]["accuracy"] if "generated" in style else None,
                "style": style.get("generated"),
                "mean_overlap": overlap, "overlap_vs_ceiling": overlap / ceiling if ceiling else None}
-        if name == "steered":  # how closely the pieces follow the real pieces' timelines
-            asked = np.concatenate([reference_levels(vocab.decode_notes(r.tokens), spec, whole)
-                                    for _, _, r, _ in plan])
+        if name != "plain":  # how closely the pieces follow the real pieces' timelines
+            asked = np.concatenate([reference_levels(ref_notes, spec, whole) for _, _, _, ref_notes in plan])
             got = np.concatenate([data_controls.segment_levels(n, spec, whole) for n in notes])
             row["follow"] = {}
             for a, attr in enumerate(data_controls.ATTRIBUTES):
+                if only not in (None, attr):
+                    continue
                 ok = asked[:, a] > 0
                 row["follow"][attr] = {"segments": int(ok.sum()),
                                        "exact": float(np.mean(got[ok, a] == asked[ok, a])) if ok.any() else None,
@@ -263,10 +269,21 @@ def write_controls_cost(result: dict) -> str:
     lines = [f"What controls cost: {result['num_samples']} pieces of {result['max_seconds']:g} s over "
              f"{', '.join(result['styles'])}, each generated plain and asked for a real test piece's controls "
              "(its own style's), segment by segment.", "",
-             "| pieces | style accuracy | mean overlap | overlap / ceiling |", "|---|---|---|---|"]
+             "| pieces | style accuracy | mean overlap | overlap / ceiling | against plain: style, overlap / ceiling "
+             "(points) |", "|---|---|---|---|---|"]
+    plain = result["rows"].get("plain", {})
+
+    def points(r, key):
+        if r is plain or r.get(key) is None or plain.get(key) is None:
+            return "-"
+        return f"{100 * (r[key] - plain[key]):+.1f}"
+
     for name, r in result["rows"].items():
-        lines.append(f"| {name} | {fmt(r['style_accuracy'])} | {fmt(r['mean_overlap'])} | "
-                     f"{fmt(r['overlap_vs_ceiling'])} |")
+        asked = name.removeprefix("steered_") if name.startswith("steered_") else None
+        label = f"{asked} alone (exact {fmt(r['follow'][asked]['exact'])})" if asked else name
+        lines.append(f"| {label} | {fmt(r['style_accuracy'])} | {fmt(r['mean_overlap'])} | "
+                     f"{fmt(r['overlap_vs_ceiling'])} | {points(r, 'style_accuracy')}, "
+                     f"{points(r, 'overlap_vs_ceiling')} |")
     follow = result["rows"].get("steered", {}).get("follow")
     if follow:
         lines += ["", "Following the real pieces' timelines:", "", "| control | segments | exact bin | within 1 bin |",
