@@ -234,7 +234,7 @@ def controls_cost(*, run, vocab, train, test, num_samples: int, styles: Sequence
         log(f"controls cost: {num_samples} pieces, {name}")
         if name == "plain":
             rows = run.sample_ids(prompts, seeds, sampling)
-        else:  # one timeline per piece, in one batch (a row samples as it would alone)
+        else:  # one timeline per piece, in one batch
             texts = [timeline_of(ref_notes, spec, whole, only) for _, _, _, ref_notes in plan]
             rows = run.sample_ids(prompts, seeds, sampling, timelines=texts)
         paths = run.write_midi(rows, out_dir / f"cost_{name}")

@@ -463,7 +463,8 @@ class Run:
         With `gaps` (mgpt.sample.fim.Gap per prompt) the new events are each gap's middle, whose
         length the gap sets (`Sampling.max_events` still caps its events).
         `timelines`: a --controls text per prompt, in place of `sampling.controls` (its guards and
-        mood apply to each); a row samples as it would alone with its own text.
+        mood apply to each); each row follows its own text as it would alone (a larger batch may
+        round the model's sums differently, as for any prompt).
         """
         import jax
 
