@@ -218,15 +218,16 @@ def controls_cost(*, run, vocab, train, test, num_samples: int, styles: Sequence
     if missing:
         raise ValueError(f"controls cost: the test split has no piece of style {', '.join(missing)}")
     sampling = dataclasses.replace(sampling, max_seconds=max_seconds, max_events=None, controls=None, mood=None)
-    plan = []  # (style, seed, reference piece, its timeline)
+    plan = []  # (style, seed, the notes of the real piece whose controls it is asked for)
     for i in range(num_samples):
         style = styles[i % len(styles)]
         ref = by_style[style][(i // len(styles)) % len(by_style[style])]
-        plan.append((style, o.seed + i, ref, vocab.decode_notes(ref.tokens)))
+        plan.append((style, o.seed + i, vocab.decode_notes(ref.tokens)))
     result = {"num_samples": num_samples, "max_seconds": max_seconds, "styles": list(styles),
               "sampling": sampling.to_dict(), "overlap_ceiling": ceiling, "rows": {}}
-    prompts = run.prompts([s for s, _, _, _ in plan])
-    seeds = [seed for _, seed, _, _ in plan]
+    prompts = run.prompts([s for s, _, _ in plan])
+    seeds = [seed for _, seed, _ in plan]
+    asked = np.concatenate([reference_levels(ref_notes, spec, whole) for _, _, ref_notes in plan])
     sets = {"plain": None, "steered": None}  # name -> the one control asked for (None: all of them)
     if each:
         sets.update({f"steered_{attr}": attr for attr in data_controls.ATTRIBUTES})
@@ -235,19 +236,18 @@ def controls_cost(*, run, vocab, train, test, num_samples: int, styles: Sequence
         if name == "plain":
             rows = run.sample_ids(prompts, seeds, sampling)
         else:  # one timeline per piece, in one batch
-            texts = [timeline_of(ref_notes, spec, whole, only) for _, _, _, ref_notes in plan]
+            texts = [timeline_of(ref_notes, spec, whole, only) for _, _, ref_notes in plan]
             rows = run.sample_ids(prompts, seeds, sampling, timelines=texts)
         paths = run.write_midi(rows, out_dir / f"cost_{name}")
         notes = _notes_of_midi(vocab, paths)
         generated = [Generated(str(p.name), style, n, len(n) > 0, n.seconds)
-                     for p, n, (style, _, _, _) in zip(paths, notes, plan)]
+                     for p, n, (style, _, _) in zip(paths, notes, plan)]
         style = style_section(refs, generated, o, None)
         overlap = feature_section(refs, generated, o, None)["mean_overlap"]["generated_vs_test"]
         row = {"style_accuracy": style["generated"]["accuracy"] if "generated" in style else None,
                "style": style.get("generated"),
                "mean_overlap": overlap, "overlap_vs_ceiling": overlap / ceiling if ceiling else None}
         if name != "plain":  # how closely the pieces follow the real pieces' timelines
-            asked = np.concatenate([reference_levels(ref_notes, spec, whole) for _, _, _, ref_notes in plan])
             got = np.concatenate([data_controls.segment_levels(n, spec, whole) for n in notes])
             row["follow"] = {}
             for a, attr in enumerate(data_controls.ATTRIBUTES):
