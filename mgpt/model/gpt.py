@@ -164,6 +164,23 @@ def dataclass_from_config(cls, model_config: Mapping[str, Any] | Any, vocab_size
     return cls(vocab_size=int(vocab_size), **kwargs)
 
 
+# Decoding steps multiply a few rows (one token of each row, and of style guidance's twin) by every
+# weight matrix. On XLA:CPU a product of 2 rows costs more than two products of one row, which run
+# as matrix-vector products (192 x 1024 weights, inside a loop: 26.7 us against 13.8 us). So a
+# decode step of up to ROWS_ONE_BY_ONE rows on CPU multiplies them one at a time: the demo model
+# (`configs/small.py`), 2 rows, 0.83 -> 0.61 ms a step on the 2-core Xeon (docs/live.md); 8 rows
+# gain nothing (1.80 -> 1.75 ms), so larger batches keep one product.
+ROWS_ONE_BY_ONE = 4
+
+
+def _rows_matmul(x_RxD, w_DxF, out_dtype=None):
+    """x_RxD @ w_DxF, one row at a time where that is faster (see ROWS_ONE_BY_ONE)."""
+    if x_RxD.shape[0] > ROWS_ONE_BY_ONE or jax.default_backend() != "cpu":
+        return jnp.matmul(x_RxD, w_DxF, preferred_element_type=out_dtype)
+    rows = [jnp.matmul(x_RxD[i], w_DxF, preferred_element_type=out_dtype) for i in range(x_RxD.shape[0])]
+    return jnp.stack(rows)
+
+
 def _param(rngs: nnx.Rngs, shape, std: float, axes: tuple, dtype) -> nnx.Param:
     value = std * jax.random.normal(rngs.params(), shape, dtype)
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
@@ -240,7 +257,9 @@ class Attention(nnx.Module):
     def _project(self, x_BxLxD, positions_BxL, fused: bool):
         w_Dx3xNxK = self.qkv[...].astype(self.cfg.dtype)
         if fused:  # one matmul for decode steps: 1,800 vs 1,100 events/s (small, batch 1) when split
-            qkv_BxLx3xNxK = jnp.einsum("bld,dcnk->blcnk", x_BxLxD, w_Dx3xNxK)
+            b, l, d = x_BxLxD.shape
+            qkv_RxF = _rows_matmul(x_BxLxD.reshape(b * l, d), w_Dx3xNxK.reshape(d, -1))
+            qkv_BxLx3xNxK = qkv_RxF.reshape(b, l, *w_Dx3xNxK.shape[1:])
             q, k, v = (qkv_BxLx3xNxK[:, :, i] for i in range(3))
         else:
             # Training: three matmuls against slices of the kernel. Slicing a fused output
@@ -289,7 +308,10 @@ class Attention(nnx.Module):
         scores_BxNxTxS = jnp.where(visible_Bx1xTxS, scores_BxNxTxS, -jnp.inf)
         probs_BxNxTxS = jax.nn.softmax(scores_BxNxTxS, axis=-1).astype(v_BxNxSxK.dtype)
         o_BxNxTxK = jnp.einsum("bnts,bnsk->bntk", probs_BxNxTxS, v_BxNxSxK)
-        return jnp.einsum("bntk,nkd->btd", o_BxNxTxK, self.out[...].astype(self.cfg.dtype)), cache
+        b, n, t, k = o_BxNxTxK.shape
+        o_RxF = o_BxNxTxK.transpose(0, 2, 1, 3).reshape(b * t, n * k)
+        w_FxD = self.out[...].astype(self.cfg.dtype).reshape(n * k, -1)
+        return _rows_matmul(o_RxF, w_FxD).reshape(b, t, -1), cache
 
     def decode_rolling(self, x_BxD, positions_B, slots_B, slot_positions_BxS, sink: int, cache):
         """One token per row at absolute `positions_B`, written at `slots_B` of a rolling cache
@@ -409,6 +431,14 @@ class MLP(nnx.Module):
         h_BxLxF = _MLP_ACTIVATIONS[self.cfg.mlp_activation](h_BxLx2xF[:, :, 0]) * h_BxLx2xF[:, :, 1]
         return jnp.einsum("blf,fd->bld", h_BxLxF, self.wo[...].astype(self.cfg.dtype))
 
+    def decode(self, x_BxTxD):
+        """The same as calling it, for the few rows of a decode step (see ROWS_ONE_BY_ONE)."""
+        b, t, d = x_BxTxD.shape
+        wi_Dx2xF = self.wi[...].astype(self.cfg.dtype)
+        h_Rx2xF = _rows_matmul(x_BxTxD.reshape(b * t, d), wi_Dx2xF.reshape(d, -1)).reshape(b * t, 2, -1)
+        h_RxF = _MLP_ACTIVATIONS[self.cfg.mlp_activation](h_Rx2xF[:, 0]) * h_Rx2xF[:, 1]
+        return _rows_matmul(h_RxF, self.wo[...].astype(self.cfg.dtype)).reshape(b, t, d)
+
 
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -430,13 +460,13 @@ class Block(nnx.Module):
     def decode(self, x_BxTxD, positions_BxT, cache):
         a_BxTxD, cache = self.attn.decode(self.attn_norm(x_BxTxD), positions_BxT, cache)
         x_BxTxD = x_BxTxD + a_BxTxD
-        return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), cache
+        return x_BxTxD + self.mlp.decode(self.mlp_norm(x_BxTxD)), cache
 
     def decode_rolling(self, x_BxD, positions_B, slots_B, slot_positions_BxS, sink, cache):
         a_BxD, cache = self.attn.decode_rolling(self.attn_norm(x_BxD), positions_B, slots_B, slot_positions_BxS,
                                                 sink, cache)
         x_BxD = x_BxD + a_BxD
-        return x_BxD + self.mlp(self.mlp_norm(x_BxD[:, None]))[:, 0], cache
+        return x_BxD + self.mlp.decode(self.mlp_norm(x_BxD[:, None]))[:, 0], cache
 
 
 def _block_call(block: Block, x_BxLxD, positions_BxL, segment_ids_BxL, dropout_key=None):
@@ -531,13 +561,17 @@ class GPT(nnx.Module):
     def _embed(self, tokens_BxL):
         return jnp.take(self.embed[...], tokens_BxL, axis=0).astype(self.cfg.dtype)
 
-    def _logits(self, x_BxLxD):
+    def _logits(self, x_BxLxD, decode: bool = False):
         h_BxLxD = self.final_norm(x_BxLxD)
         if self.cfg.tied_embeddings:
             # d^-1/2 keeps initial logits at unit scale with unit-variance embeddings.
             w_DxV = self.embed[...].T * self.cfg.d_model**-0.5
         else:
             w_DxV = self.unembed[...]
+        if decode:
+            b, l, d = h_BxLxD.shape
+            logits_RxV = _rows_matmul(h_BxLxD.reshape(b * l, d), w_DxV.astype(self.cfg.dtype), jnp.float32)
+            return logits_RxV.reshape(b, l, -1)
         return jnp.einsum(
             "bld,dv->blv", h_BxLxD, w_DxV.astype(self.cfg.dtype), preferred_element_type=jnp.float32
         )
@@ -689,7 +723,7 @@ class GPT(nnx.Module):
             x_BxD, layer_cache = block.decode_rolling(x_BxD, positions_B, slots_B, slot_positions_BxW, cache.sink,
                                                       layer_cache)
             new_kv.append(layer_cache)
-        logits_BxV = self._logits(x_BxD[:, None])[:, 0]
+        logits_BxV = self._logits(x_BxD[:, None], decode=True)[:, 0]
         return logits_BxV, cache.replace(kv=new_kv, positions_BxW=slot_positions_BxW)
 
     def decode(self, tokens_BxT, positions_BxT, cache: Cache, heard_BxP=None):
@@ -710,4 +744,4 @@ class GPT(nnx.Module):
         for block, layer_cache in zip(self.layers(), cache):
             x_BxTxD, layer_cache = block.decode(x_BxTxD, positions_BxT, layer_cache)
             new_cache.append(layer_cache)
-        return self._logits(x_BxTxD), new_cache
+        return self._logits(x_BxTxD, decode=True), new_cache
