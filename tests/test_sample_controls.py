@@ -668,3 +668,62 @@ def test_a_guard_is_recorded_only_where_its_control_is_asked_for():
     assert not plain["loudness_guard"] and Sampling(controls="loudness=4").to_dict()["loudness_guard"]
     assert not plain["register_guard"] and Sampling(controls="register=low").to_dict()["register_guard"]
 
+
+
+def test_control_tries_keep_each_segments_draw_nearest_the_levels_asked_for():
+    """--control_tries=K: each control segment drawn K times from where the piece is, the draw whose
+    notes measure nearest the asked levels kept. With the guards off, the segments measure far nearer
+    than one draw's; the pieces still run their whole length, every segment opens with its own
+    controls once, and the same seeds give the same pieces."""
+    from mgpt.sample import rerank
+    from mgpt.sample.run import Run, Sampling
+
+    pref_V = np.full(VOCAB.size, -100.0, np.float32)  # notes now and then, at random: segments of 1 to 8 notes
+    pref_V[VOCAB.note_on_offset + 20:VOCAB.note_on_offset + 40] = 1.0
+    pref_V[VOCAB.note_off_offset + 20:VOCAB.note_off_offset + 40] = 1.0
+    pref_V[VOCAB.time_shift_offset + 4:VOCAB.time_shift_offset + 30] = 1.0
+    run = Run(model=context_free_model(CFG, pref_V), vocab=VOCAB)
+    off = {g: False for g in ("density_guard", "register_guard", "mode_guard", "polyphony_guard", "scale_guard",
+                              "loudness_guard")}
+    text = "0:density=2;1:density=6"
+    asked_SxA = controls.parse(VOCAB, text).segment_levels(VOCAB, 4)
+    prompts = [np.array([STYLE], np.int32)] * 8
+
+    def draw(tries):
+        sampling = Sampling(max_seconds=2.0, max_note_seconds=0, guidance=1.0, controls=text, control_tries=tries,
+                            **off)
+        rows = run.sample_ids(prompts, list(range(8)), sampling)
+        far = [rerank.distance(data_controls.segment_levels(VOCAB.decode_notes(r), SPEC, 4), asked_SxA).mean()
+               for r in rows]
+        return rows, float(np.mean(far))
+
+    one_rows, one = draw(1)
+    rows, chosen = draw(4)
+    assert chosen < 0.6 * one, (one, chosen)
+    seg = data_controls.segment_steps(VOCAB)
+    for row in rows:
+        assert VOCAB.seconds(row) > 1.5  # the whole piece, not a segment's draw
+        steps = [s for s, _ in _groups(row)]
+        assert len(steps) == len(set(s // seg for s in steps))  # one group per segment
+        assert steps[0] == 0 and all(s // seg == k for k, s in enumerate(steps))
+    again, _ = draw(4)
+    for a, b in zip(rows, again):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_control_tries_refuse_a_bad_count_or_a_budget_in_events_in_one_line(model):
+    from mgpt.errors import UserError
+    from mgpt.sample.run import Run, Sampling
+
+    for bad in (0, 65, 2.5, True):
+        with pytest.raises(UserError, match="^--control_tries must be a whole number in 1..64"):
+            Sampling(control_tries=bad)
+    run = Run(model=model, vocab=VOCAB)
+    with pytest.raises(UserError, match=r"^--control_tries=4 .*\(--max_seconds\), not in events$"):
+        run.sample_ids([np.array([STYLE], np.int32)], [0], Sampling(controls="density=2", control_tries=4,
+                                                                    max_note_seconds=0, max_events=20))
+    # Without controls there is nothing to choose by: one draw, as before.
+    (row,) = run.sample_ids([np.array([STYLE], np.int32)], [0], Sampling(control_tries=4, max_note_seconds=0,
+                                                                          max_events=20))
+    (plain,) = run.sample_ids([np.array([STYLE], np.int32)], [0], Sampling(max_note_seconds=0, max_events=20))
+    np.testing.assert_array_equal(row, plain)

@@ -1,5 +1,5 @@
 """Sampling: the compiled sampler (`sampler`), its hard limits (`limits`) and control timelines
-(`controls`), continuous batching over a rolling KV cache (`continuous`), fill-in-the-middle (`fim`), the `Run` API a
+(`controls`), controls followed by choosing among draws (`rerank`), continuous batching over a rolling KV cache (`continuous`), fill-in-the-middle (`fim`), the `Run` API a
 notebook uses with its primer/infill reading (`run`), and whole corpora with manifests, resume
 and the copy guard (`corpus`).
 
@@ -9,7 +9,7 @@ the training loop or a command. The sampler's public names are re-exported here 
 so `from mgpt.sample import generate_tokens` (the path before the move) works.
 """
 
-_SUBMODULES = frozenset({"continuous", "controls", "corpus", "fim", "limits", "run", "sampler"})
+_SUBMODULES = frozenset({"continuous", "controls", "corpus", "fim", "limits", "rerank", "run", "sampler"})
 
 
 def __getattr__(name):

@@ -200,7 +200,8 @@ _IDENTITY = ("style", "seed", "settings", "primer", "primer_seconds", "checkpoin
 _SETTINGS_SINCE = {"guidance": 1.0, "pitch_range": None, "max_polyphony": None, "velocity_range": None,
                    "controls": None, "mood": None, "context": "reprefill", "density_guard": False,
                    "register_guard": False, "mode_guard": False,
-                   "polyphony_guard": False, "scale_guard": False, "loudness_guard": False}
+                   "polyphony_guard": False, "scale_guard": False, "loudness_guard": False,
+                   "control_tries": 1}
 _COPY_GUARD_OFF = {"max_copy_seconds": 0.0, "tries": 1}
 
 

@@ -239,6 +239,9 @@ class Sampling:
     # further than it was (the same file); False: the model's own polyphony.
     polyphony_guard: bool = True
     context: str = DEFAULT_CONTEXT  # past the window: 'rolling' or 'reprefill' (DEFAULT_CONTEXT)
+    # With controls asked for: each control segment drawn this many times and the draw whose measured
+    # levels are nearest the asked ones kept (mgpt/sample/rerank.py); 1 = one draw.
+    control_tries: int = 1
 
     @property
     def steered(self) -> bool:
@@ -266,6 +269,12 @@ class Sampling:
             raise UserError(f"--max_events must be >= 1, got {self.max_events}")
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise UserError(f"--max_seconds must be > 0, got {self.max_seconds}")
+        if isinstance(self.control_tries, bool) or not isinstance(self.control_tries, (int, np.integer)) \
+                or not 1 <= self.control_tries <= 64:
+            raise UserError(f"--control_tries must be a whole number in 1..64, got {self.control_tries!r}")
+        if self.control_tries > 1 and self.steered and self.max_seconds is None:
+            raise UserError(f"--control_tries={self.control_tries} draws pieces a control segment at a time: give "
+                            "their length in seconds (--max_seconds), not in events")
         if self.max_note_seconds is not None and not self.max_note_seconds >= 0:
             raise UserError(f"--max_note_seconds must be >= 0 (0 = off), got {self.max_note_seconds}")
         if self.guidance is not None:
@@ -328,7 +337,8 @@ class Sampling:
                 "mode_guard": bool(self.mode_guard and self.asks("mode")),
                 "scale_guard": bool(self.scale_guard and self.mode_guard and self.asks("mode")),
                 "loudness_guard": bool(self.loudness_guard and self.asks("loudness")),
-                "polyphony_guard": bool(self.polyphony_guard and self.asks("polyphony"))}
+                "polyphony_guard": bool(self.polyphony_guard and self.asks("polyphony")),
+                "control_tries": int(self.control_tries) if self.steered else 1}
 
     def asks(self, control: str) -> bool:
         """Whether --controls names `control` (or --mood sets it): a guard on a control nobody asks
@@ -366,11 +376,14 @@ def define_guard_flags(flags, kw: dict) -> None:
                       "so far), not through notes outside it; false = through any notes.", **kw)
     flags.DEFINE_bool("loudness_guard", Sampling.loudness_guard, "With a loudness asked for: no VELOCITY more than "
                       "one level from it in its control segment; false = the model's own loudness.", **kw)
+    flags.DEFINE_integer("control_tries", Sampling.control_tries, "With controls asked for: each control segment "
+                         "is drawn this many times and the draw whose measured levels are nearest the asked ones is "
+                         "kept (this many times the work); 1 = one draw.", **kw)
 
 
 def guard_settings(f) -> dict:
     """The guard flags of parsed flags `f`, as Sampling's keyword arguments."""
-    return {name: getattr(f, name) for name in GUARDS}
+    return {**{name: getattr(f, name) for name in GUARDS}, "control_tries": f.control_tries}
 
 
 # ----------------------------------------------------------------------------- a loaded run
@@ -470,6 +483,11 @@ class Run:
 
         from mgpt.sample import continuous, sampler
 
+        if sampling.control_tries > 1 and gaps is None and (sampling.steered or any(timelines or ())):
+            from mgpt.sample import rerank
+
+            return rerank.sample_by_segment(self, prompts, seeds, sampling, timelines or [None] * len(prompts),
+                                            sampling.control_tries, batch_size=batch_size, devices=devices)
         devices = list(devices) if devices is not None else jax.local_devices()
         devices = devices[: max(1, len(prompts))]
         shares = np.array_split(np.arange(len(prompts)), len(devices))
