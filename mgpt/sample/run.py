@@ -356,8 +356,8 @@ GUARDS = ("density_guard", "register_guard", "polyphony_guard", "mode_guard", "s
 
 
 def define_guard_flags(flags, kw: dict) -> None:
-    """--density_guard, --register_guard, --polyphony_guard, --mode_guard, --scale_guard and
-    --loudness_guard, defaulting to Sampling's."""
+    """--density_guard, --register_guard, --polyphony_guard, --mode_guard, --scale_guard,
+    --loudness_guard and --control_tries, defaulting to Sampling's."""
     flags.DEFINE_bool("density_guard", Sampling.density_guard, "With a density asked for: each control segment "
                       "strikes as many notes as its level holds, no more (NOTE_ON masked) and no fewer (leaving it "
                       "masked); false = the model's own density.", **kw)
@@ -378,11 +378,11 @@ def define_guard_flags(flags, kw: dict) -> None:
                       "one level from it in its control segment; false = the model's own loudness.", **kw)
     flags.DEFINE_integer("control_tries", Sampling.control_tries, "With controls asked for: each control segment "
                          "is drawn this many times and the draw whose measured levels are nearest the asked ones is "
-                         "kept (this many times the work); 1 = one draw.", **kw)
+                         "kept (about ten times the work at 4: docs/controls.md); 1 = one draw.", **kw)
 
 
 def guard_settings(f) -> dict:
-    """The guard flags of parsed flags `f`, as Sampling's keyword arguments."""
+    """The guard flags (and --control_tries) of parsed flags `f`, as Sampling's keyword arguments."""
     return {**{name: getattr(f, name) for name in GUARDS}, "control_tries": f.control_tries}
 
 
