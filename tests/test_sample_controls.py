@@ -1,5 +1,7 @@
 """--controls and --mood (mgpt/sample/controls.py): parsing, and the tokens the sampler writes."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -727,3 +729,24 @@ def test_control_tries_refuse_a_bad_count_or_a_budget_in_events_in_one_line(mode
                                                                           max_events=20))
     (plain,) = run.sample_ids([np.array([STYLE], np.int32)], [0], Sampling(max_note_seconds=0, max_events=20))
     np.testing.assert_array_equal(row, plain)
+
+
+def test_control_tries_end_pieces_where_one_draw_would_after_a_primer_and_long_rests():
+    """A review found that a shift crossing a segment's end past the piece's end ran the piece over
+    --max_seconds (or asked the next draw for no time at all), and that a draw whose crossing shift
+    was longer than the draw's margin was taken for a piece that had ended."""
+    from mgpt.sample.run import Run, Sampling
+
+    pref_V = np.full(VOCAB.size, -100.0, np.float32)  # a note, then rests of 0.4 to 1 s: shifts cross segments
+    pref_V[VOCAB.note_on_offset + 20:VOCAB.note_on_offset + 30] = 0.0
+    pref_V[VOCAB.note_off_offset + 20:VOCAB.note_off_offset + 30] = 0.0
+    pref_V[VOCAB.time_shift_offset + 40:VOCAB.velocity_offset] = 0.5
+    run = Run(model=context_free_model(CFG, pref_V), vocab=VOCAB)
+    primer = np.array([STYLE, VOCAB.note_on_offset + 22, VOCAB.time_shift_offset + 29], np.int32)  # 0.3 s
+    sampling = Sampling(max_seconds=1.65, max_note_seconds=0, guidance=1.0, controls="density=2", control_tries=3,
+                        density_guard=False)
+    rows = run.sample_ids([primer] * 6, list(range(6)), sampling)
+    one = run.sample_ids([primer] * 6, list(range(6)), dataclasses.replace(sampling, control_tries=1))
+    for row in rows + one:
+        assert row[:3].tolist() == primer.tolist()
+        assert 1.65 - 1.0 < VOCAB.seconds(row[3:]) <= 1.65  # within one shift of the budget, never past it

@@ -224,7 +224,8 @@ def controls_cost(*, run, vocab, train, test, num_samples: int, styles: Sequence
         ref = by_style[style][(i // len(styles)) % len(by_style[style])]
         plan.append((style, o.seed + i, vocab.decode_notes(ref.tokens)))
     result = {"num_samples": num_samples, "max_seconds": max_seconds, "styles": list(styles),
-              "sampling": sampling.to_dict(), "overlap_ceiling": ceiling, "rows": {}}
+              "sampling": sampling.to_dict(), "overlap_ceiling": ceiling, "rows": {},
+              "control_tries": int(sampling.control_tries)}  # the steered sets' (to_dict records 1: no controls)
     prompts = run.prompts([s for s, _, _ in plan])
     seeds = [seed for _, seed, _ in plan]
     asked = np.concatenate([reference_levels(ref_notes, spec, whole) for _, _, ref_notes in plan])

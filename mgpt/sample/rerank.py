@@ -41,8 +41,8 @@ def sample_by_segment(run, prompts: Sequence[np.ndarray], seeds: Sequence[int], 
                       texts: Sequence[str | None], tries: int, **kwargs) -> list[np.ndarray]:
     """`Run.sample_ids` with each control segment drawn `tries` times and the nearest draw kept.
 
-    `texts`: each prompt's --controls text (None: `sampling.controls`), asking for levels by
-    segment of the piece's clock, with `sampling.mood`. `sampling` must have its budget in seconds
+    `texts`: each prompt's --controls text (None: none, the mood alone, as in `Run.sample_ids`),
+    asking for levels by segment of the piece's clock, with `sampling.mood`. `sampling` must have its budget in seconds
     (`max_seconds`); `kwargs` go to `Run.sample_ids` (batch_size, devices). Returns the rows as
     `Run.sample_ids` does."""
     import dataclasses
@@ -52,7 +52,8 @@ def sample_by_segment(run, prompts: Sequence[np.ndarray], seeds: Sequence[int], 
     if sampling.max_seconds is None:
         raise UserError(f"--control_tries={tries} draws pieces a control segment at a time: give their length "
                         "in seconds (--max_seconds), not in events")
-    texts = [t if t else sampling.controls for t in texts]
+    if len(texts) != len(prompts):
+        raise ValueError(f"{len(texts)} timelines for {len(prompts)} prompts")
     timelines = [dataclasses.replace(sampling, controls=t).timeline(vocab) for t in texts]
     seg = data_controls.segment_steps(vocab)
     now = [int(data_controls.steps_after(vocab, p)[-1]) for p in prompts]  # the piece's clock, in steps
@@ -61,9 +62,10 @@ def sample_by_segment(run, prompts: Sequence[np.ndarray], seeds: Sequence[int], 
     asked = [t.segment_levels(vocab, segments) for t in timelines]
     rows = [np.asarray(p, np.int32) for p in prompts]
     done = [False] * len(rows)
-    # A round takes each row across the end of its segment: the draw goes on up to `margin` steps past
-    # it, and is cut right after the TIME_SHIFT that crosses it, where the next segment's controls go.
-    margin = vocab.steps_per_second // 2
+    # A round takes each row across the end of its segment: the draw may go on for the longest
+    # TIME_SHIFT past it (so any shift that crosses it is drawn), and is cut right after the shift
+    # that crosses it, where the next segment's controls go.
+    margin = vocab.max_shift_steps
     while not all(done):
         live = [i for i in range(len(rows)) if not done[i]]
         last = [i for i in live if (now[i] // seg + 1) * seg >= ends[i]]  # the piece ends in this segment
@@ -82,14 +84,13 @@ def sample_by_segment(run, prompts: Sequence[np.ndarray], seeds: Sequence[int], 
                 for row in drawn[g * tries:(g + 1) * tries]:
                     new = row[len(rows[i]):]
                     clock = now[i] + data_controls.steps_after(vocab, new) if len(new) else np.zeros(0, np.int64)
-                    if final:
-                        over = np.flatnonzero(clock > ends[i])
-                        row = row[:len(rows[i]) + over[0]] if len(over) else row
-                        crossed.append(False)
-                    else:
-                        past = np.flatnonzero(clock >= stop)
-                        row = row[:len(rows[i]) + past[0] + 1] if len(past) else row
-                        crossed.append(bool(len(past)))
+                    over = np.flatnonzero(clock > ends[i])
+                    past = np.flatnonzero(clock >= stop) if not final else over[:0]
+                    if len(past) and clock[past[0]] <= ends[i]:
+                        row = row[:len(rows[i]) + past[0] + 1]
+                    elif len(over):  # the piece's budget ends before this shift, as in one draw
+                        row, past = row[:len(rows[i]) + over[0]], past[:0]
+                    crossed.append(bool(len(past)))
                     options.append(row)
                 levels = [data_controls.segment_levels(vocab.decode_notes(r), spec, k + 1)[k:k + 1] for r in options]
                 far = np.array([distance(lv, asked[i][k:k + 1])[0] for lv in levels], np.float64)
@@ -98,5 +99,5 @@ def sample_by_segment(run, prompts: Sequence[np.ndarray], seeds: Sequence[int], 
                 best = int(np.argmin(far))
                 rows[i] = options[best]
                 now[i] = int(data_controls.steps_after(vocab, rows[i])[-1])
-                done[i] = final or not crossed[best]
+                done[i] = final or not crossed[best] or now[i] >= ends[i]
     return rows

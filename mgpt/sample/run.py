@@ -272,7 +272,7 @@ class Sampling:
         if isinstance(self.control_tries, bool) or not isinstance(self.control_tries, (int, np.integer)) \
                 or not 1 <= self.control_tries <= 64:
             raise UserError(f"--control_tries must be a whole number in 1..64, got {self.control_tries!r}")
-        if self.control_tries > 1 and self.steered and self.max_seconds is None:
+        if self.control_tries > 1 and self.steered and (self.max_seconds is None or self.max_events is not None):
             raise UserError(f"--control_tries={self.control_tries} draws pieces a control segment at a time: give "
                             "their length in seconds (--max_seconds), not in events")
         if self.max_note_seconds is not None and not self.max_note_seconds >= 0:
@@ -486,8 +486,9 @@ class Run:
         if sampling.control_tries > 1 and gaps is None and (sampling.steered or any(timelines or ())):
             from mgpt.sample import rerank
 
-            return rerank.sample_by_segment(self, prompts, seeds, sampling, timelines or [None] * len(prompts),
-                                            sampling.control_tries, batch_size=batch_size, devices=devices)
+            texts = timelines if timelines is not None else [sampling.controls] * len(prompts)
+            return rerank.sample_by_segment(self, prompts, seeds, sampling, texts, sampling.control_tries,
+                                            batch_size=batch_size, devices=devices)
         devices = list(devices) if devices is not None else jax.local_devices()
         devices = devices[: max(1, len(prompts))]
         shares = np.array_split(np.arange(len(prompts)), len(devices))
