@@ -108,6 +108,9 @@ def define_flags(fv):
                          "overlap (0 = skip).", **kw)
     flags.DEFINE_bool("controls_cost_each", True, "Controls sweep: also generate the cost study's pieces asked for "
                       "each control alone, for what each costs by itself.", **kw)
+    flags.DEFINE_enum("controls_cost_references", "test", ["test", "held_out"], "Controls sweep: whose controls "
+                      "the cost study's steered pieces follow: the test split's pieces, or every held-out piece "
+                      "(validation and test splits: more real timelines per style).", **kw)
     flags.DEFINE_float("controls_change_s", None, "Controls sweep: where its timelines change level (seconds; "
                        "default: half of --max_seconds).", **kw)
     flags.DEFINE_bool("compare", False, "Print two reports side by side: --compare RUN_A RUN_B.", **kw)
@@ -259,13 +262,15 @@ def _run_controls_sweep(f) -> str:
 
         _check_dataset_events(f, vocab, dataset_dir)
         train, test = load_split(dataset_dir, "train"), load_split(dataset_dir, "test")
+        timelines_from = None if f.controls_cost_references == "test" else load_split(dataset_dir, "validation") + test
         cost_styles = [s for s in (styles if f.style != "unconditional" else run.styles) if s != "unconditional"]
         cost_seconds = max(f.max_seconds, 20.0)  # long enough for the style classifier and the features
         options = Options(crop_seconds=min(f.crop_seconds, cost_seconds), seed=f.seed)
         try:
             cost = controls_cost(run=run, vocab=vocab, train=train, test=test, num_samples=f.controls_cost_samples,
                                  styles=cost_styles, max_seconds=cost_seconds, sampling=sampling,
-                                 options=options, output_dir=f.output_dir, each=f.controls_cost_each)
+                                 options=options, output_dir=f.output_dir, each=f.controls_cost_each,
+                                 timelines_from=timelines_from)
         except ValueError as e:
             raise UserError(str(e)) from None
         text += "\n" + write_controls_cost(cost)

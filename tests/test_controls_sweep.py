@@ -1,6 +1,7 @@
 """mgpt/eval/controls_sweep.py: its figures, on pieces whose controls are known."""
 
 import numpy as np
+import pytest
 
 from data_prep import controls as data_controls
 from data_prep.notes import Notes
@@ -66,3 +67,41 @@ def test_a_pieces_own_timeline_asks_for_what_each_of_its_segments_measures():
     full = controls.parse(VOCAB, text).segment_levels(VOCAB, 6)
     np.testing.assert_array_equal(alone[:, density], full[:, density])
     assert not np.delete(alone, density, axis=1).any() and np.delete(full[:4], density, axis=1).all()
+
+
+def test_the_cost_study_names_the_real_timelines_whose_pieces_lose_their_style():
+    refs = {"piece_0.mid": "folk/a", "piece_1.mid": "folk/b", "piece_2.mid": "folk/a", "piece_3.mid": "folk/b"}
+    verdict = lambda f, got: {"file": f, "conditioned_on": "folk", "classified_as": got}  # noqa: E731
+    steered = sweep.misread_by_reference([verdict("piece_0.mid", "bach"), verdict("piece_1.mid", "folk"),
+                                          verdict("piece_2.mid", "bach"), verdict("piece_3.mid", "bach")], refs)
+    assert steered == {"folk/a": {"pieces": 2, "misread": 2}, "folk/b": {"pieces": 2, "misread": 1}}
+    plain = sweep.misread_by_reference([verdict("piece_0.mid", "folk"), verdict("piece_2.mid", "folk"),
+                                        verdict("piece_3.mid", "bach")], refs)  # piece_1 had no notes
+    assert plain == {"folk/a": {"pieces": 2, "misread": 0}, "folk/b": {"pieces": 1, "misread": 1}}
+    text = sweep.write_controls_cost({
+        "num_samples": 4, "max_seconds": 20, "styles": ["folk"],
+        "rows": {"plain": {"style_accuracy": 0.75, "mean_overlap": 0.9, "overlap_vs_ceiling": 0.95,
+                           "by_reference": plain},
+                 "steered": {"style_accuracy": 0.25, "mean_overlap": 0.9, "overlap_vs_ceiling": 0.95,
+                             "by_reference": steered}}})
+    # folk/a loses its style in both steered pieces and neither plain one; folk/b no more than plain.
+    assert "- folk/a: 2 of 2 (plain 0 of 2)" in text and "folk/b:" not in text
+    # With folk/b's plain piece read right, it is named too, after the worse one.
+    plain["folk/b"]["misread"] = 0
+    text = sweep.write_controls_cost({"num_samples": 4, "max_seconds": 20, "styles": ["folk"],
+                                      "rows": {"plain": {"style_accuracy": 1.0, "mean_overlap": 0.9,
+                                                         "overlap_vs_ceiling": 0.95, "by_reference": plain},
+                                               "steered": {"style_accuracy": 0.25, "mean_overlap": 0.9,
+                                                           "overlap_vs_ceiling": 0.95, "by_reference": steered}}})
+    assert text.index("- folk/a: 2 of 2 (plain 0 of 2)") < text.index("- folk/b: 1 of 2 (plain 0 of 1)")
+
+
+def test_the_cost_study_refuses_a_style_with_no_real_timeline_before_any_work():
+    from mgpt.eval.inputs import Options, Piece
+
+    folk = Piece(np.zeros(4, np.int32), "folk", "", "folk/1")
+    with pytest.raises(ValueError, match="no reference piece of style bach to take a timeline from"):
+        # run=None: nothing may be generated (or the reference features computed) before the check.
+        sweep.controls_cost(run=None, vocab=VOCAB, train=[folk], test=[folk], num_samples=4, styles=["folk", "bach"],
+                            max_seconds=4.0, sampling=Sampling(), options=Options(), output_dir="unused",
+                            timelines_from=[folk])

@@ -187,8 +187,22 @@ def timeline_of(notes, spec: dict, segments: int, only: str | None = None) -> st
     return ";".join(entries)
 
 
+def misread_by_reference(verdicts: Sequence[dict], reference_of: dict) -> dict:
+    """{reference piece: {"pieces": n, "misread": m}}: of the n judged pieces (style-section verdicts,
+    each {"file", "conditioned_on", "classified_as"}) that followed that real piece's timeline
+    (`reference_of`: file -> its piece id), the m the classifier reads as another style. Where a
+    set's cost comes from: a few real timelines, or every piece a little."""
+    tally: dict = {}
+    for v in verdicts:
+        t = tally.setdefault(reference_of[v["file"]], {"pieces": 0, "misread": 0})
+        t["pieces"] += 1
+        t["misread"] += int(v["classified_as"] != v["conditioned_on"])
+    return tally
+
+
 def controls_cost(*, run, vocab, train, test, num_samples: int, styles: Sequence[str], max_seconds: float, sampling,
-                  options, output_dir, each: bool = False, log=print) -> dict:
+                  options, output_dir, each: bool = False, timelines_from: Sequence | None = None,
+                  log=print) -> dict:
     """What controls cost in style accuracy and feature overlap, against the same model without them.
 
     Piece i (style styles[i mod n], seed options.seed + i) is generated twice: plain, and asked for
@@ -199,7 +213,8 @@ def controls_cost(*, run, vocab, train, test, num_samples: int, styles: Sequence
     classifier, feature overlap against the train-vs-test ceiling); the steered pieces' adherence
     to their timelines is measured too (exact and within-one-bin, per control). With `each`, the
     pieces are also generated asked for one control alone of the same timelines (rows
-    'steered_<control>'): what each control costs by itself."""
+    'steered_<control>'): what each control costs by itself. `timelines_from`: the real pieces
+    whose timelines are followed (default: `test`; the classifier and the ceiling use `test`)."""
     from mgpt.eval.features_section import feature_section
     from mgpt.eval.inputs import Generated
     from mgpt.eval.references import mean_of, references
@@ -211,21 +226,28 @@ def controls_cost(*, run, vocab, train, test, num_samples: int, styles: Sequence
     whole = int(math.floor(max_seconds / seconds + 1e-9))
     o = options
     out_dir = pathlib.Path(output_dir)
-    refs = references(vocab, train, test, o, np.random.default_rng(o.seed), log)
-    ceiling = mean_of(refs.train_vs_test, "overlap")
-    by_style = {s: [p for p in test if p.style_name == s] for s in styles}
+    by_style = {s: [p for p in (test if timelines_from is None else timelines_from) if p.style_name == s]
+                for s in styles}
     missing = [s for s, ps in by_style.items() if not ps]
     if missing:
-        raise ValueError(f"controls cost: the test split has no piece of style {', '.join(missing)}")
+        raise ValueError(f"controls cost: no {'test' if timelines_from is None else 'reference'} piece of style "
+                         f"{', '.join(missing)} to take a timeline from")
+    # (before any work: a missing style fails at once)
+    refs = references(vocab, train, test, o, np.random.default_rng(o.seed), log)
+    ceiling = mean_of(refs.train_vs_test, "overlap")
     sampling = dataclasses.replace(sampling, max_seconds=max_seconds, max_events=None, controls=None, mood=None)
     plan = []  # (style, seed, the notes of the real piece whose controls it is asked for)
+    ref_ids = []  # that real piece's id
     for i in range(num_samples):
         style = styles[i % len(styles)]
         ref = by_style[style][(i // len(styles)) % len(by_style[style])]
         plan.append((style, o.seed + i, vocab.decode_notes(ref.tokens)))
+        ref_ids.append(f"{style}/{ref.piece_id}")
     result = {"num_samples": num_samples, "max_seconds": max_seconds, "styles": list(styles),
               "sampling": sampling.to_dict(), "overlap_ceiling": ceiling, "rows": {},
-              "control_tries": int(sampling.control_tries)}  # the steered sets' (to_dict records 1: no controls)
+              "control_tries": int(sampling.control_tries),  # the steered sets' (to_dict records 1: no controls)
+              "timelines_from": {s: len(ps) for s, ps in by_style.items()},  # real pieces per style
+              "timelines_split": "test" if timelines_from is None else "held-out"}
     prompts = run.prompts([s for s, _, _ in plan])
     seeds = [seed for _, seed, _ in plan]
     asked = np.concatenate([reference_levels(ref_notes, spec, whole) for _, _, ref_notes in plan])
@@ -248,6 +270,9 @@ def controls_cost(*, run, vocab, train, test, num_samples: int, styles: Sequence
         row = {"style_accuracy": style["generated"]["accuracy"] if "generated" in style else None,
                "style": style.get("generated"),
                "mean_overlap": overlap, "overlap_vs_ceiling": overlap / ceiling if ceiling else None}
+        if "generated" in style:  # plain pieces too: the same seeds, no timeline followed (a baseline)
+            row["by_reference"] = misread_by_reference(style["generated"]["verdicts"],
+                                                       {p.name: r for p, r in zip(paths, ref_ids)})
         if name != "plain":  # how closely the pieces follow the real pieces' timelines
             got = np.concatenate([data_controls.segment_levels(n, spec, whole) for n in notes])
             row["follow"] = {}
@@ -268,8 +293,10 @@ def controls_cost(*, run, vocab, train, test, num_samples: int, styles: Sequence
 def write_controls_cost(result: dict) -> str:
     fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     lines = [f"What controls cost: {result['num_samples']} pieces of {result['max_seconds']:g} s over "
-             f"{', '.join(result['styles'])}, each generated plain and asked for a real test piece's controls "
-             "(its own style's), segment by segment.", "",
+             f"{', '.join(result['styles'])}, each generated plain and asked for a real "
+             f"{result.get('timelines_split', 'test')} piece's controls (its own style's), segment by segment"
+             + (" (" + ", ".join(f"{n} {s}" for s, n in result["timelines_from"].items()) + " pieces)."
+                if result.get("timelines_from") else "."), "",
              "| pieces | style accuracy | mean overlap | overlap / ceiling | against plain: style, overlap / ceiling "
              "(points) |", "|---|---|---|---|---|"]
     plain = result["rows"].get("plain", {})
@@ -285,6 +312,11 @@ def write_controls_cost(result: dict) -> str:
         lines.append(f"| {label} | {fmt(r['style_accuracy'])} | {fmt(r['mean_overlap'])} | "
                      f"{fmt(r['overlap_vs_ceiling'])} | {points(r, 'style_accuracy')}, "
                      f"{points(r, 'overlap_vs_ceiling')} |")
+    worst = _worst_references(result["rows"])
+    if worst:
+        lines += ["", "The real timelines whose steered pieces the classifier reads as another style most "
+                  "(all five controls; the plain pieces of the same seeds beside them):", ""]
+        lines += [f"- {ref}: {n} of {total} (plain {m} of {plain_total})" for ref, n, total, m, plain_total in worst]
     follow = result["rows"].get("steered", {}).get("follow")
     if follow:
         lines += ["", "Following the real pieces' timelines:", "", "| control | segments | exact bin | within 1 bin |",
@@ -292,3 +324,14 @@ def write_controls_cost(result: dict) -> str:
         for attr, r in follow.items():
             lines.append(f"| {attr} | {r['segments']} | {fmt(r['exact'])} | {fmt(r['within_1'])} |")
     return "\n".join(lines) + "\n"
+
+
+def _worst_references(rows: dict, most: int = 3) -> list[tuple[str, int, int, int, int]]:
+    """(reference, steered misread, steered pieces, plain misread, plain pieces) of the `most` real
+    timelines whose steered pieces are misread most beyond the plain pieces of the same seeds."""
+    steered = rows.get("steered", {}).get("by_reference") or {}
+    plain = rows.get("plain", {}).get("by_reference") or {}
+    base = {ref: plain.get(ref, {"pieces": 0, "misread": 0}) for ref in steered}
+    worse = [(ref, t["misread"], t["pieces"], base[ref]["misread"], base[ref]["pieces"]) for ref, t in steered.items()
+             if t["misread"] > base[ref]["misread"]]
+    return sorted(worse, key=lambda w: (w[3] - w[1], w[0]))[:most]
