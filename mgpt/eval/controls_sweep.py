@@ -226,13 +226,13 @@ def controls_cost(*, run, vocab, train, test, num_samples: int, styles: Sequence
     whole = int(math.floor(max_seconds / seconds + 1e-9))
     o = options
     out_dir = pathlib.Path(output_dir)
+    # The real timelines first: a style without one fails before any work.
     by_style = {s: [p for p in (test if timelines_from is None else timelines_from) if p.style_name == s]
                 for s in styles}
     missing = [s for s, ps in by_style.items() if not ps]
     if missing:
         raise ValueError(f"controls cost: no {'test' if timelines_from is None else 'reference'} piece of style "
                          f"{', '.join(missing)} to take a timeline from")
-    # (before any work: a missing style fails at once)
     refs = references(vocab, train, test, o, np.random.default_rng(o.seed), log)
     ceiling = mean_of(refs.train_vs_test, "overlap")
     sampling = dataclasses.replace(sampling, max_seconds=max_seconds, max_events=None, controls=None, mood=None)
