@@ -11,6 +11,7 @@ Ties keep the first draw. docs/controls.md measures it against the guards.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -45,8 +46,6 @@ def sample_by_segment(run, prompts: Sequence[np.ndarray], seeds: Sequence[int], 
     asking for levels by segment of the piece's clock, with `sampling.mood`. `sampling` must have its budget in seconds
     (`max_seconds`); `kwargs` go to `Run.sample_ids` (batch_size, devices). Returns the rows as
     `Run.sample_ids` does."""
-    import dataclasses
-
     vocab = run.vocab
     spec = vocab.controls
     if sampling.max_seconds is None:
