@@ -69,7 +69,8 @@ from mgpt.sample.corpus import (DEFAULT_BATCH_SIZE, DEFAULT_COPY_TRIES, DEFAULT_
 from mgpt.sample.sampler import CONTEXTS
 from mgpt.sample.run import (DEFAULT_CONTEXT, DEFAULT_GUIDANCE, DEFAULT_MAX_EVENTS, NOTE_GUARD_PERCENTILE, UNCONDITIONAL, Sampling,
                              check_infill_model, check_infill_times, define_guard_flags, guard_settings, load_infill,
-                             load_primer, load_run, _check_primer_seconds, read_run_info, resolve_styles)
+                             keep_compiled, load_primer, load_run, _check_primer_seconds, read_run_info,
+                             resolve_styles)
 
 # Names notebooks and scripts imported from here before the library moved to mgpt.sample; kept so
 # `from mgpt.generate import load_run` keeps working. New code imports mgpt.sample.run / .corpus.
@@ -164,7 +165,7 @@ def run_command(f) -> pathlib.Path:
     if f.audio:
         render.find_audio_tools(f.soundfont)
     # Everything a user can get wrong is checked before the weights are loaded.
-    vocab, _, _ = read_run_info(f.workdir, f.checkpoint_step)
+    vocab, config, _ = read_run_info(f.workdir, f.checkpoint_step)
     styles = resolve_styles(vocab, f.style)
     sampling.check_limits(vocab)
     sampling.timeline(vocab)
@@ -187,7 +188,7 @@ def run_command(f) -> pathlib.Path:
     from mgpt.train import mesh
 
     mesh.maybe_initialize_distributed(f.distributed)
-
+    keep_compiled(f.workdir, config)  # a second run on this model loads its sampler, not compiles it
     run = load_run(f.workdir, f.checkpoint_step)
     generate_corpus(
         run, f.output_dir, num_samples=f.num_samples, styles=styles, seed=f.seed, sampling=sampling,

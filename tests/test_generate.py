@@ -220,6 +220,42 @@ def test_missing_fluidsynth_fails_at_once_with_the_install_line(workdir, tmp_pat
 # ----------------------------------------------------------------------------- sampling through a run
 
 
+def test_a_second_generate_on_a_run_loads_its_sampler_from_the_runs_cache(tmp_path):
+    import jax
+    from jax import monitoring
+
+    workdir = str(tmp_path / "run")
+    _save_checkpoint(workdir, Vocabulary(STYLES))
+    args = lambda out: _cli_args(workdir, tmp_path / out, "--style=bach", "--num_samples=2", "--max_events=40")
+    events = []
+    listener = lambda name, **kw: events.append(name)  # noqa: E731
+    monitoring.register_event_listener(listener)
+    try:
+        generate.main(args("first"))
+        cache = os.path.join(workdir, "compilation_cache")
+        kept = sorted(os.listdir(cache))
+        assert kept, "the first run keeps its compiled sampler in the run's cache"
+        jax.clear_caches()  # as a new process would start: nothing compiled in memory
+        events.clear()
+        generate.main(args("second"))
+    finally:
+        monitoring.unregister_event_listener(listener)
+    # Every program the first run compiled is loaded, not compiled again. (The second may also
+    # compile a few tiny ones that the first found in memory, left there by _save_checkpoint.)
+    assert events.count("/jax/compilation_cache/cache_hits") >= len(kept)
+    for name in sorted(os.listdir(tmp_path / "first")):
+        if name.endswith(".mid"):
+            assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "second" / name).read_bytes()
+
+
+def test_a_run_whose_workdir_cannot_be_written_is_sampled_without_a_cache(tmp_path, monkeypatch):
+    from mgpt.sample import run as run_lib
+
+    monkeypatch.setattr(os, "makedirs", lambda *a, **k: (_ for _ in ()).throw(OSError(30, "Read-only file system")))
+    assert run_lib.keep_compiled(str(tmp_path), {"train": {"compilation_cache": "compilation_cache"}}) is None
+    assert run_lib.keep_compiled(str(tmp_path), {"train": {"compilation_cache": ""}}) is None
+
+
 def test_primer_is_kept_at_the_start_of_every_piece(run, tmp_path):
     # The last note crosses the 2 s cut (it is shortened to end there); the one at 3 s is left out.
     primer = _primer_file(tmp_path / "primer.mid", [(60, 0.0, 0.5), (64, 0.5, 1.0), (67, 1.0, 2.5), (72, 3.0, 3.5)])

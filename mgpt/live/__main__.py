@@ -48,7 +48,8 @@ def main(argv=None) -> None:
     from mgpt.sample import run as generate
     from mgpt.live import stream
 
-    generate.read_run_info(fv.workdir, fv.checkpoint_step)  # a wrong workdir: one line, before the weights
+    _, config, _ = generate.read_run_info(fv.workdir, fv.checkpoint_step)  # a wrong workdir: one line, before the weights
+    generate.keep_compiled(fv.workdir, config)  # a second start loads the warm-up's programs
     run = generate.load_run(fv.workdir, fv.checkpoint_step)
     print("warming up (compiling the sampler)...", flush=True)
     stream.warm_up(run)
