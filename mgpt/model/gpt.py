@@ -428,16 +428,18 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BxLxD):
         h_BxLx2xF = jnp.einsum("bld,dcf->blcf", x_BxLxD, self.wi[...].astype(self.cfg.dtype))
-        h_BxLxF = _MLP_ACTIVATIONS[self.cfg.mlp_activation](h_BxLx2xF[:, :, 0]) * h_BxLx2xF[:, :, 1]
-        return jnp.einsum("blf,fd->bld", h_BxLxF, self.wo[...].astype(self.cfg.dtype))
+        return jnp.einsum("blf,fd->bld", self._gated(h_BxLx2xF), self.wo[...].astype(self.cfg.dtype))
+
+    def _gated(self, h_Nx2xF):
+        """The activation of the gate times the value: [..., 2, F] -> [..., F]."""
+        return _MLP_ACTIVATIONS[self.cfg.mlp_activation](h_Nx2xF[..., 0, :]) * h_Nx2xF[..., 1, :]
 
     def decode(self, x_BxTxD):
         """The same as calling it, for the few rows of a decode step (see ROWS_ONE_BY_ONE)."""
         b, t, d = x_BxTxD.shape
         wi_Dx2xF = self.wi[...].astype(self.cfg.dtype)
         h_Rx2xF = _rows_matmul(x_BxTxD.reshape(b * t, d), wi_Dx2xF.reshape(d, -1)).reshape(b * t, 2, -1)
-        h_RxF = _MLP_ACTIVATIONS[self.cfg.mlp_activation](h_Rx2xF[:, 0]) * h_Rx2xF[:, 1]
-        return _rows_matmul(h_RxF, self.wo[...].astype(self.cfg.dtype)).reshape(b, t, d)
+        return _rows_matmul(self._gated(h_Rx2xF), self.wo[...].astype(self.cfg.dtype)).reshape(b, t, d)
 
 
 class Block(nnx.Module):
