@@ -34,7 +34,7 @@ def main(argv=None) -> None:
     import numpy as np
 
     from data_prep.notes import Notes, crop
-    from mgpt.eval.controls_sweep import _notes_of_midi
+    from mgpt.eval.controls_sweep import notes_of_midi
     from mgpt.eval.inputs import Options, load_split, resolve_dataset
     from mgpt.eval.references import references
     from mgpt.sample.run import load_run
@@ -54,7 +54,7 @@ def main(argv=None) -> None:
                       np.random.default_rng(a.seed), log=lambda *_: None)
     # The cost study (--style=unconditional) cycles the model's styles over its pieces, in this order.
     styles = [s for s in run.styles if s != "unconditional"]
-    generated = [n for i, n in enumerate(_notes_of_midi(vocab, paths))
+    generated = [n for i, n in enumerate(notes_of_midi(vocab, paths))
                  if styles[i % len(styles)] == a.style and len(n)]
     real = [vocab.decode_notes(p.tokens) for p in test if p.style_name == a.style]
 

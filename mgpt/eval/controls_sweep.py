@@ -27,7 +27,7 @@ from data_prep import controls as data_controls
 from mgpt.eval.inputs import jsonable
 
 
-def _notes_of_midi(vocab, paths):
+def notes_of_midi(vocab, paths):
     """The notes of MIDI files as the report reads generated pieces (mgpt.eval.inputs.read_generated)."""
     import note_seq
 
@@ -39,7 +39,7 @@ def _generate(run, vocab, folder: pathlib.Path, controls: str, num_samples: int,
     prompts = run.prompts([style] * num_samples)
     rows = run.sample_ids(prompts, [seed + i for i in range(num_samples)], s)
     paths = run.write_midi(rows, folder)
-    return _notes_of_midi(vocab, paths), rows
+    return notes_of_midi(vocab, paths), rows
 
 
 def controls_sweep(*, run, vocab, num_samples: int, max_seconds: float, sampling, output_dir, style: str,
@@ -262,7 +262,7 @@ def controls_cost(*, run, vocab, train, test, num_samples: int, styles: Sequence
             texts = [timeline_of(ref_notes, spec, whole, only) for _, _, ref_notes in plan]
             rows = run.sample_ids(prompts, seeds, sampling, timelines=texts)
         paths = run.write_midi(rows, out_dir / f"cost_{name}")
-        notes = _notes_of_midi(vocab, paths)
+        notes = notes_of_midi(vocab, paths)
         generated = [Generated(str(p.name), style, n, len(n) > 0, n.seconds)
                      for p, n, (style, _, _) in zip(paths, notes, plan)]
         style = style_section(refs, generated, o, None)
@@ -271,8 +271,10 @@ def controls_cost(*, run, vocab, train, test, num_samples: int, styles: Sequence
                "style": style.get("generated"),
                "mean_overlap": overlap, "overlap_vs_ceiling": overlap / ceiling if ceiling else None}
         if "generated" in style:  # plain pieces too: the same seeds, no timeline followed (a baseline)
-            row["by_reference"] = misread_by_reference(style["generated"]["verdicts"],
-                                                       {p.name: r for p, r in zip(paths, ref_ids)})
+            reference_of = {p.name: r for p, r in zip(paths, ref_ids)}
+            row["by_reference"] = misread_by_reference(style["generated"]["verdicts"], reference_of)
+            for v in style["generated"]["verdicts"]:  # each piece's real timeline (benchmarks/style_push.py)
+                v["reference"] = reference_of[v["file"]]
         if name != "plain":  # how closely the pieces follow the real pieces' timelines
             got = np.concatenate([data_controls.segment_levels(n, spec, whole) for n in notes])
             row["follow"] = {}
