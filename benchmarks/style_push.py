@@ -9,7 +9,8 @@ pieces that followed --reference's timeline and were read as another style are s
 plain pieces of the same asked style read right. The classifier is a logistic regression on
 standardised features (mgpt.music.style_classifier), so the pull of one piece towards the style it
 was read as, rather than the asked one, is a sum over features of (standardised value) x (the
-difference of the two styles' weights). The script prints that sum for each group, the features
+difference of the two styles' weights), plus the difference of the two intercepts, which is the
+same for every piece and printed once. The script prints that sum for each group, the features
 whose mean pull differs most between the groups, and a few plain measures (pitch range, note
 density, mean note length) of each group and of the real piece.
 """
@@ -86,12 +87,18 @@ def main(argv=None) -> None:
         sys.exit(f"style_push: the dataset of {a.workdir} is not on this machine")
     dataset = resolve_dataset(run.dataset_dir)
     train, test = load_split(dataset, "train"), load_split(dataset, "test")
-    seconds = float(study["max_seconds"])
+    # The study's crop (older studies did not record it: mgpt.evaluate's default, 30 s, or the pieces' length).
+    seconds = float(study.get("crop_seconds", min(30.0, float(study["max_seconds"]))))
     refs = references(vocab, train, test, Options(crop_seconds=seconds, seed=a.seed),
                       np.random.default_rng(a.seed), log=lambda *_: None)
     scaler, model = refs.classifier.pipeline[0], refs.classifier.pipeline[-1]
     labels = list(model.classes_)
-    towards_F = model.coef_[labels.index(other)] - model.coef_[labels.index(asked)]
+    if len(labels) == 2:  # one row of weights, for the second class over the first
+        sign = 1.0 if other == labels[1] else -1.0
+        towards_F, intercept = sign * model.coef_[0], sign * float(model.intercept_[0])
+    else:
+        i, j = labels.index(other), labels.index(asked)
+        towards_F, intercept = model.coef_[i] - model.coef_[j], float(model.intercept_[i] - model.intercept_[j])
 
     def notes(row, vs):
         return notes_of_midi(vocab, [cost_dir / f"cost_{row}" / v["file"] for v in vs])
@@ -112,7 +119,8 @@ def main(argv=None) -> None:
 
     pulls = {g: pull(ps) for g, ps in groups.items() if ps}
     print(f"{a.reference}: {len(misread)} of {len(followed)} steered pieces read as another style "
-          f"({other} {sum(v['classified_as'] == other for v in misread)}); asked {asked}")
+          f"({other} {sum(v['classified_as'] == other for v in misread)}); asked {asked}; the intercepts add "
+          f"{intercept:+.1f} towards {other}")
     for g, P in pulls.items():
         ns = [crop(n, seconds) for n in groups[g]]
         measures = np.mean([[float(n.pitch.max() - n.pitch.min()), F.piece_features(n)["note_density"],

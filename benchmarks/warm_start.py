@@ -8,7 +8,7 @@ so the run's own cache is neither used nor touched. Two fresh processes then do 
 (`mgpt.sample.run.keep_compiled`), load the weights, and `mgpt.live.stream.warm_up`. The first
 compiles every program and keeps it; the second loads them. Last line:
 
-    warm-up: first start 42.2 s, second 8.7 s (4.9x)
+    warm-up: first start 42.2 s, second 8.6 s (4.9x)
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ import sys, time
 from mgpt.sample import run as run_lib
 from mgpt.live import stream
 _, config, _ = run_lib.read_run_info(sys.argv[1])
-run_lib.keep_compiled(sys.argv[1], config)
+print("cache", run_lib.keep_compiled(sys.argv[1], config))
 run = run_lib.load_run(sys.argv[1])
 t = time.perf_counter()
 stream.warm_up(run)
-print(f"{time.perf_counter() - t:.3f}")
+print("seconds", time.perf_counter() - t)
 """
 
 
@@ -48,11 +48,17 @@ def main(argv=None) -> None:
         for start in ("first", "second"):
             out = subprocess.run([sys.executable, "-c", _ONE_START, run], cwd=ROOT, capture_output=True, text=True,
                                  env={**os.environ, "PYTHONPATH": ROOT})
-            if out.returncode:
-                sys.exit(f"error: the {start} start failed: {out.stderr.strip().splitlines()[-1]}")
-            seconds.append(float(out.stdout.strip().splitlines()[-1]))
+            lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.startswith(("cache ", "seconds ")))
+            if out.returncode or "seconds" not in lines:
+                why = (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
+                sys.exit(f"error: the {start} start failed: {why}")
+            cache = lines["cache"]
+            if not cache.startswith(run + os.sep):
+                sys.exit(f"error: {a.workdir}: its config keeps no compilation cache inside the run "
+                         f"(train.compilation_cache; here {cache}), so there is nothing to measure")
+            seconds.append(float(lines["seconds"]))
             print(f"{start} start: warm-up {seconds[-1]:.1f} s", flush=True)
-        kept = len(os.listdir(os.path.join(run, "compilation_cache")))
+        kept = len(os.listdir(cache))
         print(f"programs kept in the run's cache: {kept}")
     print(f"warm-up: first start {seconds[0]:.1f} s, second {seconds[1]:.1f} s ({seconds[0] / seconds[1]:.1f}x)")
 

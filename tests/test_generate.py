@@ -220,40 +220,71 @@ def test_missing_fluidsynth_fails_at_once_with_the_install_line(workdir, tmp_pat
 # ----------------------------------------------------------------------------- sampling through a run
 
 
+_ONE_GENERATE = """
+import json, sys
+from jax import monitoring
+from mgpt import generate
+events = []
+monitoring.register_event_listener(lambda name, **kw: events.append(name))
+generate.main(json.loads(sys.argv[1]))
+print(json.dumps({k: events.count("/jax/compilation_cache/" + k) for k in ("cache_hits", "cache_misses")}))
+"""
+
+
 def test_a_second_generate_on_a_run_loads_its_sampler_from_the_runs_cache(tmp_path):
+    workdir = str(tmp_path / "run")
+    _save_checkpoint(workdir, Vocabulary(STYLES))
+
+    def start(out):  # a fresh process, as a user's second command is
+        args = _cli_args(workdir, tmp_path / out, "--style=bach", "--num_samples=2", "--max_events=40")
+        done = subprocess.run([sys.executable, "-c", _ONE_GENERATE, json.dumps([str(a) for a in args])],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first = start("first")
+    kept = os.listdir(os.path.join(workdir, "compilation_cache"))
+    assert first["cache_misses"] > 0 and len(kept) >= first["cache_misses"], "the first run keeps what it compiled"
+    second = start("second")
+    assert second == {"cache_hits": first["cache_misses"], "cache_misses": 0}, "every program loaded, none compiled"
+    pieces = sorted(n for n in os.listdir(tmp_path / "first") if n.endswith(".mid"))
+    assert len(pieces) == 2
+    for name in pieces:
+        assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "second" / name).read_bytes()
+
+
+def test_a_run_whose_cache_cannot_be_kept_is_sampled_without_one_and_leaves_jax_alone(tmp_path, monkeypatch):
     import jax
-    from jax import monitoring
+
+    from mgpt.sample import run as run_lib
+
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    config = {"train": {"compilation_cache": "compilation_cache"}}
+    assert run_lib.keep_compiled(str(tmp_path), {"train": {"compilation_cache": ""}}) is None
+    assert run_lib.keep_compiled("gs://bucket/run", config) is None  # remote: no object per program
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)  # a workdir we may not write
+    assert run_lib.keep_compiled(str(tmp_path), config) is None
+    monkeypatch.setattr(os, "makedirs", lambda *a, **k: (_ for _ in ()).throw(OSError(30, "Read-only file system")))
+    assert run_lib.keep_compiled(str(tmp_path / "elsewhere"), config) is None
+    assert (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs) == before
+
+
+def test_live_keeps_its_warm_up_in_the_runs_cache(tmp_path, monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    from mgpt.live import __main__ as live_main
+    from mgpt.live import stream
 
     workdir = str(tmp_path / "run")
     _save_checkpoint(workdir, Vocabulary(STYLES))
-    args = lambda out: _cli_args(workdir, tmp_path / out, "--style=bach", "--num_samples=2", "--max_events=40")
-    events = []
-    listener = lambda name, **kw: events.append(name)  # noqa: E731
-    monitoring.register_event_listener(listener)
-    try:
-        generate.main(args("first"))
-        cache = os.path.join(workdir, "compilation_cache")
-        kept = sorted(os.listdir(cache))
-        assert kept, "the first run keeps its compiled sampler in the run's cache"
-        jax.clear_caches()  # as a new process would start: nothing compiled in memory
-        events.clear()
-        generate.main(args("second"))
-    finally:
-        monitoring.unregister_event_listener(listener)
-    # Every program the first run compiled is loaded, not compiled again. (The second may also
-    # compile a few tiny ones that the first found in memory, left there by _save_checkpoint.)
-    assert events.count("/jax/compilation_cache/cache_hits") >= len(kept)
-    for name in sorted(os.listdir(tmp_path / "first")):
-        if name.endswith(".mid"):
-            assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "second" / name).read_bytes()
-
-
-def test_a_run_whose_workdir_cannot_be_written_is_sampled_without_a_cache(tmp_path, monkeypatch):
-    from mgpt.sample import run as run_lib
-
-    monkeypatch.setattr(os, "makedirs", lambda *a, **k: (_ for _ in ()).throw(OSError(30, "Read-only file system")))
-    assert run_lib.keep_compiled(str(tmp_path), {"train": {"compilation_cache": "compilation_cache"}}) is None
-    assert run_lib.keep_compiled(str(tmp_path), {"train": {"compilation_cache": ""}}) is None
+    served = []
+    # The warm-up stands in for the real one (tests/test_live.py runs that): one small program.
+    monkeypatch.setattr(stream, "warm_up", lambda run: jax.jit(lambda x: x * 3 + 1)(jnp.arange(7)).block_until_ready())
+    monkeypatch.setattr(live_main, "_serve", lambda run, host, port, sessions: served.append(port))
+    live_main.main(["mgpt.live", f"--workdir={workdir}", "--port=8799"])
+    assert served == [8799]
+    assert os.listdir(os.path.join(workdir, "compilation_cache")), "the warm-up's programs are kept for the next start"
 
 
 def test_primer_is_kept_at_the_start_of_every_piece(run, tmp_path):

@@ -247,7 +247,8 @@ def controls_cost(*, run, vocab, train, test, num_samples: int, styles: Sequence
               "sampling": sampling.to_dict(), "overlap_ceiling": ceiling, "rows": {},
               "control_tries": int(sampling.control_tries),  # the steered sets' (to_dict records 1: no controls)
               "timelines_from": {s: len(ps) for s, ps in by_style.items()},  # real pieces per style
-              "timelines_split": "test" if timelines_from is None else "held-out"}
+              "timelines_split": "test" if timelines_from is None else "held-out",
+              "crop_seconds": o.crop_seconds}  # what the classifier and the features read of each piece
     prompts = run.prompts([s for s, _, _ in plan])
     seeds = [seed for _, seed, _ in plan]
     asked = np.concatenate([reference_levels(ref_notes, spec, whole) for _, _, ref_notes in plan])

@@ -699,25 +699,27 @@ def keep_compiled(workdir: str, config: dict) -> str | None:
     started again on the same run loads its sampler instead of compiling it: the live warm-up of
     the demo model falls from about 42 s to 9 s on the 2-core machine (docs/live.md). The sampler
     is many programs that each compile in under a second, so all are kept, not only slow ones.
-    Returns the cache's path, or None where the config has none or the workdir cannot be
-    written (a checkpoint on read-only storage): compiling each time is then all it costs."""
+
+    Local caches only: a run on object storage (`gs://`) would write each of those programs as an
+    object, and a read-only bucket would warn once per program. Returns the cache's path, or None
+    where there is none, it is remote, or it cannot be written (a checkpoint on read-only
+    storage); jax's settings are then left as they were, and compiling each time is all it costs."""
     import jax
 
     from mgpt.train import mesh
 
     directory = (config.get("train") or {}).get("compilation_cache", "")
-    if not directory:
+    if not directory or "://" in directory or "://" in str(workdir):
         return None
-    path = directory if "://" in directory or os.path.isabs(directory) else os.path.join(workdir, directory)
-    if "://" not in path:
-        try:
-            os.makedirs(path, exist_ok=True)
-        except OSError:
-            return None
-        if not os.access(path, os.W_OK):
-            return None
+    path = os.path.abspath(directory if os.path.isabs(directory) else os.path.join(workdir, directory))
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return None
+    if not os.access(path, os.W_OK):
+        return None
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    return mesh.use_compilation_cache(directory, pathlib.Path(workdir))
+    return mesh.use_compilation_cache(path, pathlib.Path(workdir))
 
 
 def local_dataset(config) -> pathlib.Path | None:
