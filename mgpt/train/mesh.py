@@ -262,6 +262,46 @@ def use_compilation_cache(directory: str, workdir: os.PathLike) -> str | None:
     # jax keeps the path for the process: a relative one would move with the working directory.
     path = path if "://" in path else os.path.abspath(path)
     if jax.config.jax_compilation_cache_dir != path:
+        if "://" not in path:
+            drop_unreadable_cache_entries(path)
         compilation_cache.set_cache_dir(path)
         compilation_cache.reset_cache()  # jax opens its cache once per process, at the first compile
     return path
+
+
+def drop_unreadable_cache_entries(path: str) -> int:
+    """Deletes the entries of a local compilation cache that cannot be read back; returns how many.
+
+    jax writes an entry in place, not through a rename, and never writes a key again once its file
+    exists. An entry cut short (a full disk, a process killed mid-write) was therefore read, warned
+    about and compiled again at every later start, for good. Each entry is checked as jax reads it
+    (decompressed); that takes milliseconds for the few MB a run keeps."""
+    try:
+        from jax._src.compilation_cache import decompress_executable
+    except ImportError:  # another jax: leave its cache to it
+        return 0
+    dropped = 0
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return 0
+    for name in names:
+        if not name.endswith("-cache"):
+            continue
+        entry = os.path.join(path, name)
+        try:
+            with open(entry, "rb") as f:
+                decompress_executable(f.read())
+        except OSError:
+            continue
+        except Exception:  # noqa: BLE001 - whatever the decompressor raises for a cut stream
+            for stale in (entry, entry[: -len("-cache")] + "-atime"):
+                try:
+                    os.remove(stale)
+                except OSError:
+                    pass
+            dropped += 1
+    if dropped:
+        print(f"compilation cache {path}: dropped {dropped} unreadable entr{'y' if dropped == 1 else 'ies'} "
+              "(a write cut short); what they held is compiled again", flush=True)
+    return dropped
