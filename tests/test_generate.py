@@ -282,6 +282,18 @@ def test_a_run_whose_cache_cannot_be_kept_is_sampled_without_one_and_leaves_jax_
     assert (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs) == before
 
 
+def test_a_users_own_cache_threshold_stands(tmp_path, monkeypatch):
+    import jax
+
+    from mgpt.sample import run as run_lib
+
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "5")
+    before = jax.config.jax_persistent_cache_min_compile_time_secs
+    kept = run_lib.keep_compiled(str(tmp_path), {"train": {"compilation_cache": "compilation_cache"}})
+    assert kept == os.path.join(str(tmp_path), "compilation_cache")
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == before
+
+
 def test_live_keeps_its_warm_up_in_the_runs_cache(tmp_path, monkeypatch):
     import jax
     import jax.numpy as jnp

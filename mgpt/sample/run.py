@@ -698,7 +698,8 @@ def keep_compiled(workdir: str, config: dict) -> str | None:
     `train.compilation_cache`, where training keeps its steps), so `mgpt.live` or `mgpt.generate`
     started again on the same run loads its sampler instead of compiling it: the live warm-up of
     the demo model falls from about 42 s to 9 s on the 2-core machine (docs/live.md). The sampler
-    is many programs that each compile in under a second, so all are kept, not only slow ones.
+    is many programs that each compile in under a second, so all are kept, not only slow ones
+    (unless JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says otherwise).
 
     Local caches only: a run on object storage (`gs://`) would write each of those programs as an
     object, and a read-only bucket would warn once per program. Returns the cache's path, or None
@@ -718,7 +719,8 @@ def keep_compiled(workdir: str, config: dict) -> str | None:
         return None
     if not os.access(path, os.W_OK):
         return None
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # a user's own threshold stands
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return mesh.use_compilation_cache(path, pathlib.Path(workdir))
 
 
