@@ -123,8 +123,9 @@ def main(argv=None) -> None:
           f"{intercept:+.1f} towards {other}")
     for g, P in pulls.items():
         ns = [crop(n, seconds) for n in groups[g]]
-        measures = np.mean([[float(n.pitch.max() - n.pitch.min()), F.piece_features(n)["note_density"],
-                             F.piece_features(n)["duration_mean_s"]] for n in ns if len(n)], axis=0)
+        feats = [(n, F.piece_features(n)) for n in ns if len(n)]
+        measures = np.mean([[float(n.pitch.max() - n.pitch.min()), f["note_density"], f["duration_mean_s"]]
+                            for n, f in feats], axis=0)
         print(f"  {g} ({len(P)}): pull towards {other} {P.sum(1).mean():+.1f}; pitch range "
               f"{measures[0]:.1f} semitones, {measures[1]:.2f} notes/s, notes {measures[2]:.2f} s")
     names = feature_names()
