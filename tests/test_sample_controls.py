@@ -178,6 +178,42 @@ def test_under_guidance_the_twin_reads_neither_the_style_nor_the_controls(model)
     assert forced > 0
 
 
+def test_steered_guidance_pulls_a_styled_piece_towards_its_style_within_the_controls(model):
+    # With a steered guidance, a row with a style has a twin that reads the controls: at 0 its events
+    # are drawn from that twin alone, so they are those of a STYLE:unknown piece asked for the same
+    # controls, control tokens included. In the same batch an unconditional row keeps the job's G
+    # and a twin that reads nothing: at 0, a STYLE:unknown piece asked for nothing.
+    timeline = controls.parse(VOCAB, "0:density=2;0.4:density=7", density_guard=False)
+    seeds = [3, 4, 5, 6]
+    unknown = np.array([VOCAB.unknown_style_id])
+    guided = generate_tokens(model, VOCAB, [np.array([STYLE])] * 2 + [unknown] * 2, seeds=seeds, max_events=12,
+                             temperature=1.3, guidance=0.0, steered_guidance=0.0, controls=timeline)
+    within = generate_tokens(model, VOCAB, [unknown] * 2, seeds=seeds[:2], max_events=12, temperature=1.3,
+                             controls=timeline)
+    free = generate_tokens(model, VOCAB, [unknown] * 2, seeds=seeds[2:], max_events=12, temperature=1.3)
+    for g, w in zip(guided[:2], within):
+        assert len(g) < CFG.max_len  # one window
+        np.testing.assert_array_equal(g[1:], w[1:])
+    assert sum(int(np.sum(VOCAB.is_control(g)[2:])) for g in guided[:2]) > 0  # groups written mid-stream too
+    for g, f in zip(guided[2:], free):
+        is_control = VOCAB.is_control(g)
+        np.testing.assert_array_equal(g[1:][~is_control[1:]], f[1:])
+    # Without a steered guidance every twin reads neither, as before: the styled rows then differ.
+    old = generate_tokens(model, VOCAB, [np.array([STYLE])] * 2, seeds=seeds[:2], max_events=12, temperature=1.3,
+                          guidance=0.0, controls=timeline)
+    assert any(not np.array_equal(o[1:], w[1:]) for o, w in zip(old, within))
+    # At 1 with the job's G at 1 nothing is guided: the plain sampler's pieces.
+    ones = generate_tokens(model, VOCAB, [np.array([STYLE])] * 2, seeds=seeds[:2], max_events=12, temperature=1.3,
+                           steered_guidance=1.0, controls=timeline)
+    plain = generate_tokens(model, VOCAB, [np.array([STYLE])] * 2, seeds=seeds[:2], max_events=12, temperature=1.3,
+                            controls=timeline)
+    for o, p in zip(ones, plain):
+        np.testing.assert_array_equal(o, p)
+    with pytest.raises(ValueError, match="steered_guidance must be"):
+        generate_tokens(model, VOCAB, [np.array([STYLE])], seeds=[0], max_events=4, steered_guidance=-1.0,
+                        controls=timeline)
+
+
 def _eager_model(sparse: bool = False, vocab=VOCAB, on: float = 2.0, off: float = 0.0, high_from: int | None = None):
     """Preferences that ignore the context and lean towards many notes (NOTE_ONs at `on`, short
     shifts), or with `sparse` towards few (long shifts); NOTE_OFFs at `off`; pitches from `high_from`

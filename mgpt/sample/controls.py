@@ -209,6 +209,9 @@ class ControlPlan:
     row has one).
     polyphony_BxS / polyphony_edges_E: the polyphony guard, the level segment k asks for (0: free or
     no guard) and the level edges (None: no row has one).
+    styled_B / guidance_B: under guidance, the rows with a style whose twins read the control tokens
+    (guidance then pushes towards the style the controls leave, `steered_twins`), and each row's G
+    (None: every twin reads neither the style nor the controls, at the job's G).
     """
 
     group_BxSxA: jax.Array
@@ -225,6 +228,8 @@ class ControlPlan:
     velocity_level_V: jax.Array | None = None
     polyphony_BxS: jax.Array | None = None
     polyphony_edges_E: jax.Array | None = None
+    styled_B: jax.Array | None = None
+    guidance_B: jax.Array | None = None
 
 
 def plan(vocab: Vocabulary, timelines, offsets_steps, batch: int, max_steps: int | None) -> ControlPlan:
@@ -288,6 +293,26 @@ def plan(vocab: Vocabulary, timelines, offsets_steps, batch: int, max_steps: int
                        polyphony_BxS=jnp.asarray(poly) if polyphonic else None,
                        polyphony_edges_E=jnp.asarray(vocab.controls["edges"]["polyphony"], jnp.float32)
                        if polyphonic else None)
+
+
+def steered_twins(p: ControlPlan, vocab: Vocabulary, prompts, timelines, guidance: float,
+                  steered_guidance: float | None) -> ControlPlan:
+    """`p` with its rows' guidance under controls (`ControlPlan.styled_B`, `guidance_B`).
+
+    steered_guidance None: every twin reads neither the style nor the controls, and guidance at the
+    job's G pushes towards both together. A float G_s: a row with a style that is asked for controls
+    has a twin that reads the controls (its STYLE alone is unknown), and is drawn from
+    l_controls + G_s (l_style,controls - l_controls): the guards and the conditioning hold the
+    controls, and guidance pulls towards the style within them (docs/controls.md measures both).
+    Unconditional rows, and rows asked for nothing, keep the job's G and a twin that reads neither."""
+    if steered_guidance is None:
+        return p
+    batch = p.offset_B.shape[0]
+    styled_B = np.zeros(batch, bool)
+    styled_B[:len(prompts)] = [int(q[0]) != vocab.unknown_style_id and not t.empty
+                               for q, t in zip(prompts, timelines)]
+    guidance_B = np.where(styled_B, steered_guidance, guidance).astype(np.float32)
+    return p.replace(styled_B=jnp.asarray(styled_B), guidance_B=jnp.asarray(guidance_B))
 
 
 def notes_in_last_segment(vocab: Vocabulary, prompt) -> tuple[int, int]:

@@ -33,7 +33,10 @@ is drawn from l_uncond + G * (l_cond - l_uncond) and fed to both. G = 1 is plain
 sampling and runs the plain B-row function: it costs nothing extra. G = 0 samples
 exactly as a STYLE:unknown prompt would. With controls the twin reads no control token
 either (they are left out of its prompt, and it skips them in the loop), so guidance
-strengthens the controls with the style; the rows then each keep their own position.
+strengthens the controls with the style; the rows then each keep their own position. With
+a `steered_guidance` the twins of rows with a style read the controls instead, and those
+rows are drawn at that G: guidance pulls towards the style within the controls
+(`controls.steered_twins`).
 
 Infilling (`gaps`, mgpt/sample/fim.py): a row fills the gap of a piece. Its prompt is the FIM
 prompt (prefix, suffix and the time left, then the state where the middle goes on), and
@@ -473,10 +476,15 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
 
     # R model rows: B, or 2B under guidance (row B + b: row b with STYLE:unknown).
     twin = (lambda x_B: x_B) if guidance is None else (lambda x_B: jnp.concatenate([x_B, x_B]))
-    # Guidance with controls: the twins read neither the style nor the controls (`_twin_prompt`).
+    # Guidance with controls: the twins read neither the style nor the controls (`_twin_prompt`),
+    # except the twins of rows with a style where the plan says so (`controls.steered_twins`):
+    # those read the controls, and each row has its own G.
     apart = guidance is not None and limits.controls is not None
+    styled_B = None
+    if apart and limits.controls.styled_B is not None:
+        styled_B, guidance = limits.controls.styled_B, limits.controls.guidance_B[:, None]
     if apart:
-        twin_prompt_BxP, twin_lengths_B = _twin_prompt(prompt_BxP, lengths_B, tables)
+        twin_prompt_BxP, twin_lengths_B = _twin_prompt(prompt_BxP, lengths_B, tables, styled_B)
         prompt_RxP = jnp.concatenate([prompt_BxP, twin_prompt_BxP])
         lengths_R = jnp.concatenate([lengths_B, twin_lengths_B])
     else:
@@ -522,7 +530,8 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
         counted_B = emit_B if forced_B is None else emit_B & ~forced_B
         # A twin that skips a control token feeds it at its next free position, which its next
         # event overwrites before anything reads it, and keeps the logits it had.
-        emit_R = twin(emit_B) if not apart else jnp.concatenate([emit_B, counted_B])
+        twin_emit_B = counted_B if styled_B is None else jnp.where(styled_B, emit_B, counted_B)
+        emit_R = twin(emit_B) if not apart else jnp.concatenate([emit_B, twin_emit_B])
         end_R = twin(s.end_B) if not apart else jnp.concatenate([s.end_B, s.twin_end_B])
         logits_Rx1xV, cache = model.decode(twin(token_B)[:, None], end_R[:, None], s.cache, s.heard_RxP)
         heard_RxP = s.heard_RxP
@@ -532,8 +541,8 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
         open_BxP, onset_BxP = track_notes(r, token_B, emit_B, tables)
         if apart:
             next_BxV, twin_next_BxV = jnp.split(logits_Rx1xV[:, 0], 2)
-            twin_next_BxV = jnp.where(counted_B[:, None], twin_next_BxV, s.twin_logits_BxV)
-            twin_end_B = s.twin_end_B + counted_B
+            twin_next_BxV = jnp.where(twin_emit_B[:, None], twin_next_BxV, s.twin_logits_BxV)
+            twin_end_B = s.twin_end_B + twin_emit_B
         else:
             next_BxV, twin_next_BxV, twin_end_B = guided_logits(logits_Rx1xV[:, 0], guidance), None, None
         control_B = controls_lib.advance(limits.controls, r.control_B, r.steps_B, jnp.where(emit_B, new_steps_B, r.steps_B),
@@ -609,13 +618,17 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
     return state.tokens_BxW, state.end_B, state.rows
 
 
-def _twin_prompt(prompt_BxP, lengths_B, tables):
+def _twin_prompt(prompt_BxP, lengths_B, tables, styled_B=None):
     """The unconditional twins' prompts under guidance with controls: STYLE:unknown, and every
     control token left out (the rest moves up; twin_lengths_B says how much is left). A model
     trained with control dropout has seen rows without them; the event is then drawn from
-    l_uncond + G * (l_cond - l_uncond), which pushes towards the style and the controls together."""
+    l_uncond + G * (l_cond - l_uncond), which pushes towards the style and the controls together.
+    Rows where styled_B is True keep their control tokens: only their STYLE is unknown."""
     batch, prompt_len = prompt_BxP.shape
-    keep_BxP = (prompt_BxP < tables["control_offset"]) & (jnp.arange(prompt_len)[None, :] < lengths_B[:, None])
+    keep_BxP = prompt_BxP < tables["control_offset"]
+    if styled_B is not None:
+        keep_BxP = keep_BxP | styled_B[:, None]
+    keep_BxP = keep_BxP & (jnp.arange(prompt_len)[None, :] < lengths_B[:, None])
     to_BxP = jnp.where(keep_BxP, jnp.cumsum(keep_BxP, axis=1) - 1, prompt_len)
     twin_BxP = jnp.zeros_like(prompt_BxP).at[jnp.arange(batch)[:, None], to_BxP].set(prompt_BxP, mode="drop")
     return twin_BxP.at[:, 0].set(tables["unknown_style_id"]), jnp.sum(keep_BxP, axis=1).astype(lengths_B.dtype)
@@ -686,6 +699,7 @@ class Job:
     gaps: Sequence | None
     hard_limits: "limits_lib.HardLimits | None"
     controls: "list[controls_lib.Timeline] | None"
+    steered_guidance: float | None = None
 
 
 def prepare(
@@ -708,6 +722,7 @@ def prepare(
     gaps: Sequence | None = None,
     hard_limits: limits_lib.HardLimits | None = None,
     controls: controls_lib.Timeline | Sequence[controls_lib.Timeline] | None = None,
+    steered_guidance: float | None = None,
 ) -> Job:
     """`generate_tokens`' checks (ValueError naming the argument) and resolved settings."""
     cfg = model.cfg
@@ -736,8 +751,8 @@ def prepare(
     max_note_steps = note_steps(vocab, max_note_seconds)
     if not (math.isfinite(guidance) and guidance >= 0):
         raise ValueError(f"guidance must be a finite number >= 0 (1 = off), got {guidance}")
-    # None selects the plain B-row trace of sample_window: G = 1 must cost nothing.
-    guidance = None if guidance == 1 else jnp.asarray(guidance, jnp.float32)
+    if steered_guidance is not None and not (math.isfinite(steered_guidance) and steered_guidance >= 0):
+        raise ValueError(f"steered_guidance must be a finite number >= 0 (1 = off), got {steered_guidance}")
     if gaps is not None:
         if len(gaps) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(gaps)} gaps")
@@ -764,9 +779,17 @@ def prepare(
             raise ValueError("controls need a model trained with control tokens (data.control_seconds > 0)")
         if gaps is not None:
             raise ValueError("controls and infilling cannot be combined yet")
+    # Steered guidance acts on rows with a style that are asked for controls (controls.steered_twins).
+    if controls is None or not any(int(p[0]) != vocab.unknown_style_id and not t.empty
+                                   for p, t in zip(prompts, controls)):
+        steered_guidance = None
+    # None selects the plain B-row trace of sample_window: G = 1 must cost nothing.
+    plain = guidance == 1 and steered_guidance in (None, 1)
+    guidance = None if plain else jnp.asarray(guidance, jnp.float32)
     return Job(model=model, vocab=vocab, prompts=prompts, seeds=list(seeds), max_events=max_events,
                max_steps=max_steps, max_note_steps=max_note_steps, settings=settings, tables=tables,
-               guidance=guidance, batch_size=batch_size, gaps=gaps, hard_limits=hard_limits, controls=controls)
+               guidance=guidance, batch_size=batch_size, gaps=gaps, hard_limits=hard_limits, controls=controls,
+               steered_guidance=None if plain or steered_guidance is None else float(steered_guidance))
 
 
 def windowed(job: Job) -> list[np.ndarray]:
@@ -780,7 +803,7 @@ def windowed(job: Job) -> list[np.ndarray]:
             graphdef, params, j.model.cfg.max_len, j.vocab, j.prompts[rows], j.seeds[rows],
             j.max_events, j.max_steps, j.max_note_steps[rows], j.settings, j.tables, j.guidance,
             gaps=None if j.gaps is None else j.gaps[rows], hard_limits=j.hard_limits,
-            controls=None if j.controls is None else j.controls[rows],
+            controls=None if j.controls is None else j.controls[rows], steered_guidance=j.steered_guidance,
         )
     return out
 
@@ -822,7 +845,7 @@ def window_prompt(row: list[int], window: int, vocab: Vocabulary) -> list[int]:
 
 
 def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events, max_steps, max_note_steps,
-                    settings, tables, guidance, gaps=None, hard_limits=None, controls=None):
+                    settings, tables, guidance, gaps=None, hard_limits=None, controls=None, steered_guidance=None):
     """One batch through as many windows as its longest row needs (see the module docstring).
 
     With `gaps` each window's prompt is the FIM prompt of its row (`mgpt.sample.fim.prompt`): the
@@ -846,6 +869,8 @@ def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events,
         budget = int(np.max(max_steps))  # one budget for all rows, or per row (then the largest)
         plan = controls_lib.plan(vocab, controls, offsets, batch, None if budget >= np.iinfo(np.int32).max
                                  else budget)
+        if guidance is not None:
+            plan = controls_lib.steered_twins(plan, vocab, prompts, controls, float(guidance), steered_guidance)
         state = state.replace(control_B=np.zeros(batch, np.int32))  # the first group: right after the prompt
         if plan.cap_BxS is not None:  # the guards count the primer's notes in its last segment
             notes_B, sum_B = np.zeros(batch, np.int32), np.zeros(batch, np.int32)
