@@ -196,6 +196,7 @@ def test_corrupt_or_empty_primer_is_a_clear_error(workdir, tmp_path):
 def test_bad_sampling_flags_name_the_flag(workdir, tmp_path):
     for flag, message in [("--temperature=0", "--temperature must be > 0"), ("--top_p=1.5", "--top_p must be in"),
                           ("--max_events=0", "--max_events must be >= 1"), ("--guidance=-1", "--guidance must be"),
+                          ("--steered_guidance=-1", "--steered_guidance must be"),
                           ("--max_copy_seconds=-2", "--max_copy_seconds must be >= 0"),
                           ("--copy_tries=0", "--copy_tries must be an integer >= 1")]:
         with pytest.raises(SystemExit, match=message):
@@ -778,6 +779,39 @@ def test_a_model_trained_with_style_dropout_samples_with_guidance_by_default(tmp
     resumed = generate.generate_corpus(run(0.1), old, num_samples=2, styles=["bach"], seed=5, sampling=sampling,
                                        progress=False, max_copy_seconds=0)
     assert [e["settings"]["guidance"] for e in resumed] == [1.0, 1.0] and resumed[0] == plain_entries[0]
+
+
+def test_the_steered_guidance_reaches_the_sampler_and_the_manifest(tmp_path, monkeypatch):
+    from mgpt.sample import sampler
+
+    seen = []
+    prepare = sampler.prepare
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("steered_guidance"))
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(sampler, "prepare", spy)
+    vocab = Vocabulary(["bach"]).with_controls(
+        {"seconds": 0.5, "levels": 8, "edges": {n: [float(i) for i in range(1, 8)] for n in ("density", "polyphony",
+                                                                                          "register", "loudness")}})
+    from flax import nnx
+
+    from mgpt.model import GPT, ModelConfig
+
+    model = GPT(ModelConfig(vocab_size=vocab.size, num_layers=1, num_heads=2, d_model=32, mlp_dim=64, max_len=32),
+                rngs=nnx.Rngs(0))
+    run = generate.Run(model=model, vocab=vocab, config=None)
+    steered = generate.Sampling(max_events=8, max_note_seconds=0, guidance=1.5, controls="density=2",
+                                steered_guidance=2)
+    entries = generate.generate_corpus(run, tmp_path / "a", num_samples=1, styles=["bach"], sampling=steered,
+                                       progress=False, max_copy_seconds=0)
+    assert seen[-1] == 2.0 and entries[0]["settings"]["steered_guidance"] == 2.0
+    plain = dataclasses.replace(steered, controls=None)  # nothing steered: recorded as off, as older manifests read
+    entries = generate.generate_corpus(run, tmp_path / "b", num_samples=1, styles=["bach"], sampling=plain,
+                                       progress=False, max_copy_seconds=0)
+    assert entries[0]["settings"]["steered_guidance"] is None
+    assert generate.Sampling(controls="density=2").steered_guidance is None  # off unless asked for
 
 
 def test_bad_hard_limit_flags_name_the_flag(workdir, tmp_path):

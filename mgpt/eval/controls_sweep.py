@@ -251,6 +251,9 @@ def controls_cost(*, run, vocab, train, test, num_samples: int, styles: Sequence
               "crop_seconds": o.crop_seconds}  # what the classifier and the features read of each piece
     prompts = run.prompts([s for s, _, _ in plan])
     seeds = [seed for _, seed, _ in plan]
+    # The guidances the two kinds of piece are drawn with (the steered one reads only `steered`).
+    resolved = run.sampling(dataclasses.replace(sampling, controls="steered"), prompts)
+    result.update(guidance=resolved.guidance, steered_guidance=resolved.steered_guidance)
     asked = np.concatenate([reference_levels(ref_notes, spec, whole) for _, _, ref_notes in plan])
     sets = {"plain": None, "steered": None}  # name -> the one control asked for (None: all of them)
     if each:
@@ -299,7 +302,9 @@ def write_controls_cost(result: dict) -> str:
              f"{', '.join(result['styles'])}, each generated plain and asked for a real "
              f"{result.get('timelines_split', 'test')} piece's controls (its own style's), segment by segment"
              + (" (" + ", ".join(f"{n} {s}" for s, n in result["timelines_from"].items()) + " pieces)."
-                if result.get("timelines_from") else "."), "",
+                if result.get("timelines_from") else ".")
+             + (f" Guidance: plain {result['guidance']:g}, steered {result['steered_guidance']:g} (its twin reads "
+                "the controls)." if result.get("steered_guidance") is not None else ""), "",
              "| pieces | style accuracy | mean overlap | overlap / ceiling | against plain: style, overlap / ceiling "
              "(points) |", "|---|---|---|---|---|"]
     plain = result["rows"].get("plain", {})

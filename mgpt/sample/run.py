@@ -213,6 +213,10 @@ class Sampling:
     max_seconds: float | None = None
     max_note_seconds: float | None = None  # the note-length guard: None = from the data, 0 = off
     guidance: float | None = None  # style guidance G (1 = off; None = the run's default, `Run.sampling`)
+    # With controls: the guidance of a piece with a style, whose twin then reads the controls, so G pulls
+    # towards the style within them (mgpt.sample.controls.steered_twins). None: its twin reads neither, and
+    # `guidance` pulls towards the style and the controls together (docs/controls.md measures both).
+    steered_guidance: float | None = None
     # Hard limits, held on every sampled event by the sampler's mask (mgpt/sample/limits.py). A range
     # is (lo, hi) or the text 'lo-hi'; None = no limit.
     pitch_range: tuple[int, int] | str | None = None
@@ -277,14 +281,17 @@ class Sampling:
                             "their length in seconds (--max_seconds), not in events")
         if self.max_note_seconds is not None and not self.max_note_seconds >= 0:
             raise UserError(f"--max_note_seconds must be >= 0 (0 = off), got {self.max_note_seconds}")
-        if self.guidance is not None:
+        for name in ("guidance", "steered_guidance"):
+            value = getattr(self, name)
+            if value is None:
+                continue
             try:
-                guidance_ok = np.isfinite(float(self.guidance)) and float(self.guidance) >= 0
+                guidance_ok = np.isfinite(float(value)) and float(value) >= 0
             except (TypeError, ValueError):
                 guidance_ok = False
             if not guidance_ok:
-                raise UserError(f"--guidance must be a number >= 0 (1 = off), got {self.guidance!r}")
-            object.__setattr__(self, "guidance", float(self.guidance))  # a plain float for the manifest's JSON
+                raise UserError(f"--{name} must be a number >= 0 (1 = off), got {value!r}")
+            object.__setattr__(self, name, float(value))  # a plain float for the manifest's JSON
         from mgpt.sample.limits import HardLimits, parse_range
 
         try:
@@ -338,7 +345,8 @@ class Sampling:
                 "scale_guard": bool(self.scale_guard and self.mode_guard and self.asks("mode")),
                 "loudness_guard": bool(self.loudness_guard and self.asks("loudness")),
                 "polyphony_guard": bool(self.polyphony_guard and self.asks("polyphony")),
-                "control_tries": int(self.control_tries) if self.steered else 1}
+                "control_tries": int(self.control_tries) if self.steered else 1,
+                "steered_guidance": self.steered_guidance if self.steered else None}
 
     def asks(self, control: str) -> bool:
         """Whether --controls names `control` (or --mood sets it): a guard on a control nobody asks
@@ -357,7 +365,7 @@ GUARDS = ("density_guard", "register_guard", "polyphony_guard", "mode_guard", "s
 
 def define_guard_flags(flags, kw: dict) -> None:
     """--density_guard, --register_guard, --polyphony_guard, --mode_guard, --scale_guard,
-    --loudness_guard and --control_tries, defaulting to Sampling's."""
+    --loudness_guard, --control_tries and --steered_guidance, defaulting to Sampling's."""
     flags.DEFINE_bool("density_guard", Sampling.density_guard, "With a density asked for: each control segment "
                       "strikes as many notes as its level holds, no more (NOTE_ON masked) and no fewer (leaving it "
                       "masked); false = the model's own density.", **kw)
@@ -379,11 +387,17 @@ def define_guard_flags(flags, kw: dict) -> None:
     flags.DEFINE_integer("control_tries", Sampling.control_tries, "With controls asked for: each control segment "
                          "is drawn this many times and the draw whose measured levels are nearest the asked ones is "
                          "kept (about ten times the work at 4: docs/controls.md); 1 = one draw.", **kw)
+    flags.DEFINE_float("steered_guidance", None, "With controls asked for, the guidance of a piece with a style: its "
+                       "twin reads the controls, so G pulls towards the style within them (2 keeps more of the "
+                       "style when following a whole timeline: docs/controls.md). Default: off, --guidance pulls "
+                       "towards the style and the controls together.", **kw)
 
 
 def guard_settings(f) -> dict:
-    """The guard flags (and --control_tries) of parsed flags `f`, as Sampling's keyword arguments."""
-    return {**{name: getattr(f, name) for name in GUARDS}, "control_tries": f.control_tries}
+    """The guard flags (and --control_tries, --steered_guidance) of parsed flags `f`, as Sampling's
+    keyword arguments."""
+    return {**{name: getattr(f, name) for name in GUARDS}, "control_tries": f.control_tries,
+            "steered_guidance": f.steered_guidance}
 
 
 # ----------------------------------------------------------------------------- a loaded run
@@ -503,7 +517,7 @@ class Run:
         kwargs = dict(
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
             greedy=sampling.greedy, guidance=sampling.guidance, batch_size=batch_size,
-            hard_limits=sampling.hard_limits(), controls=controls,
+            hard_limits=sampling.hard_limits(), controls=controls, steered_guidance=sampling.steered_guidance,
             **(sampling.budget() if gaps is None else {"max_events": sampling.max_events}),
         )
         limits = [self.max_note_seconds(p, sampling) for p in prompts]
