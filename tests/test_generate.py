@@ -787,9 +787,10 @@ def test_the_steered_guidance_reaches_the_sampler_and_the_manifest(tmp_path, mon
     seen = []
     prepare = sampler.prepare
 
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("steered_guidance"))
-        return prepare(*args, **kwargs)
+    def spy(*args, **kwargs):  # what the sampler's job keeps
+        job = prepare(*args, **kwargs)
+        seen.append(job.steered_guidance)
+        return job
 
     monkeypatch.setattr(sampler, "prepare", spy)
     vocab = Vocabulary(["bach"]).with_controls(
@@ -812,6 +813,9 @@ def test_the_steered_guidance_reaches_the_sampler_and_the_manifest(tmp_path, mon
                                        progress=False, max_copy_seconds=0)
     assert entries[0]["settings"]["steered_guidance"] is None
     assert generate.Sampling(controls="density=2").steered_guidance is None  # off unless asked for
+    with pytest.raises(generate.UserError, match="--steered_guidance needs style guidance"):  # G = 1: one line
+        generate.generate_corpus(run, tmp_path / "c", num_samples=1, styles=["bach"], progress=False,
+                                 sampling=dataclasses.replace(steered, guidance=1.0), max_copy_seconds=0)
 
 
 def test_bad_hard_limit_flags_name_the_flag(workdir, tmp_path):

@@ -181,37 +181,42 @@ def test_under_guidance_the_twin_reads_neither_the_style_nor_the_controls(model)
 def test_steered_guidance_pulls_a_styled_piece_towards_its_style_within_the_controls(model):
     # With a steered guidance, a row with a style has a twin that reads the controls: at 0 its events
     # are drawn from that twin alone, so they are those of a STYLE:unknown piece asked for the same
-    # controls, control tokens included. In the same batch an unconditional row keeps the job's G
-    # and a twin that reads nothing: at 0, a STYLE:unknown piece asked for nothing.
+    # controls, control tokens included, across windows too. In the same batch an unconditional row
+    # keeps the job's G (here 0 and 3) and a twin that reads nothing: at 0, within a window, a
+    # STYLE:unknown piece asked for nothing.
     timeline = controls.parse(VOCAB, "0:density=2;0.4:density=7", density_guard=False)
     seeds = [3, 4, 5, 6]
     unknown = np.array([VOCAB.unknown_style_id])
-    guided = generate_tokens(model, VOCAB, [np.array([STYLE])] * 2 + [unknown] * 2, seeds=seeds, max_events=12,
-                             temperature=1.3, guidance=0.0, steered_guidance=0.0, controls=timeline)
-    within = generate_tokens(model, VOCAB, [unknown] * 2, seeds=seeds[:2], max_events=12, temperature=1.3,
+    prompts = [np.array([STYLE])] * 2 + [unknown] * 2
+    guided = generate_tokens(model, VOCAB, prompts, seeds=seeds, max_events=40, temperature=1.3, guidance=0.0,
+                             steered_guidance=0.0, controls=timeline)
+    within = generate_tokens(model, VOCAB, [unknown] * 2, seeds=seeds[:2], max_events=40, temperature=1.3,
                              controls=timeline)
-    free = generate_tokens(model, VOCAB, [unknown] * 2, seeds=seeds[2:], max_events=12, temperature=1.3)
+    free = generate_tokens(model, VOCAB, [unknown] * 2, seeds=seeds[2:], max_events=40, temperature=1.3)
     for g, w in zip(guided[:2], within):
-        assert len(g) < CFG.max_len  # one window
+        assert len(g) > CFG.max_len  # past the first window
         np.testing.assert_array_equal(g[1:], w[1:])
     assert sum(int(np.sum(VOCAB.is_control(g)[2:])) for g in guided[:2]) > 0  # groups written mid-stream too
-    for g, f in zip(guided[2:], free):
-        is_control = VOCAB.is_control(g)
-        np.testing.assert_array_equal(g[1:][~is_control[1:]], f[1:])
+    for g, f in zip(guided[2:], free):  # within the first window (a twin that skips tokens slides apart)
+        first = g[:CFG.max_len]
+        events = first[1:][~VOCAB.is_control(first)[1:]]
+        np.testing.assert_array_equal(events, f[1:1 + len(events)])
+    # Each row its own G: the unconditional rows at 3 now differ, the styled ones at 0 do not.
+    mixed = generate_tokens(model, VOCAB, prompts, seeds=seeds, max_events=40, temperature=1.3, guidance=3.0,
+                            steered_guidance=0.0, controls=timeline)
+    for m, w in zip(mixed[:2], within):
+        np.testing.assert_array_equal(m[1:], w[1:])
+    assert any(not np.array_equal(m, g) for m, g in zip(mixed[2:], guided[2:]))
     # Without a steered guidance every twin reads neither, as before: the styled rows then differ.
     old = generate_tokens(model, VOCAB, [np.array([STYLE])] * 2, seeds=seeds[:2], max_events=12, temperature=1.3,
                           guidance=0.0, controls=timeline)
     assert any(not np.array_equal(o[1:], w[1:]) for o, w in zip(old, within))
-    # At 1 with the job's G at 1 nothing is guided: the plain sampler's pieces.
-    ones = generate_tokens(model, VOCAB, [np.array([STYLE])] * 2, seeds=seeds[:2], max_events=12, temperature=1.3,
-                           steered_guidance=1.0, controls=timeline)
-    plain = generate_tokens(model, VOCAB, [np.array([STYLE])] * 2, seeds=seeds[:2], max_events=12, temperature=1.3,
-                            controls=timeline)
-    for o, p in zip(ones, plain):
-        np.testing.assert_array_equal(o, p)
+    # With G = 1 (no guidance) it is refused: the plain trace's pieces depend on nothing else in the batch.
+    with pytest.raises(ValueError, match="steered_guidance needs guidance"):
+        generate_tokens(model, VOCAB, prompts, seeds=seeds, max_events=4, steered_guidance=2.0, controls=timeline)
     with pytest.raises(ValueError, match="steered_guidance must be"):
-        generate_tokens(model, VOCAB, [np.array([STYLE])], seeds=[0], max_events=4, steered_guidance=-1.0,
-                        controls=timeline)
+        generate_tokens(model, VOCAB, [np.array([STYLE])], seeds=[0], max_events=4, guidance=1.5,
+                        steered_guidance=-1.0, controls=timeline)
 
 
 def _eager_model(sparse: bool = False, vocab=VOCAB, on: float = 2.0, off: float = 0.0, high_from: int | None = None):

@@ -290,7 +290,8 @@ class Sampling:
             except (TypeError, ValueError):
                 guidance_ok = False
             if not guidance_ok:
-                raise UserError(f"--{name} must be a number >= 0 (1 = off), got {value!r}")
+                raise UserError(f"--{name} must be a number >= 0{' (1 = off)' if name == 'guidance' else ''}, "
+                                f"got {value!r}")
             object.__setattr__(self, name, float(value))  # a plain float for the manifest's JSON
         from mgpt.sample.limits import HardLimits, parse_range
 
@@ -389,8 +390,9 @@ def define_guard_flags(flags, kw: dict) -> None:
                          "kept (about ten times the work at 4: docs/controls.md); 1 = one draw.", **kw)
     flags.DEFINE_float("steered_guidance", None, "With controls asked for, the guidance of a piece with a style: its "
                        "twin reads the controls, so G pulls towards the style within them (2 keeps more of the "
-                       "style when following a whole timeline: docs/controls.md). Default: off, --guidance pulls "
-                       "towards the style and the controls together.", **kw)
+                       "style when following a whole timeline: docs/controls.md). Needs style guidance (a model "
+                       "trained with style dropout, --guidance != 1). Default: off, --guidance pulls towards the "
+                       "style and the controls together.", **kw)
 
 
 def guard_settings(f) -> dict:
@@ -511,6 +513,10 @@ class Run:
                 raise ValueError(f"{len(timelines)} timelines for {len(prompts)} prompts")
             sampling = dataclasses.replace(sampling, controls=next((t for t in timelines if t), sampling.controls))
         sampling = self.sampling(sampling, prompts)
+        if sampling.steered_guidance is not None and sampling.guidance == 1 and sampling.steered \
+                and any(int(p[0]) != self.vocab.unknown_style_id for p in prompts):
+            raise UserError("--steered_guidance needs style guidance, and here it is off (--guidance=1, or a model "
+                            "trained without data.style_dropout)")
         controls = sampling.timeline(self.vocab)
         if timelines is not None:
             controls = [dataclasses.replace(sampling, controls=t).timeline(self.vocab) for t in timelines]

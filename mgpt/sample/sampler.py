@@ -661,9 +661,12 @@ def generate_tokens(model: GPT, vocab: Vocabulary, prompts: Sequence[np.ndarray]
     `controls` (`mgpt.sample.controls.Timeline`, one for all prompts or one per prompt; the
     vocabulary must have control tokens) are written at each segment's opening of the piece's
     clock, the first right after the prompt; an empty timeline samples exactly as none.
+    `steered_guidance` G_s (with controls and guidance != 1): rows with a style are drawn at G_s
+    from a twin that reads their controls (`controls.steered_twins`); None: every twin reads
+    neither, at `guidance`.
 
     `options` are `prepare`'s keyword arguments (seeds, the budgets, the sampling settings, the
-    guards, guidance, batch_size, gaps, hard_limits, controls), checked there.
+    guards, guidance, batch_size, gaps, hard_limits, controls, steered_guidance), checked there.
 
     Returns, per prompt, the full row: prompt + new events, up to and excluding
     EOS (int32). Budgets: `max_events` new events and/or `max_seconds` of music
@@ -752,7 +755,7 @@ def prepare(
     if not (math.isfinite(guidance) and guidance >= 0):
         raise ValueError(f"guidance must be a finite number >= 0 (1 = off), got {guidance}")
     if steered_guidance is not None and not (math.isfinite(steered_guidance) and steered_guidance >= 0):
-        raise ValueError(f"steered_guidance must be a finite number >= 0 (1 = off), got {steered_guidance}")
+        raise ValueError(f"steered_guidance must be a finite number >= 0, got {steered_guidance}")
     if gaps is not None:
         if len(gaps) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(gaps)} gaps")
@@ -783,13 +786,17 @@ def prepare(
     if controls is None or not any(int(p[0]) != vocab.unknown_style_id and not t.empty
                                    for p, t in zip(prompts, controls)):
         steered_guidance = None
+    if steered_guidance is not None and guidance == 1:
+        # G = 1 runs the plain trace, whose pieces depend on nothing else in the batch: a steered row
+        # would put every row of the job through the guided one.
+        raise ValueError("steered_guidance needs guidance != 1 (the pieces without a style would be drawn "
+                         "through the guided sampler)")
     # None selects the plain B-row trace of sample_window: G = 1 must cost nothing.
-    plain = guidance == 1 and steered_guidance in (None, 1)
-    guidance = None if plain else jnp.asarray(guidance, jnp.float32)
+    guidance = None if guidance == 1 else jnp.asarray(guidance, jnp.float32)
     return Job(model=model, vocab=vocab, prompts=prompts, seeds=list(seeds), max_events=max_events,
                max_steps=max_steps, max_note_steps=max_note_steps, settings=settings, tables=tables,
                guidance=guidance, batch_size=batch_size, gaps=gaps, hard_limits=hard_limits, controls=controls,
-               steered_guidance=None if plain or steered_guidance is None else float(steered_guidance))
+               steered_guidance=None if steered_guidance is None else float(steered_guidance))
 
 
 def windowed(job: Job) -> list[np.ndarray]:
