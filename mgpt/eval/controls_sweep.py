@@ -251,10 +251,8 @@ def controls_cost(*, run, vocab, train, test, num_samples: int, styles: Sequence
               "crop_seconds": o.crop_seconds}  # what the classifier and the features read of each piece
     prompts = run.prompts([s for s, _, _ in plan])
     seeds = [seed for _, seed, _ in plan]
-    # The guidances the two kinds of piece are drawn with: Run.sampling reads only whether controls are
-    # asked for (`Sampling.steered`), so the placeholder text is never parsed.
-    resolved = run.sampling(dataclasses.replace(sampling, controls="steered"), prompts)
-    result.update(guidance=resolved.guidance, steered_guidance=resolved.steered_guidance)
+    # The guidances the pieces are drawn with (the prompts have styles: the run's default G for both sets).
+    result.update(guidance=run.sampling(sampling, prompts).guidance, steered_guidance=sampling.steered_guidance)
     asked = np.concatenate([reference_levels(ref_notes, spec, whole) for _, _, ref_notes in plan])
     sets = {"plain": None, "steered": None}  # name -> the one control asked for (None: all of them)
     if each:

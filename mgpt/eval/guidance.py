@@ -64,12 +64,15 @@ def guidance_sweep(
     refs = references(vocab, train, test, o, np.random.default_rng(o.seed), log)
     ceiling = mean_of(refs.train_vs_test, "overlap")
     rows, real_accuracy = [], None
+    def steered(g):  # a steered G is swept with the plain one; at G = 1 (no guidance) it is off
+        return None if sampling.steered_guidance is None or g == 1 else float(g)
+
     for g in guidances:
         folder = out_dir / f"guidance_{g:g}"
         log(f"guidance {g:g}: generating {num_samples} pieces into {folder}")
         corpus.generate_corpus(run, folder, num_samples=num_samples, styles=styles, seed=o.seed,
-                                 sampling=dataclasses.replace(sampling, guidance=float(g), steered_guidance=(
-                                     None if sampling.steered_guidance is None or g == 1 else float(g))), progress=progress,
+                                 sampling=dataclasses.replace(sampling, guidance=float(g), steered_guidance=steered(g)),
+                                 progress=progress,
                                  max_copy_seconds=0)  # measure the model, not the guard
         render.write_folder_gallery(folder)
         valid = [p for p in read_generated(folder, vocab) if p.valid]

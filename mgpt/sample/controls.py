@@ -295,6 +295,16 @@ def plan(vocab: Vocabulary, timelines, offsets_steps, batch: int, max_steps: int
                        if polyphonic else None)
 
 
+def steered_rows(vocab: Vocabulary, prompts, timelines) -> list[bool]:
+    """Which prompts have a style and ask for controls (`timelines`: one, or one per prompt): the
+    rows a steered guidance acts on (`steered_twins`)."""
+    if timelines is None:
+        return [False] * len(prompts)
+    if isinstance(timelines, Timeline):
+        timelines = [timelines] * len(prompts)
+    return [int(q[0]) != vocab.unknown_style_id and not t.empty for q, t in zip(prompts, timelines)]
+
+
 def steered_twins(p: ControlPlan, vocab: Vocabulary, prompts, timelines, guidance: float,
                   steered_guidance: float | None) -> ControlPlan:
     """`p` with its rows' guidance under controls (`ControlPlan.styled_B`, `guidance_B`).
@@ -309,8 +319,7 @@ def steered_twins(p: ControlPlan, vocab: Vocabulary, prompts, timelines, guidanc
         return p
     batch = p.offset_B.shape[0]
     styled_B = np.zeros(batch, bool)
-    styled_B[:len(prompts)] = [int(q[0]) != vocab.unknown_style_id and not t.empty
-                               for q, t in zip(prompts, timelines)]
+    styled_B[:len(prompts)] = steered_rows(vocab, prompts, timelines)
     guidance_B = np.where(styled_B, steered_guidance, guidance).astype(np.float32)
     return p.replace(styled_B=jnp.asarray(styled_B), guidance_B=jnp.asarray(guidance_B))
 

@@ -513,13 +513,15 @@ class Run:
                 raise ValueError(f"{len(timelines)} timelines for {len(prompts)} prompts")
             sampling = dataclasses.replace(sampling, controls=next((t for t in timelines if t), sampling.controls))
         sampling = self.sampling(sampling, prompts)
-        if sampling.steered_guidance is not None and sampling.guidance == 1 and sampling.steered \
-                and any(int(p[0]) != self.vocab.unknown_style_id for p in prompts):
-            raise UserError("--steered_guidance needs style guidance, and here it is off (--guidance=1, or a model "
-                            "trained without data.style_dropout)")
         controls = sampling.timeline(self.vocab)
         if timelines is not None:
             controls = [dataclasses.replace(sampling, controls=t).timeline(self.vocab) for t in timelines]
+        from mgpt.sample.controls import steered_rows
+
+        if sampling.steered_guidance is not None and sampling.guidance == 1 \
+                and any(steered_rows(self.vocab, prompts, controls)):
+            raise UserError("--steered_guidance needs style guidance, and here it is off (--guidance=1, or a model "
+                            "trained without data.style_dropout)")
         kwargs = dict(
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
             greedy=sampling.greedy, guidance=sampling.guidance, batch_size=batch_size,

@@ -782,10 +782,8 @@ def prepare(
             raise ValueError("controls need a model trained with control tokens (data.control_seconds > 0)")
         if gaps is not None:
             raise ValueError("controls and infilling cannot be combined yet")
-    # Steered guidance acts on rows with a style that are asked for controls (controls.steered_twins).
-    if controls is None or not any(int(p[0]) != vocab.unknown_style_id and not t.empty
-                                   for p, t in zip(prompts, controls)):
-        steered_guidance = None
+    if not any(controls_lib.steered_rows(vocab, prompts, controls)):
+        steered_guidance = None  # no row it acts on
     if steered_guidance is not None and guidance == 1:
         # G = 1 runs the plain trace, whose pieces depend on nothing else in the batch: a steered row
         # would put every row of the job through the guided one.
