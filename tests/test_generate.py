@@ -197,6 +197,7 @@ def test_bad_sampling_flags_name_the_flag(workdir, tmp_path):
     for flag, message in [("--temperature=0", "--temperature must be > 0"), ("--top_p=1.5", "--top_p must be in"),
                           ("--max_events=0", "--max_events must be >= 1"), ("--guidance=-1", "--guidance must be"),
                           ("--steered_guidance=-1", "--steered_guidance must be"),
+                          ("--prefer_style", "--prefer_style chooses among the draws"),
                           ("--max_copy_seconds=-2", "--max_copy_seconds must be >= 0"),
                           ("--copy_tries=0", "--copy_tries must be an integer >= 1")]:
         with pytest.raises(SystemExit, match=message):

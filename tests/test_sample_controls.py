@@ -791,3 +791,83 @@ def test_control_tries_end_pieces_where_one_draw_would_after_a_primer_and_long_r
     for row in rows + one:
         assert row[:3].tolist() == primer.tolist()
         assert 1.65 - 1.0 < VOCAB.seconds(row[3:]) <= 1.65  # within one shift of the budget, never past it
+
+
+def test_style_evidence_is_the_models_own_log_likelihood_ratio_of_the_new_events(model):
+    """--prefer_style's score: the new events' log-likelihood under the row's STYLE minus under
+    STYLE:unknown, control tokens left out, through the window the sampler would read next."""
+    import jax
+
+    from mgpt.sample import rerank
+    from mgpt.sample.run import Run
+    from mgpt.sample.sampler import window_prompt
+
+    run = Run(model=model, vocab=VOCAB)
+    rng = np.random.default_rng(0)
+    density = VOCAB.control_id("density", 3)
+
+    def events(n):
+        return list(rng.choice(np.r_[VOCAB.note_on_offset + 30:VOCAB.note_on_offset + 50,
+                                     VOCAB.time_shift_offset + 5:VOCAB.time_shift_offset + 20], n))
+
+    def by_hand(row, start):
+        ctx = window_prompt(row, CFG.max_len, VOCAB)
+        new = min(len(row) - start, len(ctx) - 1 if len(ctx) == len(row) else CFG.max_len // 4 - 1)
+        both = np.array([ctx, [VOCAB.unknown_style_id, *ctx[1:]]], np.int32)
+        logp = np.asarray(jax.nn.log_softmax(model(both), axis=-1))
+        return sum(logp[0, j - 1, ctx[j]] - logp[1, j - 1, ctx[j]] for j in range(len(ctx) - new, len(ctx))
+                   if not VOCAB.is_control(np.array(ctx[j])))
+
+    short = [STYLE, density, *events(8), density, *events(6)]  # the whole row in the window
+    long = [STYLE, density, *events(30), density, *events(10)]  # re-windowed: its last events
+    unknown = [VOCAB.unknown_style_id, *short[1:]]
+    got = rerank.style_evidence(run, [short, long, unknown, short], [10, 33, 10, len(short)])
+    np.testing.assert_allclose(got[:2], [by_hand(short, 10), by_hand(long, 33)], rtol=1e-4, atol=1e-4)
+    assert abs(got[0]) > 1e-3  # a random model reads the style: the test can tell a wrong alignment
+    assert got[2] == 0.0 and got[3] == 0.0  # no style, or no new events: nothing to prefer
+
+
+def test_prefer_style_keeps_the_draw_most_in_style_and_leaves_unconditional_pieces_alone(monkeypatch):
+    """Of each segment's draws equally near the controls, the one the model scores most in style is
+    kept (here a stand-in score: the higher a row's new notes, the more in style); a piece with no
+    style keeps the first draw, as without the option, and pieces without controls are chosen alike."""
+    from mgpt.errors import UserError
+    from mgpt.sample.run import Run, Sampling
+
+    pref_V = np.full(VOCAB.size, -100.0, np.float32)
+    pref_V[VOCAB.note_on_offset + 20:VOCAB.note_on_offset + 80] = 1.0
+    pref_V[VOCAB.note_off_offset + 20:VOCAB.note_off_offset + 80] = 1.0
+    pref_V[VOCAB.time_shift_offset + 10:VOCAB.time_shift_offset + 30] = 2.0  # a note or two between shifts
+    run = Run(model=context_free_model(dataclasses.replace(CFG, max_len=256), pref_V), vocab=VOCAB)  # pieces unwindowed
+
+    def high_notes_gain(tokens_BxL, unknown):
+        next_BxL = np.roll(np.asarray(tokens_BxL), -1, axis=1)
+        on = (next_BxL >= VOCAB.note_on_offset) & (next_BxL < VOCAB.note_off_offset)
+        return np.where(on, next_BxL - VOCAB.note_on_offset - 50.0, 0.0).astype(np.float32)
+
+    monkeypatch.setattr(Run, "scorer", lambda self: high_notes_gain)
+    off = {g: False for g in ("density_guard", "register_guard", "mode_guard", "polyphony_guard", "scale_guard",
+                              "loudness_guard")}
+    prompts = [np.array([STYLE], np.int32)] * 16 + [np.array([VOCAB.unknown_style_id], np.int32)] * 2
+    base = Sampling(max_seconds=2.0, max_note_seconds=0, guidance=1.0, controls="density=3", control_tries=4, **off)
+
+    def mean_pitch(rows):
+        return np.mean(np.concatenate([VOCAB.decode_notes(r).pitch for r in rows]))
+
+    first = run.sample_ids(prompts, list(range(18)), base)
+    chosen = run.sample_ids(prompts, list(range(18)), dataclasses.replace(base, prefer_style=True))
+    assert mean_pitch(chosen[:16]) > mean_pitch(first[:16]) + 4  # 7 semitones when written
+    for a, b in zip(first[16:], chosen[16:]):
+        np.testing.assert_array_equal(a, b)
+    # Without controls: every draw is as near, and the most in style is kept.
+    plain = dataclasses.replace(base, controls=None, prefer_style=True)
+    one = run.sample_ids(prompts[:16], list(range(16)), dataclasses.replace(plain, control_tries=1, prefer_style=False))
+    assert mean_pitch(run.sample_ids(prompts[:16], list(range(16)), plain)) > mean_pitch(one) + 4  # 14 when written
+    with pytest.raises(UserError, match=r"^--prefer_style chooses among the draws .* --control_tries=K with K > 1$"):
+        Sampling(prefer_style=True)
+    with pytest.raises(UserError, match=r"^--prefer_style must be true or false"):
+        Sampling(prefer_style="yes", control_tries=2)
+    import types
+    untrained = Run(model=run.model, vocab=VOCAB, config=types.SimpleNamespace(data=types.SimpleNamespace(style_dropout=0.0)))
+    with pytest.raises(UserError, match=r"^--prefer_style reads .* \(data.style_dropout = 0\)$"):
+        untrained.sample_ids(prompts[:1], [0], plain)

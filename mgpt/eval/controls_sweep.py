@@ -246,6 +246,7 @@ def controls_cost(*, run, vocab, train, test, num_samples: int, styles: Sequence
     result = {"num_samples": num_samples, "max_seconds": max_seconds, "styles": list(styles),
               "sampling": sampling.to_dict(), "overlap_ceiling": ceiling, "rows": {},
               "control_tries": int(sampling.control_tries),  # the steered sets' (to_dict records 1: no controls)
+              "prefer_style": bool(sampling.prefer_style),  # both sets' (rerank.py)
               "timelines_from": {s: len(ps) for s, ps in by_style.items()},  # real pieces per style
               "timelines_split": "test" if timelines_from is None else "held-out",
               "crop_seconds": o.crop_seconds}  # what the classifier and the features read of each piece
@@ -303,7 +304,10 @@ def write_controls_cost(result: dict) -> str:
              + (" (" + ", ".join(f"{n} {s}" for s, n in result["timelines_from"].items()) + " pieces)."
                 if result.get("timelines_from") else ".")
              + (f" Guidance: plain {result['guidance']:g}, steered {result['steered_guidance']:g} (its twin reads "
-                "the controls)." if result.get("steered_guidance") is not None else ""), "",
+                "the controls)." if result.get("steered_guidance") is not None else "")
+             + (f" Each control segment drawn {result['control_tries']} times, the draw nearest the asked controls "
+                "kept, of those the one the model reads most as its style (--prefer_style; the plain pieces "
+                "chosen alike)." if result.get("prefer_style") else ""), "",
              "| pieces | style accuracy | mean overlap | overlap / ceiling | against plain: style, overlap / ceiling "
              "(points) |", "|---|---|---|---|---|"]
     plain = result["rows"].get("plain", {})

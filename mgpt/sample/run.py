@@ -246,6 +246,10 @@ class Sampling:
     # With controls asked for: each control segment drawn this many times and the draw whose measured
     # levels are nearest the asked ones kept (mgpt/sample/rerank.py); 1 = one draw.
     control_tries: int = 1
+    # With control_tries > 1: of the draws equally near the asked controls, the one the model reads
+    # most as the piece's style kept (rerank.style_evidence); pieces with a style and no controls are
+    # then drawn segment by segment too, chosen alike. False: the first of them.
+    prefer_style: bool = False
 
     @property
     def steered(self) -> bool:
@@ -276,7 +280,13 @@ class Sampling:
         if isinstance(self.control_tries, bool) or not isinstance(self.control_tries, (int, np.integer)) \
                 or not 1 <= self.control_tries <= 64:
             raise UserError(f"--control_tries must be a whole number in 1..64, got {self.control_tries!r}")
-        if self.control_tries > 1 and self.steered and (self.max_seconds is None or self.max_events is not None):
+        if not isinstance(self.prefer_style, (bool, np.bool_)):
+            raise UserError(f"--prefer_style must be true or false, got {self.prefer_style!r}")
+        if self.prefer_style and self.control_tries < 2:
+            raise UserError("--prefer_style chooses among the draws of each control segment: give --control_tries=K "
+                            "with K > 1")
+        if self.control_tries > 1 and (self.steered or self.prefer_style) \
+                and (self.max_seconds is None or self.max_events is not None):
             raise UserError(f"--control_tries={self.control_tries} draws pieces a control segment at a time: give "
                             "their length in seconds (--max_seconds), not in events")
         if self.max_note_seconds is not None and not self.max_note_seconds >= 0:
@@ -346,7 +356,8 @@ class Sampling:
                 "scale_guard": bool(self.scale_guard and self.mode_guard and self.asks("mode")),
                 "loudness_guard": bool(self.loudness_guard and self.asks("loudness")),
                 "polyphony_guard": bool(self.polyphony_guard and self.asks("polyphony")),
-                "control_tries": int(self.control_tries) if self.steered else 1,
+                "control_tries": int(self.control_tries) if self.steered or self.prefer_style else 1,
+                "prefer_style": bool(self.prefer_style),
                 "steered_guidance": self.steered_guidance if self.steered else None}
 
     def asks(self, control: str) -> bool:
@@ -366,7 +377,7 @@ GUARDS = ("density_guard", "register_guard", "polyphony_guard", "mode_guard", "s
 
 def define_guard_flags(flags, kw: dict) -> None:
     """--density_guard, --register_guard, --polyphony_guard, --mode_guard, --scale_guard,
-    --loudness_guard, --control_tries and --steered_guidance, defaulting to Sampling's."""
+    --loudness_guard, --control_tries, --prefer_style and --steered_guidance, defaulting to Sampling's."""
     flags.DEFINE_bool("density_guard", Sampling.density_guard, "With a density asked for: each control segment "
                       "strikes as many notes as its level holds, no more (NOTE_ON masked) and no fewer (leaving it "
                       "masked); false = the model's own density.", **kw)
@@ -388,6 +399,9 @@ def define_guard_flags(flags, kw: dict) -> None:
     flags.DEFINE_integer("control_tries", Sampling.control_tries, "With controls asked for: each control segment "
                          "is drawn this many times and the draw whose measured levels are nearest the asked ones is "
                          "kept (about ten times the work at 4: docs/controls.md); 1 = one draw.", **kw)
+    flags.DEFINE_bool("prefer_style", Sampling.prefer_style, "With --control_tries=K > 1: of the draws nearest the "
+                      "asked controls, keep the one the model itself reads most as the piece's style (pieces with a "
+                      "style and no controls are then drawn K times a segment too); false = the first of them.", **kw)
     flags.DEFINE_float("steered_guidance", None, "With controls asked for, the guidance of a piece with a style: its "
                        "twin reads the controls, so G pulls towards the style within them (2 keeps more of the "
                        "style when following a whole timeline: docs/controls.md). Needs style guidance (a model "
@@ -396,10 +410,10 @@ def define_guard_flags(flags, kw: dict) -> None:
 
 
 def guard_settings(f) -> dict:
-    """The guard flags (and --control_tries, --steered_guidance) of parsed flags `f`, as Sampling's
+    """The guard flags (and --control_tries, --prefer_style, --steered_guidance) of parsed flags `f`, as Sampling's
     keyword arguments."""
     return {**{name: getattr(f, name) for name in GUARDS}, "control_tries": f.control_tries,
-            "steered_guidance": f.steered_guidance}
+            "prefer_style": f.prefer_style, "steered_guidance": f.steered_guidance}
 
 
 # ----------------------------------------------------------------------------- a loaded run
@@ -418,6 +432,7 @@ class Run:
     dataset_dir: str | None = None  # the training dataset when it is on this machine (the copy guard's)
     _replicas: dict = dataclasses.field(default_factory=dict, repr=False)
     _guard_fallbacks: set = dataclasses.field(default_factory=set, repr=False, init=False)  # styles warned about
+    _scorer: object = dataclasses.field(default=None, repr=False, init=False)  # `scorer`'s, once built
 
     @property
     def default_guidance(self) -> float:
@@ -474,6 +489,30 @@ class Run:
             self._replicas[key] = nnx.merge(graphdef, jax.device_put(state, device))
         return self._replicas[key]
 
+    def scorer(self):
+        """The jitted (tokens_BxL, unknown_style_id) -> float32 gain_BxL of `rerank.style_evidence`:
+        at position j, log p(token j + 1) under the row's own STYLE (token 0) minus under
+        STYLE:unknown, the rest of the row read alike. Built once per run."""
+        if self._scorer is None:
+            import jax
+            import jax.numpy as jnp
+            from flax import nnx
+
+            graphdef, params = nnx.split(self.model)
+
+            @jax.jit
+            def gain(params, tokens_BxL, unknown):
+                model = nnx.merge(graphdef, params)
+                twin_BxL = tokens_BxL.at[:, 0].set(unknown)
+                logp_RxLxV = jax.nn.log_softmax(model(jnp.concatenate([tokens_BxL, twin_BxL])), axis=-1)
+                next_BxL = jnp.roll(tokens_BxL, -1, axis=1)  # the last position's is never counted
+                got_RxL = jnp.take_along_axis(logp_RxLxV, jnp.concatenate([next_BxL, next_BxL])[..., None], -1)[..., 0]
+                styled_BxL, twin_BxL = jnp.split(got_RxL, 2)
+                return styled_BxL - twin_BxL
+
+            self._scorer = lambda tokens_BxL, unknown: gain(params, tokens_BxL, unknown)
+        return self._scorer
+
     def sample_ids(
         self,
         prompts: Sequence[np.ndarray],
@@ -499,8 +538,14 @@ class Run:
 
         from mgpt.sample import continuous, sampler
 
-        if sampling.control_tries > 1 and gaps is None and (sampling.steered or any(timelines or ())):
+        if sampling.control_tries > 1 and gaps is None and (sampling.steered or any(timelines or ())
+                                                             or sampling.prefer_style):
             from mgpt.sample import rerank
+
+            if sampling.prefer_style and self.config is not None \
+                    and not getattr(self.config.data, "style_dropout", 0.0):
+                raise UserError("--prefer_style reads how much more likely a draw is under its style than under "
+                                "STYLE:unknown, which this model was not trained on (data.style_dropout = 0)")
 
             texts = timelines if timelines is not None else [sampling.controls] * len(prompts)
             return rerank.sample_by_segment(self, prompts, seeds, sampling, texts, sampling.control_tries,
