@@ -8,12 +8,9 @@ conditioning token, exactly like the trainer's eval.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -21,6 +18,7 @@ from data_prep.vocab import Vocabulary
 from mgpt.music import ngram as ngram_lib
 from mgpt.errors import UserError
 from mgpt.eval.inputs import Model, Options, Piece
+from mgpt.model.kinds import target_log_probs
 
 LN2 = math.log(2.0)
 
@@ -39,14 +37,6 @@ def windows(pieces: Sequence[Piece], vocab: Vocabulary, seq_len: int) -> list[tu
         for seg in data_lib.piece_segments(np.asarray(p.tokens, np.int32), p.style, vocab, seq_len):
             out.append((i, seg["tokens"], seg["loss"].astype(bool)))
     return out
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _target_log_probs(graphdef, state, inputs_BxL, targets_BxL):
-    """log P(target) at every position, float32 BxL."""
-    logits_BxLxV = nnx.merge(graphdef, state)(inputs_BxL).astype(jnp.float32)
-    log_p_BxLxV = jax.nn.log_softmax(logits_BxLxV, axis=-1)
-    return jnp.take_along_axis(log_p_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
 
 
 EVENT_KINDS = ("NOTE_ON", "NOTE_OFF", "TIME_SHIFT", "VELOCITY", "other")
@@ -77,7 +67,7 @@ def model_nats(model, wins: Sequence[tuple[int, np.ndarray, np.ndarray]], seq_le
         for r, (_, w, predicted) in enumerate(chunk):
             rows_BxL1[r, : len(w)] = w
             mask_BxL[r, : len(w) - 1] = predicted[1:]
-        lp_BxL = np.asarray(_target_log_probs(graphdef, state, rows_BxL1[:, :-1], rows_BxL1[:, 1:]))
+        lp_BxL = np.asarray(target_log_probs(graphdef, state, rows_BxL1[:, :-1], rows_BxL1[:, 1:]))
         for r, (i, _, predicted) in enumerate(chunk):
             nats[i] -= float(lp_BxL[r][mask_BxL[r]].astype(np.float64).sum())
             count[i] += int(predicted.sum())

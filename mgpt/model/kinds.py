@@ -7,6 +7,10 @@ with `num_params()` and `flops_per_token(seq_len)`; every module class is called
 
 from __future__ import annotations
 
+import functools
+
+import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
@@ -47,3 +51,13 @@ def abstract_model(model_cfg: ml_collections.ConfigDict, vocab_size: int) -> nnx
     sharding, so no mesh is needed here."""
     with nnx.use_eager_sharding(False):
         return nnx.eval_shape(lambda: build_model(model_cfg, vocab_size, nnx.Rngs(0)))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def target_log_probs(graphdef, state, inputs_BxL, targets_BxL):
+    """float32 log p(targets_BxL | inputs_BxL) at every position, teacher-forced, for a model of
+    any kind split as `nnx.split(model)`: what the likelihood section and the sampler's style
+    choice (`Run.scorer`) both read."""
+    logits_BxLxV = nnx.merge(graphdef, state)(inputs_BxL).astype(jnp.float32)
+    log_p_BxLxV = jax.nn.log_softmax(logits_BxLxV, axis=-1)
+    return jnp.take_along_axis(log_p_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]

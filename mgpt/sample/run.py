@@ -494,23 +494,22 @@ class Run:
         at position j, log p(token j + 1) under the row's own STYLE (token 0) minus under
         STYLE:unknown, the rest of the row read alike. Built once per run."""
         if self._scorer is None:
-            import jax
             import jax.numpy as jnp
             from flax import nnx
 
+            from mgpt.model.kinds import target_log_probs
+
             graphdef, params = nnx.split(self.model)
 
-            @jax.jit
-            def gain(params, tokens_BxL, unknown):
-                model = nnx.merge(graphdef, params)
+            def gain(tokens_BxL, unknown):
                 twin_BxL = tokens_BxL.at[:, 0].set(unknown)
-                logp_RxLxV = jax.nn.log_softmax(model(jnp.concatenate([tokens_BxL, twin_BxL])), axis=-1)
                 next_BxL = jnp.roll(tokens_BxL, -1, axis=1)  # the last position's is never counted
-                got_RxL = jnp.take_along_axis(logp_RxLxV, jnp.concatenate([next_BxL, next_BxL])[..., None], -1)[..., 0]
+                got_RxL = target_log_probs(graphdef, params, jnp.concatenate([tokens_BxL, twin_BxL]),
+                                           jnp.concatenate([next_BxL, next_BxL]))
                 styled_BxL, twin_BxL = jnp.split(got_RxL, 2)
                 return styled_BxL - twin_BxL
 
-            self._scorer = lambda tokens_BxL, unknown: gain(params, tokens_BxL, unknown)
+            self._scorer = gain
         return self._scorer
 
     def sample_ids(
