@@ -490,7 +490,8 @@ class Run:
         return self._replicas[key]
 
     def scorer(self):
-        """The jitted (tokens_BxL, unknown_style_id) -> float32 gain_BxL of `rerank.style_evidence`:
+        """The (tokens_BxL, unknown_style_id) -> float32 gain_BxL of `rerank.style_evidence` (its
+        forward pass the jitted `target_log_probs`):
         at position j, log p(token j + 1) under the row's own STYLE (token 0) minus under
         STYLE:unknown, the rest of the row read alike. Built once per run."""
         if self._scorer is None:
