@@ -233,6 +233,7 @@ print(json.dumps({k: events.count("/jax/compilation_cache/" + k) for k in ("cach
 """
 
 
+@pytest.mark.slow
 def test_a_second_generate_on_a_run_loads_its_sampler_from_the_runs_cache(tmp_path):
     workdir = str(tmp_path / "run")
     _save_checkpoint(workdir, Vocabulary(STYLES))

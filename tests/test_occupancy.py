@@ -324,6 +324,7 @@ def heard_model():
     return m
 
 
+@pytest.mark.slow
 def test_a_model_hearing_notes_draws_the_same_pieces_on_every_sampling_path(heard_model):
     # The notes heard are counted in the windowed sampler's prefill and steps, and in the continuous
     # sampler's forced and drawn steps: the pieces must agree as they do for a plain model.

@@ -94,7 +94,7 @@ def test_a_piece_depends_only_on_its_seed_and_its_controls(model):
     assert int(np.sum(~VOCAB.is_control(both[0][1:]))) == 60
 
 
-@pytest.mark.parametrize("guidance", [1.0, 1.5])
+@pytest.mark.parametrize("guidance", [1.0, pytest.param(1.5, marks=pytest.mark.slow)])
 def test_rows_with_their_own_timelines_sample_as_each_would_alone(model, guidance):
     """The controls cost study asks every piece for its own real piece's timeline in one batch."""
     guards = {g: True for g in ("density_guard", "register_guard", "mode_guard", "polyphony_guard", "scale_guard",

@@ -78,6 +78,7 @@ def test_resume_is_bitwise_identical(dataset, tiny_run, tmp_path, monkeypatch):
     assert second["eval"] == uninterrupted["eval"]
 
 
+@pytest.mark.slow
 def test_a_muon_run_resumes_bitwise_identical(dataset, tmp_path):
     """Muon's optimizer state (momentum for the hidden matrices, Adam moments for the rest, and the
     placeholders optax leaves where each is absent) checkpoints and restores like AdamW's."""
