@@ -496,6 +496,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.slow
 def test_disk_full_while_training_is_one_line_and_keeps_the_last_checkpoint(old_dataset, small_disk):
     from mgpt.train import checkpoint as ckpt_lib
 

@@ -688,6 +688,7 @@ def test_with_the_tpu_extra_installed_an_error_on_a_machine_without_a_tpu_is_sti
 # ----------------------------------------------------------------------------- C1: a damaged step in generate
 
 
+@pytest.mark.slow
 def test_falling_back_from_a_damaged_step_leaves_only_the_notice(tmp_path):
     """orbax abandons its other array reads when one fails; Python used to print each of them
     ("Exception ignored in: <coroutine ...>", 60-800 lines) after the one-line notice. It takes

@@ -435,6 +435,7 @@ MULTI_DEVICE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_pieces_do_not_depend_on_the_number_of_devices():
     proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE], cwd=ROOT, capture_output=True, text=True,
                           timeout=180)

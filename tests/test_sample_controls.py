@@ -772,6 +772,7 @@ def test_control_tries_refuse_a_bad_count_or_a_budget_in_events_in_one_line(mode
     np.testing.assert_array_equal(row, plain)
 
 
+@pytest.mark.slow
 def test_control_tries_end_pieces_where_one_draw_would_after_a_primer_and_long_rests():
     """A review found that a shift crossing a segment's end past the piece's end ran the piece over
     --max_seconds (or asked the next draw for no time at all), and that a draw whose crossing shift
