@@ -294,6 +294,28 @@ def test_the_density_guard_holds_every_segment_to_its_level():
     assert [(floors[k], caps[k]) for k in (3, 5, 7)] == [(1, 1), (2, 2), (3, 3)]
 
 
+def test_the_density_guard_keeps_a_piece_going_until_the_notes_its_timeline_asks_for():
+    """A model eager to end, asked to open sparse (no fewest notes) and turn dense, plays the dense
+    segments in full rather than ending in the opening (an empty MIDI file); the guard off, it ends
+    there. Where no later segment asks for notes, it still ends when it likes."""
+    floors, _ = data_controls.density_bounds(VOCAB.controls)
+    assert floors[1] == 0 and floors[6] == 3
+    pref_V = np.zeros(VOCAB.size, np.float32)
+    pref_V[VOCAB.eos_id] = 8.0  # nine in ten draws where it may end
+    ending = context_free_model(CFG, pref_V)
+    kw = dict(seeds=range(4), max_seconds=2.0, max_events=600, temperature=1.0)
+    timeline = "0:density=1;1:density=6"  # segments of 0.5 s: 0-1 level 1, 2-3 level 6
+
+    def sample(text, guard=True):
+        return [_notes_per_segment(r) for r in generate_tokens(
+            ending, VOCAB, [np.array([STYLE])] * 4, controls=controls.parse(VOCAB, text, density_guard=guard), **kw)]
+
+    assert all(counts.get(2, 0) >= 3 and counts.get(3, 0) >= 3 for counts, _ in sample(timeline))
+    assert all(sum(counts.values()) <= 1 and last <= 1 for counts, last in sample(timeline, guard=False))
+    assert all(last <= 1 for _, last in sample("0:density=6;1:density=free"))
+    assert all(last <= 1 for _, last in sample("density=1"))
+
+
 def _register_breaches(vocab, spec, row, asked_S):
     """(notes checked, breaches of the register guard's rule) in a row: a NOTE_ON that leaves its
     segment's mean pitch more than one level from the asked one, and further than before (a first

@@ -198,6 +198,8 @@ class ControlPlan:
     in steps from the piece's start (the primer's length). segment_steps: int32 scalar.
     cap_BxS / floor_BxS: the density guard, the most / fewest notes segment k may strike (None: no
     row has a guard, which traces as before; no bound where density is free or the guard is off).
+    owed_BxS: with them, whether a segment after k that opens before the row's budget runs out has
+    a floor (the row may not end in segment k then).
     register_BxS / register_edges_E: the register guard, the level segment k asks for (0: free or
     no guard) and the level edges in pitch-index space (None: no row has one).
     mode_BxS / pitch_class_P: the mode guard, the mode segment k asks for (1 major, 2 minor, 3 none;
@@ -219,6 +221,7 @@ class ControlPlan:
     segment_steps: jax.Array
     cap_BxS: jax.Array | None = None
     floor_BxS: jax.Array | None = None
+    owed_BxS: jax.Array | None = None
     register_BxS: jax.Array | None = None
     register_edges_E: jax.Array | None = None
     mode_BxS: jax.Array | None = None
@@ -254,6 +257,15 @@ def plan(vocab: Vocabulary, timelines, offsets_steps, batch: int, max_steps: int
             levels_S = t.segment_levels(vocab, segments)[:, density]
             cap[b] = np.where(levels_S > 0, caps[levels_S], caps[-1])
             floor[b] = np.where(levels_S > 0, floors[levels_S], 0)
+    # A segment owes notes to the row's end if a later one it reaches has a floor: a piece asked to
+    # open quiet and turn busy may not end in its quiet opening (the budget's end, or the plan's).
+    opens_S = np.arange(segments) * seg
+    reached_BxS = (opens_S[None, :] < np.asarray(ends)[:, None] if max_steps is not None
+                   else np.ones((len(timelines), segments), bool))
+    owing_BxS = np.zeros((batch, segments), bool)
+    owing_BxS[:len(reached_BxS)] = (floor[:len(reached_BxS)] > 0) & reached_BxS
+    owed = np.zeros((batch, segments), bool)
+    owed[:, :-1] = np.flip(np.logical_or.accumulate(np.flip(owing_BxS[:, 1:], 1), 1), 1)
 
     def guarded_levels(name: str) -> np.ndarray:
         """[batch, segments]: the level of control `name` each segment asks for, where its guard is on."""
@@ -283,6 +295,7 @@ def plan(vocab: Vocabulary, timelines, offsets_steps, batch: int, max_steps: int
     return ControlPlan(group_BxSxA=jnp.asarray(group), offset_B=jnp.asarray(offset),
                        segment_steps=jnp.asarray(seg, jnp.int32),
                        cap_BxS=jnp.asarray(cap) if guarded else None, floor_BxS=jnp.asarray(floor) if guarded else None,
+                       owed_BxS=jnp.asarray(owed) if guarded else None,
                        register_BxS=jnp.asarray(register) if registered else None,
                        register_edges_E=jnp.asarray(edges) if registered else None,
                        mode_BxS=jnp.asarray(mode) if moded else None,
@@ -413,7 +426,9 @@ def density_banned(p: ControlPlan | None, notes_B, steps_B, tables, num_pitches:
     its last step (no shift left) VELOCITY too, so that the row strikes a note rather than restating
     its loudness without end. Then, and once the segment has its most notes, the NOTE_OFF of a note
     struck at the current step too (open_BxP, onset_BxP: RowState's): a note of no length is no note
-    (the MIDI drops it), and the segment would measure a note short of what the guard counted."""
+    (the MIDI drops it), and the segment would measure a note short of what the guard counted.
+    EOS while the segment is short, or a later one the row reaches has a floor (`ControlPlan.owed_BxS`):
+    a piece does not end before the notes its timeline asks for."""
     if p is None or p.cap_BxS is None:
         return None
     k_B = _segment(p, steps_B)
@@ -434,6 +449,9 @@ def density_banned(p: ControlPlan | None, notes_B, steps_B, tables, num_pitches:
     banned_BxV = (((notes_B >= cap_B)[:, None] & is_on_V[None, :])
                   | (leaves_BxV & (shift_V > 0)[None, :])
                   | (forcing_B[:, None] & tables["is_velocity_V"][None, :]))
+    owed_B = jnp.take_along_axis(p.owed_BxS, at_B, axis=1)[:, 0]  # past the plan: False
+    eos_V = jnp.arange(banned_BxV.shape[1]) == tables["eos_id"]
+    banned_BxV = banned_BxV | ((short_B | owed_B)[:, None] & eos_V[None, :])
     if open_BxP is not None:  # striking is forced, or no note may be struck: the last one stays
         fresh_BxP = (forcing_B | (notes_B >= cap_B))[:, None] & _struck_now(open_BxP, onset_BxP, steps_B)
         banned_BxV = _keep_sounding(banned_BxV, fresh_BxP, tables)
