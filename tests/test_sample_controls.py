@@ -314,6 +314,15 @@ def test_the_density_guard_keeps_a_piece_going_until_the_notes_its_timeline_asks
     assert all(sum(counts.values()) <= 1 and last <= 1 for counts, last in sample(timeline, guard=False))
     assert all(last <= 1 for _, last in sample("0:density=6;1:density=free"))
     assert all(last <= 1 for _, last in sample("density=1"))
+    # Drawn a segment at a time (--control_tries), each draw reaching a second past its segment: the
+    # quiet opening is longer than that, and no draw ends the piece there either.
+    from mgpt.sample.run import Run, Sampling
+
+    late = "0:density=1;2:density=6"  # segments 0-3 level 1, 4-5 level 6
+    rows = Run(model=ending, vocab=VOCAB).sample_ids(
+        [np.array([STYLE], np.int32)] * 2, [0, 1], Sampling(max_seconds=3.0, max_note_seconds=0, guidance=1.0,
+                                                            controls=late, control_tries=4))
+    assert all(c.get(4, 0) >= 3 and c.get(5, 0) >= 3 for c, _ in map(_notes_per_segment, rows))
 
 
 def _register_breaches(vocab, spec, row, asked_S):

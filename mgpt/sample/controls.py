@@ -77,6 +77,10 @@ class Timeline:
     # The polyphony guard (`polyphony_banned`; mgpt.generate turns it on): in a segment asked for a polyphony
     # level, no onset takes the segment's mean polyphony more than one level away and further than it was.
     polyphony_guard: bool = False
+    # Where the piece ends, in seconds on its clock, when a row is one part of it (--control_tries draws
+    # a segment at a time): the density guard keeps the row from ending (EOS) before the notes the
+    # timeline asks for up to there. None: the row's own budget is the piece's end.
+    ends_s: float | None = None
 
     @property
     def empty(self) -> bool:
@@ -198,8 +202,8 @@ class ControlPlan:
     in steps from the piece's start (the primer's length). segment_steps: int32 scalar.
     cap_BxS / floor_BxS: the density guard, the most / fewest notes segment k may strike (None: no
     row has a guard, which traces as before; no bound where density is free or the guard is off).
-    owed_BxS: with them, whether a segment after k that opens before the row's budget runs out has
-    a floor (the row may not end in segment k then).
+    owed_BxS: with them, whether a segment after k that opens before the row's piece ends (its
+    `Timeline.ends_s`, else its budget's end) has a floor (the row may not end in segment k then).
     register_BxS / register_edges_E: the register guard, the level segment k asks for (0: free or
     no guard) and the level edges in pitch-index space (None: no row has one).
     mode_BxS / pitch_class_P: the mode guard, the mode segment k asks for (1 major, 2 minor, 3 none;
@@ -240,7 +244,9 @@ def plan(vocab: Vocabulary, timelines, offsets_steps, batch: int, max_steps: int
     seg = controls_lib.segment_steps(vocab)
     last = max(t.last_change_segment(vocab) for t in timelines)
     ends = [int(o) + (max_steps if max_steps is not None else 0) for o in offsets_steps]
-    segments = max(last, max(ends) // seg if max_steps is not None else 0) + 1
+    pieces = [None if t.ends_s is None else int(round(t.ends_s * vocab.steps_per_second)) for t in timelines]
+    segments = max(last, max(ends) // seg if max_steps is not None else 0,
+                   max((e for e in pieces if e is not None), default=0) // seg) + 1
     group = np.full((batch, segments, len(controls_lib.ATTRIBUTES)), -1, np.int32)
     for b, t in enumerate(timelines):
         for k, levels_A in enumerate(t.segment_levels(vocab, segments)):
@@ -257,11 +263,14 @@ def plan(vocab: Vocabulary, timelines, offsets_steps, batch: int, max_steps: int
             levels_S = t.segment_levels(vocab, segments)[:, density]
             cap[b] = np.where(levels_S > 0, caps[levels_S], caps[-1])
             floor[b] = np.where(levels_S > 0, floors[levels_S], 0)
-    # A segment owes notes to the row's end if a later one it reaches has a floor: a piece asked to
-    # open quiet and turn busy may not end in its quiet opening (the budget's end, or the plan's).
+    # A segment owes notes if a later one the piece reaches has a floor: a piece asked to open quiet
+    # and turn busy may not end in its quiet opening (reached: opening before the piece's end; with
+    # no budget and no end given, every segment of the plan).
     opens_S = np.arange(segments) * seg
-    reached_BxS = (opens_S[None, :] < np.asarray(ends)[:, None] if max_steps is not None
-                   else np.ones((len(timelines), segments), bool))
+    reached_BxS = np.ones((len(timelines), segments), bool)
+    for b, piece_end in enumerate(pieces):
+        if piece_end is not None or max_steps is not None:
+            reached_BxS[b] = opens_S < (piece_end if piece_end is not None else ends[b])
     owing_BxS = np.zeros((batch, segments), bool)
     owing_BxS[:len(reached_BxS)] = (floor[:len(reached_BxS)] > 0) & reached_BxS
     owed = np.zeros((batch, segments), bool)

@@ -119,7 +119,9 @@ def sample_by_segment(run, prompts: Sequence[np.ndarray], seeds: Sequence[int], 
             s = dataclasses.replace(sampling, max_seconds=budget / vocab.steps_per_second, max_events=None,
                                     control_tries=1, prefer_style=False)
             drawn = run.sample_ids([rows[i] for i in group for _ in range(tries)], cand_seeds, s,
-                                   timelines=[texts[i] for i in group for _ in range(tries)], **kwargs)
+                                   timelines=[texts[i] for i in group for _ in range(tries)],
+                                   piece_ends_s=[ends[i] / vocab.steps_per_second for i in group for _ in range(tries)],
+                                   **kwargs)
             picks = []  # (piece, its draws cut at the segment's end, whether each crossed it, distances)
             for g, i in enumerate(group):
                 k, stop = now[i] // seg, (now[i] // seg + 1) * seg

@@ -523,6 +523,7 @@ class Run:
         devices: Sequence | None = None,
         gaps: Sequence | None = None,
         timelines: Sequence[str | None] | None = None,
+        piece_ends_s: Sequence[float] | None = None,
     ) -> list[np.ndarray]:
         """prompts[i] continued with seed seeds[i] -> full rows (prompt + new events, no EOS).
 
@@ -533,6 +534,8 @@ class Run:
         `timelines`: a --controls text per prompt, in place of `sampling.controls` (its guards and
         mood apply to each); each row follows its own text as it would alone (a larger batch may
         round the model's sums differently, as for any prompt).
+        `piece_ends_s` (with `timelines`): where each row's piece ends on its clock, when the rows
+        are parts of pieces (`rerank`): the density guard keeps a part from ending the piece short.
         """
         import jax
 
@@ -561,6 +564,8 @@ class Run:
         controls = sampling.timeline(self.vocab)
         if timelines is not None:
             controls = [dataclasses.replace(sampling, controls=t).timeline(self.vocab) for t in timelines]
+            if piece_ends_s is not None:
+                controls = [dataclasses.replace(c, ends_s=float(e)) for c, e in zip(controls, piece_ends_s)]
         from mgpt.sample.controls import steered_rows
 
         if sampling.steered_guidance is not None and sampling.guidance == 1 \
