@@ -325,6 +325,31 @@ def test_the_density_guard_keeps_a_piece_going_until_the_notes_its_timeline_asks
     assert all(c.get(4, 0) >= 3 and c.get(5, 0) >= 3 for c, _ in map(_notes_per_segment, rows))
 
 
+def test_a_guard_cornered_by_a_hard_limit_leaves_the_piece_playing_within_the_limit():
+    """The density guard owing a note on a segment's last step, --max_polyphony=1 forbidding it and
+    the note struck just now kept sounding: no event is left, and the row used to write PAD until its
+    budget ran out. That event is drawn under the hard limit alone: no PAD, the limit holds."""
+    from mgpt.sample.limits import HardLimits
+
+    pref_V = np.zeros(VOCAB.size, np.float32)  # strikes and holds notes, with long shifts between
+    pref_V[VOCAB.note_on_offset:VOCAB.note_off_offset] = 3.0
+    pref_V[VOCAB.note_off_offset:VOCAB.time_shift_offset] = -3.0
+    pref_V[VOCAB.time_shift_offset + 20:VOCAB.velocity_offset] = 4.0
+    rows = generate_tokens(context_free_model(CFG, pref_V), VOCAB, [np.array([STYLE])] * 6, seeds=range(6),
+                           max_seconds=3.0, max_events=300, max_note_seconds=0,
+                           controls=controls.parse(VOCAB, "density=6"), hard_limits=HardLimits(max_polyphony=1))
+    for row in rows:
+        assert VOCAB.pad_id not in np.asarray(row).tolist()
+        sounding = 0
+        for t in np.asarray(row).tolist():
+            if VOCAB.note_on_offset <= t < VOCAB.note_off_offset:
+                assert sounding == 0
+                sounding += 1
+            elif VOCAB.note_off_offset <= t < VOCAB.time_shift_offset:
+                sounding -= 1
+    assert sum(sum(_notes_per_segment(r)[0].values()) for r in rows) >= 6 * 6  # the guard still acts
+
+
 def _register_breaches(vocab, spec, row, asked_S):
     """(notes checked, breaches of the register guard's rule) in a row: a NOTE_ON that leaves its
     segment's mean pitch more than one level from the asked one, and further than before (a first

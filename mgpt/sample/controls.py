@@ -202,8 +202,9 @@ class ControlPlan:
     in steps from the piece's start (the primer's length). segment_steps: int32 scalar.
     cap_BxS / floor_BxS: the density guard, the most / fewest notes segment k may strike (None: no
     row has a guard, which traces as before; no bound where density is free or the guard is off).
-    owed_BxS: with them, whether a segment after k that opens before the row's piece ends (its
-    `Timeline.ends_s`, else its budget's end) has a floor (the row may not end in segment k then).
+    owed_BxS / end_B: with them, whether a segment after k that opens before the row's piece ends
+    has a floor (the row may not end in segment k then), and where it ends, in steps on its clock
+    (its `Timeline.ends_s`, else its budget's end; int32 max with neither).
     register_BxS / register_edges_E: the register guard, the level segment k asks for (0: free or
     no guard) and the level edges in pitch-index space (None: no row has one).
     mode_BxS / pitch_class_P: the mode guard, the mode segment k asks for (1 major, 2 minor, 3 none;
@@ -226,6 +227,7 @@ class ControlPlan:
     cap_BxS: jax.Array | None = None
     floor_BxS: jax.Array | None = None
     owed_BxS: jax.Array | None = None
+    end_B: jax.Array | None = None
     register_BxS: jax.Array | None = None
     register_edges_E: jax.Array | None = None
     mode_BxS: jax.Array | None = None
@@ -267,10 +269,11 @@ def plan(vocab: Vocabulary, timelines, offsets_steps, batch: int, max_steps: int
     # and turn busy may not end in its quiet opening (reached: opening before the piece's end; with
     # no budget and no end given, every segment of the plan).
     opens_S = np.arange(segments) * seg
-    reached_BxS = np.ones((len(timelines), segments), bool)
+    end = np.full(batch, np.iinfo(np.int32).max, np.int64)
     for b, piece_end in enumerate(pieces):
         if piece_end is not None or max_steps is not None:
-            reached_BxS[b] = opens_S < (piece_end if piece_end is not None else ends[b])
+            end[b] = piece_end if piece_end is not None else ends[b]
+    reached_BxS = opens_S[None, :] < end[:len(timelines), None]
     owing_BxS = np.zeros((batch, segments), bool)
     owing_BxS[:len(reached_BxS)] = (floor[:len(reached_BxS)] > 0) & reached_BxS
     owed = np.zeros((batch, segments), bool)
@@ -305,6 +308,7 @@ def plan(vocab: Vocabulary, timelines, offsets_steps, batch: int, max_steps: int
                        segment_steps=jnp.asarray(seg, jnp.int32),
                        cap_BxS=jnp.asarray(cap) if guarded else None, floor_BxS=jnp.asarray(floor) if guarded else None,
                        owed_BxS=jnp.asarray(owed) if guarded else None,
+                       end_B=jnp.asarray(end, jnp.int32) if guarded else None,
                        register_BxS=jnp.asarray(register) if registered else None,
                        register_edges_E=jnp.asarray(edges) if registered else None,
                        mode_BxS=jnp.asarray(mode) if moded else None,
@@ -436,8 +440,8 @@ def density_banned(p: ControlPlan | None, notes_B, steps_B, tables, num_pitches:
     its loudness without end. Then, and once the segment has its most notes, the NOTE_OFF of a note
     struck at the current step too (open_BxP, onset_BxP: RowState's): a note of no length is no note
     (the MIDI drops it), and the segment would measure a note short of what the guard counted.
-    EOS while the segment is short, or a later one the row reaches has a floor (`ControlPlan.owed_BxS`):
-    a piece does not end before the notes its timeline asks for."""
+    EOS while the segment is short, or a later one the row reaches has a floor (`ControlPlan.owed_BxS`),
+    before the piece's end: a piece does not end before the notes its timeline asks for."""
     if p is None or p.cap_BxS is None:
         return None
     k_B = _segment(p, steps_B)
@@ -460,7 +464,8 @@ def density_banned(p: ControlPlan | None, notes_B, steps_B, tables, num_pitches:
                   | (forcing_B[:, None] & tables["is_velocity_V"][None, :]))
     owed_B = jnp.take_along_axis(p.owed_BxS, at_B, axis=1)[:, 0]  # past the plan: False
     eos_V = jnp.arange(banned_BxV.shape[1]) == tables["eos_id"]
-    banned_BxV = banned_BxV | ((short_B | owed_B)[:, None] & eos_V[None, :])
+    before_end_B = p.offset_B + steps_B < p.end_B  # at its end (a budget landing on a segment's opening) it may stop
+    banned_BxV = banned_BxV | (((short_B | owed_B) & before_end_B)[:, None] & eos_V[None, :])
     if open_BxP is not None:  # striking is forced, or no note may be struck: the last one stays
         fresh_BxP = (forcing_B | (notes_B >= cap_B))[:, None] & _struck_now(open_BxP, onset_BxP, steps_B)
         banned_BxV = _keep_sounding(banned_BxV, fresh_BxP, tables)

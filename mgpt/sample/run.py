@@ -564,8 +564,10 @@ class Run:
         controls = sampling.timeline(self.vocab)
         if timelines is not None:
             controls = [dataclasses.replace(sampling, controls=t).timeline(self.vocab) for t in timelines]
-            if piece_ends_s is not None:
-                controls = [dataclasses.replace(c, ends_s=float(e)) for c, e in zip(controls, piece_ends_s)]
+        if piece_ends_s is not None:
+            if timelines is None or len(piece_ends_s) != len(prompts):
+                raise ValueError(f"piece_ends_s needs timelines and one end per prompt ({len(prompts)})")
+            controls = [dataclasses.replace(c, ends_s=float(e)) for c, e in zip(controls, piece_ends_s)]
         from mgpt.sample.controls import steered_rows
 
         if sampling.steered_guidance is not None and sampling.guidance == 1 \

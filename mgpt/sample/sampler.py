@@ -401,6 +401,7 @@ def choose_event(logits_BxV, rows: RowState, limits: RowLimits, settings, tables
         banned_BxV = banned_BxV | (fill_B[:, None] & eos_V[None, :])
     if limits.mask is not None:  # hard limits: pitch range, polyphony, velocity range
         banned_BxV = banned_BxV | limits_lib.mask_rules(limits.mask, rows.open_BxP, rows.velocity_B, tables)
+    ruled_BxV = banned_BxV  # what the note rules and the hard limits ban: never every event
     density_BxV = controls_lib.density_banned(limits.controls, rows.segment_notes_B, rows.steps_B, tables,
                                               rows.open_BxP.shape[1], rows.open_BxP, rows.onset_BxP)
     if density_BxV is not None:  # the density guard: as many notes in a segment as its level holds
@@ -420,6 +421,12 @@ def choose_event(logits_BxV, rows: RowState, limits: RowLimits, settings, tables
                                                   rows.open_BxP, rows.onset_BxP, rows.steps_B, banned_BxV, tables)
     if polyphony_BxV is not None:  # the polyphony guard: the segment's onsets towards the level asked for
         banned_BxV = banned_BxV | polyphony_BxV
+    if limits.controls is not None:
+        # A guard cornered by a hard limit (the density guard owes a note on a segment's last step,
+        # --max_polyphony forbids striking it, and the note struck just now may not end at once)
+        # leaves no event: that row draws this event under the note rules and hard limits alone.
+        stuck_B = jnp.all(banned_BxV, axis=1)
+        banned_BxV = jnp.where(stuck_B[:, None], ruled_BxV, banned_BxV)
     logits_BxV = jax.lax.cond(settings["release_share"] > 0, release_mass,
                               lambda l, b, t, a: l.astype(jnp.float32),
                               logits_BxV, banned_BxV, tables, settings["release_share"])
