@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 
 EXIT_CODE = 2
@@ -92,9 +93,12 @@ def not_disk_full(record) -> bool:
 def quiet_after_disk_full() -> None:
     """Once a full disk is being reported (one line, exit code 1: a failure of the run, not a
     user's mistake), the threads that keep failing on the same disk (orbax, tensorboardX's
-    exit-time flush) say nothing more. Called first, before that line is even put together."""
+    exit-time flush) say nothing more. Called first, before that line is even put together.
+    Nor do the writes orbax had queued and never started: at exit, each "coroutine ... was never
+    awaited" (a CI run printed one after the line)."""
     _disk_full_reported.set()
     sys.unraisablehook = threading.excepthook = lambda *_: None
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
 
 
 def quiet_dead_event_loop() -> None:
