@@ -25,6 +25,7 @@ training, sampling and evaluation all call this one module.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 
 import numpy as np
@@ -127,22 +128,29 @@ def segment_levels(notes: Notes, spec: dict, count: int | None = None) -> np.nda
     return levels_of(segment_values(notes, spec["seconds"], count), spec)
 
 
-def fit(pieces: Iterable[Notes], seconds: float, levels: int = DEFAULT_LEVELS) -> dict:
+def fit(pieces: Iterable[Notes], seconds: float, levels: int = DEFAULT_LEVELS,
+        styles: Iterable[str] | None = None) -> dict:
     """The control spec of a training split: segment length, K, per binned attribute the K - 1 inner
     edges at its segments' quantiles 1/K .. (K-1)/K (NaNs left out), and per control the levels its
     segments have ('seen'): where values tie with edges (a corpus of one velocity) some levels never
-    occur, and a model cannot have learnt what they mean."""
+    occur, and a model cannot have learnt what they mean.
+
+    `styles` (one label per piece, in order): also 'by_style', {label: {control: segment counts of
+    each level 0..K (0: none; mode 0..3)}}, how often each style's segments have each level (the
+    sampler's contrast style, mgpt/sample/controls.py `contrast_styles`)."""
     if not seconds > 0:
         raise ValueError(f"control seconds must be > 0, got {seconds}")
     if not 2 <= levels <= 32:
         raise ValueError(f"control levels must be in 2..32, got {levels}")
     collected = {a: [] for a in ATTRIBUTES}
-    for notes in pieces:
+    labels = []  # one per segment, with `styles`
+    for notes, style in zip(pieces, styles if styles is not None else itertools.repeat(None)):
         if not len(notes.pitch):
             continue
         values = segment_values(notes, seconds)
         for a in ATTRIBUTES:
             collected[a].append(values[a])
+        labels += [style] * len(values["mode"])
     edges = {}
     for a in BINNED:
         v = np.concatenate(collected[a]) if collected[a] else np.zeros(0)
@@ -153,7 +161,20 @@ def fit(pieces: Iterable[Notes], seconds: float, levels: int = DEFAULT_LEVELS) -
     spec = {"seconds": float(seconds), "levels": int(levels), "edges": edges}
     level_SxA = levels_of({a: np.concatenate(collected[a]) for a in ATTRIBUTES}, spec)
     spec["seen"] = {a: sorted(int(x) for x in set(level_SxA[:, i].tolist()) - {0}) for i, a in enumerate(ATTRIBUTES)}
+    if styles is not None:
+        spec["by_style"] = style_counts(level_SxA, labels, levels)
     return spec
+
+
+def style_counts(level_SxA: np.ndarray, styles_S, levels: int) -> dict:
+    """{style: {control: how many of its segments have each level 0..K (mode 0..3)}} of segments'
+    levels (`levels_of`) and each segment's style label: a spec's 'by_style' (`fit`)."""
+    labels_S = np.asarray(list(styles_S), dtype=object)
+    level_SxA = np.asarray(level_SxA, np.int64).reshape(len(labels_S), len(ATTRIBUTES))
+    top = {a: len(MODES) if a == "mode" else int(levels) for a in ATTRIBUTES}
+    return {str(style): {a: np.bincount(level_SxA[labels_S == style, i], minlength=top[a] + 1).tolist()
+                         for i, a in enumerate(ATTRIBUTES)}
+            for style in sorted(set(labels_S.tolist()))}
 
 
 def density_bounds(spec: dict, most: int = 4096) -> tuple[list[int], list[int]]:

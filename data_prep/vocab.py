@@ -73,6 +73,9 @@ def _check_controls(spec: dict) -> dict:
     out = {"seconds": float(spec["seconds"]), "levels": levels, "edges": edges}
     if "seen" in spec:  # the levels the training split has (data_prep.controls.fit); older specs lack it
         out["seen"] = {name: [int(x) for x in spec["seen"][name]] for name in CONTROL_NAMES}
+    if "by_style" in spec:  # each style's segment counts per level (data_prep.controls.fit); older specs lack it
+        out["by_style"] = {str(style): {name: [int(x) for x in counts[name]] for name in CONTROL_NAMES}
+                           for style, counts in spec["by_style"].items()}
     return out
 
 
@@ -271,6 +274,10 @@ class Vocabulary:
         """The conditioning token for a label; unseen or empty labels map to STYLE:unknown."""
         name = normalize_label(label) if label else UNKNOWN_STYLE
         return self._index.get(f"STYLE:{name}", self.style_offset)
+
+    def style_name(self, label: str | None) -> str:
+        """The style a label conditions on, as `styles` names it ('unknown' for unseen or empty labels)."""
+        return self.styles[self.style_id(label) - self.style_offset]
 
     @property
     def unknown_style_id(self) -> int:

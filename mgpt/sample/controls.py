@@ -219,6 +219,8 @@ class ControlPlan:
     styled_B / guidance_B: under guidance, the rows with a style whose twins read the control tokens
     (guidance then pushes towards the style the controls leave, `steered_twins`), and each row's G
     (None: every twin reads neither the style nor the controls, at the job's G).
+    twin_style_B: the STYLE token each twin reads (the contrast style of a styled row,
+    `contrast_styles`; STYLE:unknown for the others); None: STYLE:unknown for every twin.
     """
 
     group_BxSxA: jax.Array
@@ -239,6 +241,7 @@ class ControlPlan:
     polyphony_edges_E: jax.Array | None = None
     styled_B: jax.Array | None = None
     guidance_B: jax.Array | None = None
+    twin_style_B: jax.Array | None = None
 
 
 def plan(vocab: Vocabulary, timelines, offsets_steps, batch: int, max_steps: int | None) -> ControlPlan:
@@ -331,23 +334,68 @@ def steered_rows(vocab: Vocabulary, prompts, timelines) -> list[bool]:
     return [int(q[0]) != vocab.unknown_style_id and not t.empty for q, t in zip(prompts, timelines)]
 
 
-def steered_twins(p: ControlPlan, vocab: Vocabulary, prompts, timelines, guidance: float,
-                  steered_guidance: float | None) -> ControlPlan:
-    """`p` with its rows' guidance under controls (`ControlPlan.styled_B`, `guidance_B`).
+def contrast_styles(vocab: Vocabulary, prompts, timelines, segments: int) -> list[int] | None:
+    """Per prompt, the STYLE id of its contrast style: of the model's other styles, the one whose
+    training segments have the levels the prompt's timeline asks for most often (the product over
+    its segments and asked controls of that style's share of training segments at the level, each
+    count plus one: `data_prep.controls.fit`'s 'by_style'). It is the style the controls alone
+    would suggest, if not the prompt's own: a British/Irish tune asked for a German tune's steady
+    single line contrasts with German. STYLE:unknown for prompts without a style or a timeline.
+    None when the vocabulary has no per-style counts (a model trained before them)."""
+    counts = (vocab.controls or {}).get("by_style")
+    if not counts:
+        return None
+    if isinstance(timelines, Timeline):
+        timelines = [timelines] * len(prompts)
+    log_share = {}  # style id -> per control, the log share of each level 0..K (count + 1)
+    for style, by_control in counts.items():
+        sid = vocab.style_id(style)
+        if sid != vocab.unknown_style_id:
+            log_share[sid] = [np.log((np.asarray(by_control[name], np.float64) + 1)
+                                     / (np.sum(by_control[name]) + len(by_control[name])))
+                              for name in controls_lib.ATTRIBUTES]
+    out = []
+    for prompt, t in zip(prompts, timelines):
+        own = int(prompt[0])
+        others = [sid for sid in log_share if sid != own]
+        if own == vocab.unknown_style_id or t is None or t.empty or not others:
+            out.append(vocab.unknown_style_id)
+            continue
+        levels_SxA = t.segment_levels(vocab, segments)
+        seg_S, attr_S = np.nonzero(levels_SxA)
+        score = {sid: sum(float(log_share[sid][a][levels_SxA[k, a]]) for k, a in zip(seg_S, attr_S))
+                 for sid in others}
+        out.append(max(others, key=lambda sid: (score[sid], -sid)))
+    return out
 
-    steered_guidance None: every twin reads neither the style nor the controls, and guidance at the
-    job's G pushes towards both together. A float G_s: a row with a style that is asked for controls
-    has a twin that reads the controls (its STYLE alone is unknown), and is drawn from
-    l_controls + G_s (l_style,controls - l_controls): the guards and the conditioning hold the
-    controls, and guidance pulls towards the style within them (docs/controls.md measures both).
+
+def steered_twins(p: ControlPlan, vocab: Vocabulary, prompts, timelines, guidance: float,
+                  steered_guidance: float | None, contrast: bool = False) -> ControlPlan:
+    """`p` with its rows' guidance under controls (`ControlPlan.styled_B`, `guidance_B`, `twin_style_B`).
+
+    Neither steered_guidance nor contrast: every twin reads neither the style nor the controls, and
+    guidance at the job's G pushes towards both together. Otherwise a row with a style that is asked
+    for controls has a twin that reads the controls, and guidance pulls towards the row's style
+    within them, at G_s = steered_guidance (or the job's G): the guards and the conditioning hold
+    the controls. With contrast the twin reads the row's contrast style (`contrast_styles`), and the
+    row is drawn from l_contrast,controls + G_s (l_style,controls - l_contrast,controls): away from
+    the style those controls would suggest; without it STYLE:unknown (docs/controls.md measures
+    each). A vocabulary without per-style counts has no contrast style: its twins read STYLE:unknown.
     Unconditional rows, and rows asked for nothing, keep the job's G and a twin that reads neither."""
-    if steered_guidance is None:
+    contrast_ids = contrast_styles(vocab, prompts, timelines, p.group_BxSxA.shape[1]) if contrast else None
+    if steered_guidance is None and contrast_ids is None:
         return p
     batch = p.offset_B.shape[0]
     styled_B = np.zeros(batch, bool)
     styled_B[:len(prompts)] = steered_rows(vocab, prompts, timelines)
-    guidance_B = np.where(styled_B, steered_guidance, guidance).astype(np.float32)
-    return p.replace(styled_B=jnp.asarray(styled_B), guidance_B=jnp.asarray(guidance_B))
+    g_s = guidance if steered_guidance is None else steered_guidance
+    guidance_B = np.where(styled_B, g_s, guidance).astype(np.float32)
+    twin_style_B = None
+    if contrast_ids is not None:
+        twin_style_B = np.full(batch, vocab.unknown_style_id, np.int32)
+        twin_style_B[:len(prompts)] = np.where(styled_B[:len(prompts)], contrast_ids, vocab.unknown_style_id)
+        twin_style_B = jnp.asarray(twin_style_B)
+    return p.replace(styled_B=jnp.asarray(styled_B), guidance_B=jnp.asarray(guidance_B), twin_style_B=twin_style_B)
 
 
 def notes_in_last_segment(vocab: Vocabulary, prompt) -> tuple[int, int]:

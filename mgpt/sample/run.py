@@ -217,6 +217,10 @@ class Sampling:
     # towards the style within them (mgpt.sample.controls.steered_twins). None: its twin reads neither, and
     # `guidance` pulls towards the style and the controls together (docs/controls.md measures both).
     steered_guidance: float | None = None
+    # With controls: the twin of a piece with a style reads the controls and the contrast style, the
+    # other style whose training segments have the levels asked for most often, so guidance pulls away
+    # from the style the controls alone suggest (mgpt.sample.controls.contrast_styles). False: see above.
+    contrast_style: bool = True
     # Hard limits, held on every sampled event by the sampler's mask (mgpt/sample/limits.py). A range
     # is (lo, hi) or the text 'lo-hi'; None = no limit.
     pitch_range: tuple[int, int] | str | None = None
@@ -280,8 +284,9 @@ class Sampling:
         if isinstance(self.control_tries, bool) or not isinstance(self.control_tries, (int, np.integer)) \
                 or not 1 <= self.control_tries <= 64:
             raise UserError(f"--control_tries must be a whole number in 1..64, got {self.control_tries!r}")
-        if not isinstance(self.prefer_style, (bool, np.bool_)):
-            raise UserError(f"--prefer_style must be true or false, got {self.prefer_style!r}")
+        for name in ("prefer_style", "contrast_style"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise UserError(f"--{name} must be true or false, got {getattr(self, name)!r}")
         if self.prefer_style and self.control_tries < 2:
             raise UserError("--prefer_style chooses among the draws of each control segment: give --control_tries=K "
                             "with K > 1")
@@ -358,7 +363,8 @@ class Sampling:
                 "polyphony_guard": bool(self.polyphony_guard and self.asks("polyphony")),
                 "control_tries": int(self.control_tries) if self.steered or self.prefer_style else 1,
                 "prefer_style": bool(self.prefer_style),
-                "steered_guidance": self.steered_guidance if self.steered else None}
+                "steered_guidance": self.steered_guidance if self.steered else None,
+                "contrast_style": bool(self.contrast_style and self.steered)}
 
     def asks(self, control: str) -> bool:
         """Whether --controls names `control` (or --mood sets it): a guard on a control nobody asks
@@ -377,7 +383,8 @@ GUARDS = ("density_guard", "register_guard", "polyphony_guard", "mode_guard", "s
 
 def define_guard_flags(flags, kw: dict) -> None:
     """--density_guard, --register_guard, --polyphony_guard, --mode_guard, --scale_guard,
-    --loudness_guard, --control_tries, --prefer_style and --steered_guidance, defaulting to Sampling's."""
+    --loudness_guard, --control_tries, --prefer_style, --steered_guidance and --contrast_style, defaulting to
+    Sampling's."""
     flags.DEFINE_bool("density_guard", Sampling.density_guard, "With a density asked for: each control segment "
                       "strikes as many notes as its level holds, no more (NOTE_ON masked) and no fewer (leaving it "
                       "masked); false = the model's own density.", **kw)
@@ -407,13 +414,18 @@ def define_guard_flags(flags, kw: dict) -> None:
                        "style when following a whole timeline: docs/controls.md). Needs style guidance (a model "
                        "trained with style dropout, --guidance != 1). Default: off, --guidance pulls towards the "
                        "style and the controls together.", **kw)
+    flags.DEFINE_bool("contrast_style", Sampling.contrast_style, "With controls asked for and style guidance, a "
+                      "piece with a style: its twin reads the controls and the other style whose training segments "
+                      "have those levels most often, so guidance pulls away from the style the controls alone "
+                      "suggest (docs/controls.md); false = as --steered_guidance says.", **kw)
 
 
 def guard_settings(f) -> dict:
-    """The guard flags (and --control_tries, --prefer_style, --steered_guidance) of parsed flags `f`, as Sampling's
-    keyword arguments."""
+    """The guard flags (and --control_tries, --prefer_style, --steered_guidance, --contrast_style) of parsed flags
+    `f`, as Sampling's keyword arguments."""
     return {**{name: getattr(f, name) for name in GUARDS}, "control_tries": f.control_tries,
-            "prefer_style": f.prefer_style, "steered_guidance": f.steered_guidance}
+            "prefer_style": f.prefer_style, "steered_guidance": f.steered_guidance,
+            "contrast_style": f.contrast_style}
 
 
 # ----------------------------------------------------------------------------- a loaded run
@@ -433,6 +445,7 @@ class Run:
     _replicas: dict = dataclasses.field(default_factory=dict, repr=False)
     _guard_fallbacks: set = dataclasses.field(default_factory=set, repr=False, init=False)  # styles warned about
     _scorer: object = dataclasses.field(default=None, repr=False, init=False)  # `scorer`'s, once built
+    _counted: bool = dataclasses.field(default=False, repr=False, init=False)  # `count_style_levels` has run
 
     @property
     def default_guidance(self) -> float:
@@ -467,6 +480,25 @@ class Run:
                   f"{NOTE_GUARD_PERCENTILE} note length for it; pass --max_note_seconds to set it",
                   file=sys.stderr, flush=True)
         return FALLBACK_MAX_NOTE_SECONDS
+
+    def count_style_levels(self) -> None:
+        """The contrast style (`Sampling.contrast_style`) reads how often each style's training segments
+        have each control level, which training stores in the vocabulary. A model trained before it was
+        stored gets the counts from its training split when that is on this machine (a few seconds
+        for the demo's); otherwise its twins read STYLE:unknown, and a warning says so, once."""
+        if self._counted or self.vocab.controls is None or self.vocab.controls.get("by_style"):
+            return
+        self._counted = True
+        if self.dataset_dir is None:
+            print(f"warning: --contrast_style: {self.workdir} was trained before the per-style control counts were "
+                  "stored, and its training dataset (config.data.dataset_dir) is not on this machine; guidance "
+                  "pulls towards the style within the controls (--nocontrast_style: towards both together)",
+                  file=sys.stderr, flush=True)
+            return
+        from mgpt.train.data import style_level_counts
+
+        counts = style_level_counts(self.vocab, self.dataset_dir)
+        self.vocab = self.vocab.with_controls({**self.vocab.controls, "by_style": counts})
 
     @property
     def styles(self) -> list[str]:
@@ -570,6 +602,8 @@ class Run:
             controls = [dataclasses.replace(c, ends_s=float(e)) for c, e in zip(controls, piece_ends_s)]
         from mgpt.sample.controls import steered_rows
 
+        if sampling.contrast_style and sampling.guidance != 1 and any(steered_rows(self.vocab, prompts, controls)):
+            self.count_style_levels()
         if sampling.steered_guidance is not None and sampling.guidance == 1 \
                 and any(steered_rows(self.vocab, prompts, controls)):
             raise UserError("--steered_guidance needs style guidance, and here it is off (--guidance=1, or a model "
@@ -578,6 +612,7 @@ class Run:
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
             greedy=sampling.greedy, guidance=sampling.guidance, batch_size=batch_size,
             hard_limits=sampling.hard_limits(), controls=controls, steered_guidance=sampling.steered_guidance,
+            contrast_style=sampling.contrast_style,
             **(sampling.budget() if gaps is None else {"max_events": sampling.max_events}),
         )
         limits = [self.max_note_seconds(p, sampling) for p in prompts]

@@ -36,7 +36,8 @@ either (they are left out of its prompt, and it skips them in the loop), so guid
 strengthens the controls with the style; the rows then each keep their own position. With
 a `steered_guidance` the twins of rows with a style read the controls instead, and those
 rows are drawn at that G: guidance pulls towards the style within the controls
-(`controls.steered_twins`).
+(`controls.steered_twins`). With `contrast_style` those twins read the controls and the row's
+contrast style, the other style the controls alone would suggest: guidance pulls away from it.
 
 Infilling (`gaps`, mgpt/sample/fim.py): a row fills the gap of a piece. Its prompt is the FIM
 prompt (prefix, suffix and the time left, then the state where the middle goes on), and
@@ -491,7 +492,8 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
     if apart and limits.controls.styled_B is not None:
         styled_B, guidance = limits.controls.styled_B, limits.controls.guidance_B[:, None]
     if apart:
-        twin_prompt_BxP, twin_lengths_B = _twin_prompt(prompt_BxP, lengths_B, tables, styled_B)
+        twin_prompt_BxP, twin_lengths_B = _twin_prompt(prompt_BxP, lengths_B, tables, styled_B,
+                                                       limits.controls.twin_style_B)
         prompt_RxP = jnp.concatenate([prompt_BxP, twin_prompt_BxP])
         lengths_R = jnp.concatenate([lengths_B, twin_lengths_B])
     else:
@@ -625,12 +627,13 @@ def sample_window(graphdef, params, prompt_BxP, lengths_B, seeds_B, rows: RowSta
     return state.tokens_BxW, state.end_B, state.rows
 
 
-def _twin_prompt(prompt_BxP, lengths_B, tables, styled_B=None):
+def _twin_prompt(prompt_BxP, lengths_B, tables, styled_B=None, twin_style_B=None):
     """The unconditional twins' prompts under guidance with controls: STYLE:unknown, and every
     control token left out (the rest moves up; twin_lengths_B says how much is left). A model
     trained with control dropout has seen rows without them; the event is then drawn from
     l_uncond + G * (l_cond - l_uncond), which pushes towards the style and the controls together.
-    Rows where styled_B is True keep their control tokens: only their STYLE is unknown."""
+    Rows where styled_B is True keep their control tokens: only their STYLE differs, STYLE:unknown
+    or, with twin_style_B, the row's contrast style (`controls.steered_twins`)."""
     batch, prompt_len = prompt_BxP.shape
     keep_BxP = prompt_BxP < tables["control_offset"]
     if styled_B is not None:
@@ -638,7 +641,8 @@ def _twin_prompt(prompt_BxP, lengths_B, tables, styled_B=None):
     keep_BxP = keep_BxP & (jnp.arange(prompt_len)[None, :] < lengths_B[:, None])
     to_BxP = jnp.where(keep_BxP, jnp.cumsum(keep_BxP, axis=1) - 1, prompt_len)
     twin_BxP = jnp.zeros_like(prompt_BxP).at[jnp.arange(batch)[:, None], to_BxP].set(prompt_BxP, mode="drop")
-    return twin_BxP.at[:, 0].set(tables["unknown_style_id"]), jnp.sum(keep_BxP, axis=1).astype(lengths_B.dtype)
+    style_B = tables["unknown_style_id"] if twin_style_B is None else twin_style_B
+    return twin_BxP.at[:, 0].set(style_B), jnp.sum(keep_BxP, axis=1).astype(lengths_B.dtype)
 
 
 def _bucket(n: int, cap: int | None = None, floor: int = 1) -> int:
@@ -670,10 +674,13 @@ def generate_tokens(model: GPT, vocab: Vocabulary, prompts: Sequence[np.ndarray]
     clock, the first right after the prompt; an empty timeline samples exactly as none.
     `steered_guidance` G_s (with controls and guidance != 1): rows with a style are drawn at G_s
     from a twin that reads their controls (`controls.steered_twins`); None: every twin reads
-    neither, at `guidance`.
+    neither, at `guidance`. `contrast_style` (with controls and guidance != 1): the twins of rows
+    with a style read their controls and the contrast style (`controls.contrast_styles`), at G_s
+    or `guidance`.
 
     `options` are `prepare`'s keyword arguments (seeds, the budgets, the sampling settings, the
-    guards, guidance, batch_size, gaps, hard_limits, controls, steered_guidance), checked there.
+    guards, guidance, batch_size, gaps, hard_limits, controls, steered_guidance, contrast_style),
+    checked there.
 
     Returns, per prompt, the full row: prompt + new events, up to and excluding
     EOS (int32). Budgets: `max_events` new events and/or `max_seconds` of music
@@ -710,6 +717,7 @@ class Job:
     hard_limits: "limits_lib.HardLimits | None"
     controls: "list[controls_lib.Timeline] | None"
     steered_guidance: float | None = None
+    contrast_style: bool = False
 
 
 def prepare(
@@ -733,6 +741,7 @@ def prepare(
     hard_limits: limits_lib.HardLimits | None = None,
     controls: controls_lib.Timeline | Sequence[controls_lib.Timeline] | None = None,
     steered_guidance: float | None = None,
+    contrast_style: bool = False,
 ) -> Job:
     """`generate_tokens`' checks (ValueError naming the argument) and resolved settings."""
     cfg = model.cfg
@@ -801,7 +810,8 @@ def prepare(
     return Job(model=model, vocab=vocab, prompts=prompts, seeds=list(seeds), max_events=max_events,
                max_steps=max_steps, max_note_steps=max_note_steps, settings=settings, tables=tables,
                guidance=guidance, batch_size=batch_size, gaps=gaps, hard_limits=hard_limits, controls=controls,
-               steered_guidance=None if steered_guidance is None else float(steered_guidance))
+               steered_guidance=None if steered_guidance is None else float(steered_guidance),
+               contrast_style=bool(contrast_style))
 
 
 def windowed(job: Job) -> list[np.ndarray]:
@@ -816,6 +826,7 @@ def windowed(job: Job) -> list[np.ndarray]:
             j.max_events, j.max_steps, j.max_note_steps[rows], j.settings, j.tables, j.guidance,
             gaps=None if j.gaps is None else j.gaps[rows], hard_limits=j.hard_limits,
             controls=None if j.controls is None else j.controls[rows], steered_guidance=j.steered_guidance,
+            contrast_style=j.contrast_style,
         )
     return out
 
@@ -857,7 +868,8 @@ def window_prompt(row: list[int], window: int, vocab: Vocabulary) -> list[int]:
 
 
 def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events, max_steps, max_note_steps,
-                    settings, tables, guidance, gaps=None, hard_limits=None, controls=None, steered_guidance=None):
+                    settings, tables, guidance, gaps=None, hard_limits=None, controls=None, steered_guidance=None,
+                    contrast_style=False):
     """One batch through as many windows as its longest row needs (see the module docstring).
 
     With `gaps` each window's prompt is the FIM prompt of its row (`mgpt.sample.fim.prompt`): the
@@ -882,7 +894,8 @@ def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events,
         plan = controls_lib.plan(vocab, controls, offsets, batch, None if budget >= np.iinfo(np.int32).max
                                  else budget)
         if guidance is not None:
-            plan = controls_lib.steered_twins(plan, vocab, prompts, controls, float(guidance), steered_guidance)
+            plan = controls_lib.steered_twins(plan, vocab, prompts, controls, float(guidance), steered_guidance,
+                                              contrast_style)
         state = state.replace(control_B=np.zeros(batch, np.int32))  # the first group: right after the prompt
         if plan.cap_BxS is not None:  # the guards count the primer's notes in its last segment
             notes_B, sum_B = np.zeros(batch, np.int32), np.zeros(batch, np.int32)

@@ -240,9 +240,23 @@ def with_controls(vocab: Vocabulary, dataset_path, data_config, resumed: bool, l
                         "tokens; start a new run (or set data.control_seconds=0)")
     source = open_source(dataset_path, "train", training_only=True)
     levels = int(data_config.get("control_levels", controls_lib.DEFAULT_LEVELS))
-    spec = controls_lib.fit((vocab.decode_notes(source[i]["tokens"]) for i in range(len(source))), seconds, levels)
+    spec = controls_lib.fit((vocab.decode_notes(source[i]["tokens"]) for i in range(len(source))), seconds, levels,
+                           styles=(vocab.style_name(record_text(source[i]["style"])) for i in range(len(source))))
     log(f"controls: {levels} levels per control over {seconds:g} s segments, fitted on {len(source)} training pieces")
     return vocab.with_controls(spec)
+
+
+def style_level_counts(vocab: Vocabulary, dataset_path) -> dict:
+    """The control spec's 'by_style' (`data_prep.controls.style_counts`) of the training split at
+    `dataset_path`, under `vocab`'s own control levels: for a model trained before `fit` stored it."""
+    source = open_source(dataset_path, "train", training_only=True)
+    levels, labels = [np.zeros((0, len(controls_lib.ATTRIBUTES)), np.int64)], []
+    for i in range(len(source)):
+        notes = vocab.decode_notes(source[i]["tokens"])
+        if len(notes.pitch):
+            levels.append(controls_lib.segment_levels(notes, vocab.controls))
+            labels += [vocab.style_name(record_text(source[i]["style"]))] * len(levels[-1])
+    return controls_lib.style_counts(np.concatenate(levels), labels, vocab.controls["levels"])
 
 
 def check_same_events(vocab: Vocabulary, dataset_path, owner: str, field: str = "config.data.dataset_dir") -> None:
