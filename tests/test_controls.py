@@ -173,3 +173,22 @@ def test_fit_records_the_levels_each_control_has():
     for a, name in enumerate(controls.ATTRIBUTES):
         assert sorted(set(levels[:, a].tolist()) - {0}) == spec["seen"][name]
     assert Vocabulary.from_json(plain.with_controls(spec).to_json()).controls["seen"] == spec["seen"]
+
+
+def test_fit_counts_each_styles_levels():
+    # The contrast style (mgpt.sample.controls.contrast_styles) reads how often each style's training
+    # segments have each level: counted from the same levels `segment_levels` gives every stage.
+    plain = Vocabulary(["bach", "folk"])
+    pieces = [plain.decode_notes(plain.encode_notes(*_piece(s, seconds=9.0 + 3 * s))) for s in range(5)]
+    styles = ["bach", "folk", "bach", "folk", "folk"]
+    spec = controls.fit(pieces, SECONDS, 8, styles=styles)
+    assert sorted(spec["by_style"]) == ["bach", "folk"]
+    for style in ("bach", "folk"):
+        levels = np.concatenate([controls.segment_levels(n, spec) for n, s in zip(pieces, styles) if s == style])
+        for a, name in enumerate(controls.ATTRIBUTES):
+            counts = spec["by_style"][style][name]
+            assert len(counts) == (4 if name == "mode" else 9)
+            assert counts == np.bincount(levels[:, a], minlength=len(counts)).tolist()
+    # Without styles, the spec is as before; a vocabulary keeps the counts through its JSON.
+    assert "by_style" not in controls.fit(pieces, SECONDS, 8)
+    assert Vocabulary.from_json(plain.with_controls(spec).to_json()).controls["by_style"] == spec["by_style"]

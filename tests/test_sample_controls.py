@@ -219,6 +219,69 @@ def test_steered_guidance_pulls_a_styled_piece_towards_its_style_within_the_cont
                         steered_guidance=-1.0, controls=timeline)
 
 
+def _contrast_vocab(by_style=True):
+    """Three styles whose training segments favour density levels 2 (folk) and 7 (palestrina); bach's spread."""
+    def counts(density):
+        out = {name: [0] * (4 if name == "mode" else 9) for name in data_controls.ATTRIBUTES}
+        out["density"] = density
+        return out
+
+    spec = {**SPEC, "by_style": {"bach": counts([0] + [5] * 8), "folk": counts([0, 1, 30] + [1] * 6),
+                                 "palestrina": counts([0] + [1] * 6 + [30, 1])}}
+    if not by_style:
+        spec.pop("by_style")
+    return Vocabulary(["bach", "folk", "palestrina"]).with_controls(spec)
+
+
+def test_the_contrast_style_is_the_other_style_the_controls_suggest():
+    vocab = _contrast_vocab()
+    ids = {s: vocab.style_id(s) for s in ("bach", "folk", "palestrina")}
+    prompts = [np.array([ids[s]]) for s in ("bach", "folk", "palestrina")] + [np.array([vocab.unknown_style_id])]
+    busy, sparse = controls.parse(vocab, "density=7", None), controls.parse(vocab, "density=2", None)
+    assert controls.contrast_styles(vocab, prompts, busy, 4) == [ids["palestrina"], ids["palestrina"], ids["bach"],
+                                                                 vocab.unknown_style_id]
+    assert controls.contrast_styles(vocab, prompts, sparse, 4) == [ids["folk"], ids["bach"], ids["folk"],
+                                                                   vocab.unknown_style_id]
+    # Over a timeline the segments add up: three busy segments outweigh one sparse one.
+    turning = controls.parse(vocab, "0:density=2;0.5:density=7", None)
+    assert controls.contrast_styles(vocab, prompts[:1], [turning], 4) == [ids["palestrina"]]
+    assert controls.contrast_styles(vocab, prompts[:1], [turning], 1) == [ids["folk"]]
+    # A row asked for nothing has none; nor has a model trained before the counts were stored.
+    assert controls.contrast_styles(vocab, prompts[:1], [controls.Timeline()], 4) == [vocab.unknown_style_id]
+    assert controls.contrast_styles(_contrast_vocab(by_style=False), prompts, busy, 4) is None
+
+
+def test_contrast_style_draws_away_from_the_contrast_style():
+    # At G = 0 a steered row's events are drawn from its twin alone: with the contrast style on, that
+    # twin reads the controls and the contrast style, so a bach row asked for palestrina's density
+    # writes what a palestrina piece asked for the same controls writes, across windows too.
+    vocab = _contrast_vocab()
+    model = GPT(dataclasses.replace(CFG, vocab_size=vocab.size), rngs=nnx.Rngs(1))
+    timeline = controls.parse(vocab, "density=7", None, density_guard=False)
+    bach, palestrina = np.array([vocab.style_id("bach")]), np.array([vocab.style_id("palestrina")])
+    unknown = np.array([vocab.unknown_style_id])
+    seeds = [3, 4, 5]
+    kw = dict(seeds=seeds, max_events=40, temperature=1.3, controls=timeline)
+    away = generate_tokens(model, vocab, [bach, bach, unknown], guidance=0.0, contrast_style=True, **kw)
+    twin = generate_tokens(model, vocab, [palestrina] * 2, **{**kw, "seeds": seeds[:2]})
+    for a, t in zip(away[:2], twin):
+        assert len(a) > CFG.max_len
+        np.testing.assert_array_equal(a[1:], t[1:])
+    # Off, the twin reads neither style nor controls, as before; the unconditional row is the same either way.
+    before = generate_tokens(model, vocab, [bach, bach, unknown], guidance=0.0, **kw)
+    assert any(not np.array_equal(b[1:], t[1:]) for b, t in zip(before[:2], twin))
+    np.testing.assert_array_equal(before[2], away[2])
+    # A model without per-style counts, or of one style, has no contrast style: pieces as without it.
+    for v in (_contrast_vocab(by_style=False), VOCAB):
+        m = model if v.size == vocab.size else GPT(CFG, rngs=nnx.Rngs(1))
+        t = controls.parse(v, "density=7", None, density_guard=False)
+        p = [np.array([v.style_id("bach")])] * 2
+        on = generate_tokens(m, v, p, seeds=seeds[:2], max_events=12, guidance=1.5, controls=t, contrast_style=True)
+        off = generate_tokens(m, v, p, seeds=seeds[:2], max_events=12, guidance=1.5, controls=t)
+        for a, b in zip(on, off):
+            np.testing.assert_array_equal(a, b)
+
+
 def _eager_model(sparse: bool = False, vocab=VOCAB, on: float = 2.0, off: float = 0.0, high_from: int | None = None):
     """Preferences that ignore the context and lean towards many notes (NOTE_ONs at `on`, short
     shifts), or with `sparse` towards few (long shifts); NOTE_OFFs at `off`; pitches from `high_from`

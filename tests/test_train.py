@@ -55,6 +55,23 @@ def _cli(*args, env=None, **kw):
                           env=env, timeout=180, **kw)
 
 
+def test_training_stores_each_styles_control_levels(dataset):
+    # A new run with controls fits its levels on the training split and counts each style's segments
+    # at each level (the sampler's contrast style); a run trained before them counts the same from
+    # the dataset (mgpt.sample.run.Run.count_style_levels).
+    from data_prep.vocab import Vocabulary
+    from mgpt.train import data as data_lib
+
+    plain = Vocabulary.load(dataset)
+    vocab = data_lib.with_controls(plain, dataset, {"control_seconds": 2.0}, resumed=False, log=lambda *_: None)
+    counts = vocab.controls["by_style"]
+    assert set(counts) <= set(vocab.styles) and counts
+    segments = sum(sum(c["density"]) for c in counts.values())
+    assert segments > 40 and all(sum(c[name]) == sum(c["density"]) for c in counts.values() for name in c)
+    older = plain.with_controls({k: v for k, v in vocab.controls.items() if k != "by_style"})
+    assert data_lib.style_level_counts(older, dataset) == counts
+
+
 def test_loss_falls_on_tiny(tiny_run):
     _, result = tiny_run
     losses = [result["losses"][s] for s in sorted(result["losses"])]

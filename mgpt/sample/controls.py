@@ -374,28 +374,34 @@ def steered_twins(p: ControlPlan, vocab: Vocabulary, prompts, timelines, guidanc
     """`p` with its rows' guidance under controls (`ControlPlan.styled_B`, `guidance_B`, `twin_style_B`).
 
     Neither steered_guidance nor contrast: every twin reads neither the style nor the controls, and
-    guidance at the job's G pushes towards both together. Otherwise a row with a style that is asked
-    for controls has a twin that reads the controls, and guidance pulls towards the row's style
-    within them, at G_s = steered_guidance (or the job's G): the guards and the conditioning hold
-    the controls. With contrast the twin reads the row's contrast style (`contrast_styles`), and the
-    row is drawn from l_contrast,controls + G_s (l_style,controls - l_contrast,controls): away from
-    the style those controls would suggest; without it STYLE:unknown (docs/controls.md measures
-    each). A vocabulary without per-style counts has no contrast style: its twins read STYLE:unknown.
-    Unconditional rows, and rows asked for nothing, keep the job's G and a twin that reads neither."""
+    guidance at the job's G pushes towards both together. A float steered_guidance G_s: a row with a
+    style that is asked for controls has a twin that reads the controls (its STYLE alone is
+    unknown), and is drawn from l_controls + G_s (l_style,controls - l_controls): the guards and the
+    conditioning hold the controls, and guidance pulls towards the style within them. With contrast
+    such a row's twin reads its contrast style instead of STYLE:unknown (`contrast_styles`), and the
+    row is drawn from l_contrast,controls + G (l_style,controls - l_contrast,controls), at G_s or the
+    job's G: away from the style those controls would suggest (docs/controls.md measures each).
+    A row with no contrast style (a model of one style, or without per-style counts) keeps the
+    twin it would have without contrast. Unconditional rows, and rows asked for nothing, keep the
+    job's G and a twin that reads neither."""
     contrast_ids = contrast_styles(vocab, prompts, timelines, p.group_BxSxA.shape[1]) if contrast else None
-    if steered_guidance is None and contrast_ids is None:
+    n = len(prompts)
+    steered_N = np.asarray(steered_rows(vocab, prompts, timelines), bool)
+    contrast_N = np.full(n, vocab.unknown_style_id, np.int32) if contrast_ids is None \
+        else np.where(steered_N, np.asarray(contrast_ids, np.int32), vocab.unknown_style_id)
+    has_contrast_N = contrast_N != vocab.unknown_style_id
+    styled_N = steered_N if steered_guidance is not None else has_contrast_N
+    if not np.any(styled_N):
         return p
     batch = p.offset_B.shape[0]
     styled_B = np.zeros(batch, bool)
-    styled_B[:len(prompts)] = steered_rows(vocab, prompts, timelines)
+    styled_B[:n] = styled_N
+    twin_style_B = np.full(batch, vocab.unknown_style_id, np.int32)
+    twin_style_B[:n] = contrast_N
     g_s = guidance if steered_guidance is None else steered_guidance
     guidance_B = np.where(styled_B, g_s, guidance).astype(np.float32)
-    twin_style_B = None
-    if contrast_ids is not None:
-        twin_style_B = np.full(batch, vocab.unknown_style_id, np.int32)
-        twin_style_B[:len(prompts)] = np.where(styled_B[:len(prompts)], contrast_ids, vocab.unknown_style_id)
-        twin_style_B = jnp.asarray(twin_style_B)
-    return p.replace(styled_B=jnp.asarray(styled_B), guidance_B=jnp.asarray(guidance_B), twin_style_B=twin_style_B)
+    return p.replace(styled_B=jnp.asarray(styled_B), guidance_B=jnp.asarray(guidance_B),
+                     twin_style_B=jnp.asarray(twin_style_B) if np.any(has_contrast_N) else None)
 
 
 def notes_in_last_segment(vocab: Vocabulary, prompt) -> tuple[int, int]:

@@ -214,12 +214,13 @@ class Sampling:
     max_note_seconds: float | None = None  # the note-length guard: None = from the data, 0 = off
     guidance: float | None = None  # style guidance G (1 = off; None = the run's default, `Run.sampling`)
     # With controls: the guidance of a piece with a style, whose twin then reads the controls, so G pulls
-    # towards the style within them (mgpt.sample.controls.steered_twins). None: its twin reads neither, and
-    # `guidance` pulls towards the style and the controls together (docs/controls.md measures both).
+    # towards the style within them (mgpt.sample.controls.steered_twins). None: `guidance`, and without
+    # contrast_style the twin reads neither: G pulls towards the style and the controls together.
     steered_guidance: float | None = None
-    # With controls: the twin of a piece with a style reads the controls and the contrast style, the
+    # With controls: the twin of a piece with a style reads the controls and its contrast style, the
     # other style whose training segments have the levels asked for most often, so guidance pulls away
-    # from the style the controls alone suggest (mgpt.sample.controls.contrast_styles). False: see above.
+    # from the style the controls alone suggest (mgpt.sample.controls.contrast_styles; docs/controls.md
+    # measures it against the others). False: STYLE:unknown, as steered_guidance says.
     contrast_style: bool = True
     # Hard limits, held on every sampled event by the sampler's mask (mgpt/sample/limits.py). A range
     # is (lo, hi) or the text 'lo-hi'; None = no limit.
@@ -486,14 +487,14 @@ class Run:
         have each control level, which training stores in the vocabulary. A model trained before it was
         stored gets the counts from its training split when that is on this machine (a few seconds
         for the demo's); otherwise its twins read STYLE:unknown, and a warning says so, once."""
-        if self._counted or self.vocab.controls is None or self.vocab.controls.get("by_style"):
+        if self._counted or self.vocab.controls is None or self.vocab.controls.get("by_style") \
+                or len(self.styles) < 2:
             return
         self._counted = True
         if self.dataset_dir is None:
-            print(f"warning: --contrast_style: {self.workdir} was trained before the per-style control counts were "
-                  "stored, and its training dataset (config.data.dataset_dir) is not on this machine; guidance "
-                  "pulls towards the style within the controls (--nocontrast_style: towards both together)",
-                  file=sys.stderr, flush=True)
+            print(f"warning: --contrast_style: {self.workdir or 'this model'} was trained before the per-style "
+                  "control counts were stored, and its training dataset (config.data.dataset_dir) is not on this "
+                  "machine; pieces are drawn as with --nocontrast_style", file=sys.stderr, flush=True)
             return
         from mgpt.train.data import style_level_counts
 
