@@ -210,7 +210,7 @@ def _sampling_run(f, gpt, vocab, config, dataset_dir):
                     or sample_run.dataset_note_seconds({"data": {"dataset_dir": str(dataset_dir)}}))
     own = sample_run.local_dataset(config)  # the run's training split: --contrast_style's counts for older runs
     run = sample_run.Run(model=gpt.model, vocab=vocab, config=config, step=gpt.step, workdir=str(f.workdir),
-                         note_seconds=note_seconds, dataset_dir=os.fspath(own) if own else None)
+                         note_seconds=note_seconds, dataset_dir=str(own) if own else None)
     styles = sample_run.resolve_styles(vocab, f.style)
     sampling = sample_run.Sampling(temperature=f.temperature, top_p=f.top_p, max_seconds=f.max_seconds,
                                  max_note_seconds=f.max_note_seconds, guidance=f.guidance,
