@@ -885,3 +885,10 @@ def test_controls_and_mood_from_the_command_line(tmp_path):
         with pytest.raises(SystemExit, match=message) as e:
             generate.main(_cli_args(workdir, tmp_path / "bad", flag))
         assert "\n" not in str(e.value)
+    # --contrast_style: pairs of the model's styles, recorded in the manifest.
+    with pytest.raises(SystemExit, match="--contrast_style: unknown style 'mozart'; this model knows bach, chopin"):
+        generate.main(_cli_args(workdir, tmp_path / "bad", "--controls=density=2", "--contrast_style=bach:mozart"))
+    generate.main(_cli_args(workdir, tmp_path / "pairs", "--num_samples=1", "--max_seconds=2", "--max_copy_seconds=0",
+                            "--style=bach", "--controls=density=2", "--contrast_style=bach:folk"))
+    line = json_lib.loads((tmp_path / "pairs" / "manifest.jsonl").read_text().splitlines()[0])
+    assert line["settings"]["contrast_style"] == "bach:folk"

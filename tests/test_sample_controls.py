@@ -251,6 +251,17 @@ def test_the_contrast_style_is_the_other_style_the_controls_suggest():
     assert controls.contrast_styles(_contrast_vocab(by_style=False), prompts, busy, 4) is None
 
 
+def test_contrast_style_pairs_are_checked():
+    vocab = _contrast_vocab()
+    assert controls.parse_contrast(vocab, "") is None and controls.parse_contrast(vocab, " AUTO ") == "auto"
+    assert controls.parse_contrast(vocab, "bach:folk, palestrina:bach") == {
+        vocab.style_id("bach"): vocab.style_id("folk"), vocab.style_id("palestrina"): vocab.style_id("bach")}
+    for text, message in [("bach", "expected 'auto' or STYLE:OTHER pairs"), ("bach:mozart", "unknown style 'mozart'"),
+                          ("bach:bach", "bach is contrasted with itself"), ("bach:folk,bach:palestrina", "given twice")]:
+        with pytest.raises(ValueError, match=message):
+            controls.parse_contrast(vocab, text)
+
+
 def test_contrast_style_draws_away_from_the_contrast_style():
     # At G = 0 a steered row's events are drawn from its twin alone: with the contrast style on, that
     # twin reads the controls and the contrast style, so a bach row asked for palestrina's density
@@ -262,11 +273,19 @@ def test_contrast_style_draws_away_from_the_contrast_style():
     unknown = np.array([vocab.unknown_style_id])
     seeds = [3, 4, 5]
     kw = dict(seeds=seeds, max_events=40, temperature=1.3, controls=timeline)
-    away = generate_tokens(model, vocab, [bach, bach, unknown], guidance=0.0, contrast_style=True, **kw)
+    away = generate_tokens(model, vocab, [bach, bach, unknown], guidance=0.0, contrast_style="auto", **kw)
     twin = generate_tokens(model, vocab, [palestrina] * 2, **{**kw, "seeds": seeds[:2]})
     for a, t in zip(away[:2], twin):
         assert len(a) > CFG.max_len
         np.testing.assert_array_equal(a[1:], t[1:])
+    # Given as pairs (bach's contrast: palestrina), the same pieces; a style not named keeps its old twin.
+    pairs = controls.parse_contrast(vocab, "bach:palestrina")
+    np.testing.assert_array_equal(generate_tokens(model, vocab, [bach], guidance=0.0, contrast_style=pairs,
+                                                  **{**kw, "seeds": seeds[:1]})[0], away[0])
+    folk = generate_tokens(model, vocab, [np.array([vocab.style_id("folk")])], guidance=0.0, contrast_style=pairs,
+                           **{**kw, "seeds": seeds[:1]})
+    np.testing.assert_array_equal(folk[0], generate_tokens(model, vocab, [np.array([vocab.style_id("folk")])],
+                                                           guidance=0.0, **{**kw, "seeds": seeds[:1]})[0])
     # Off, the twin reads neither style nor controls, as before; the unconditional row is the same either way.
     before = generate_tokens(model, vocab, [bach, bach, unknown], guidance=0.0, **kw)
     assert any(not np.array_equal(b[1:], t[1:]) for b, t in zip(before[:2], twin))
@@ -276,7 +295,7 @@ def test_contrast_style_draws_away_from_the_contrast_style():
         m = model if v.size == vocab.size else GPT(CFG, rngs=nnx.Rngs(1))
         t = controls.parse(v, "density=7", None, density_guard=False)
         p = [np.array([v.style_id("bach")])] * 2
-        on = generate_tokens(m, v, p, seeds=seeds[:2], max_events=12, guidance=1.5, controls=t, contrast_style=True)
+        on = generate_tokens(m, v, p, seeds=seeds[:2], max_events=12, guidance=1.5, controls=t, contrast_style="auto")
         off = generate_tokens(m, v, p, seeds=seeds[:2], max_events=12, guidance=1.5, controls=t)
         for a, b in zip(on, off):
             np.testing.assert_array_equal(a, b)

@@ -369,8 +369,36 @@ def contrast_styles(vocab: Vocabulary, prompts, timelines, segments: int) -> lis
     return out
 
 
+CONTRAST_AUTO = "auto"
+
+
+def parse_contrast(vocab: Vocabulary, text: str | None) -> dict[int, int] | str | None:
+    """--contrast_style: '' (None: off), 'auto' (`contrast_styles`), or 'STYLE:OTHER,...' pairs, each
+    style's contrast, as {STYLE id: STYLE id}. ValueError naming the flag and the problem."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    if text.lower() == CONTRAST_AUTO:
+        return CONTRAST_AUTO
+    known = [s for s in vocab.styles if vocab.style_id(s) != vocab.unknown_style_id]
+    out = {}
+    for pair in text.split(","):
+        style, sep, other = (x.strip() for x in pair.partition(":"))
+        if not sep or not style or not other:
+            raise ValueError(f"--contrast_style: expected 'auto' or STYLE:OTHER pairs separated by commas, got {pair!r}")
+        for name in (style, other):
+            if vocab.style_name(name) not in known:
+                raise ValueError(f"--contrast_style: unknown style {name!r}; this model knows {', '.join(known)}")
+        if vocab.style_id(style) == vocab.style_id(other):
+            raise ValueError(f"--contrast_style: {style} is contrasted with itself")
+        if vocab.style_id(style) in out:
+            raise ValueError(f"--contrast_style: {style} is given twice")
+        out[vocab.style_id(style)] = vocab.style_id(other)
+    return out
+
+
 def steered_twins(p: ControlPlan, vocab: Vocabulary, prompts, timelines, guidance: float,
-                  steered_guidance: float | None, contrast: bool = False) -> ControlPlan:
+                  steered_guidance: float | None, contrast: dict[int, int] | str | None = None) -> ControlPlan:
     """`p` with its rows' guidance under controls (`ControlPlan.styled_B`, `guidance_B`, `twin_style_B`).
 
     Neither steered_guidance nor contrast: every twin reads neither the style nor the controls, and
@@ -378,13 +406,19 @@ def steered_twins(p: ControlPlan, vocab: Vocabulary, prompts, timelines, guidanc
     style that is asked for controls has a twin that reads the controls (its STYLE alone is
     unknown), and is drawn from l_controls + G_s (l_style,controls - l_controls): the guards and the
     conditioning hold the controls, and guidance pulls towards the style within them. With contrast
-    such a row's twin reads its contrast style instead of STYLE:unknown (`contrast_styles`), and the
+    (`parse_contrast`: 'auto', each row's `contrast_styles`, or {style: its contrast}) such a row's
+    twin reads its contrast style instead of STYLE:unknown, and the
     row is drawn from l_contrast,controls + G (l_style,controls - l_contrast,controls), at G_s or the
     job's G: away from the style those controls would suggest (docs/controls.md measures each).
     A row with no contrast style (a model of one style, or without per-style counts) keeps the
     twin it would have without contrast. Unconditional rows, and rows asked for nothing, keep the
     job's G and a twin that reads neither."""
-    contrast_ids = contrast_styles(vocab, prompts, timelines, p.group_BxSxA.shape[1]) if contrast else None
+    if contrast == CONTRAST_AUTO:
+        contrast_ids = contrast_styles(vocab, prompts, timelines, p.group_BxSxA.shape[1])
+    elif contrast:
+        contrast_ids = [contrast.get(int(q[0]), vocab.unknown_style_id) for q in prompts]
+    else:
+        contrast_ids = None
     n = len(prompts)
     steered_N = np.asarray(steered_rows(vocab, prompts, timelines), bool)
     contrast_N = np.full(n, vocab.unknown_style_id, np.int32) if contrast_ids is None \

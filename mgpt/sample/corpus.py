@@ -202,7 +202,7 @@ _SETTINGS_SINCE = {"guidance": 1.0, "pitch_range": None, "max_polyphony": None, 
                    "register_guard": False, "mode_guard": False,
                    "polyphony_guard": False, "scale_guard": False, "loudness_guard": False,
                    "control_tries": 1, "steered_guidance": None, "prefer_style": False,
-                   "contrast_style": False}
+                   "contrast_style": ""}
 _COPY_GUARD_OFF = {"max_copy_seconds": 0.0, "tries": 1}
 
 

@@ -217,11 +217,11 @@ class Sampling:
     # towards the style within them (mgpt.sample.controls.steered_twins). None: `guidance`, and without
     # contrast_style the twin reads neither: G pulls towards the style and the controls together.
     steered_guidance: float | None = None
-    # With controls: the twin of a piece with a style reads the controls and its contrast style, the
-    # other style whose training segments have the levels asked for most often, so guidance pulls away
-    # from the style the controls alone suggest (mgpt.sample.controls.contrast_styles; docs/controls.md
-    # measures it against the others). False: STYLE:unknown, as steered_guidance says.
-    contrast_style: bool = True
+    # With controls: the twin of a piece with a style reads the controls and its contrast style, so
+    # guidance pulls away from that style: 'STYLE:OTHER,...' pairs (a style the model mistakes for
+    # another), or 'auto', each piece the other style whose training segments have the levels asked
+    # for most often (mgpt.sample.controls.parse_contrast; docs/controls.md measures both). '': off.
+    contrast_style: str = ""
     # Hard limits, held on every sampled event by the sampler's mask (mgpt/sample/limits.py). A range
     # is (lo, hi) or the text 'lo-hi'; None = no limit.
     pitch_range: tuple[int, int] | str | None = None
@@ -285,9 +285,10 @@ class Sampling:
         if isinstance(self.control_tries, bool) or not isinstance(self.control_tries, (int, np.integer)) \
                 or not 1 <= self.control_tries <= 64:
             raise UserError(f"--control_tries must be a whole number in 1..64, got {self.control_tries!r}")
-        for name in ("prefer_style", "contrast_style"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise UserError(f"--{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.prefer_style, (bool, np.bool_)):
+            raise UserError(f"--prefer_style must be true or false, got {self.prefer_style!r}")
+        if not isinstance(self.contrast_style, str):
+            raise UserError(f"--contrast_style must be text ('auto' or STYLE:OTHER pairs), got {self.contrast_style!r}")
         if self.prefer_style and self.control_tries < 2:
             raise UserError("--prefer_style chooses among the draws of each control segment: give --control_tries=K "
                             "with K > 1")
@@ -365,7 +366,7 @@ class Sampling:
                 "control_tries": int(self.control_tries) if self.steered or self.prefer_style else 1,
                 "prefer_style": bool(self.prefer_style),
                 "steered_guidance": self.steered_guidance if self.steered else None,
-                "contrast_style": bool(self.contrast_style and self.steered)}
+                "contrast_style": self.contrast_style.strip() if self.steered else ""}
 
     def asks(self, control: str) -> bool:
         """Whether --controls names `control` (or --mood sets it): a guard on a control nobody asks
@@ -415,10 +416,13 @@ def define_guard_flags(flags, kw: dict) -> None:
                        "style when following a whole timeline: docs/controls.md). Needs style guidance (a model "
                        "trained with style dropout, --guidance != 1). Default: off, --guidance pulls towards the "
                        "style and the controls together.", **kw)
-    flags.DEFINE_bool("contrast_style", Sampling.contrast_style, "With controls asked for and style guidance, a "
-                      "piece with a style: its twin reads the controls and the other style whose training segments "
-                      "have those levels most often, so guidance pulls away from the style the controls alone "
-                      "suggest (docs/controls.md); false = as --steered_guidance says.", **kw)
+    flags.DEFINE_string("contrast_style", Sampling.contrast_style, "With controls asked for and style guidance, "
+                        "a piece with a style has a twin that reads the controls and another style, and guidance "
+                        "pulls away from it: STYLE:OTHER pairs separated by commas (e.g. folk_british_irish:"
+                        "folk_german, a style and the one it is mistaken for), or 'auto' (the other style whose "
+                        "training segments have the asked levels most often). Following real timelines it keeps "
+                        "more of the style, and asked for one control it narrows the pieces (docs/controls.md). "
+                        "Default: off.", **kw)
 
 
 def guard_settings(f) -> dict:
@@ -483,7 +487,7 @@ class Run:
         return FALLBACK_MAX_NOTE_SECONDS
 
     def count_style_levels(self) -> None:
-        """The contrast style (`Sampling.contrast_style`) reads how often each style's training segments
+        """--contrast_style=auto (`Sampling.contrast_style`) reads how often each style's training segments
         have each control level, which training stores in the vocabulary. A model trained before it was
         stored gets the counts from its training split when that is on this machine (a few seconds
         for the demo's); otherwise its twins read STYLE:unknown, and a warning says so, once."""
@@ -494,7 +498,8 @@ class Run:
         if self.dataset_dir is None:
             print(f"warning: --contrast_style: {self.workdir or 'this model'} was trained before the per-style "
                   "control counts were stored, and its training dataset (config.data.dataset_dir) is not on this "
-                  "machine; pieces are drawn as with --nocontrast_style", file=sys.stderr, flush=True)
+                  "machine; --contrast_style=auto finds no contrast style, and pieces are drawn without it",
+                  file=sys.stderr, flush=True)
             return
         from mgpt.train.data import style_level_counts
 
@@ -603,7 +608,13 @@ class Run:
             controls = [dataclasses.replace(c, ends_s=float(e)) for c, e in zip(controls, piece_ends_s)]
         from mgpt.sample.controls import steered_rows
 
-        if sampling.contrast_style and sampling.guidance != 1 and any(steered_rows(self.vocab, prompts, controls)):
+        from mgpt.sample.controls import CONTRAST_AUTO, parse_contrast
+
+        try:
+            contrast = parse_contrast(self.vocab, sampling.contrast_style)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if contrast == CONTRAST_AUTO and sampling.guidance != 1 and any(steered_rows(self.vocab, prompts, controls)):
             self.count_style_levels()
         if sampling.steered_guidance is not None and sampling.guidance == 1 \
                 and any(steered_rows(self.vocab, prompts, controls)):
@@ -613,7 +624,7 @@ class Run:
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, min_p=sampling.min_p,
             greedy=sampling.greedy, guidance=sampling.guidance, batch_size=batch_size,
             hard_limits=sampling.hard_limits(), controls=controls, steered_guidance=sampling.steered_guidance,
-            contrast_style=sampling.contrast_style,
+            contrast_style=contrast,
             **(sampling.budget() if gaps is None else {"max_events": sampling.max_events}),
         )
         limits = [self.max_note_seconds(p, sampling) for p in prompts]

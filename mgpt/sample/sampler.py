@@ -674,9 +674,9 @@ def generate_tokens(model: GPT, vocab: Vocabulary, prompts: Sequence[np.ndarray]
     clock, the first right after the prompt; an empty timeline samples exactly as none.
     `steered_guidance` G_s (with controls and guidance != 1): rows with a style are drawn at G_s
     from a twin that reads their controls (`controls.steered_twins`); None: every twin reads
-    neither, at `guidance`. `contrast_style` (with controls and guidance != 1): the twins of rows
-    with a style read their controls and the contrast style (`controls.contrast_styles`), at G_s
-    or `guidance`.
+    neither, at `guidance`. `contrast_style` (with controls and guidance != 1; `controls.parse_contrast`'s
+    'auto' or {style id: contrast id}): the twins of rows with a style read their controls and
+    their contrast style, at G_s or `guidance`.
 
     `options` are `prepare`'s keyword arguments (seeds, the budgets, the sampling settings, the
     guards, guidance, batch_size, gaps, hard_limits, controls, steered_guidance, contrast_style),
@@ -717,7 +717,7 @@ class Job:
     hard_limits: "limits_lib.HardLimits | None"
     controls: "list[controls_lib.Timeline] | None"
     steered_guidance: float | None = None
-    contrast_style: bool = False
+    contrast_style: dict | str | None = None
 
 
 def prepare(
@@ -741,7 +741,7 @@ def prepare(
     hard_limits: limits_lib.HardLimits | None = None,
     controls: controls_lib.Timeline | Sequence[controls_lib.Timeline] | None = None,
     steered_guidance: float | None = None,
-    contrast_style: bool = False,
+    contrast_style: dict | str | None = None,
 ) -> Job:
     """`generate_tokens`' checks (ValueError naming the argument) and resolved settings."""
     cfg = model.cfg
@@ -811,7 +811,7 @@ def prepare(
                max_steps=max_steps, max_note_steps=max_note_steps, settings=settings, tables=tables,
                guidance=guidance, batch_size=batch_size, gaps=gaps, hard_limits=hard_limits, controls=controls,
                steered_guidance=None if steered_guidance is None else float(steered_guidance),
-               contrast_style=bool(contrast_style))
+               contrast_style=contrast_style or None)
 
 
 def windowed(job: Job) -> list[np.ndarray]:
@@ -869,7 +869,7 @@ def window_prompt(row: list[int], window: int, vocab: Vocabulary) -> list[int]:
 
 def _generate_batch(graphdef, params, window, vocab, prompts, seeds, max_events, max_steps, max_note_steps,
                     settings, tables, guidance, gaps=None, hard_limits=None, controls=None, steered_guidance=None,
-                    contrast_style=False):
+                    contrast_style=None):
     """One batch through as many windows as its longest row needs (see the module docstring).
 
     With `gaps` each window's prompt is the FIM prompt of its row (`mgpt.sample.fim.prompt`): the
