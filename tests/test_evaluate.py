@@ -498,7 +498,8 @@ def test_evaluation_guards_notes_by_the_training_data_not_the_evaluated_dataset(
     flags = types.SimpleNamespace(workdir="run", style="all", temperature=0.9, top_p=0.95, max_seconds=30.0,
                                   max_note_seconds=None, guidance=None, controls=None, mood=None, density_guard=True,
                                   register_guard=False, mode_guard=True, polyphony_guard=True, scale_guard=True,
-                                  loudness_guard=True, control_tries=1, prefer_style=False, steered_guidance=None)
+                                  loudness_guard=True, control_tries=1, prefer_style=False, steered_guidance=None,
+                                  contrast_style="")
     gpt = types.SimpleNamespace(model=None, step=1)
     run, _, _ = E._sampling_run(flags, gpt, vocab, config, tmp_path / "other_ds")
     assert run.note_seconds["all"]["p99.5"] == 1.9

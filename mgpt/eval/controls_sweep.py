@@ -253,7 +253,8 @@ def controls_cost(*, run, vocab, train, test, num_samples: int, styles: Sequence
     prompts = run.prompts([s for s, _, _ in plan])
     seeds = [seed for _, seed, _ in plan]
     # The guidances the pieces are drawn with (the prompts have styles: the run's default G for both sets).
-    result.update(guidance=run.sampling(sampling, prompts).guidance, steered_guidance=sampling.steered_guidance)
+    result.update(guidance=run.sampling(sampling, prompts).guidance, steered_guidance=sampling.steered_guidance,
+                  contrast_style=sampling.contrast_style.strip() or None)
     asked = np.concatenate([reference_levels(ref_notes, spec, whole) for _, _, ref_notes in plan])
     sets = {"plain": None, "steered": None}  # name -> the one control asked for (None: all of them)
     if each:
@@ -305,6 +306,8 @@ def write_controls_cost(result: dict) -> str:
                 if result.get("timelines_from") else ".")
              + (f" Guidance: plain {result['guidance']:g}, steered {result['steered_guidance']:g} (its twin reads "
                 "the controls)." if result.get("steered_guidance") is not None else "")
+             + (f" The steered pieces' twins read the controls and a contrast style (--contrast_style="
+                f"{result['contrast_style']})." if result.get("contrast_style") else "")
              + (f" Each control segment drawn {result['control_tries']} times, the draw nearest the asked controls "
                 "kept, of those the one the model reads most as its style (--prefer_style; the plain pieces "
                 "chosen alike)." if result.get("prefer_style") else ""), "",
