@@ -490,7 +490,8 @@ class Run:
         """--contrast_style=auto (`Sampling.contrast_style`) reads how often each style's training segments
         have each control level, which training stores in the vocabulary. A model trained before it was
         stored gets the counts from its training split when that is on this machine (a few seconds
-        for the demo's); otherwise its twins read STYLE:unknown, and a warning says so, once."""
+        for the demo's); otherwise `auto` finds no contrast style, its pieces are drawn as without
+        the flag, and a warning says so, once."""
         if self._counted or self.vocab.controls is None or self.vocab.controls.get("by_style") \
                 or len(self.styles) < 2:
             return
