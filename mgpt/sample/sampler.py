@@ -37,7 +37,8 @@ strengthens the controls with the style; the rows then each keep their own posit
 a `steered_guidance` the twins of rows with a style read the controls instead, and those
 rows are drawn at that G: guidance pulls towards the style within the controls
 (`controls.steered_twins`). With `contrast_style` those twins read the controls and the row's
-contrast style, the other style the controls alone would suggest: guidance pulls away from it.
+contrast style (a style named for it, or with 'auto' the other style its controls suggest most):
+guidance pulls away from it.
 
 Infilling (`gaps`, mgpt/sample/fim.py): a row fills the gap of a piece. Its prompt is the FIM
 prompt (prefix, suffix and the time left, then the state where the middle goes on), and
